@@ -1,0 +1,3 @@
+"""vmd: mirrored virtual block volumes served over FUSE."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,163 @@
+"""Admin socket: a Unix stream socket, one JSON object per line each way.
+
+Requests are {"cmd": NAME, ...args}; replies are {"ok": true, ...} or
+{"ok": false, "error": MESSAGE}. Only root and the daemon's own uid may
+connect (SO_PEERCRED). Long operations (`wait`) send progress lines
+{"progress": {...}} before the final reply.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .errors import NotRunningError, VmdError
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 64 * 1024
+Handler = Callable[[dict[str, Any], Callable[[dict[str, Any]], Awaitable[None]]],
+                   Awaitable[dict[str, Any]]]
+
+
+def _peer_uid(sock: trio.socket.SocketType) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+class AdminServer:
+    def __init__(self, path: Path, handler: Handler):
+        self.path = path
+        self.handler = handler
+        self._listener: trio.SocketListener | None = None
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        if self.path.is_socket() or self.path.exists():
+            # A stale socket from a daemon that died (the mountpoint check
+            # already proved no vmd of this config is running).
+            self.path.unlink()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            await sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        self._listener = listener
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    stream = await listener.accept()
+                    nursery.start_soon(self._serve, stream)
+        finally:
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                uid = _peer_uid(stream.socket)
+                if uid not in (0, os.getuid()):
+                    log.warning("admin socket: refused peer uid %d", uid)
+                    await self._send(stream, {"ok": False, "error": "permission denied: only root "
+                                              "or the daemon's user may use the admin socket"})
+                    return
+                buf = b""
+                while True:
+                    while b"\n" not in buf:
+                        if len(buf) > MAX_REQUEST:
+                            await self._send(stream, {"ok": False, "error": f"request too large "
+                                                      f"(over {MAX_REQUEST} bytes)"})
+                            return
+                        chunk = await stream.receive_some(65536)
+                        if not chunk:
+                            return
+                        buf += chunk
+                    line, buf = buf.split(b"\n", 1)
+                    if len(line) > MAX_REQUEST:
+                        await self._send(stream, {"ok": False, "error": f"request too large "
+                                                  f"(over {MAX_REQUEST} bytes)"})
+                        return
+                    await self._send(stream, await self._dispatch(line, stream))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+                pass  # the client went away; nothing to answer
+
+    async def _dispatch(self, line: bytes, stream: trio.SocketStream) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as e:
+            return {"ok": False, "error": f"malformed request (not JSON): {e}"}
+        if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+            return {"ok": False, "error": "malformed request: expected an object with \"cmd\""}
+
+        async def progress(p: dict[str, Any]) -> None:
+            await self._send(stream, {"progress": p})
+
+        try:
+            reply = await self.handler(req, progress)
+        except VmdError as e:
+            return {"ok": False, "error": str(e)}
+        except (KeyError, TypeError, ValueError) as e:
+            return {"ok": False, "error": f"bad arguments for {req['cmd']!r}: {e}"}
+        except OSError as e:
+            return {"ok": False, "error": f"{req['cmd']}: {e}"}
+        return {"ok": True, **reply}
+
+    @staticmethod
+    async def _send(stream: trio.SocketStream, obj: dict[str, Any]) -> None:
+        await stream.send_all(json.dumps(obj).encode() + b"\n")
+
+
+class AdminClient:
+    """Blocking client used by the CLI."""
+
+    def __init__(self, path: Path, timeout: float | None = 30.0):
+        self.path = path
+        self.timeout = timeout
+
+    def request(self, req: dict[str, Any],
+                on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(str(self.path))
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            s.close()
+            raise NotRunningError(f"no vmd daemon answers on {self.path} ({e.strerror})") from None
+        except OSError as e:
+            s.close()
+            raise NotRunningError(f"cannot connect to {self.path}: {e.strerror}") from None
+        with s:
+            s.sendall(json.dumps(req).encode() + b"\n")
+            f = s.makefile("rb")
+            while True:
+                try:
+                    line = f.readline()
+                except socket.timeout:
+                    raise VmdError(f"the daemon did not answer within {self.timeout} s") from None
+                if not line:
+                    raise VmdError("the daemon closed the connection without answering")
+                msg = json.loads(line)
+                if "progress" in msg:
+                    if on_progress is not None:
+                        on_progress(msg["progress"])
+                    continue
+                if not msg.get("ok"):
+                    raise VmdError(msg.get("error", "unknown error"))
+                return msg

@@ -1,0 +1,84 @@
+"""Admin verbs: what each admin-socket request does, over the Volume API."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .config import check_image
+from .errors import VmdError
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+PROGRESS_SECONDS = 0.5
+
+
+def _str(req: dict[str, Any], key: str) -> str:
+    v = req.get(key)
+    if not isinstance(v, str) or not v:
+        raise VmdError(f"request {req.get('cmd')!r} needs a {key!r} string")
+    return v
+
+
+def register(d: "Daemon") -> None:
+    m = d.manager
+
+    async def status(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        name = req.get("volume")
+        return m.status(name if isinstance(name, str) and name else None)
+
+    async def stop(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        busy = [v.name for v in m.volumes.values() if v.openers]
+        if busy and not req.get("force"):
+            raise VmdError(
+                f"volume {', '.join(busy)} is open (a loop device attached, or a process holding "
+                f"{d.cfg.mountpoint}/{busy[0]}); detach it first (losetup -d) or use `vmd stop --force`")
+        d.request_stop()
+        return {"stopping": True}
+
+    async def plex_detach(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        return {"plex": await m.get(_str(req, "volume")).detach_plex(_str(req, "plex"))}
+
+    async def plex_attach(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        return {"plex": await m.get(_str(req, "volume")).attach_plex(_str(req, "plex"))}
+
+    async def plex_add(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        vol = m.get(_str(req, "volume"))
+        path = os.path.abspath(_str(req, "path"))
+        used = m.plex_path_in_use(path)
+        if used:
+            raise VmdError(f"{path} is already {used}")
+        check_image(Path(path), vol.size, f"plex add {vol.name}")
+        p = await vol.add_plex(path)
+        return {"plex": vol._plex_status(p)}
+
+    async def plex_remove(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        rec = await m.get(_str(req, "volume")).remove_plex(_str(req, "plex"))
+        return {"removed": rec.name, "path": rec.path}
+
+    async def fastresync(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        on = req.get("on")
+        if not isinstance(on, bool):
+            raise VmdError("fastresync needs \"on\": true or false")
+        vol = m.get(_str(req, "volume"))
+        await vol.set_fastresync(on)
+        return {"fastresync": on}
+
+    async def wait(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        vol = m.get(_str(req, "volume"))
+        while True:
+            st = vol.resync.status()
+            if not vol.resync.targets() and not st["running"]:
+                return {"resync": st}
+            await progress({"volume": vol.name, **st})
+            with trio.move_on_after(PROGRESS_SECONDS):
+                await vol.resync.wait_idle()
+
+    d.commands.update({
+        "status": status, "stop": stop, "plex.detach": plex_detach, "plex.attach": plex_attach,
+        "plex.add": plex_add, "plex.remove": plex_remove, "fastresync": fastresync, "wait": wait,
+    })

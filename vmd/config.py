@@ -1,0 +1,290 @@
+"""YAML configuration → validated dataclasses.
+
+Every error names the file and the key at fault, and is raised before anything
+is mounted or created.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": KiB, "kb": KiB, "kib": KiB,
+    "m": MiB, "mb": MiB, "mib": MiB,
+    "g": GiB, "gb": GiB, "gib": GiB,
+    "t": TiB, "tb": TiB, "tib": TiB,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+# Defaults, justified in README.md ("Tuning") with `make bench` figures.
+DEFAULT_REGION_SIZE = 1 * MiB
+DEFAULT_FMR_REGION = 64 * KiB
+SECTOR = 512
+
+
+def parse_size(value: Any) -> int:
+    """'64KiB' → 65536. Binary units; plain integers are bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"negative size: {value}")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"not a size: {value!r}")
+    m = _SIZE_RE.match(value)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {value!r} (use e.g. 512, 64KiB, 1GiB)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def format_size(n: int) -> str:
+    for unit, mult in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= mult:
+            v = n / mult
+            return f"{v:.0f}{unit}" if v == int(v) else f"{v:.1f}{unit}"
+    return f"{n}B"
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            f"bad name {name!r}: use 1-64 letters, digits, '_', '.', '-', not starting with a symbol")
+    return name
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    name: str
+    size: int
+    plexes: tuple[Path, ...]
+    log: Path
+    region_size: int = DEFAULT_REGION_SIZE
+    drl: bool = True
+    fastresync: bool = True
+    fastresync_region: int = DEFAULT_FMR_REGION
+
+
+@dataclass(frozen=True)
+class ResyncConfig:
+    rate_limit: int = 0  # bytes per second; 0 = unlimited
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    mountpoint: Path
+    socket: Path
+    volumes: dict[str, VolumeConfig] = field(default_factory=dict)
+    resync: ResyncConfig = field(default_factory=ResyncConfig)
+    # Seconds a dirty region stays idle before it is cleaned (md uses 2-3 × 5 s).
+    clean_delay: float = 5.0
+
+
+_TOP_KEYS = {"mountpoint", "socket", "volumes", "resync", "clean_delay"}
+_VOLUME_KEYS = {"size", "plexes", "log", "region_size", "drl", "fastresync", "fastresync_region"}
+_RESYNC_KEYS = {"rate_limit"}
+
+
+class _Ctx:
+    """Builds error messages of the form 'FILE: key.path: problem'."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def err(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key}: {msg}" if key else f"{self.path}: {msg}")
+
+    def mapping(self, value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.err(key, f"expected a mapping, got {type(value).__name__}")
+        for k in value:
+            if k not in allowed:
+                where = f"{key}.{k}" if key else str(k)
+                raise self.err(where, f"unknown key (known: {', '.join(sorted(allowed))})")
+        return value
+
+    def size(self, value: Any, key: str, *, minimum: int = 0, multiple: int = 1) -> int:
+        try:
+            n = parse_size(value)
+        except ValueError as e:
+            raise self.err(key, str(e)) from None
+        if n < minimum:
+            raise self.err(key, f"{n} is below the minimum of {minimum}")
+        if n % multiple:
+            raise self.err(key, f"{n} is not a multiple of {multiple}")
+        return n
+
+    def boolean(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.err(key, f"expected true or false, got {value!r}")
+        return value
+
+    def filepath(self, value: Any, key: str) -> Path:
+        if not isinstance(value, str) or not value:
+            raise self.err(key, f"expected a path, got {value!r}")
+        p = Path(value)
+        return Path(os.path.normpath(self.path.parent / p)) if not p.is_absolute() else p
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the config file (syntax and values, not the disk)."""
+    cpath = Path(os.path.abspath(path))
+    ctx = _Ctx(cpath)
+    try:
+        text = cpath.read_text()
+    except OSError as e:
+        raise ConfigError(f"{cpath}: cannot read config: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{cpath}: not valid YAML: {e}") from None
+    raw = ctx.mapping(raw if raw is not None else {}, "", _TOP_KEYS)
+    for required in ("mountpoint", "socket", "volumes"):
+        if required not in raw:
+            raise ctx.err(required, "missing required key")
+
+    resync_raw = ctx.mapping(raw.get("resync") or {}, "resync", _RESYNC_KEYS)
+    resync = ResyncConfig(rate_limit=ctx.size(resync_raw.get("rate_limit", 0), "resync.rate_limit"))
+    clean_delay = raw.get("clean_delay", 5.0)
+    if isinstance(clean_delay, bool) or not isinstance(clean_delay, (int, float)) or clean_delay < 0:
+        raise ctx.err("clean_delay", f"expected a number of seconds >= 0, got {clean_delay!r}")
+
+    vols_raw = raw["volumes"]
+    if not isinstance(vols_raw, dict) or not vols_raw:
+        raise ctx.err("volumes", "expected a mapping of volume names to volume settings")
+    volumes: dict[str, VolumeConfig] = {}
+    seen_paths: dict[Path, str] = {}
+    for name, vraw in vols_raw.items():
+        key = f"volumes.{name}"
+        try:
+            check_name(name)
+        except ValueError as e:
+            raise ctx.err(key, str(e)) from None
+        v = ctx.mapping(vraw, key, _VOLUME_KEYS)
+        for required in ("size", "plexes", "log"):
+            if required not in v:
+                raise ctx.err(f"{key}.{required}", "missing required key")
+        size = ctx.size(v["size"], f"{key}.size", minimum=SECTOR, multiple=SECTOR)
+        region = ctx.size(v.get("region_size", DEFAULT_REGION_SIZE), f"{key}.region_size",
+                          minimum=4096, multiple=4096)
+        fmr = ctx.size(v.get("fastresync_region", DEFAULT_FMR_REGION), f"{key}.fastresync_region",
+                       minimum=4096, multiple=4096)
+        plist = v["plexes"]
+        if not isinstance(plist, list) or not plist:
+            raise ctx.err(f"{key}.plexes", "expected a non-empty list of image paths")
+        plexes = []
+        for i, p in enumerate(plist):
+            pp = ctx.filepath(p, f"{key}.plexes[{i}]")
+            if pp in seen_paths:
+                raise ctx.err(f"{key}.plexes[{i}]", f"{pp} is already used by {seen_paths[pp]}")
+            seen_paths[pp] = f"{key}.plexes[{i}]"
+            plexes.append(pp)
+        log = ctx.filepath(v["log"], f"{key}.log")
+        if log in seen_paths:
+            raise ctx.err(f"{key}.log", f"{log} is already used by {seen_paths[log]}")
+        seen_paths[log] = f"{key}.log"
+        volumes[name] = VolumeConfig(
+            name=name, size=size, plexes=tuple(plexes), log=log, region_size=region,
+            drl=ctx.boolean(v.get("drl", True), f"{key}.drl"),
+            fastresync=ctx.boolean(v.get("fastresync", True), f"{key}.fastresync"),
+            fastresync_region=fmr)
+
+    return Config(path=cpath, mountpoint=ctx.filepath(raw["mountpoint"], "mountpoint"),
+                  socket=ctx.filepath(raw["socket"], "socket"), volumes=volumes, resync=resync,
+                  clean_delay=float(clean_delay))
+
+
+def _is_mountpoint(path: Path) -> bool:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mounts = {line.split()[4].encode().decode("unicode_escape") for line in f}
+    except OSError:
+        return os.path.ismount(path)
+    return str(path) in mounts
+
+
+def check_environment(cfg: Config) -> None:
+    """Checks against the disk, before anything is mounted or created."""
+    ctx = _Ctx(cfg.path)
+    if _is_mountpoint(cfg.mountpoint):
+        raise ctx.err("mountpoint", f"{cfg.mountpoint} is already a mount point (another vmd running?)")
+    _check_dir_writable(ctx, cfg.mountpoint.parent, "mountpoint")
+    if cfg.mountpoint.exists() and not cfg.mountpoint.is_dir():
+        raise ctx.err("mountpoint", f"{cfg.mountpoint} exists and is not a directory")
+    _check_dir_writable(ctx, cfg.socket.parent, "socket")
+    for vol in cfg.volumes.values():
+        key = f"volumes.{vol.name}"
+        for i, p in enumerate(vol.plexes):
+            check_image(p, vol.size, f"{cfg.path}: {key}.plexes[{i}]")
+        _check_dir_writable(ctx, vol.log.parent, f"{key}.log")
+
+
+def check_image(path: Path, size: int, where: str) -> None:
+    """An existing image must be a regular file (or block device) of exactly `size` bytes."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        parent = path.parent
+        if not parent.is_dir() and not _creatable(parent):
+            raise ConfigError(f"{where}: directory {parent} does not exist and cannot be created") from None
+        if parent.is_dir() and not _writable(parent):
+            raise ConfigError(f"{where}: directory {parent} is not writable") from None
+        return
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot stat {path}: {e.strerror}") from None
+    if stat.S_ISREG(st.st_mode):
+        actual = st.st_size
+    elif stat.S_ISBLK(st.st_mode):
+        with open(path, "rb") as f:
+            actual = f.seek(0, os.SEEK_END)
+    else:
+        raise ConfigError(f"{where}: {path} is not a regular file or block device")
+    if actual != size:
+        raise ConfigError(
+            f"{where}: existing image {path} is {actual} bytes, the volume is {size} bytes "
+            f"(vmd never truncates or grows an image; fix the size or the path)")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise ConfigError(f"{where}: {path} is not readable and writable")
+
+
+def _writable(d: Path) -> bool:
+    # os.access() says yes to root even on a read-only filesystem: really try.
+    try:
+        with tempfile.TemporaryFile(dir=d):
+            return True
+    except OSError:
+        return False
+
+
+def _creatable(d: Path) -> bool:
+    """True if mkdir -p d would succeed: the nearest existing ancestor is writable."""
+    for parent in [d, *d.parents]:
+        if parent.exists():
+            return parent.is_dir() and _writable(parent)
+    return False
+
+
+def _check_dir_writable(ctx: _Ctx, d: Path, key: str) -> None:
+    if d.is_dir():
+        if not _writable(d):
+            raise ctx.err(key, f"directory {d} is not writable")
+    elif not _creatable(d):
+        raise ctx.err(key, f"directory {d} does not exist and cannot be created")

@@ -1,0 +1,135 @@
+"""The daemon: wiring of volumes, the FUSE mount, the admin socket, signals,
+and systemd readiness. `run()` is the async main; `serve()` blocks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import pyfuse3
+import trio
+
+from .admin import AdminServer
+from .config import Config, check_environment
+from .errors import VmdError
+from .fusefs import VolumeFS
+from .manager import VolumeManager
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_SECONDS = 60  # bound on draining and flushing at stop
+FUSE_MAX_TASKS = 64  # concurrent FUSE requests (loop devices and fio numjobs>1 overlap I/O)
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) how we are; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+    except OSError as e:
+        log.warning("cannot notify systemd at %s: %s", os.environ["NOTIFY_SOCKET"], e)
+
+
+class Daemon:
+    def __init__(self, cfg: Config, recover_all: set[str] | None = None):
+        self.cfg = cfg
+        self.recover_all = recover_all or set()
+        self.manager = VolumeManager(cfg)
+        self.fs: VolumeFS | None = None
+        self._stop = trio.Event()
+        self.commands: dict[str, Callable[[dict[str, Any], Any], Awaitable[dict[str, Any]]]] = {}
+        from . import commands  # the admin verbs, registered on this daemon
+
+        commands.register(self)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def handle(self, req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        fn = self.commands.get(req["cmd"])
+        if fn is None:
+            raise VmdError(f"unknown command {req['cmd']!r} (known: {', '.join(sorted(self.commands))})")
+        return await fn(req, progress)
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        check_environment(cfg)
+        self.manager.open_all(self.recover_all)
+        cfg.mountpoint.mkdir(parents=True, exist_ok=True)
+        async with AsyncExitStack() as stack:
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            stack.callback(nursery.cancel_scope.cancel)
+            for vol in self.manager.volumes.values():
+                # Persist the recovery plan (and compact the log) before any I/O.
+                await vol.checkpoint()
+                await nursery.start(vol.run, name=f"volume-{vol.name}")
+            self.fs = VolumeFS(self.manager)
+            options = set(pyfuse3.default_options)
+            options.add("fsname=vmd")
+            options.add("subtype=vmd")
+            pyfuse3.init(self.fs, str(cfg.mountpoint), options)
+            fuse_done = trio.Event()
+            closed = False
+
+            def close_fuse() -> None:
+                nonlocal closed
+                if not closed:
+                    closed = True
+                    pyfuse3.close(unmount=True)
+
+            stack.callback(close_fuse)
+
+            async def fuse_main() -> None:
+                try:
+                    await pyfuse3.main(min_tasks=2, max_tasks=FUSE_MAX_TASKS)
+                finally:
+                    fuse_done.set()
+                    self._stop.set()
+
+            nursery.start_soon(fuse_main, name="fuse")
+            await nursery.start(AdminServer(cfg.socket, self.handle).run, name="admin")
+            nursery.start_soon(self._signals, name="signals")
+            log.info("vmd ready: %d volume(s) at %s, admin socket %s%s", len(self.manager.volumes),
+                     cfg.mountpoint, cfg.socket,
+                     f"; refused: {', '.join(self.manager.refused)}" if self.manager.refused else "")
+            sd_notify("READY=1")
+
+            await self._stop.wait()
+            sd_notify("STOPPING=1")
+            log.info("stopping: draining I/O and flushing plexes")
+            with trio.move_on_after(SHUTDOWN_SECONDS) as scope:
+                if not fuse_done.is_set():
+                    pyfuse3.terminate()
+                    await fuse_done.wait()
+                for vol in list(self.manager.volumes.values()):
+                    try:
+                        await vol.shutdown()
+                    except (OSError, VmdError) as e:
+                        log.error("volume %s: unclean stop: %s", vol.name, e)
+            if scope.cancelled_caught:
+                log.error("stop took over %d s; leaving the rest to crash recovery", SHUTDOWN_SECONDS)
+            close_fuse()
+        log.info("vmd stopped")
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                busy = [v.name for v in self.manager.volumes.values() if v.openers]
+                log.info("got %s: stopping%s", signal.Signals(signum).name,
+                         f" (volumes still open: {', '.join(busy)})" if busy else "")
+                self.request_stop()
+
+
+def serve(cfg: Config, recover_all: set[str] | None = None) -> None:
+    trio.run(Daemon(cfg, recover_all).run)

@@ -1,0 +1,196 @@
+"""pyfuse3 adapter: one regular file per volume in the mount's root directory.
+
+Handlers turn engine errors (OSError) into FUSEError(errno). Nothing here
+knows about plexes or logs: it only calls the Volume API.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from typing import TYPE_CHECKING
+
+import pyfuse3
+
+from .volume import Volume
+
+if TYPE_CHECKING:
+    from .manager import VolumeManager
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+_FIRST_INODE = ROOT + 1
+
+
+class VolumeFS(pyfuse3.Operations):
+    # The kernel may batch writes in the page cache (writeback cache) only if
+    # told so; vmd keeps write-through semantics: a write returns once the
+    # plexes took it, which is what fsync and loop devices rely on.
+    enable_writeback_cache = False
+
+    def __init__(self, manager: "VolumeManager"):
+        super().__init__()
+        self.manager = manager
+        self._inodes: dict[int, str] = {}
+        self._by_name: dict[str, int] = {}
+        self._next_inode = _FIRST_INODE
+        self._handles: dict[int, Volume] = {}
+        self._next_fh = 1
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+        self._t0 = time.time_ns()
+        for name in manager.volumes:
+            self.add_volume(name)
+
+    # -- membership (snapshots add and remove volumes at run time) -------------
+
+    def add_volume(self, name: str) -> None:
+        if name in self._by_name:
+            return
+        ino = self._next_inode
+        self._next_inode += 1
+        self._inodes[ino] = name
+        self._by_name[name] = ino
+
+    def remove_volume(self, name: str) -> None:
+        ino = self._by_name.pop(name, None)
+        if ino is not None:
+            del self._inodes[ino]
+            try:
+                pyfuse3.invalidate_entry_async(ROOT, name.encode(), ignore_enoent=True)
+            except Exception:  # not mounted (tests of the adapter alone)
+                pass
+
+    def _volume(self, ino: int) -> Volume:
+        name = self._inodes.get(ino)
+        vol = self.manager.volumes.get(name) if name is not None else None
+        if vol is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return vol
+
+    # -- attributes ------------------------------------------------------------
+
+    def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.generation = 0
+        a.entry_timeout = 1
+        a.attr_timeout = 1
+        a.st_uid = self._uid
+        a.st_gid = self._gid
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._t0
+        a.st_blksize = 1 << 20
+        if ino == ROOT:
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_nlink = 2
+            a.st_size = 0
+        else:
+            vol = self._volume(ino)
+            a.st_mode = stat.S_IFREG | 0o600
+            a.st_nlink = 1
+            a.st_size = vol.size
+            a.st_blocks = vol.size // 512
+        return a
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attr(inode)
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name in (b".", b".."):
+            return self._attr(ROOT)
+        ino = self._by_name.get(name.decode(errors="replace"))
+        if ino is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(ino)
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode == ROOT:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        vol = self._volume(inode)
+        if fields.update_size and attr.st_size != vol.size:
+            # A volume never grows or shrinks through its file.
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return self._attr(inode)  # O_TRUNC to the same size and touch are harmless
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = sum(v.size for v in self.manager.volumes.values()) // 4096
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self._inodes)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- directory -------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return ROOT
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = sorted(self._inodes.items())
+        for ino, name in entries:
+            if ino <= start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, name.encode(), self._attr(ino), ino):
+                break
+
+    # -- files -----------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if inode == ROOT:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        vol = self._volume(inode)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = vol
+        vol.opened()
+        # keep_cache: only vmd changes a volume's bytes, and every change goes
+        # through this file, so the kernel's cached pages stay true.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _handle(self, fh: int) -> Volume:
+        vol = self._handles.get(fh)
+        if vol is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return vol
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        try:
+            return await self._handle(fh).pread(off, size)
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        try:
+            return await self._handle(fh).pwrite(off, buf)
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        try:
+            await self._handle(fh).flush()
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+
+    async def flush(self, fh: int) -> None:
+        # close(2): writes are already on the plexes; durability is fsync's job.
+        self._handle(fh)
+
+    async def release(self, fh: int) -> None:
+        vol = self._handles.pop(fh, None)
+        if vol is not None:
+            vol.released()

@@ -1,0 +1,206 @@
+"""Opening volumes from the config and their sidecar logs; the set of running volumes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config, VolumeConfig, format_size
+from .errors import SidecarError, VmdError
+from .plex import Plex
+from .regionmap import RegionMap
+from .sidecar import (ACTIVE, IOFAIL, SNAPATT, WRITABLE, PlexRecord, SidecarLog, VolumeState,
+                      new_state)
+from .volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+def _holds_data(path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return st.st_blocks > 0
+
+
+def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
+                clean_delay: float = 5.0, rate_limit: int = 0) -> Volume:
+    """Open one volume: replay (or create) its sidecar log, open its plexes,
+    and set up crash recovery. Raises VmdError if the volume must be refused."""
+    if vc.log.exists() and not recover_all:
+        sidecar, replay = SidecarLog.open(vc.log)
+        state = replay.state
+        try:
+            _check_against_config(state, vc, cfg_path)
+        except BaseException:
+            sidecar.close()
+            raise
+        created = False
+    else:
+        if not recover_all:
+            for p in vc.plexes:
+                if _holds_data(p):
+                    raise SidecarError(
+                        f"volume {vc.name}: sidecar log {vc.log} is missing but plex image {p} "
+                        f"holds data; vmd will not guess that the mirrors agree. Restore the log, "
+                        f"or start with `--recover-all {vc.name}` to rebuild it and resync "
+                        f"every plex from {vc.plexes[0]}")
+        elif vc.log.exists():
+            aside = vc.log.with_name(f"{vc.log.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.rename(vc.log, aside)
+            log.warning("volume %s: --recover-all: old sidecar log kept as %s", vc.name, aside)
+        state = new_state(vc.name, vc.size, vc.region_size, vc.fastresync_region)
+        state.fastresync = vc.fastresync
+        state.extra["config_fastresync"] = vc.fastresync
+        state.config_plexes = [str(p) for p in vc.plexes]
+        for i, p in enumerate(vc.plexes):
+            state.plexes.append(PlexRecord(name=f"p{i}", path=str(p), state=ACTIVE,
+                                           missing=state.new_map(), created=not p.exists()))
+        state.next_plex = len(vc.plexes)
+        if recover_all:
+            # p0 is the source; every other plex is recovered from it.
+            for rec in state.plexes[1:]:
+                rec.missing = state.new_map(fill=True)  # type: ignore[union-attr]
+            state.clean = False
+            log.warning("volume %s: --recover-all: rebuilding the sidecar log; every plex is "
+                        "resynced from %s", vc.name, vc.plexes[0])
+        sidecar = SidecarLog.create(vc.log, state)
+        created = True
+
+    plexes = []
+    for rec in state.plexes:
+        p = Plex(rec, state.size)
+        if rec.state in WRITABLE:
+            try:
+                p.open(create=created)
+            except OSError as e:
+                rec.state, rec.reason = IOFAIL, f"cannot open image {rec.path}: {e.strerror or e}"
+                rec.identity = p.identity()
+                rec.missing = None
+                log.error("volume %s: plex %s is IOFAIL: %s", vc.name, rec.name, rec.reason)
+        plexes.append(p)
+
+    if state.extra.get("config_fastresync") != vc.fastresync:
+        # The config changed since: it wins, as `vmd fastresync` would.
+        state.fastresync = vc.fastresync
+        state.extra["config_fastresync"] = vc.fastresync
+        if not vc.fastresync:
+            for rec in state.plexes:
+                if rec.state not in WRITABLE:
+                    rec.missing = None
+    vol = Volume(vc, state, sidecar, plexes, clean_delay=clean_delay, rate_limit=rate_limit)
+    _abort_interrupted_snapshot_mirrors(vol)
+    if not state.clean:
+        _plan_recovery(vol, full=not vc.drl or recover_all)
+    vol._update_recovering()
+    return vol
+
+
+def _check_against_config(state: VolumeState, vc: VolumeConfig, cfg_path: Path) -> None:
+    if state.size != vc.size:
+        raise VmdError(f"volume {vc.name}: {cfg_path} says size {vc.size} ({format_size(vc.size)}) "
+                       f"but sidecar log {vc.log} says {state.size} ({format_size(state.size)})")
+    if state.name != vc.name:
+        raise VmdError(f"volume {vc.name}: sidecar log {vc.log} belongs to volume {state.name!r}")
+    for key, ours, theirs in (("region_size", vc.region_size, state.region_size),
+                              ("fastresync_region", vc.fastresync_region, state.fmr_region)):
+        if ours != theirs:
+            log.warning("volume %s: %s in %s is %s but the sidecar log %s was made with %s; "
+                        "keeping %s (recreate the volume to change it)", vc.name, key, cfg_path,
+                        format_size(ours), vc.log, format_size(theirs), format_size(theirs))
+    cfg_plexes = [str(p) for p in vc.plexes]
+    if cfg_plexes == state.config_plexes:
+        return  # membership changes made through the admin socket stand
+    current = [p.path for p in state.plexes if not p.role]
+    if sorted(cfg_plexes) == sorted(current):
+        state.config_plexes = cfg_plexes  # the administrator brought the config up to date
+        return
+    raise VmdError(
+        f"volume {vc.name}: {cfg_path} lists plexes {cfg_plexes} but sidecar log {vc.log} "
+        f"records plexes {current} (changed with `vmd plex`?). Make volumes.{vc.name}.plexes "
+        f"list exactly the recorded plexes")
+
+
+def _abort_interrupted_snapshot_mirrors(vol: Volume) -> None:
+    """A snapshot mirror still synchronizing when the daemon stopped is removed
+    (as VxVM does); its image is deleted only if vmd created it."""
+    for p in list(vol.plexes):
+        if p.state == SNAPATT:
+            p.close()
+            vol.plexes.remove(p)
+            vol.state.plexes.remove(p.record)
+            if p.record.created:
+                try:
+                    os.unlink(p.path)
+                except OSError:
+                    pass
+            log.warning("volume %s: snapshot mirror %s (%s) was still synchronizing when the "
+                        "daemon stopped: removed", vol.name, p.name, p.path)
+
+
+def _plan_recovery(vol: Volume, *, full: bool) -> None:
+    """The volume was not stopped cleanly: every plex but one source must get
+    the regions that were dirty (all of them without a DRL)."""
+    st = vol.state
+    dirty = RegionMap(st.size, st.region_size, fill=True) if full else st.drl.copy()
+    n = dirty.count()
+    in_sync = [p for p in vol.plexes if p.state == ACTIVE and p.fd >= 0 and
+               (p.record.missing is None or not p.record.missing.bits.any())]
+    active = in_sync or [p for p in vol.plexes if p.state == ACTIVE and p.fd >= 0]
+    source = active[0] if active else None
+    if n:
+        for p in vol.plexes:
+            if p is source or p.record.missing is None:
+                continue
+            p.record.missing.mark_regions_of(dirty, list(dirty.set_indices()))
+    # The DRL's job is done: its regions are now in the plexes' maps, which
+    # the checkpoint written at start makes durable.
+    st.drl.clear()
+    vol.recovered_regions = n
+    log.warning("volume %s was not stopped cleanly: recovering %d %s (%s) from plex %s",
+                vol.name, n, "regions" if not full else "regions (whole volume, no DRL)",
+                format_size(dirty.bytes_covered()), source.name if source else "(none)")
+
+
+class VolumeManager:
+    """All volumes of one daemon: running ones and refused ones (with why)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.volumes: dict[str, Volume] = {}
+        self.refused: dict[str, str] = {}
+
+    def open_all(self, recover_all: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        for name, vc in self.cfg.volumes.items():
+            try:
+                self.volumes[name] = open_volume(
+                    vc, self.cfg.path, recover_all=name in recover_all,
+                    clean_delay=self.cfg.clean_delay, rate_limit=self.cfg.resync.rate_limit)
+            except (VmdError, OSError) as e:
+                self.refused[name] = str(e)
+                log.error("volume %s refused: %s", name, e)
+
+    def get(self, name: str) -> Volume:
+        v = self.volumes.get(name)
+        if v is None:
+            if name in self.refused:
+                raise VmdError(f"volume {name} was refused at start: {self.refused[name]}")
+            raise VmdError(f"no volume named {name!r} (volumes: {', '.join(self.volumes) or 'none'})")
+        return v
+
+    def status(self, name: str | None = None) -> dict[str, Any]:
+        if name is not None:
+            return {"volumes": [self.get(name).status()]}
+        return {"volumes": [v.status() for v in self.volumes.values()],
+                "refused": [{"name": n, "error": e} for n, e in self.refused.items()]}
+
+    def plex_path_in_use(self, path: str) -> str | None:
+        for v in self.volumes.values():
+            for p in v.plexes:
+                if os.path.realpath(p.record.path) == os.path.realpath(path):
+                    return f"plex {p.name} of volume {v.name}"
+        return None

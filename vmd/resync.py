@@ -1,0 +1,220 @@
+"""Background resync: copy regions from an in-sync plex to the plexes that lack them.
+
+One job per volume. Targets are the plexes in RESYNC_TARGETS whose `missing`
+map has bits: SYNCING plexes (added, attached), SNAPATT snapshot mirrors, and
+ACTIVE plexes after a crash (DRL recovery). Each chunk is copied under a range
+lock, so a write can never land between the copy's read and its write
+(invariant 6). Progress is made durable in batches (`copied` records after an
+fdatasync of the targets), so an interrupted resync resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .config import MiB, format_size
+from .plex import Plex, PlexIOError
+from .sidecar import ACTIVE, RESYNC_TARGETS, SNAPATT, SNAPDONE, SYNCING
+
+if TYPE_CHECKING:
+    from .volume import Volume
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4 * MiB  # bytes copied per step: large enough for sequential throughput
+COMMIT_BYTES = 256 * MiB  # progress made durable at least this often
+COMMIT_SECONDS = 2.0
+
+
+class Resync:
+    def __init__(self, volume: "Volume", *, rate_limit: int = 0):
+        self.volume = volume
+        self.rate_limit = rate_limit
+        self._wake = trio.Event()
+        self._cancel: trio.CancelScope | None = None
+        self._paused = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self.running = False
+        self.done_bytes = 0
+        self.total_bytes = 0
+        self.copied_bytes = 0  # of the last finished resync
+        self.last_seconds = 0.0
+        self.last_targets: list[str] = []
+        self.passes = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def targets(self) -> list[Plex]:
+        return [p for p in self.volume.plexes if p.state in RESYNC_TARGETS
+                and p.record.missing is not None and p.record.missing.bits.any()]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "running": self.running, "done_bytes": self.done_bytes,
+            "total_bytes": self.total_bytes, "copied_bytes": self.copied_bytes,
+            "seconds": round(self.last_seconds, 3), "targets": self.last_targets,
+            "rate_limit": self.rate_limit,
+        }
+
+    async def wait_idle(self) -> None:
+        """Until no resync runs or is due."""
+        while True:
+            await self._idle.wait()
+            if not self.targets() or self._paused:
+                return
+            await trio.sleep(0.05)
+
+    async def stop(self) -> None:
+        """Stop for good (shutdown)."""
+        self._paused += 1
+        if self._cancel is not None:
+            self._cancel.cancel()
+        await self._idle.wait()
+
+    @asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """Hold resync off while plexes are reconfigured (their fds may close)."""
+        await self.stop()
+        try:
+            yield
+        finally:
+            self._paused -= 1
+            self.wake()
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            if self._paused or not self.targets():
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            self._idle = trio.Event()
+            try:
+                with trio.CancelScope() as self._cancel:
+                    await self._pass()
+            finally:
+                self._cancel = None
+                self.running = False
+                self._idle.set()
+
+    async def _pass(self) -> None:
+        vol = self.volume
+        targets = self.targets()
+        fmr = vol.state.fmr_region
+        union = targets[0].record.missing.copy()  # type: ignore[union-attr]
+        for t in targets[1:]:
+            union.union(t.record.missing)  # type: ignore[arg-type]
+        self.running = True
+        self.total_bytes = union.bytes_covered()
+        self.done_bytes = 0
+        self.last_targets = [t.name for t in targets]
+        started = time.monotonic()
+        log.info("volume %s: resync of %s to plex %s started", vol.name,
+                 format_size(self.total_bytes), ", ".join(self.last_targets))
+        pending: dict[str, list[list[int]]] = {}
+        pending_bytes = 0
+        last_commit = time.monotonic()
+        try:
+            for first, count in union.runs(max(1, CHUNK // fmr)):
+                off = first * fmr
+                length = min(count * fmr, vol.size - off)
+                copied_to = await self._copy_chunk(off, length)
+                if copied_to is None:
+                    return  # no source: the volume has no in-sync plex left
+                for name in copied_to:
+                    pending.setdefault(name, []).append([first, count])
+                pending_bytes += length
+                self.done_bytes += length
+                await self._throttle(started)
+                if pending_bytes >= COMMIT_BYTES or time.monotonic() - last_commit > COMMIT_SECONDS:
+                    await self._commit(pending)
+                    pending, pending_bytes, last_commit = {}, 0, time.monotonic()
+            await self._commit(pending)
+        finally:
+            self.last_seconds = time.monotonic() - started
+        self.copied_bytes = self.done_bytes
+        await self._finish(targets)
+
+    async def _copy_chunk(self, off: int, length: int) -> list[str] | None:
+        vol = self.volume
+        async with vol.ranges.hold(off, off + length):
+            while True:
+                sources = vol._readable(off, length)
+                if not sources:
+                    log.error("volume %s: resync stopped: no in-sync plex to copy offset %d from",
+                              vol.name, off)
+                    return None
+                try:
+                    data = await sources[0].pread(off, length)
+                    break
+                except PlexIOError as e:
+                    await vol.fail_plex(sources[0], e, off, length)
+            copied: list[str] = []
+            for t in self.targets():
+                m = t.record.missing
+                if m is None or not m.any_in(off, length):
+                    continue
+                try:
+                    await t.pwrite(off, data)
+                    copied.append(t.name)
+                except PlexIOError as e:
+                    await vol.fail_plex(t, e, off, length)
+            return copied
+
+    async def _commit(self, pending: dict[str, list[list[int]]]) -> None:
+        """Make copied chunks durable on the targets, then forget them."""
+        if not pending:
+            return
+        vol = self.volume
+        await vol.flush()
+
+        def build() -> dict[str, Any] | None:
+            rec: dict[str, list[list[int]]] = {}
+            for name, runs in pending.items():
+                p = next((p for p in vol.plexes if p.name == name), None)
+                # A plex that failed or left since keeps its bits.
+                if p is None or p.state not in RESYNC_TARGETS or p.record.missing is None:
+                    continue
+                for first, count in runs:
+                    p.record.missing.bits[first:first + count] = 0
+                rec[name] = runs
+            return {"t": "copied", "p": rec} if rec else None
+
+        await vol.sidecar.append(build, sync=False)
+        vol._update_recovering()
+
+    async def _throttle(self, started: float) -> None:
+        if self.rate_limit > 0:
+            due = started + self.done_bytes / self.rate_limit
+            delay = due - time.monotonic()
+            if delay > 0:
+                await trio.sleep(delay)
+        else:
+            await trio.sleep(0)  # let writes in between chunks
+
+    async def _finish(self, targets: list[Plex]) -> None:
+        vol = self.volume
+        changed = False
+        for t in targets:
+            m = t.record.missing
+            if m is None or m.bits.any():
+                continue
+            if t.state == SYNCING:
+                t.record.state, t.record.reason = ACTIVE, ""
+                changed = True
+            elif t.state == SNAPATT:
+                t.record.state = SNAPDONE
+                changed = True
+        if changed:
+            await vol.checkpoint()
+        vol._update_recovering()
+        log.info("volume %s: resync finished: %s copied in %.2f s", vol.name,
+                 format_size(self.copied_bytes), self.last_seconds)

@@ -1,0 +1,410 @@
+"""The sidecar log: one file per volume holding everything vmd must remember.
+
+Layout: a 4 KiB header (volume identity and geometry), then records. Each
+record is framed as (magic, length, seq, crc32) + payload; the payload is a JSON
+object followed by binary blobs (compressed bitmaps). The first record after
+the header is always a checkpoint (`ckpt`, the whole `VolumeState`); the
+following records are small deltas:
+
+    dirty   regions of the DRL made dirty (implies: volume not clean)
+    clean   DRL regions cleaned, plus the FastResync bits of detached plexes for
+            them (invariant 3: the same durable record that forgets a dirty
+            region remembers who missed it)
+    copied  resync progress: bits of a plex's `missing` map now copied
+
+Replay takes every valid record up to the first bad one. A bad record that
+valid records follow is damage, not a torn tail: the volume is refused
+(invariant 4). Compaction writes a new file holding one checkpoint, fsyncs it,
+renames it over the log and fsyncs the directory, so a crash at any step leaves
+either the old log or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import uuid
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .errors import SidecarError
+from .regionmap import RegionMap
+
+log = logging.getLogger(__name__)
+
+HEADER_SIZE = 4096
+HEADER_MAGIC = b"VMDSIDE1"
+_HDR = struct.Struct("<8sII")  # magic, json length, crc32 of json
+REC_MAGIC = 0x52444D56  # "VMDR"
+_REC = struct.Struct("<IIQI")  # magic, payload length, seq, crc32(seq|length|payload)
+_U32 = struct.Struct("<I")
+MAX_RECORD = 256 * 1024 * 1024
+# Above this size the log is compacted into a single checkpoint.
+DEFAULT_COMPACT_BYTES = 4 * 1024 * 1024
+
+# Plex states (DESIGN.md).
+ACTIVE = "ACTIVE"
+SYNCING = "SYNCING"
+DETACHED = "DETACHED"
+IOFAIL = "IOFAIL"
+STALE = "STALE"
+SNAPATT = "SNAPATT"
+SNAPDONE = "SNAPDONE"
+PLEX_STATES = (ACTIVE, SYNCING, DETACHED, IOFAIL, STALE, SNAPATT, SNAPDONE)
+# States that take every write; all others miss writes and track them.
+WRITABLE = frozenset({ACTIVE, SYNCING, SNAPATT, SNAPDONE})
+# States whose `missing` map shrinks as resync copies regions to them.
+RESYNC_TARGETS = frozenset({ACTIVE, SYNCING, SNAPATT})
+
+
+@dataclass
+class PlexRecord:
+    name: str
+    path: str
+    state: str
+    # Regions this plex lacks (FastResync granularity). None = unknown: the
+    # whole plex must be copied.
+    missing: RegionMap | None
+    # (st_dev, st_ino, st_size, st_mtime_ns) when it left, to trust `missing`.
+    identity: list[int] | None = None
+    created: bool = False  # vmd created the image (deleted on snapshot abort)
+    reason: str = ""  # why it is in its state (shown by status)
+    role: str = ""  # "" or "snapshot"
+
+
+@dataclass
+class VolumeState:
+    uuid: str
+    name: str
+    size: int
+    region_size: int
+    fmr_region: int
+    clean: bool = True
+    fastresync: bool = True
+    drl: RegionMap = field(default=None)  # type: ignore[assignment]
+    plexes: list[PlexRecord] = field(default_factory=list)
+    config_plexes: list[str] = field(default_factory=list)
+    next_plex: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # snapshot relationships etc.
+
+    def __post_init__(self) -> None:
+        if self.drl is None:
+            self.drl = RegionMap(self.size, self.region_size)
+
+    def plex(self, name: str) -> PlexRecord | None:
+        return next((p for p in self.plexes if p.name == name), None)
+
+    def new_map(self, fill: bool = False) -> RegionMap:
+        return RegionMap(self.size, self.fmr_region, fill=fill)
+
+    def apply(self, rec: dict[str, Any], blobs: bytes) -> None:
+        """Apply one replayed record."""
+        t = rec.get("t")
+        if t == "dirty":
+            self.clean = False
+            for r in rec.get("r", ()):
+                self.drl.bits[r] = 1
+        elif t == "clean":
+            for r in rec.get("r", ()):
+                self.drl.bits[r] = 0
+            for name, bits in rec.get("fmr", {}).items():
+                p = self.plex(name)
+                if p is not None and p.missing is not None:
+                    for b in bits:
+                        p.missing.bits[b] = 1
+            if rec.get("volume"):
+                self.clean = True
+        elif t == "copied":
+            for name, runs in rec["p"].items():
+                p = self.plex(name)
+                # A plex that failed after the copy keeps its bits (its failure
+                # checkpoint came first in the log, so it is no longer a target).
+                if p is not None and p.state in RESYNC_TARGETS and p.missing is not None:
+                    for start, count in runs:
+                        p.missing.bits[start:start + count] = 0
+        else:
+            raise SidecarError(f"unknown record type {t!r}")
+
+    # -- checkpoint encoding ------------------------------------------------
+
+    def encode(self) -> tuple[dict[str, Any], bytes]:
+        blobs = bytearray()
+
+        def blob(m: RegionMap) -> list[int]:
+            data = m.to_bytes()
+            ref = [len(blobs), len(data)]
+            blobs.extend(data)
+            return ref
+
+        rec = {
+            "t": "ckpt", "clean": self.clean, "fastresync": self.fastresync,
+            "drl": blob(self.drl), "config_plexes": self.config_plexes,
+            "next_plex": self.next_plex, "extra": self.extra,
+            "plexes": [{
+                "name": p.name, "path": p.path, "state": p.state,
+                "missing": None if p.missing is None else blob(p.missing),
+                "identity": p.identity, "created": p.created, "reason": p.reason,
+                "role": p.role,
+            } for p in self.plexes],
+        }
+        return rec, bytes(blobs)
+
+    def load_checkpoint(self, rec: dict[str, Any], blobs: bytes) -> None:
+        def unblob(ref: list[int], region: int) -> RegionMap:
+            off, n = ref
+            return RegionMap.from_bytes(self.size, region, blobs[off:off + n])
+
+        self.clean = bool(rec["clean"])
+        self.fastresync = bool(rec["fastresync"])
+        self.drl = unblob(rec["drl"], self.region_size)
+        self.config_plexes = list(rec["config_plexes"])
+        self.next_plex = int(rec["next_plex"])
+        self.extra = dict(rec.get("extra", {}))
+        self.plexes = []
+        for p in rec["plexes"]:
+            if p["state"] not in PLEX_STATES:
+                raise SidecarError(f"unknown plex state {p['state']!r}")
+            self.plexes.append(PlexRecord(
+                name=p["name"], path=p["path"], state=p["state"],
+                missing=None if p["missing"] is None else unblob(p["missing"], self.fmr_region),
+                identity=p.get("identity"), created=bool(p.get("created")),
+                reason=p.get("reason", ""), role=p.get("role", "")))
+
+
+def _frame(seq: int, rec: dict[str, Any], blobs: bytes = b"") -> bytes:
+    js = json.dumps(rec, separators=(",", ":")).encode()
+    payload = _U32.pack(len(js)) + js + blobs
+    crc = zlib.crc32(payload, zlib.crc32(struct.pack("<QI", seq, len(payload))))
+    return _REC.pack(REC_MAGIC, len(payload), seq, crc) + payload
+
+
+def _unframe(buf: bytes | memoryview, off: int) -> tuple[int, int, bytes] | None:
+    """(seq, end offset, payload) of a valid record at off, else None."""
+    if off + _REC.size > len(buf):
+        return None
+    magic, length, seq, crc = _REC.unpack_from(buf, off)
+    if magic != REC_MAGIC or length > MAX_RECORD or off + _REC.size + length > len(buf):
+        return None
+    payload = bytes(buf[off + _REC.size: off + _REC.size + length])
+    if zlib.crc32(payload, zlib.crc32(struct.pack("<QI", seq, length))) != crc:
+        return None
+    return seq, off + _REC.size + length, payload
+
+
+def _decode(payload: bytes) -> tuple[dict[str, Any], bytes]:
+    (n,) = _U32.unpack_from(payload, 0)
+    return json.loads(payload[4:4 + n]), payload[4 + n:]
+
+
+def _header_bytes(state: VolumeState) -> bytes:
+    js = json.dumps({
+        "version": 1, "uuid": state.uuid, "name": state.name, "size": state.size,
+        "region_size": state.region_size, "fmr_region": state.fmr_region,
+    }).encode()
+    hdr = _HDR.pack(HEADER_MAGIC, len(js), zlib.crc32(js)) + js
+    if len(hdr) > HEADER_SIZE:
+        raise SidecarError("sidecar header too large")
+    return hdr.ljust(HEADER_SIZE, b"\0")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Replay:
+    state: VolumeState
+    records: int  # records replayed, checkpoint included
+    torn_bytes: int  # bytes of torn tail dropped
+
+
+def read_log(path: Path) -> tuple[Replay, int, int]:
+    """Replay the log at `path`. Returns (replay, valid end offset, last seq).
+
+    Raises SidecarError naming the file and offset on any damage other than a
+    torn tail.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SidecarError(f"{path}: cannot read sidecar log: {e.strerror}") from None
+    if len(data) < _HDR.size:
+        raise SidecarError(f"{path}: sidecar log is truncated ({len(data)} bytes, no header)")
+    magic, n, crc = _HDR.unpack_from(data, 0)
+    js = data[_HDR.size:_HDR.size + n]
+    if magic != HEADER_MAGIC or _HDR.size + n > HEADER_SIZE or zlib.crc32(js) != crc:
+        raise SidecarError(f"{path}: bad sidecar header (not a vmd log, or damaged)")
+    try:
+        h = json.loads(js)
+        state = VolumeState(uuid=h["uuid"], name=h["name"], size=int(h["size"]),
+                            region_size=int(h["region_size"]), fmr_region=int(h["fmr_region"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise SidecarError(f"{path}: bad sidecar header: {e}") from None
+
+    off = HEADER_SIZE
+    seq = -1
+    count = 0
+    while off < len(data):
+        got = _unframe(data, off)
+        if got is None or (seq >= 0 and got[0] != seq + 1):
+            # Torn tail, or damage? Damage if any valid later record exists.
+            later = _find_valid_after(data, off + 1, seq)
+            if later is not None:
+                raise SidecarError(
+                    f"{path}: record at offset {off} is damaged (bad checksum or framing) but "
+                    f"valid records follow at offset {later}: the log cannot be trusted")
+            break
+        rseq, end, payload = got
+        try:
+            rec, blobs = _decode(payload)
+            if count == 0:
+                if rec.get("t") != "ckpt":
+                    raise SidecarError(f"{path}: log does not start with a checkpoint")
+                state.load_checkpoint(rec, blobs)
+            else:
+                state.apply(rec, blobs)
+        except (ValueError, KeyError, TypeError, IndexError, zlib.error) as e:
+            raise SidecarError(f"{path}: record at offset {off} (seq {rseq}) is invalid: {e}") from None
+        seq, off, count = rseq, end, count + 1
+    if count == 0:
+        raise SidecarError(f"{path}: sidecar log holds no checkpoint (damaged or never finished)")
+    return Replay(state=state, records=count, torn_bytes=len(data) - off), off, seq
+
+
+def _find_valid_after(data: bytes, start: int, seq: int) -> int | None:
+    magic = _REC.pack(REC_MAGIC, 0, 0, 0)[:4]
+    i = data.find(magic, start)
+    while i != -1:
+        got = _unframe(data, i)
+        if got is not None and got[0] > seq:
+            return i
+        i = data.find(magic, i + 1)
+    return None
+
+
+class SidecarLog:
+    """Appends records to an open log; compacts it into a checkpoint."""
+
+    def __init__(self, path: Path, fd: int, offset: int, seq: int,
+                 compact_bytes: int = DEFAULT_COMPACT_BYTES):
+        self.path = path
+        self._fd = fd
+        self._offset = offset
+        self._seq = seq
+        self.compact_bytes = compact_bytes
+        self.lock = trio.Lock()
+        self.syncs = 0  # fdatasync calls on the log (group-commit test counts them)
+        self.appends = 0
+
+    @classmethod
+    def open(cls, path: Path) -> tuple["SidecarLog", Replay]:
+        """Replay an existing log and open it for appending (drops a torn tail)."""
+        tmp = path.with_name(path.name + ".new")
+        if tmp.exists():
+            # A compaction that did not reach its rename: the old log is whole.
+            log.warning("%s: removing unfinished compaction %s", path, tmp)
+            tmp.unlink()
+        replay, end, seq = read_log(path)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        if replay.torn_bytes:
+            log.info("%s: dropping %d bytes of torn tail", path, replay.torn_bytes)
+            os.ftruncate(fd, end)
+            os.fsync(fd)
+        return cls(path, fd, end, seq), replay
+
+    @classmethod
+    def create(cls, path: Path, state: VolumeState) -> "SidecarLog":
+        """Write a new log holding `state` (crash-safe: via rename)."""
+        _write_new(path, _encode_file(state, 0))
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return cls(path, fd, os.fstat(fd).st_size, 0)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    @property
+    def size(self) -> int:
+        return self._offset
+
+    def needs_compaction(self) -> bool:
+        return self._offset > self.compact_bytes
+
+    async def append(self, build: Callable[[], dict[str, Any] | None], *, sync: bool) -> bool:
+        """Append the record `build()` returns; `build` runs under the log lock
+        with no checkpoint in between, so it may update in-memory state that
+        the record describes. Returns False if build returned None."""
+        async with self.lock:
+            rec = build()
+            if rec is None:
+                return False
+            await self._write_locked(_frame(self._seq + 1, rec), sync)
+            return True
+
+    async def sync(self) -> None:
+        async with self.lock:
+            await trio.to_thread.run_sync(os.fdatasync, self._fd)
+            self.syncs += 1
+
+    async def _write_locked(self, frame: bytes, sync: bool) -> None:
+        fd, off = self._fd, self._offset
+
+        def write() -> None:
+            os.pwrite(fd, frame, off)
+            if sync:
+                os.fdatasync(fd)
+
+        await trio.to_thread.run_sync(write)
+        self._seq += 1
+        self._offset += len(frame)
+        self.appends += 1
+        if sync:
+            self.syncs += 1
+
+    async def checkpoint(self, build: Callable[[], VolumeState]) -> None:
+        """Compact: the log becomes one checkpoint of `build()` (run under the lock)."""
+        async with self.lock:
+            # Encode here, in the event loop: writers may change the state as
+            # soon as we yield, and the checkpoint must be one moment's truth.
+            seq = self._seq + 1
+            data = _encode_file(build(), seq)
+            await trio.to_thread.run_sync(_write_new, self.path, data)
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            os.close(self._fd)
+            self._fd, self._seq, self._offset = fd, seq, os.fstat(fd).st_size
+            self.syncs += 1
+
+
+def _encode_file(state: VolumeState, seq: int) -> bytes:
+    rec, blobs = state.encode()
+    return _header_bytes(state) + _frame(seq, rec, blobs)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """data → path.new, fsync, rename over path, fsync dir."""
+    tmp = path.with_name(path.name + ".new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
+
+
+def new_state(name: str, size: int, region_size: int, fmr_region: int) -> VolumeState:
+    return VolumeState(uuid=str(uuid.uuid4()), name=name, size=size,
+                       region_size=region_size, fmr_region=fmr_region)

@@ -1,0 +1,458 @@
+"""The mirror engine: one `Volume` over two or more plexes.
+
+Data flows one way: pread/pwrite → DRL bookkeeping → plex I/O fanned out in
+parallel. FUSE and the admin socket are thin adapters over this class; it
+imports neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import trio
+
+from .config import VolumeConfig, format_size
+from .drl import DirtyRegionLog
+from .plex import Plex, PlexIOError
+from .rangelock import Gate, RangeLock
+from .regionmap import RegionMap
+from .sidecar import (ACTIVE, DETACHED, IOFAIL, RESYNC_TARGETS, SNAPATT, SNAPDONE, STALE,
+                      SYNCING, WRITABLE, PlexRecord, SidecarLog, VolumeState)
+from .errors import VmdError
+
+log = logging.getLogger(__name__)
+
+
+class VolumeIOError(OSError):
+    pass
+
+
+class Volume:
+    def __init__(self, cfg: VolumeConfig, state: VolumeState, sidecar: SidecarLog,
+                 plexes: Iterable[Plex], *, clean_delay: float = 5.0, rate_limit: int = 0):
+        from .resync import Resync  # resync drives the volume; avoid an import cycle
+
+        self.cfg = cfg
+        self.name = cfg.name
+        self.state = state
+        self.size = state.size
+        self.sidecar = sidecar
+        self.plexes: list[Plex] = list(plexes)
+        self.ranges = RangeLock()
+        self.gate = Gate()
+        self.drl = DirtyRegionLog(state, sidecar, enabled=cfg.drl, clean_delay=clean_delay,
+                                  flush_plexes=self.flush, fmr_bits=self._fmr_bits)
+        self.resync = Resync(self, rate_limit=rate_limit)
+        self.openers = 0
+        self.recovered_regions = 0  # DRL regions recovered after the last unclean stop
+        self._rr = itertools.count()
+        self._recovering = False  # some ACTIVE plex lacks regions (crash recovery)
+        self.max_write = 0  # largest write seen (the FUSE request size the kernel sends)
+        self.writes = 0
+        self.reads = 0
+        self.error: str | None = None
+        self._update_recovering()
+
+    # -- helpers -------------------------------------------------------------
+
+    def plex(self, name: str) -> Plex:
+        for p in self.plexes:
+            if p.name == name:
+                return p
+        raise VmdError(f"volume {self.name} has no plex {name!r} "
+                       f"(plexes: {', '.join(p.name for p in self.plexes) or 'none'})")
+
+    def _update_recovering(self) -> None:
+        self._recovering = any(p.state == ACTIVE and p.record.missing is not None
+                               and p.record.missing.bits.any() for p in self.plexes)
+
+    def _check_range(self, off: int, length: int, write: bool) -> None:
+        if off < 0 or length < 0:
+            raise VolumeIOError(errno.EINVAL, "negative offset or length")
+        if write and off + length > self.size:
+            raise VolumeIOError(errno.ENOSPC, f"write past the end of volume {self.name}")
+
+    def _fmr_bits(self, regions: list[int]) -> dict[str, list[int]]:
+        """Per plex that misses writes, its map bits inside DRL `regions`."""
+        out: dict[str, list[int]] = {}
+        drl = self.state.drl
+        for p in self.plexes:
+            m = p.record.missing
+            if p.state in WRITABLE or m is None or not m.bits.any():
+                continue
+            bits: list[int] = []
+            for r in regions:
+                off, n = drl.region_bytes(r)
+                span = m.span(off, n)
+                bits.extend(span.start + i for i in m.bits[span.start:span.stop].search(1))
+            if bits:
+                out[p.name] = bits
+        return out
+
+    async def checkpoint(self) -> None:
+        """Make the whole in-memory state durable (membership and states)."""
+        await self.sidecar.checkpoint(lambda: self.state)
+
+    # -- I/O -----------------------------------------------------------------
+
+    async def pwrite(self, off: int, data: bytes | memoryview) -> int:
+        n = len(data)
+        self._check_range(off, n, True)
+        if n == 0:
+            return 0
+        await self.gate.enter()
+        try:
+            async with self.ranges.hold(off, off + n):
+                regions = await self.drl.begin_write(off, n)
+                try:
+                    await self._fanout_write(off, data)
+                finally:
+                    self.drl.end_write(regions)
+        finally:
+            self.gate.exit()
+        self.writes += 1
+        if n > self.max_write:
+            self.max_write = n
+        return n
+
+    async def _fanout_write(self, off: int, data: bytes | memoryview) -> None:
+        n = len(data)
+        targets: list[Plex] = []
+        for p in self.plexes:
+            if p.state in WRITABLE:
+                targets.append(p)
+            elif p.record.missing is not None:
+                p.record.missing.mark(off, n)  # FastResync: this plex misses the write
+        failed: list[PlexIOError] = []
+
+        async def one(p: Plex) -> None:
+            try:
+                await p.pwrite(off, data)
+            except PlexIOError as e:
+                failed.append(e)
+
+        if len(targets) == 1:
+            await one(targets[0])
+        elif targets:
+            async with trio.open_nursery() as nursery:
+                for p in targets[1:]:
+                    nursery.start_soon(one, p)
+                await one(targets[0])
+        for e in failed:
+            await self.fail_plex(e.plex, e, off, n)
+        if failed:
+            for p in targets:
+                if p.state not in WRITABLE and p.inflight == 0:
+                    # Writes in flight when it failed may have changed its
+                    # mtime: the identity to trust at reattach is the last one.
+                    p.record.identity = p.identity()
+        if not any(p.state == ACTIVE for p in targets):
+            raise VolumeIOError(errno.EIO, f"volume {self.name}: no plex took the write at {off}")
+
+    async def pread(self, off: int, size: int) -> bytes:
+        self._check_range(off, size, False)
+        if off >= self.size or size == 0:
+            return b""
+        size = min(size, self.size - off)
+        await self.gate.enter()
+        try:
+            if self._recovering:
+                lacking = [p for p in self.plexes if p.state == ACTIVE
+                           and p.record.missing is not None and p.record.missing.any_in(off, size)]
+                if lacking:
+                    return await self._read_writeback(off, size)
+            return await self._read_any(off, size)
+        finally:
+            self.gate.exit()
+            self.reads += 1
+
+    def _readable(self, off: int, size: int) -> list[Plex]:
+        """ACTIVE plexes holding [off, off+size) in sync, round-robin order."""
+        ps = [p for p in self.plexes if p.state == ACTIVE and not (
+            self._recovering and p.record.missing is not None and p.record.missing.any_in(off, size))]
+        if len(ps) > 1:
+            k = next(self._rr) % len(ps)
+            ps = ps[k:] + ps[:k]
+        return ps
+
+    async def _read_any(self, off: int, size: int) -> bytes:
+        for p in self._readable(off, size):
+            if p.state != ACTIVE:  # failed while we tried another
+                continue
+            try:
+                return await p.pread(off, size)
+            except PlexIOError as e:
+                await self.fail_plex(p, e, off, size)
+        raise VolumeIOError(errno.EIO, f"volume {self.name}: no plex could read offset {off}")
+
+    async def _read_writeback(self, off: int, size: int) -> bytes:
+        """Read a region not yet recovered: read one plex, write the others,
+        so that two reads return the same bytes (invariant 7)."""
+        fmr = self.state.fmr_region
+        start = off - off % fmr
+        end = min(self.size, -(-(off + size) // fmr) * fmr)
+        async with self.ranges.hold(start, end):
+            regions = await self.drl.begin_write(start, end - start)
+            try:
+                data = await self._read_any(start, end - start)
+                for p in self.plexes:
+                    m = p.record.missing
+                    if p.state == ACTIVE and m is not None and m.any_in(start, end - start):
+                        try:
+                            await p.pwrite(start, data)
+                        except PlexIOError as e:
+                            await self.fail_plex(p, e, start, end - start)
+                            continue
+                        # Safe to forget before fdatasync: the DRL region stays
+                        # dirty until the plexes are flushed.
+                        span = m.span(start, end - start)
+                        m.bits[span.start:span.stop] = 0
+            finally:
+                self.drl.end_write(regions)
+        self._update_recovering()
+        return data[off - start: off - start + size]
+
+    async def flush(self) -> None:
+        """fdatasync every plex that takes writes, in parallel."""
+        failed: list[PlexIOError] = []
+
+        async def one(p: Plex) -> None:
+            try:
+                await p.flush()
+            except PlexIOError as e:
+                failed.append(e)
+
+        async with trio.open_nursery() as nursery:
+            for p in self.plexes:
+                if p.state in WRITABLE and p.fd >= 0:
+                    nursery.start_soon(one, p)
+        for e in failed:
+            await self.fail_plex(e.plex, e, 0, 0)
+        if failed and not any(p.state == ACTIVE for p in self.plexes):
+            raise VolumeIOError(errno.EIO, f"volume {self.name}: no plex could be flushed")
+
+    async def fail_plex(self, p: Plex, err: OSError, off: int, length: int) -> None:
+        """Detach a plex after an I/O error (state IOFAIL), durably, before the
+        I/O that failed is answered."""
+        rec = p.record
+        if rec.missing is not None:
+            if length:
+                rec.missing.mark(off, length)
+        if rec.state in (IOFAIL, DETACHED, STALE):
+            return
+        was = rec.state
+        rec.state = IOFAIL
+        rec.reason = str(err)
+        rec.identity = p.identity()
+        if was == ACTIVE or rec.missing is None:
+            rec.missing = self.state.new_map() if self.state.fastresync else None
+            if rec.missing is not None and length:
+                rec.missing.mark(off, length)
+        if rec.missing is not None and getattr(err, "op", "") == "fdatasync":
+            # Which writes did not reach the disk is unknown: all that the
+            # DRL has not yet cleaned.
+            rec.missing.mark_regions_of(self.state.drl, list(self.state.drl.set_indices()))
+        log.error("volume %s: plex %s (%s) is now IOFAIL after %s (was %s)",
+                  self.name, p.name, p.path, err, was)
+        self._update_recovering()
+        await self.checkpoint()
+        self.resync.wake()
+
+    # -- open/close accounting (for `stop` and the volume clean flag) --------
+
+    def opened(self) -> None:
+        self.openers += 1
+
+    def released(self) -> None:
+        self.openers -= 1
+
+    # -- background work -----------------------------------------------------
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.drl.run_committer)
+            await nursery.start(self.drl.run_cleaner, lambda: self.openers == 0)
+            await nursery.start(self.resync.run)
+            task_status.started()
+
+    async def shutdown(self) -> None:
+        """Drain I/O, flush plexes, record the volume clean, close files."""
+        async with self.gate.hold():
+            await self.resync.stop()
+            try:
+                await self.flush()
+                if not await self.drl.mark_clean():
+                    log.warning("volume %s: could not record a clean stop", self.name)
+                await self.checkpoint()
+            finally:
+                for p in self.plexes:
+                    p.close()
+                self.sidecar.close()
+        log.info("volume %s: stopped cleanly", self.name)
+
+    # -- status --------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        st = self.state
+        return {
+            "name": self.name,
+            "uuid": st.uuid,
+            "size": self.size,
+            "clean": st.clean,
+            "open": self.openers,
+            "drl": self.drl.enabled,
+            "region_size": st.region_size,
+            "dirty_regions": st.drl.count(),
+            "fastresync": st.fastresync,
+            "fastresync_region": st.fmr_region,
+            "recovered_regions": self.recovered_regions,
+            "max_write": self.max_write,
+            "log": str(self.sidecar.path),
+            "log_bytes": self.sidecar.size,
+            "plexes": [self._plex_status(p) for p in self.plexes],
+            "resync": self.resync.status(),
+            **({"snapshot": st.extra["snapshot"]} if "snapshot" in st.extra else {}),
+        }
+
+    def _plex_status(self, p: Plex) -> dict[str, Any]:
+        m = p.record.missing
+        return {
+            "name": p.name, "path": p.record.path, "state": p.state,
+            "reason": p.record.reason,
+            # Bytes this plex lacks: what a resync or reattach will copy.
+            "missing_bytes": self.size if m is None else m.bytes_covered(),
+            "map": m is not None,
+            "role": p.record.role,
+        }
+
+    # -- membership (admin) --------------------------------------------------
+
+    def _in_sync(self, exclude: Plex | None = None) -> list[Plex]:
+        return [p for p in self.plexes if p is not exclude and p.state == ACTIVE
+                and (p.record.missing is None or not p.record.missing.bits.any())]
+
+    async def detach_plex(self, name: str) -> dict[str, Any]:
+        async with self.gate.hold(), self.resync.paused():
+            p = self.plex(name)
+            rec = p.record
+            if rec.state == DETACHED:
+                raise VmdError(f"plex {name} of volume {self.name} is already DETACHED")
+            if rec.state in (SNAPATT, SNAPDONE):
+                raise VmdError(f"plex {name} of volume {self.name} is a snapshot mirror "
+                               f"({rec.state}): use `vmd snap abort {self.name}`")
+            if rec.state == ACTIVE and not self._in_sync(exclude=p):
+                raise VmdError(f"plex {name} is the last in-sync plex of volume {self.name}; "
+                               f"detaching it would leave no complete copy")
+            if rec.state in WRITABLE and p.fd >= 0:
+                await p.flush()
+            p.close()
+            if rec.missing is None and self.state.fastresync and rec.state == ACTIVE:
+                rec.missing = self.state.new_map()
+            if not self.state.fastresync:
+                rec.missing = None
+            rec.state = DETACHED
+            rec.reason = "detached by the administrator at " + time.strftime("%Y-%m-%d %H:%M:%S")
+            rec.identity = p.identity()
+            self._update_recovering()
+            await self.checkpoint()
+        log.info("volume %s: plex %s detached%s", self.name, name,
+                 " (FastResync tracks what it misses)" if rec.missing is not None else "")
+        return self._plex_status(p)
+
+    async def attach_plex(self, name: str) -> dict[str, Any]:
+        async with self.gate.hold(), self.resync.paused():
+            p = self.plex(name)
+            rec = p.record
+            if rec.state not in (DETACHED, IOFAIL, STALE):
+                raise VmdError(f"plex {name} of volume {self.name} is {rec.state}, not detached")
+            if not self._in_sync():
+                raise VmdError(f"volume {self.name} has no in-sync plex to copy from")
+            why = self._why_full_resync(p)
+            p.close()
+            p.open(create=True)
+            if why:
+                rec.missing = self.state.new_map(fill=True)
+                log.warning("volume %s: plex %s gets a full resync: %s", self.name, name, why)
+            else:
+                log.info("volume %s: plex %s reattached with FastResync: %s to copy", self.name,
+                         name, format_size(rec.missing.bytes_covered()))  # type: ignore[union-attr]
+            rec.state, rec.reason, rec.identity = SYNCING, "", None
+            await self.checkpoint()
+        self.resync.wake()
+        return {**self._plex_status(p), "full_resync": bool(why), "why": why}
+
+    def _why_full_resync(self, p: Plex) -> str:
+        rec = p.record
+        if rec.missing is None:
+            return "no FastResync map for it (FastResync was off, or it was never tracked)"
+        if not self.state.fastresync:
+            return "FastResync is off for this volume"
+        now = p.identity()
+        if now is None:
+            return f"its image {rec.path} is missing"
+        if rec.identity is None:
+            return "its identity was not recorded when it left"
+        if now != rec.identity:
+            names = ("device", "inode", "size", "mtime")
+            diff = [n for n, a, b in zip(names, now, rec.identity) if a != b]
+            return (f"its image {rec.path} changed while it was away "
+                    f"({', '.join(diff)} differ): the map cannot be trusted")
+        return ""
+
+    async def add_plex(self, path: str, *, state: str = SYNCING, role: str = "") -> Plex:
+        async with self.gate.hold(), self.resync.paused():
+            if not self._in_sync():
+                raise VmdError(f"volume {self.name} has no in-sync plex to copy from")
+            existed = os.path.exists(path)
+            rec = PlexRecord(name=f"p{self.state.next_plex}", path=path, state=state,
+                             missing=self.state.new_map(fill=True), created=not existed, role=role)
+            p = Plex(rec, self.size)
+            try:
+                p.open(create=True)
+            except OSError as e:
+                if not existed:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                raise VmdError(f"cannot open plex image {path}: {e.strerror or e}") from None
+            self.state.next_plex += 1
+            self.state.plexes.append(rec)
+            self.plexes.append(p)
+            await self.checkpoint()
+        log.info("volume %s: plex %s added (%s), full resync", self.name, rec.name, path)
+        self.resync.wake()
+        return p
+
+    async def remove_plex(self, name: str, *, snapshot_ok: bool = False) -> PlexRecord:
+        async with self.gate.hold(), self.resync.paused():
+            p = self.plex(name)
+            if p.state in (SNAPATT, SNAPDONE) and not snapshot_ok:
+                raise VmdError(f"plex {name} of volume {self.name} is a snapshot mirror: "
+                               f"use `vmd snap abort {self.name}`")
+            if p.state == ACTIVE and not self._in_sync(exclude=p):
+                raise VmdError(f"plex {name} is the last in-sync plex of volume {self.name}; "
+                               f"removing it would leave no complete copy")
+            p.close()
+            self.plexes.remove(p)
+            self.state.plexes.remove(p.record)
+            self._update_recovering()
+            await self.checkpoint()
+        log.info("volume %s: plex %s removed (image %s left in place)", self.name, name, p.path)
+        return p.record
+
+    async def set_fastresync(self, on: bool) -> None:
+        async with self.gate.hold():
+            self.state.fastresync = on
+            if not on:
+                # The next reattach of every away plex is full (the maps are dropped).
+                for p in self.plexes:
+                    if p.state not in WRITABLE:
+                        p.record.missing = None
+            await self.checkpoint()
+        log.info("volume %s: FastResync %s", self.name, "on" if on else "off")
