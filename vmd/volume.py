@@ -20,6 +20,7 @@ import trio
 
 from .config import VolumeConfig, format_size
 from .drl import DirtyRegionLog
+from .faults import split_write_fault
 from .plex import Plex, PlexIOError
 from .rangelock import Gate, RangeLock
 from .regionmap import RegionMap
@@ -58,6 +59,7 @@ class Volume:
         self.writes = 0
         self.reads = 0
         self.error: str | None = None
+        self._fault = split_write_fault()
         self._update_recovering()
 
     # -- helpers -------------------------------------------------------------
@@ -131,6 +133,9 @@ class Volume:
             elif p.record.missing is not None:
                 p.record.missing.mark(off, n)  # FastResync: this plex misses the write
         failed: list[PlexIOError] = []
+        if self._fault is not None and self._fault.matches(self.name, off) and targets:
+            await targets[0].pwrite(off, data)
+            self._fault.die()
 
         async def one(p: Plex) -> None:
             try:
