@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ def _holds_data(path: Path) -> bool:
 
 
 def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
-                clean_delay: float = 5.0, rate_limit: int = 0) -> Volume:
+                clean_delay: float = 5.0, rate_limit: int = 0,
+                plex_factory: Callable[[PlexRecord, int], Plex] = Plex) -> Volume:
     """Open one volume: replay (or create) its sidecar log, open its plexes,
     and set up crash recovery. Raises VmdError if the volume must be refused."""
     if vc.log.exists() and not recover_all:
@@ -73,7 +75,7 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
 
     plexes = []
     for rec in state.plexes:
-        p = Plex(rec, state.size)
+        p = plex_factory(rec, state.size)
         if rec.state in WRITABLE:
             try:
                 p.open(create=created)
@@ -92,7 +94,8 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
             for rec in state.plexes:
                 if rec.state not in WRITABLE:
                     rec.missing = None
-    vol = Volume(vc, state, sidecar, plexes, clean_delay=clean_delay, rate_limit=rate_limit)
+    vol = Volume(vc, state, sidecar, plexes, clean_delay=clean_delay, rate_limit=rate_limit,
+                 plex_factory=plex_factory)
     _abort_interrupted_snapshot_mirrors(vol)
     if not state.clean:
         _plan_recovery(vol, full=not vc.drl or recover_all)

@@ -13,7 +13,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
@@ -37,7 +37,8 @@ class VolumeIOError(OSError):
 
 class Volume:
     def __init__(self, cfg: VolumeConfig, state: VolumeState, sidecar: SidecarLog,
-                 plexes: Iterable[Plex], *, clean_delay: float = 5.0, rate_limit: int = 0):
+                 plexes: Iterable[Plex], *, clean_delay: float = 5.0, rate_limit: int = 0,
+                 plex_factory: Callable[[PlexRecord, int], Plex] = Plex):
         from .resync import Resync  # resync drives the volume; avoid an import cycle
 
         self.cfg = cfg
@@ -46,6 +47,7 @@ class Volume:
         self.size = state.size
         self.sidecar = sidecar
         self.plexes: list[Plex] = list(plexes)
+        self.plex_factory = plex_factory
         self.ranges = RangeLock()
         self.gate = Gate()
         self.drl = DirtyRegionLog(state, sidecar, enabled=cfg.drl, clean_delay=clean_delay,
@@ -418,7 +420,7 @@ class Volume:
             existed = os.path.exists(path)
             rec = PlexRecord(name=f"p{self.state.next_plex}", path=path, state=state,
                              missing=self.state.new_map(fill=True), created=not existed, role=role)
-            p = Plex(rec, self.size)
+            p = self.plex_factory(rec, self.size)
             try:
                 p.open(create=True)
             except OSError as e:

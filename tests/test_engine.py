@@ -1,0 +1,220 @@
+"""The mirror engine without FUSE: fan-out, round-robin, errors, resync."""
+
+from __future__ import annotations
+
+import errno
+import os
+import statistics
+import time
+
+import pytest
+import trio
+
+from vmd.config import KiB, MiB
+from vmd.plex import Plex
+from vmd.sidecar import ACTIVE, IOFAIL, SYNCING
+
+from enginekit import plex_bytes, random_writes, running_volume, volume_config
+
+
+class SlowPlex(Plex):
+    """A plex whose disk takes 50 ms per write, blocking like a real one."""
+
+    delay = 0.05
+
+    def _pwrite_sync(self, off: int, data: bytes | memoryview) -> None:
+        time.sleep(self.delay)
+        super()._pwrite_sync(off, data)
+
+
+class FaultyPlex(Plex):
+    """Plex p1 fails reads or writes with EIO once told to."""
+
+    fail_writes = False
+    fail_reads = False
+
+    def _pwrite_sync(self, off: int, data: bytes | memoryview) -> None:
+        if self.name == "p1" and FaultyPlex.fail_writes:
+            raise OSError(errno.EIO, "injected write error")
+        super()._pwrite_sync(off, data)
+
+    def _pread_sync(self, off: int, size: int) -> bytes:
+        if self.name == "p1" and FaultyPlex.fail_reads:
+            raise OSError(errno.EIO, "injected read error")
+        return super()._pread_sync(off, size)
+
+
+async def test_slow_plexes_are_written_in_parallel(tmp_path):
+    vc = volume_config(tmp_path, nplex=2)
+    async with running_volume(vc, plex_factory=SlowPlex) as vol:
+        await vol.pwrite(0, b"x" * 4096)  # the region's first write also pays a log flush
+        lat = []
+        for i in range(8):
+            t0 = time.monotonic()
+            await vol.pwrite(4096 * i, os.urandom(4096))
+            lat.append(time.monotonic() - t0)
+    med = statistics.median(lat)
+    # Serial fan-out would take >= 100 ms; parallel is one delay plus overhead.
+    assert 0.05 <= med < 0.085, f"median write latency {med * 1000:.1f} ms"
+
+
+async def test_three_slow_plexes_still_one_delay(tmp_path):
+    vc = volume_config(tmp_path, nplex=3)
+    async with running_volume(vc, plex_factory=SlowPlex) as vol:
+        await vol.pwrite(0, b"x")
+        t0 = time.monotonic()
+        async with trio.open_nursery() as n:
+            for i in range(4):  # concurrent writers to distinct ranges overlap too
+                n.start_soon(vol.pwrite, 8192 * i, b"y" * 4096)
+        assert time.monotonic() - t0 < 0.15
+
+
+async def test_writes_reach_every_plex_and_reads_round_robin(tmp_path):
+    vc = volume_config(tmp_path, nplex=2)
+    ref = bytearray(vc.size)
+    async with running_volume(vc) as vol:
+        await random_writes(vol, ref, 50)
+        before = [p.reads for p in vol.plexes]
+        for i in range(40):
+            assert await vol.pread(i * 4096, 4096) == ref[i * 4096:(i + 1) * 4096]
+        got = [p.reads - b for p, b in zip(vol.plexes, before)]
+        assert got == [20, 20], got
+        # Reads past the end are EOF, writes past the end are errors.
+        assert await vol.pread(vc.size, 4096) == b""
+        assert len(await vol.pread(vc.size - 100, 4096)) == 100
+        with pytest.raises(OSError) as e:
+            await vol.pwrite(vc.size - 10, b"z" * 20)
+        assert e.value.errno == errno.ENOSPC
+    assert plex_bytes(vol) == [bytes(ref)] * 2
+
+
+async def test_write_error_detaches_plex_and_write_succeeds(tmp_path):
+    vc = volume_config(tmp_path, nplex=2)
+    ref = bytearray(vc.size)
+    FaultyPlex.fail_writes = False
+    async with running_volume(vc, plex_factory=FaultyPlex) as vol:
+        await random_writes(vol, ref, 10)
+        FaultyPlex.fail_writes = True
+        try:
+            await vol.pwrite(5 * MiB, b"a" * 8192)
+            ref[5 * MiB:5 * MiB + 8192] = b"a" * 8192
+        finally:
+            FaultyPlex.fail_writes = False
+        p1 = vol.plex("p1")
+        assert p1.state == IOFAIL
+        assert "injected write error" in p1.record.reason
+        # It missed the write: its FastResync map says so.
+        assert p1.record.missing.any_in(5 * MiB, 8192)
+        for _ in range(4):  # reads now come from p0 only
+            assert await vol.pread(5 * MiB, 8192) == ref[5 * MiB:5 * MiB + 8192]
+        await random_writes(vol, ref, 10, seed=2)
+        st = vol.status()
+        assert [p["state"] for p in st["plexes"]] == [ACTIVE, IOFAIL]
+        await vol.attach_plex("p1")
+        await vol.resync.wait_idle()
+        assert vol.plex("p1").state == ACTIVE
+        # Only what it missed was copied, not the whole 16 MiB.
+        assert 0 < vol.resync.copied_bytes < vc.size // 2
+    assert plex_bytes(vol) == [bytes(ref)] * 2
+
+
+async def test_read_error_retries_other_plex_and_detaches(tmp_path):
+    vc = volume_config(tmp_path, nplex=2)
+    ref = bytearray(vc.size)
+    async with running_volume(vc, plex_factory=FaultyPlex) as vol:
+        await random_writes(vol, ref, 10)
+        FaultyPlex.fail_reads = True
+        try:
+            for i in range(4):
+                assert await vol.pread(i * MiB, 64 * KiB) == ref[i * MiB:i * MiB + 64 * KiB]
+        finally:
+            FaultyPlex.fail_reads = False
+        assert vol.plex("p1").state == IOFAIL
+        assert vol.plex("p0").state == ACTIVE
+
+
+async def test_no_plex_takes_write_is_eio(tmp_path):
+    vc = volume_config(tmp_path, nplex=1)
+
+    class AlwaysFails(Plex):
+        def _pwrite_sync(self, off, data):
+            raise OSError(errno.EIO, "dead disk")
+
+    async with running_volume(vc, plex_factory=AlwaysFails, shutdown=False) as vol:
+        with pytest.raises(OSError) as e:
+            await vol.pwrite(0, b"q" * 512)
+        assert e.value.errno == errno.EIO
+
+
+async def test_full_resync_races_with_random_writes(tmp_path):
+    vc = volume_config(tmp_path, size=32 * MiB, nplex=2)
+    ref = bytearray(vc.size)
+    # Slow resync (8 MiB/s) so that writes land before, inside and after chunks.
+    async with running_volume(vc, rate_limit=8 * MiB) as vol:
+        await random_writes(vol, ref, 40, seed=3)
+        p = await vol.add_plex(str(tmp_path / "new.img"))
+        assert p.state == SYNCING
+        writes_during = 0
+        while vol.resync.running or vol.resync.targets():
+            await random_writes(vol, ref, 5, seed=100 + writes_during, max_len=600 * KiB)
+            writes_during += 5
+            # reads never come from the SYNCING plex
+            assert await vol.pread(0, 4096) == ref[:4096]
+            await trio.sleep(0.01)
+        assert writes_during >= 20
+        assert p.state == ACTIVE
+        assert vol.resync.copied_bytes == vc.size
+    assert plex_bytes(vol) == [bytes(ref)] * 3
+
+
+async def test_detach_attach_copies_only_what_changed(tmp_path):
+    vc = volume_config(tmp_path, size=64 * MiB, nplex=2)
+    ref = bytearray(vc.size)
+    async with running_volume(vc) as vol:
+        await random_writes(vol, ref, 20)
+        await vol.detach_plex("p1")
+        for i in (3, 17, 40):  # three 64 KiB regions
+            data = os.urandom(64 * KiB)
+            await vol.pwrite(i * 64 * KiB, data)
+            ref[i * 64 * KiB:(i + 1) * 64 * KiB] = data
+        st = vol.status()["plexes"][1]
+        assert st["state"] == "DETACHED" and st["missing_bytes"] == 3 * 64 * KiB
+        reply = await vol.attach_plex("p1")
+        assert not reply["full_resync"]
+        await vol.resync.wait_idle()
+        assert vol.resync.copied_bytes == 3 * 64 * KiB
+    assert plex_bytes(vol) == [bytes(ref)] * 2
+
+
+async def test_replaced_image_gets_full_resync(tmp_path, caplog):
+    vc = volume_config(tmp_path, size=8 * MiB, nplex=2)
+    ref = bytearray(vc.size)
+    async with running_volume(vc) as vol:
+        await random_writes(vol, ref, 10)
+        await vol.detach_plex("p1")
+        img = vc.plexes[1]
+        tmp = img.with_suffix(".other")
+        tmp.write_bytes(os.urandom(vc.size))
+        os.replace(tmp, img)
+        reply = await vol.attach_plex("p1")
+        assert reply["full_resync"] and "changed while it was away" in reply["why"]
+        await vol.resync.wait_idle()
+        assert vol.resync.copied_bytes == vc.size
+    assert "full resync" in caplog.text
+    assert plex_bytes(vol) == [bytes(ref)] * 2
+
+
+async def test_last_in_sync_plex_cannot_leave(tmp_path):
+    from vmd.errors import VmdError
+
+    vc = volume_config(tmp_path, nplex=2)
+    async with running_volume(vc) as vol:
+        await vol.detach_plex("p1")
+        with pytest.raises(VmdError, match="last in-sync plex"):
+            await vol.detach_plex("p0")
+        with pytest.raises(VmdError, match="last in-sync plex"):
+            await vol.remove_plex("p0")
+        with pytest.raises(VmdError, match="already DETACHED"):
+            await vol.detach_plex("p1")
+        with pytest.raises(VmdError, match="no plex 'p7'"):
+            await vol.attach_plex("p7")
