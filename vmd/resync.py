@@ -192,13 +192,13 @@ class Resync:
         vol._update_recovering()
 
     async def _throttle(self, started: float) -> None:
-        if self.rate_limit > 0:
-            due = started + self.done_bytes / self.rate_limit
-            delay = due - time.monotonic()
-            if delay > 0:
-                await trio.sleep(delay)
-        else:
-            await trio.sleep(0)  # let writes in between chunks
+        await trio.sleep(0)  # let writes in between chunks
+        # Re-read the limit in short steps: it may be changed while we wait.
+        while self.rate_limit > 0:
+            delay = started + self.done_bytes / self.rate_limit - time.monotonic()
+            if delay <= 0:
+                return
+            await trio.sleep(min(delay, 0.25))
 
     async def _finish(self, targets: list[Plex]) -> None:
         vol = self.volume
