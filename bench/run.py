@@ -1,0 +1,614 @@
+#!/usr/bin/env python3
+"""`make bench`: vmd against qemu-storage-daemon (quorum over two raw files,
+FUSE export) and a plain file, plus DRL, crash-recovery and FastResync figures.
+
+Run as root from the repository's virtualenv:  .venv/bin/python bench/run.py [--quick]
+
+Everything happens in one scratch directory on the disk the plexes would use
+(default: var/bench-* in the repository, never tmpfs); daemons are stopped,
+FUSE mounts lazily unmounted and scratch files removed however the run ends.
+Results go to stdout and to bench/results/<timestamp>.md (+ .json, raw data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fiojobs import NUMJOBS, WORKLOADS, fio_args, prefill_args, run_fio  # noqa: E402
+from procs import (GiB, MiB, REPO, BenchError, Cleanup, Qsd, Vmd, lazy_umount,  # noqa: E402
+                   tail)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHIPPED_CONFIG = REPO / "config" / "vmd.yaml"
+
+
+# -- small helpers ---------------------------------------------------------------
+
+
+def parse_size(s: str) -> int:
+    s = s.strip().lower().removesuffix("b").removesuffix("i")
+    mult = {"k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}
+    if s and s[-1] in mult:
+        return int(float(s[:-1]) * mult[s[-1]])
+    return int(s)
+
+
+def fmt_size(n: float) -> str:
+    for unit, m in (("GiB", GiB), ("MiB", MiB), ("KiB", 1 << 10)):
+        if n >= m:
+            v = n / m
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Caches:
+    """sync + drop_caches before every measured step, so that no target reads
+    another's (or its own earlier) data from the page cache."""
+
+    def __init__(self) -> None:
+        self.dropped = 0
+        self.failed = 0
+
+    def drop(self) -> None:
+        os.sync()
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+            self.dropped += 1
+        except OSError:
+            self.failed += 1
+
+
+def shipped_volume_settings() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The volume keys (other than size and paths) and the top-level tuning of
+    the shipped config/vmd.yaml, so the benchmark volume is 'defaults as shipped'."""
+    try:
+        import yaml
+
+        raw = yaml.safe_load(SHIPPED_CONFIG.read_text()) or {}
+    except Exception:  # noqa: BLE001
+        return {}, {}
+    vols = raw.get("volumes") or {}
+    first = next(iter(vols.values()), {}) if vols else {}
+    vol = {k: v for k, v in (first or {}).items() if k not in ("size", "plexes", "log")}
+    return vol, {}
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def fmt_val(v: float, unit: str) -> str:
+    if v != v:  # NaN
+        return "–"
+    if unit == "MB/s":
+        return f"{v:.0f}"
+    return f"{v:,.0f}".replace(",", " ")
+
+
+def fmt_ratio(r: float) -> str:
+    return "–" if r != r else f"{r:.2f}"
+
+
+def verify_mirror(front: Path, images: list[Path], offset: int, what: str) -> None:
+    """Write 1 MiB of random bytes through `front`, fsync, and check every image got it."""
+    pattern = os.urandom(MiB)
+    fd = os.open(front, os.O_RDWR)
+    try:
+        os.pwrite(fd, pattern, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for img in images:
+        with open(img, "rb") as f:
+            f.seek(offset)
+            if f.read(MiB) != pattern:
+                raise BenchError(f"{what}: image {img.name} did not get the data written through "
+                                 f"the export (mirror set-up is wrong)")
+
+
+def regions_equal(a: Path, b: Path, spans: list[tuple[int, int]]) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        for off, n in spans:
+            fa.seek(off)
+            fb.seek(off)
+            if fa.read(n) != fb.read(n):
+                return False
+    return True
+
+
+# -- the run ---------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, scratch: Path, cleanup: Cleanup):
+        self.a = args
+        self.scratch = scratch
+        self.cleanup = cleanup
+        self.caches = Caches()
+        self.raw: dict[str, Any] = {"params": {}, "fio": [], "recovery": {}, "info": {}}
+        self.md: list[str] = []
+        self.vol_settings, _ = shipped_volume_settings()
+
+    # -- fio matrix ---------------------------------------------------------
+
+    def matrix(self) -> None:
+        a = self.a
+        size = a.size
+        vmd = Vmd(self.scratch / "vmd", {"vol0": {"size": size, **self.vol_settings}}, self.cleanup)
+        nodrl = Vmd(self.scratch / "vmd-nodrl",
+                    {"vol0": {"size": size, **self.vol_settings, "drl": False}}, self.cleanup)
+        qsd = Qsd(self.scratch / "qsd", size, self.cleanup)
+        fdir = self.scratch / "file"
+        fdir.mkdir()
+        raw_img = fdir / "raw.img"
+        with open(raw_img, "wb") as f:
+            f.truncate(size)
+
+        log("starting vmd (DRL on), vmd (DRL off), qemu-storage-daemon")
+        vmd.start()
+        nodrl.start()
+        qsd.create()
+        qsd.start()
+        # Set-up checks: a write through each mirror reaches both images.
+        verify_mirror(vmd.file("vol0"), [vmd.plex("vol0", 0), vmd.plex("vol0", 1)],
+                      size // 2 + 4096 * 3, "vmd")
+        verify_mirror(nodrl.file("vol0"), [nodrl.plex("vol0", 0), nodrl.plex("vol0", 1)],
+                      size // 2 + 4096 * 3, "vmd (DRL off)")
+        verify_mirror(qsd.file, qsd.images, size // 2 + 4096 * 3, "qemu-storage-daemon quorum")
+        log("mirror check passed: writes through vmd and through qsd reach both images")
+
+        targets = {"vmd": vmd.file("vol0"), "qsd": qsd.file, "file": raw_img,
+                   "vmd-drl-off": nodrl.file("vol0")}
+        order = ["vmd", "qsd", "file"]
+        prefill = {}
+        for name, path in targets.items():
+            self.caches.drop()
+            r = run_fio(prefill_args(path, size), None, timeout=900)
+            prefill[name] = r.bw_bytes / 1e6
+            log(f"prefilled {name}: {fmt_size(size)} at {prefill[name]:.0f} MB/s")
+        self.raw["prefill_mbps"] = prefill
+
+        results: dict[tuple[str, int, str], list[float]] = {}
+        self.results = results  # partial results are reported if the run is cut short
+        t_start = time.monotonic()
+        for rep in range(a.reps):
+            rot = order[rep % len(order):] + order[:rep % len(order)]
+            for wl in WORKLOADS:
+                for nj in NUMJOBS:
+                    names = list(rot)
+                    if wl.key == "randwrite":
+                        names.append("vmd-drl-off")
+                    for name in names:
+                        self.caches.drop()
+                        r = run_fio(fio_args(wl, nj, targets[name], size, a.runtime), wl)
+                        if r.errors:
+                            raise BenchError(f"fio reported error {r.errors} on {name}")
+                        results.setdefault((wl.key, nj, name), []).append(r.value)
+                        self.raw["fio"].append({"rep": rep, "job": wl.key, "numjobs": nj,
+                                                "target": name, "value": r.value, "unit": wl.unit,
+                                                "bw_bytes": r.bw_bytes, "iops": r.iops,
+                                                "runtime_ms": r.runtime_ms})
+                        log(f"rep {rep + 1}/{a.reps} {wl.label:<17} nj={nj} {name:<12} "
+                            f"{fmt_val(r.value, wl.unit):>8} {wl.unit}")
+        self.raw["matrix_seconds"] = round(time.monotonic() - t_start, 1)
+
+        st = vmd.status("vol0")
+        st_nodrl = nodrl.status("vol0")
+        info = self.raw["info"]
+        info["vmd_max_write"] = st.get("max_write")
+        info["vmd_nodrl_max_write"] = st_nodrl.get("max_write")
+        info["vmd_hwm_kib"] = vmd.hwm_kib()
+        info["vmd_nodrl_hwm_kib"] = nodrl.hwm_kib()
+        info["qsd_hwm_kib"] = qsd.hwm_kib()
+        info["vmd_log_bytes"] = st.get("log_bytes")
+        info["vmd_plex_states"] = [p["state"] for p in st["plexes"]]
+        self.results = results
+
+        log("stopping the fio targets")
+        vmd.stop()
+        nodrl.stop()
+        qsd.stop()
+        for d in ("vmd", "vmd-nodrl", "qsd", "file"):
+            shutil.rmtree(self.scratch / d, ignore_errors=True)
+
+    def matrix_report(self) -> None:
+        res = self.results
+        md = self.md
+        md.append("## fio: vmd vs qemu-storage-daemon (quorum) vs plain file")
+        md.append("")
+        md.append(f"Median of {self.a.reps} repetition(s); MB/s = 10^6 bytes/s. Targets alternate "
+                  f"job by job (rotating start); page caches dropped (sync; echo 3 > "
+                  f"/proc/sys/vm/drop_caches) before every job"
+                  + ("" if not self.caches.failed else
+                     f" — **{self.caches.failed} drops FAILED**") + ".")
+        md.append("")
+        md.append("| fio job | numjobs | unit | vmd | qsd | file | vmd/qsd | target ≥ 1.0 |")
+        md.append("| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |")
+        for wl in WORKLOADS:
+            for nj in NUMJOBS:
+                v = median(res.get((wl.key, nj, "vmd"), []))
+                q = median(res.get((wl.key, nj, "qsd"), []))
+                f = median(res.get((wl.key, nj, "file"), []))
+                ratio = v / q if q and q == q and v == v else float("nan")
+                ok = "–" if ratio != ratio else ("yes" if ratio >= 1.0 else "**no**")
+                md.append(f"| {wl.label} | {nj} | {wl.unit} | {fmt_val(v, wl.unit)} | "
+                          f"{fmt_val(q, wl.unit)} | {fmt_val(f, wl.unit)} | {fmt_ratio(ratio)} | {ok} |")
+        md.append("")
+        md.append("## DRL cost: 4 KiB random write, DRL on vs off (same run, interleaved)")
+        md.append("")
+        md.append("| numjobs | DRL on (IOPS) | DRL off (IOPS) | on/off | target ≥ 0.9 |")
+        md.append("| ---: | ---: | ---: | ---: | --- |")
+        for nj in NUMJOBS:
+            on = median(res.get(("randwrite", nj, "vmd"), []))
+            off = median(res.get(("randwrite", nj, "vmd-drl-off"), []))
+            ratio = on / off if off else float("nan")
+            ok = "–" if ratio != ratio else ("yes" if ratio >= 0.9 else "**no**")
+            md.append(f"| {nj} | {fmt_val(on, 'IOPS')} | {fmt_val(off, 'IOPS')} | "
+                      f"{fmt_ratio(ratio)} | {ok} |")
+        md.append("")
+        info = self.raw["info"]
+        hwm = info.get("vmd_hwm_kib")
+        md.append("## Daemon figures (fio volume)")
+        md.append("")
+        md.append(f"- vmd peak RSS (VmHWM) over the fio run: "
+                  f"{hwm / 1024:.1f} MiB (target < 100 MiB)" if hwm else
+                  "- vmd peak RSS: not available")
+        if info.get("vmd_nodrl_hwm_kib"):
+            md.append(f"- vmd (DRL off) peak RSS: {info['vmd_nodrl_hwm_kib'] / 1024:.1f} MiB; "
+                      f"qemu-storage-daemon peak RSS: {(info.get('qsd_hwm_kib') or 0) / 1024:.1f} MiB")
+        mw = info.get("vmd_max_write")
+        md.append(f"- largest write request vmd saw (FUSE max_write in practice): "
+                  f"{fmt_size(mw) if mw else mw}")
+        md.append(f"- sidecar log size after the run: {fmt_size(info.get('vmd_log_bytes') or 0)}; "
+                  f"plex states: {', '.join(info.get('vmd_plex_states', []))}")
+        md.append(f"- prefill (1 MiB seq write of the whole target, before any measurement), MB/s: "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in self.raw.get("prefill_mbps", {}).items()))
+        md.append("")
+
+    # -- recovery, FastResync, dd ---------------------------------------------
+
+    def recovery(self) -> None:
+        a = self.a
+        rsize = a.recovery_size
+        rec = self.raw["recovery"]
+        vol = "big"
+        d = Vmd(self.scratch / "rec", {vol: {"size": rsize, **self.vol_settings}}, self.cleanup)
+        p0, p1 = d.plex(vol, 0), d.plex(vol, 1)
+        rng = random.Random(6)
+
+        # 1. DRL crash recovery on sparse plexes.
+        log(f"recovery: {fmt_size(rsize)} volume, sparse plexes; writing a handful of regions")
+        d.start()
+        st = d.status(vol)
+        region = st["region_size"]
+        fmr_region = st["fastresync_region"]
+        n_regions = rsize // region
+        picks = sorted(rng.sample(range(n_regions), 8))
+        spans = [(r * region + 4096 * rng.randrange(0, region // 4096 - 16), 64 * 1024)
+                 for r in picks]
+        fd = os.open(d.file(vol), os.O_RDWR)
+        try:
+            for off, n in spans:
+                os.pwrite(fd, os.urandom(n), off)
+            os.fsync(fd)
+            dirty_before = d.status(vol)["dirty_regions"]
+            # SIGKILL with the volume still open (as under a mounted filesystem).
+            d.proc.kill()
+            d.proc.wait(timeout=30)
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        lazy_umount(d.mnt)
+        t0 = time.monotonic()
+        ready = d.start()
+        d.request({"cmd": "wait", "volume": vol}, timeout=None)
+        wall = time.monotonic() - t0
+        st = d.status(vol)
+        rec["crash"] = {"dirty_before_kill": dirty_before, "restart_to_ready_s": round(ready, 3),
+                        "restart_to_in_sync_s": round(wall, 3),
+                        "resync_seconds": st["resync"]["seconds"],
+                        "copied_bytes": st["resync"]["copied_bytes"],
+                        "recovered_regions": st.get("recovered_regions"),
+                        "written_regions_identical": regions_equal(p0, p1, spans)}
+        log(f"crash recovery: {rec['crash']}")
+        d.stop()
+
+        # 2. Full resync of the same volume, now holding data everywhere.
+        log(f"full resync: filling plex p0 with {fmt_size(rsize)} of data, then --recover-all")
+        run_fio(prefill_args(p0, rsize), None, timeout=900)
+        self.caches.drop()
+        t0 = time.monotonic()
+        ready = d.start(recover_all=(vol,))
+        t1 = time.monotonic()
+        d.request({"cmd": "wait", "volume": vol}, timeout=None)
+        t2 = time.monotonic()
+        st = d.status(vol)
+        rec["full"] = {"restart_to_ready_s": round(ready, 3), "ready_to_in_sync_s": round(t2 - t1, 3),
+                       "restart_to_in_sync_s": round(t2 - t0, 3),
+                       "resync_seconds": st["resync"]["seconds"],
+                       "copied_bytes": st["resync"]["copied_bytes"],
+                       "hwm_kib": d.hwm_kib()}
+        log(f"full resync: {rec['full']}")
+
+        # 3. dd of one plex image to a new file on the same filesystem.
+        self.caches.drop()
+        copy = self.scratch / "rec" / "dd-copy.img"
+        t0 = time.monotonic()
+        subprocess.run(["dd", f"if={p0}", f"of={copy}", "bs=1M", "conv=fdatasync"], check=True,
+                       capture_output=True)
+        dd_s = time.monotonic() - t0
+        copy.unlink()
+        rec["dd"] = {"seconds": round(dd_s, 3), "bytes": rsize}
+        log(f"dd bs=1M conv=fdatasync: {dd_s:.2f} s")
+
+        # 4. FastResync: detach p1, change 1 % of the FastResync regions, attach.
+        d.cli("plex", "detach", vol, "p1")
+        n_fmr = rsize // fmr_region
+        changed = sorted(rng.sample(range(n_fmr), max(1, n_fmr // 100)))
+        fspans = [(i * fmr_region, fmr_region) for i in changed]
+        fd = os.open(d.file(vol), os.O_RDWR)
+        try:
+            for off, n in fspans:
+                os.pwrite(fd, os.urandom(n), off)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        st = d.status(vol)
+        missing = next(p["missing_bytes"] for p in st["plexes"] if p["name"] == "p1")
+        self.caches.drop()
+        t0 = time.monotonic()
+        d.request({"cmd": "plex.attach", "volume": vol, "plex": "p1"})
+        d.request({"cmd": "wait", "volume": vol}, timeout=None)
+        wall = time.monotonic() - t0
+        st = d.status(vol)
+        rec["fmr"] = {"changed_regions": len(changed), "changed_bytes": len(changed) * fmr_region,
+                      "map_bytes_before_attach": missing, "attach_to_in_sync_s": round(wall, 3),
+                      "resync_seconds": st["resync"]["seconds"],
+                      "copied_bytes": st["resync"]["copied_bytes"],
+                      "changed_regions_identical": regions_equal(p0, p1, fspans),
+                      "plex_states": [p["state"] for p in st["plexes"]],
+                      "hwm_kib": d.hwm_kib()}
+        log(f"FastResync: {rec['fmr']}")
+        d.stop()
+        shutil.rmtree(self.scratch / "rec", ignore_errors=True)
+
+    def recovery_report(self) -> None:
+        rec = self.raw["recovery"]
+        md = self.md
+        if not rec.get("crash"):
+            return
+        size = self.a.recovery_size
+        c, f, dd, fm = rec["crash"], rec.get("full"), rec.get("dd"), rec.get("fmr")
+        md.append(f"## Resync: {fmt_size(size)} volume (issue 3 DRL recovery, issue 4 FastResync)")
+        md.append("")
+        md.append("Times from the daemon's `status --json` (`resync.seconds`) and wall clock "
+                  "through the admin socket (the `wait` request that `vmd wait` sends; CLI "
+                  "start-up excluded). Page caches dropped before each resync and before dd.")
+        md.append("")
+        md.append("| case | copied | resync.seconds | wall until in sync | note |")
+        md.append("| --- | ---: | ---: | ---: | --- |")
+        md.append(f"| crash (SIGKILL) with {c['dirty_before_kill']} dirty regions, sparse plexes | "
+                  f"{fmt_size(c['copied_bytes'])} | {c['resync_seconds']:.3f} s | "
+                  f"{c['restart_to_in_sync_s']:.2f} s from restart (ready after "
+                  f"{c['restart_to_ready_s']:.2f} s) | recovered_regions={c['recovered_regions']}, "
+                  f"written regions identical: {c['written_regions_identical']} |")
+        if f:
+            thr = f["copied_bytes"] / f["resync_seconds"] / 1e6 if f["resync_seconds"] else 0
+            md.append(f"| full resync (`--recover-all`), plexes full of data | "
+                      f"{fmt_size(f['copied_bytes'])} | {f['resync_seconds']:.2f} s | "
+                      f"{f['ready_to_in_sync_s']:.2f} s from ready | {thr:.0f} MB/s |")
+        if fm:
+            md.append(f"| FastResync reattach after {fm['changed_regions']} × "
+                      f"{fmt_size(fm['changed_bytes'] // max(1, fm['changed_regions']))} changed "
+                      f"(1 % of regions) | {fmt_size(fm['copied_bytes'])} | "
+                      f"{fm['resync_seconds']:.3f} s | {fm['attach_to_in_sync_s']:.2f} s from attach | "
+                      f"map covered {fmt_size(fm['map_bytes_before_attach'])}; changed regions "
+                      f"identical: {fm['changed_regions_identical']}; states "
+                      f"{'/'.join(fm['plex_states'])} |")
+        if dd:
+            md.append(f"| `dd bs=1M conv=fdatasync` of one plex image | {fmt_size(dd['bytes'])} | – | "
+                      f"{dd['seconds']:.2f} s | {dd['bytes'] / dd['seconds'] / 1e6:.0f} MB/s |")
+        md.append("")
+        md.append("| ratio | value | target |")
+        md.append("| --- | ---: | --- |")
+        if f and f["resync_seconds"]:
+            md.append(f"| crash recovery / full resync (resync.seconds) | "
+                      f"{c['resync_seconds'] / f['resync_seconds']:.4f} | well under 1 s of work |")
+        if f and fm and f["resync_seconds"]:
+            md.append(f"| FastResync reattach / full resync (resync.seconds) | "
+                      f"{fm['resync_seconds'] / f['resync_seconds']:.4f} | ≤ 0.05 |")
+            md.append(f"| FastResync reattach / full resync (wall, attach→in sync vs ready→in sync) | "
+                      f"{fm['attach_to_in_sync_s'] / f['ready_to_in_sync_s']:.4f} | ≤ 0.05 |")
+        if f and dd and f["resync_seconds"]:
+            thr = f["copied_bytes"] / f["resync_seconds"]
+            md.append(f"| full resync throughput / dd throughput | "
+                      f"{thr / (dd['bytes'] / dd['seconds']):.2f} | ≥ 0.8 |")
+        md.append("")
+        hw = [x.get("hwm_kib") for x in (f, fm) if x and x.get("hwm_kib")]
+        if hw:
+            md.append(f"- vmd peak RSS (VmHWM) with the {fmt_size(size)} volume through full resync "
+                      f"and FastResync: {max(hw) / 1024:.1f} MiB")
+            md.append("")
+
+
+# -- main ----------------------------------------------------------------------
+
+
+def env_default(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: 1 repetition, 1 s jobs, 256 MiB, 1 GiB recovery volume")
+    ap.add_argument("--size", default=env_default("BENCH_SIZE", "1GiB"),
+                    help="fio file/volume size (env BENCH_SIZE; default %(default)s)")
+    ap.add_argument("--runtime", type=float, default=float(env_default("BENCH_RUNTIME", "5")),
+                    help="seconds per fio job (env BENCH_RUNTIME; default %(default)s)")
+    ap.add_argument("--reps", type=int, default=int(env_default("BENCH_REPS", "3")),
+                    help="repetitions of the fio matrix (env BENCH_REPS; default %(default)s)")
+    ap.add_argument("--recovery-size", default=env_default("BENCH_RECOVERY_SIZE", "4GiB"),
+                    help="volume size of the resync figures (env BENCH_RECOVERY_SIZE)")
+    ap.add_argument("--dir", default=os.environ.get("BENCH_DIR"),
+                    help="parent of the scratch directory (env BENCH_DIR; default: var/ in the "
+                         "repository). Must not be tmpfs: use the plexes' disk.")
+    ap.add_argument("--skip-fio", action="store_true", help="only the resync figures")
+    ap.add_argument("--skip-recovery", action="store_true", help="only the fio matrix")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory (debugging)")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.reps, a.runtime = 1, 1.0
+        if "BENCH_SIZE" not in os.environ and "--size" not in " ".join(argv or sys.argv):
+            a.size = "256MiB"
+        if "BENCH_RECOVERY_SIZE" not in os.environ and "--recovery-size" not in " ".join(argv or sys.argv):
+            a.recovery_size = "1GiB"
+    a.size = parse_size(a.size)
+    a.recovery_size = parse_size(a.recovery_size)
+    if a.size % (4 * MiB) or a.recovery_size % (4 * MiB):
+        ap.error("sizes must be multiples of 4 MiB")
+    return a
+
+
+def fs_type(path: Path) -> str:
+    r = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True)
+    return r.stdout.strip() or "?"
+
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        return (r.stdout or r.stderr).splitlines()[0].strip()
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def vmd_version() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "vmd"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return f"{head}{' + uncommitted changes in vmd/' if dirty else ''}"
+    except OSError:
+        return "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: run as root (FUSE mounts, drop_caches, umount)", file=sys.stderr)
+        return 2
+    for tool in ("fio", "qemu-storage-daemon", "dd", "umount"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} not found (make bench installs fio and qemu-system-common)",
+                  file=sys.stderr)
+            return 2
+
+    parent = Path(a.dir) if a.dir else REPO / "var"
+    parent.mkdir(parents=True, exist_ok=True)
+    fstype = fs_type(parent)
+    if fstype in ("tmpfs", "ramfs"):
+        print(f"bench: the scratch directory's parent is on {fstype}; use --dir on the disk the "
+              f"plexes would use", file=sys.stderr)
+        return 2
+    need = max(7 * a.size, 3 * a.recovery_size) + GiB
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        print(f"bench: {fmt_size(free)} free where the scratch goes, need about {fmt_size(need)}",
+              file=sys.stderr)
+        return 2
+
+    cleanup = Cleanup()
+    scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=parent))
+    if not a.keep:
+        cleanup.push("scratch directory", lambda: shutil.rmtree(scratch, ignore_errors=True))
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+    b = Bench(a, scratch, cleanup)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    started = time.monotonic()
+    rc = 0
+    failure = ""
+    try:
+        if not a.skip_fio:
+            b.matrix()
+        if not a.skip_recovery:
+            b.recovery()
+    except KeyboardInterrupt:
+        failure = "interrupted"
+        rc = 130
+    except Exception as e:  # noqa: BLE001
+        failure = f"failed: {e}"
+        traceback.print_exc()
+        for sub in ("vmd", "vmd-nodrl", "rec", "qsd"):
+            for name in ("daemon.log", "qsd.log"):
+                p = scratch / sub / name
+                if p.exists():
+                    print(f"--- last lines of {sub}/{name} ---\n{tail(p)}", file=sys.stderr)
+        rc = 1
+    finally:
+        log("cleaning up: daemons, FUSE mounts, scratch files")
+        cleanup.run()
+
+    total = time.monotonic() - started
+    head = [f"# vmd benchmark {stamp}", ""]
+    head.append(f"- vmd {vmd_version()}; {tool_version(['fio', '--version'])}; "
+                f"{tool_version(['qemu-storage-daemon', '--version'])}")
+    head.append(f"- Linux {platform.release()}, {os.cpu_count()} CPUs, scratch on {fstype}; "
+                f"Python {platform.python_version()}")
+    head.append(f"- fio: ioengine=psync, buffered, end_fsync=1, size {fmt_size(a.size)}; sequential "
+                f"jobs cover the file once (numjobs slices, capped at {a.runtime:g} s), random jobs "
+                f"time_based {a.runtime:g} s; every target pre-filled with data first")
+    head.append(f"- vmd: 2 plexes, shipped volume settings "
+                f"({', '.join(f'{k}={v}' for k, v in b.vol_settings.items()) or 'defaults'}); "
+                f"qsd: quorum (vote-threshold=1) over two file+raw nodes, fuse export writable=on; "
+                f"file: fio on one raw image")
+    head.append(f"- total run time {total:.0f} s" + (f" — **{failure}**" if failure else ""))
+    head.append("")
+    if getattr(b, "results", None):
+        b.matrix_report()
+    b.recovery_report()
+    text = "\n".join(head + b.md) + "\n"
+    print(text)
+    b.raw["params"] = {"size": a.size, "runtime": a.runtime, "reps": a.reps,
+                       "recovery_size": a.recovery_size, "quick": a.quick,
+                       "caches_dropped": b.caches.dropped, "cache_drop_failures": b.caches.failed,
+                       "total_seconds": round(total, 1)}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stamp}.md").write_text(text)
+    (RESULTS / f"{stamp}.json").write_text(json.dumps(b.raw, indent=1, default=str) + "\n")
+    log(f"results written to bench/results/{stamp}.md (raw data in {stamp}.json)")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
