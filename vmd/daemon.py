@@ -49,9 +49,10 @@ class Daemon:
         self.fs: VolumeFS | None = None
         self._stop = trio.Event()
         self.commands: dict[str, Callable[[dict[str, Any], Any], Awaitable[dict[str, Any]]]] = {}
-        from . import commands  # the admin verbs, registered on this daemon
+        from . import commands, snapshot  # the admin verbs, registered on this daemon
 
         commands.register(self)
+        snapshot.register(self)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -70,11 +71,10 @@ class Daemon:
         async with AsyncExitStack() as stack:
             nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(nursery.cancel_scope.cancel)
-            for vol in self.manager.volumes.values():
-                # Persist the recovery plan (and compact the log) before any I/O.
-                await vol.checkpoint()
-                await nursery.start(vol.run, name=f"volume-{vol.name}")
+            await self.manager.start(nursery)
             self.fs = VolumeFS(self.manager)
+            self.manager.on_added = self.fs.add_volume
+            self.manager.on_removed = self.fs.remove_volume
             options = set(pyfuse3.default_options)
             options.add("fsname=vmd")
             options.add("subtype=vmd")

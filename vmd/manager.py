@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from .config import Config, VolumeConfig, format_size
 from .errors import SidecarError, VmdError
 from .plex import Plex
@@ -103,6 +105,15 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
     return vol
 
 
+def snapshot_config(origin: Volume, name: str, info: dict[str, Any]) -> VolumeConfig:
+    """The config of a snapshot volume: its origin's, on the broken-off image."""
+    ovc = origin.cfg
+    return VolumeConfig(name=name, size=origin.size, plexes=(Path(info["path"]),),
+                        log=Path(info["log"]), region_size=origin.state.region_size, drl=ovc.drl,
+                        fastresync=origin.state.fastresync,
+                        fastresync_region=origin.state.fmr_region)
+
+
 def _check_against_config(state: VolumeState, vc: VolumeConfig, cfg_path: Path) -> None:
     if state.size != vc.size:
         raise VmdError(f"volume {vc.name}: {cfg_path} says size {vc.size} ({format_size(vc.size)}) "
@@ -132,7 +143,7 @@ def _abort_interrupted_snapshot_mirrors(vol: Volume) -> None:
     """A snapshot mirror still synchronizing when the daemon stopped is removed
     (as VxVM does); its image is deleted only if vmd created it."""
     for p in list(vol.plexes):
-        if p.state == SNAPATT:
+        if p.state == SNAPATT and p.record.role == "snapshot":
             p.close()
             vol.plexes.remove(p)
             vol.state.plexes.remove(p.record)
@@ -176,16 +187,74 @@ class VolumeManager:
         self.cfg = cfg
         self.volumes: dict[str, Volume] = {}
         self.refused: dict[str, str] = {}
+        self._nursery: trio.Nursery | None = None
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self.on_added: Callable[[str], None] = lambda name: None
+        self.on_removed: Callable[[str], None] = lambda name: None
+
+    def _open(self, vc: VolumeConfig, recover_all: bool = False) -> None:
+        try:
+            self.volumes[vc.name] = open_volume(
+                vc, self.cfg.path, recover_all=recover_all,
+                clean_delay=self.cfg.clean_delay, rate_limit=self.cfg.resync.rate_limit)
+        except (VmdError, OSError) as e:
+            self.refused[vc.name] = str(e)
+            log.error("volume %s refused: %s", vc.name, e)
 
     def open_all(self, recover_all: set[str] = frozenset()) -> None:  # type: ignore[assignment]
         for name, vc in self.cfg.volumes.items():
-            try:
-                self.volumes[name] = open_volume(
-                    vc, self.cfg.path, recover_all=name in recover_all,
-                    clean_delay=self.cfg.clean_delay, rate_limit=self.cfg.resync.rate_limit)
-            except (VmdError, OSError) as e:
-                self.refused[name] = str(e)
-                log.error("volume %s refused: %s", name, e)
+            self._open(vc, name in recover_all)
+        # Snapshots broken off configured volumes are volumes of their own.
+        for vol in list(self.volumes.values()):
+            for name, info in vol.state.extra.get("snapshots", {}).items():
+                if name in self.cfg.volumes:
+                    self.refused[name] = (f"snapshot {name} of volume {vol.name} has the name of a "
+                                          f"volume in {self.cfg.path}")
+                    log.error("volume %s refused: %s", name, self.refused[name])
+                    continue
+                self._open(snapshot_config(vol, name, info))
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start every open volume's background work in `nursery`."""
+        self._nursery = nursery
+        for vol in list(self.volumes.values()):
+            await self._start(vol)
+
+    async def _start(self, vol: Volume) -> None:
+        assert self._nursery is not None
+        # Persist the recovery plan (and compact the log) before any I/O.
+        await vol.checkpoint()
+        scope = trio.CancelScope()
+        self._scopes[vol.name] = scope
+
+        async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await vol.run(task_status=task_status)
+
+        await self._nursery.start(run, name=f"volume-{vol.name}")
+
+    async def add_running(self, vol: Volume) -> None:
+        """A volume made at run time (a snapshot): start it and show its file."""
+        self.volumes[vol.name] = vol
+        await self._start(vol)
+        self.on_added(vol.name)
+
+    async def stop_volume(self, name: str) -> Volume:
+        vol = self.get(name)
+        self.on_removed(name)
+        del self.volumes[name]
+        try:
+            await vol.shutdown()
+        finally:
+            self._scopes.pop(name).cancel()
+        return vol
+
+    def name_in_use(self, name: str) -> str | None:
+        if name in self.volumes or name in self.refused:
+            return f"volume {name} exists"
+        if name in self.cfg.volumes:
+            return f"volume {name} is in {self.cfg.path}"
+        return None
 
     def get(self, name: str) -> Volume:
         v = self.volumes.get(name)

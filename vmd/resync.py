@@ -211,8 +211,15 @@ class Resync:
                 t.record.state, t.record.reason = ACTIVE, ""
                 changed = True
             elif t.state == SNAPATT:
-                t.record.state = SNAPDONE
+                t.record.state, t.record.role = SNAPDONE, "snapshot"
                 changed = True
+        if not self.targets():
+            # A snapshot plex that restored the volume (snap back
+            # --from-snapshot) is a snapshot mirror again once all agree.
+            for p in vol.plexes:
+                if p.record.role == "restore" and p.state == ACTIVE:
+                    p.record.state, p.record.role = SNAPDONE, "snapshot"
+                    changed = True
         if changed:
             await vol.checkpoint()
         vol._update_recovering()

@@ -57,7 +57,11 @@ IOFAIL = "IOFAIL"
 STALE = "STALE"
 SNAPATT = "SNAPATT"
 SNAPDONE = "SNAPDONE"
-PLEX_STATES = (ACTIVE, SYNCING, DETACHED, IOFAIL, STALE, SNAPATT, SNAPDONE)
+# Not a plex: the link a volume keeps to a snapshot broken off it. It never
+# takes writes, so its `missing` map records every region written since the
+# break-off, with the same durability as a detached plex's FastResync map.
+SNAPLINK = "SNAPLINK"
+PLEX_STATES = (ACTIVE, SYNCING, DETACHED, IOFAIL, STALE, SNAPATT, SNAPDONE, SNAPLINK)
 # States that take every write; all others miss writes and track them.
 WRITABLE = frozenset({ACTIVE, SYNCING, SNAPATT, SNAPDONE})
 # States whose `missing` map shrinks as resync copies regions to them.

@@ -24,8 +24,8 @@ from .faults import split_write_fault
 from .plex import Plex, PlexIOError
 from .rangelock import Gate, RangeLock
 from .regionmap import RegionMap
-from .sidecar import (ACTIVE, DETACHED, IOFAIL, RESYNC_TARGETS, SNAPATT, SNAPDONE, STALE,
-                      SYNCING, WRITABLE, PlexRecord, SidecarLog, VolumeState)
+from .sidecar import (ACTIVE, DETACHED, IOFAIL, RESYNC_TARGETS, SNAPATT, SNAPDONE, SNAPLINK,
+                      STALE, SYNCING, WRITABLE, PlexRecord, SidecarLog, VolumeState)
 from .errors import VmdError
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class Volume:
 
     def plex(self, name: str) -> Plex:
         for p in self.plexes:
-            if p.name == name:
+            if p.name == name and p.state != SNAPLINK:
                 return p
         raise VmdError(f"volume {self.name} has no plex {name!r} "
                        f"(plexes: {', '.join(p.name for p in self.plexes) or 'none'})")
@@ -323,10 +323,29 @@ class Volume:
             "max_write": self.max_write,
             "log": str(self.sidecar.path),
             "log_bytes": self.sidecar.size,
-            "plexes": [self._plex_status(p) for p in self.plexes],
+            "plexes": [self._plex_status(p) for p in self.plexes if p.state != SNAPLINK],
             "resync": self.resync.status(),
-            **({"snapshot": st.extra["snapshot"]} if "snapshot" in st.extra else {}),
+            **self._snapshot_status(),
         }
+
+    def _snapshot_status(self) -> dict[str, Any]:
+        """Snapshot relationships: what was broken off this volume, or what
+        this volume was broken off, and how much changed on this side since."""
+        out: dict[str, Any] = {}
+        links = {p.name: p.record for p in self.plexes if p.state == SNAPLINK}
+
+        def changed(name: str) -> int | None:
+            rec = links.get(f"snap:{name}")
+            return None if rec is None or rec.missing is None else rec.missing.bytes_covered()
+
+        info = self.state.extra.get("snapshot")
+        if info and not info.get("cleared"):
+            out["snapshot"] = {**info, "changed_bytes": changed(info["of"])}
+        snaps = [{"name": n, "taken": s["taken"], "changed_bytes": changed(n)}
+                 for n, s in self.state.extra.get("snapshots", {}).items() if not s.get("cleared")]
+        if snaps:
+            out["snapshots"] = snaps
+        return out
 
     def _plex_status(self, p: Plex) -> dict[str, Any]:
         m = p.record.missing

@@ -1,0 +1,283 @@
+"""Third-mirror break-off snapshots (VxVM snapstart / snapshot / snapback).
+
+`snap start` adds a SNAPATT plex that the resync brings to SNAPDONE. `snap
+take` breaks the SNAPDONE plex off as a volume of its own. Both sides then keep
+a SNAPLINK map of the regions written since the break-off, with FastResync's
+durability, so `snap back` copies only the union of the two.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .config import check_name, format_size
+from .errors import VmdError
+from .manager import open_volume, snapshot_config
+from .regionmap import RegionMap
+from .sidecar import (ACTIVE, SNAPATT, SNAPDONE, SNAPLINK, WRITABLE, PlexRecord, SidecarLog,
+                      new_state)
+from .volume import Volume
+
+if TYPE_CHECKING:
+    from .manager import VolumeManager
+
+log = logging.getLogger(__name__)
+
+
+def _snap_plexes(vol: Volume, *states: str) -> list[Any]:
+    return [p for p in vol.plexes if p.state in states and p.record.role == "snapshot"]
+
+
+def _link(vol: Volume, other: str) -> PlexRecord | None:
+    return vol.state.plex(f"snap:{other}")
+
+
+def _new_link(vol: Volume, other: str, path: str) -> PlexRecord:
+    from .plex import Plex
+
+    rec = PlexRecord(name=f"snap:{other}", path=path, state=SNAPLINK,
+                     missing=vol.state.new_map() if vol.state.fastresync else None,
+                     role="snaplink")
+    vol.state.plexes.append(rec)
+    vol.plexes.append(Plex(rec, vol.size))  # never opened: it only tracks writes
+    return rec
+
+
+def _drop_link(vol: Volume, other: str) -> PlexRecord | None:
+    for p in vol.plexes:
+        if p.state == SNAPLINK and p.name == f"snap:{other}":
+            vol.plexes.remove(p)
+            vol.state.plexes.remove(p.record)
+            return p.record
+    return None
+
+
+async def snap_start(vol: Volume, path: str | None) -> dict[str, Any]:
+    if _snap_plexes(vol, SNAPATT, SNAPDONE):
+        p = _snap_plexes(vol, SNAPATT, SNAPDONE)[0]
+        raise VmdError(f"volume {vol.name} already has a snapshot mirror {p.name} ({p.state}); "
+                       f"`vmd snap take` it or `vmd snap abort {vol.name}`")
+    if path is None:
+        first = Path(vol.plexes[0].record.path)
+        path = str(first.with_name(f"{vol.name}-snap{vol.state.next_plex}.img"))
+    p = await vol.add_plex(path, state=SNAPATT, role="snapshot")
+    log.info("volume %s: snapshot mirror %s (%s) started", vol.name, p.name, path)
+    return vol._plex_status(p)
+
+
+async def snap_wait(vol: Volume, progress: Any) -> dict[str, Any]:
+    while True:
+        done = _snap_plexes(vol, SNAPDONE)
+        if done:
+            return vol._plex_status(done[0])
+        if not _snap_plexes(vol, SNAPATT):
+            raise VmdError(f"volume {vol.name} has no snapshot mirror: run `vmd snap start "
+                           f"{vol.name}` first")
+        await progress({"volume": vol.name, **vol.resync.status()})
+        with trio.move_on_after(0.5):
+            await vol.resync.wait_idle()
+
+
+async def snap_take(m: "VolumeManager", vol: Volume, name: str) -> dict[str, Any]:
+    try:
+        check_name(name)
+    except ValueError as e:
+        raise VmdError(str(e)) from None
+    clash = m.name_in_use(name)
+    if clash:
+        raise VmdError(f"cannot name the snapshot {name}: {clash}")
+    if not _snap_plexes(vol, SNAPDONE):
+        att = _snap_plexes(vol, SNAPATT)
+        raise VmdError(f"volume {vol.name} has no SNAPDONE snapshot mirror"
+                       + (f" ({att[0].name} is still synchronizing: `vmd snap wait {vol.name}`)"
+                          if att else f" (run `vmd snap start {vol.name}` first)"))
+    log_path = Path(vol.sidecar.path).with_name(f"{name}.log")
+    t0 = time.monotonic()
+    async with vol.gate.hold(), vol.resync.paused():  # no write in flight from here
+        p = _snap_plexes(vol, SNAPDONE)[0]
+        await p.flush()
+        p.close()
+        vol.plexes.remove(p)
+        vol.state.plexes.remove(p.record)
+        taken = time.strftime("%Y-%m-%d %H:%M:%S")
+        # The snapshot volume's log first: if we crash before the origin's
+        # checkpoint, the origin still has its SNAPDONE plex and this log is
+        # simply never referenced.
+        st = new_state(name, vol.size, vol.state.region_size, vol.state.fmr_region)
+        st.fastresync = vol.state.fastresync
+        st.extra = {"snapshot": {"of": vol.name, "taken": taken, "origin_uuid": vol.state.uuid},
+                    "config_fastresync": st.fastresync}
+        st.config_plexes = [p.record.path]
+        st.plexes = [PlexRecord(name="p0", path=p.record.path, state=ACTIVE, missing=st.new_map(),
+                                created=p.record.created),
+                     PlexRecord(name=f"snap:{vol.name}", path="", state=SNAPLINK,
+                                missing=st.new_map() if st.fastresync else None, role="snaplink")]
+        st.next_plex = 1
+        SidecarLog.create(log_path, st).close()
+        _new_link(vol, name, p.record.path)
+        vol.state.extra.setdefault("snapshots", {})[name] = {
+            "path": p.record.path, "log": str(log_path), "taken": taken}
+        await vol.checkpoint()
+        snap = open_volume(snapshot_config(vol, name, vol.state.extra["snapshots"][name]),
+                           m.cfg.path, clean_delay=m.cfg.clean_delay,
+                           rate_limit=m.cfg.resync.rate_limit)
+        await m.add_running(snap)
+    held = time.monotonic() - t0
+    log.info("volume %s: snapshot %s taken from plex %s (writes held %.3f s)", vol.name, name,
+             p.name, held)
+    return {"snapshot": name, "of": vol.name, "path": p.record.path, "held_seconds": held}
+
+
+async def snap_back(m: "VolumeManager", name: str, *, from_snapshot: bool = False,
+                    force: bool = False) -> dict[str, Any]:
+    snap = m.get(name)
+    info = snap.state.extra.get("snapshot")
+    if not info or info.get("cleared"):
+        raise VmdError(f"volume {name} is not a snapshot (or was cleared with `vmd snap clear`)")
+    origin = m.get(info["of"])
+    if snap.openers and not force:
+        raise VmdError(f"snapshot {name} is open (a loop device attached, or a process holding "
+                       f"its file); detach it first or use --force")
+    if not origin.resync.targets() and not [p for p in origin.plexes if p.state == ACTIVE]:
+        raise VmdError(f"volume {origin.name} has no ACTIVE plex")
+    # The regions that differ: written on either side since the break-off.
+    o_link, s_link = _link(origin, name), _link(snap, origin.name)
+    if (o_link is not None and o_link.missing is not None and s_link is not None
+            and s_link.missing is not None and origin.state.fastresync):
+        diff = o_link.missing.copy()
+        diff.union(s_link.missing)
+        why = ""
+    else:
+        diff = origin.state.new_map(fill=True)
+        why = "no FastResync maps on both sides: copying everything"
+    path = snap.plexes[0].record.path
+    created = snap.plexes[0].record.created
+    await m.stop_volume(name)
+    async with origin.gate.hold(), origin.resync.paused():
+        _drop_link(origin, name)
+        origin.state.extra.get("snapshots", {}).pop(name, None)
+        from .plex import Plex
+
+        if from_snapshot:
+            # The snapshot plex is the one in-sync copy of `diff`; every other
+            # plex lacks it, so reads of `diff` come from it until restored.
+            rec = PlexRecord(name=f"p{origin.state.next_plex}", path=path, state=ACTIVE,
+                             missing=origin.state.new_map(), created=created, role="restore")
+            if not diff.bits.any():  # nothing changed on either side
+                rec.state, rec.role = SNAPDONE, "snapshot"
+            # Other snapshots' links count the restored regions as written.
+            for p in origin.plexes:
+                if p.record.missing is not None:
+                    p.record.missing.union(diff)
+        else:
+            rec = PlexRecord(name=f"p{origin.state.next_plex}", path=path, state=SNAPATT,
+                             missing=diff, created=created, role="snapback")
+        plex = Plex(rec, origin.size)
+        plex.open()
+        origin.state.next_plex += 1
+        origin.state.plexes.append(rec)
+        origin.plexes.append(plex)
+        origin._update_recovering()
+        await origin.checkpoint()
+    try:
+        os.unlink(Path(snap.sidecar.path))
+    except OSError:
+        pass
+    origin.resync.wake()
+    if why:
+        log.warning("volume %s: snap back of %s: %s", origin.name, name, why)
+    log.info("volume %s: snap back of %s%s: %s to copy", origin.name, name,
+             " (from the snapshot)" if from_snapshot else "", format_size(diff.bytes_covered()))
+    return {"volume": origin.name, "plex": rec.name, "copy_bytes": diff.bytes_covered(),
+            "full": bool(why)}
+
+
+async def snap_clear(m: "VolumeManager", name: str) -> dict[str, Any]:
+    snap = m.get(name)
+    info = snap.state.extra.get("snapshot")
+    if not info or info.get("cleared"):
+        raise VmdError(f"volume {name} is not a snapshot")
+    origin = m.volumes.get(info["of"])
+    async with snap.gate.hold():
+        _drop_link(snap, info["of"])
+        info["cleared"] = True
+        await snap.checkpoint()
+    if origin is not None:
+        async with origin.gate.hold():
+            _drop_link(origin, name)
+            origin.state.extra.get("snapshots", {}).get(name, {})["cleared"] = True
+            await origin.checkpoint()
+    return {"volume": name}
+
+
+async def snap_abort(vol: Volume) -> dict[str, Any]:
+    ps = _snap_plexes(vol, SNAPATT, SNAPDONE) + [
+        p for p in vol.plexes if p.record.role == "snapback" and p.state == SNAPATT]
+    if not ps:
+        raise VmdError(f"volume {vol.name} has no snapshot mirror to abort")
+    p = ps[0]
+    rec = await vol.remove_plex(p.name, snapshot_ok=True)
+    if rec.created:
+        try:
+            os.unlink(rec.path)
+        except OSError:
+            pass
+    return {"removed": rec.name, "path": rec.path, "deleted": rec.created}
+
+
+def register(d: Any) -> None:
+    m = d.manager
+
+    def vol(req: dict[str, Any]) -> Volume:
+        v = req.get("volume")
+        if not isinstance(v, str):
+            raise VmdError(f"{req['cmd']} needs a volume")
+        return m.get(v)
+
+    def name(req: dict[str, Any]) -> str:
+        n = req.get("name")
+        if not isinstance(n, str) or not n:
+            raise VmdError(f"{req['cmd']} needs a snapshot name")
+        return n
+
+    async def start(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        path = req.get("path")
+        if path is not None:
+            path = os.path.abspath(path)
+            used = m.plex_path_in_use(path)
+            if used:
+                raise VmdError(f"{path} is already {used}")
+        return {"plex": await snap_start(vol(req), path)}
+
+    async def wait(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        return {"plex": await snap_wait(vol(req), progress)}
+
+    async def take(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        return await snap_take(m, vol(req), name(req))
+
+    async def back(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        return await snap_back(m, name(req), from_snapshot=bool(req.get("from_snapshot")),
+                               force=bool(req.get("force")))
+
+    async def refresh(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        n = name(req)
+        origin = m.get(m.get(n).state.extra.get("snapshot", {}).get("of", n))
+        back_reply = await snap_back(m, n, force=bool(req.get("force")))
+        await snap_wait(origin, progress)
+        return {**await snap_take(m, origin, n), "copied_bytes": back_reply["copy_bytes"]}
+
+    async def clear(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        return await snap_clear(m, name(req))
+
+    async def abort(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        return await snap_abort(vol(req))
+
+    d.commands.update({"snap.start": start, "snap.wait": wait, "snap.take": take,
+                       "snap.back": back, "snap.refresh": refresh, "snap.clear": clear,
+                       "snap.abort": abort})
