@@ -64,8 +64,9 @@ SNAPLINK = "SNAPLINK"
 PLEX_STATES = (ACTIVE, SYNCING, DETACHED, IOFAIL, STALE, SNAPATT, SNAPDONE, SNAPLINK)
 # States that take every write; all others miss writes and track them.
 WRITABLE = frozenset({ACTIVE, SYNCING, SNAPATT, SNAPDONE})
-# States whose `missing` map shrinks as resync copies regions to them.
-RESYNC_TARGETS = frozenset({ACTIVE, SYNCING, SNAPATT})
+# States whose `missing` map shrinks as resync copies regions to them
+# (SNAPDONE too: after a crash it may lack the regions that were dirty).
+RESYNC_TARGETS = frozenset({ACTIVE, SYNCING, SNAPATT, SNAPDONE})
 
 
 @dataclass

@@ -34,6 +34,12 @@ def _snap_plexes(vol: Volume, *states: str) -> list[Any]:
     return [p for p in vol.plexes if p.state in states and p.record.role == "snapshot"]
 
 
+def _ready(vol: Volume) -> list[Any]:
+    """SNAPDONE mirrors that lack nothing (after a crash one may be recovering)."""
+    return [p for p in _snap_plexes(vol, SNAPDONE)
+            if p.record.missing is not None and not p.record.missing.bits.any()]
+
+
 def _link(vol: Volume, other: str) -> PlexRecord | None:
     return vol.state.plex(f"snap:{other}")
 
@@ -73,10 +79,10 @@ async def snap_start(vol: Volume, path: str | None) -> dict[str, Any]:
 
 async def snap_wait(vol: Volume, progress: Any) -> dict[str, Any]:
     while True:
-        done = _snap_plexes(vol, SNAPDONE)
+        done = _ready(vol)
         if done:
             return vol._plex_status(done[0])
-        if not _snap_plexes(vol, SNAPATT):
+        if not _snap_plexes(vol, SNAPATT, SNAPDONE):
             raise VmdError(f"volume {vol.name} has no snapshot mirror: run `vmd snap start "
                            f"{vol.name}` first")
         await progress({"volume": vol.name, **vol.resync.status()})
@@ -92,15 +98,18 @@ async def snap_take(m: "VolumeManager", vol: Volume, name: str) -> dict[str, Any
     clash = m.name_in_use(name)
     if clash:
         raise VmdError(f"cannot name the snapshot {name}: {clash}")
-    if not _snap_plexes(vol, SNAPDONE):
-        att = _snap_plexes(vol, SNAPATT)
+    if not _ready(vol):
+        att = _snap_plexes(vol, SNAPATT, SNAPDONE)
         raise VmdError(f"volume {vol.name} has no SNAPDONE snapshot mirror"
                        + (f" ({att[0].name} is still synchronizing: `vmd snap wait {vol.name}`)"
                           if att else f" (run `vmd snap start {vol.name}` first)"))
     log_path = Path(vol.sidecar.path).with_name(f"{name}.log")
     t0 = time.monotonic()
     async with vol.gate.hold(), vol.resync.paused():  # no write in flight from here
-        p = _snap_plexes(vol, SNAPDONE)[0]
+        ready = _ready(vol)
+        if not ready:
+            raise VmdError(f"volume {vol.name}: the snapshot mirror is no longer SNAPDONE")
+        p = ready[0]
         await p.flush()
         p.close()
         vol.plexes.remove(p)
