@@ -36,6 +36,7 @@ from procs import (GiB, MiB, REPO, BenchError, Cleanup, Qsd, Vmd, lazy_umount,  
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHIPPED_CONFIG = REPO / "config" / "vmd.yaml"
+DRL_JOBS = ("seqwrite", "randwrite")  # also run on a DRL-off vmd, for the DRL cost
 
 
 # -- small helpers ---------------------------------------------------------------
@@ -79,19 +80,20 @@ class Caches:
             self.failed += 1
 
 
-def shipped_volume_settings() -> tuple[dict[str, Any], dict[str, Any]]:
-    """The volume keys (other than size and paths) and the top-level tuning of
-    the shipped config/vmd.yaml, so the benchmark volume is 'defaults as shipped'."""
+def shipped_volume_settings() -> dict[str, Any]:
+    """The volume keys (other than size and paths) of the shipped config/vmd.yaml,
+    so the benchmark volume is 'defaults as shipped'. The top-level keys
+    (resync.rate_limit, clean_delay) are left at vmd's defaults."""
     try:
         import yaml
 
         raw = yaml.safe_load(SHIPPED_CONFIG.read_text()) or {}
     except Exception:  # noqa: BLE001
-        return {}, {}
+        return {}
     vols = raw.get("volumes") or {}
     first = next(iter(vols.values()), {}) if vols else {}
     vol = {k: v for k, v in (first or {}).items() if k not in ("size", "plexes", "log")}
-    return vol, {}
+    return vol
 
 
 def median(xs: list[float]) -> float:
@@ -148,7 +150,7 @@ class Bench:
         self.caches = Caches()
         self.raw: dict[str, Any] = {"params": {}, "fio": [], "recovery": {}, "info": {}}
         self.md: list[str] = []
-        self.vol_settings, _ = shipped_volume_settings()
+        self.vol_settings = shipped_volume_settings()
 
     # -- fio matrix ---------------------------------------------------------
 
@@ -197,7 +199,7 @@ class Bench:
             for wl in WORKLOADS:
                 for nj in NUMJOBS:
                     names = list(rot)
-                    if wl.key == "randwrite":
+                    if wl.key in DRL_JOBS:
                         names.append("vmd-drl-off")
                     for name in names:
                         self.caches.drop()
@@ -255,17 +257,20 @@ class Bench:
                 md.append(f"| {wl.label} | {nj} | {wl.unit} | {fmt_val(v, wl.unit)} | "
                           f"{fmt_val(q, wl.unit)} | {fmt_val(f, wl.unit)} | {fmt_ratio(ratio)} | {ok} |")
         md.append("")
-        md.append("## DRL cost: 4 KiB random write, DRL on vs off (same run, interleaved)")
+        md.append("## DRL cost: vmd with DRL on vs off (same run, interleaved with the rows above)")
         md.append("")
-        md.append("| numjobs | DRL on (IOPS) | DRL off (IOPS) | on/off | target ≥ 0.9 |")
-        md.append("| ---: | ---: | ---: | ---: | --- |")
-        for nj in NUMJOBS:
-            on = median(res.get(("randwrite", nj, "vmd"), []))
-            off = median(res.get(("randwrite", nj, "vmd-drl-off"), []))
-            ratio = on / off if off else float("nan")
-            ok = "–" if ratio != ratio else ("yes" if ratio >= 0.9 else "**no**")
-            md.append(f"| {nj} | {fmt_val(on, 'IOPS')} | {fmt_val(off, 'IOPS')} | "
-                      f"{fmt_ratio(ratio)} | {ok} |")
+        md.append("| fio job | numjobs | unit | DRL on | DRL off | on/off | target ≥ 0.9 (4 KiB rand write) |")
+        md.append("| --- | ---: | --- | ---: | ---: | ---: | --- |")
+        for wl in WORKLOADS:
+            if wl.key not in DRL_JOBS:
+                continue
+            for nj in NUMJOBS:
+                on = median(res.get((wl.key, nj, "vmd"), []))
+                off = median(res.get((wl.key, nj, "vmd-drl-off"), []))
+                ratio = on / off if off and off == off else float("nan")
+                ok = "–" if ratio != ratio else ("yes" if ratio >= 0.9 else "**no**")
+                md.append(f"| {wl.label} | {nj} | {wl.unit} | {fmt_val(on, wl.unit)} | "
+                          f"{fmt_val(off, wl.unit)} | {fmt_ratio(ratio)} | {ok} |")
         md.append("")
         info = self.raw["info"]
         hwm = info.get("vmd_hwm_kib")
@@ -457,22 +462,18 @@ class Bench:
 # -- main ----------------------------------------------------------------------
 
 
-def env_default(name: str, default: str) -> str:
-    return os.environ.get(name, default)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="smoke test: 1 repetition, 1 s jobs, 256 MiB, 1 GiB recovery volume")
-    ap.add_argument("--size", default=env_default("BENCH_SIZE", "1GiB"),
-                    help="fio file/volume size (env BENCH_SIZE; default %(default)s)")
-    ap.add_argument("--runtime", type=float, default=float(env_default("BENCH_RUNTIME", "5")),
-                    help="seconds per fio job (env BENCH_RUNTIME; default %(default)s)")
-    ap.add_argument("--reps", type=int, default=int(env_default("BENCH_REPS", "3")),
-                    help="repetitions of the fio matrix (env BENCH_REPS; default %(default)s)")
-    ap.add_argument("--recovery-size", default=env_default("BENCH_RECOVERY_SIZE", "4GiB"),
-                    help="volume size of the resync figures (env BENCH_RECOVERY_SIZE)")
+                    help="smoke test: 1 repetition, 1 s jobs, 256 MiB, 1 GiB resync volume "
+                         "(explicit flags and env still win)")
+    ap.add_argument("--size", help="fio file/volume size (env BENCH_SIZE; default 1GiB)")
+    ap.add_argument("--runtime", type=float,
+                    help="seconds per fio job (env BENCH_RUNTIME; default 5)")
+    ap.add_argument("--reps", type=int,
+                    help="repetitions of the fio matrix (env BENCH_REPS; default 3)")
+    ap.add_argument("--recovery-size",
+                    help="volume size for the resync figures (env BENCH_RECOVERY_SIZE; default 4GiB)")
     ap.add_argument("--dir", default=os.environ.get("BENCH_DIR"),
                     help="parent of the scratch directory (env BENCH_DIR; default: var/ in the "
                          "repository). Must not be tmpfs: use the plexes' disk.")
@@ -480,16 +481,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--skip-recovery", action="store_true", help="only the fio matrix")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (debugging)")
     a = ap.parse_args(argv)
-    if a.quick:
-        a.reps, a.runtime = 1, 1.0
-        if "BENCH_SIZE" not in os.environ and "--size" not in " ".join(argv or sys.argv):
-            a.size = "256MiB"
-        if "BENCH_RECOVERY_SIZE" not in os.environ and "--recovery-size" not in " ".join(argv or sys.argv):
-            a.recovery_size = "1GiB"
-    a.size = parse_size(a.size)
-    a.recovery_size = parse_size(a.recovery_size)
-    if a.size % (4 * MiB) or a.recovery_size % (4 * MiB):
-        ap.error("sizes must be multiples of 4 MiB")
+    #                 flag            env                     normal   --quick
+    for attr, env, normal, quick in (("size", "BENCH_SIZE", "1GiB", "256MiB"),
+                                     ("runtime", "BENCH_RUNTIME", "5", "1"),
+                                     ("reps", "BENCH_REPS", "3", "1"),
+                                     ("recovery_size", "BENCH_RECOVERY_SIZE", "4GiB", "1GiB")):
+        if getattr(a, attr) is None:
+            setattr(a, attr, os.environ.get(env) or (quick if a.quick else normal))
+    a.runtime = float(a.runtime)
+    a.reps = int(a.reps)
+    a.size = parse_size(str(a.size))
+    a.recovery_size = parse_size(str(a.recovery_size))
+    if a.size % (4 * MiB) or a.recovery_size % (4 * MiB) or a.size < 64 * MiB:
+        ap.error("sizes must be multiples of 4 MiB, and the fio size at least 64 MiB")
+    if a.reps < 1 or a.runtime <= 0:
+        ap.error("--reps must be >= 1 and --runtime > 0")
     return a
 
 
