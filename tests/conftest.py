@@ -180,7 +180,13 @@ class SysResources:
     def _ours(self, dev: str) -> bool:
         """Still attached to the file we attached (not reused by someone else)?"""
         back = loop_devices().get(dev)
-        return back is not None and back.startswith(self.loops[dev])
+        if not back:
+            return False
+        back = back.removesuffix(" (deleted)")
+        mine = self.loops[dev]
+        # After a lazy unmount of the FUSE mount under it, the kernel names the
+        # backing file relative to the detached mount ("/vol0").
+        return back == mine or (back.startswith("/") and mine.endswith(back))
 
     def detach_loop(self, dev: str) -> None:
         run(["losetup", "-d", dev])
