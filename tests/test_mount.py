@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import os
 import random
+import signal
 import stat
 import threading
+from collections.abc import Callable
 
 import pytest
 
-from conftest import MiB, KiB, VmdDaemon, sha
+from conftest import KiB, MiB, VmdDaemon, sha, volume_spec
 
 pytestmark = pytest.mark.mount
 
@@ -210,3 +212,40 @@ def test_sigterm_stops_cleanly(vmd: VmdDaemon) -> None:
             assert f.read(4096) == b"A" * 4096
     vmd.start()
     assert vmd.status("vol0")["clean"] is True
+
+
+def test_sigint_stops_cleanly(vmd: VmdDaemon) -> None:
+    with open(vmd.volume_file(), "r+b") as f:
+        f.write(b"B" * 4096)
+    assert vmd.proc is not None
+    vmd.proc.send_signal(signal.SIGINT)
+    assert vmd.wait_exit() == 0
+    assert not os.path.ismount(vmd.mountpoint)
+    vmd.start()
+    assert vmd.status("vol0")["clean"] is True
+    with open(vmd.volume_file(), "rb") as f:
+        assert f.read(4096) == b"B" * 4096
+
+
+def test_two_volumes_are_independent(vmd_factory: Callable[..., VmdDaemon]) -> None:
+    vmd = vmd_factory(volumes={"a": volume_spec("a", size="64MiB"),
+                               "b": volume_spec("b", size="96MiB", nplex=3)}).start()
+    assert sorted(os.listdir(vmd.mountpoint)) == ["a", "b"]
+    assert os.stat(vmd.volume_file("b")).st_size == 96 * MiB
+    da, db = os.urandom(1 * MiB), os.urandom(1 * MiB)
+    with open(vmd.volume_file("a"), "r+b") as fa, open(vmd.volume_file("b"), "r+b") as fb:
+        fa.seek(5 * MiB)
+        fa.write(da)
+        fb.seek(5 * MiB)
+        fb.write(db)
+    with open(vmd.volume_file("a"), "rb") as fa:
+        fa.seek(5 * MiB)
+        assert fa.read(1 * MiB) == da
+    st = vmd.status()
+    assert [len(v["plexes"]) for v in st["volumes"]] == [2, 3]
+    vmd.stop()
+    for name, data in (("a", da), ("b", db)):
+        for p in vmd.plex_paths(name):
+            with open(p, "rb") as f:
+                f.seek(5 * MiB)
+                assert f.read(1 * MiB) == data, p
