@@ -22,6 +22,10 @@ class SlowPlex(Plex):
 
     delay = 0.05
 
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.inline = False  # its writes block: never from the event loop
+
     def _pwrite_sync(self, off: int, data: bytes | memoryview) -> None:
         time.sleep(self.delay)
         super()._pwrite_sync(off, data)
@@ -42,6 +46,11 @@ class FaultyPlex(Plex):
         if self.name == "p1" and FaultyPlex.fail_reads:
             raise OSError(errno.EIO, "injected read error")
         return super()._pread_sync(off, size)
+
+    def _pread_cached(self, off: int, size: int):
+        if self.name == "p1" and FaultyPlex.fail_reads:
+            raise OSError(errno.EIO, "injected read error")
+        return super()._pread_cached(off, size)
 
 
 async def test_slow_plexes_are_written_in_parallel(tmp_path):

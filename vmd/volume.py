@@ -139,19 +139,23 @@ class Volume:
             await targets[0].pwrite(off, data)
             self._fault.die()
 
-        async def one(p: Plex) -> None:
+        async def threaded(p: Plex) -> None:
             try:
                 await p.pwrite(off, data)
             except PlexIOError as e:
                 failed.append(e)
 
-        if len(targets) == 1:
-            await one(targets[0])
-        elif targets:
+        slow = [p for p in targets if not p.write_inline()]
+        if slow:
+            # Slow plexes in worker threads, all at once, so that none waits
+            # for another; the fast ones inline meanwhile.
             async with trio.open_nursery() as nursery:
-                for p in targets[1:]:
-                    nursery.start_soon(one, p)
-                await one(targets[0])
+                for p in slow:
+                    nursery.start_soon(threaded, p)
+                self._write_inline(targets, off, data, failed)
+        else:
+            self._write_inline(targets, off, data, failed)
+            await trio.lowlevel.checkpoint()
         for e in failed:
             await self.fail_plex(e.plex, e, off, n)
         if failed:
@@ -162,6 +166,16 @@ class Volume:
                     p.record.identity = p.identity()
         if not any(p.state == ACTIVE for p in targets):
             raise VolumeIOError(errno.EIO, f"volume {self.name}: no plex took the write at {off}")
+
+    @staticmethod
+    def _write_inline(targets: list[Plex], off: int, data: bytes | memoryview,
+                      failed: list[PlexIOError]) -> None:
+        for p in targets:
+            if p.write_inline():
+                try:
+                    p.pwrite_inline(off, data)
+                except PlexIOError as e:
+                    failed.append(e)
 
     async def pread(self, off: int, size: int) -> bytes:
         self._check_range(off, size, False)
