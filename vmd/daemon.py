@@ -75,6 +75,7 @@ class Daemon:
             self.fs = VolumeFS(self.manager)
             self.manager.on_added = self.fs.add_volume
             self.manager.on_removed = self.fs.remove_volume
+            self.manager.on_changed = self.fs.invalidate_volume
             options = set(pyfuse3.default_options)
             options.add("fsname=vmd")
             options.add("subtype=vmd")

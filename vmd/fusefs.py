@@ -65,6 +65,17 @@ class VolumeFS(pyfuse3.Operations):
             except Exception:  # not mounted (tests of the adapter alone)
                 pass
 
+    def invalidate_volume(self, name: str) -> None:
+        """Make the kernel forget its cached pages of a volume whose bytes
+        changed behind its file (snap back --from-snapshot): with keep_cache
+        it would go on serving the old ones. Blocks: call it in a thread."""
+        ino = self._by_name.get(name)
+        if ino is not None:
+            try:
+                pyfuse3.invalidate_inode(ino, attr_only=False)
+            except Exception:  # ENOENT: nothing cached; or not mounted
+                pass
+
     def _volume(self, ino: int) -> Volume:
         name = self._inodes.get(ino)
         vol = self.manager.volumes.get(name) if name is not None else None

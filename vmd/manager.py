@@ -191,6 +191,8 @@ class VolumeManager:
         self._scopes: dict[str, trio.CancelScope] = {}
         self.on_added: Callable[[str], None] = lambda name: None
         self.on_removed: Callable[[str], None] = lambda name: None
+        # A volume's bytes changed behind its file (blocking: call in a thread).
+        self.on_changed: Callable[[str], None] = lambda name: None
 
     def _open(self, vc: VolumeConfig, recover_all: bool = False) -> None:
         try:

@@ -194,6 +194,9 @@ async def snap_back(m: "VolumeManager", name: str, *, from_snapshot: bool = Fals
         origin.plexes.append(plex)
         origin._update_recovering()
         await origin.checkpoint()
+    if from_snapshot:
+        # Outside the gate: the kernel may wait for reads that need it.
+        await trio.to_thread.run_sync(m.on_changed, origin.name)
     try:
         os.unlink(Path(snap.sidecar.path))
     except OSError:
