@@ -36,7 +36,13 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
     """Open one volume: replay (or create) its sidecar log, open its plexes,
     and set up crash recovery. Raises VmdError if the volume must be refused."""
     if vc.log.exists() and not recover_all:
-        sidecar, replay = SidecarLog.open(vc.log)
+        try:
+            sidecar, replay = SidecarLog.open(vc.log)
+        except SidecarError as e:
+            raise SidecarError(
+                f"volume {vc.name}: {e}. vmd will not guess which regions the mirrors may "
+                f"disagree on. Restore the log, or start with `--recover-all {vc.name}` to rebuild "
+                f"it and resync every plex from {vc.plexes[0]}") from None
         state = replay.state
         try:
             _check_against_config(state, vc, cfg_path)
