@@ -335,9 +335,6 @@ def test_plex_detach_attach_add_remove_roundtrip(vmd_factory: Callable[..., VmdD
     assert sha(vmd.plex_paths()[1]) == digest, "reattached plex p1 differs from the reference"
 
 
-@pytest.mark.xfail(strict=True, reason="vmd bug: a plex reattached with an empty FastResync map "
-                   "stays SYNCING forever (Resync.targets() skips empty maps, so _finish never "
-                   "promotes it) and `vmd wait` reports it in sync")
 def test_reattach_without_missed_writes_becomes_active(vmd: VmdDaemon) -> None:
     vmd.cli("plex", "detach", "vol0", "p1")
     vmd.cli("plex", "attach", "vol0", "p1")  # nothing was written meanwhile

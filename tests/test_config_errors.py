@@ -113,8 +113,6 @@ def test_config_not_a_mapping(vmd_factory: Callable[..., VmdDaemon], text: str, 
     _expect_config_error(d, needle)
 
 
-@pytest.mark.xfail(strict=True, reason="vmd bug: config.load_config prints pyyaml's multi-line "
-                   "message naming '<unicode string>' instead of one line with file:line")
 @pytest.mark.parametrize("text, line", [
     ("mountpoint: [unclosed\n", 1),
     ("volumes:\n  vol0:\n    size: 1MiB\n   plexes: x\n", 4),

@@ -10,6 +10,7 @@ import trio
 
 from .config import check_image
 from .errors import VmdError
+from .sidecar import SYNCING
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -72,7 +73,8 @@ def register(d: "Daemon") -> None:
         vol = m.get(_str(req, "volume"))
         while True:
             st = vol.resync.status()
-            if not vol.resync.targets() and not st["running"]:
+            syncing = any(p.state == SYNCING for p in vol.plexes)
+            if not vol.resync.targets() and not st["running"] and not syncing:
                 return {"resync": st}
             await progress({"volume": vol.name, **st})
             with trio.move_on_after(PROGRESS_SECONDS):

@@ -155,7 +155,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{cpath}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{cpath}: {where}not valid YAML: {what}") from None
     raw = ctx.mapping(raw if raw is not None else {}, "", _TOP_KEYS)
     for required in ("mountpoint", "socket", "volumes"):
         if required not in raw:

@@ -423,7 +423,9 @@ class Volume:
             else:
                 log.info("volume %s: plex %s reattached with FastResync: %s to copy", self.name,
                          name, format_size(rec.missing.bytes_covered()))  # type: ignore[union-attr]
-            rec.state, rec.reason, rec.identity = SYNCING, "", None
+            # Nothing missed (reattached at once): in sync already.
+            rec.state = SYNCING if rec.missing.bits.any() else ACTIVE  # type: ignore[union-attr]
+            rec.reason, rec.identity = "", None
             await self.checkpoint()
         self.resync.wake()
         return {**self._plex_status(p), "full_resync": bool(why), "why": why}
