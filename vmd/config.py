@@ -158,6 +158,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        ctx, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if ctx and cmark is not None:  # where the unfinished construct began
+            what += f" ({ctx} started at line {cmark.line + 1}, column {cmark.column + 1})"
         raise ConfigError(f"{cpath}: {where}not valid YAML: {what}") from None
     raw = ctx.mapping(raw if raw is not None else {}, "", _TOP_KEYS)
     for required in ("mountpoint", "socket", "volumes"):
