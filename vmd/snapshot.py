@@ -82,7 +82,9 @@ async def snap_wait(vol: Volume, progress: Any) -> dict[str, Any]:
         done = _ready(vol)
         if done:
             return vol._plex_status(done[0])
-        if not _snap_plexes(vol, SNAPATT, SNAPDONE):
+        # A plex merging back (snap back/refresh) becomes SNAPDONE too.
+        merging = [p for p in vol.plexes if p.record.role in ("snapback", "restore")]
+        if not _snap_plexes(vol, SNAPATT, SNAPDONE) and not merging:
             raise VmdError(f"volume {vol.name} has no snapshot mirror: run `vmd snap start "
                            f"{vol.name}` first")
         await progress({"volume": vol.name, **vol.resync.status()})
