@@ -96,10 +96,10 @@ async def snap_take(m: "VolumeManager", vol: Volume, name: str) -> dict[str, Any
     try:
         check_name(name)
     except ValueError as e:
-        raise VmdError(str(e)) from None
+        raise VmdError(f"volume {vol.name}: cannot name the snapshot: {e}") from None
     clash = m.name_in_use(name)
     if clash:
-        raise VmdError(f"cannot name the snapshot {name}: {clash}")
+        raise VmdError(f"volume {vol.name}: cannot name the snapshot {name}: {clash}")
     if not _ready(vol):
         att = _snap_plexes(vol, SNAPATT, SNAPDONE)
         raise VmdError(f"volume {vol.name} has no SNAPDONE snapshot mirror"
