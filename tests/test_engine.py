@@ -227,3 +227,28 @@ async def test_last_in_sync_plex_cannot_leave(tmp_path):
             await vol.detach_plex("p1")
         with pytest.raises(VmdError, match="no plex 'p7'"):
             await vol.attach_plex("p7")
+
+
+class LateFlushPlex(Plex):
+    """p1's first fdatasync thread gets going 50 ms late (a busy machine)."""
+
+    late = True
+
+    def _flush_sync(self, fd: int | None = None) -> None:
+        if self.name == "p1" and LateFlushPlex.late:
+            LateFlushPlex.late = False
+            time.sleep(0.05)
+        super()._flush_sync(fd)
+
+
+async def test_flush_racing_detach_does_not_touch_a_closed_fd(tmp_path):
+    # fsync and the DRL cleaner flush outside the gate; a detach closing the
+    # plex meanwhile once made the late thread fdatasync(-1): ValueError,
+    # which crashed the daemon.
+    async with running_volume(volume_config(tmp_path), plex_factory=LateFlushPlex) as vol:
+        await vol.pwrite(0, b"x" * 4096)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vol.flush)
+            await trio.sleep(0.01)
+            await vol.detach_plex("p1")
+        assert [p.state for p in vol.plexes] == [ACTIVE, "DETACHED"]

@@ -118,8 +118,8 @@ class Plex:
             view = view[n:]
             off += n
 
-    def _flush_sync(self) -> None:
-        os.fdatasync(self.fd)
+    def _flush_sync(self, fd: int | None = None) -> None:
+        os.fdatasync(self.fd if fd is None else fd)
 
     def _pread_cached(self, off: int, size: int) -> bytearray | None:
         """The bytes if the page cache holds them all (RWF_NOWAIT), else None."""
@@ -177,7 +177,18 @@ class Plex:
         self.bytes_written += len(data)
 
     async def flush(self) -> None:
+        # Flushes run outside the volume's gate (fsync, the DRL cleaner), so a
+        # detach or attach may close self.fd before the worker thread runs:
+        # sync a duplicate of it, which stays the same open file meanwhile.
+        if self.fd < 0:
+            return
         try:
-            await trio.to_thread.run_sync(self._flush_sync, limiter=_LIMITER)
+            fd = os.dup(self.fd)
         except OSError as e:
             raise PlexIOError(self, "fdatasync", 0, e) from e
+        try:
+            await trio.to_thread.run_sync(self._flush_sync, fd, limiter=_LIMITER)
+        except OSError as e:
+            raise PlexIOError(self, "fdatasync", 0, e) from e
+        finally:
+            os.close(fd)
