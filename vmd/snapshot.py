@@ -34,6 +34,12 @@ def _snap_plexes(vol: Volume, *states: str) -> list[Any]:
     return [p for p in vol.plexes if p.state in states and p.record.role == "snapshot"]
 
 
+def _mirrors(vol: Volume) -> list[Any]:
+    """Every snapshot mirror: synchronizing, done, or merging back (snap back)."""
+    return [p for p in vol.plexes if p.state != SNAPLINK
+            and p.record.role in ("snapshot", "snapback", "restore")]
+
+
 def _ready(vol: Volume) -> list[Any]:
     """SNAPDONE mirrors that lack nothing (after a crash one may be recovering)."""
     return [p for p in _snap_plexes(vol, SNAPDONE)
@@ -65,8 +71,8 @@ def _drop_link(vol: Volume, other: str) -> PlexRecord | None:
 
 
 async def snap_start(vol: Volume, path: str | None) -> dict[str, Any]:
-    if _snap_plexes(vol, SNAPATT, SNAPDONE):
-        p = _snap_plexes(vol, SNAPATT, SNAPDONE)[0]
+    if _mirrors(vol):
+        p = _mirrors(vol)[0]
         raise VmdError(f"volume {vol.name} already has a snapshot mirror {p.name} ({p.state}); "
                        f"`vmd snap take` it or `vmd snap abort {vol.name}`")
     if path is None:
@@ -83,8 +89,7 @@ async def snap_wait(vol: Volume, progress: Any) -> dict[str, Any]:
         if done:
             return vol._plex_status(done[0])
         # A plex merging back (snap back/refresh) becomes SNAPDONE too.
-        merging = [p for p in vol.plexes if p.record.role in ("snapback", "restore")]
-        if not _snap_plexes(vol, SNAPATT, SNAPDONE) and not merging:
+        if not _mirrors(vol):
             raise VmdError(f"volume {vol.name} has no snapshot mirror: run `vmd snap start "
                            f"{vol.name}` first")
         await progress({"volume": vol.name, **vol.resync.status()})
@@ -231,8 +236,8 @@ async def snap_clear(m: "VolumeManager", name: str) -> dict[str, Any]:
 
 
 async def snap_abort(vol: Volume) -> dict[str, Any]:
-    ps = _snap_plexes(vol, SNAPATT, SNAPDONE) + [
-        p for p in vol.plexes if p.record.role == "snapback" and p.state == SNAPATT]
+    # Not a restore in progress: that plex is the only copy of what it restores.
+    ps = [p for p in _mirrors(vol) if p.state in (SNAPATT, SNAPDONE)]
     if not ps:
         raise VmdError(f"volume {vol.name} has no snapshot mirror to abort")
     p = ps[0]
