@@ -58,6 +58,14 @@ def fmt_size(n: float) -> str:
     return f"{int(n)} B"
 
 
+def loadavg() -> float:
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -560,6 +568,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, on_signal)
 
     b = Bench(a, scratch, cleanup)
+    load_start = loadavg()
+    if load_start > 0.5:
+        log(f"warning: load average is {load_start:.2f} before the run: other work on this "
+            f"machine will skew the figures")
+    b.raw["info"]["loadavg_start"] = load_start
     stamp = time.strftime("%Y%m%d-%H%M%S")
     started = time.monotonic()
     rc = 0
@@ -586,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
         cleanup.run()
 
     total = time.monotonic() - started
+    load_end = loadavg()
+    b.raw["info"]["loadavg_end"] = load_end
     head = [f"# vmd benchmark {stamp}", ""]
     head.append(f"- vmd {vmd_version()}; {tool_version(['fio', '--version'])}; "
                 f"{tool_version(['qemu-storage-daemon', '--version'])}")
@@ -598,7 +613,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"({', '.join(f'{k}={v}' for k, v in b.vol_settings.items()) or 'defaults'}); "
                 f"qsd: quorum (vote-threshold=1) over two file+raw nodes, fuse export writable=on; "
                 f"file: fio on one raw image")
-    head.append(f"- total run time {total:.0f} s" + (f" — **{failure}**" if failure else ""))
+    head.append(f"- total run time {total:.0f} s; 1-min load average {load_start:.2f} at start, "
+                f"{load_end:.2f} at end (the run itself keeps it near 1-2)"
+                + (" — **the machine had other work: figures skewed**" if load_start > 0.5 else "")
+                + (f" — **{failure}**" if failure else ""))
     head.append("")
     if getattr(b, "results", None):
         b.matrix_report()
