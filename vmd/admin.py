@@ -24,6 +24,11 @@ from .errors import NotRunningError, VmdError
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 64 * 1024
+MAX_FDS = 4
+# Key under which a request carries the file descriptors passed with it
+# (SCM_RIGHTS). Not a string, so no JSON request can forge it. A handler takes
+# the fds it keeps out of the list; the server closes the rest.
+PASSED_FDS = ("passed-fds",)
 Handler = Callable[[dict[str, Any], Callable[[dict[str, Any]], Awaitable[None]]],
                    Awaitable[dict[str, Any]]]
 
@@ -71,6 +76,7 @@ class AdminServer:
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         async with stream:
+            fds: list[int] = []
             try:
                 uid = _peer_uid(stream.socket)
                 if uid not in (0, os.getuid()):
@@ -85,7 +91,8 @@ class AdminServer:
                             await self._send(stream, {"ok": False, "error": f"request too large "
                                                       f"(over {MAX_REQUEST} bytes)"})
                             return
-                        chunk = await stream.receive_some(65536)
+                        chunk, got = await _receive_with_fds(stream)
+                        fds.extend(got)
                         if not chunk:
                             return
                         buf += chunk
@@ -94,11 +101,21 @@ class AdminServer:
                         await self._send(stream, {"ok": False, "error": f"request too large "
                                                   f"(over {MAX_REQUEST} bytes)"})
                         return
-                    await self._send(stream, await self._dispatch(line, stream))
+                    passed, fds = fds, []
+                    try:
+                        reply = await self._dispatch(line, stream, passed)
+                    finally:
+                        for fd in passed:
+                            os.close(fd)
+                    await self._send(stream, reply)
             except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
                 pass  # the client went away; nothing to answer
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
-    async def _dispatch(self, line: bytes, stream: trio.SocketStream) -> dict[str, Any]:
+    async def _dispatch(self, line: bytes, stream: trio.SocketStream,
+                        fds: list[int]) -> dict[str, Any]:
         try:
             req = json.loads(line)
         except (ValueError, UnicodeDecodeError) as e:
@@ -109,6 +126,8 @@ class AdminServer:
         async def progress(p: dict[str, Any]) -> None:
             await self._send(stream, {"progress": p})
 
+        if fds:
+            req[PASSED_FDS] = fds  # type: ignore[index]
         try:
             reply = await self.handler(req, progress)
         except VmdError as e:
@@ -124,6 +143,24 @@ class AdminServer:
         await stream.send_all(json.dumps(obj).encode() + b"\n")
 
 
+async def _receive_with_fds(stream: trio.SocketStream) -> tuple[bytes, list[int]]:
+    """receive_some, also collecting file descriptors passed with SCM_RIGHTS."""
+    sock = stream.socket
+    data, anc, flags, _addr = await sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            n = len(payload) - len(payload) % 4
+            fds.extend(struct.unpack(f"{n // 4}i", payload[:n]))
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise ConnectionError("too many file descriptors passed")
+    return data, fds
+
+
 class AdminClient:
     """Blocking client used by the CLI."""
 
@@ -132,7 +169,8 @@ class AdminClient:
         self.timeout = timeout
 
     def request(self, req: dict[str, Any],
-                on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                on_progress: Callable[[dict[str, Any]], None] | None = None,
+                fds: list[int] | None = None) -> dict[str, Any]:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout)
         try:
@@ -144,7 +182,11 @@ class AdminClient:
             s.close()
             raise NotRunningError(f"cannot connect to {self.path}: {e.strerror}") from None
         with s:
-            s.sendall(json.dumps(req).encode() + b"\n")
+            data = json.dumps(req).encode() + b"\n"
+            if fds:
+                sent = socket.send_fds(s, [data], fds)
+                data = data[sent:]
+            s.sendall(data)
             f = s.makefile("rb")
             while True:
                 try:

@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     from .snapshot_cli import add_snapshot_parsers  # noqa: PLC0415
 
     add_snapshot_parsers(sub)
+    from .rcopy import add_rcopy_parsers  # noqa: PLC0415
+
+    add_rcopy_parsers(sub)
     return ap
 
 
@@ -201,6 +204,10 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "fastresync":
         client.request({"cmd": "fastresync", "volume": args.volume, "on": args.state == "on"})
         print(f"{args.volume}: FastResync {args.state}")
+    elif args.command == "rcopy":
+        from .rcopy import run_rcopy_command  # noqa: PLC0415
+
+        return run_rcopy_command(args, client)
     else:
         from .snapshot_cli import run_snapshot_command  # noqa: PLC0415
 

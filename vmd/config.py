@@ -71,6 +71,26 @@ def check_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class RcopyConfig:
+    """Remote Copy of a volume: the command that reaches the receiver, and how often."""
+    target: tuple[str, ...]
+    period: float = 300.0  # seconds between updates; 0 = only on `vmd rcopy sync`
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hour|)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hour": 3600}
+
+
+def parse_duration(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    m = _DURATION_RE.match(value) if isinstance(value, str) else None
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 5min, 1h)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+@dataclass(frozen=True)
 class VolumeConfig:
     name: str
     size: int
@@ -80,6 +100,7 @@ class VolumeConfig:
     drl: bool = True
     fastresync: bool = True
     fastresync_region: int = DEFAULT_FMR_REGION
+    rcopy: RcopyConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +120,9 @@ class Config:
 
 
 _TOP_KEYS = {"mountpoint", "socket", "volumes", "resync", "clean_delay"}
-_VOLUME_KEYS = {"size", "plexes", "log", "region_size", "drl", "fastresync", "fastresync_region"}
+_VOLUME_KEYS = {"size", "plexes", "log", "region_size", "drl", "fastresync", "fastresync_region",
+                "rcopy"}
+_RCOPY_KEYS = {"target", "period"}
 _RESYNC_KEYS = {"rate_limit"}
 
 
@@ -211,11 +234,35 @@ def load_config(path: str | os.PathLike[str]) -> Config:
             name=name, size=size, plexes=tuple(plexes), log=log, region_size=region,
             drl=ctx.boolean(v.get("drl", True), f"{key}.drl"),
             fastresync=ctx.boolean(v.get("fastresync", True), f"{key}.fastresync"),
-            fastresync_region=fmr)
+            fastresync_region=fmr, rcopy=_rcopy_config(ctx, v.get("rcopy"), f"{key}.rcopy"))
 
     return Config(path=cpath, mountpoint=ctx.filepath(raw["mountpoint"], "mountpoint"),
                   socket=ctx.filepath(raw["socket"], "socket"), volumes=volumes, resync=resync,
                   clean_delay=float(clean_delay))
+
+
+def _rcopy_config(ctx: _Ctx, raw: Any, key: str) -> RcopyConfig | None:
+    if raw is None:
+        return None
+    r = ctx.mapping(raw, key, _RCOPY_KEYS)
+    target = r.get("target")
+    if isinstance(target, str) and target.strip():
+        import shlex
+
+        try:
+            argv = tuple(shlex.split(target))
+        except ValueError as e:
+            raise ctx.err(f"{key}.target", f"cannot split the command: {e}") from None
+    elif isinstance(target, list) and target and all(isinstance(a, str) and a for a in target):
+        argv = tuple(target)
+    else:
+        raise ctx.err(f"{key}.target", "expected a command (string or list), e.g. "
+                      "'ssh HOST vmd -c CONFIG rcopy receive VOLUME'")
+    try:
+        period = parse_duration(r.get("period", "5min"))
+    except ValueError as e:
+        raise ctx.err(f"{key}.period", str(e)) from None
+    return RcopyConfig(target=argv, period=period)
 
 
 def _is_mountpoint(path: Path) -> bool:

@@ -49,10 +49,11 @@ class Daemon:
         self.fs: VolumeFS | None = None
         self._stop = trio.Event()
         self.commands: dict[str, Callable[[dict[str, Any], Any], Awaitable[dict[str, Any]]]] = {}
-        from . import commands, snapshot  # the admin verbs, registered on this daemon
+        from . import commands, rcopy, snapshot  # the admin verbs, registered on this daemon
 
         commands.register(self)
         snapshot.register(self)
+        rcopy.register(self)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -72,6 +73,9 @@ class Daemon:
             nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(nursery.cancel_scope.cancel)
             await self.manager.start(nursery)
+            from . import rcopy
+
+            await rcopy.startup(self, nursery)  # roll back unfinished updates; start links
             self.fs = VolumeFS(self.manager)
             self.manager.on_added = self.fs.add_volume
             self.manager.on_removed = self.fs.remove_volume
@@ -110,6 +114,7 @@ class Daemon:
             sd_notify("STOPPING=1")
             log.info("stopping: draining I/O and flushing plexes")
             with trio.move_on_after(SHUTDOWN_SECONDS) as scope:
+                await rcopy.shutdown(self)  # no remote copy I/O past this point
                 if not fuse_done.is_set():
                     pyfuse3.terminate()
                     await fuse_done.wait()

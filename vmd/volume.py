@@ -36,6 +36,10 @@ class VolumeIOError(OSError):
 
 
 class Volume:
+    # Called as `await before_write(off, n)` inside pwrite, with the range
+    # held and before the DRL and the plex writes (Remote Copy's copy-on-write).
+    before_write: Callable[[int, int], Any] | None = None
+
     def __init__(self, cfg: VolumeConfig, state: VolumeState, sidecar: SidecarLog,
                  plexes: Iterable[Plex], *, clean_delay: float = 5.0, rate_limit: int = 0,
                  plex_factory: Callable[[PlexRecord, int], Plex] = Plex):
@@ -114,6 +118,8 @@ class Volume:
         await self.gate.enter()
         try:
             async with self.ranges.hold(off, off + n):
+                if self.before_write is not None:
+                    await self.before_write(off, n)
                 regions = await self.drl.begin_write(off, n)
                 try:
                     await self._fanout_write(off, data)

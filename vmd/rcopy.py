@@ -1,0 +1,572 @@
+"""Remote Copy: asynchronous periodic replication of a volume (HP 3PAR
+asynchronous periodic mode) over a command's stdin/stdout.
+
+Sending side. A SNAPLINK-like tracker `rcopy:link` (role "rcopy") records every
+region written, with FastResync durability (DRL clean records carry its bits,
+crash recovery adds the dirty regions). An update:
+
+1. holds the volume's gate (no write in flight): M = tracker ∪ the last failed
+   update's map; the tracker starts empty; M is kept in the sidecar log as
+   `inflight` (a checkpoint) — so a crash or a failed transfer retries
+   M ∪ new changes. Nothing is forgotten before the receiver acknowledges.
+2. sends the regions of M, reading them from the volume. A write to a region
+   of M not yet sent first saves the bytes it overwrites (copy-on-write,
+   through `Volume.before_write`): the sent region is the current data with
+   those saved bytes laid over it, i.e. the image at step 1, never a mixture.
+3. on the receiver's ack: the acknowledged sequence and time become the last
+   consistent point and `inflight` is dropped.
+
+The receiving side is in rcopy_recv.py; the wire format in rcopy_proto.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import trio
+from bitarray import bitarray
+
+from . import rcopy_proto as P
+from . import rcopy_recv
+from .config import format_size
+from .errors import VmdError
+from .regionmap import RegionMap
+from .sidecar import SNAPLINK, PlexRecord
+from .volume import Volume
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+TRACKER = "rcopy:link"
+EXIT_GRACE = 2.0  # seconds to wait for the ack after the link command exited
+READY_TIMEOUT = 60.0
+
+
+def _tracker(vol: Volume) -> PlexRecord | None:
+    return vol.state.plex(TRACKER)
+
+
+def _add_tracker(vol: Volume, full: bool) -> PlexRecord:
+    from .plex import Plex
+
+    rec = PlexRecord(name=TRACKER, path="", state=SNAPLINK, missing=vol.state.new_map(fill=full),
+                     role="rcopy")
+    vol.state.plexes.append(rec)
+    vol.plexes.append(Plex(rec, vol.size))  # never opened: it only tracks writes
+    return rec
+
+
+def _drop_tracker(vol: Volume) -> None:
+    for p in list(vol.plexes):
+        if p.state == SNAPLINK and p.name == TRACKER:
+            vol.plexes.remove(p)
+            vol.state.plexes.remove(p.record)
+
+
+def _enc(m: RegionMap) -> str:
+    return base64.b64encode(m.to_bytes()).decode()
+
+
+def _dec(vol: Volume, s: str) -> RegionMap:
+    return RegionMap.from_bytes(vol.size, vol.state.fmr_region, base64.b64decode(s))
+
+
+class Transfer:
+    """One update in flight: its map, what was sent, and the copy-on-write saves."""
+
+    def __init__(self, m: RegionMap):
+        self.map = m
+        self.done = bitarray(m.nbits)
+        self.done.setall(0)
+        self.saves: dict[int, list[tuple[int, bytes]]] = {}
+        self.saved_bytes = 0
+        self.sent_bytes = 0
+        self.broken = ""  # a copy-on-write read failed: this update cannot be trusted
+        self.total_bytes = m.bytes_covered()
+
+
+class Link:
+    """The Remote Copy of one source volume."""
+
+    def __init__(self, vol: Volume):
+        self.vol = vol
+        self.cfg = vol.cfg.rcopy
+        assert self.cfg is not None
+        self.lock = trio.Lock()
+        self.xfer: Transfer | None = None
+        self.wake = trio.Event()
+        self.last: dict[str, Any] = {}
+        self.stderr: deque[str] = deque(maxlen=20)
+
+    @property
+    def ext(self) -> dict[str, Any]:
+        return self.vol.state.extra.setdefault("rcopy", {"acked": 0, "next_seq": 1})
+
+    # -- setup ---------------------------------------------------------------
+
+    async def setup(self) -> None:
+        vol, ext = self.vol, self.ext
+        rec = _tracker(vol)
+        if rec is None:
+            _add_tracker(vol, full=True)
+            if ext.get("acked"):
+                log.warning("volume %s: remote copy change map is missing: the next update is "
+                            "a full one", vol.name)
+            else:
+                log.info("volume %s: remote copy to %s: the first update sends the whole volume",
+                         vol.name, " ".join(self.cfg.target))
+        elif rec.missing is None:
+            rec.missing = vol.state.new_map(fill=True)
+            log.warning("volume %s: remote copy change map was dropped (FastResync off or a "
+                        "log rebuilt): the next update is a full one", vol.name)
+        if ext.get("inflight"):
+            try:
+                m = _dec(vol, ext["inflight"])
+                _tracker(vol).missing.union(m)  # type: ignore[union-attr]
+            except (ValueError, TypeError) as e:
+                _tracker(vol).missing.fill()  # type: ignore[union-attr]
+                log.warning("volume %s: remote copy map of the unfinished update cannot be read "
+                            "(%s): the next update is a full one", vol.name, e)
+            ext["inflight"] = None
+        await vol.checkpoint()
+        vol.before_write = self.before_write
+
+    # -- copy-on-write -------------------------------------------------------
+
+    async def before_write(self, off: int, n: int) -> None:
+        x = self.xfer
+        if x is None:
+            return
+        m = x.map
+        span = m.span(off, n)
+        if not (m.bits[span.start:span.stop] & ~x.done[span.start:span.stop]).any():
+            return
+        R = m.region
+        for r in span:
+            if not m.bits[r] or x.done[r]:
+                continue
+            a, b = max(off, r * R), min(off + n, (r + 1) * R)
+            # Under this write's range lock: the bytes it is about to overwrite.
+            try:
+                data = await self.vol._read_any(a, b - a)
+            except OSError as e:
+                x.broken = f"copy-on-write read at offset {a} failed: {e}"
+                return
+            if self.xfer is x and not x.done[r]:
+                x.saves.setdefault(r, []).append((a, data))
+                x.saved_bytes += len(data)
+
+    # -- an update -----------------------------------------------------------
+
+    async def update(self, why: str = "") -> dict[str, Any]:
+        async with self.lock:
+            return await self._update(why)
+
+    async def _update(self, why: str) -> dict[str, Any]:
+        vol, ext = self.vol, self.ext
+        async with vol.gate.hold():
+            rec = _tracker(vol)
+            assert rec is not None
+            if rec.missing is None:
+                rec.missing = vol.state.new_map(fill=True)
+                log.warning("volume %s: remote copy change map was dropped: full update", vol.name)
+            m = rec.missing.copy()
+            if ext.get("inflight"):
+                m.union(_dec(vol, ext["inflight"]))
+            if ext.pop("need_full", None):
+                m.fill()
+            rec.missing = vol.state.new_map()
+            seq = int(ext.get("next_seq", 1))
+            ext["next_seq"] = seq + 1
+            ext["inflight"] = _enc(m)
+            pit = time.time()
+            await vol.checkpoint()
+            x = self.xfer = Transfer(m)
+        base = int(ext.get("acked", 0))
+        full = bool(m.bits.all())
+        t0 = time.monotonic()
+        self.last = {"seq": seq, "base": base, "full": full, "started": pit, "state": "sending",
+                     "total_bytes": x.total_bytes}
+        try:
+            ack = await self._send(x, seq, base, pit, full)
+        except (VmdError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            msg = str(e) or type(e).__name__
+            tail = "; ".join(self.stderr)
+            self.last.update(state="failed", error=msg, sent_bytes=x.sent_bytes,
+                             seconds=time.monotonic() - t0)
+            log.warning("volume %s: remote copy update %d failed (retried at the next one): %s%s",
+                        vol.name, seq, msg, f" [link stderr: {tail}]" if tail else "")
+            raise VmdError(f"volume {vol.name}: remote copy update {seq} failed: {msg}") from None
+        finally:
+            self.xfer = None
+        ext["acked"], ext["time"] = seq, pit
+        ext["inflight"] = None
+        ext["bytes_total"] = int(ext.get("bytes_total", 0)) + x.sent_bytes
+        await vol.checkpoint()
+        secs = time.monotonic() - t0
+        self.last.update(state="done", sent_bytes=x.sent_bytes, cow_bytes=x.saved_bytes,
+                         seconds=secs, error=None)
+        log.info("volume %s: remote copy update %d committed by the target: %s sent%s in %.2f s",
+                 vol.name, seq, format_size(x.sent_bytes), " (full)" if full else "", secs)
+        return {"volume": vol.name, "seq": ack, "time": pit, "sent_bytes": x.sent_bytes,
+                "full": full, "seconds": secs, "cow_bytes": x.saved_bytes}
+
+    async def _send(self, x: Transfer, seq: int, base: int, pit: float, full: bool) -> int:
+        vol = self.vol
+        self.stderr.clear()
+        proc = await trio.lowlevel.open_process(
+            list(self.cfg.target), stdin=-1, stdout=-1, stderr=-1)  # -1: subprocess.PIPE
+        result: dict[str, Any] = {}
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._drain_stderr, proc.stderr)
+                finished = trio.Event()
+
+                async def watch() -> None:
+                    rc = await proc.wait()
+                    with trio.move_on_after(EXIT_GRACE):
+                        await finished.wait()
+                    if not finished.is_set():
+                        result["error"] = f"the link command exited with status {rc}"
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+                try:
+                    result["ack"] = await self._speak(x, proc, seq, base, pit, full, vol)
+                except (VmdError, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                        trio.TooSlowError) as e:
+                    result["error"] = str(e) or type(e).__name__
+                finished.set()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                for s in (proc.stdin, proc.stdout, proc.stderr):
+                    try:
+                        await s.aclose()  # type: ignore[union-attr]
+                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                with trio.move_on_after(10):
+                    await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+        if x.broken:
+            raise VmdError(x.broken)
+        if "ack" in result:
+            return result["ack"]
+        raise VmdError(result.get("error") or "the transfer was interrupted")
+
+    async def _drain_stderr(self, stream: Any) -> None:
+        buf = b""
+        try:
+            while chunk := await stream.receive_some(65536):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for ln in lines:
+                    if ln.strip():
+                        self.stderr.append(ln.decode(errors="replace")[:300])
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _speak(self, x: Transfer, proc: Any, seq: int, base: int, pit: float,
+                     full: bool, vol: Volume) -> int:
+        out = proc.stdin
+        replies = P.Reader(proc.stdout)
+        await out.send_all(P.preamble() + P.json_frame(P.HEADER, {
+            "volume": vol.name, "uuid": vol.state.uuid, "size": vol.size,
+            "region": vol.state.fmr_region, "seq": seq, "base": base, "full": full, "time": pit}))
+        with trio.fail_after(READY_TIMEOUT):
+            msg = await replies.line()
+        self._check_reply(msg, "ready")
+        m = x.map
+        R = m.region
+        records = 0
+        for start, count in m.runs(max(1, P.CHUNK // R)):
+            off = start * R
+            n = min(count * R, vol.size - off)
+            data = bytearray(await Volume.pread(vol, off, n))
+            x.done[start:start + count] = 1
+            for r in range(start, start + count):
+                # Newest save first, so that the oldest (the point in time) wins.
+                for a, saved in reversed(x.saves.pop(r, [])):
+                    data[a - off:a - off + len(saved)] = saved
+            await out.send_all(P.data_frame(off, data))
+            records += 1
+            x.sent_bytes += n
+            self.last["sent_bytes"] = x.sent_bytes
+        await out.send_all(P.json_frame(P.END, {"records": records, "bytes": x.sent_bytes}))
+        msg = await replies.line()
+        self._check_reply(msg, "ack")
+        if msg.get("seq") != seq:  # type: ignore[union-attr]
+            raise P.ProtocolError(f"the target acknowledged sequence {msg.get('seq')}, "  # type: ignore[union-attr]
+                                  f"not {seq}")
+        return seq
+
+    def _check_reply(self, msg: dict[str, Any] | None, want: str) -> None:
+        if msg is None:
+            raise P.ProtocolError(f"the link closed before the target's {want}")
+        if msg.get("t") == "error":
+            if msg.get("need_full"):
+                self.ext["need_full"] = True
+                log.warning("volume %s: the target needs a full update: %s", self.vol.name,
+                            msg.get("error"))
+            raise VmdError(f"the target refused the update: {msg.get('error')}")
+        if msg.get("t") != want:
+            raise P.ProtocolError(f"expected {want!r} from the target, got {msg!r}")
+
+    # -- periodic ------------------------------------------------------------
+
+    async def run(self) -> None:
+        period = self.cfg.period
+        while True:
+            with trio.move_on_after(period if period > 0 else float("inf")):
+                await self.wake.wait()
+            self.wake = trio.Event()
+            if self.ext.get("paused"):
+                continue
+            try:
+                await self.update("periodic")
+            except VmdError:
+                pass  # logged; retried next period
+
+    def status(self) -> dict[str, Any]:
+        ext = self.ext
+        rec = _tracker(self.vol)
+        pending = None if rec is None or rec.missing is None else rec.missing.bytes_covered()
+        t = ext.get("time")
+        x = self.xfer
+        return {
+            "volume": self.vol.name, "role": "source", "target": " ".join(self.cfg.target),
+            "period": self.cfg.period, "paused": bool(ext.get("paused")),
+            "state": "sending" if x is not None else "idle",
+            "sequence": int(ext.get("acked", 0)), "time": t,
+            "lag_seconds": None if t is None else time.time() - t,
+            "pending_bytes": pending, "unacknowledged": bool(ext.get("inflight")),
+            "bytes_sent_total": int(ext.get("bytes_total", 0)),
+            "last_update": self.last or None,
+        }
+
+
+class Engine:
+    def __init__(self, d: "Daemon"):
+        self.d = d
+        self.links: dict[str, Link] = {}
+        self.receiving: set[str] = set()
+        self.scopes: set[trio.CancelScope] = set()
+        self.idle = trio.Event()
+        self.idle.set()
+        self.stopping = False
+
+    async def background(self, fn: Any, *args: Any) -> None:
+        try:
+            await self.guarded(fn, *args)
+        except VmdError:
+            pass
+
+    async def guarded(self, fn: Any, *args: Any) -> Any:
+        if self.stopping:
+            raise VmdError("the daemon is stopping")
+        with trio.CancelScope() as scope:
+            self.scopes.add(scope)
+            self.idle = trio.Event() if len(self.scopes) == 1 else self.idle
+            try:
+                return await fn(*args)
+            finally:
+                self.scopes.discard(scope)
+                if not self.scopes:
+                    self.idle.set()
+        raise VmdError("cancelled: the daemon is stopping")
+
+    async def startup(self, nursery: trio.Nursery) -> None:
+        m = self.d.manager
+        await rcopy_recv.startup(m)
+        for vol in list(m.volumes.values()):
+            if vol.cfg.rcopy is not None:
+                link = Link(vol)
+                await link.setup()
+                self.links[vol.name] = link
+                nursery.start_soon(self.background, link.run, name=f"rcopy-{vol.name}")
+            elif _tracker(vol) is not None:
+                _drop_tracker(vol)
+                vol.state.extra.pop("rcopy", None)
+                await vol.checkpoint()
+                log.info("volume %s: no rcopy in the config any more: change map dropped",
+                         vol.name)
+
+    async def shutdown(self) -> None:
+        self.stopping = True
+        for s in list(self.scopes):
+            s.cancel()
+        with trio.move_on_after(30):
+            await self.idle.wait()
+
+    def link(self, name: str) -> Link:
+        vol = self.d.manager.get(name)
+        link = self.links.get(vol.name)
+        if link is None:
+            raise VmdError(f"volume {name} has no remote copy (add `rcopy: {{target: COMMAND}}` "
+                           f"to it in {self.d.cfg.path})")
+        return link
+
+
+def register(d: "Daemon") -> None:
+    from .admin import PASSED_FDS
+
+    eng = Engine(d)
+    d.rcopy = eng  # type: ignore[attr-defined]
+    m = d.manager
+
+    def name(req: dict[str, Any]) -> str:
+        v = req.get("volume")
+        if not isinstance(v, str) or not v:
+            raise VmdError(f"{req['cmd']} needs a volume")
+        return v
+
+    async def status(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        n = name(req)
+        if n in eng.links:
+            return {"rcopy": eng.links[n].status()}
+        vol = m.get(n)
+        info = rcopy_recv.target_info(vol)
+        if info is None:
+            raise VmdError(f"volume {n} takes no part in a remote copy")
+        t = info.get("time")
+        return {"rcopy": {"volume": n, "role": "target", "sequence": int(info.get("seq") or 0),
+                          "time": t, "lag_seconds": None if t is None else time.time() - t,
+                          "syncing": rcopy_recv.syncing(vol), "source": info.get("source"),
+                          "promoted": bool(info.get("promoted"))}}
+
+    async def sync(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        link = eng.link(name(req))
+        if link.ext.get("paused"):
+            raise VmdError(f"remote copy of {link.vol.name} is paused: `vmd rcopy resume "
+                           f"{link.vol.name}` first")
+        return await eng.guarded(link.update, "sync")
+
+    async def pause(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        link = eng.link(name(req))
+        link.ext["paused"] = True
+        await link.vol.checkpoint()
+        return {"paused": True}
+
+    async def resume(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        link = eng.link(name(req))
+        link.ext["paused"] = False
+        await link.vol.checkpoint()
+        return {"paused": False}
+
+    async def receive(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        fds = req.get(PASSED_FDS) or []  # type: ignore[call-overload]
+        if len(fds) != 2:
+            raise VmdError("rcopy receive needs the stream's two file descriptors (use "
+                           "`vmd rcopy receive VOLUME`)")
+        vol = m.get(name(req))
+        rfd, wfd = fds.pop(0), fds.pop(0)
+        try:
+            return await eng.guarded(rcopy_recv.receive, m, vol, rfd, wfd, eng.receiving)
+        except BaseException:
+            for fd in (rfd, wfd):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            raise
+
+    async def promote(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        vol = m.get(name(req))
+        info = rcopy_recv.target_info(vol)
+        if info is None:
+            raise VmdError(f"volume {vol.name} is not a remote copy target")
+        if vol.name in eng.receiving:
+            raise VmdError(f"volume {vol.name} is receiving an update; try again when it ends")
+        if not info.get("seq"):
+            raise VmdError(f"volume {vol.name} holds no consistent point yet")
+        async with vol.gate.hold():
+            info["promoted"] = True
+            if _tracker(vol) is None:
+                _add_tracker(vol, full=False)  # B's own changes from this point on
+            await vol.checkpoint()
+            rcopy_recv.guard(vol)
+        log.info("volume %s: promoted: writable, consistent point %s", vol.name, info.get("seq"))
+        return {"volume": vol.name, "sequence": info.get("seq"), "time": info.get("time")}
+
+    d.commands.update({"rcopy.status": status, "rcopy.sync": sync, "rcopy.pause": pause,
+                       "rcopy.resume": resume, "rcopy.receive": receive,
+                       "rcopy.promote": promote})
+
+
+async def startup(d: "Daemon", nursery: trio.Nursery) -> None:
+    await d.rcopy.startup(nursery)  # type: ignore[attr-defined]
+
+
+async def shutdown(d: "Daemon") -> None:
+    await d.rcopy.shutdown()  # type: ignore[attr-defined]
+
+
+# -- CLI ------------------------------------------------------------------------
+
+def add_rcopy_parsers(sub: Any) -> None:
+    r = sub.add_parser("rcopy", help="remote copy (asynchronous periodic replication)")
+    rs = r.add_subparsers(dest="rcopy_cmd", required=True, metavar="ACTION")
+    for action, what in (("status", "show the last consistent point, bytes sent, lag"),
+                         ("sync", "run an update now and wait for it"),
+                         ("pause", "stop periodic updates"), ("resume", "restart them"),
+                         ("receive", "receive an update stream on stdin (the link command)"),
+                         ("promote", "make a target volume writable (failover)")):
+        p = rs.add_parser(action, help=what)
+        p.add_argument("volume")
+        if action == "status":
+            p.add_argument("--json", action="store_true")
+
+
+def run_rcopy_command(args: Any, client: Any) -> int:
+    import json
+    import sys
+
+    c = args.rcopy_cmd
+    req = {"cmd": f"rcopy.{c}", "volume": args.volume}
+    if c == "receive":
+        # The stream is our stdin/stdout; the daemon reads and answers them itself.
+        client.timeout = None
+        reply = client.request(req, fds=[sys.stdin.fileno(), sys.stdout.fileno()])
+        print(f"{args.volume}: update {reply['seq']} committed ({format_size(reply['bytes'])})",
+              file=sys.stderr)
+        return 0
+    if c == "sync":
+        client.timeout = None
+    reply = client.request(req)
+    reply.pop("ok", None)
+    if c == "status":
+        s = reply["rcopy"]
+        if args.json:
+            print(json.dumps(s, indent=2))
+            return 0
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["time"])) if s.get("time") \
+            else "never"
+        print(f"{s['volume']}: remote copy {s['role']}, consistent point {s['sequence']} "
+              f"({when})" + (f", lag {s['lag_seconds']:.0f} s" if s.get("lag_seconds") else ""))
+        if s["role"] == "source":
+            print(f"  target: {s['target']}  period {s['period']:.0f} s"
+                  f"{'  PAUSED' if s['paused'] else ''}  {s['state']}")
+            print(f"  changed since: {format_size(s['pending_bytes'] or 0)}  sent in all: "
+                  f"{format_size(s['bytes_sent_total'])}")
+            last = s.get("last_update") or {}
+            if last.get("error"):
+                print(f"  last update {last['seq']} failed: {last['error']}")
+        elif s.get("syncing"):
+            print("  syncing: an update is being applied (reads refused)")
+    elif c == "sync":
+        print(f"{args.volume}: update {reply['seq']} committed: {format_size(reply['sent_bytes'])}"
+              f" sent in {reply['seconds']:.2f} s" + (" (full)" if reply["full"] else ""))
+    elif c in ("pause", "resume"):
+        print(f"{args.volume}: remote copy {'paused' if reply['paused'] else 'resumed'}")
+    elif c == "promote":
+        print(f"{args.volume}: promoted at consistent point {reply['sequence']}")
+    return 0

@@ -1,0 +1,329 @@
+"""Remote Copy, receiving side: applies an update stream to a volume of this
+daemon (through the Volume API, so its plexes stay mirrored) with an undo
+journal, so that B always holds one consistent point.
+
+Apply: for each batch of data frames, the old contents of the bytes about to
+be overwritten are appended to the journal `<log>.rcopy-journal` and fsync'd,
+then the new data is written. Commit: fdatasync the plexes, record the new
+consistent point (sequence, time) in the sidecar log (a checkpoint), then
+delete the journal. A journal found at start, or left by a failed update, is
+rolled back newest record first: the volume returns to its previous point.
+
+While an update is applied (and while the volume holds no consistent point at
+all) reads of the volume fail with EBUSY; a target volume refuses writes
+(EROFS) until `vmd rcopy promote`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import struct
+import time
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from . import rcopy_proto as P
+from .errors import VmdError
+from .sidecar import fsync_dir
+from .volume import Volume, VolumeIOError
+
+if TYPE_CHECKING:
+    from .manager import VolumeManager
+
+log = logging.getLogger(__name__)
+
+BATCH = 4 * 1024 * 1024  # bytes applied per journal fsync
+_JREC = struct.Struct("<QII")  # offset, length, crc32(offset|length|data)
+JMAGIC = b"VMDRCJ01"
+
+
+def journal_path(vol: Volume) -> Path:
+    return Path(vol.sidecar.path).with_name(Path(vol.sidecar.path).name + ".rcopy-journal")
+
+
+def target_info(vol: Volume) -> dict[str, Any] | None:
+    return vol.state.extra.get("rcopy_target")
+
+
+def syncing(vol: Volume) -> bool:
+    return bool(getattr(vol, "_rcopy_syncing", False))
+
+
+def guard(vol: Volume) -> None:
+    """Make the volume's user I/O follow its target state: writes refused
+    unless promoted; reads refused while syncing or never consistent."""
+    info = target_info(vol)
+    if info is None or info.get("promoted"):
+        vol.__dict__.pop("pread", None)
+        vol.__dict__.pop("pwrite", None)
+        return
+
+    async def pread(off: int, size: int) -> bytes:
+        i = target_info(vol) or {}
+        if syncing(vol) or not i.get("seq"):
+            raise VolumeIOError(errno.EBUSY, f"volume {vol.name} is syncing (remote copy target)")
+        return await Volume.pread(vol, off, size)
+
+    async def pwrite(off: int, data: bytes | memoryview) -> int:
+        raise VolumeIOError(errno.EROFS, f"volume {vol.name} is a remote copy target: "
+                                         f"`vmd rcopy promote {vol.name}` to write to it")
+
+    vol.pread = pread  # type: ignore[method-assign]
+    vol.pwrite = pwrite  # type: ignore[method-assign]
+
+
+class Journal:
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = -1
+
+    def create(self, meta: dict[str, Any]) -> None:
+        js = json.dumps(meta).encode()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.write(fd, JMAGIC + struct.pack("<II", len(js), zlib.crc32(js)) + js)
+        os.fsync(fd)
+        fsync_dir(self.path.parent)
+        self.fd = fd
+
+    def append(self, pieces: list[tuple[int, bytes]]) -> None:
+        buf = bytearray()
+        for off, data in pieces:
+            head = struct.pack("<QI", off, len(data))
+            buf += _JREC.pack(off, len(data), zlib.crc32(data, zlib.crc32(head))) + data
+        os.write(self.fd, bytes(buf))
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def remove(self) -> None:
+        self.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        fsync_dir(self.path.parent)
+
+
+def read_journal(path: Path) -> tuple[dict[str, Any], list[tuple[int, bytes]]]:
+    """(meta, undo records); a torn tail is dropped (its data write never began)."""
+    data = path.read_bytes()
+    if data[:8] != JMAGIC or len(data) < 16:
+        raise VmdError(f"{path}: not an rcopy undo journal")
+    n, crc = struct.unpack_from("<II", data, 8)
+    js = data[16:16 + n]
+    if zlib.crc32(js) != crc:
+        raise VmdError(f"{path}: damaged journal header")
+    meta = json.loads(js)
+    recs = []
+    off = 16 + n
+    while off + _JREC.size <= len(data):
+        roff, length, rcrc = _JREC.unpack_from(data, off)
+        body = data[off + _JREC.size: off + _JREC.size + length]
+        head = struct.pack("<QI", roff, length)
+        if len(body) < length or zlib.crc32(body, zlib.crc32(head)) != rcrc:
+            break
+        recs.append((roff, body))
+        off += _JREC.size + length
+    return meta, recs
+
+
+async def rollback(m: "VolumeManager", vol: Volume, why: str) -> None:
+    """Restore the last consistent point from the journal, if there is one."""
+    path = journal_path(vol)
+    if not path.exists():
+        return
+    meta, recs = await trio.to_thread.run_sync(read_journal, path)
+    info = target_info(vol) or {}
+    if info.get("seq") == meta.get("seq"):
+        log.info("volume %s: update %s had committed; dropping its journal", vol.name,
+                 meta.get("seq"))
+    elif not meta.get("undo"):
+        info["seq"], info["time"] = 0, None
+        vol.state.extra["rcopy_target"] = info
+        await vol.checkpoint()
+        log.warning("volume %s: update %s (a full one onto a volume with no consistent point) "
+                    "did not complete (%s): the volume holds no consistent point until the "
+                    "next full update", vol.name, meta.get("seq"), why)
+    else:
+        for off, data in reversed(recs):
+            await Volume.pwrite(vol, off, data)
+        await vol.flush()
+        log.warning("volume %s: update %s did not complete (%s): rolled back %d region(s) to "
+                    "consistent point %s", vol.name, meta.get("seq"), why, len(recs),
+                    info.get("seq"))
+    await trio.to_thread.run_sync(Journal(path).remove)
+    await trio.to_thread.run_sync(m.on_changed, vol.name)
+
+
+async def startup(m: "VolumeManager") -> None:
+    for vol in list(m.volumes.values()):
+        if journal_path(vol).exists():
+            await rollback(m, vol, "found at start")
+        guard(vol)
+
+
+async def receive(m: "VolumeManager", vol: Volume, rfd: int, wfd: int,
+                  active: set[str]) -> dict[str, Any]:
+    if vol.cfg.rcopy is not None:
+        raise VmdError(f"volume {vol.name} is a remote copy source here; it cannot receive")
+    info = target_info(vol) or {}
+    if info.get("promoted"):
+        raise VmdError(f"volume {vol.name} was promoted (it is writable and has its own "
+                       f"changes); it does not take updates until it is made a target again")
+    if vol.name in active:
+        raise VmdError(f"volume {vol.name} is already receiving an update")
+    rstream = trio.lowlevel.FdStream(rfd)
+    wstream = trio.lowlevel.FdStream(wfd)
+    active.add(vol.name)
+    try:
+        return await _receive(m, vol, P.Reader(rstream), wstream, info)
+    finally:
+        active.discard(vol.name)
+        with trio.CancelScope(shield=True):
+            for s in (rstream, wstream):
+                try:
+                    await s.aclose()
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+
+async def _reply(w: trio.abc.SendStream, obj: dict[str, Any]) -> None:
+    try:
+        await w.send_all(P.line(obj))
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def _receive(m: "VolumeManager", vol: Volume, r: P.Reader, w: trio.abc.SendStream,
+                   info: dict[str, Any]) -> dict[str, Any]:
+    committed = int(info.get("seq") or 0)
+    try:
+        await r.preamble()
+        kind, payload = await r.frame()
+        if kind != P.HEADER:
+            raise P.ProtocolError(f"the stream does not start with a header frame")
+        h = P.decode_json(payload, "header")
+        _check_header(vol, h, info, committed)
+    except VmdError as e:
+        need_full = getattr(e, "need_full", False)
+        await _reply(w, {"t": "error", "error": str(e), "need_full": need_full})
+        raise VmdError(f"volume {vol.name}: update rejected, volume unchanged: {e}") from None
+    seq, full = int(h["seq"]), bool(h["full"])
+    await _reply(w, {"t": "ready", "committed": committed})
+
+    # From here the volume is syncing until commit or rollback.
+    if not info:
+        info = {"seq": 0, "time": None}
+    info.update(source=h["volume"], source_uuid=h["uuid"])
+    vol.state.extra["rcopy_target"] = info
+    vol._rcopy_syncing = True  # type: ignore[attr-defined]
+    guard(vol)
+    await vol.checkpoint()
+    journal = Journal(journal_path(vol))
+    undo = committed > 0
+    t0 = time.monotonic()
+    records = nbytes = 0
+    try:
+        await trio.to_thread.run_sync(journal.create, {"seq": seq, "base": committed,
+                                                       "undo": undo, "started": time.time()})
+        batch: list[tuple[int, bytes]] = []
+        batch_bytes = 0
+        while True:
+            kind, payload = await r.frame()
+            if kind == P.DATA:
+                if len(payload) < P.OFFSET.size:
+                    raise P.ProtocolError("data frame without an offset")
+                (off,) = P.OFFSET.unpack_from(payload)
+                data = payload[P.OFFSET.size:]
+                if off + len(data) > vol.size or not data:
+                    raise P.ProtocolError(f"data frame at offset {off} of {len(data)} bytes is "
+                                          f"outside volume {vol.name} ({vol.size} bytes)")
+                batch.append((off, data))
+                batch_bytes += len(data)
+                records += 1
+                nbytes += len(data)
+                if batch_bytes >= BATCH:
+                    await _apply(vol, journal, batch, undo)
+                    batch, batch_bytes = [], 0
+            elif kind == P.END:
+                e = P.decode_json(payload, "end frame")
+                if e.get("records") != records or e.get("bytes") != nbytes:
+                    raise P.ProtocolError(f"end frame says {e.get('records')} records / "
+                                          f"{e.get('bytes')} bytes, the stream held {records} / "
+                                          f"{nbytes}")
+                await _apply(vol, journal, batch, undo)
+                break
+            else:
+                raise P.ProtocolError("a second header frame inside the stream")
+        # Commit: data durable, then the new consistent point, then no journal.
+        await vol.flush()
+        info.update(seq=seq, time=h["time"], committed_at=time.time(), full=full)
+        vol.state.extra["rcopy_target"] = info
+        await vol.checkpoint()
+        await trio.to_thread.run_sync(journal.remove)
+    except trio.Cancelled:
+        journal.close()  # daemon stopping: the journal is rolled back at the next start
+        raise
+    except (VmdError, OSError) as e:
+        journal.close()
+        with trio.CancelScope(shield=True):
+            await rollback(m, vol, str(e))
+            vol._rcopy_syncing = False  # type: ignore[attr-defined]
+            await _reply(w, {"t": "error", "error": str(e), "need_full": False})
+        raise VmdError(f"volume {vol.name}: update {seq} rejected, consistent point "
+                       f"{committed} kept: {e}") from None
+    vol._rcopy_syncing = False  # type: ignore[attr-defined]
+    await trio.to_thread.run_sync(m.on_changed, vol.name)
+    secs = time.monotonic() - t0
+    log.info("volume %s: remote copy update %d committed (%d records, %d bytes, %.2f s)",
+             vol.name, seq, records, nbytes, secs)
+    await _reply(w, {"t": "ack", "seq": seq, "time": h["time"]})
+    return {"volume": vol.name, "seq": seq, "records": records, "bytes": nbytes, "seconds": secs}
+
+
+class _NeedFull(P.ProtocolError):
+    need_full = True
+
+
+def _check_header(vol: Volume, h: dict[str, Any], info: dict[str, Any], committed: int) -> None:
+    try:
+        seq, base, size = int(h["seq"]), int(h["base"]), int(h["size"])
+        full, name, uid = bool(h["full"]), str(h["volume"]), str(h["uuid"])
+        float(h["time"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise P.ProtocolError(f"malformed header: {e!r}") from None
+    if size != vol.size:
+        raise P.ProtocolError(f"the stream is for a volume of {size} bytes, {vol.name} has "
+                              f"{vol.size}")
+    src = info.get("source_uuid")
+    if src and src != uid:
+        raise P.ProtocolError(f"the stream comes from volume {name} ({uid}) but {vol.name} "
+                              f"replicates {info.get('source')} ({src})")
+    if seq <= committed:
+        raise P.ProtocolError(f"replayed or stale update: sequence {seq}, but {vol.name} already "
+                              f"holds sequence {committed}")
+    if not committed and not full:
+        raise _NeedFull(f"{vol.name} holds no consistent point: it needs a full update, got "
+                        f"an incremental one on sequence {base}")
+    if base > committed and not full:
+        raise _NeedFull(f"the update applies on sequence {base} but {vol.name} holds sequence "
+                        f"{committed}: it needs a full update")
+
+
+async def _apply(vol: Volume, journal: Journal, batch: list[tuple[int, bytes]], undo: bool) -> None:
+    if not batch:
+        return
+    if undo:
+        old = [(off, await Volume.pread(vol, off, len(data))) for off, data in batch]
+        await trio.to_thread.run_sync(journal.append, old)
+    for off, data in batch:
+        await Volume.pwrite(vol, off, data)
