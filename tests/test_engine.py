@@ -42,10 +42,10 @@ class FaultyPlex(Plex):
             raise OSError(errno.EIO, "injected write error")
         super()._pwrite_sync(off, data)
 
-    def _pread_sync(self, off: int, size: int) -> bytes:
+    def _pread_sync(self, off: int, size: int, into=None):
         if self.name == "p1" and FaultyPlex.fail_reads:
             raise OSError(errno.EIO, "injected read error")
-        return super()._pread_sync(off, size)
+        return super()._pread_sync(off, size, into)
 
     def _pread_cached(self, off: int, size: int):
         if self.name == "p1" and FaultyPlex.fail_reads:

@@ -34,7 +34,7 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Defaults, justified in README.md ("Tuning") with `make bench` figures.
-DEFAULT_REGION_SIZE = 1 * MiB
+DEFAULT_REGION_SIZE = 4 * MiB
 DEFAULT_FMR_REGION = 64 * KiB
 SECTOR = 512
 

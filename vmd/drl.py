@@ -21,6 +21,11 @@ from .sidecar import SidecarLog, VolumeState
 log = logging.getLogger(__name__)
 
 
+# Regions dirtied ahead of a sequential writer (see begin_write): at most this
+# many more regions to recover after a crash, per stream.
+LOOKAHEAD = 8
+
+
 class _Batch:
     __slots__ = ("done", "error")
 
@@ -62,6 +67,11 @@ class DirtyRegionLog:
             self._cleaning[r] = 0
             if not bits[r]:
                 need.append(r)
+        if need and need[0] > 0 and bits[need[0] - 1]:
+            # A sequential stream: dirty the next regions in the same record,
+            # so that it pays one log flush per LOOKAHEAD regions, not each.
+            last = min(need[-1] + LOOKAHEAD, len(bits) - 1)
+            need.extend(r for r in range(need[-1] + 1, last + 1) if not bits[r])
         if need or self.state.clean:
             try:
                 await self._commit(need)

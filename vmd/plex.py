@@ -28,6 +28,9 @@ _LIMITER = trio.CapacityLimiter(128)
 # where it cannot hold up the event loop or the other plexes.
 INLINE_BUDGET = 0.002
 SLOW_HOLD = 5.0
+# From this size a copy into the page cache costs more than a thread hop, so
+# the plexes of a volume are written in parallel threads (one stays inline).
+PARALLEL_BYTES = 128 * 1024
 
 
 class PlexIOError(OSError):
@@ -102,12 +105,25 @@ class Plex:
     # Synchronous parts, run in a worker thread. Tests subclass these to inject
     # latency or faults where the real call would block or fail.
 
-    def _pread_sync(self, off: int, size: int) -> bytes:
-        data = os.pread(self.fd, size, off)
-        if len(data) < size:
-            # Past the end of a short image: holes read as zeros anyway.
-            data += bytes(size - len(data))
-        return data
+    def _pread_sync(self, off: int, size: int, into: memoryview | None = None
+                    ) -> bytes | memoryview:
+        """Read [off, off+size), into `into` if given (no allocation: resync
+        reuses one buffer, which matters for 4 MiB chunks)."""
+        if into is None:
+            data = os.pread(self.fd, size, off)
+            if len(data) < size:
+                # Past the end of a short image: holes read as zeros anyway.
+                data += bytes(size - len(data))
+            return data
+        view = into[:size]
+        done = 0
+        while done < size:
+            n = os.preadv(self.fd, [view[done:]], off + done)
+            if n <= 0:
+                view[done:] = bytes(size - done)
+                break
+            done += n
+        return view
 
     def _pwrite_sync(self, off: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -165,7 +181,10 @@ class Plex:
     async def pwrite(self, off: int, data: bytes | memoryview) -> None:
         if self.write_inline():
             self.pwrite_inline(off, data)
-            return
+        else:
+            await self.pwrite_thread(off, data)
+
+    async def pwrite_thread(self, off: int, data: bytes | memoryview) -> None:
         self.inflight += 1
         try:
             await trio.to_thread.run_sync(self._pwrite_sync, off, data, limiter=_LIMITER)
@@ -175,6 +194,33 @@ class Plex:
             self.inflight -= 1
         self.writes += 1
         self.bytes_written += len(data)
+
+    async def copy_to(self, targets: list["Plex"], off: int, size: int,
+                      buf: bytearray) -> dict[str, PlexIOError]:
+        """Resync: read [off, off+size) of this plex into `buf` and write it to
+        every target, all in one worker thread. A read error raises; write
+        errors are returned per target."""
+
+        def copy() -> dict[str, PlexIOError]:
+            try:
+                view = self._pread_sync(off, size, memoryview(buf))
+            except OSError as e:
+                raise PlexIOError(self, "read", off, e) from e
+            errors: dict[str, PlexIOError] = {}
+            for t in targets:
+                try:
+                    t._pwrite_sync(off, view)
+                except OSError as e:
+                    errors[t.name] = PlexIOError(t, "write", off, e)
+            return errors
+
+        errors = await trio.to_thread.run_sync(copy, limiter=_LIMITER)
+        self.reads += 1
+        for t in targets:
+            if t.name not in errors:
+                t.writes += 1
+                t.bytes_written += size
+        return errors
 
     async def flush(self) -> None:
         # Flushes run outside the volume's gate (fsync, the DRL cleaner), so a

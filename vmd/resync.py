@@ -48,6 +48,7 @@ class Resync:
         self.last_seconds = 0.0
         self.last_targets: list[str] = []
         self.passes = 0
+        self._buf = bytearray(CHUNK)  # one copy buffer, reused for every chunk
 
     def wake(self) -> None:
         self._wake.set()
@@ -146,6 +147,8 @@ class Resync:
     async def _copy_chunk(self, off: int, length: int) -> list[str] | None:
         vol = self.volume
         async with vol.ranges.hold(off, off + length):
+            targets = [t for t in self.targets()
+                       if t.record.missing is not None and t.record.missing.any_in(off, length)]
             while True:
                 sources = vol._readable(off, length)
                 if not sources:
@@ -153,21 +156,13 @@ class Resync:
                               vol.name, off)
                     return None
                 try:
-                    data = await sources[0].pread(off, length)
+                    errors = await sources[0].copy_to(targets, off, length, self._buf)
                     break
                 except PlexIOError as e:
                     await vol.fail_plex(sources[0], e, off, length)
-            copied: list[str] = []
-            for t in self.targets():
-                m = t.record.missing
-                if m is None or not m.any_in(off, length):
-                    continue
-                try:
-                    await t.pwrite(off, data)
-                    copied.append(t.name)
-                except PlexIOError as e:
-                    await vol.fail_plex(t, e, off, length)
-            return copied
+            for e in errors.values():
+                await vol.fail_plex(e.plex, e, off, length)
+            return [t.name for t in targets if t.name not in errors]
 
     async def _commit(self, pending: dict[str, list[list[int]]]) -> None:
         """Make copied chunks durable on the targets, then forget them."""

@@ -21,7 +21,7 @@ import trio
 from .config import VolumeConfig, format_size
 from .drl import DirtyRegionLog
 from .faults import split_write_fault
-from .plex import Plex, PlexIOError
+from .plex import PARALLEL_BYTES, Plex, PlexIOError
 from .rangelock import Gate, RangeLock
 from .regionmap import RegionMap
 from .sidecar import (ACTIVE, DETACHED, IOFAIL, RESYNC_TARGETS, SNAPATT, SNAPDONE, SNAPLINK,
@@ -147,20 +147,23 @@ class Volume:
 
         async def threaded(p: Plex) -> None:
             try:
-                await p.pwrite(off, data)
+                await p.pwrite_thread(off, data)
             except PlexIOError as e:
                 failed.append(e)
 
-        slow = [p for p in targets if not p.write_inline()]
-        if slow:
-            # Slow plexes in worker threads, all at once, so that none waits
-            # for another; the fast ones inline meanwhile.
+        inline = [p for p in targets if p.write_inline()]
+        if n >= PARALLEL_BYTES and len(inline) > 1:
+            inline = inline[:1]  # big: copy into the page caches in parallel
+        if len(inline) < len(targets):
+            # The others in worker threads, all at once, so that none waits
+            # for another (a slow plex never delays the rest).
             async with trio.open_nursery() as nursery:
-                for p in slow:
-                    nursery.start_soon(threaded, p)
-                self._write_inline(targets, off, data, failed)
+                for p in targets:
+                    if p not in inline:
+                        nursery.start_soon(threaded, p)
+                self._write_inline(inline, off, data, failed)
         else:
-            self._write_inline(targets, off, data, failed)
+            self._write_inline(inline, off, data, failed)
             await trio.lowlevel.checkpoint()
         for e in failed:
             await self.fail_plex(e.plex, e, off, n)
@@ -174,14 +177,13 @@ class Volume:
             raise VolumeIOError(errno.EIO, f"volume {self.name}: no plex took the write at {off}")
 
     @staticmethod
-    def _write_inline(targets: list[Plex], off: int, data: bytes | memoryview,
+    def _write_inline(plexes: list[Plex], off: int, data: bytes | memoryview,
                       failed: list[PlexIOError]) -> None:
-        for p in targets:
-            if p.write_inline():
-                try:
-                    p.pwrite_inline(off, data)
-                except PlexIOError as e:
-                    failed.append(e)
+        for p in plexes:
+            try:
+                p.pwrite_inline(off, data)
+            except PlexIOError as e:
+                failed.append(e)
 
     async def pread(self, off: int, size: int) -> bytes:
         self._check_range(off, size, False)
