@@ -116,3 +116,202 @@ def test_initial_and_incremental(vmd_factory: Callable[..., VmdDaemon], tmp_path
     third = sync(a)
     assert 2 * R <= third["sent_bytes"] <= 64 * R, third
     assert_b_equals(b, image(a))
+
+
+# -- writes racing with a transfer ---------------------------------------------------
+
+def gen_block(blk: int, gen: int) -> bytes:
+    return struct.pack("<QQ", blk, gen) * (BLK // 16)
+
+
+def check_point_in_time(b_image: bytes, history: list[tuple[int, int]]) -> int:
+    """B's image must be A's after some prefix of the (sequential) writes:
+    every block holds the newest generation written to it up to one cut."""
+    gens = {}
+    for i in range(0, len(b_image), BLK):
+        blk, gen = struct.unpack_from("<QQ", b_image, i)
+        assert b_image[i:i + BLK] == gen_block(blk, gen), f"torn block {i // BLK}"
+        assert blk == i // BLK
+        gens[blk] = gen
+    cut = max(gens.values())
+    want: dict[int, int] = {}
+    for blk, gen in history:
+        if gen > cut:
+            break
+        want[blk] = gen
+    for blk, gen in gens.items():
+        assert gen == want.get(blk, 0), (f"block {blk} holds generation {gen}, the image at "
+                                         f"generation {cut} has {want.get(blk, 0)}: a mixture")
+    return cut
+
+
+def test_writes_racing_with_transfer(vmd_factory: Callable[..., VmdDaemon],
+                                     tmp_path: Path) -> None:
+    a, b = make_pair(vmd_factory, tmp_path)
+    nblk = SIZE // BLK
+    pwrite_file(a.volume_file(), [(i * BLK, gen_block(i, 0)) for i in range(nblk)])
+    rng = random.Random(3)
+    history: list[tuple[int, int]] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        fd = os.open(a.volume_file(), os.O_RDWR)
+        try:
+            gen = len(history)
+            while not stop.is_set():
+                gen += 1
+                blk = rng.randrange(nblk)
+                os.pwrite(fd, gen_block(blk, gen), blk * BLK)
+                history.append((blk, gen))
+        finally:
+            os.close(fd)
+
+    for round_ in range(3):  # the full initial update, then incremental ones
+        t = threading.Thread(target=writer)
+        stop.clear()
+        t.start()
+        try:
+            time.sleep(0.2)
+            reply = sync(a)
+        finally:
+            stop.set()
+            t.join()
+        cut = check_point_in_time(image(b), history)
+        assert image(b, 1) == image(b, 0)
+        print(f"\nround {round_}: {len(history)} writes, B at generation {cut}, "
+              f"{reply['sent_bytes']} bytes sent, {reply['cow_bytes']} bytes saved by "
+              f"copy-on-write, {reply['seconds']:.2f} s")
+        assert 0 < cut < len(history)
+    # Quiet: B equals A exactly.
+    sync(a)
+    assert_b_equals(b, image(a))
+
+
+# -- interruptions ---------------------------------------------------------------------
+
+def start_sync(a: VmdDaemon) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "vmd", "-c", str(a.config_path), "rcopy",
+                             "sync", "vol0"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_sent(a: VmdDaemon, at_least: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        last = rstatus(a).get("last_update") or {}
+        if last.get("state") == "sending" and last.get("sent_bytes", 0) >= at_least:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"transfer did not reach {at_least} bytes: {rstatus(a)}")
+
+
+def wait_b_idle(b: VmdDaemon, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = rstatus(b)
+        if not st["syncing"]:
+            return st
+        time.sleep(0.05)
+    raise AssertionError(f"B still syncing: {st}")
+
+
+def change(a: VmdDaemon, rng: random.Random, nregions: int) -> None:
+    regions = rng.sample(range(SIZE // R), nregions)
+    pwrite_file(a.volume_file(), [(r * R, rng.randbytes(R)) for r in regions])
+
+
+@pytest.mark.allow_log(*FAILED, r"was not stopped cleanly", r"link stderr",
+                       r"closed the connection")
+def test_interrupted_transfers(vmd_factory: Callable[..., VmdDaemon], tmp_path: Path) -> None:
+    a, b = make_pair(vmd_factory, tmp_path, relay=True)
+    rng = random.Random(11)
+    change(a, rng, 128)
+    sync(a)
+    good = image(a)
+    assert_b_equals(b, good)
+    seq = rstatus(b)["sequence"]
+    rate = tmp_path / "rate"
+
+    for victim in ("link", "receiver", "sender"):
+        change(a, rng, 320)  # 20 MiB to send, at 10 MiB/s
+        rate.write_text(str(10 * MiB))
+        p = start_sync(a)
+        wait_sent(a, 9 * MiB)  # B has applied at least one batch
+        if victim == "link":
+            os.kill(int((tmp_path / "relay.pid").read_text()), signal.SIGKILL)
+        elif victim == "receiver":
+            b.kill()
+        else:
+            a.kill()
+        p.communicate(timeout=60)
+        assert p.returncode != 0
+        if victim == "receiver":
+            b.start()  # rolls the journal back at start
+        st = wait_b_idle(b)
+        assert st["sequence"] == seq, (victim, st)
+        assert_b_equals(b, good)
+        if victim == "sender":
+            a.start()
+        rate.write_text("0")
+        reply = sync(a)
+        if victim != "sender":  # after a crash of A, its DRL's dirty regions count too
+            assert not reply["full"] and reply["sent_bytes"] < SIZE, reply
+        good = image(a)
+        assert_b_equals(b, good)
+        seq = rstatus(b)["sequence"]
+        assert seq == reply["seq"]
+
+
+# -- bad streams into `rcopy receive` ------------------------------------------------------
+
+def receive(b: VmdDaemon, stream: bytes) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "vmd", "-c", str(b.config_path), "rcopy",
+                           "receive", "vol0"], input=stream, capture_output=True, cwd=REPO,
+                          timeout=60)
+
+
+@pytest.mark.allow_log(*FAILED)
+def test_bad_streams(vmd_factory: Callable[..., VmdDaemon], tmp_path: Path) -> None:
+    a, b = make_pair(vmd_factory, tmp_path)
+    rng = random.Random(5)
+    change(a, rng, 64)
+    sync(a)
+    before = image(b)
+    st = rstatus(b)
+    seq = st["sequence"]
+    uuid = a.status("vol0")["uuid"]
+
+    def header(**kw: Any) -> bytes:
+        h = {"volume": "vol0", "uuid": uuid, "size": SIZE, "region": R, "seq": seq + 1,
+             "base": seq, "full": False, "time": time.time(), **kw}
+        return P.preamble() + P.json_frame(P.HEADER, h)
+
+    # 6 MiB of good data frames: past one receiver batch, so B has written some of it.
+    good = b"".join(P.data_frame(i * MiB, rng.randbytes(MiB)) for i in range(6))
+    end = P.json_frame(P.END, {"records": 6, "bytes": 6 * MiB})
+    corrupt = bytearray(P.data_frame(20 * MiB, rng.randbytes(MiB)))
+    corrupt[100] ^= 0xFF
+    oversized = struct.pack("<B3xII", P.DATA, P.MAX_DATA + 1024, 0)
+    cases = {
+        "bad checksum": header() + good + bytes(corrupt) + end,
+        "truncated stream": header() + good + P.data_frame(30 * MiB, b"x" * MiB)[:5000],
+        "replayed or stale update": header(seq=seq, base=seq - 1) + good + end,
+        "oversized": header() + good + oversized + b"\0" * 4096,
+        "comes from volume": header(uuid="00000000-0000-0000-0000-000000000000") + good + end,
+        "outside volume": header() + good + P.data_frame(SIZE - 4096, b"x" * 8192) + end,
+        "of 1048576 bytes, vol0 has": header(size=MiB) + good + end,
+        "not a vmd rcopy stream": b"GARBAGE!" * 100,
+        "unsupported rcopy protocol version": P.PREAMBLE.pack(P.MAGIC, 99, 0),
+        "end frame says": header() + good + P.json_frame(P.END, {"records": 7, "bytes": 1}),
+    }
+    for what, stream in cases.items():
+        p = receive(b, stream)
+        assert p.returncode == 1, (what, p)
+        assert what in p.stderr.decode(), (what, p.stderr)
+        assert image(b) == before and image(b, 1) == before, f"B changed after {what!r}"
+        st2 = rstatus(b)
+        assert st2["sequence"] == seq and not st2["syncing"], (what, st2)
+    # A good hand-made stream is taken.
+    p = receive(b, header() + good + end)
+    assert p.returncode == 0, p.stderr
+    assert rstatus(b)["sequence"] == seq + 1

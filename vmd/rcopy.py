@@ -242,7 +242,9 @@ class Link:
                     result["ack"] = await self._speak(x, proc, seq, base, pit, full, vol)
                 except (VmdError, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
                         trio.TooSlowError) as e:
-                    result["error"] = str(e) or type(e).__name__
+                    result["error"] = str(e) or (
+                        "the link closed (broken pipe)" if isinstance(e, trio.BrokenResourceError)
+                        else type(e).__name__)
                 finished.set()
                 nursery.cancel_scope.cancel()
         finally:
