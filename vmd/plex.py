@@ -57,6 +57,8 @@ class Plex:
         self.inline = True  # may write inline while fast (tests of slow disks turn it off)
         self._threads_until = 0.0
         self._nowait_reads = True
+        self._nowait_skip = 0
+        self._nowait_backoff = 0
 
     @property
     def name(self) -> str:
@@ -153,7 +155,19 @@ class Plex:
 
     async def pread(self, off: int, size: int) -> bytes | bytearray:
         try:
-            data = self._pread_cached(off, size) if self._nowait_reads else None
+            data = None
+            if self._nowait_skip:
+                self._nowait_skip -= 1
+            elif self._nowait_reads:
+                # A miss is not free: the kernel starts the read before it
+                # answers EAGAIN. After misses, skip the probe for a while
+                # (doubling), so that cold random reads go straight to a thread.
+                data = self._pread_cached(off, size)
+                if data is None:
+                    self._nowait_backoff = min(256, self._nowait_backoff * 2 or 1)
+                    self._nowait_skip = self._nowait_backoff
+                else:
+                    self._nowait_backoff = 0
             if data is None:
                 data = await trio.to_thread.run_sync(self._pread_sync, off, size,
                                                      limiter=_LIMITER)
