@@ -252,3 +252,14 @@ async def test_flush_racing_detach_does_not_touch_a_closed_fd(tmp_path):
             await trio.sleep(0.01)
             await vol.detach_plex("p1")
         assert [p.state for p in vol.plexes] == [ACTIVE, "DETACHED"]
+
+
+async def test_first_start_creates_missing_directories(tmp_path):
+    from vmd.config import VolumeConfig
+
+    vc = VolumeConfig(name="vol0", size=4 * MiB, log=tmp_path / "var" / "vol0.log",
+                      plexes=(tmp_path / "var" / "a" / "p0.img", tmp_path / "var" / "b" / "p1.img"))
+    async with running_volume(vc) as vol:
+        await vol.pwrite(0, b"k" * 4096)
+    assert [os.path.getsize(p) for p in vc.plexes] == [4 * MiB] * 2
+    assert plex_bytes(vol)[0][:4096] == b"k" * 4096

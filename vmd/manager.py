@@ -63,6 +63,8 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
             aside = vc.log.with_name(f"{vc.log.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
             os.rename(vc.log, aside)
             log.warning("volume %s: --recover-all: old sidecar log kept as %s", vc.name, aside)
+        for d in {vc.log.parent, *(p.parent for p in vc.plexes)}:
+            d.mkdir(parents=True, exist_ok=True)  # first start: var/ may not exist yet
         state = new_state(vc.name, vc.size, vc.region_size, vc.fastresync_region)
         state.fastresync = vc.fastresync
         state.extra["config_fastresync"] = vc.fastresync
