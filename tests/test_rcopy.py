@@ -75,7 +75,7 @@ def assert_b_equals(b: VmdDaemon, want: bytes) -> None:
         assert got == want, f"B plex {i} differs from the expected image"
 
 
-@pytest.mark.allow_log(r"was not stopped cleanly")
+@pytest.mark.allow_log(r"was not stopped cleanly", *FAILED)
 def test_initial_and_incremental(vmd_factory: Callable[..., VmdDaemon], tmp_path: Path) -> None:
     a, b = make_pair(vmd_factory, tmp_path)
     rng = random.Random(7)
@@ -116,6 +116,12 @@ def test_initial_and_incremental(vmd_factory: Callable[..., VmdDaemon], tmp_path
     third = sync(a)
     assert 2 * R <= third["sent_bytes"] <= 64 * R, third
     assert_b_equals(b, image(a))
+    # Failover: B promoted is writable and takes no more updates.
+    b.cli("rcopy", "promote", "vol0")
+    pwrite_file(b.volume_file(), [(0, b"b" * BLK)])
+    assert image(b)[:BLK] == b"b" * BLK and rstatus(b)["promoted"]
+    reply = sync(a, check=False)
+    assert not reply["ok"] and "promoted" in reply["error"], reply
 
 
 # -- writes racing with a transfer ---------------------------------------------------

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -470,16 +469,10 @@ def register(d: "Daemon") -> None:
             raise VmdError("rcopy receive needs the stream's two file descriptors (use "
                            "`vmd rcopy receive VOLUME`)")
         vol = m.get(name(req))
-        rfd, wfd = fds.pop(0), fds.pop(0)
-        try:
-            return await eng.guarded(rcopy_recv.receive, m, vol, rfd, wfd, eng.receiving)
-        except BaseException:
-            for fd in (rfd, wfd):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            raise
+        if eng.stopping:
+            raise VmdError("the daemon is stopping")
+        rfd, wfd = fds.pop(0), fds.pop(0)  # from here rcopy_recv.receive owns (closes) them
+        return await eng.guarded(rcopy_recv.receive, m, vol, rfd, wfd, eng.receiving)
 
     async def promote(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         vol = m.get(name(req))

@@ -173,16 +173,23 @@ async def startup(m: "VolumeManager") -> None:
 
 async def receive(m: "VolumeManager", vol: Volume, rfd: int, wfd: int,
                   active: set[str]) -> dict[str, Any]:
-    if vol.cfg.rcopy is not None:
-        raise VmdError(f"volume {vol.name} is a remote copy source here; it cannot receive")
-    info = target_info(vol) or {}
-    if info.get("promoted"):
-        raise VmdError(f"volume {vol.name} was promoted (it is writable and has its own "
-                       f"changes); it does not take updates until it is made a target again")
-    if vol.name in active:
-        raise VmdError(f"volume {vol.name} is already receiving an update")
     rstream = trio.lowlevel.FdStream(rfd)
     wstream = trio.lowlevel.FdStream(wfd)
+    info = target_info(vol) or {}
+    why = ""
+    if vol.cfg.rcopy is not None:
+        why = f"volume {vol.name} is a remote copy source here; it cannot receive"
+    elif info.get("promoted"):
+        why = (f"volume {vol.name} was promoted (it is writable and has its own changes); it "
+               f"does not take updates")
+    elif vol.name in active:
+        why = f"volume {vol.name} is already receiving an update"
+    if why:
+        await _reply(wstream, {"t": "error", "error": why, "need_full": False})
+        with trio.CancelScope(shield=True):
+            await rstream.aclose()
+            await wstream.aclose()
+        raise VmdError(why)
     active.add(vol.name)
     try:
         return await _receive(m, vol, P.Reader(rstream), wstream, info)
