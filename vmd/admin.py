@@ -81,6 +81,10 @@ class AdminServer:
                 uid = _peer_uid(stream.socket)
                 if uid not in (0, os.getuid()):
                     log.warning("admin socket: refused peer uid %d", uid)
+                    # Take its request first, so that the refusal is what it
+                    # reads (closing on an unread request resets the stream).
+                    with trio.move_on_after(1):
+                        await stream.receive_some(MAX_REQUEST)
                     await self._send(stream, {"ok": False, "error": "permission denied: only root "
                                               "or the daemon's user may use the admin socket"})
                     return
