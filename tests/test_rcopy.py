@@ -321,3 +321,94 @@ def test_bad_streams(vmd_factory: Callable[..., VmdDaemon], tmp_path: Path) -> N
     p = receive(b, header() + good + end)
     assert p.returncode == 0, p.stderr
     assert rstatus(b)["sequence"] == seq + 1
+
+
+# -- failover and return ---------------------------------------------------------------------
+
+def regions_of(writes: list[tuple[int, bytes]]) -> set[int]:
+    return {r for off, data in writes for r in range(off // R, (off + len(data) - 1) // R + 1)}
+
+
+def assert_equal_images(x: VmdDaemon, y: VmdDaemon) -> None:
+    want = image(y)
+    for i in range(2):
+        assert image(x, i) == want, f"{x.base.name} plex {i} differs from {y.base.name}"
+
+
+@pytest.mark.allow_log(r"were overwritten", *FAILED)
+def test_promote_reverse_and_restore(vmd_factory: Callable[..., VmdDaemon],
+                                     tmp_path: Path) -> None:
+    a, b = make_pair(vmd_factory, tmp_path)
+    rng = random.Random(17)
+    change(a, rng, 64)
+    sync(a)
+    assert_equal_images(b, a)
+    # Failover: B promoted and written; A (back) has changes it never sent.
+    b.cli("rcopy", "promote", "vol0")
+    nreg = SIZE // R
+    picked = rng.sample(range(nreg), 40)
+    b_writes = [(r * R + rng.randrange(R // BLK) * BLK, rng.randbytes(BLK)) for r in picked[:24]]
+    a_writes = [(r * R, rng.randbytes(2 * BLK)) for r in picked[16:]]  # 8 regions shared
+    pwrite_file(b.volume_file(), b_writes)
+    pwrite_file(a.volume_file(), a_writes)
+    assert image(a) != image(b)
+    b_image = image(b)
+
+    # A reverse stream that names another volume is refused; A unchanged.
+    a_before = image(a)
+    bad = P.preamble() + P.json_frame(P.HEADER, {
+        "volume": "vol0", "uuid": b.status("vol0")["uuid"], "size": SIZE, "region": R,
+        "seq": 99, "base": 1, "full": False, "time": time.time(),
+        "reverse": {"source_uuid": "00000000-0000-0000-0000-000000000000", "seq": 1}})
+    p = receive(a, bad + P.json_frame(P.END, {"records": 0, "bytes": 0}))
+    assert p.returncode == 1 and "is for volume" in p.stderr.decode(), p.stderr
+    assert image(a) == a_before
+
+    # Return: B's changes back to A, only the differences; A's unsent changes overwritten.
+    to_a = f"{sys.executable} -m vmd -c {a.config_path} rcopy receive vol0"
+    t0 = time.monotonic()
+    out = b.cli("rcopy", "reverse", "vol0", "--target", to_a, "--period", "1h",
+                timeout=120).stdout
+    secs = time.monotonic() - t0
+    last = rstatus(b)["last_update"]
+    union = regions_of(b_writes) | regions_of(a_writes)
+    assert last["state"] == "done" and last["reverse"], last
+    assert last["sent_bytes"] == len(union) * R, (last, len(union))
+    assert last["overwritten_bytes"] == len(regions_of(a_writes)) * R, last
+    assert "overwritten" in out, out
+    print(f"\nreverse: {last['sent_bytes']} bytes sent of {SIZE} "
+          f"({100 * last['sent_bytes'] / SIZE:.2f} %), {last['overwritten_bytes']} bytes of A's "
+          f"unsent changes overwritten, {secs:.2f} s (CLI)")
+    assert image(b) == b_image
+    assert_equal_images(a, b)
+    # A is now B's target: read-only, and stays so across a restart.
+    st = rstatus(a)
+    assert st["role"] == "target" and st["sequence"] == last["seq"] and not st["promoted"], st
+    assert rstatus(b)["role"] == "source"
+    with pytest.raises(OSError):
+        pwrite_file(a.volume_file(), [(0, b"x" * BLK)])
+    a.restart()
+    assert rstatus(a)["role"] == "target"
+    # Later updates from B reach A incrementally.
+    more = [(r * R, rng.randbytes(BLK)) for r in rng.sample(range(nreg), 5)]
+    pwrite_file(b.volume_file(), more)
+    reply = sync(b)
+    assert reply["sent_bytes"] == len(regions_of(more)) * R, reply
+    assert_equal_images(a, b)
+
+    # The original direction restored: promote A, reverse again (A's configured target).
+    a.cli("rcopy", "promote", "vol0")
+    back = [(r * R, rng.randbytes(BLK)) for r in rng.sample(range(nreg), 3)]
+    pwrite_file(a.volume_file(), back)
+    a.cli("rcopy", "reverse", "vol0", timeout=120)
+    last = rstatus(a)["last_update"]
+    assert last["sent_bytes"] == len(regions_of(back)) * R and last["overwritten_bytes"] == 0
+    assert_equal_images(b, a)
+    assert rstatus(b)["role"] == "target" and rstatus(a)["role"] == "source"
+    fwd = [(r * R, rng.randbytes(BLK)) for r in rng.sample(range(nreg), 4)]
+    pwrite_file(a.volume_file(), fwd)
+    reply = sync(a)
+    assert reply["sent_bytes"] == len(regions_of(fwd)) * R, reply
+    assert_equal_images(b, a)
+    with pytest.raises(OSError):
+        pwrite_file(b.volume_file(), [(0, b"x" * BLK)])

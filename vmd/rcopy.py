@@ -16,6 +16,16 @@ crash recovery adds the dirty regions). An update:
 3. on the receiver's ack: the acknowledged sequence and time become the last
    consistent point and `inflight` is dropped.
 
+Failover and return: `promote` on the target makes it writable and starts its
+own tracker; `reverse` on it turns it into a source (of a link kept in its
+sidecar log, the command given with --target) whose first update is a
+reverse: the old primary reports the regions it changed that the target never
+got (its tracker + unacknowledged update), the target sends the union of those
+and of its own changes, and the old primary, once it committed, is the target.
+Which role a volume has is in its sidecar log: a target (`rcopy_target`, also
+when promoted) takes no role from the config; a source from the log's link
+target, else from the config.
+
 The receiving side is in rcopy_recv.py; the wire format in rcopy_proto.py.
 """
 
@@ -32,7 +42,7 @@ from bitarray import bitarray
 
 from . import rcopy_proto as P
 from . import rcopy_recv
-from .config import format_size
+from .config import RcopyConfig, format_size, parse_duration
 from .errors import VmdError
 from .regionmap import RegionMap
 from .sidecar import SNAPLINK, PlexRecord
@@ -94,10 +104,11 @@ class Transfer:
 class Link:
     """The Remote Copy of one source volume."""
 
-    def __init__(self, vol: Volume):
+    def __init__(self, vol: Volume, cfg: RcopyConfig):
         self.vol = vol
-        self.cfg = vol.cfg.rcopy
-        assert self.cfg is not None
+        self.cfg = cfg
+        self.engine: Engine | None = None
+        self.scope: trio.CancelScope | None = None
         self.lock = trio.Lock()
         self.xfer: Transfer | None = None
         self.wake = trio.Event()
@@ -168,7 +179,8 @@ class Link:
         async with self.lock:
             return await self._update(why)
 
-    async def _update(self, why: str) -> dict[str, Any]:
+    async def _take(self, extra: RegionMap | None = None) -> tuple[Transfer, float]:
+        """The point in time: M = tracker ∪ failed update ∪ extra, recorded durably."""
         vol, ext = self.vol, self.ext
         async with vol.gate.hold():
             rec = _tracker(vol)
@@ -181,44 +193,76 @@ class Link:
                 m.union(_dec(vol, ext["inflight"]))
             if ext.pop("need_full", None):
                 m.fill()
+            if extra is not None:
+                m.union(extra)
             rec.missing = vol.state.new_map()
-            seq = int(ext.get("next_seq", 1))
-            ext["next_seq"] = seq + 1
             ext["inflight"] = _enc(m)
             pit = time.time()
             await vol.checkpoint()
             x = self.xfer = Transfer(m)
-        base = int(ext.get("acked", 0))
-        full = bool(m.bits.all())
+        return x, pit
+
+    async def _update(self, why: str) -> dict[str, Any]:
+        vol, ext = self.vol, self.ext
+        rev = ext.get("reverse")
+        seq = int(ext.get("next_seq", 1))
+        ext["next_seq"] = seq + 1
+        st: dict[str, Any] = {}
+        if rev is None:
+            st["x"], st["pit"] = await self._take()
+            base = int(ext.get("acked", 0))
+        else:
+            await vol.checkpoint()  # the sequence number is used
+            base = int(rev["seq"])
+        x: Transfer | None = st.get("x")
+        full = bool(x is not None and x.map.bits.all())
         t0 = time.monotonic()
-        self.last = {"seq": seq, "base": base, "full": full, "started": pit, "state": "sending",
-                     "total_bytes": x.total_bytes}
+        self.last = {"seq": seq, "base": base, "full": full, "started": st.get("pit", time.time()),
+                     "state": "sending", "total_bytes": x.total_bytes if x else None,
+                     "reverse": rev is not None}
         try:
-            ack = await self._send(x, seq, base, pit, full)
+            ack = await self._send(st, seq, base, full, rev)
         except (VmdError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
             msg = str(e) or type(e).__name__
             tail = "; ".join(self.stderr)
-            self.last.update(state="failed", error=msg, sent_bytes=x.sent_bytes,
+            x = st.get("x")
+            self.last.update(state="failed", error=msg, sent_bytes=x.sent_bytes if x else 0,
                              seconds=time.monotonic() - t0)
-            log.warning("volume %s: remote copy update %d failed (retried at the next one): %s%s",
-                        vol.name, seq, msg, f" [link stderr: {tail}]" if tail else "")
-            raise VmdError(f"volume {vol.name}: remote copy update {seq} failed: {msg}") from None
+            what = "reverse" if rev is not None else "update"
+            log.warning("volume %s: remote copy %s %d failed (retried at the next one): %s%s",
+                        vol.name, what, seq, msg, f" [link stderr: {tail}]" if tail else "")
+            raise VmdError(f"volume {vol.name}: remote copy {what} {seq} failed: {msg}") from None
         finally:
             self.xfer = None
+        x, pit = st["x"], st["pit"]
         ext["acked"], ext["time"] = seq, pit
         ext["inflight"] = None
+        ext.pop("reverse", None)
         ext["bytes_total"] = int(ext.get("bytes_total", 0)) + x.sent_bytes
         await vol.checkpoint()
         secs = time.monotonic() - t0
         self.last.update(state="done", sent_bytes=x.sent_bytes, cow_bytes=x.saved_bytes,
-                         seconds=secs, error=None)
-        log.info("volume %s: remote copy update %d committed by the target: %s sent%s in %.2f s",
-                 vol.name, seq, format_size(x.sent_bytes), " (full)" if full else "", secs)
-        return {"volume": vol.name, "seq": ack, "time": pit, "sent_bytes": x.sent_bytes,
-                "full": full, "seconds": secs, "cow_bytes": x.saved_bytes}
+                         total_bytes=x.total_bytes, seconds=secs, error=None)
+        out = {"volume": vol.name, "seq": ack, "time": pit, "sent_bytes": x.sent_bytes,
+               "full": full, "seconds": secs, "cow_bytes": x.saved_bytes}
+        if rev is not None:
+            out.update(reverse=True, own_bytes=st["own_bytes"],
+                       overwritten_bytes=st["overwritten_bytes"], size=vol.size)
+            self.last.update(overwritten_bytes=st["overwritten_bytes"])
+            log.log(logging.WARNING if st["overwritten_bytes"] else logging.INFO,
+                    "volume %s: reverse %d committed by %s, now its remote copy target: %s sent "
+                    "(%s changed here since the promote) in %.2f s; %s of changes made there "
+                    "and never sent here were overwritten", vol.name, seq,
+                    rev.get("source") or "the old primary", format_size(x.sent_bytes),
+                    format_size(st["own_bytes"]), secs, format_size(st["overwritten_bytes"]))
+        else:
+            log.info("volume %s: remote copy update %d committed by the target: %s sent%s in "
+                     "%.2f s", vol.name, seq, format_size(x.sent_bytes),
+                     " (full)" if full else "", secs)
+        return out
 
-    async def _send(self, x: Transfer, seq: int, base: int, pit: float, full: bool) -> int:
-        vol = self.vol
+    async def _send(self, st: dict[str, Any], seq: int, base: int, full: bool,
+                    rev: dict[str, Any] | None) -> int:
         self.stderr.clear()
         proc = await trio.lowlevel.open_process(
             list(self.cfg.target), stdin=-1, stdout=-1, stderr=-1)  # -1: subprocess.PIPE
@@ -238,7 +282,7 @@ class Link:
 
                 nursery.start_soon(watch)
                 try:
-                    result["ack"] = await self._speak(x, proc, seq, base, pit, full, vol)
+                    result["ack"] = await self._speak(st, proc, seq, base, full, rev)
                 except (VmdError, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
                         trio.TooSlowError) as e:
                     result["error"] = str(e) or (
@@ -258,7 +302,8 @@ class Link:
                 if proc.returncode is None:
                     proc.kill()
                     await proc.wait()
-        if x.broken:
+        x = st.get("x")
+        if x is not None and x.broken:
             raise VmdError(x.broken)
         if "ack" in result:
             return result["ack"]
@@ -276,16 +321,32 @@ class Link:
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
-    async def _speak(self, x: Transfer, proc: Any, seq: int, base: int, pit: float,
-                     full: bool, vol: Volume) -> int:
+    async def _speak(self, st: dict[str, Any], proc: Any, seq: int, base: int, full: bool,
+                     rev: dict[str, Any] | None) -> int:
+        vol = self.vol
         out = proc.stdin
         replies = P.Reader(proc.stdout)
-        await out.send_all(P.preamble() + P.json_frame(P.HEADER, {
-            "volume": vol.name, "uuid": vol.state.uuid, "size": vol.size,
-            "region": vol.state.fmr_region, "seq": seq, "base": base, "full": full, "time": pit}))
+        h = {"volume": vol.name, "uuid": vol.state.uuid, "size": vol.size,
+             "region": vol.state.fmr_region, "seq": seq, "base": base, "full": full,
+             "time": st.get("pit", time.time())}
+        if rev is not None:
+            h["reverse"] = {"source_uuid": rev["source_uuid"], "seq": int(rev["seq"])}
+        await out.send_all(P.preamble() + P.json_frame(P.HEADER, h))
         with trio.fail_after(READY_TIMEOUT):
-            msg = await replies.line()
+            msg = await replies.line(P.MAX_MAP_LINE if rev is not None else P.MAX_LINE)
         self._check_reply(msg, "ready")
+        assert msg is not None
+        if rev is not None:
+            theirs = self._their_map(msg)
+            own = _tracker(vol)
+            own_m = own.missing.copy() if own is not None and own.missing is not None else \
+                vol.state.new_map(fill=True)
+            if self.ext.get("inflight"):
+                own_m.union(_dec(vol, self.ext["inflight"]))
+            st["own_bytes"] = own_m.bytes_covered()
+            st["overwritten_bytes"] = msg["unsent_bytes"]  # checked by _their_map
+            st["x"], st["pit"] = await self._take(theirs)
+        x: Transfer = st["x"]
         m = x.map
         R = m.region
         records = 0
@@ -302,13 +363,71 @@ class Link:
             records += 1
             x.sent_bytes += n
             self.last["sent_bytes"] = x.sent_bytes
-        await out.send_all(P.json_frame(P.END, {"records": records, "bytes": x.sent_bytes}))
+        await out.send_all(P.json_frame(P.END, {"records": records, "bytes": x.sent_bytes,
+                                                "time": st["pit"]}))
         msg = await replies.line()
         self._check_reply(msg, "ack")
         if msg.get("seq") != seq:  # type: ignore[union-attr]
             raise P.ProtocolError(f"the target acknowledged sequence {msg.get('seq')}, "  # type: ignore[union-attr]
                                   f"not {seq}")
         return seq
+
+    def _their_map(self, msg: dict[str, Any]) -> RegionMap:
+        """The old primary's unsent changes (its `ready` of a reverse), in our regions."""
+        vol = self.vol
+        region, raw = P.decode_map(msg.get("map"), vol.size)
+        unsent = msg.get("unsent_bytes")
+        if isinstance(unsent, bool) or not isinstance(unsent, int) or not 0 <= unsent <= vol.size:
+            raise P.ProtocolError(f"the old primary reported {unsent!r} unsent bytes")
+        bits = bitarray()
+        bits.frombytes(raw)
+        theirs = RegionMap(vol.size, region)
+        theirs.bits = bits[:theirs.nbits]
+        if theirs.bytes_covered() != unsent:
+            raise P.ProtocolError(f"the old primary reported {unsent} unsent bytes but its map "
+                                  f"covers {theirs.bytes_covered()}")
+        out = vol.state.new_map()
+        if region == out.region:
+            out.union(theirs)
+        else:
+            out.mark_regions_of(theirs, theirs.set_indices())
+        self.last["overwritten_bytes"] = unsent
+        return out
+
+    # -- seen from the receiving side of a reverse (this volume is the old primary) --
+
+    def unsent_map(self, rev_seq: int) -> tuple[RegionMap, str]:
+        """The regions changed here that a target holding `rev_seq` may lack, and why
+        that is every region (or "")."""
+        vol, ext = self.vol, self.ext
+        rec = _tracker(vol)
+        acked = int(ext.get("acked", 0))
+        if rec is None or rec.missing is None:
+            return vol.state.new_map(fill=True), "the change map is missing"
+        if rev_seq < acked:
+            return vol.state.new_map(fill=True), (f"the target holds sequence {rev_seq}, older "
+                                                  f"than the acknowledged {acked}")
+        if ext.get("need_full"):
+            return vol.state.new_map(fill=True), "the target needed a full update"
+        m = rec.missing.copy()
+        if ext.get("inflight"):
+            try:
+                m.union(_dec(vol, ext["inflight"]))
+            except (ValueError, TypeError) as e:
+                return vol.state.new_map(fill=True), f"the unfinished update's map is bad ({e})"
+        return m, ""
+
+    async def demote(self, info: dict[str, Any]) -> None:
+        """The reverse committed here: this volume is now a target (one checkpoint)."""
+        vol = self.vol
+        async with vol.gate.hold():
+            vol.before_write = None
+            _drop_tracker(vol)
+            vol.state.extra.pop("rcopy", None)
+            vol.state.extra["rcopy_target"] = info
+            await vol.checkpoint()
+        if self.engine is not None:
+            self.engine.remove(self)
 
     def _check_reply(self, msg: dict[str, Any] | None, want: str) -> None:
         if msg is None:
@@ -352,6 +471,7 @@ class Link:
             "pending_bytes": pending, "unacknowledged": bool(ext.get("inflight")),
             "bytes_sent_total": int(ext.get("bytes_total", 0)),
             "last_update": self.last or None,
+            "reverse_pending": bool(ext.get("reverse")),
         }
 
 
@@ -364,6 +484,36 @@ class Engine:
         self.idle = trio.Event()
         self.idle.set()
         self.stopping = False
+        self.nursery: trio.Nursery | None = None
+
+    @staticmethod
+    def link_config(vol: Volume) -> RcopyConfig | None:
+        """The volume's role from its sidecar log first: a target (promoted or not)
+        is no source; a source from a reverse has its link in the log."""
+        if rcopy_recv.target_info(vol) is not None:
+            return None
+        ext = vol.state.extra.get("rcopy") or {}
+        if ext.get("target"):
+            return RcopyConfig(target=tuple(ext["target"]), period=float(ext.get("period", 300)))
+        return vol.cfg.rcopy
+
+    def add(self, link: Link) -> None:
+        assert self.nursery is not None
+        link.engine = self
+        self.links[link.vol.name] = link
+
+        async def run() -> None:
+            with trio.CancelScope() as scope:
+                link.scope = scope
+                await self.background(link.run)
+
+        self.nursery.start_soon(run, name=f"rcopy-{link.vol.name}")
+
+    def remove(self, link: Link) -> None:
+        if self.links.get(link.vol.name) is link:
+            del self.links[link.vol.name]
+        if link.scope is not None:
+            link.scope.cancel()
 
     async def background(self, fn: Any, *args: Any) -> None:
         try:
@@ -387,13 +537,25 @@ class Engine:
 
     async def startup(self, nursery: trio.Nursery) -> None:
         m = self.d.manager
+        self.nursery = nursery
         await rcopy_recv.startup(m)
         for vol in list(m.volumes.values()):
-            if vol.cfg.rcopy is not None:
-                link = Link(vol)
+            cfg = self.link_config(vol)
+            info = rcopy_recv.target_info(vol)
+            if cfg is not None:
+                link = Link(vol, cfg)
                 await link.setup()
-                self.links[vol.name] = link
-                nursery.start_soon(self.background, link.run, name=f"rcopy-{vol.name}")
+                self.add(link)
+            elif info is not None:
+                if vol.cfg.rcopy is not None:
+                    log.info("volume %s: a remote copy target of %s since a reverse: the "
+                             "config's rcopy target is not used (`vmd rcopy promote` and "
+                             "`vmd rcopy reverse` restore this direction)", vol.name,
+                             info.get("source"))
+                if not info.get("promoted") and _tracker(vol) is not None:
+                    _drop_tracker(vol)
+                    await vol.checkpoint()
+                # promoted: the tracker holds its own changes since the promote
             elif _tracker(vol) is not None:
                 _drop_tracker(vol)
                 vol.state.extra.pop("rcopy", None)
@@ -472,7 +634,8 @@ def register(d: "Daemon") -> None:
         if eng.stopping:
             raise VmdError("the daemon is stopping")
         rfd, wfd = fds.pop(0), fds.pop(0)  # from here rcopy_recv.receive owns (closes) them
-        return await eng.guarded(rcopy_recv.receive, m, vol, rfd, wfd, eng.receiving)
+        return await eng.guarded(rcopy_recv.receive, m, vol, rfd, wfd, eng.receiving,
+                                 eng.links.get(vol.name))
 
     async def promote(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         vol = m.get(name(req))
@@ -492,9 +655,74 @@ def register(d: "Daemon") -> None:
         log.info("volume %s: promoted: writable, consistent point %s", vol.name, info.get("seq"))
         return {"volume": vol.name, "sequence": info.get("seq"), "time": info.get("time")}
 
+    async def reverse(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        vol = m.get(name(req))
+        target = req.get("target")
+        if target is not None and (not isinstance(target, list) or not target
+                                   or not all(isinstance(a, str) and a for a in target)):
+            raise VmdError("reverse: --target must be a command")
+        period = req.get("period")
+        if period is not None:
+            try:
+                period = parse_duration(period)
+            except (ValueError, TypeError) as e:
+                raise VmdError(f"reverse: bad --period: {e}") from None
+        link = eng.links.get(vol.name)
+        if link is not None:
+            if not link.ext.get("reverse"):
+                raise VmdError(f"volume {vol.name} is already the remote copy source; "
+                               f"`vmd rcopy reverse` runs on a promoted target")
+            if target is not None or period is not None:  # a retry with another link
+                if target is not None:
+                    link.ext["target"] = target
+                if period is not None:
+                    link.ext["period"] = period
+                link.cfg = RcopyConfig(target=tuple(target or link.cfg.target),
+                                       period=link.cfg.period if period is None else period)
+                await vol.checkpoint()
+        else:
+            info = rcopy_recv.target_info(vol)
+            if info is None:
+                raise VmdError(f"volume {vol.name} is not a remote copy target")
+            if not info.get("promoted"):
+                raise VmdError(f"volume {vol.name} is not promoted: `vmd rcopy promote "
+                               f"{vol.name}` first")
+            if not info.get("source_uuid") or not info.get("seq"):
+                raise VmdError(f"volume {vol.name} does not know which volume it replicated")
+            if target is None and vol.cfg.rcopy is None:
+                raise VmdError(f"reverse: which command reaches {info.get('source')}? Give "
+                               f"--target 'ssh HOST vmd -c CONFIG rcopy receive VOLUME'")
+            seq = int(info["seq"])
+            async with vol.gate.hold():
+                ext: dict[str, Any] = {
+                    "acked": seq, "next_seq": seq + 1, "time": info.get("time"),
+                    "reverse": {"source": info.get("source"), "source_uuid": info["source_uuid"],
+                                "seq": seq}}
+                if target is not None:
+                    ext["target"] = target
+                    ext["period"] = 300.0 if period is None else period
+                vol.state.extra["rcopy"] = ext
+                del vol.state.extra["rcopy_target"]
+                if _tracker(vol) is None:
+                    _add_tracker(vol, full=True)
+                    log.warning("volume %s: no change map since the promote: the reverse sends "
+                                "the whole volume", vol.name)
+                await vol.checkpoint()
+                rcopy_recv.guard(vol)
+            cfg = eng.link_config(vol)
+            assert cfg is not None
+            if target is None and period is not None:
+                cfg = RcopyConfig(target=cfg.target, period=period)
+            link = Link(vol, cfg)
+            await link.setup()
+            eng.add(link)
+            log.info("volume %s: reversing: now the remote copy source to %s (%s)", vol.name,
+                     info.get("source"), " ".join(cfg.target))
+        return await eng.guarded(link.update, "reverse")
+
     d.commands.update({"rcopy.status": status, "rcopy.sync": sync, "rcopy.pause": pause,
                        "rcopy.resume": resume, "rcopy.receive": receive,
-                       "rcopy.promote": promote})
+                       "rcopy.promote": promote, "rcopy.reverse": reverse})
 
 
 async def startup(d: "Daemon", nursery: trio.Nursery) -> None:
@@ -514,11 +742,19 @@ def add_rcopy_parsers(sub: Any) -> None:
                          ("sync", "run an update now and wait for it"),
                          ("pause", "stop periodic updates"), ("resume", "restart them"),
                          ("receive", "receive an update stream on stdin (the link command)"),
-                         ("promote", "make a target volume writable (failover)")):
+                         ("promote", "make a target volume writable (failover)"),
+                         ("reverse", "on a promoted target: send its changes back to the old "
+                                     "primary, which becomes its target (return)")):
         p = rs.add_parser(action, help=what)
         p.add_argument("volume")
         if action == "status":
             p.add_argument("--json", action="store_true")
+        if action == "reverse":
+            p.add_argument("--target", metavar="COMMAND",
+                           help="the command that reaches the old primary, e.g. 'ssh hostA vmd "
+                                "-c /etc/vmd/vmd.yaml rcopy receive vol0' (kept in the log as "
+                                "this volume's link; default: the volume's configured target)")
+            p.add_argument("--period", help="period of the later updates (default 5min)")
 
 
 def run_rcopy_command(args: Any, client: Any) -> int:
@@ -526,7 +762,14 @@ def run_rcopy_command(args: Any, client: Any) -> int:
     import sys
 
     c = args.rcopy_cmd
-    req = {"cmd": f"rcopy.{c}", "volume": args.volume}
+    req: dict[str, Any] = {"cmd": f"rcopy.{c}", "volume": args.volume}
+    if c == "reverse":
+        import shlex
+
+        if args.target is not None:
+            req["target"] = shlex.split(args.target)
+        if args.period is not None:
+            req["period"] = args.period
     if c == "receive":
         # The stream is our stdin/stdout; the daemon reads and answers them itself.
         client.timeout = None
@@ -534,7 +777,7 @@ def run_rcopy_command(args: Any, client: Any) -> int:
         print(f"{args.volume}: update {reply['seq']} committed ({format_size(reply['bytes'])})",
               file=sys.stderr)
         return 0
-    if c == "sync":
+    if c in ("sync", "reverse"):
         client.timeout = None
     reply = client.request(req)
     reply.pop("ok", None)
@@ -562,6 +805,11 @@ def run_rcopy_command(args: Any, client: Any) -> int:
               f" sent in {reply['seconds']:.2f} s" + (" (full)" if reply["full"] else ""))
     elif c in ("pause", "resume"):
         print(f"{args.volume}: remote copy {'paused' if reply['paused'] else 'resumed'}")
+    elif c == "reverse":
+        print(f"{args.volume}: reverse {reply['seq']} committed: {format_size(reply['sent_bytes'])}"
+              f" sent of {format_size(reply['size'])} in {reply['seconds']:.2f} s; "
+              f"{format_size(reply['overwritten_bytes'])} of the old primary's unsent changes "
+              f"overwritten; this volume is now the remote copy source")
     elif c == "promote":
         print(f"{args.volume}: promoted at consistent point {reply['sequence']}")
     return 0

@@ -6,14 +6,25 @@ Sender → receiver, binary:
     preamble  b"VMDRCOPY" + u16 version + u16 zero
     frames    u8 type, 3 pad bytes, u32 payload length, u32 crc32(type|length|payload), payload
       'H'  header, JSON: volume (name), uuid, size, region, seq, base, full, time
+           (version 2) reverse: {source_uuid, seq} — see below
       'D'  data: u64 offset + bytes (at most MAX_DATA)
-      'E'  end, JSON: records, bytes (must match what came)
+      'E'  end, JSON: records, bytes (must match what came); (version 2) time: the
+           update's point in time, when the header could not know it yet
 
 Receiver → sender, one JSON object per line:
 
     {"t": "ready", "committed": SEQ}         header accepted, send the data
     {"t": "ack", "seq": SEQ, "time": T}      update committed: B holds this point
     {"t": "error", "error": MSG, "need_full": BOOL}
+
+Version 2 adds the reverse (failover and return): a promoted secondary B sends
+its changes back to the old primary A. Its header carries `reverse`: the uuid
+of the volume B replicated (A's own uuid, checked by A) and B's consistent
+point. A answers `ready` with the map of its own changes B never received
+(tracker + unacknowledged update), as `map` (MapCodec: region, bits, zlib,
+crc32, all checked by B), and `unsent_bytes`; B then takes its point in time
+and sends the union of that map and its own changes, so that A ends equal to
+B. A version-1 stream is still accepted (without `reverse`).
 
 Every frame is checked before it is used: a bad checksum, an unknown type, an
 oversized frame, or the stream ending early is a ProtocolError; the receiver
@@ -32,7 +43,8 @@ import trio
 from .errors import VmdError
 
 MAGIC = b"VMDRCOPY"
-VERSION = 1
+VERSION = 2
+MIN_VERSION = 1  # still accepted from an older sender
 PREAMBLE = struct.Struct("<8sHH")
 FRAME = struct.Struct("<B3xII")  # type, length, crc32
 OFFSET = struct.Struct("<Q")
@@ -40,6 +52,7 @@ HEADER, DATA, END = ord("H"), ord("D"), ord("E")
 MAX_DATA = 4 * 1024 * 1024  # bytes of data in one 'D' frame
 MAX_JSON = 64 * 1024
 MAX_LINE = 64 * 1024
+MAX_MAP_LINE = 64 * 1024 * 1024  # the reverse's `ready` carries a change map
 CHUNK = 1024 * 1024  # what the sender puts in one 'D' frame
 
 
@@ -74,6 +87,7 @@ class Reader:
         self.stream = stream
         self.buf = bytearray()
         self.received = 0
+        self.version = 0
 
     async def exactly(self, n: int, what: str) -> bytes:
         while len(self.buf) < n:
@@ -87,9 +101,9 @@ class Reader:
         self.received += n
         return out
 
-    async def line(self) -> dict[str, Any] | None:
+    async def line(self, limit: int = MAX_LINE) -> dict[str, Any] | None:
         while b"\n" not in self.buf:
-            if len(self.buf) > MAX_LINE:
+            if len(self.buf) > limit:
                 raise ProtocolError("reply line too long")
             chunk = await self.stream.receive_some(65536)
             if not chunk:
@@ -111,9 +125,10 @@ class Reader:
         magic, version, _ = PREAMBLE.unpack(raw)
         if magic != MAGIC:
             raise ProtocolError(f"not a vmd rcopy stream (bad magic {magic!r})")
-        if version != VERSION:
+        if not MIN_VERSION <= version <= VERSION:
             raise ProtocolError(f"unsupported rcopy protocol version {version} (this vmd speaks "
-                                f"{VERSION})")
+                                f"{MIN_VERSION} to {VERSION})")
+        self.version = version
 
     async def frame(self) -> tuple[int, bytes]:
         kind, length, crc = FRAME.unpack(await self.exactly(FRAME.size, "a frame header"))
@@ -141,3 +156,37 @@ def decode_json(payload: bytes, what: str) -> dict[str, Any]:
 
 def line(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def encode_map(region: int, nbits: int, bits: bytes) -> dict[str, Any]:
+    """A change map for a JSON reply: its geometry, zlib'd bits, crc32 of the raw bits."""
+    import base64
+
+    return {"region": region, "nbits": nbits, "crc": zlib.crc32(bits),
+            "data": base64.b64encode(zlib.compress(bits, 1)).decode()}
+
+
+def decode_map(obj: Any, size: int) -> tuple[int, bytes]:
+    """(region, raw bits) of a map from encode_map, checked against a volume of `size`."""
+    import base64
+    import binascii
+
+    if not isinstance(obj, dict):
+        raise ProtocolError("the reply carries no change map")
+    try:
+        region, nbits, crc = int(obj["region"]), int(obj["nbits"]), int(obj["crc"])
+        packed = base64.b64decode(obj["data"], validate=True)
+    except (KeyError, TypeError, ValueError, binascii.Error) as e:
+        raise ProtocolError(f"malformed change map: {e!r}") from None
+    if region <= 0 or nbits != -(-size // region):
+        raise ProtocolError(f"change map of {nbits} regions of {region} bytes does not fit a "
+                            f"volume of {size} bytes")
+    want = -(-nbits // 8)
+    d = zlib.decompressobj()
+    try:
+        raw = d.decompress(packed, want + 1)
+    except zlib.error as e:
+        raise ProtocolError(f"damaged change map: {e}") from None
+    if len(raw) != want or not d.eof or zlib.crc32(raw) != crc:
+        raise ProtocolError("damaged change map (length or checksum)")
+    return region, raw

@@ -59,7 +59,7 @@ def guard(vol: Volume) -> None:
     """Make the volume's user I/O follow its target state: writes refused
     unless promoted; reads refused while syncing or never consistent."""
     info = target_info(vol)
-    if info is None or info.get("promoted"):
+    if not syncing(vol) and (info is None or info.get("promoted")):
         vol.__dict__.pop("pread", None)
         vol.__dict__.pop("pwrite", None)
         return
@@ -71,6 +71,9 @@ def guard(vol: Volume) -> None:
         return await Volume.pread(vol, off, size)
 
     async def pwrite(off: int, data: bytes | memoryview) -> int:
+        if target_info(vol) is None:  # a source taking a reverse
+            raise VolumeIOError(errno.EROFS, f"volume {vol.name} is being overwritten by a "
+                                             f"remote copy reverse")
         raise VolumeIOError(errno.EROFS, f"volume {vol.name} is a remote copy target: "
                                          f"`vmd rcopy promote {vol.name}` to write to it")
 
@@ -172,14 +175,14 @@ async def startup(m: "VolumeManager") -> None:
 
 
 async def receive(m: "VolumeManager", vol: Volume, rfd: int, wfd: int,
-                  active: set[str]) -> dict[str, Any]:
+                  active: set[str], source: Any = None) -> dict[str, Any]:
+    """Apply one update stream. `source` is the volume's rcopy.Link when it is a
+    source here: then only a reverse (from its promoted secondary) is taken."""
     rstream = trio.lowlevel.FdStream(rfd)
     wstream = trio.lowlevel.FdStream(wfd)
     info = target_info(vol) or {}
     why = ""
-    if vol.cfg.rcopy is not None:
-        why = f"volume {vol.name} is a remote copy source here; it cannot receive"
-    elif info.get("promoted"):
+    if info.get("promoted"):
         why = (f"volume {vol.name} was promoted (it is writable and has its own changes); it "
                f"does not take updates")
     elif vol.name in active:
@@ -192,7 +195,7 @@ async def receive(m: "VolumeManager", vol: Volume, rfd: int, wfd: int,
         raise VmdError(why)
     active.add(vol.name)
     try:
-        return await _receive(m, vol, P.Reader(rstream), wstream, info)
+        return await _receive(m, vol, P.Reader(rstream), wstream, info, source)
     finally:
         active.discard(vol.name)
         with trio.CancelScope(shield=True):
@@ -211,7 +214,7 @@ async def _reply(w: trio.abc.SendStream, obj: dict[str, Any]) -> None:
 
 
 async def _receive(m: "VolumeManager", vol: Volume, r: P.Reader, w: trio.abc.SendStream,
-                   info: dict[str, Any]) -> dict[str, Any]:
+                   info: dict[str, Any], source: Any) -> dict[str, Any]:
     committed = int(info.get("seq") or 0)
     try:
         await r.preamble()
@@ -219,11 +222,25 @@ async def _receive(m: "VolumeManager", vol: Volume, r: P.Reader, w: trio.abc.Sen
         if kind != P.HEADER:
             raise P.ProtocolError(f"the stream does not start with a header frame")
         h = P.decode_json(payload, "header")
-        _check_header(vol, h, info, committed)
+        if h.get("reverse") is not None:
+            if r.version < 2:
+                raise P.ProtocolError("a reverse needs protocol version 2")
+            if source is None:
+                raise P.ProtocolError(f"volume {vol.name} is not a remote copy source here: a "
+                                      f"reverse goes to the volume the sender replicated")
+            _check_reverse(vol, h, source)
+        elif source is not None:
+            raise P.ProtocolError(f"volume {vol.name} is a remote copy source here; it cannot "
+                                  f"receive (only a reverse from its promoted target)")
+        else:
+            _check_header(vol, h, info, committed)
     except VmdError as e:
         need_full = getattr(e, "need_full", False)
         await _reply(w, {"t": "error", "error": str(e), "need_full": need_full})
         raise VmdError(f"volume {vol.name}: update rejected, volume unchanged: {e}") from None
+    if h.get("reverse") is not None:
+        async with source.lock:  # no update of ours runs while we are overwritten
+            return await _receive_reverse(m, vol, r, w, h, source)
     seq, full = int(h["seq"]), bool(h["full"])
     await _reply(w, {"t": "ready", "committed": committed})
 
@@ -238,42 +255,13 @@ async def _receive(m: "VolumeManager", vol: Volume, r: P.Reader, w: trio.abc.Sen
     journal = Journal(journal_path(vol))
     undo = committed > 0
     t0 = time.monotonic()
-    records = nbytes = 0
     try:
         await trio.to_thread.run_sync(journal.create, {"seq": seq, "base": committed,
                                                        "undo": undo, "started": time.time()})
-        batch: list[tuple[int, bytes]] = []
-        batch_bytes = 0
-        while True:
-            kind, payload = await r.frame()
-            if kind == P.DATA:
-                if len(payload) < P.OFFSET.size:
-                    raise P.ProtocolError("data frame without an offset")
-                (off,) = P.OFFSET.unpack_from(payload)
-                data = payload[P.OFFSET.size:]
-                if off + len(data) > vol.size or not data:
-                    raise P.ProtocolError(f"data frame at offset {off} of {len(data)} bytes is "
-                                          f"outside volume {vol.name} ({vol.size} bytes)")
-                batch.append((off, data))
-                batch_bytes += len(data)
-                records += 1
-                nbytes += len(data)
-                if batch_bytes >= BATCH:
-                    await _apply(vol, journal, batch, undo)
-                    batch, batch_bytes = [], 0
-            elif kind == P.END:
-                e = P.decode_json(payload, "end frame")
-                if e.get("records") != records or e.get("bytes") != nbytes:
-                    raise P.ProtocolError(f"end frame says {e.get('records')} records / "
-                                          f"{e.get('bytes')} bytes, the stream held {records} / "
-                                          f"{nbytes}")
-                await _apply(vol, journal, batch, undo)
-                break
-            else:
-                raise P.ProtocolError("a second header frame inside the stream")
+        records, nbytes, pit = await _take_data(vol, r, journal, undo, h)
         # Commit: data durable, then the new consistent point, then no journal.
         await vol.flush()
-        info.update(seq=seq, time=h["time"], committed_at=time.time(), full=full)
+        info.update(seq=seq, time=pit, committed_at=time.time(), full=full)
         vol.state.extra["rcopy_target"] = info
         await vol.checkpoint()
         await trio.to_thread.run_sync(journal.remove)
@@ -293,8 +281,124 @@ async def _receive(m: "VolumeManager", vol: Volume, r: P.Reader, w: trio.abc.Sen
     secs = time.monotonic() - t0
     log.info("volume %s: remote copy update %d committed (%d records, %d bytes, %.2f s)",
              vol.name, seq, records, nbytes, secs)
-    await _reply(w, {"t": "ack", "seq": seq, "time": h["time"]})
+    await _reply(w, {"t": "ack", "seq": seq, "time": pit})
     return {"volume": vol.name, "seq": seq, "records": records, "bytes": nbytes, "seconds": secs}
+
+
+async def _take_data(vol: Volume, r: P.Reader, journal: Journal, undo: bool,
+                     h: dict[str, Any]) -> tuple[int, int, float]:
+    """Read and apply the data frames up to the end frame: (records, bytes, time)."""
+    records = nbytes = 0
+    batch: list[tuple[int, bytes]] = []
+    batch_bytes = 0
+    while True:
+        kind, payload = await r.frame()
+        if kind == P.DATA:
+            if len(payload) < P.OFFSET.size:
+                raise P.ProtocolError("data frame without an offset")
+            (off,) = P.OFFSET.unpack_from(payload)
+            data = payload[P.OFFSET.size:]
+            if off + len(data) > vol.size or not data:
+                raise P.ProtocolError(f"data frame at offset {off} of {len(data)} bytes is "
+                                      f"outside volume {vol.name} ({vol.size} bytes)")
+            batch.append((off, data))
+            batch_bytes += len(data)
+            records += 1
+            nbytes += len(data)
+            if batch_bytes >= BATCH:
+                await _apply(vol, journal, batch, undo)
+                batch, batch_bytes = [], 0
+        elif kind == P.END:
+            e = P.decode_json(payload, "end frame")
+            if e.get("records") != records or e.get("bytes") != nbytes:
+                raise P.ProtocolError(f"end frame says {e.get('records')} records / "
+                                      f"{e.get('bytes')} bytes, the stream held {records} / "
+                                      f"{nbytes}")
+            pit = e.get("time", h["time"])
+            if isinstance(pit, bool) or not isinstance(pit, (int, float)):
+                raise P.ProtocolError(f"end frame has a malformed time {pit!r}")
+            await _apply(vol, journal, batch, undo)
+            return records, nbytes, float(pit)
+        else:
+            raise P.ProtocolError("a second header frame inside the stream")
+
+
+def _check_reverse(vol: Volume, h: dict[str, Any], source: Any) -> None:
+    try:
+        seq, base, size = int(h["seq"]), int(h["base"]), int(h["size"])
+        name, uid = str(h["volume"]), str(h["uuid"])
+        float(h["time"])
+        rev = h["reverse"]
+        rev_uuid, rev_seq = str(rev["source_uuid"]), int(rev["seq"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise P.ProtocolError(f"malformed reverse header: {e!r}") from None
+    if size != vol.size:
+        raise P.ProtocolError(f"the stream is for a volume of {size} bytes, {vol.name} has "
+                              f"{vol.size}")
+    if rev_uuid != vol.state.uuid:
+        raise P.ProtocolError(f"the reverse from {name} ({uid}) is for volume {rev_uuid}, not "
+                              f"{vol.name} ({vol.state.uuid})")
+    acked = int(source.ext.get("acked", 0))
+    if seq <= max(acked, rev_seq) or base != rev_seq:
+        raise P.ProtocolError(f"replayed or stale reverse: sequence {seq} on {rev_seq}, but "
+                              f"{vol.name} sent up to sequence {acked}")
+
+
+async def _receive_reverse(m: "VolumeManager", vol: Volume, r: P.Reader,
+                           w: trio.abc.SendStream, h: dict[str, Any],
+                           source: Any) -> dict[str, Any]:
+    """This volume (the old primary) is overwritten with the promoted target's
+    image: its own changes that the target never received are reported to the
+    sender (which sends those regions too) and overwritten. On commit it
+    becomes the target of the sender; on failure it is rolled back and stays
+    the primary (its change map untouched)."""
+    seq = int(h["seq"])
+    rev_seq = int(h["reverse"]["seq"])
+    async with vol.gate.hold():  # from here: no more writes of our own
+        vol._rcopy_syncing = True  # type: ignore[attr-defined]
+        guard(vol)
+        unsent, why_full = source.unsent_map(rev_seq)
+    if why_full:
+        log.warning("volume %s: reverse from %s: %s: every region is sent back", vol.name,
+                    h["volume"], why_full)
+    unsent_bytes = unsent.bytes_covered()
+    await _reply(w, {"t": "ready", "committed": int(source.ext.get("acked", 0)),
+                     "unsent_bytes": unsent_bytes,
+                     "map": P.encode_map(unsent.region, unsent.nbits, unsent.bits.tobytes())})
+    journal = Journal(journal_path(vol))
+    t0 = time.monotonic()
+    try:
+        await trio.to_thread.run_sync(journal.create, {"seq": seq, "base": rev_seq, "undo": True,
+                                                       "reverse": True, "started": time.time()})
+        records, nbytes, pit = await _take_data(vol, r, journal, True, h)
+        await vol.flush()
+        info = {"seq": seq, "time": pit, "committed_at": time.time(), "full": False,
+                "source": h["volume"], "source_uuid": h["uuid"], "reversed": True}
+        await source.demote(info)  # one checkpoint: a target of the sender from now on
+        await trio.to_thread.run_sync(journal.remove)
+    except trio.Cancelled:
+        journal.close()  # the journal is rolled back at the next start: still the primary
+        raise
+    except (VmdError, OSError) as e:
+        journal.close()
+        with trio.CancelScope(shield=True):
+            await rollback(m, vol, str(e))
+            vol._rcopy_syncing = False  # type: ignore[attr-defined]
+            guard(vol)
+            await _reply(w, {"t": "error", "error": str(e), "need_full": False})
+        raise VmdError(f"volume {vol.name}: reverse {seq} rejected, volume unchanged (still "
+                       f"the primary): {e}") from None
+    vol._rcopy_syncing = False  # type: ignore[attr-defined]
+    guard(vol)
+    await trio.to_thread.run_sync(m.on_changed, vol.name)
+    secs = time.monotonic() - t0
+    log.log(logging.WARNING if unsent_bytes else logging.INFO,
+            "volume %s: reversed: now the remote copy target of %s at sequence %d (%d bytes "
+            "received in %.2f s); %d bytes of this volume's changes that were never sent were "
+            "overwritten", vol.name, h["volume"], seq, nbytes, secs, unsent_bytes)
+    await _reply(w, {"t": "ack", "seq": seq, "time": pit, "unsent_bytes": unsent_bytes})
+    return {"volume": vol.name, "seq": seq, "records": records, "bytes": nbytes, "seconds": secs,
+            "reverse": True, "overwritten_bytes": unsent_bytes}
 
 
 class _NeedFull(P.ProtocolError):
