@@ -335,7 +335,7 @@ def assert_equal_images(x: VmdDaemon, y: VmdDaemon) -> None:
         assert image(x, i) == want, f"{x.base.name} plex {i} differs from {y.base.name}"
 
 
-@pytest.mark.allow_log(r"were overwritten", *FAILED)
+@pytest.mark.allow_log(r"were overwritten", r"remote copy reverse \d+ failed", *FAILED)
 def test_promote_reverse_and_restore(vmd_factory: Callable[..., VmdDaemon],
                                      tmp_path: Path) -> None:
     a, b = make_pair(vmd_factory, tmp_path)
@@ -365,6 +365,12 @@ def test_promote_reverse_and_restore(vmd_factory: Callable[..., VmdDaemon],
     assert image(a) == a_before
 
     # Return: B's changes back to A, only the differences; A's unsent changes overwritten.
+    # A link that fails: nothing changes anywhere; the reverse is retried with another one.
+    p2 = b.cli("rcopy", "reverse", "vol0", "--target", "false", check=False)
+    assert p2.returncode == 1 and "reverse" in p2.stderr, p2.stderr
+    assert image(a) == a_before and image(b) == b_image
+    pwrite_file(b.volume_file(), [(b_writes[0][0], rng.randbytes(BLK))])  # B stays writable
+    b_image = image(b)
     to_a = f"{sys.executable} -m vmd -c {a.config_path} rcopy receive vol0"
     t0 = time.monotonic()
     out = b.cli("rcopy", "reverse", "vol0", "--target", to_a, "--period", "1h",
