@@ -103,6 +103,11 @@ async def test_write_error_detaches_plex_and_write_succeeds(tmp_path):
     FaultyPlex.fail_writes = False
     async with running_volume(vc, plex_factory=FaultyPlex) as vol:
         await random_writes(vol, ref, 10)
+        # Once the DRL has cleaned (data synced), the map after a failure holds
+        # only what the plex missed; before, it holds every region not yet clean.
+        with trio.fail_after(5):
+            while vol.state.drl.count():
+                await trio.sleep(0.05)
         FaultyPlex.fail_writes = True
         try:
             await vol.pwrite(5 * MiB, b"a" * 8192)
@@ -112,6 +117,8 @@ async def test_write_error_detaches_plex_and_write_succeeds(tmp_path):
         p1 = vol.plex("p1")
         assert p1.state == IOFAIL
         assert "injected write error" in p1.record.reason
+        # 5 MiB's region was dirtied by the failed write itself: 1 MiB at most.
+        assert p1.record.missing.bytes_covered() <= MiB
         # It missed the write: its FastResync map says so.
         assert p1.record.missing.any_in(5 * MiB, 8192)
         for _ in range(4):  # reads now come from p0 only
@@ -263,3 +270,45 @@ async def test_first_start_creates_missing_directories(tmp_path):
         await vol.pwrite(0, b"k" * 4096)
     assert [os.path.getsize(p) for p in vc.plexes] == [4 * MiB] * 2
     assert plex_bytes(vol)[0][:4096] == b"k" * 4096
+
+
+async def test_resync_without_a_source_waits_instead_of_spinning(tmp_path, caplog):
+    vc = volume_config(tmp_path, nplex=2)
+    FaultyPlex.fail_reads = False
+    async with running_volume(vc, plex_factory=FaultyPlex, shutdown=False) as vol:
+        await vol.detach_plex("p0")
+        await vol.pwrite(0, b"n" * 4096)
+        FaultyPlex.fail_reads = True  # p1, the only in-sync plex, cannot be read
+        try:
+            await vol.attach_plex("p0")
+            t0 = trio.current_time()
+            with trio.fail_after(2):  # the event loop keeps running
+                await trio.sleep(0.3)
+            assert trio.current_time() - t0 < 1
+        finally:
+            FaultyPlex.fail_reads = False
+        assert vol.plex("p1").state == IOFAIL
+        stopped = [r for r in caplog.records if "resync stopped" in r.getMessage()]
+        assert 1 <= len(stopped) <= 3, len(stopped)
+
+
+async def test_a_recovering_plex_that_fails_keeps_what_it_lacks(tmp_path):
+    vc = volume_config(tmp_path, size=16 * MiB, nplex=2)
+    async with running_volume(vc, clean_delay=60, shutdown=False) as vol:
+        for r in (2, 5, 9):
+            await vol.pwrite(r * MiB, os.urandom(4096))
+    FaultyPlex.fail_writes = False
+    async with running_volume(vc, plex_factory=FaultyPlex, shutdown=False) as vol:
+        async with vol.resync.paused():
+            p1 = vol.plex("p1")
+            lacked = p1.record.missing.copy()
+            assert lacked.bytes_covered() == 3 * MiB
+            FaultyPlex.fail_writes = True
+            try:
+                await vol.pwrite(12 * MiB, b"f" * 4096)
+            finally:
+                FaultyPlex.fail_writes = False
+            assert p1.state == IOFAIL
+            # Still lacks the three recovering regions, plus what it missed.
+            assert not (lacked.bits & ~p1.record.missing.bits).any()
+            assert p1.record.missing.any_in(12 * MiB, 4096)

@@ -485,11 +485,18 @@ def test_iofail_plex_comes_back_with_partial_copy_after_space_is_freed(
     small = tmp_path / "small"
     sysres.make_ext4_image(tmp_path / "small.img", 64 * MiB, small)
     p1_path = small / "vol0-p1.img"
+    # Small DRL regions: at the failure, every region not yet cleaned joins
+    # p1's map (its unsynced writes may be lost with the disk), so the map
+    # stays partial only if those regions are small.
     vmd = vmd_factory(volumes={"vol0": {"size": size, "plexes": ["vol0-p0.img", str(p1_path)],
-                                        "log": "vol0.log"}}, clean_delay=0.3).start()
+                                        "log": "vol0.log", "region_size": "256KiB"}},
+                      clean_delay=0.3).start()
     rng = random.Random(4008)
     ref = Ref(size)
     seed_both(vmd, ref, rng, count=16)  # 1 MiB on both plexes
+    deadline = time.monotonic() + 10
+    while vmd.status("vol0")["dirty_regions"] and time.monotonic() < deadline:
+        time.sleep(0.1)  # the seed's regions cleaned: synced on both plexes
 
     # Ballast leaves p1's filesystem about 1 MiB of room.
     ballast = small / "ballast"
@@ -510,7 +517,7 @@ def test_iofail_plex_comes_back_with_partial_copy_after_space_is_freed(
     p1 = plex_st(st, "p1")
     assert p1["state"] == "IOFAIL", p1
     assert "No space left" in p1["reason"] or str(errno.ENOSPC) in p1["reason"], p1
-    assert p1["map"] and 0 < p1["missing_bytes"] <= len(more) * R, p1
+    assert p1["map"] and 0 < p1["missing_bytes"] < size // 2, p1
     # Writes while IOFAIL are tracked too.
     later = rng.sample([r for r in range(size // R) if r not in used and r not in more], 16)
     write_regions(vmd.volume_file(), later, ref, rng)
@@ -524,7 +531,7 @@ def test_iofail_plex_comes_back_with_partial_copy_after_space_is_freed(
     copied = st["resync"]["copied_bytes"]
     print(f"IOFAIL reattach: map {p1['missing_bytes']}, copied {copied} of {size}")
     assert copied == p1["missing_bytes"], (copied, p1)
-    assert copied <= (len(more) + len(later)) * R < size // 2
+    assert copied < size // 2  # a partial copy
     vmd.stop()
     assert_plexes_identical(vmd.plex_paths(), ref)
 

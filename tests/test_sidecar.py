@@ -282,3 +282,20 @@ def test_map_arithmetic_for_one_tebibyte():
     # A sparse map stores small in the log.
     m.mark(5 * MiB, 1)
     assert len(m.to_bytes()) < 64
+
+
+async def test_log_is_compacted_while_running(tmp_path):
+    vc = volume_config(tmp_path, size=64 * MiB, region_size=64 * KiB)
+    async with running_volume(vc, clean_delay=0.2) as vol:
+        vol.sidecar.compact_bytes = 8 * KiB
+        vol.opened()  # held open: cleaning only, no clean-volume record
+        for i in range(300):  # dirty records, then clean records
+            await vol.pwrite(i * 128 * KiB, b"c" * 512)
+        grown = vol.sidecar.size
+        assert grown > 8 * KiB
+        with trio.fail_after(10):
+            while vol.sidecar.size >= 8 * KiB or vol.state.drl.count():
+                await trio.sleep(0.05)
+        vol.released()
+    assert os.path.getsize(vc.log) < grown
+    assert read_log(vc.log)[0].records <= 3

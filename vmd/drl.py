@@ -37,13 +37,15 @@ class _Batch:
 class DirtyRegionLog:
     def __init__(self, state: VolumeState, sidecar: SidecarLog, *, enabled: bool,
                  clean_delay: float, flush_plexes: Callable[[], Awaitable[None]],
-                 fmr_bits: Callable[[list[int]], dict[str, list[int]]]):
+                 fmr_bits: Callable[[list[int]], dict[str, list[int]]],
+                 checkpoint: Callable[[], Awaitable[None]] | None = None):
         self.state = state
         self.sidecar = sidecar
         self.enabled = enabled
         self.clean_delay = clean_delay
         self._flush_plexes = flush_plexes
         self._fmr_bits = fmr_bits
+        self._checkpoint = checkpoint
         self._cleaning = bitarray(state.drl.nbits)
         self._cleaning.setall(0)
         self._inflight: dict[int, int] = {}
@@ -191,6 +193,8 @@ class DirtyRegionLog:
             await trio.sleep(period)
             try:
                 await self.clean_idle()
+                if self._checkpoint is not None and self.sidecar.needs_compaction():
+                    await self._checkpoint()  # keeps the log bounded
                 if is_closed() and not self.state.clean and self.idle:
                     quiet = trio.current_time() - max(self._last_write.values(), default=0.0)
                     if quiet >= min(self.clean_delay, 1.0):

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 CHUNK = 4 * MiB  # bytes copied per step: large enough for sequential throughput
 COMMIT_BYTES = 256 * MiB  # progress made durable at least this often
 COMMIT_SECONDS = 2.0
+RETRY_SECONDS = 10
 
 
 class Resync:
@@ -76,6 +77,9 @@ class Resync:
     async def stop(self) -> None:
         """Stop for good (shutdown)."""
         self._paused += 1
+        await self._halt()
+
+    async def _halt(self) -> None:
         if self._cancel is not None:
             self._cancel.cancel()
         await self._idle.wait()
@@ -83,8 +87,9 @@ class Resync:
     @asynccontextmanager
     async def paused(self) -> AsyncIterator[None]:
         """Hold resync off while plexes are reconfigured (their fds may close)."""
-        await self.stop()
+        self._paused += 1
         try:
+            await self._halt()
             yield
         finally:
             self._paused -= 1
@@ -98,15 +103,30 @@ class Resync:
                 self._wake = trio.Event()
                 continue
             self._idle = trio.Event()
+            stuck = False
             try:
                 with trio.CancelScope() as self._cancel:
-                    await self._pass()
+                    stuck = not await self._pass()
+            except OSError as e:
+                # The log or a flush failed: leave the maps as they are (copying
+                # again is always safe) and retry later, instead of taking the
+                # daemon down.
+                log.error("volume %s: resync interrupted: %s; retrying in %d s",
+                          self.volume.name, e, RETRY_SECONDS)
+                stuck = True
             finally:
                 self._cancel = None
                 self.running = False
                 self._idle.set()
+            if stuck:
+                # No in-sync source (or an error): wait for a change (attach,
+                # add, wake) or the retry period, never spin.
+                with trio.move_on_after(RETRY_SECONDS):
+                    await self._wake.wait()
+                self._wake = trio.Event()
 
-    async def _pass(self) -> None:
+    async def _pass(self) -> bool:
+        """One copy of everything the targets lack. False if it could not finish."""
         vol = self.volume
         targets = self.targets()
         fmr = vol.state.fmr_region
@@ -129,7 +149,8 @@ class Resync:
                 length = min(count * fmr, vol.size - off)
                 copied_to = await self._copy_chunk(off, length)
                 if copied_to is None:
-                    return  # no source: the volume has no in-sync plex left
+                    await self._commit(pending)
+                    return False  # no source: the volume has no in-sync plex left
                 for name in copied_to:
                     pending.setdefault(name, []).append([first, count])
                 pending_bytes += length
@@ -143,6 +164,7 @@ class Resync:
             self.last_seconds = time.monotonic() - started
         self.copied_bytes = self.done_bytes
         await self._finish(targets)
+        return True
 
     async def _copy_chunk(self, off: int, length: int) -> list[str] | None:
         vol = self.volume

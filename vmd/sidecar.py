@@ -367,7 +367,9 @@ class SidecarLog:
         fd, off = self._fd, self._offset
 
         def write() -> None:
-            os.pwrite(fd, frame, off)
+            n = os.pwrite(fd, frame, off)
+            if n != len(frame):  # a full disk: the record is not on disk
+                raise OSError(28, f"short write to sidecar log {self.path} ({n} of {len(frame)})")
             if sync:
                 os.fdatasync(fd)
 
@@ -385,10 +387,15 @@ class SidecarLog:
             # soon as we yield, and the checkpoint must be one moment's truth.
             seq = self._seq + 1
             data = _encode_file(build(), seq)
-            await trio.to_thread.run_sync(_write_new, self.path, data)
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-            os.close(self._fd)
-            self._fd, self._seq, self._offset = fd, seq, os.fstat(fd).st_size
+            try:
+                await trio.to_thread.run_sync(_write_new, self.path, data)
+            finally:
+                # Once renamed, the old fd is an unlinked file: appends must go
+                # to the new one even if the directory fsync failed.
+                if os.path.exists(self.path) and os.stat(self.path).st_ino != os.fstat(self._fd).st_ino:
+                    fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+                    os.close(self._fd)
+                    self._fd, self._seq, self._offset = fd, seq, os.fstat(fd).st_size
             self.syncs += 1
 
 
@@ -402,7 +409,8 @@ def _write_new(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".new")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, data)
+        if os.write(fd, data) != len(data):
+            raise OSError(28, f"short write to {tmp}")
         os.fsync(fd)
     finally:
         os.close(fd)

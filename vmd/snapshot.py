@@ -22,6 +22,7 @@ from .manager import open_volume, snapshot_config
 from .regionmap import RegionMap
 from .sidecar import (ACTIVE, SNAPATT, SNAPDONE, SNAPLINK, WRITABLE, PlexRecord, SidecarLog,
                       new_state)
+from .plex import PlexIOError
 from .volume import Volume
 
 if TYPE_CHECKING:
@@ -117,7 +118,12 @@ async def snap_take(m: "VolumeManager", vol: Volume, name: str) -> dict[str, Any
         if not ready:
             raise VmdError(f"volume {vol.name}: the snapshot mirror is no longer SNAPDONE")
         p = ready[0]
-        await p.flush()
+        try:
+            await p.flush()
+        except PlexIOError as e:
+            await vol.fail_plex(p, e, 0, 0)
+            raise VmdError(f"volume {vol.name}: snapshot mirror {p.name} failed to flush and is "
+                           f"IOFAIL now; no snapshot taken: {e}") from None
         p.close()
         vol.plexes.remove(p)
         vol.state.plexes.remove(p.record)
@@ -162,29 +168,36 @@ async def snap_back(m: "VolumeManager", name: str, *, from_snapshot: bool = Fals
                        f"its file); detach it first or use --force")
     if not origin.resync.targets() and not [p for p in origin.plexes if p.state == ACTIVE]:
         raise VmdError(f"volume {origin.name} has no ACTIVE plex")
-    # The regions that differ: written on either side since the break-off.
-    o_link, s_link = _link(origin, name), _link(snap, origin.name)
-    if (o_link is not None and o_link.missing is not None and s_link is not None
-            and s_link.missing is not None and origin.state.fastresync):
-        diff = o_link.missing.copy()
-        diff.union(s_link.missing)
-        why = ""
-    else:
-        diff = origin.state.new_map(fill=True)
-        why = "no FastResync maps on both sides: copying everything"
     path = snap.plexes[0].record.path
     created = snap.plexes[0].record.created
-    await m.stop_volume(name)
+    from .plex import Plex
+
+    plex = Plex(PlexRecord(name=f"p{origin.state.next_plex}", path=path, state=SNAPATT,
+                           missing=None, created=created, role="snapback"), origin.size)
+    try:
+        plex.open()  # before anything changes: a bad image leaves all as it was
+    except OSError as e:
+        raise VmdError(f"snapshot {name}: cannot open its image {path}: {e.strerror or e}") from None
+    await m.stop_volume(name)  # its side's map is final from here
     async with origin.gate.hold(), origin.resync.paused():
+        # The regions that differ, written on either side since the break-off;
+        # computed with writes held, so that none falls between map and copy.
+        o_link, s_link = _link(origin, name), _link(snap, origin.name)
+        if (o_link is not None and o_link.missing is not None and s_link is not None
+                and s_link.missing is not None and origin.state.fastresync):
+            diff = o_link.missing.copy()
+            diff.union(s_link.missing)
+            why = ""
+        else:
+            diff = origin.state.new_map(fill=True)
+            why = "no FastResync maps on both sides: copying everything"
         _drop_link(origin, name)
         origin.state.extra.get("snapshots", {}).pop(name, None)
-        from .plex import Plex
-
+        rec = plex.record
         if from_snapshot:
             # The snapshot plex is the one in-sync copy of `diff`; every other
             # plex lacks it, so reads of `diff` come from it until restored.
-            rec = PlexRecord(name=f"p{origin.state.next_plex}", path=path, state=ACTIVE,
-                             missing=origin.state.new_map(), created=created, role="restore")
+            rec.state, rec.role, rec.missing = ACTIVE, "restore", origin.state.new_map()
             if not diff.bits.any():  # nothing changed on either side
                 rec.state, rec.role = SNAPDONE, "snapshot"
             # Other snapshots' links count the restored regions as written.
@@ -192,10 +205,7 @@ async def snap_back(m: "VolumeManager", name: str, *, from_snapshot: bool = Fals
                 if p.record.missing is not None:
                     p.record.missing.union(diff)
         else:
-            rec = PlexRecord(name=f"p{origin.state.next_plex}", path=path, state=SNAPATT,
-                             missing=diff, created=created, role="snapback")
-        plex = Plex(rec, origin.size)
-        plex.open()
+            rec.missing = diff
         origin.state.next_plex += 1
         origin.state.plexes.append(rec)
         origin.plexes.append(plex)

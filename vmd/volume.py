@@ -55,7 +55,8 @@ class Volume:
         self.ranges = RangeLock()
         self.gate = Gate()
         self.drl = DirtyRegionLog(state, sidecar, enabled=cfg.drl, clean_delay=clean_delay,
-                                  flush_plexes=self.flush, fmr_bits=self._fmr_bits)
+                                  flush_plexes=self.flush, fmr_bits=self._fmr_bits,
+                                  checkpoint=self.checkpoint)
         self.resync = Resync(self, rate_limit=rate_limit)
         self.openers = 0
         self.recovered_regions = 0  # DRL regions recovered after the last unclean stop
@@ -64,7 +65,9 @@ class Volume:
         self.max_write = 0  # largest write seen (the FUSE request size the kernel sends)
         self.writes = 0
         self.reads = 0
-        self.error: str | None = None
+        self.error: str | None = None  # set when the log cannot be written: writes refused
+        self._failures_pending = 0
+        self._failures_done = trio.Event()
         self._fault = split_write_fault()
         self._update_recovering()
 
@@ -134,6 +137,8 @@ class Volume:
 
     async def _fanout_write(self, off: int, data: bytes | memoryview) -> None:
         n = len(data)
+        if self.error is not None:
+            raise VolumeIOError(errno.EIO, f"volume {self.name}: {self.error}")
         targets: list[Plex] = []
         for p in self.plexes:
             if p.state in WRITABLE:
@@ -173,6 +178,10 @@ class Volume:
                     # Writes in flight when it failed may have changed its
                     # mtime: the identity to trust at reattach is the last one.
                     p.record.identity = p.identity()
+        if self._failures_pending:
+            await self.failures_durable()
+        if self.error is not None:
+            raise VolumeIOError(errno.EIO, f"volume {self.name}: {self.error}")
         if not any(p.state == ACTIVE for p in targets):
             raise VolumeIOError(errno.EIO, f"volume {self.name}: no plex took the write at {off}")
 
@@ -271,28 +280,54 @@ class Volume:
         """Detach a plex after an I/O error (state IOFAIL), durably, before the
         I/O that failed is answered."""
         rec = p.record
-        if rec.missing is not None:
-            if length:
-                rec.missing.mark(off, length)
+        if rec.missing is not None and length:
+            rec.missing.mark(off, length)
         if rec.state in (IOFAIL, DETACHED, STALE):
+            await self.failures_durable()  # another task is recording it
             return
         was = rec.state
         rec.state = IOFAIL
         rec.reason = str(err)
         rec.identity = p.identity()
-        if was == ACTIVE or rec.missing is None:
-            rec.missing = self.state.new_map() if self.state.fastresync else None
-            if rec.missing is not None and length:
+        if not self.state.fastresync:
+            rec.missing = None
+        elif rec.missing is None:
+            rec.missing = self.state.new_map()
+        # An existing map (resync progress, crash recovery) is kept: it is
+        # still what the plex lacks.
+        if rec.missing is not None:
+            if length:
                 rec.missing.mark(off, length)
-        if rec.missing is not None and getattr(err, "op", "") == "fdatasync":
-            # Which writes did not reach the disk is unknown: all that the
-            # DRL has not yet cleaned.
-            rec.missing.mark_regions_of(self.state.drl, list(self.state.drl.set_indices()))
+            # Its earlier writes may still sit unsynced in its page cache,
+            # and a failing disk may drop them: every region not yet cleaned.
+            if self.drl.enabled:
+                rec.missing.mark_regions_of(self.state.drl, list(self.state.drl.set_indices()))
+            else:
+                rec.missing.fill()
         log.error("volume %s: plex %s (%s) is now IOFAIL after %s (was %s)",
                   self.name, p.name, p.path, err, was)
         self._update_recovering()
-        await self.checkpoint()
+        if not self._failures_pending:
+            self._failures_done = trio.Event()
+        self._failures_pending += 1
+        try:
+            # Shielded: writes that skipped this plex wait for this record.
+            with trio.CancelScope(shield=True):
+                await self.checkpoint()
+        except OSError as e:
+            self.error = f"cannot record in {self.sidecar.path} that plex {p.name} failed: {e}"
+            log.critical("volume %s: %s; refusing writes", self.name, self.error)
+        finally:
+            self._failures_pending -= 1
+            if not self._failures_pending:
+                self._failures_done.set()
         self.resync.wake()
+
+    async def failures_durable(self) -> None:
+        """Until every plex failure seen so far is in the sidecar log: a write
+        that skipped a failed plex may be answered only then."""
+        while self._failures_pending:
+            await self._failures_done.wait()
 
     # -- open/close accounting (for `stop` and the volume clean flag) --------
 
@@ -398,8 +433,14 @@ class Volume:
             if rec.state == ACTIVE and not self._in_sync(exclude=p):
                 raise VmdError(f"plex {name} is the last in-sync plex of volume {self.name}; "
                                f"detaching it would leave no complete copy")
-            if rec.state in WRITABLE and p.fd >= 0:
-                await p.flush()
+            was_writable = rec.state in WRITABLE
+            if was_writable and p.fd >= 0:
+                try:
+                    await p.flush()
+                except PlexIOError as e:
+                    await self.fail_plex(p, e, 0, 0)
+                    raise VmdError(f"plex {name} of volume {self.name} failed to flush and is "
+                                   f"IOFAIL now: {e}") from None
             p.close()
             if rec.missing is None and self.state.fastresync and rec.state == ACTIVE:
                 rec.missing = self.state.new_map()
@@ -407,7 +448,10 @@ class Volume:
                 rec.missing = None
             rec.state = DETACHED
             rec.reason = "detached by the administrator at " + time.strftime("%Y-%m-%d %H:%M:%S")
-            rec.identity = p.identity()
+            if was_writable:
+                # An IOFAIL plex keeps the identity from its failure: changes
+                # made to its image since must not become trusted.
+                rec.identity = p.identity()
             self._update_recovering()
             await self.checkpoint()
         log.info("volume %s: plex %s detached%s", self.name, name,
