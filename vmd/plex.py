@@ -222,6 +222,11 @@ class Plex:
                 view = self._pread_sync(off, size, memoryview(buf))
             except OSError as e:
                 raise PlexIOError(self, "read", off, e) from e
+            try:
+                # Start reading the next chunks while this one is written.
+                os.posix_fadvise(self.fd, off + size, 2 * size, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass  # a hint only
             errors: dict[str, PlexIOError] = {}
             for t in targets:
                 try:
