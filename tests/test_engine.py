@@ -36,6 +36,7 @@ class FaultyPlex(Plex):
 
     fail_writes = False
     fail_reads = False
+    fail_flush = False
 
     def _pwrite_sync(self, off: int, data: bytes | memoryview) -> None:
         if self.name == "p1" and FaultyPlex.fail_writes:
@@ -46,6 +47,11 @@ class FaultyPlex(Plex):
         if self.name == "p1" and FaultyPlex.fail_reads:
             raise OSError(errno.EIO, "injected read error")
         return super()._pread_sync(off, size, into)
+
+    def _flush_sync(self, fd=None):
+        if self.name == "p1" and FaultyPlex.fail_flush:
+            raise OSError(errno.EIO, "injected fdatasync error")
+        super()._flush_sync(fd)
 
     def _pread_cached(self, off: int, size: int):
         if self.name == "p1" and FaultyPlex.fail_reads:
@@ -312,3 +318,21 @@ async def test_a_recovering_plex_that_fails_keeps_what_it_lacks(tmp_path):
             # Still lacks the three recovering regions, plus what it missed.
             assert not (lacked.bits & ~p1.record.missing.bits).any()
             assert p1.record.missing.any_in(12 * MiB, 4096)
+
+
+async def test_detach_whose_flush_fails_leaves_the_plex_iofail(tmp_path):
+    from vmd.errors import VmdError
+
+    vc = volume_config(tmp_path, nplex=2)
+    async with running_volume(vc, plex_factory=FaultyPlex, shutdown=False) as vol:
+        await vol.pwrite(3 * MiB, b"w" * 4096)
+        FaultyPlex.fail_flush = True
+        try:
+            with pytest.raises(VmdError, match="failed to flush and is IOFAIL"):
+                await vol.detach_plex("p1")
+        finally:
+            FaultyPlex.fail_flush = False
+        p1 = vol.plex("p1")
+        assert p1.state == IOFAIL
+        # Its unsynced write is in its map: a reattach copies it again.
+        assert p1.record.missing.any_in(3 * MiB, 4096)

@@ -22,7 +22,6 @@ from .manager import open_volume, snapshot_config
 from .regionmap import RegionMap
 from .sidecar import (ACTIVE, SNAPATT, SNAPDONE, SNAPLINK, WRITABLE, PlexRecord, SidecarLog,
                       new_state)
-from .plex import PlexIOError
 from .volume import Volume
 
 if TYPE_CHECKING:
@@ -118,12 +117,7 @@ async def snap_take(m: "VolumeManager", vol: Volume, name: str) -> dict[str, Any
         if not ready:
             raise VmdError(f"volume {vol.name}: the snapshot mirror is no longer SNAPDONE")
         p = ready[0]
-        try:
-            await p.flush()
-        except PlexIOError as e:
-            await vol.fail_plex(p, e, 0, 0)
-            raise VmdError(f"volume {vol.name}: snapshot mirror {p.name} failed to flush and is "
-                           f"IOFAIL now; no snapshot taken: {e}") from None
+        await vol.flush_plex(p)  # an error: IOFAIL, and no snapshot is taken
         p.close()
         vol.plexes.remove(p)
         vol.state.plexes.remove(p.record)

@@ -276,6 +276,16 @@ class Volume:
         if failed and not any(p.state == ACTIVE for p in self.plexes):
             raise VolumeIOError(errno.EIO, f"volume {self.name}: no plex could be flushed")
 
+    async def flush_plex(self, p: Plex) -> None:
+        """fdatasync one plex before it leaves; an error makes it IOFAIL (its
+        data cannot be trusted) and refuses the operation."""
+        try:
+            await p.flush()
+        except PlexIOError as e:
+            await self.fail_plex(p, e, 0, 0)
+            raise VmdError(f"plex {p.name} of volume {self.name} failed to flush and is "
+                           f"IOFAIL now: {e}") from None
+
     async def fail_plex(self, p: Plex, err: OSError, off: int, length: int) -> None:
         """Detach a plex after an I/O error (state IOFAIL), durably, before the
         I/O that failed is answered."""
@@ -435,12 +445,7 @@ class Volume:
                                f"detaching it would leave no complete copy")
             was_writable = rec.state in WRITABLE
             if was_writable and p.fd >= 0:
-                try:
-                    await p.flush()
-                except PlexIOError as e:
-                    await self.fail_plex(p, e, 0, 0)
-                    raise VmdError(f"plex {name} of volume {self.name} failed to flush and is "
-                                   f"IOFAIL now: {e}") from None
+                await self.flush_plex(p)
             p.close()
             if rec.missing is None and self.state.fastresync and rec.state == ACTIVE:
                 rec.missing = self.state.new_map()
