@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pytest
 import trio
@@ -299,3 +300,41 @@ async def test_log_is_compacted_while_running(tmp_path):
         vol.released()
     assert os.path.getsize(vc.log) < grown
     assert read_log(vc.log)[0].records <= 3
+
+
+async def test_volume_not_recorded_clean_when_a_write_races_the_flush(tmp_path):
+    from vmd.plex import Plex
+
+    class SlowFlush(Plex):
+        def _flush_sync(self, fd=None):
+            time.sleep(0.2)
+            super()._flush_sync(fd)
+
+    vc = volume_config(tmp_path, size=16 * MiB)
+    async with running_volume(vc, clean_delay=60, plex_factory=SlowFlush, shutdown=False) as vol:
+        await vol.pwrite(0, b"a" * 4096)
+        async with trio.open_nursery() as nursery:
+            result = []
+
+            async def clean():
+                result.append(await vol.drl.mark_clean())
+
+            nursery.start_soon(clean)
+            await trio.sleep(0.05)  # mark_clean is flushing the plexes
+            await vol.pwrite(0, b"b" * 4096)  # a region already dirty: no log I/O
+        assert result == [False]
+        assert not vol.state.clean and vol.state.drl.count() == 1
+    assert not read_log(vc.log)[0].state.clean
+
+
+async def test_io_on_a_stopped_volume_fails_at_once(tmp_path):
+    import errno
+
+    vc = volume_config(tmp_path)
+    async with running_volume(vc, shutdown=False) as vol:
+        await vol.shutdown()
+        with trio.fail_after(2):
+            for op in (vol.pwrite(0, b"x"), vol.pread(0, 10)):
+                with pytest.raises(OSError) as e:
+                    await op
+                assert e.value.errno == errno.EIO

@@ -55,12 +55,14 @@ class DirtyRegionLog:
         self._batch = _Batch()
         self._wake = trio.Event()
         self.commits = 0  # dirty records written (each one log flush)
+        self.writes = 0  # writes begun (mark_clean checks none began meanwhile)
 
     # -- write path ----------------------------------------------------------
 
     async def begin_write(self, off: int, length: int) -> range:
         """Make the regions of [off, off+length) durably dirty; returns them
         for end_write. Cancels any pending lazy clean of those regions."""
+        self.writes += 1
         regions = self.state.drl.span(off, length) if self.enabled else range(0)
         bits = self.state.drl.bits
         need: list[int] = []
@@ -170,11 +172,14 @@ class DirtyRegionLog:
         checked that none is in flight). Returns False if I/O raced in."""
         if self.state.clean:
             return True
+        writes = self.writes
         await self._flush_plexes()
         bits = self.state.drl.bits
 
         def build() -> dict[str, Any] | None:
-            if not self.idle:
+            # A write that started (and maybe ended) during the flush may not
+            # be on disk yet: not clean then (invariant 2).
+            if not self.idle or self.writes != writes:
                 return None
             regs = list(bits.search(1))
             bits.setall(0)

@@ -66,6 +66,7 @@ class Volume:
         self.writes = 0
         self.reads = 0
         self.error: str | None = None  # set when the log cannot be written: writes refused
+        self.stopped = False
         self._failures_pending = 0
         self._failures_done = trio.Event()
         self._fault = split_write_fault()
@@ -115,6 +116,8 @@ class Volume:
 
     async def pwrite(self, off: int, data: bytes | memoryview) -> int:
         n = len(data)
+        if self.error is not None:
+            raise VolumeIOError(errno.EIO, f"volume {self.name}: {self.error}")
         self._check_range(off, n, True)
         if n == 0:
             return 0
@@ -195,6 +198,8 @@ class Volume:
                 failed.append(e)
 
     async def pread(self, off: int, size: int) -> bytes:
+        if self.stopped:
+            raise VolumeIOError(errno.EIO, f"volume {self.name} is stopped")
         self._check_range(off, size, False)
         if off >= self.size or size == 0:
             return b""
@@ -359,6 +364,10 @@ class Volume:
     async def shutdown(self) -> None:
         """Drain I/O, flush plexes, record the volume clean, close files."""
         async with self.gate.hold():
+            # A file handle still open (stop --force, snap back --force) gets
+            # EIO from now on instead of waiting on stopped background tasks.
+            self.stopped = True
+            self.error = self.error or "the volume is stopped"
             await self.resync.stop()
             try:
                 await self.flush()
