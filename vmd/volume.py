@@ -140,8 +140,6 @@ class Volume:
 
     async def _fanout_write(self, off: int, data: bytes | memoryview) -> None:
         n = len(data)
-        if self.error is not None:
-            raise VolumeIOError(errno.EIO, f"volume {self.name}: {self.error}")
         targets: list[Plex] = []
         for p in self.plexes:
             if p.state in WRITABLE:
