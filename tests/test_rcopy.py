@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import signal
 import struct
 import subprocess
@@ -418,3 +419,104 @@ def test_promote_reverse_and_restore(vmd_factory: Callable[..., VmdDaemon],
     assert_equal_images(b, a)
     with pytest.raises(OSError):
         pwrite_file(b.volume_file(), [(0, b"x" * BLK)])
+
+
+def start_reverse(b: VmdDaemon, target: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "vmd", "-c", str(b.config_path), "rcopy",
+                             "reverse", "vol0", "--target", target, "--period", "1h"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.allow_log(r"were overwritten", r"remote copy reverse \d+ failed", *FAILED,
+                       r"was not stopped cleanly", r"link stderr", r"closed the connection")
+def test_reverse_interrupted(vmd_factory: Callable[..., VmdDaemon], tmp_path: Path) -> None:
+    """A reverse cut off mid-transfer (A's daemon killed, then the link killed): A rolls
+    back to its own data and stays the primary, B keeps the reverse pending; a later
+    reverse completes with only the differences."""
+    a, b = make_pair(vmd_factory, tmp_path)
+    rng = random.Random(23)
+    pwrite_file(a.volume_file(), [(0, rng.randbytes(4 * MiB))])  # DRL-dirty in [0, 16 MiB) only
+    sync(a)
+    assert_equal_images(b, a)
+    seq = rstatus(b)["sequence"]
+    b.cli("rcopy", "promote", "vol0")
+    nreg = SIZE // R
+    # B's changes: 10 MiB within [0, 16 MiB); A's unsent changes: 10 regions there and 40
+    # in [32, 40 MiB). A crash of A leaves DRL regions (4 MiB) dirty only in those ranges.
+    low = rng.sample(range(16 * MiB // R), 170)
+    b_writes = [(r * R, rng.randbytes(R)) for r in low[:160]]
+    a_writes = [(r * R, rng.randbytes(2 * BLK))
+                for r in low[160:] + rng.sample(range(32 * MiB // R, 40 * MiB // R), 40)]
+    pwrite_file(b.volume_file(), b_writes)
+    pwrite_file(a.volume_file(), a_writes)
+    a_before = [image(a, 0), image(a, 1)]
+    a_pending = rstatus(a)["pending_bytes"]
+    assert a_pending == len(regions_of(a_writes)) * R
+    assert a_before[0] == a_before[1] and a_before[0] != image(b)
+    b_image = image(b)
+    union = regions_of(b_writes) | regions_of(a_writes)
+
+    rate = tmp_path / "rrate"
+    relay = tmp_path / "rrelay.pid"
+    to_a = " ".join(map(shlex.quote, [
+        sys.executable, str(REPO / "tests" / "rcopy_relay.py"), str(rate), str(relay), "--",
+        sys.executable, "-m", "vmd", "-c", str(a.config_path), "rcopy", "receive", "vol0"]))
+
+    def check_rolled_back(victim: str) -> None:
+        deadline = time.monotonic() + 30  # after the link drops, A rolls back at once
+        while [image(a, 0), image(a, 1)] != a_before:
+            assert time.monotonic() < deadline, f"A not rolled back after {victim}"
+            time.sleep(0.1)
+        st = rstatus(a)
+        assert st["role"] == "source" and not st.get("promoted"), (victim, st)
+        assert not st.get("syncing") and not st["reverse_pending"], (victim, st)
+        if victim == "link":  # no crash: A's map holds its own changes and rolled-back ones
+            assert a_pending <= st["pending_bytes"] < SIZE, (victim, st)
+        stb = rstatus(b)
+        assert stb["reverse_pending"] and stb["last_update"]["state"] != "done", (victim, stb)
+        assert stb["sequence"] == seq, (victim, stb)
+        assert image(b) == b_image
+        # A is still the primary: writable (and the write is undone to keep the comparison).
+        pwrite_file(a.volume_file(), [(0, b"y" * BLK)])
+        pwrite_file(a.volume_file(), [(0, a_before[0][:BLK])])
+        for i in range(2):
+            assert image(a, i) == a_before[i]
+
+    for victim in ("link", "receiver"):
+        rate.write_text(str(5 * MiB))  # 10 MiB at 5 MiB/s: about 2 s
+        p = start_reverse(b, to_a)
+        deadline = time.monotonic() + 30
+        while b.cli("rcopy", "status", "vol0", check=False).returncode != 0:
+            assert time.monotonic() < deadline and p.poll() is None, p.communicate()
+            time.sleep(0.05)  # B becomes a source at the start of the reverse
+        wait_sent(b, 5 * MiB)  # A has applied at least one 4 MiB batch
+        if victim == "receiver":
+            a.kill()
+        else:
+            os.kill(int(relay.read_text()), signal.SIGKILL)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode != 0, (victim, out, err)
+        assert "reverse" in err, (victim, err)
+        if victim == "receiver":
+            a.start()  # the undo journal is rolled back before the volume is mounted
+        check_rolled_back(victim)
+
+    rate.write_text("0")
+    st_a = rstatus(a)
+    assert len(regions_of(a_writes)) * R <= st_a["pending_bytes"] < SIZE, ("pending", st_a)
+    out = b.cli("rcopy", "reverse", "vol0", "--target", to_a, timeout=120).stdout
+    last = rstatus(b)["last_update"]
+    assert last["state"] == "done" and last["reverse"], last
+    # Only the differences, plus (after A's crash) its DRL's dirty regions: a superset
+    # (about the two written ranges), never the whole volume.
+    assert len(union) * R <= last["sent_bytes"] < SIZE, (last, len(union))
+    assert not last["full"], last
+    assert last["overwritten_bytes"] == st_a["pending_bytes"], (last, st_a)
+    assert "overwritten" in out, out
+    print(f"\nreverse after interruptions: {last['sent_bytes']} bytes sent of {SIZE} "
+          f"(differences: {len(union) * R})")
+    assert image(b) == b_image
+    assert_equal_images(a, b)
+    st = rstatus(a)
+    assert st["role"] == "target" and st["sequence"] == last["seq"] > seq, st
+    assert not rstatus(b)["reverse_pending"]
