@@ -295,7 +295,7 @@ class Bench:
                   f"{fmt_size(mw) if mw else mw}")
         md.append(f"- sidecar log size after the run: {fmt_size(info.get('vmd_log_bytes') or 0)}; "
                   f"plex states: {', '.join(info.get('vmd_plex_states', []))}")
-        md.append(f"- prefill (1 MiB seq write of the whole target, before any measurement), MB/s: "
+        md.append("- prefill (1 MiB seq write of the whole target, before any measurement), MB/s: "
                   + ", ".join(f"{k} {v:.0f}" for k, v in self.raw.get("prefill_mbps", {}).items()))
         md.append("")
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import (EXIT_NO_DAEMON, MiB, SysResources, VmdDaemon, admin_raw, admin_request,
-                      is_mounted, sha, volume_spec)
+                      is_mounted, sha)
 
 pytestmark = pytest.mark.mount
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from conftest import MiB, KiB, REPO, VmdDaemon, sha, volume_spec
+from conftest import MiB, KiB, REPO, VmdDaemon, volume_spec
 from vmd import rcopy_proto as P
 
 pytestmark = pytest.mark.mount

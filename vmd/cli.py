@@ -14,7 +14,7 @@ from typing import Any
 
 from .admin import AdminClient
 from .config import format_size, load_config
-from .errors import EXIT_OK, NotRunningError, VmdError
+from .errors import EXIT_OK, VmdError
 
 DEFAULT_CONFIG = "config/vmd.yaml"
 

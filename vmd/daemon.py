@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 from contextlib import AsyncExitStack
-from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import pyfuse3

@@ -12,8 +12,6 @@ import stat
 import time
 from pathlib import Path
 
-import trio
-
 from .iopool import IOPool
 from .sidecar import PlexRecord
 

@@ -220,7 +220,7 @@ async def _receive(m: "VolumeManager", vol: Volume, r: P.Reader, w: trio.abc.Sen
         await r.preamble()
         kind, payload = await r.frame()
         if kind != P.HEADER:
-            raise P.ProtocolError(f"the stream does not start with a header frame")
+            raise P.ProtocolError("the stream does not start with a header frame")
         h = P.decode_json(payload, "header")
         if h.get("reverse") is not None:
             if r.version < 2:

@@ -19,8 +19,7 @@ import trio
 from .config import check_name, format_size
 from .errors import VmdError
 from .manager import open_volume, snapshot_config
-from .regionmap import RegionMap
-from .sidecar import (ACTIVE, SNAPATT, SNAPDONE, SNAPLINK, WRITABLE, PlexRecord, SidecarLog,
+from .sidecar import (ACTIVE, SNAPATT, SNAPDONE, SNAPLINK, PlexRecord, SidecarLog,
                       new_state)
 from .volume import Volume
 

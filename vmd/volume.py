@@ -23,8 +23,7 @@ from .drl import DirtyRegionLog
 from .faults import split_write_fault
 from .plex import PARALLEL_BYTES, Plex, PlexIOError
 from .rangelock import Gate, RangeLock
-from .regionmap import RegionMap
-from .sidecar import (ACTIVE, DETACHED, IOFAIL, RESYNC_TARGETS, SNAPATT, SNAPDONE, SNAPLINK,
+from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPATT, SNAPDONE, SNAPLINK,
                       STALE, SYNCING, WRITABLE, PlexRecord, SidecarLog, VolumeState)
 from .errors import VmdError
 
