@@ -119,6 +119,17 @@ def loop_devices() -> dict[str, str]:
     return {d["name"]: (d.get("back-file") or "") for d in json.loads(p.stdout)["loopdevices"]}
 
 
+def pwrite_file(path: str | os.PathLike[str], writes: list[tuple[int, bytes]]) -> None:
+    """os.pwrite each (offset, data) into path, then fsync."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for off, data in writes:
+            assert os.pwrite(fd, data, off) == len(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sha(path: str | os.PathLike[str]) -> str:
     import hashlib
 

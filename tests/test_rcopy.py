@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from conftest import MiB, KiB, REPO, VmdDaemon, volume_spec
+from conftest import MiB, KiB, REPO, VmdDaemon, pwrite_file, volume_spec
 from vmd import rcopy_proto as P
 
 pytestmark = pytest.mark.mount
@@ -34,16 +34,6 @@ FAILED = (r"remote copy update \d+ failed", r"did not complete", r"rolled back",
 
 def image(d: VmdDaemon, i: int = 0) -> bytes:
     return d.plex_paths()[i].read_bytes()
-
-
-def pwrite_file(path: Path, writes: list[tuple[int, bytes]]) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        for off, data in writes:
-            assert os.pwrite(fd, data, off) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def make_pair(vmd_factory: Callable[..., VmdDaemon], tmp_path: Path,

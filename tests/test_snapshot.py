@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import MiB, KiB, SysResources, VmdDaemon, run, sha, volume_spec
+from conftest import MiB, KiB, SysResources, VmdDaemon, pwrite_file, run, sha, volume_spec
 
 pytestmark = pytest.mark.mount
 
@@ -53,16 +53,6 @@ def read_buffered(path: str | os.PathLike[str]) -> bytes:
 
 def h(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def pwrite_file(path: str | os.PathLike[str], writes: list[tuple[int, bytes]]) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        for off, data in writes:
-            assert os.pwrite(fd, data, off) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def region_writes(regions: list[int], rng: random.Random) -> list[tuple[int, bytes]]:
