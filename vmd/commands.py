@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 PROGRESS_SECONDS = 0.5
 
 
-def _str(req: dict[str, Any], key: str) -> str:
+def req_str(req: dict[str, Any], key: str) -> str:
+    """The non-empty string argument `key` of an admin request."""
     v = req.get(key)
     if not isinstance(v, str) or not v:
         raise VmdError(f"request {req.get('cmd')!r} needs a {key!r} string")
@@ -42,14 +43,14 @@ def register(d: "Daemon") -> None:
         return {"stopping": True}
 
     async def plex_detach(req: dict[str, Any], progress: Any) -> dict[str, Any]:
-        return {"plex": await m.get(_str(req, "volume")).detach_plex(_str(req, "plex"))}
+        return {"plex": await m.get(req_str(req, "volume")).detach_plex(req_str(req, "plex"))}
 
     async def plex_attach(req: dict[str, Any], progress: Any) -> dict[str, Any]:
-        return {"plex": await m.get(_str(req, "volume")).attach_plex(_str(req, "plex"))}
+        return {"plex": await m.get(req_str(req, "volume")).attach_plex(req_str(req, "plex"))}
 
     async def plex_add(req: dict[str, Any], progress: Any) -> dict[str, Any]:
-        vol = m.get(_str(req, "volume"))
-        path = os.path.abspath(_str(req, "path"))
+        vol = m.get(req_str(req, "volume"))
+        path = os.path.abspath(req_str(req, "path"))
         used = m.plex_path_in_use(path)
         if used:
             raise VmdError(f"{path} is already {used}")
@@ -58,19 +59,19 @@ def register(d: "Daemon") -> None:
         return {"plex": vol._plex_status(p)}
 
     async def plex_remove(req: dict[str, Any], progress: Any) -> dict[str, Any]:
-        rec = await m.get(_str(req, "volume")).remove_plex(_str(req, "plex"))
+        rec = await m.get(req_str(req, "volume")).remove_plex(req_str(req, "plex"))
         return {"removed": rec.name, "path": rec.path}
 
     async def fastresync(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         on = req.get("on")
         if not isinstance(on, bool):
             raise VmdError("fastresync needs \"on\": true or false")
-        vol = m.get(_str(req, "volume"))
+        vol = m.get(req_str(req, "volume"))
         await vol.set_fastresync(on)
         return {"fastresync": on}
 
     async def wait(req: dict[str, Any], progress: Any) -> dict[str, Any]:
-        vol = m.get(_str(req, "volume"))
+        vol = m.get(req_str(req, "volume"))
         while True:
             st = vol.resync.status()
             syncing = any(p.state == SYNCING for p in vol.plexes)

@@ -42,6 +42,7 @@ from bitarray import bitarray
 
 from . import rcopy_proto as P
 from . import rcopy_recv
+from .commands import req_str
 from .config import RcopyConfig, format_size, parse_duration
 from .errors import VmdError
 from .regionmap import RegionMap
@@ -587,10 +588,7 @@ def register(d: "Daemon") -> None:
     m = d.manager
 
     def name(req: dict[str, Any]) -> str:
-        v = req.get("volume")
-        if not isinstance(v, str) or not v:
-            raise VmdError(f"{req['cmd']} needs a volume")
-        return v
+        return req_str(req, "volume")
 
     async def status(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         n = name(req)

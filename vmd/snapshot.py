@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .config import check_name, format_size
+from .commands import req_str
 from .errors import VmdError
 from .manager import open_volume, snapshot_config
 from .sidecar import (ACTIVE, SNAPATT, SNAPDONE, SNAPLINK, PlexRecord, SidecarLog,
@@ -257,16 +258,10 @@ def register(d: Any) -> None:
     m = d.manager
 
     def vol(req: dict[str, Any]) -> Volume:
-        v = req.get("volume")
-        if not isinstance(v, str):
-            raise VmdError(f"{req['cmd']} needs a volume")
-        return m.get(v)
+        return m.get(req_str(req, "volume"))
 
     def name(req: dict[str, Any]) -> str:
-        n = req.get("name")
-        if not isinstance(n, str) or not n:
-            raise VmdError(f"{req['cmd']} needs a snapshot name")
-        return n
+        return req_str(req, "name")
 
     async def start(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         path = req.get("path")
