@@ -1,7 +1,8 @@
 """One plex: a raw image file holding a full copy of a volume.
 
-Blocking disk calls run in worker threads so that the plexes of a volume are
-really written in parallel, and a slow plex does not hold up the event loop.
+Disk calls that may block go through io_uring (see uring.py) or, where it is
+not available, worker threads, so that the plexes of a volume are really
+written in parallel and a slow plex does not hold up the event loop.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from .iopool import IOPool
 from .sidecar import PlexRecord
+from .uring import Ring
 
 # Worker threads per plex (see iopool): enough for the requests FUSE has in
 # flight, few enough to cost nothing while idle.
@@ -59,6 +61,11 @@ class Plex:
         self._nowait_reads = True
         self._nowait_skip = 0
         self._nowait_backoff = 0
+        # A subclass that replaces the blocking calls (tests injecting delays
+        # or faults) keeps them on every path: no io_uring for it.
+        cls = type(self)
+        self._uring_ok = (cls._pread_sync is Plex._pread_sync
+                          and cls._pwrite_sync is Plex._pwrite_sync)
 
     @property
     def name(self) -> str:
@@ -154,7 +161,21 @@ class Plex:
             raise
         return buf if n == size else None
 
+    def _ring(self) -> Ring | None:
+        if not self._uring_ok:
+            return None
+        ring = Ring.get()
+        return None if ring is None or ring.full else ring
+
     async def pread(self, off: int, size: int) -> bytes | bytearray:
+        ring = self._ring()
+        if ring is not None:
+            try:
+                data: bytes | bytearray | None = await ring.pread(self.fd, off, size)
+            except OSError as e:
+                raise PlexIOError(self, "read", off, e) from e
+            self.reads += 1
+            return data  # type: ignore[return-value]
         try:
             data = None
             if self._nowait_skip:
@@ -196,12 +217,15 @@ class Plex:
         if self.write_inline():
             self.pwrite_inline(off, data)
         else:
-            await self.pwrite_thread(off, data)
+            await self.pwrite_async(off, data)
 
-    async def pwrite_thread(self, off: int, data: bytes | memoryview) -> None:
+    async def pwrite_async(self, off: int, data: bytes | memoryview) -> None:
+        """Write without blocking the event loop: io_uring, or a worker thread."""
         self.inflight += 1
         try:
-            await self._pool.run(self._pwrite_sync, off, data)
+            ring = self._ring()
+            if ring is None or not await ring.pwrite(self.fd, off, data):
+                await self._pool.run(self._pwrite_sync, off, data)
         except OSError as e:
             raise PlexIOError(self, "write", off, e) from e
         finally:

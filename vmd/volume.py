@@ -152,7 +152,7 @@ class Volume:
 
         async def threaded(p: Plex) -> None:
             try:
-                await p.pwrite_thread(off, data)
+                await p.pwrite_async(off, data)
             except PlexIOError as e:
                 failed.append(e)
 
