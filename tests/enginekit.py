@@ -65,3 +65,4 @@ async def random_writes(vol: Volume, ref: bytearray, n: int, *, seed: int = 1,
         data = os.urandom(length)
         await vol.pwrite(off, data)
         ref[off:off + length] = data
+        await trio.sleep(0)  # a page-cache write need not yield: let resyncs etc. interleave
