@@ -33,7 +33,10 @@ def _random_ops(rng: random.Random, size: int, n: int) -> list[tuple[int, int]]:
     return ops
 
 
-def test_random_io_matches_reference_and_every_plex(vmd: VmdDaemon) -> None:
+@pytest.mark.parametrize("direct_io", [True, False], ids=["direct_io", "page_cache"])
+def test_random_io_matches_reference_and_every_plex(vmd_factory: Callable[..., VmdDaemon],
+                                                    direct_io: bool) -> None:
+    vmd = vmd_factory(volumes={"vol0": volume_spec(direct_io=direct_io)}).start()
     rng = random.Random(1234)
     ref = bytearray(SIZE)
     path = vmd.volume_file()
@@ -67,6 +70,32 @@ def test_random_io_matches_reference_and_every_plex(vmd: VmdDaemon) -> None:
     for p in vmd.plex_paths():
         assert os.path.getsize(p) == SIZE
         assert sha(p) == want, f"plex image {p} differs from the reference"
+
+
+def test_shared_mmap_needs_the_page_cache_mode(vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """direct_io (the default) refuses a shared writable mapping of the volume
+    file (README: Page cache); `direct_io: false` allows it, and bytes stored
+    through the mapping reach every plex at msync."""
+    import mmap
+
+    d = vmd_factory(volumes={"vol0": volume_spec(), "vol1": volume_spec("vol1", direct_io=False)})
+    d.start()
+    with open(d.volume_file("vol0"), "r+b") as f:
+        with pytest.raises(OSError) as ei:
+            mmap.mmap(f.fileno(), 4096)
+        assert ei.value.errno == errno.ENODEV
+    with open(d.volume_file("vol1"), "r+b") as f:
+        m = mmap.mmap(f.fileno(), 2 * MiB)
+        try:
+            m[MiB:MiB + 5] = b"hello"
+            m.flush()
+        finally:
+            m.close()
+        os.fsync(f.fileno())
+    for p in d.plex_paths("vol1"):
+        with open(p, "rb") as f:
+            f.seek(MiB)
+            assert f.read(5) == b"hello", p
 
 
 def sha_bytes(b: bytes | bytearray) -> str:

@@ -101,6 +101,8 @@ class VolumeConfig:
     fastresync: bool = True
     fastresync_region: int = DEFAULT_FMR_REGION
     rcopy: RcopyConfig | None = None
+    # The volume file bypasses the kernel's page cache (README: Page cache).
+    direct_io: bool = True
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ class Config:
 
 _TOP_KEYS = {"mountpoint", "socket", "volumes", "resync", "clean_delay"}
 _VOLUME_KEYS = {"size", "plexes", "log", "region_size", "drl", "fastresync", "fastresync_region",
-                "rcopy"}
+                "direct_io", "rcopy"}
 _RCOPY_KEYS = {"target", "period"}
 _RESYNC_KEYS = {"rate_limit"}
 
@@ -234,7 +236,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
             name=name, size=size, plexes=tuple(plexes), log=log, region_size=region,
             drl=ctx.boolean(v.get("drl", True), f"{key}.drl"),
             fastresync=ctx.boolean(v.get("fastresync", True), f"{key}.fastresync"),
-            fastresync_region=fmr, rcopy=_rcopy_config(ctx, v.get("rcopy"), f"{key}.rcopy"))
+            fastresync_region=fmr, rcopy=_rcopy_config(ctx, v.get("rcopy"), f"{key}.rcopy"),
+            direct_io=ctx.boolean(v.get("direct_io", True), f"{key}.direct_io"))
 
     return Config(path=cpath, mountpoint=ctx.filepath(raw["mountpoint"], "mountpoint"),
                   socket=ctx.filepath(raw["socket"], "socket"), volumes=volumes, resync=resync,

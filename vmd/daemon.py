@@ -18,6 +18,7 @@ from .config import Config, check_environment
 from .errors import VmdError
 from .fusefs import VolumeFS
 from .manager import VolumeManager
+from .uring import Ring
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Daemon:
         async with AsyncExitStack() as stack:
             nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(nursery.cancel_scope.cancel)
+            plex_io = "io_uring" if Ring.get() is not None else "worker threads"
             await self.manager.start(nursery)
             from . import rcopy
 
@@ -104,8 +106,8 @@ class Daemon:
             nursery.start_soon(fuse_main, name="fuse")
             await nursery.start(AdminServer(cfg.socket, self.handle).run, name="admin")
             nursery.start_soon(self._signals, name="signals")
-            log.info("vmd ready: %d volume(s) at %s, admin socket %s%s", len(self.manager.volumes),
-                     cfg.mountpoint, cfg.socket,
+            log.info("vmd ready: %d volume(s) at %s, admin socket %s, plex I/O through %s%s",
+                     len(self.manager.volumes), cfg.mountpoint, cfg.socket, plex_io,
                      f"; refused: {', '.join(self.manager.refused)}" if self.manager.refused else "")
             sd_notify("READY=1")
 

@@ -169,9 +169,11 @@ class VolumeFS(pyfuse3.Operations):
         self._next_fh += 1
         self._handles[fh] = vol
         vol.opened()
-        # keep_cache: only vmd changes a volume's bytes, and every change goes
-        # through this file, so the kernel's cached pages stay true.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # direct_io (the default): every read and write comes to vmd, with no
+        # third copy of the data in the kernel's cache of this file. Without
+        # it, keep_cache: only vmd changes a volume's bytes, and every change
+        # goes through this file, so the kernel's cached pages stay true.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=vol.cfg.direct_io)
 
     def _handle(self, fh: int) -> Volume:
         vol = self._handles.get(fh)

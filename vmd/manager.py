@@ -119,7 +119,7 @@ def snapshot_config(origin: Volume, name: str, info: dict[str, Any]) -> VolumeCo
     return VolumeConfig(name=name, size=origin.size, plexes=(Path(info["path"]),),
                         log=Path(info["log"]), region_size=origin.state.region_size, drl=ovc.drl,
                         fastresync=origin.state.fastresync,
-                        fastresync_region=origin.state.fmr_region)
+                        fastresync_region=origin.state.fmr_region, direct_io=ovc.direct_io)
 
 
 def _check_against_config(state: VolumeState, vc: VolumeConfig, cfg_path: Path) -> None:
