@@ -63,7 +63,7 @@ async def test_errors_come_back_as_oserror(tmp_path):
         os.close(ro)
 
 
-async def test_completion_that_waits_is_reaped_from_the_eventfd():
+async def test_completion_that_waits_is_reaped_by_polling_the_ring():
     """A read of an empty pipe cannot finish at submission: the task sleeps
     until the reaper sees the completion (the path of every cache miss)."""
     ring = await ring_or_skip()
