@@ -51,6 +51,13 @@ class Cleanup:
             signal.signal(signal.SIGINT, old)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def mounted(path: Path) -> bool:
     p = str(path)
     try:

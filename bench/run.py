@@ -31,8 +31,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fiojobs import NUMJOBS, WORKLOADS, fio_args, prefill_args, run_fio  # noqa: E402
-from procs import (GiB, MiB, REPO, BenchError, Cleanup, Qsd, Vmd, lazy_umount,  # noqa: E402
-                   tail)
+import fuse_floor  # noqa: E402
+from procs import (GiB, MiB, REPO, BenchError, Cleanup, Qsd, Vmd, cpu_seconds,  # noqa: E402
+                   lazy_umount, tail)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHIPPED_CONFIG = REPO / "config" / "vmd.yaml"
@@ -190,6 +191,8 @@ class Bench:
 
         targets = {"vmd": vmd.file("vol0"), "qsd": qsd.file, "file": raw_img,
                    "vmd-drl-off": nodrl.file("vol0")}
+        daemons = {"vmd": vmd.pid, "qsd": qsd.pid, "vmd-drl-off": nodrl.pid}
+        self.cpu_per_op: dict[tuple[str, int, str], list[float]] = {}
         order = ["vmd", "qsd", "file"]
         prefill = {}
         for name, path in targets.items():
@@ -211,7 +214,13 @@ class Bench:
                         names.append("vmd-drl-off")
                     for name in names:
                         self.caches.drop()
+                        pid = daemons.get(name)
+                        cpu0 = cpu_seconds(pid) if pid else 0.0
                         r = run_fio(fio_args(wl, nj, targets[name], size, a.runtime), wl)
+                        if pid:
+                            ops = max(1.0, r.iops * r.runtime_ms / 1000)
+                            self.cpu_per_op.setdefault((wl.key, nj, name), []).append(
+                                (cpu_seconds(pid) - cpu0) / ops * 1e6)
                         if r.errors:
                             raise BenchError(f"fio reported error {r.errors} on {name}")
                         results.setdefault((wl.key, nj, name), []).append(r.value)
@@ -253,8 +262,15 @@ class Bench:
                   + ("" if not self.caches.failed else
                      f" — **{self.caches.failed} drops FAILED**") + ".")
         md.append("")
-        md.append("| fio job | numjobs | unit | vmd | qsd | file | vmd/qsd | target ≥ 1.0 |")
-        md.append("| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |")
+        md.append("CPU/req: the daemon's CPU time (user + system, all threads) per fio request, "
+                  f"median µs; the machine has {os.cpu_count()} CPUs, shared with fio. "
+                  "Writeback that vmd's fdatasyncs start is counted to vmd; qsd leaves it to "
+                  "the kernel's flusher threads.")
+        md.append("")
+        md.append("| fio job | numjobs | unit | vmd | qsd | file | vmd/qsd | target ≥ 1.0 "
+                  "| vmd CPU/req | qsd CPU/req |")
+        md.append("| --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
+        cpu = getattr(self, "cpu_per_op", {})
         for wl in WORKLOADS:
             for nj in NUMJOBS:
                 v = median(res.get((wl.key, nj, "vmd"), []))
@@ -262,8 +278,10 @@ class Bench:
                 f = median(res.get((wl.key, nj, "file"), []))
                 ratio = v / q if q and q == q and v == v else float("nan")
                 ok = "–" if ratio != ratio else ("yes" if ratio >= 1.0 else "**no**")
+                vc, qc = (median(cpu.get((wl.key, nj, t), [])) for t in ("vmd", "qsd"))
                 md.append(f"| {wl.label} | {nj} | {wl.unit} | {fmt_val(v, wl.unit)} | "
-                          f"{fmt_val(q, wl.unit)} | {fmt_val(f, wl.unit)} | {fmt_ratio(ratio)} | {ok} |")
+                          f"{fmt_val(q, wl.unit)} | {fmt_val(f, wl.unit)} | {fmt_ratio(ratio)} | {ok} "
+                          f"| {vc:.0f} µs | {qc:.0f} µs |")
         md.append("")
         md.append("## DRL cost: vmd with DRL on vs off (same run, interleaved with the rows above)")
         md.append("")
@@ -298,6 +316,25 @@ class Bench:
         md.append("- prefill (1 MiB seq write of the whole target, before any measurement), MB/s: "
                   + ", ".join(f"{k} {v:.0f}" for k, v in self.raw.get("prefill_mbps", {}).items()))
         md.append("")
+
+    # -- the per-request floor of pyfuse3 + trio ---------------------------------
+
+    def floor(self) -> None:
+        log("pyfuse3 floor: a null filesystem (no storage) under the random 4 KiB jobs")
+        self.raw["floor"] = fuse_floor.measure(self.scratch / "floor", self.a.size,
+                                               self.a.runtime, self.cleanup)
+
+    def floor_report(self) -> None:
+        rows = self.raw.get("floor")
+        if not rows:
+            return
+        self.md += ["## Floor: one FUSE request in pyfuse3 + trio, no storage", "",
+                    "`bench/fuse_floor.py`: a one-file pyfuse3 filesystem (direct_io, as vmd's "
+                    "volume files) whose read returns zeros and whose write discards, same fio "
+                    "jobs. What any pyfuse3 daemon on this machine pays per request before it "
+                    "touches a plex.", ""]
+        self.md += fuse_floor.table(rows)
+        self.md.append("")
 
     # -- recovery, FastResync, dd ---------------------------------------------
 
@@ -606,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not a.skip_fio:
             b.matrix()
+            b.floor()
         if not a.skip_recovery:
             b.recovery()
     except KeyboardInterrupt:
@@ -646,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     head.append("")
     if getattr(b, "results", None):
         b.matrix_report()
+    b.floor_report()
     b.recovery_report()
     text = "\n".join(head + b.md) + "\n"
     print(text)

@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from vmd.config import KiB, MiB
+from vmd import plex as plexmod
 from vmd.plex import Plex
 from vmd.sidecar import ACTIVE, IOFAIL, SYNCING
 
@@ -336,3 +337,47 @@ async def test_detach_whose_flush_fails_leaves_the_plex_iofail(tmp_path):
         assert p1.state == IOFAIL
         # Its unsynced write is in its map: a reattach copies it again.
         assert p1.record.missing.any_in(3 * MiB, 4096)
+
+
+class StallingPlex(Plex):
+    """Plex p1's next `stall` writes each block the caller for 5 ms."""
+
+    stall = 0
+
+    def _pwrite_sync(self, off: int, data: bytes | memoryview) -> None:
+        if self.name == "p1" and StallingPlex.stall:
+            StallingPlex.stall -= 1
+            time.sleep(0.005)
+        super()._pwrite_sync(off, data)
+
+
+async def test_write_stalls_move_a_plex_off_the_event_loop_for_a_growing_while(
+        tmp_path, monkeypatch):
+    """A lone stall (say, a journal commit) costs a short hold off the event
+    loop; stalls that come back as soon as the hold ends (a throttled or
+    failing disk) double it, up to SLOW_HOLD; a stall long after starts over."""
+    monkeypatch.setattr(plexmod, "FIRST_HOLD", 0.05)
+    monkeypatch.setattr(plexmod, "RECUR", 0.5)
+    vc = volume_config(tmp_path, nplex=2)
+    async with running_volume(vc, plex_factory=StallingPlex) as vol:
+        p0, p1 = vol.plexes
+        await vol.pwrite(0, b"x" * 4096)  # the region's log flush, outside the test
+        holds = []
+        for i in range(4):
+            while not p1.write_inline():
+                await trio.sleep(0.005)
+            StallingPlex.stall = 1
+            await vol.pwrite(4096 * i, b"y" * 4096)
+            assert not p1.write_inline() and p0.write_inline()
+            holds.append(p1._hold)
+            # Written off the loop meanwhile, and still to both plexes.
+            await vol.pwrite(4096 * (i + 8), b"z" * 4096)
+        assert holds == [0.05, 0.1, 0.2, 0.4]
+        assert p1.slow_writes == 4 and p0.slow_writes == 0
+        assert vol.status()["plexes"][1]["slow_writes"] == 4
+        await trio.sleep(0.4 + 0.55)  # past the hold and RECUR
+        StallingPlex.stall = 1
+        await vol.pwrite(0, b"w" * 4096)
+        assert p1._hold == 0.05
+        a, b = plex_bytes(vol)
+        assert a == b and a[4096 * 9:4096 * 10] == b"z" * 4096

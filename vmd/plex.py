@@ -21,14 +21,20 @@ from .uring import Ring
 # flight, few enough to cost nothing while idle.
 IO_THREADS = 8
 
-# A write into the page cache takes microseconds; a hop to a worker thread and
-# back costs tens (measured: ~2 µs inline vs ~80 µs per 4 KiB through
-# trio.to_thread). So plexes are written inline while they are fast, and a
-# plex whose write took longer than INLINE_BUDGET (dirty-page throttling, a
-# slow or failing disk) is written from worker threads for SLOW_HOLD seconds,
-# where it cannot hold up the event loop or the other plexes.
+# A write into the page cache takes microseconds; any hop off the event loop
+# costs tens (measured per 4 KiB: ~2 µs inline, ~80 µs through a worker
+# thread, ~70 µs through io_uring, which ext4 hands to a kernel worker for
+# buffered writes). So plexes are written inline while they are fast, and a
+# plex whose write took longer than INLINE_BUDGET is written off the event
+# loop for a while, where it cannot hold up the loop or the other plexes. The
+# hold starts short and doubles while stalls keep coming back soon after it
+# ends (dirty-page throttling, a slow or failing disk), up to SLOW_HOLD: a
+# lone stall (a journal commit forced by another file's fsync) costs 0.1 s of
+# slow writes, not 5 s.
 INLINE_BUDGET = 0.002
+FIRST_HOLD = 0.1
 SLOW_HOLD = 5.0
+RECUR = 1.0  # a stall this soon after the last hold ended doubles the hold
 # From this size a copy into the page cache costs more than a thread hop, so
 # the plexes of a volume are written in parallel threads (one stays inline).
 PARALLEL_BYTES = 128 * 1024
@@ -58,6 +64,8 @@ class Plex:
         self._pool = IOPool(f"plex-{record.name}", IO_THREADS)
         self.inline = True  # may write inline while fast (tests of slow disks turn it off)
         self._threads_until = 0.0
+        self._hold = 0.0  # the last hold off the event loop, seconds
+        self.slow_writes = 0  # inline writes over INLINE_BUDGET (status shows them)
         self._nowait_reads = True
         self._nowait_skip = 0
         self._nowait_backoff = 0
@@ -206,10 +214,15 @@ class Plex:
         try:
             self._pwrite_sync(off, data)
         except OSError as e:
+            self._hold = SLOW_HOLD
             self._threads_until = t0 + SLOW_HOLD
             raise PlexIOError(self, "write", off, e) from e
         t1 = time.monotonic()
-        self._threads_until = t1 + SLOW_HOLD if t1 - t0 > INLINE_BUDGET else 0.0
+        if t1 - t0 > INLINE_BUDGET:
+            self.slow_writes += 1
+            again = self._threads_until and t1 < self._threads_until + RECUR
+            self._hold = min(SLOW_HOLD, 2 * self._hold) if again else FIRST_HOLD
+            self._threads_until = t1 + self._hold
         self.writes += 1
         self.bytes_written += len(data)
 

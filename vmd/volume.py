@@ -432,6 +432,9 @@ class Volume:
             "missing_bytes": self.size if m is None else m.bytes_covered(),
             "map": m is not None,
             "role": p.record.role,
+            # Writes that stalled the event loop (> 2 ms): each moves the plex
+            # off it for a while. Many of them: a slow or throttled disk.
+            "slow_writes": p.slow_writes,
         }
 
     # -- membership (admin) --------------------------------------------------
