@@ -6,6 +6,7 @@ import errno
 import os
 import statistics
 import time
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -340,14 +341,16 @@ async def test_detach_whose_flush_fails_leaves_the_plex_iofail(tmp_path):
 
 
 class StallingPlex(Plex):
-    """Plex p1's next `stall` writes each block the caller for 5 ms."""
+    """Plex p1's next `stall` writes each take `seconds` of a fake clock."""
 
     stall = 0
+    seconds = 0.005
+    clock = [1000.0]
 
     def _pwrite_sync(self, off: int, data: bytes | memoryview) -> None:
         if self.name == "p1" and StallingPlex.stall:
             StallingPlex.stall -= 1
-            time.sleep(0.005)
+            StallingPlex.clock[0] += StallingPlex.seconds
         super()._pwrite_sync(off, data)
 
 
@@ -355,29 +358,43 @@ async def test_write_stalls_move_a_plex_off_the_event_loop_for_a_growing_while(
         tmp_path, monkeypatch):
     """A lone stall (say, a journal commit) costs a short hold off the event
     loop; stalls that come back as soon as the hold ends (a throttled or
-    failing disk) double it, up to SLOW_HOLD; a stall long after starts over."""
-    monkeypatch.setattr(plexmod, "FIRST_HOLD", 0.05)
-    monkeypatch.setattr(plexmod, "RECUR", 0.5)
+    failing disk) double it, up to SLOW_HOLD; a stall long after starts over.
+    The plexes read a fake clock: real write times would make this flaky."""
+    clock = StallingPlex.clock
+    monkeypatch.setattr(plexmod, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     vc = volume_config(tmp_path, nplex=2)
     async with running_volume(vc, plex_factory=StallingPlex) as vol:
         p0, p1 = vol.plexes
-        await vol.pwrite(0, b"x" * 4096)  # the region's log flush, outside the test
+        await vol.pwrite(0, b"x" * 4096)
         holds = []
         for i in range(4):
-            while not p1.write_inline():
-                await trio.sleep(0.005)
             StallingPlex.stall = 1
-            await vol.pwrite(4096 * i, b"y" * 4096)
+            await vol.pwrite(4096 * i, b"y" * 4096)  # inline: stalls
             assert not p1.write_inline() and p0.write_inline()
             holds.append(p1._hold)
             # Written off the loop meanwhile, and still to both plexes.
             await vol.pwrite(4096 * (i + 8), b"z" * 4096)
-        assert holds == [0.05, 0.1, 0.2, 0.4]
-        assert p1.slow_writes == 4 and p0.slow_writes == 0
+            assert p1.slow_writes == i + 1
+            clock[0] += p1._hold + 0.01  # the hold ends; the next stall comes soon
+            assert p1.write_inline()
+        assert holds == [plexmod.FIRST_HOLD * 2 ** k for k in range(4)]
+        assert p0.slow_writes == 0
         assert vol.status()["plexes"][1]["slow_writes"] == 4
-        await trio.sleep(0.4 + 0.55)  # past the hold and RECUR
+        for _ in range(4):  # no further than SLOW_HOLD
+            StallingPlex.stall = 1
+            await vol.pwrite(0, b"v" * 4096)
+            clock[0] += p1._hold + 0.01
+        assert p1._hold == plexmod.SLOW_HOLD
+        clock[0] += plexmod.RECUR  # quiet for a while: the next stall starts over
         StallingPlex.stall = 1
         await vol.pwrite(0, b"w" * 4096)
-        assert p1._hold == 0.05
+        assert p1._hold == plexmod.FIRST_HOLD
+        # A write that blocks for longer than RECUR right after a hold is no
+        # lone stall: the hold still doubles.
+        clock[0] += p1._hold + 0.01
+        monkeypatch.setattr(StallingPlex, "seconds", 2 * plexmod.RECUR)
+        StallingPlex.stall = 1
+        await vol.pwrite(0, b"u" * 4096)
+        assert p1._hold == 2 * plexmod.FIRST_HOLD
         a, b = plex_bytes(vol)
         assert a == b and a[4096 * 9:4096 * 10] == b"z" * 4096

@@ -220,7 +220,9 @@ class Plex:
         t1 = time.monotonic()
         if t1 - t0 > INLINE_BUDGET:
             self.slow_writes += 1
-            again = self._threads_until and t1 < self._threads_until + RECUR
+            # From t0, not t1: a write that blocked for longer than RECUR
+            # is the worst kind of stall, not a lone one.
+            again = self._threads_until and t0 < self._threads_until + RECUR
             self._hold = min(SLOW_HOLD, 2 * self._hold) if again else FIRST_HOLD
             self._threads_until = t1 + self._hold
         self.writes += 1
