@@ -7,6 +7,7 @@ import os
 import statistics
 import time
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import trio
@@ -207,6 +208,47 @@ async def test_detach_attach_copies_only_what_changed(tmp_path):
         assert not reply["full_resync"]
         await vol.resync.wait_idle()
         assert vol.resync.copied_bytes == 3 * 64 * KiB
+    assert plex_bytes(vol) == [bytes(ref)] * 2
+
+
+class ReadAheadPlex(Plex):
+    """Records resync's read-ahead hints and copies, in order."""
+
+    events: list[tuple[str, str, int, int]] = []
+
+    def will_read(self, off: int, size: int) -> None:
+        ReadAheadPlex.events.append(("hint", self.name, off, size))
+        super().will_read(off, size)
+
+    async def copy_to(self, targets: list[Plex], off: int, size: int,
+                      buf: bytearray) -> dict[str, Any]:
+        ReadAheadPlex.events.append(("copy", self.name, off, size))
+        return await super().copy_to(targets, off, size, buf)
+
+
+async def test_reattach_reads_scattered_regions_ahead_from_one_source(tmp_path):
+    """A FastResync map is scattered 64 KiB runs: their reads are started
+    ahead of the copy (one seek each otherwise), from the same source plex
+    that then copies them."""
+    vc = volume_config(tmp_path, size=64 * MiB, nplex=2)
+    ref = bytearray(vc.size)
+    async with running_volume(vc, plex_factory=ReadAheadPlex) as vol:
+        await vol.detach_plex("p1")
+        for i in range(5, 1000, 37):  # 27 scattered 64 KiB regions
+            data = os.urandom(4 * KiB)
+            await vol.pwrite(i * 64 * KiB + 8 * KiB, data)
+            ref[i * 64 * KiB + 8 * KiB:i * 64 * KiB + 12 * KiB] = data
+        ReadAheadPlex.events.clear()
+        await vol.attach_plex("p1")
+        await vol.resync.wait_idle()
+        assert vol.resync.copied_bytes == 27 * 64 * KiB
+    ev = ReadAheadPlex.events
+    hints = [e[2:] for e in ev if e[0] == "hint"]
+    copies = [e[2:] for e in ev if e[0] == "copy"]
+    assert len(copies) == 27 and hints == copies  # every run hinted, in copy order
+    assert {e[1] for e in ev} == {"p0"}  # one source, the one read ahead
+    first_copy = next(i for i, e in enumerate(ev) if e[0] == "copy")
+    assert first_copy >= 2, f"no read-ahead: {ev[:4]}"
     assert plex_bytes(vol) == [bytes(ref)] * 2
 
 

@@ -248,6 +248,14 @@ class Plex:
         self.writes += 1
         self.bytes_written += len(data)
 
+    def will_read(self, off: int, size: int) -> None:
+        """Start reading [off, off+size) into the page cache; a hint only."""
+        if self.fd >= 0:
+            try:
+                os.posix_fadvise(self.fd, off, size, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+
     async def copy_to(self, targets: list["Plex"], off: int, size: int,
                       buf: bytearray) -> dict[str, PlexIOError]:
         """Resync: read [off, off+size) of this plex into `buf` and write it to

@@ -216,11 +216,12 @@ class Volume:
             self.gate.exit()
             self.reads += 1
 
-    def _readable(self, off: int, size: int) -> list[Plex]:
-        """ACTIVE plexes holding [off, off+size) in sync, round-robin order."""
+    def _readable(self, off: int, size: int, *, rotate: bool = True) -> list[Plex]:
+        """ACTIVE plexes holding [off, off+size) in sync, in round-robin order
+        (or in plex order: resync reads one source, which it reads ahead)."""
         ps = [p for p in self.plexes if p.state == ACTIVE and not (
             self._recovering and p.record.missing is not None and p.record.missing.any_in(off, size))]
-        if len(ps) > 1:
+        if rotate and len(ps) > 1:
             k = next(self._rr) % len(ps)
             ps = ps[k:] + ps[:k]
         return ps
