@@ -15,7 +15,6 @@ disk-read cost. Prints medians, vmd/qsd, and each daemon's CPU per request.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import shutil
 import stat
 import subprocess

@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 _SYS_SETUP, _SYS_ENTER = 425, 426  # the same on every 64-bit ABI
 _OP_READ, _OP_WRITE = 22, 23
-_ENTER_GETEVENTS = 1
 _FEAT_SINGLE_MMAP = 1 << 0
 _FEAT_NODROP = 1 << 1
 _OFF_SQ_RING, _OFF_CQ_RING, _OFF_SQES = 0, 0x8000000, 0x10000000
