@@ -260,18 +260,14 @@ class Plex:
                       buf: bytearray) -> dict[str, PlexIOError]:
         """Resync: read [off, off+size) of this plex into `buf` and write it to
         every target, all in one worker thread. A read error raises; write
-        errors are returned per target."""
+        errors are returned per target. Reading ahead is the caller's job
+        (`will_read`)."""
 
         def copy() -> dict[str, PlexIOError]:
             try:
                 view = self._pread_sync(off, size, memoryview(buf))
             except OSError as e:
                 raise PlexIOError(self, "read", off, e) from e
-            try:
-                # Start reading the next chunks while this one is written.
-                os.posix_fadvise(self.fd, off + size, 2 * size, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass  # a hint only
             errors: dict[str, PlexIOError] = {}
             for t in targets:
                 try:
