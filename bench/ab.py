@@ -85,10 +85,9 @@ def main() -> int:
                             subprocess.run(["cat", str(img)], stdout=subprocess.DEVNULL, check=True)
                     c0 = cpu_seconds(pid)
                     r = run_fio(fio_args(wl, nj, path, size, a.runtime), wl)
-                    ops = max(1.0, r.iops * r.runtime_ms / 1000)
                     values.setdefault((wl.key, nj, name), []).append(r.value)
                     cpu.setdefault((wl.key, nj, name), []).append(
-                        (cpu_seconds(pid) - c0) / ops * 1e6)
+                        r.cpu_us_per_request(cpu_seconds(pid) - c0))
         print(f"{a.reps} repetition(s) of {a.runtime:g} s, {'warm' if a.warm else 'cold'} page "
               f"cache; vmd settings: {dict(a.settings) or 'as shipped'}")
         print("| fio job | numjobs | unit | vmd | qsd | vmd/qsd | vmd CPU/req | qsd CPU/req |")

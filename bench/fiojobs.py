@@ -68,6 +68,10 @@ class FioResult:
     runtime_ms: int
     errors: int
 
+    def cpu_us_per_request(self, cpu_seconds: float) -> float:
+        """A daemon's CPU seconds over this job, as µs per fio request."""
+        return cpu_seconds / max(1.0, self.iops * self.runtime_ms / 1000) * 1e6
+
 
 def run_fio(args: list[str], wl: Workload | None = None, timeout: float = 600) -> FioResult:
     r = subprocess.run(args, capture_output=True, text=True, timeout=timeout,

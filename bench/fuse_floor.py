@@ -106,10 +106,9 @@ def measure(scratch: Path, size: int, runtime: float, cleanup: Cleanup) -> list[
             for nj in (1, 4):
                 c0 = cpu_seconds(proc.pid)
                 r = run_fio(fio_args(wl, nj, mnt / "null", size, runtime), wl)
-                used = cpu_seconds(proc.pid) - c0
-                ops = r.iops * r.runtime_ms / 1000
+                cpu = r.cpu_us_per_request(cpu_seconds(proc.pid) - c0)
                 rows.append({"key": key, "label": wl.label, "numjobs": nj, "iops": round(r.iops),
-                             "cpu_us_per_request": round(used / max(ops, 1) * 1e6, 1)})
+                             "cpu_us_per_request": round(cpu, 1)})
     finally:
         stop()
     return rows

@@ -218,9 +218,8 @@ class Bench:
                         cpu0 = cpu_seconds(pid) if pid else 0.0
                         r = run_fio(fio_args(wl, nj, targets[name], size, a.runtime), wl)
                         if pid:
-                            ops = max(1.0, r.iops * r.runtime_ms / 1000)
                             self.cpu_per_op.setdefault((wl.key, nj, name), []).append(
-                                (cpu_seconds(pid) - cpu0) / ops * 1e6)
+                                r.cpu_us_per_request(cpu_seconds(pid) - cpu0))
                         if r.errors:
                             raise BenchError(f"fio reported error {r.errors} on {name}")
                         results.setdefault((wl.key, nj, name), []).append(r.value)
