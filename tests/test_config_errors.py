@@ -214,7 +214,9 @@ def test_second_daemon_on_same_config(vmd: VmdDaemon, vmd_factory: Callable[...,
     q = subprocess.run([sys.executable, "-m", "vmd", "daemon", "-c", str(vmd.config_path)],
                        capture_output=True, text=True, timeout=20)
     assert q.returncode == EXIT_CONFIG, q.stderr
-    assert "already a mount" in q.stderr and str(vmd.config_path) in q.stderr, q.stderr
+    assert vmd.proc is not None
+    assert f"admin socket {vmd.socket} is in use by vmd (PID {vmd.proc.pid})" in q.stderr, q.stderr
+    assert str(vmd.config_path) in q.stderr, q.stderr
     assert vmd.socket.exists()
     assert vmd.status("vol0")["plexes"][0]["state"] == "ACTIVE"
     with open(vmd.volume_file(), "rb") as f:

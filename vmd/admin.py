@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from .errors import NotRunningError, VmdError
+from .exclusive import check_socket_free, still_our_socket
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +47,21 @@ class AdminServer:
         self._listener: trio.SocketListener | None = None
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        if self.path.is_socket() or self.path.exists():
-            # A stale socket from a daemon that died (the mountpoint check
-            # already proved no vmd of this config is running).
+        # Never take over a socket a live daemon listens on: only a stale one
+        # (its daemon died) is removed.
+        check_socket_free(self.path, "socket")
+        if self.path.is_socket():
             self.path.unlink()
+        elif self.path.exists():
+            raise VmdError(f"socket: {self.path} exists and is not a socket; vmd will not "
+                           f"remove it")
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
             await sock.bind(str(self.path))
         finally:
             os.umask(old)
+        bound = os.stat(self.path)
         os.chmod(self.path, 0o600)
         sock.listen(16)
         listener = trio.SocketListener(sock)
@@ -69,10 +75,11 @@ class AdminServer:
         finally:
             with trio.CancelScope(shield=True):
                 await listener.aclose()
-            try:
-                self.path.unlink()
-            except OSError:
-                pass
+            if still_our_socket(self.path, bound):  # not one a later daemon bound
+                try:
+                    self.path.unlink()
+                except OSError:
+                    pass
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         async with stream:

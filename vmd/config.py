@@ -268,20 +268,9 @@ def _rcopy_config(ctx: _Ctx, raw: Any, key: str) -> RcopyConfig | None:
     return RcopyConfig(target=argv, period=period)
 
 
-def _is_mountpoint(path: Path) -> bool:
-    try:
-        with open("/proc/self/mountinfo") as f:
-            mounts = {line.split()[4].encode().decode("unicode_escape") for line in f}
-    except OSError:
-        return os.path.ismount(path)
-    return str(path) in mounts
-
-
 def check_environment(cfg: Config) -> None:
     """Checks against the disk, before anything is mounted or created."""
     ctx = _Ctx(cfg.path)
-    if _is_mountpoint(cfg.mountpoint):
-        raise ctx.err("mountpoint", f"{cfg.mountpoint} is already a mount point (another vmd running?)")
     _check_dir_writable(ctx, cfg.mountpoint.parent, "mountpoint")
     if cfg.mountpoint.exists() and not cfg.mountpoint.is_dir():
         raise ctx.err("mountpoint", f"{cfg.mountpoint} exists and is not a directory")

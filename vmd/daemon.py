@@ -16,6 +16,7 @@ import trio
 from .admin import AdminServer
 from .config import Config, check_environment
 from .errors import VmdError
+from .exclusive import check_socket_free, clear_dead_mount
 from .fusefs import VolumeFS
 from .manager import VolumeManager
 from .uring import Ring
@@ -66,6 +67,10 @@ class Daemon:
 
     async def run(self) -> None:
         cfg = self.cfg
+        # Before anything is opened: refuse a socket or mount a live daemon
+        # holds, and clear the dead mount a crashed one left.
+        check_socket_free(cfg.socket, f"{cfg.path}: socket")
+        clear_dead_mount(cfg.mountpoint, f"{cfg.path}: mountpoint")
         check_environment(cfg)
         self.manager.open_all(self.recover_all)
         cfg.mountpoint.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import trio
 
 from .config import Config, VolumeConfig, format_size
 from .errors import SidecarError, VmdError
+from .exclusive import InUseError, close_locked, lock_exclusive, open_locked
 from .plex import Plex
 from .regionmap import RegionMap
 from .sidecar import (ACTIVE, IOFAIL, SNAPATT, WRITABLE, PlexRecord, SidecarLog, VolumeState,
@@ -38,6 +39,8 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
     if vc.log.exists() and not recover_all:
         try:
             sidecar, replay = SidecarLog.open(vc.log)
+        except InUseError as e:
+            raise InUseError(f"volume {vc.name}: {e}") from None
         except SidecarError as e:
             raise SidecarError(
                 f"volume {vc.name}: {e}. vmd will not guess which regions the mirrors may "
@@ -51,6 +54,8 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
             raise
         created = False
     else:
+        # A new log must not be written for plexes another daemon serves.
+        _check_not_in_use(vc)
         if not recover_all:
             for p in vc.plexes:
                 if _holds_data(p):
@@ -59,9 +64,13 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
                         f"holds data; vmd will not guess that the mirrors agree. Restore the log, "
                         f"or start with `--recover-all {vc.name}` to rebuild it and resync "
                         f"every plex from {vc.plexes[0]}")
-        elif vc.log.exists():
-            aside = vc.log.with_name(f"{vc.log.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.rename(vc.log, aside)
+        if recover_all and vc.log.exists():
+            held = open_locked(vc.log, os.O_RDONLY | os.O_CLOEXEC, "sidecar log")
+            try:
+                aside = vc.log.with_name(f"{vc.log.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.rename(vc.log, aside)
+            finally:
+                close_locked(held)
             log.warning("volume %s: --recover-all: old sidecar log kept as %s", vc.name, aside)
         for d in {vc.log.parent, *(p.parent for p in vc.plexes)}:
             d.mkdir(parents=True, exist_ok=True)  # first start: var/ may not exist yet
@@ -83,12 +92,17 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         sidecar = SidecarLog.create(vc.log, state)
         created = True
 
-    plexes = []
+    plexes: list[Plex] = []
     for rec in state.plexes:
         p = plex_factory(rec, state.size)
         if rec.state in WRITABLE:
             try:
                 p.open(create=created)
+            except InUseError as e:
+                for q in plexes:
+                    q.close()
+                sidecar.close()
+                raise InUseError(f"volume {vc.name}: {e}") from None
             except OSError as e:
                 rec.state, rec.reason = IOFAIL, f"cannot open image {rec.path}: {e.strerror or e}"
                 rec.identity = p.identity()
@@ -111,6 +125,21 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         _plan_recovery(vol, full=not vc.drl or recover_all)
     vol._update_recovering()
     return vol
+
+
+def _check_not_in_use(vc: VolumeConfig) -> None:
+    """Refuse (InUseError) if another daemon holds one of the volume's existing plexes."""
+    for p in vc.plexes:
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # missing or unreadable: Plex.open reports it
+        try:
+            lock_exclusive(fd, p, "plex image")
+        except InUseError as e:
+            raise InUseError(f"volume {vc.name}: {e}") from None
+        finally:
+            close_locked(fd)  # our own Plex.open takes the lock for good
 
 
 def snapshot_config(origin: Volume, name: str, info: dict[str, Any]) -> VolumeConfig:
@@ -207,6 +236,8 @@ class VolumeManager:
             self.volumes[vc.name] = open_volume(
                 vc, self.cfg.path, recover_all=recover_all,
                 clean_delay=self.cfg.clean_delay, rate_limit=self.cfg.resync.rate_limit)
+        except InUseError:
+            raise  # another daemon serves it: this daemon must not start at all
         except (VmdError, OSError) as e:
             self.refused[vc.name] = str(e)
             log.error("volume %s refused: %s", vc.name, e)

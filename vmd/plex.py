@@ -13,6 +13,7 @@ import stat
 import time
 from pathlib import Path
 
+from .exclusive import close_locked, lock_exclusive
 from .iopool import IOPool
 from .sidecar import PlexRecord
 from .uring import Ring
@@ -94,6 +95,7 @@ class Plex:
             flags |= os.O_CREAT
         fd = os.open(self.path, flags, 0o600)
         try:
+            lock_exclusive(fd, self.path, "plex image")  # held until close()
             st = os.fstat(fd)
             if stat.S_ISREG(st.st_mode):
                 if st.st_size == 0 and create:
@@ -102,14 +104,14 @@ class Plex:
                     raise OSError(errno.EINVAL, f"image {self.path} is {st.st_size} bytes, "
                                                 f"the volume is {self.size} bytes")
         except BaseException:
-            os.close(fd)
+            close_locked(fd)
             raise
         self.fd = fd
 
     def close(self) -> None:
         self._pool.stop()
         if self.fd >= 0:
-            os.close(self.fd)
+            close_locked(self.fd)
             self.fd = -1
 
     def identity(self) -> list[int] | None:

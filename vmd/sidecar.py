@@ -35,6 +35,7 @@ from typing import Any
 import trio
 
 from .errors import SidecarError
+from .exclusive import close_locked, lock_exclusive, open_locked
 from .regionmap import RegionMap
 
 log = logging.getLogger(__name__)
@@ -311,33 +312,44 @@ class SidecarLog:
         self.lock = trio.Lock()
         self.syncs = 0  # fdatasync calls on the log (group-commit test counts them)
         self.appends = 0
+        self.checkpoints = 0  # compactions done (tests check one happened)
 
     @classmethod
     def open(cls, path: Path) -> tuple["SidecarLog", Replay]:
         """Replay an existing log and open it for appending (drops a torn tail)."""
-        tmp = path.with_name(path.name + ".new")
-        if tmp.exists():
-            # A compaction that did not reach its rename: the old log is whole.
-            log.warning("%s: removing unfinished compaction %s", path, tmp)
-            tmp.unlink()
-        replay, end, seq = read_log(path)
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        if replay.torn_bytes:
-            log.info("%s: dropping %d bytes of torn tail", path, replay.torn_bytes)
-            os.ftruncate(fd, end)
-            os.fsync(fd)
+        # Lock first: another daemon's unfinished compaction is not ours to remove.
+        fd = open_locked(path, os.O_RDWR | os.O_CLOEXEC, "sidecar log")
+        try:
+            tmp = path.with_name(path.name + ".new")
+            if tmp.exists():
+                # A compaction that did not reach its rename: the old log is whole.
+                log.warning("%s: removing unfinished compaction %s", path, tmp)
+                tmp.unlink()
+            replay, end, seq = read_log(path)
+            if replay.torn_bytes:
+                log.info("%s: dropping %d bytes of torn tail", path, replay.torn_bytes)
+                os.ftruncate(fd, end)
+                os.fsync(fd)
+        except BaseException:
+            close_locked(fd)
+            raise
         return cls(path, fd, end, seq), replay
 
     @classmethod
     def create(cls, path: Path, state: VolumeState) -> "SidecarLog":
         """Write a new log holding `state` (crash-safe: via rename)."""
-        _write_new(path, _encode_file(state, 0))
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        return cls(path, fd, os.fstat(fd).st_size, 0)
+        data = _encode_file(state, 0)
+        fd = _write_new(path, data)
+        try:
+            fsync_dir(path.parent)
+        except BaseException:
+            close_locked(fd)
+            raise
+        return cls(path, fd, len(data), 0)
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
+            close_locked(self._fd)
             self._fd = -1
 
     @property
@@ -387,16 +399,15 @@ class SidecarLog:
             # soon as we yield, and the checkpoint must be one moment's truth.
             seq = self._seq + 1
             data = _encode_file(build(), seq)
-            try:
-                await trio.to_thread.run_sync(_write_new, self.path, data)
-            finally:
-                # Once renamed, the old fd is an unlinked file: appends must go
-                # to the new one even if the directory fsync failed.
-                if os.path.exists(self.path) and os.stat(self.path).st_ino != os.fstat(self._fd).st_ino:
-                    fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-                    os.close(self._fd)
-                    self._fd, self._seq, self._offset = fd, seq, os.fstat(fd).st_size
+            fd = await trio.to_thread.run_sync(_write_new, self.path, data)
+            # Once renamed, the old fd is an unlinked file: appends go to the new
+            # one (already locked, so the lock never lapses) even if the
+            # directory fsync fails.
+            close_locked(self._fd)
+            self._fd, self._seq, self._offset = fd, seq, len(data)
+            await trio.to_thread.run_sync(fsync_dir, self.path.parent)
             self.syncs += 1
+            self.checkpoints += 1
 
 
 def _encode_file(state: VolumeState, seq: int) -> bytes:
@@ -404,18 +415,22 @@ def _encode_file(state: VolumeState, seq: int) -> bytes:
     return _header_bytes(state) + _frame(seq, rec, blobs)
 
 
-def _write_new(path: Path, data: bytes) -> None:
-    """data → path.new, fsync, rename over path, fsync dir."""
+def _write_new(path: Path, data: bytes) -> int:
+    """data → path.new, fsync, rename over path. Returns the new file open and
+    locked, locked before the rename so that no other daemon can take it; the
+    caller fsyncs the directory."""
     tmp = path.with_name(path.name + ".new")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
+        lock_exclusive(fd, tmp, "sidecar log")
         if os.write(fd, data) != len(data):
             raise OSError(28, f"short write to {tmp}")
         os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    fsync_dir(path.parent)
+        os.rename(tmp, path)
+    except BaseException:
+        close_locked(fd)
+        raise
+    return fd
 
 
 def new_state(name: str, size: int, region_size: int, fmr_region: int) -> VolumeState:
