@@ -239,6 +239,46 @@ def test_snap_back_copies_union_of_changed_regions(vmd_factory: Callable[..., Vm
     vmd.stop()
 
 
+def test_snap_back_with_nothing_to_copy_completes(vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """An empty merge finishes like any other (issue 16, item 3): snap back, refresh and
+    --from-snapshot right after the take leave a SNAPDONE mirror that `snap wait`, `vmd
+    wait` and the next take accept, also after a restart."""
+    vmd = vmd_factory().start()
+    pwrite_file(vmd.volume_file(), [(0, random.Random(29).randbytes(4 * MiB))])
+    snapshot_cycle(vmd)
+    out = vmd.cli("snap", "back", "nightly").stdout
+    assert "0B to copy" in out, out
+    # A short timeout: before the fix these waited for ever.
+    vmd.cli("snap", "wait", "vol0", timeout=20)
+    st = vmd.wait_resync("vol0", timeout=20)
+    assert plex_by_role(st, "snapshot")["state"] == "SNAPDONE", st["plexes"]
+
+    vmd.cli("snap", "take", "vol0", "nightly")
+    assert "taken" in vmd.cli("snap", "refresh", "nightly", timeout=20).stdout
+    out = vmd.cli("snap", "back", "nightly", "--from-snapshot").stdout
+    assert "0B to copy" in out, out
+    vmd.cli("snap", "wait", "vol0", timeout=20)
+
+    vmd.restart()
+    st = vmd.wait_resync("vol0", timeout=20)
+    assert plex_by_role(st, "snapshot")["state"] == "SNAPDONE", st["plexes"]
+    vmd.cli("snap", "take", "vol0", "nightly")
+    vol = h(read_direct(vmd.volume_file()))
+    assert h(read_direct(vmd.volume_file("nightly"))) == vol
+    vmd.stop()
+
+
+def test_snap_start_on_empty_volume_completes(vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """Nothing ever written: the mirror still synchronizes (a full copy of holes) and the
+    take works."""
+    vmd = vmd_factory().start()
+    vmd.cli("snap", "start", "vol0")
+    vmd.cli("snap", "wait", "vol0", timeout=30)
+    vmd.cli("snap", "take", "vol0", "nightly")
+    assert read_direct(vmd.volume_file("nightly")) == bytes(vmd.volume_size())
+    vmd.stop()
+
+
 # -- restore: snap back --from-snapshot ----------------------------------------------
 
 def test_snap_back_from_snapshot_restores_ext4(vmd_factory: Callable[..., VmdDaemon],
