@@ -348,6 +348,60 @@ def test_snap_back_from_snapshot_restores_ext4(vmd_factory: Callable[..., VmdDae
     vmd.stop()
 
 
+def test_restore_refused_while_volume_in_use(vmd_factory: Callable[..., VmdDaemon],
+                                            sysres: SysResources, tmp_path: Path) -> None:
+    """snap back --from-snapshot under a mounted filesystem would change its blocks behind
+    its back (issue 16, item 4): refused while vol0 is open, naming it; done after umount;
+    --force proceeds anyway."""
+    vmd = vmd_factory().start()
+    dev = vmd.losetup()
+    run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", dev])
+    fs = Path(sysres.mount(dev, tmp_path / "fs"))
+    rng = random.Random(31)
+    before = write_tree(fs, "a", rng, 8)
+    run(["sync"])
+    vmd.cli("snap", "start", "vol0")
+    vmd.cli("snap", "wait", "vol0", timeout=120)
+    run(["fsfreeze", "-f", str(fs)])
+    try:
+        vmd.cli("snap", "take", "vol0", "nightly")
+    finally:
+        run(["fsfreeze", "-u", str(fs)])
+    write_tree(fs, "b", rng, 8)
+    run(["sync"])
+
+    run(["fsfreeze", "-f", str(fs)])  # still mounted; frozen so that "nothing changed" holds
+    try:
+        err = _refused(vmd, "snap", "back", "nightly", "--from-snapshot", names="vol0",
+                       says="--force")
+    finally:
+        run(["fsfreeze", "-u", str(fs)])
+    assert "umount" in err, err
+    assert "nightly" in [v["name"] for v in vmd.status()["volumes"]]
+
+    sysres.umount(fs)
+    sysres.detach_loop(dev)
+    wait_for(lambda: vmd.status("vol0")["open"] == 0, what="the loop device to let go")
+    vmd.cli("snap", "back", "nightly", "--from-snapshot")
+    vmd.cli("snap", "wait", "vol0", timeout=120)
+    dev = vmd.losetup()
+    fsck_clean(dev)
+    fs = Path(sysres.mount(dev, tmp_path / "fs"))
+    assert tree(fs) == before
+
+    # --force: the administrator's call; the restore runs under the mount.
+    vmd.cli("snap", "take", "vol0", "nightly")
+    write_tree(fs, "c", rng, 4)
+    run(["sync"])
+    out = vmd.cli("snap", "back", "nightly", "--from-snapshot", "--force").stdout
+    assert "merging back" in out, out
+    vmd.cli("snap", "wait", "vol0", timeout=120)
+    assert "nightly" not in [v["name"] for v in vmd.status()["volumes"]]
+    sysres.umount(fs)
+    sysres.detach_loop(dev)
+    vmd.stop()
+
+
 # -- crashes ---------------------------------------------------------------------------
 
 @pytest.mark.allow_log(r"was not stopped cleanly", r"was still synchronizing when the daemon")

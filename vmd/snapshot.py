@@ -70,6 +70,14 @@ def _drop_link(vol: Volume, other: str) -> PlexRecord | None:
     return None
 
 
+def _refuse_if_open(m: "VolumeManager", vol: Volume, what: str, why: str) -> None:
+    """Refuse (unless --force) while the volume file is open, as `vmd stop` does."""
+    if vol.openers:
+        raise VmdError(f"{what} is open (a loop device attached, or a process holding "
+                       f"{m.cfg.mountpoint}/{vol.name}){why}; umount and detach it first "
+                       f"(umount, losetup -d) or use --force")
+
+
 async def snap_start(vol: Volume, path: str | None) -> dict[str, Any]:
     if _mirrors(vol):
         p = _mirrors(vol)[0]
@@ -157,9 +165,14 @@ async def snap_back(m: "VolumeManager", name: str, *, from_snapshot: bool = Fals
     if not info or info.get("cleared"):
         raise VmdError(f"volume {name} is not a snapshot (or was cleared with `vmd snap clear`)")
     origin = m.get(info["of"])
-    if snap.openers and not force:
-        raise VmdError(f"snapshot {name} is open (a loop device attached, or a process holding "
-                       f"its file); detach it first or use --force")
+    if not force:
+        _refuse_if_open(m, snap, f"snapshot {name}", "")
+        if from_snapshot:
+            # A filesystem mounted on it would keep its cached blocks and
+            # metadata and write them over the restored ones: corruption.
+            _refuse_if_open(m, origin, f"volume {origin.name}",
+                            f": restoring it from snapshot {name} under a mounted filesystem "
+                            f"corrupts that filesystem")
     if not origin.resync.targets() and not [p for p in origin.plexes if p.state == ACTIVE]:
         raise VmdError(f"volume {origin.name} has no ACTIVE plex")
     path = snap.plexes[0].record.path

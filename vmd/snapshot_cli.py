@@ -25,7 +25,8 @@ def add_snapshot_parsers(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("--from-snapshot", action="store_true",
                    help="the volume takes the snapshot's contents (restore)")
-    p.add_argument("--force", action="store_true", help="even if the snapshot file is open")
+    p.add_argument("--force", action="store_true",
+                   help="even if the snapshot file (or, with --from-snapshot, the volume's) is open")
     p = ss.add_parser("refresh", help="snap back NAME, then take it again")
     p.add_argument("name")
     p.add_argument("--force", action="store_true")
