@@ -429,17 +429,16 @@ def test_crash_during_snap_start_removes_mirror(vmd_factory: Callable[..., VmdDa
     p0, p1 = vmd.plex_paths()
     assert sha(p0) == sha(p1) == h(read_direct(vmd.volume_file()))
 
-    # 2: an image the administrator gave is kept.
+    # 2: an image the administrator named is kept, although vmd made the file.
     given = tmp_path / "given-snap.img"
-    with open(given, "wb") as f:
-        f.truncate(vmd.volume_size())
     vmd.cli("snap", "start", "vol0", "--path", str(given))
     assert plex_by_role(vmd.status("vol0"), "snapshot")["state"] == "SNAPATT"
     vmd.kill()
     vmd.start()
     st = vmd.wait_resync("vol0")
     assert [p["state"] for p in st["plexes"]] == ["ACTIVE", "ACTIVE"]
-    assert given.exists(), "vmd deleted an image it did not create"
+    assert given.exists(), "vmd deleted an image named with --path"
+    assert f"image {given} left in place" in vmd.stderr()
     assert sha(p0) == sha(p1)
     # And a new snapshot mirror can be started afterwards.
     vmd.cli("snap", "start", "vol0")
@@ -609,6 +608,31 @@ def test_errors_without_snapshot_mirror_and_while_snapatt(
     assert not Path(sp["path"]).exists()
     assert plex_states(vmd) == {"p0": "ACTIVE", "p1": "ACTIVE"}
     _refused(vmd, "snap", "abort", "vol0", says="no snapshot mirror")
+    vmd.stop()
+
+
+def test_abort_deletes_only_images_vmd_named(vmd_factory: Callable[..., VmdDaemon],
+                                            tmp_path: Path) -> None:
+    """The rule (issue 16, item 5): `snap abort` deletes the mirror's image only if vmd
+    named and created it; an image named with --path is left in place, whether vmd made
+    the file or it was there. The CLI and the daemon log say the same."""
+    vmd = vmd_factory().start()
+    given_new, given_old = tmp_path / "given-new.img", tmp_path / "given-old.img"
+    with open(given_old, "wb") as f:
+        f.truncate(vmd.volume_size())
+    for args, deleted in (((), True), (("--path", str(given_new)), False),
+                          (("--path", str(given_old)), False)):
+        vmd.cli("snap", "start", "vol0", *args)
+        vmd.cli("snap", "wait", "vol0", timeout=60)
+        path = plex_by_role(vmd.status("vol0"), "snapshot")["path"]
+        assert Path(path).exists()
+        out = vmd.cli("snap", "abort", "vol0").stdout
+        fate = f"image {path} deleted" if deleted else f"image {path} left in place"
+        assert fate in out, out
+        logged = [ln for ln in vmd.stderr().splitlines() if f"image {path}" in ln]
+        assert logged and all(fate in ln for ln in logged), logged
+        assert Path(path).exists() != deleted, f"{path}: {out}"
+        assert plex_states(vmd) == {"p0": "ACTIVE", "p1": "ACTIVE"}
     vmd.stop()
 
 

@@ -83,10 +83,11 @@ async def snap_start(vol: Volume, path: str | None) -> dict[str, Any]:
         p = _mirrors(vol)[0]
         raise VmdError(f"volume {vol.name} already has a snapshot mirror {p.name} ({p.state}); "
                        f"`vmd snap take` it or `vmd snap abort {vol.name}`")
+    named = path is not None
     if path is None:
         first = Path(vol.plexes[0].record.path)
         path = str(first.with_name(f"{vol.name}-snap{vol.state.next_plex}.img"))
-    p = await vol.add_plex(path, state=SNAPATT, role="snapshot")
+    p = await vol.add_plex(path, state=SNAPATT, role="snapshot", named=named)
     log.info("volume %s: snapshot mirror %s (%s) started", vol.name, p.name, path)
     return vol._plex_status(p)
 
@@ -258,13 +259,8 @@ async def snap_abort(vol: Volume) -> dict[str, Any]:
     if not ps:
         raise VmdError(f"volume {vol.name} has no snapshot mirror to abort")
     p = ps[0]
-    rec = await vol.remove_plex(p.name, snapshot_ok=True)
-    if rec.created:
-        try:
-            os.unlink(rec.path)
-        except OSError:
-            pass
-    return {"removed": rec.name, "path": rec.path, "deleted": rec.created}
+    rec, fate = await vol.remove_plex(p.name, snapshot_ok=True, delete_created=True)
+    return {"removed": rec.name, "path": rec.path, "image": fate}
 
 
 def register(d: Any) -> None:
