@@ -5,8 +5,9 @@ map has bits: SYNCING plexes (added, attached), SNAPATT snapshot mirrors, and
 ACTIVE plexes after a crash (DRL recovery); also SYNCING/SNAPATT plexes whose
 map is empty, which a pass with nothing to copy promotes. Each chunk is copied
 under a range lock, so a write can never land between the copy's read and its
-write (invariant 6). Progress is made durable in batches (`copied` records after an
-fdatasync of the targets), so an interrupted resync resumes where it stopped.
+write (invariant 6). Progress is made durable in batches (`copied` records
+after an fdatasync of the targets), so an interrupted resync resumes where it
+stopped.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def _drop_link(vol: Volume, other: str) -> PlexRecord | None:
 
 
 def _refuse_if_open(m: "VolumeManager", vol: Volume, what: str, why: str) -> None:
-    """Refuse (unless --force) while the volume file is open, as `vmd stop` does."""
+    """Refuse while the volume's file is open, as `vmd stop` does (--force skips this)."""
     if vol.openers:
         raise VmdError(f"{what} is open (a loop device attached, or a process holding "
                        f"{m.cfg.mountpoint}/{vol.name}){why}; umount and detach it first "
