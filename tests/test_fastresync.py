@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from conftest import MiB, KiB, SysResources, VmdDaemon, volume_spec
+from vmd.sidecar import PlexRecord, SidecarLog, read_log
 
 pytestmark = pytest.mark.mount
 
@@ -352,6 +353,85 @@ def test_map_survives_sigkill_while_detached_with_writes_in_flight(
           f"({st['recovered_regions']} DRL regions recovered), copied {copied}, "
           f"written while detached {len(missed | acked) * R}, volume {BIG}")
     assert copied == p1["missing_bytes"]
+    vmd.stop()
+    assert_plexes_identical(vmd.plex_paths(), ref)
+
+
+def test_reattach_with_nothing_missed_is_in_sync_at_once(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """An empty FastResync map (issue 16, item 3): reattached at once, or after a clean
+    restart, the plex is ACTIVE without a copy and `vmd wait` returns."""
+    size = 64 * MiB
+    vmd = big_daemon(vmd_factory, size=size).start()
+    rng = random.Random(4011)
+    ref = Ref(size)
+    seed_both(vmd, ref, rng, count=16)
+    for restart in (False, True):
+        vmd.cli("plex", "detach", "vol0", "p1")
+        assert plex_st(vmd.status("vol0"), "p1")["missing_bytes"] == 0
+        if restart:
+            vmd.restart()
+        st = attach_and_wait(vmd)
+        assert st["resync"]["copied_bytes"] == 0, st["resync"]
+    vmd.stop()
+    assert_plexes_identical(vmd.plex_paths(), ref)
+
+
+def test_plexes_left_with_nothing_to_copy_finish_at_start(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """A SYNCING plex whose copy was done, and a merging snapshot mirror (SNAPATT) with
+    nothing to copy, as a crash between the last progress record and the state change
+    leaves them (or as an older vmd left an empty snap back): the next start finishes
+    both, without a copy (issue 16, item 3)."""
+    size = 64 * MiB
+    vmd = big_daemon(vmd_factory, size=size).start()
+    rng = random.Random(4012)
+    ref = Ref(size)
+    seed_both(vmd, ref, rng, count=16)
+    vmd.stop()
+    p0 = vmd.plex_paths()[0]
+    mirror = p0.with_name("vol0-mirror.img")
+    mirror.write_bytes(p0.read_bytes())
+    replay, _, _ = read_log(vmd.log_path())
+    state = replay.state
+    state.plex("p1").state = "SYNCING"  # type: ignore[union-attr]
+    state.plexes.append(PlexRecord(name=f"p{state.next_plex}", path=str(mirror),
+                                   state="SNAPATT", missing=state.new_map(), role="snapback"))
+    state.next_plex += 1
+    SidecarLog.create(vmd.log_path(), state).close()
+
+    vmd.start()
+    st = vmd.wait_resync("vol0", timeout=20)
+    assert [(p["state"], p["role"], p["missing_bytes"]) for p in st["plexes"]] == [
+        ("ACTIVE", "", 0), ("ACTIVE", "", 0), ("SNAPDONE", "snapshot", 0)], st["plexes"]
+    assert st["resync"]["copied_bytes"] == 0, st["resync"]
+    vmd.cli("snap", "wait", "vol0", timeout=20)
+    vmd.cli("snap", "take", "vol0", "nightly")
+    vmd.stop()
+    assert_plexes_identical([*vmd.plex_paths(), mirror], ref)
+
+
+def test_crash_with_no_dirty_region_recovers_nothing(
+        vmd_factory: Callable[..., VmdDaemon], allow_log: Callable[..., None]) -> None:
+    """SIGKILL once the DRL is clean: the recovery has nothing to copy and ends at once;
+    a SNAPDONE snapshot mirror stays ready (issue 16, item 3)."""
+    allow_log(UNCLEAN)
+    size = 64 * MiB
+    vmd = big_daemon(vmd_factory, size=size).start()
+    rng = random.Random(4013)
+    ref = Ref(size)
+    seed_both(vmd, ref, rng, count=16)
+    vmd.cli("snap", "start", "vol0")
+    vmd.cli("snap", "wait", "vol0", timeout=30)
+    wait_for(lambda: vmd.status("vol0")["dirty_regions"] == 0, 20, "the DRL to be cleaned")
+    vmd.kill()
+    vmd.start()
+    st = vmd.wait_resync("vol0", timeout=20)
+    assert st["recovered_regions"] == 0, st
+    assert [(p["state"], p["missing_bytes"]) for p in st["plexes"]] == [
+        ("ACTIVE", 0), ("ACTIVE", 0), ("SNAPDONE", 0)], st["plexes"]
+    vmd.cli("snap", "wait", "vol0", timeout=20)
+    vmd.cli("snap", "take", "vol0", "nightly")
     vmd.stop()
     assert_plexes_identical(vmd.plex_paths(), ref)
 

@@ -239,6 +239,46 @@ def test_snap_back_copies_union_of_changed_regions(vmd_factory: Callable[..., Vm
     vmd.stop()
 
 
+def test_snap_back_with_nothing_to_copy_completes(vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """An empty merge finishes like any other (issue 16, item 3): snap back, refresh and
+    --from-snapshot right after the take leave a SNAPDONE mirror that `snap wait`, `vmd
+    wait` and the next take accept, also after a restart."""
+    vmd = vmd_factory().start()
+    pwrite_file(vmd.volume_file(), [(0, random.Random(29).randbytes(4 * MiB))])
+    snapshot_cycle(vmd)
+    out = vmd.cli("snap", "back", "nightly").stdout
+    assert "0B to copy" in out, out
+    # A short timeout: before the fix these waited for ever.
+    vmd.cli("snap", "wait", "vol0", timeout=20)
+    st = vmd.wait_resync("vol0", timeout=20)
+    assert plex_by_role(st, "snapshot")["state"] == "SNAPDONE", st["plexes"]
+
+    vmd.cli("snap", "take", "vol0", "nightly")
+    assert "taken" in vmd.cli("snap", "refresh", "nightly", timeout=20).stdout
+    out = vmd.cli("snap", "back", "nightly", "--from-snapshot").stdout
+    assert "0B to copy" in out, out
+    vmd.cli("snap", "wait", "vol0", timeout=20)
+
+    vmd.restart()
+    st = vmd.wait_resync("vol0", timeout=20)
+    assert plex_by_role(st, "snapshot")["state"] == "SNAPDONE", st["plexes"]
+    vmd.cli("snap", "take", "vol0", "nightly")
+    vol = h(read_direct(vmd.volume_file()))
+    assert h(read_direct(vmd.volume_file("nightly"))) == vol
+    vmd.stop()
+
+
+def test_snap_start_on_empty_volume_completes(vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """Nothing ever written: the mirror still synchronizes (a full copy of holes) and the
+    take works."""
+    vmd = vmd_factory().start()
+    vmd.cli("snap", "start", "vol0")
+    vmd.cli("snap", "wait", "vol0", timeout=30)
+    vmd.cli("snap", "take", "vol0", "nightly")
+    assert read_direct(vmd.volume_file("nightly")) == bytes(vmd.volume_size())
+    vmd.stop()
+
+
 # -- restore: snap back --from-snapshot ----------------------------------------------
 
 def test_snap_back_from_snapshot_restores_ext4(vmd_factory: Callable[..., VmdDaemon],
@@ -308,6 +348,60 @@ def test_snap_back_from_snapshot_restores_ext4(vmd_factory: Callable[..., VmdDae
     vmd.stop()
 
 
+def test_restore_refused_while_volume_in_use(vmd_factory: Callable[..., VmdDaemon],
+                                            sysres: SysResources, tmp_path: Path) -> None:
+    """snap back --from-snapshot under a mounted filesystem would change its blocks behind
+    its back (issue 16, item 4): refused while vol0 is open, naming it; done after umount;
+    --force proceeds anyway."""
+    vmd = vmd_factory().start()
+    dev = vmd.losetup()
+    run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", dev])
+    fs = Path(sysres.mount(dev, tmp_path / "fs"))
+    rng = random.Random(31)
+    before = write_tree(fs, "a", rng, 8)
+    run(["sync"])
+    vmd.cli("snap", "start", "vol0")
+    vmd.cli("snap", "wait", "vol0", timeout=120)
+    run(["fsfreeze", "-f", str(fs)])
+    try:
+        vmd.cli("snap", "take", "vol0", "nightly")
+    finally:
+        run(["fsfreeze", "-u", str(fs)])
+    write_tree(fs, "b", rng, 8)
+    run(["sync"])
+
+    run(["fsfreeze", "-f", str(fs)])  # still mounted; frozen so that "nothing changed" holds
+    try:
+        err = _refused(vmd, "snap", "back", "nightly", "--from-snapshot", names="vol0",
+                       says="--force")
+    finally:
+        run(["fsfreeze", "-u", str(fs)])
+    assert "umount" in err, err
+    assert "nightly" in [v["name"] for v in vmd.status()["volumes"]]
+
+    sysres.umount(fs)
+    sysres.detach_loop(dev)
+    wait_for(lambda: vmd.status("vol0")["open"] == 0, what="the loop device to let go")
+    vmd.cli("snap", "back", "nightly", "--from-snapshot")
+    vmd.cli("snap", "wait", "vol0", timeout=120)
+    dev = vmd.losetup()
+    fsck_clean(dev)
+    fs = Path(sysres.mount(dev, tmp_path / "fs"))
+    assert tree(fs) == before
+
+    # --force: the administrator's call; the restore runs under the mount.
+    vmd.cli("snap", "take", "vol0", "nightly")
+    write_tree(fs, "c", rng, 4)
+    run(["sync"])
+    out = vmd.cli("snap", "back", "nightly", "--from-snapshot", "--force").stdout
+    assert "merging back" in out, out
+    vmd.cli("snap", "wait", "vol0", timeout=120)
+    assert "nightly" not in [v["name"] for v in vmd.status()["volumes"]]
+    sysres.umount(fs)
+    sysres.detach_loop(dev)
+    vmd.stop()
+
+
 # -- crashes ---------------------------------------------------------------------------
 
 @pytest.mark.allow_log(r"was not stopped cleanly", r"was still synchronizing when the daemon")
@@ -335,17 +429,16 @@ def test_crash_during_snap_start_removes_mirror(vmd_factory: Callable[..., VmdDa
     p0, p1 = vmd.plex_paths()
     assert sha(p0) == sha(p1) == h(read_direct(vmd.volume_file()))
 
-    # 2: an image the administrator gave is kept.
+    # 2: an image the administrator named is kept, although vmd made the file.
     given = tmp_path / "given-snap.img"
-    with open(given, "wb") as f:
-        f.truncate(vmd.volume_size())
     vmd.cli("snap", "start", "vol0", "--path", str(given))
     assert plex_by_role(vmd.status("vol0"), "snapshot")["state"] == "SNAPATT"
     vmd.kill()
     vmd.start()
     st = vmd.wait_resync("vol0")
     assert [p["state"] for p in st["plexes"]] == ["ACTIVE", "ACTIVE"]
-    assert given.exists(), "vmd deleted an image it did not create"
+    assert given.exists(), "vmd deleted an image named with --path"
+    assert f"image {given} left in place" in vmd.stderr()
     assert sha(p0) == sha(p1)
     # And a new snapshot mirror can be started afterwards.
     vmd.cli("snap", "start", "vol0")
@@ -515,6 +608,31 @@ def test_errors_without_snapshot_mirror_and_while_snapatt(
     assert not Path(sp["path"]).exists()
     assert plex_states(vmd) == {"p0": "ACTIVE", "p1": "ACTIVE"}
     _refused(vmd, "snap", "abort", "vol0", says="no snapshot mirror")
+    vmd.stop()
+
+
+def test_abort_deletes_only_images_vmd_named(vmd_factory: Callable[..., VmdDaemon],
+                                            tmp_path: Path) -> None:
+    """The rule (issue 16, item 5): `snap abort` deletes the mirror's image only if vmd
+    named and created it; an image named with --path is left in place, whether vmd made
+    the file or it was there. The CLI and the daemon log say the same."""
+    vmd = vmd_factory().start()
+    given_new, given_old = tmp_path / "given-new.img", tmp_path / "given-old.img"
+    with open(given_old, "wb") as f:
+        f.truncate(vmd.volume_size())
+    for args, deleted in (((), True), (("--path", str(given_new)), False),
+                          (("--path", str(given_old)), False)):
+        vmd.cli("snap", "start", "vol0", *args)
+        vmd.cli("snap", "wait", "vol0", timeout=60)
+        path = plex_by_role(vmd.status("vol0"), "snapshot")["path"]
+        assert Path(path).exists()
+        out = vmd.cli("snap", "abort", "vol0").stdout
+        fate = f"image {path} deleted" if deleted else f"image {path} left in place"
+        assert fate in out, out
+        logged = [ln for ln in vmd.stderr().splitlines() if f"image {path}" in ln]
+        assert logged and all(fate in ln for ln in logged), logged
+        assert Path(path).exists() != deleted, f"{path}: {out}"
+        assert plex_states(vmd) == {"p0": "ACTIVE", "p1": "ACTIVE"}
     vmd.stop()
 
 

@@ -59,7 +59,7 @@ def register(d: "Daemon") -> None:
         return {"plex": vol._plex_status(p)}
 
     async def plex_remove(req: dict[str, Any], progress: Any) -> dict[str, Any]:
-        rec = await m.get(req_str(req, "volume")).remove_plex(req_str(req, "plex"))
+        rec, _ = await m.get(req_str(req, "volume")).remove_plex(req_str(req, "plex"))
         return {"removed": rec.name, "path": rec.path}
 
     async def fastresync(req: dict[str, Any], progress: Any) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from .plex import Plex
 from .regionmap import RegionMap
 from .sidecar import (ACTIVE, IOFAIL, SNAPATT, WRITABLE, PlexRecord, SidecarLog, VolumeState,
                       new_state)
-from .volume import Volume
+from .volume import Volume, delete_if_created
 
 log = logging.getLogger(__name__)
 
@@ -178,19 +178,15 @@ def _check_against_config(state: VolumeState, vc: VolumeConfig, cfg_path: Path) 
 
 def _abort_interrupted_snapshot_mirrors(vol: Volume) -> None:
     """A snapshot mirror still synchronizing when the daemon stopped is removed
-    (as VxVM does); its image is deleted only if vmd created it."""
+    (as VxVM does); its image is deleted only if vmd named and created it."""
     for p in list(vol.plexes):
         if p.state == SNAPATT and p.record.role == "snapshot":
             p.close()
             vol.plexes.remove(p)
             vol.state.plexes.remove(p.record)
-            if p.record.created:
-                try:
-                    os.unlink(p.path)
-                except OSError:
-                    pass
-            log.warning("volume %s: snapshot mirror %s (%s) was still synchronizing when the "
-                        "daemon stopped: removed", vol.name, p.name, p.path)
+            log.warning("volume %s: snapshot mirror %s was still synchronizing when the "
+                        "daemon stopped: removed; %s", vol.name, p.name,
+                        delete_if_created(p.record))
 
 
 def _plan_recovery(vol: Volume, *, full: bool) -> None:

@@ -2,10 +2,12 @@
 
 One job per volume. Targets are the plexes in RESYNC_TARGETS whose `missing`
 map has bits: SYNCING plexes (added, attached), SNAPATT snapshot mirrors, and
-ACTIVE plexes after a crash (DRL recovery). Each chunk is copied under a range
-lock, so a write can never land between the copy's read and its write
-(invariant 6). Progress is made durable in batches (`copied` records after an
-fdatasync of the targets), so an interrupted resync resumes where it stopped.
+ACTIVE plexes after a crash (DRL recovery); also SYNCING/SNAPATT plexes whose
+map is empty, which a pass with nothing to copy promotes. Each chunk is copied
+under a range lock, so a write can never land between the copy's read and its
+write (invariant 6). Progress is made durable in batches (`copied` records
+after an fdatasync of the targets), so an interrupted resync resumes where it
+stopped.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ COMMIT_SECONDS = 2.0
 READ_AHEAD = 16 * MiB  # source reads started ahead of the copy (scattered runs)
 READ_AHEAD_RUNS = 64
 RETRY_SECONDS = 10
+UNFINISHED = frozenset({SYNCING, SNAPATT})  # states a finished copy leaves
 
 
 class Resync:
@@ -58,8 +61,13 @@ class Resync:
         self._wake.set()
 
     def targets(self) -> list[Plex]:
+        """Plexes that lack regions, and SYNCING/SNAPATT plexes that lack none
+        but are not yet ACTIVE/SNAPDONE: an empty copy (snap back with no
+        change, a crash after the last copy record) must finish like any
+        other, or the plex stays in its state for good."""
         return [p for p in self.volume.plexes if p.state in RESYNC_TARGETS
-                and p.record.missing is not None and p.record.missing.bits.any()]
+                and p.record.missing is not None
+                and (p.state in UNFINISHED or p.record.missing.bits.any())]
 
     def status(self) -> dict[str, Any]:
         return {

@@ -70,15 +70,24 @@ def _drop_link(vol: Volume, other: str) -> PlexRecord | None:
     return None
 
 
+def _refuse_if_open(m: "VolumeManager", vol: Volume, what: str, why: str) -> None:
+    """Refuse while the volume's file is open, as `vmd stop` does (--force skips this)."""
+    if vol.openers:
+        raise VmdError(f"{what} is open (a loop device attached, or a process holding "
+                       f"{m.cfg.mountpoint}/{vol.name}){why}; umount and detach it first "
+                       f"(umount, losetup -d) or use --force")
+
+
 async def snap_start(vol: Volume, path: str | None) -> dict[str, Any]:
     if _mirrors(vol):
         p = _mirrors(vol)[0]
         raise VmdError(f"volume {vol.name} already has a snapshot mirror {p.name} ({p.state}); "
                        f"`vmd snap take` it or `vmd snap abort {vol.name}`")
+    named = path is not None
     if path is None:
         first = Path(vol.plexes[0].record.path)
         path = str(first.with_name(f"{vol.name}-snap{vol.state.next_plex}.img"))
-    p = await vol.add_plex(path, state=SNAPATT, role="snapshot")
+    p = await vol.add_plex(path, state=SNAPATT, role="snapshot", named=named)
     log.info("volume %s: snapshot mirror %s (%s) started", vol.name, p.name, path)
     return vol._plex_status(p)
 
@@ -157,9 +166,14 @@ async def snap_back(m: "VolumeManager", name: str, *, from_snapshot: bool = Fals
     if not info or info.get("cleared"):
         raise VmdError(f"volume {name} is not a snapshot (or was cleared with `vmd snap clear`)")
     origin = m.get(info["of"])
-    if snap.openers and not force:
-        raise VmdError(f"snapshot {name} is open (a loop device attached, or a process holding "
-                       f"its file); detach it first or use --force")
+    if not force:
+        _refuse_if_open(m, snap, f"snapshot {name}", "")
+        if from_snapshot:
+            # A filesystem mounted on it would keep its cached blocks and
+            # metadata and write them over the restored ones: corruption.
+            _refuse_if_open(m, origin, f"volume {origin.name}",
+                            f": restoring it from snapshot {name} under a mounted filesystem "
+                            f"corrupts that filesystem")
     if not origin.resync.targets() and not [p for p in origin.plexes if p.state == ACTIVE]:
         raise VmdError(f"volume {origin.name} has no ACTIVE plex")
     path = snap.plexes[0].record.path
@@ -245,13 +259,8 @@ async def snap_abort(vol: Volume) -> dict[str, Any]:
     if not ps:
         raise VmdError(f"volume {vol.name} has no snapshot mirror to abort")
     p = ps[0]
-    rec = await vol.remove_plex(p.name, snapshot_ok=True)
-    if rec.created:
-        try:
-            os.unlink(rec.path)
-        except OSError:
-            pass
-    return {"removed": rec.name, "path": rec.path, "deleted": rec.created}
+    rec, fate = await vol.remove_plex(p.name, snapshot_ok=True, delete_created=True)
+    return {"removed": rec.name, "path": rec.path, "image": fate}
 
 
 def register(d: Any) -> None:

@@ -25,7 +25,8 @@ def add_snapshot_parsers(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("--from-snapshot", action="store_true",
                    help="the volume takes the snapshot's contents (restore)")
-    p.add_argument("--force", action="store_true", help="even if the snapshot file is open")
+    p.add_argument("--force", action="store_true",
+                   help="even if the snapshot's file (with --from-snapshot: the volume's) is open")
     p = ss.add_parser("refresh", help="snap back NAME, then take it again")
     p.add_argument("name")
     p.add_argument("--force", action="store_true")
@@ -59,6 +60,5 @@ def run_snapshot_command(args: argparse.Namespace, client: Any, progress: Any) -
     elif c == "clear":
         print(f"{args.name}: no longer a snapshot")
     elif c == "abort":
-        print(f"{args.volume}: snapshot mirror {reply['removed']} removed"
-              + (f", image {reply['path']} deleted" if reply["deleted"] else ""))
+        print(f"{args.volume}: snapshot mirror {reply['removed']} removed; {reply['image']}")
     return EXIT_OK

@@ -34,6 +34,21 @@ class VolumeIOError(OSError):
     pass
 
 
+def delete_if_created(rec: PlexRecord) -> str:
+    """Delete a removed snapshot mirror's image only if vmd named and created
+    it: one the administrator named (`snap start --path`) may be the only
+    copy of something. Returns what became of it, in the words that both
+    the log and the CLI use."""
+    if not rec.created:
+        return f"image {rec.path} left in place (vmd deletes only images it named and created)"
+    try:
+        os.unlink(rec.path)
+    except OSError as e:
+        return (f"image {rec.path} left in place (vmd created it but cannot delete it: "
+                f"{e.strerror or e})")
+    return f"image {rec.path} deleted (vmd created it)"
+
+
 class Volume:
     # Called as `await before_write(off, n)` inside pwrite, with the range
     # held and before the DRL and the plex writes (Remote Copy's copy-on-write).
@@ -518,13 +533,17 @@ class Volume:
                     f"({', '.join(diff)} differ): the map cannot be trusted")
         return ""
 
-    async def add_plex(self, path: str, *, state: str = SYNCING, role: str = "") -> Plex:
+    async def add_plex(self, path: str, *, state: str = SYNCING, role: str = "",
+                       named: bool = False) -> Plex:
+        """`named`: the administrator chose `path`, so the image is theirs even
+        if vmd creates the file (never deleted, see `delete_if_created`)."""
         async with self.gate.hold(), self.resync.paused():
             if not self._in_sync():
                 raise VmdError(f"volume {self.name} has no in-sync plex to copy from")
             existed = os.path.exists(path)
             rec = PlexRecord(name=f"p{self.state.next_plex}", path=path, state=state,
-                             missing=self.state.new_map(fill=True), created=not existed, role=role)
+                             missing=self.state.new_map(fill=True),
+                             created=not existed and not named, role=role)
             p = self.plex_factory(rec, self.size)
             try:
                 p.open(create=True)
@@ -541,7 +560,9 @@ class Volume:
         self.resync.wake()
         return p
 
-    async def remove_plex(self, name: str, *, snapshot_ok: bool = False) -> PlexRecord:
+    async def remove_plex(self, name: str, *, snapshot_ok: bool = False,
+                          delete_created: bool = False) -> tuple[PlexRecord, str]:
+        """Returns the plex's record and what became of its image."""
         async with self.gate.hold(), self.resync.paused():
             p = self.plex(name)
             if p.state in (SNAPATT, SNAPDONE) and not snapshot_ok:
@@ -555,8 +576,9 @@ class Volume:
             self.state.plexes.remove(p.record)
             self._update_recovering()
             await self.checkpoint()
-        log.info("volume %s: plex %s removed (image %s left in place)", self.name, name, p.path)
-        return p.record
+        fate = delete_if_created(p.record) if delete_created else f"image {p.path} left in place"
+        log.info("volume %s: plex %s removed (%s)", self.name, name, fate)
+        return p.record, fate
 
     async def set_fastresync(self, on: bool) -> None:
         async with self.gate.hold():
