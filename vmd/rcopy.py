@@ -614,19 +614,46 @@ class Engine:
                          vol.name)
 
     async def shutdown(self) -> None:
+        """Cancel every transfer and wait for them: a receiver cut off rolls its
+        update back before the volumes close (the daemon bounds the whole stop)."""
         self.stopping = True
         for s in list(self.scopes):
             s.cancel()
-        with trio.move_on_after(30):
-            await self.idle.wait()
+        await self.idle.wait()
 
     def link(self, name: str) -> Link:
         vol = self.d.manager.get(name)
         link = self.links.get(vol.name)
-        if link is None:
+        if link is not None:
+            return link
+        info = rcopy_recv.target_info(vol)
+        if info is None:
             raise VmdError(f"volume {name} has no remote copy (add `rcopy: {{target: COMMAND}}` "
                            f"to it in {self.d.cfg.path})")
-        return link
+        src = f"volume {info.get('source')} ({info.get('source_uuid')})"
+        if info.get("promoted"):
+            raise VmdError(f"volume {vol.name} is a promoted remote copy target of {src}: it "
+                           f"sends no updates until `vmd rcopy reverse {vol.name}` makes it the "
+                           f"source")
+        unused = (f"; its config's rcopy entry is not used until the original direction is "
+                  f"restored (`vmd rcopy promote {vol.name}`, then `vmd rcopy reverse "
+                  f"{vol.name}`)" if vol.cfg.rcopy is not None else "")
+        raise VmdError(f"volume {vol.name} is the remote copy target of {src}"
+                       f"{' since a reverse' if info.get('reversed') else ''}: it receives "
+                       f"updates and sends none (run this on the source's host){unused}")
+
+    def summary(self, vol: Volume) -> dict[str, Any] | None:
+        """The volume's remote copy role for `vmd status` (None: it takes no part)."""
+        link = self.links.get(vol.name)
+        if link is not None:
+            return {"role": "source", "sequence": int(link.ext.get("acked", 0)),
+                    "target": " ".join(link.cfg.target), "paused": bool(link.ext.get("paused"))}
+        info = rcopy_recv.target_info(vol)
+        if info is None:
+            return None
+        return {"role": "target", "sequence": int(info.get("seq") or 0),
+                "source": info.get("source"), "promoted": bool(info.get("promoted")),
+                "syncing": rcopy_recv.syncing(vol)}
 
 
 def register(d: "Daemon") -> None:
@@ -638,6 +665,16 @@ def register(d: "Daemon") -> None:
 
     def name(req: dict[str, Any]) -> str:
         return req_str(req, "volume")
+
+    volume_status = d.commands["status"]
+
+    async def status_with_role(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        reply = await volume_status(req, progress)
+        for v in reply["volumes"]:
+            role = eng.summary(m.get(v["name"]))
+            if role is not None:
+                v["rcopy"] = role
+        return reply
 
     async def status(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         n = name(req)
@@ -767,7 +804,7 @@ def register(d: "Daemon") -> None:
                      info.get("source"), " ".join(cfg.target))
         return await eng.guarded(link.update, "reverse")
 
-    d.commands.update({"rcopy.status": status, "rcopy.sync": sync, "rcopy.pause": pause,
+    d.commands.update({"status": status_with_role, "rcopy.status": status, "rcopy.sync": sync, "rcopy.pause": pause,
                        "rcopy.resume": resume, "rcopy.receive": receive,
                        "rcopy.promote": promote, "rcopy.reverse": reverse})
 
@@ -802,6 +839,16 @@ def add_rcopy_parsers(sub: Any) -> None:
                                 "-c /etc/vmd/vmd.yaml rcopy receive vol0' (kept in the log as "
                                 "this volume's link; default: the volume's configured target)")
             p.add_argument("--period", help="period of the later updates (default 5min)")
+
+
+def describe(r: dict[str, Any]) -> str:
+    """One line of `vmd status` for a volume's remote copy role (Engine.summary)."""
+    if r["role"] == "source":
+        return (f"source, consistent point {r['sequence']} on the target; target: "
+                f"{r['target']}{'  PAUSED' if r['paused'] else ''}")
+    state = ("PROMOTED (writable, takes no updates)" if r["promoted"] else
+             "syncing (an update is being applied)" if r["syncing"] else "read-only")
+    return f"target of {r['source']}, consistent point {r['sequence']}, {state}"
 
 
 def run_rcopy_command(args: Any, client: Any) -> int:
