@@ -1,6 +1,6 @@
 """A link command for the Remote Copy tests: runs the real link command as a
-child and relays its stdin at a rate read from RATE_FILE (bytes/s, 0 = no
-limit), and its stdout back. Writes its pid to PID_FILE so a test can kill
+child and relays its stdin at a rate read from RATE_FILE before each chunk
+(bytes/s, 0 = no limit), and its stdout back. Writes its pid to PID_FILE so a test can kill
 "the link" in the middle of a transfer.
 
 usage: rcopy_relay.py RATE_FILE PID_FILE -- COMMAND...
@@ -26,20 +26,21 @@ def main() -> None:
 
     t = threading.Thread(target=back, daemon=True)
     t.start()
-    sent, t0 = 0, time.monotonic()
+    due = 0.0  # when the bytes relayed so far may have passed at the current rate
     try:
         while chunk := os.read(0, 65536):
             child.stdin.write(chunk)
             child.stdin.flush()
-            sent += len(chunk)
             try:
                 rate = int(open(rate_file).read().strip() or 0)
             except (OSError, ValueError):
                 rate = 0
             if rate:
-                ahead = sent / rate - (time.monotonic() - t0)
-                if ahead > 0:
-                    time.sleep(ahead)
+                # No credit for time spent waiting (for the receiver's start or its
+                # `ready`): the rate caps every stretch, and a new rate applies at once.
+                now = time.monotonic()
+                due = max(due, now) + len(chunk) / rate
+                time.sleep(due - now)
     except BrokenPipeError:
         pass
     try:

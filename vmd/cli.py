@@ -119,6 +119,10 @@ def _print_status(reply: dict[str, Any]) -> None:
         if "snapshot" in v:
             s = v["snapshot"]
             print(f"  snapshot of {s.get('of')} taken {s.get('taken')}")
+        if "rcopy" in v:
+            from .rcopy import describe  # noqa: PLC0415
+
+            print(f"  remote copy {describe(v['rcopy'])}")
         print(f"  {'PLEX':<6} {'STATE':<9} {'MISSING':>9}  PATH")
         for p in v["plexes"]:
             miss = format_size(p["missing_bytes"]) if p["missing_bytes"] else "-"

@@ -88,6 +88,17 @@ def _dec(vol: Volume, s: str) -> RegionMap:
     return RegionMap.from_bytes(vol.size, vol.state.fmr_region, base64.b64decode(s))
 
 
+class Refused(VmdError):
+    """The target answered with an error: the link itself worked."""
+
+
+async def _aclose_quietly(stream: Any) -> None:
+    try:
+        await stream.aclose()
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
 class Transfer:
     """One update in flight: its map, what was sent, and the copy-on-write saves."""
 
@@ -114,7 +125,7 @@ class Link:
         self.xfer: Transfer | None = None
         self.wake = trio.Event()
         self.last: dict[str, Any] = {}
-        self.stderr: deque[str] = deque(maxlen=20)
+        self.stderr: deque[str] = deque(maxlen=8)  # the link command's last lines
 
     @property
     def ext(self) -> dict[str, Any]:
@@ -225,13 +236,12 @@ class Link:
             ack = await self._send(st, seq, base, full, rev)
         except (VmdError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
             msg = str(e) or type(e).__name__
-            tail = "; ".join(self.stderr)
             x = st.get("x")
             self.last.update(state="failed", error=msg, sent_bytes=x.sent_bytes if x else 0,
                              seconds=time.monotonic() - t0)
             what = "reverse" if rev is not None else "update"
-            log.warning("volume %s: remote copy %s %d failed (retried at the next one): %s%s",
-                        vol.name, what, seq, msg, f" [link stderr: {tail}]" if tail else "")
+            log.warning("volume %s: remote copy %s %d failed (retried at the next one): %s",
+                        vol.name, what, seq, msg)
             raise VmdError(f"volume {vol.name}: remote copy {what} {seq} failed: {msg}") from None
         finally:
             self.xfer = None
@@ -270,7 +280,8 @@ class Link:
         result: dict[str, Any] = {}
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._drain_stderr, proc.stderr)
+                stderr_done = trio.Event()
+                nursery.start_soon(self._drain_stderr, proc.stderr, stderr_done)
                 finished = trio.Event()
 
                 async def watch() -> None:
@@ -278,26 +289,35 @@ class Link:
                     with trio.move_on_after(EXIT_GRACE):
                         await finished.wait()
                     if not finished.is_set():
-                        result["error"] = f"the link command exited with status {rc}"
+                        result.update(error=f"the link command exited with status {rc}",
+                                      link_fault=True)
                         nursery.cancel_scope.cancel()
 
                 nursery.start_soon(watch)
                 try:
                     result["ack"] = await self._speak(st, proc, seq, base, full, rev)
+                except Refused as e:
+                    result["error"] = str(e)  # the target's own words: the link worked
+                    finished.set()
                 except (VmdError, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
                         trio.TooSlowError) as e:
                     result["error"] = str(e) or (
                         "the link closed (broken pipe)" if isinstance(e, trio.BrokenResourceError)
                         else type(e).__name__)
+                    result["link_fault"] = True
+                    finished.set()
+                    # Why the link failed is on its stderr ("no volume named ...", "Connection
+                    # refused", "vmd: not found"), often written just before it exits: read
+                    # it to the end. Closing its stdin ends a link still waiting for data.
+                    await _aclose_quietly(proc.stdin)
+                    with trio.move_on_after(EXIT_GRACE):
+                        await stderr_done.wait()
                 finished.set()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 for s in (proc.stdin, proc.stdout, proc.stderr):
-                    try:
-                        await s.aclose()  # type: ignore[union-attr]
-                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
+                    await _aclose_quietly(s)
                 with trio.move_on_after(10):
                     await proc.wait()
                 if proc.returncode is None:
@@ -308,19 +328,38 @@ class Link:
             raise VmdError(x.broken)
         if "ack" in result:
             return result["ack"]
-        raise VmdError(result.get("error") or "the transfer was interrupted")
+        err = result.get("error") or "the transfer was interrupted"
+        if result.get("link_fault"):
+            err += self._link_said(proc.returncode)
+        raise VmdError(err)
 
-    async def _drain_stderr(self, stream: Any) -> None:
+    def _link_said(self, rc: int | None) -> str:
+        """What the link command left on its stderr, and how it ended: the cause of
+        a link failure, for the CLI, `rcopy status` and the log alike."""
+        said = "; ".join(self.stderr)
+        how = "" if rc is None else f"exit status {rc}" if rc >= 0 else f"killed by signal {-rc}"
+        if said:
+            return f"; the link command said: {said}" + (f" [{how}]" if how else "")
+        return f"; the link command ended ({how or 'still running'}) with nothing on its stderr"
+
+    def _stderr_line(self, ln: bytes) -> None:
+        ln = ln.strip()  # ssh ends its lines with \r\n
+        if ln:
+            self.stderr.append(ln.decode(errors="replace")[:300])
+
+    async def _drain_stderr(self, stream: Any, done: trio.Event) -> None:
         buf = b""
         try:
             while chunk := await stream.receive_some(65536):
                 buf += chunk
                 *lines, buf = buf.split(b"\n")
                 for ln in lines:
-                    if ln.strip():
-                        self.stderr.append(ln.decode(errors="replace")[:300])
+                    self._stderr_line(ln)
+            self._stderr_line(buf)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        finally:
+            done.set()
 
     async def _speak(self, st: dict[str, Any], proc: Any, seq: int, base: int, full: bool,
                      rev: dict[str, Any] | None) -> int:
@@ -395,19 +434,13 @@ class Link:
         self.last["overwritten_bytes"] = unsent
         return out
 
-    # -- seen from the receiving side of a reverse (this volume is the old primary) --
-
-    def unsent_map(self, rev_seq: int) -> tuple[RegionMap, str]:
-        """The regions changed here that a target holding `rev_seq` may lack, and why
-        that is every region (or "")."""
+    def changed_map(self) -> tuple[RegionMap, str]:
+        """The regions changed since the target's consistent point (the tracker and
+        the unacknowledged update), and why that is every region (or "")."""
         vol, ext = self.vol, self.ext
         rec = _tracker(vol)
-        acked = int(ext.get("acked", 0))
         if rec is None or rec.missing is None:
             return vol.state.new_map(fill=True), "the change map is missing"
-        if rev_seq < acked:
-            return vol.state.new_map(fill=True), (f"the target holds sequence {rev_seq}, older "
-                                                  f"than the acknowledged {acked}")
         if ext.get("need_full"):
             return vol.state.new_map(fill=True), "the target needed a full update"
         m = rec.missing.copy()
@@ -417,6 +450,17 @@ class Link:
             except (ValueError, TypeError) as e:
                 return vol.state.new_map(fill=True), f"the unfinished update's map is bad ({e})"
         return m, ""
+
+    # -- seen from the receiving side of a reverse (this volume is the old primary) --
+
+    def unsent_map(self, rev_seq: int) -> tuple[RegionMap, str]:
+        """The regions changed here that a target holding `rev_seq` may lack, and why
+        that is every region (or "")."""
+        acked = int(self.ext.get("acked", 0))
+        if rev_seq < acked:
+            return self.vol.state.new_map(fill=True), (f"the target holds sequence {rev_seq}, "
+                                                       f"older than the acknowledged {acked}")
+        return self.changed_map()
 
     async def demote(self, info: dict[str, Any]) -> None:
         """The reverse committed here: this volume is now a target (one checkpoint)."""
@@ -438,7 +482,7 @@ class Link:
                 self.ext["need_full"] = True
                 log.warning("volume %s: the target needs a full update: %s", self.vol.name,
                             msg.get("error"))
-            raise VmdError(f"the target refused the update: {msg.get('error')}")
+            raise Refused(f"the target refused the update: {msg.get('error')}")
         if msg.get("t") != want:
             raise P.ProtocolError(f"expected {want!r} from the target, got {msg!r}")
 
@@ -459,8 +503,10 @@ class Link:
 
     def status(self) -> dict[str, Any]:
         ext = self.ext
-        rec = _tracker(self.vol)
-        pending = None if rec is None or rec.missing is None else rec.missing.bytes_covered()
+        changed, why_full = self.changed_map()
+        if not why_full and changed.bits.all():
+            why_full = ("no update has reached the target yet" if not ext.get("acked") else
+                        "every region is marked changed (a new or dropped change map)")
         t = ext.get("time")
         x = self.xfer
         return {
@@ -469,7 +515,10 @@ class Link:
             "state": "sending" if x is not None else "idle",
             "sequence": int(ext.get("acked", 0)), "time": t,
             "lag_seconds": None if t is None else time.time() - t,
-            "pending_bytes": pending, "unacknowledged": bool(ext.get("inflight")),
+            # What the next update sends at least (the whole volume when it is a full one).
+            "pending_bytes": self.vol.size if why_full else changed.bytes_covered(),
+            "next_full": bool(why_full), "next_full_why": why_full or None,
+            "unacknowledged": bool(ext.get("inflight")),
             "bytes_sent_total": int(ext.get("bytes_total", 0)),
             "last_update": self.last or None,
             "reverse_pending": bool(ext.get("reverse")),
@@ -565,19 +614,46 @@ class Engine:
                          vol.name)
 
     async def shutdown(self) -> None:
+        """Cancel every transfer and wait for them: a receiver cut off rolls its
+        update back before the volumes close (the daemon bounds the whole stop)."""
         self.stopping = True
         for s in list(self.scopes):
             s.cancel()
-        with trio.move_on_after(30):
-            await self.idle.wait()
+        await self.idle.wait()
 
     def link(self, name: str) -> Link:
         vol = self.d.manager.get(name)
         link = self.links.get(vol.name)
-        if link is None:
+        if link is not None:
+            return link
+        info = rcopy_recv.target_info(vol)
+        if info is None:
             raise VmdError(f"volume {name} has no remote copy (add `rcopy: {{target: COMMAND}}` "
                            f"to it in {self.d.cfg.path})")
-        return link
+        src = f"volume {info.get('source')} ({info.get('source_uuid')})"
+        if info.get("promoted"):
+            raise VmdError(f"volume {vol.name} is a promoted remote copy target of {src}: it "
+                           f"sends no updates until `vmd rcopy reverse {vol.name}` makes it the "
+                           f"source")
+        unused = (f"; its config's rcopy entry is not used until the original direction is "
+                  f"restored (`vmd rcopy promote {vol.name}`, then `vmd rcopy reverse "
+                  f"{vol.name}`)" if vol.cfg.rcopy is not None else "")
+        raise VmdError(f"volume {vol.name} is the remote copy target of {src}"
+                       f"{' since a reverse' if info.get('reversed') else ''}: it receives "
+                       f"updates and sends none (run this on the source's host){unused}")
+
+    def summary(self, vol: Volume) -> dict[str, Any] | None:
+        """The volume's remote copy role for `vmd status` (None: it takes no part)."""
+        link = self.links.get(vol.name)
+        if link is not None:
+            return {"role": "source", "sequence": int(link.ext.get("acked", 0)),
+                    "target": " ".join(link.cfg.target), "paused": bool(link.ext.get("paused"))}
+        info = rcopy_recv.target_info(vol)
+        if info is None:
+            return None
+        return {"role": "target", "sequence": int(info.get("seq") or 0),
+                "source": info.get("source"), "promoted": bool(info.get("promoted")),
+                "syncing": rcopy_recv.syncing(vol)}
 
 
 def register(d: "Daemon") -> None:
@@ -589,6 +665,16 @@ def register(d: "Daemon") -> None:
 
     def name(req: dict[str, Any]) -> str:
         return req_str(req, "volume")
+
+    volume_status = d.commands["status"]
+
+    async def status_with_role(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        reply = await volume_status(req, progress)
+        for v in reply["volumes"]:
+            role = eng.summary(m.get(v["name"]))
+            if role is not None:
+                v["rcopy"] = role
+        return reply
 
     async def status(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         n = name(req)
@@ -718,7 +804,7 @@ def register(d: "Daemon") -> None:
                      info.get("source"), " ".join(cfg.target))
         return await eng.guarded(link.update, "reverse")
 
-    d.commands.update({"rcopy.status": status, "rcopy.sync": sync, "rcopy.pause": pause,
+    d.commands.update({"status": status_with_role, "rcopy.status": status, "rcopy.sync": sync, "rcopy.pause": pause,
                        "rcopy.resume": resume, "rcopy.receive": receive,
                        "rcopy.promote": promote, "rcopy.reverse": reverse})
 
@@ -753,6 +839,16 @@ def add_rcopy_parsers(sub: Any) -> None:
                                 "-c /etc/vmd/vmd.yaml rcopy receive vol0' (kept in the log as "
                                 "this volume's link; default: the volume's configured target)")
             p.add_argument("--period", help="period of the later updates (default 5min)")
+
+
+def describe(r: dict[str, Any]) -> str:
+    """One line of `vmd status` for a volume's remote copy role (Engine.summary)."""
+    if r["role"] == "source":
+        return (f"source, consistent point {r['sequence']} on the target; target: "
+                f"{r['target']}{'  PAUSED' if r['paused'] else ''}")
+    state = ("PROMOTED (writable, takes no updates)" if r["promoted"] else
+             "syncing (an update is being applied)" if r["syncing"] else "read-only")
+    return f"target of {r['source']}, consistent point {r['sequence']}, {state}"
 
 
 def run_rcopy_command(args: Any, client: Any) -> int:
@@ -793,6 +889,8 @@ def run_rcopy_command(args: Any, client: Any) -> int:
                   f"{'  PAUSED' if s['paused'] else ''}  {s['state']}")
             print(f"  changed since: {format_size(s['pending_bytes'] or 0)}  sent in all: "
                   f"{format_size(s['bytes_sent_total'])}")
+            if s.get("next_full"):
+                print(f"  a full update is pending: {s['next_full_why']}")
             last = s.get("last_update") or {}
             if last.get("error"):
                 print(f"  last update {last['seq']} failed: {last['error']}")

@@ -6,8 +6,9 @@ Apply: for each batch of data frames, the old contents of the bytes about to
 be overwritten are appended to the journal `<log>.rcopy-journal` and fsync'd,
 then the new data is written. Commit: fdatasync the plexes, record the new
 consistent point (sequence, time) in the sidecar log (a checkpoint), then
-delete the journal. A journal found at start, or left by a failed update, is
-rolled back newest record first: the volume returns to its previous point.
+delete the journal. A failed update, or one cut off by `vmd stop`, is rolled
+back at once (newest record first: the volume returns to its previous point);
+a journal found at start (the daemon was killed) is rolled back then.
 
 While an update is applied (and while the volume holds no consistent point at
 all) reads of the volume fail with EBUSY; a target volume refuses writes
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 BATCH = 4 * 1024 * 1024  # bytes applied per journal fsync
 _JREC = struct.Struct("<QII")  # offset, length, crc32(offset|length|data)
 JMAGIC = b"VMDRCJ01"
+STOPPING = "the receiving daemon is stopping"
+REPLY_SECONDS = 2.0  # bound on telling the sender why an update failed
 
 
 def journal_path(vol: Volume) -> Path:
@@ -160,11 +163,28 @@ async def rollback(m: "VolumeManager", vol: Volume, why: str) -> None:
         for off, data in reversed(recs):
             await Volume.pwrite(vol, off, data)
         await vol.flush()
-        log.warning("volume %s: update %s did not complete (%s): rolled back %d region(s) to "
-                    "consistent point %s", vol.name, meta.get("seq"), why, len(recs),
-                    info.get("seq"))
+        log.warning("volume %s: %s %s did not complete (%s): rolled back %d record(s) to %s",
+                    vol.name, "reverse" if meta.get("reverse") else "update", meta.get("seq"),
+                    why, len(recs), "this volume's own data (still the primary)"
+                    if meta.get("reverse") else f"consistent point {info.get('seq')}")
     await trio.to_thread.run_sync(Journal(path).remove)
     await trio.to_thread.run_sync(m.on_changed, vol.name)
+
+
+async def _abandon(m: "VolumeManager", vol: Volume, journal: Journal, why: str,
+                   tell: trio.abc.SendStream) -> None:
+    """An update that will not commit (bad stream, link dropped, or `vmd stop`): back
+    to the last consistent point now. Shielded, and the daemon's stop waits for it; a
+    crash in the middle leaves the journal, rolled back again (idempotent: each
+    record restores old bytes) at the next start. Then the sender is told why."""
+    journal.close()
+    with trio.CancelScope(shield=True):
+        await rollback(m, vol, why)
+        vol._rcopy_syncing = False  # type: ignore[attr-defined]
+        guard(vol)
+        with trio.move_on_after(REPLY_SECONDS):  # a sender that reads no more
+            await _reply(tell, {"t": "error", "error": f"{why} (volume {vol.name} rolled back)",
+                                "need_full": False})
 
 
 async def startup(m: "VolumeManager") -> None:
@@ -259,23 +279,21 @@ async def _receive(m: "VolumeManager", vol: Volume, r: P.Reader, w: trio.abc.Sen
         await trio.to_thread.run_sync(journal.create, {"seq": seq, "base": committed,
                                                        "undo": undo, "started": time.time()})
         records, nbytes, pit = await _take_data(vol, r, journal, undo, h)
-        # Commit: data durable, then the new consistent point, then no journal.
-        await vol.flush()
-        info.update(seq=seq, time=pit, committed_at=time.time(), full=full)
-        vol.state.extra["rcopy_target"] = info
-        await vol.checkpoint()
-        await trio.to_thread.run_sync(journal.remove)
-    except trio.Cancelled:
-        journal.close()  # daemon stopping: the journal is rolled back at the next start
-        raise
-    except (VmdError, OSError) as e:
-        journal.close()
+        # Commit: data durable, then the new consistent point, then no journal. Shielded:
+        # a stop either comes before it (and rolls back) or waits for all of it.
         with trio.CancelScope(shield=True):
-            await rollback(m, vol, str(e))
-            vol._rcopy_syncing = False  # type: ignore[attr-defined]
-            await _reply(w, {"t": "error", "error": str(e), "need_full": False})
+            await vol.flush()
+            info.update(seq=seq, time=pit, committed_at=time.time(), full=full)
+            vol.state.extra["rcopy_target"] = info
+            await vol.checkpoint()
+            await trio.to_thread.run_sync(journal.remove)
+    except (VmdError, OSError, trio.Cancelled) as e:
+        # Cancelled: `vmd stop`. The update is given up like any failed one, and the
+        # error reaches `vmd rcopy receive`, whose stderr the sender reports.
+        why = STOPPING if isinstance(e, trio.Cancelled) else str(e)
+        await _abandon(m, vol, journal, why, w)
         raise VmdError(f"volume {vol.name}: update {seq} rejected, consistent point "
-                       f"{committed} kept: {e}") from None
+                       f"{committed} kept: {why}") from None
     vol._rcopy_syncing = False  # type: ignore[attr-defined]
     await trio.to_thread.run_sync(m.on_changed, vol.name)
     secs = time.monotonic() - t0
@@ -371,23 +389,17 @@ async def _receive_reverse(m: "VolumeManager", vol: Volume, r: P.Reader,
         await trio.to_thread.run_sync(journal.create, {"seq": seq, "base": rev_seq, "undo": True,
                                                        "reverse": True, "started": time.time()})
         records, nbytes, pit = await _take_data(vol, r, journal, True, h)
-        await vol.flush()
-        info = {"seq": seq, "time": pit, "committed_at": time.time(), "full": False,
-                "source": h["volume"], "source_uuid": h["uuid"], "reversed": True}
-        await source.demote(info)  # one checkpoint: a target of the sender from now on
-        await trio.to_thread.run_sync(journal.remove)
-    except trio.Cancelled:
-        journal.close()  # the journal is rolled back at the next start: still the primary
-        raise
-    except (VmdError, OSError) as e:
-        journal.close()
-        with trio.CancelScope(shield=True):
-            await rollback(m, vol, str(e))
-            vol._rcopy_syncing = False  # type: ignore[attr-defined]
-            guard(vol)
-            await _reply(w, {"t": "error", "error": str(e), "need_full": False})
+        with trio.CancelScope(shield=True):  # the commit, as in _receive
+            await vol.flush()
+            info = {"seq": seq, "time": pit, "committed_at": time.time(), "full": False,
+                    "source": h["volume"], "source_uuid": h["uuid"], "reversed": True}
+            await source.demote(info)  # one checkpoint: a target of the sender from now on
+            await trio.to_thread.run_sync(journal.remove)
+    except (VmdError, OSError, trio.Cancelled) as e:  # as in _receive
+        why = STOPPING if isinstance(e, trio.Cancelled) else str(e)
+        await _abandon(m, vol, journal, why, w)
         raise VmdError(f"volume {vol.name}: reverse {seq} rejected, volume unchanged (still "
-                       f"the primary): {e}") from None
+                       f"the primary): {why}") from None
     vol._rcopy_syncing = False  # type: ignore[attr-defined]
     guard(vol)
     await trio.to_thread.run_sync(m.on_changed, vol.name)
