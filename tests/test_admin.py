@@ -7,8 +7,12 @@ import hashlib
 import json
 import os
 import random
+import re
+import signal
 import socket
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +75,8 @@ def test_bad_requests_get_error_replies(vmd: VmdDaemon) -> None:
         assert r.get("ok") is False, f"{case}: {r}"
         assert isinstance(r.get("error"), str) and r["error"], f"{case}: {r}"
         assert needle.lower() in r["error"].lower(), f"{case}: {needle!r} not in {r['error']!r}"
+        # The command as the CLI spells it, not the request's internal name.
+        assert not re.search(r"request '|'\w+\.\w+'", r["error"]), f"{case}: {r['error']!r}"
         _assert_alive(vmd)
     # Nothing changed on the volume.
     assert vmd.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
@@ -164,6 +170,40 @@ def test_cli_errors_are_one_line(vmd: VmdDaemon, tmp_path: Path) -> None:
     assert wrong.read_bytes() == b"z" * 4096, "plex add changed an image of the wrong size"
     assert vmd.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
     _assert_alive(vmd)
+
+
+def test_cli_empty_argument_is_a_usage_error(vmd: VmdDaemon) -> None:
+    """An empty argument is refused by the CLI in its own words: the command
+    and the argument as the usage line shows them, exit 2."""
+    cases = [(("snap", "take", "vol0", ""), "vmd snap take", "argument name"),
+             (("plex", "add", "vol0", ""), "vmd plex add", "argument PATH"),
+             (("plex", "detach", "", "p1"), "vmd plex detach", "argument volume"),
+             (("snap", "start", "vol0", "--path", ""), "vmd snap start", "argument --path")]
+    for args, command, argument in cases:
+        p = vmd.cli(*args, check=False)
+        assert p.returncode == 2, f"vmd {' '.join(args)}: exit {p.returncode}: {p.stderr}"
+        assert f"{command}: error: {argument}: must not be empty" in p.stderr, p.stderr
+        assert "request" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert vmd.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
+
+
+def _run_into_closed_pipe(vmd: VmdDaemon, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the CLI with its stdout a pipe nobody reads any more (`| head -0`)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([sys.executable, "-m", "vmd", "-c", str(vmd.config_path), *args],
+                              stdout=w, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(w)
+
+
+def test_cli_output_into_closed_pipe_is_quiet(vmd: VmdDaemon) -> None:
+    for args in (("status",), ("status", "--json"), ("inspect-log", str(vmd.log_path()))):
+        p = _run_into_closed_pipe(vmd, *args)
+        assert p.stderr == "", f"vmd {' '.join(args)}: {p.stderr}"
+        # As a command killed by SIGPIPE: 128 + 13.
+        assert p.returncode == 128 + signal.SIGPIPE, f"vmd {' '.join(args)}: exit {p.returncode}"
 
 
 def test_cannot_detach_last_in_sync_plex(vmd: VmdDaemon) -> None:
