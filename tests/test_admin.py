@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import (EXIT_NO_DAEMON, MiB, SysResources, VmdDaemon, admin_raw, admin_request,
-                      is_mounted, sha)
+from conftest import (EXIT_NO_DAEMON, REPO, MiB, SysResources, VmdDaemon, admin_raw,
+                      admin_request, is_mounted, sha)
 
 pytestmark = pytest.mark.mount
 
@@ -204,6 +204,32 @@ def test_cli_output_into_closed_pipe_is_quiet(vmd: VmdDaemon) -> None:
         assert p.stderr == "", f"vmd {' '.join(args)}: {p.stderr}"
         # As a command killed by SIGPIPE: 128 + 13.
         assert p.returncode == 128 + signal.SIGPIPE, f"vmd {' '.join(args)}: exit {p.returncode}"
+
+
+def test_relative_paths_are_relative_to_the_cli(vmd: VmdDaemon, tmp_path: Path) -> None:
+    """`plex add` and `snap start --path` run from another directory than the
+    daemon's (which runs in the repository) put their images there."""
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    name = f"rel-{os.getpid()}"
+    assert Path.cwd() != cwd
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "vmd", "-c", str(vmd.config_path), *args],
+                              cwd=cwd, capture_output=True, text=True, timeout=60, check=True)
+
+    try:
+        cli("plex", "add", "vol0", f"{name}-p2.img")
+        cli("snap", "start", "vol0", "--path", f"{name}-snap.img")
+        paths = {p["name"]: p["path"] for p in vmd.status("vol0")["plexes"]}
+        assert paths["p2"] == str(cwd / f"{name}-p2.img"), paths
+        assert str(cwd / f"{name}-snap.img") in paths.values(), paths
+        assert (cwd / f"{name}-snap.img").exists()
+        vmd.cli("snap", "abort", "vol0")
+    finally:
+        for daemon_cwd in (REPO, Path.cwd()):  # where the daemon would have put them
+            for suffix in ("p2", "snap"):
+                (daemon_cwd / f"{name}-{suffix}.img").unlink(missing_ok=True)
 
 
 def test_cannot_detach_last_in_sync_plex(vmd: VmdDaemon) -> None:
