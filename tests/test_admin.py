@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from conftest import (EXIT_NO_DAEMON, REPO, MiB, SysResources, VmdDaemon, admin_raw,
-                      admin_request, is_mounted, sha)
+                      admin_request, is_mounted, sha, volume_spec)
 
 pytestmark = pytest.mark.mount
 
@@ -324,6 +324,7 @@ def _fill(path: Path, ref: bytearray, rng: random.Random, n: int = 20) -> None:
             ref[off:off + len(data)] = data
 
 
+@pytest.mark.allow_log(r"WARNING vmd.manager: volume vol0: .*volumes\.vol0\.plexes differs")
 def test_plex_detach_attach_add_remove_roundtrip(vmd_factory: Callable[..., VmdDaemon],
                                                  tmp_path: Path) -> None:
     # Rate-limited so that SYNCING is observable: a full resync takes ~2 s.
@@ -410,7 +411,15 @@ def test_reattach_without_missed_writes_becomes_active(vmd: VmdDaemon) -> None:
     assert vmd.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
 
 
-@pytest.mark.allow_log(r"volume vol0 refused: .*lists plexes")
+def _refusal_lines(vmd: VmdDaemon) -> list[str]:
+    """The ERROR lines refusing vol0; exactly one, not repeating the volume's name."""
+    lines = [ln for ln in vmd.stderr().splitlines() if " ERROR " in ln and "refused" in ln]
+    assert len(lines) == 1, f"expected one refusal line:\n{vmd.stderr()}"
+    assert "refused: volume vol0" not in lines[0], lines[0]
+    return lines
+
+
+@pytest.mark.allow_log(r"volume vol0 refused: .*volumes\.vol0\.plexes differs")
 def test_config_state_mismatch_refuses_volume(vmd_factory: Callable[..., VmdDaemon],
                                               tmp_path: Path) -> None:
     vmd = vmd_factory()
@@ -429,9 +438,12 @@ def test_config_state_mismatch_refuses_volume(vmd_factory: Callable[..., VmdDaem
     assert st["volumes"] == []
     (ref,) = st["refused"]
     assert ref["name"] == "vol0"
-    for needle in (str(vmd.config_path), str(vmd.log_path()), "other.img", "p2.img"):
+    for needle in (str(vmd.config_path), str(vmd.log_path()), "volumes.vol0.plexes",
+                   f"lacks {vmd.base / 'vol0-p1.img'}, {tmp_path / 'p2.img'}",
+                   f"lists {vmd.base / 'other.img'}, not recorded"):
         assert needle in ref["error"], (needle, ref["error"])
-    assert "refused" in vmd.stderr() and str(vmd.config_path) in vmd.stderr()
+    (line,) = _refusal_lines(vmd)
+    assert ref["error"] in line
     assert not vmd.volume_file().exists()
     p = vmd.cli("plex", "detach", "vol0", "p1", check=False)
     assert p.returncode == 1 and "refused" in _one_error_line(p)
@@ -447,7 +459,7 @@ def test_config_state_mismatch_refuses_volume(vmd_factory: Callable[..., VmdDaem
     vmd.stop()
 
 
-@pytest.mark.allow_log(r"volume vol0 refused: .*says size")
+@pytest.mark.allow_log(r"volume vol0 refused: .*volumes\.vol0\.size is .* but sidecar log .* says")
 def test_size_changed_in_config_refuses_volume(vmd_factory: Callable[..., VmdDaemon]) -> None:
     vmd = vmd_factory()
     vmd.start()
@@ -463,16 +475,49 @@ def test_size_changed_in_config_refuses_volume(vmd_factory: Callable[..., VmdDae
     vmd.stop()
 
 
+@pytest.mark.allow_log(r"WARNING vmd.manager: volume vol0: .*volumes\.vol0\.plexes differs .*"
+                       r"it lacks .*p2\.img")
 def test_restart_with_same_config_keeps_added_plex(vmd_factory: Callable[..., VmdDaemon],
                                                    tmp_path: Path) -> None:
-    """After `plex add`, the unchanged config file is not a mismatch: the
-    admin's membership change stands (config still lists only p0, p1)."""
+    """After `plex add`, the unchanged config file (a strict subset of the
+    recorded plexes) does not stop a restart, as after a crash or at boot: the
+    admin's membership change stands, and a warning names the config file, the
+    key and the plex it lacks until the config lists it."""
     vmd = vmd_factory()
     vmd.start()
     vmd.cli("plex", "add", "vol0", str(tmp_path / "p2.img"))
     vmd.wait_resync("vol0")
-    vmd.restart()
+    vmd.restart(kill=True)
     assert vmd.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE", "p2": "ACTIVE"}
     assert yaml.safe_load(vmd.config_path.read_text())["volumes"]["vol0"]["plexes"] == \
         ["vol0-p0.img", "vol0-p1.img"]
+    (warning,) = [ln for ln in vmd.stderr().splitlines() if " WARNING " in ln]
+    for needle in (str(vmd.config_path), "volumes.vol0.plexes", f"it lacks {tmp_path / 'p2.img'}"):
+        assert needle in warning, (needle, warning)
+    # Once the config lists it, the warning is gone.
+    vmd.config["volumes"]["vol0"]["plexes"].append(str(tmp_path / "p2.img"))
+    vmd.write_config()
+    vmd.restart()
+    assert " WARNING " not in vmd.stderr(), vmd.stderr()
+    vmd.stop()
+
+
+@pytest.mark.allow_log(r"volume vol0 refused: .*volumes\.vol0\.plexes differs")
+def test_config_edited_to_a_subset_of_recorded_plexes_is_refused(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """A plex dropped from an edited config is not dropped from the volume:
+    the volume is refused, once, naming the config file, the key and the plex."""
+    vmd = vmd_factory(volumes={"vol0": volume_spec("vol0", nplex=3)})
+    vmd.start()
+    vmd.stop()
+    vmd.config["volumes"]["vol0"]["plexes"] = ["vol0-p0.img", "vol0-p1.img"]
+    vmd.write_config()
+    vmd.start()
+    (ref,) = vmd.status()["refused"]
+    for needle in (str(vmd.config_path), "volumes.vol0.plexes", str(vmd.log_path()),
+                   f"it lacks {vmd.base / 'vol0-p2.img'}"):
+        assert needle in ref["error"], (needle, ref["error"])
+    (line,) = _refusal_lines(vmd)
+    assert ref["error"] in line
+    assert not vmd.volume_file().exists()
     vmd.stop()
