@@ -8,14 +8,28 @@ STAMP := $(VENV)/.installed
 APT_PKGS := fuse3 libfuse3-dev pkg-config e2fsprogs util-linux
 BENCH_PKGS := fio qemu-system-common qemu-utils
 CONFIG ?= config/vmd.yaml
+# `make install` puts the command on root's PATH as a link into this checkout's
+# virtualenv (so the link follows `make setup` here, and `make uninstall` undoes it).
+PREFIX ?= /usr/local
+SBINDIR ?= $(PREFIX)/sbin
 
-.PHONY: run test bench setup sysdeps benchdeps clean
+.PHONY: run test bench setup sysdeps benchdeps clean install uninstall
 
 run: setup
 	$(VENV)/bin/vmd daemon -c $(CONFIG)
 
 test: setup
 	$(VPY) -m pytest -q tests
+
+install: setup
+	mkdir -p $(DESTDIR)$(SBINDIR)
+	ln -sfn $(CURDIR)/$(VENV)/bin/vmd $(DESTDIR)$(SBINDIR)/vmd
+
+# Removes the link only if it is this checkout's, never another installed vmd.
+uninstall:
+	@link=$(DESTDIR)$(SBINDIR)/vmd; \
+	if [ "$$(readlink $$link)" = "$(CURDIR)/$(VENV)/bin/vmd" ]; then rm -f $$link; \
+	elif [ -e $$link ] || [ -L $$link ]; then echo "$$link is not a link to $(CURDIR)/$(VENV)/bin/vmd; left alone" >&2; exit 1; fi
 
 bench: setup benchdeps
 	$(VPY) bench/run.py

@@ -7,8 +7,12 @@ import hashlib
 import json
 import os
 import random
+import re
+import signal
 import socket
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import (EXIT_NO_DAEMON, MiB, SysResources, VmdDaemon, admin_raw, admin_request,
-                      is_mounted, sha)
+from conftest import (EXIT_NO_DAEMON, REPO, MiB, SysResources, VmdDaemon, admin_raw,
+                      admin_request, is_mounted, sha, volume_spec)
 
 pytestmark = pytest.mark.mount
 
@@ -71,6 +75,8 @@ def test_bad_requests_get_error_replies(vmd: VmdDaemon) -> None:
         assert r.get("ok") is False, f"{case}: {r}"
         assert isinstance(r.get("error"), str) and r["error"], f"{case}: {r}"
         assert needle.lower() in r["error"].lower(), f"{case}: {needle!r} not in {r['error']!r}"
+        # The command as the CLI spells it, not the request's internal name.
+        assert not re.search(r"request '|'\w+\.\w+'", r["error"]), f"{case}: {r['error']!r}"
         _assert_alive(vmd)
     # Nothing changed on the volume.
     assert vmd.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
@@ -166,6 +172,66 @@ def test_cli_errors_are_one_line(vmd: VmdDaemon, tmp_path: Path) -> None:
     _assert_alive(vmd)
 
 
+def test_cli_empty_argument_is_a_usage_error(vmd: VmdDaemon) -> None:
+    """An empty argument is refused by the CLI in its own words: the command
+    and the argument as the usage line shows them, exit 2."""
+    cases = [(("snap", "take", "vol0", ""), "vmd snap take", "argument name"),
+             (("plex", "add", "vol0", ""), "vmd plex add", "argument PATH"),
+             (("plex", "detach", "", "p1"), "vmd plex detach", "argument volume"),
+             (("snap", "start", "vol0", "--path", ""), "vmd snap start", "argument --path")]
+    for args, command, argument in cases:
+        p = vmd.cli(*args, check=False)
+        assert p.returncode == 2, f"vmd {' '.join(args)}: exit {p.returncode}: {p.stderr}"
+        assert f"{command}: error: {argument}: must not be empty" in p.stderr, p.stderr
+        assert "request" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert vmd.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
+
+
+def _run_into_closed_pipe(vmd: VmdDaemon, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the CLI with its stdout a pipe nobody reads any more (`| head -0`)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([sys.executable, "-m", "vmd", "-c", str(vmd.config_path), *args],
+                              stdout=w, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(w)
+
+
+def test_cli_output_into_closed_pipe_is_quiet(vmd: VmdDaemon) -> None:
+    for args in (("status",), ("status", "--json"), ("inspect-log", str(vmd.log_path()))):
+        p = _run_into_closed_pipe(vmd, *args)
+        assert p.stderr == "", f"vmd {' '.join(args)}: {p.stderr}"
+        # As a command killed by SIGPIPE: 128 + 13.
+        assert p.returncode == 128 + signal.SIGPIPE, f"vmd {' '.join(args)}: exit {p.returncode}"
+
+
+def test_relative_paths_are_relative_to_the_cli(vmd: VmdDaemon, tmp_path: Path) -> None:
+    """`plex add` and `snap start --path` run from another directory than the
+    daemon's (which runs in the repository) put their images there."""
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    name = f"rel-{os.getpid()}"
+    assert Path.cwd() != cwd
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "vmd", "-c", str(vmd.config_path), *args],
+                              cwd=cwd, capture_output=True, text=True, timeout=60, check=True)
+
+    try:
+        cli("plex", "add", "vol0", f"{name}-p2.img")
+        cli("snap", "start", "vol0", "--path", f"{name}-snap.img")
+        paths = {p["name"]: p["path"] for p in vmd.status("vol0")["plexes"]}
+        assert paths["p2"] == str(cwd / f"{name}-p2.img"), paths
+        assert str(cwd / f"{name}-snap.img") in paths.values(), paths
+        assert (cwd / f"{name}-snap.img").exists()
+        vmd.cli("snap", "abort", "vol0")
+    finally:
+        for daemon_cwd in (REPO, Path.cwd()):  # where the daemon would have put them
+            for suffix in ("p2", "snap"):
+                (daemon_cwd / f"{name}-{suffix}.img").unlink(missing_ok=True)
+
+
 def test_cannot_detach_last_in_sync_plex(vmd: VmdDaemon) -> None:
     vmd.cli("plex", "detach", "vol0", "p1")
     p = vmd.cli("plex", "detach", "vol0", "p0", check=False)
@@ -258,6 +324,7 @@ def _fill(path: Path, ref: bytearray, rng: random.Random, n: int = 20) -> None:
             ref[off:off + len(data)] = data
 
 
+@pytest.mark.allow_log(r"WARNING vmd.manager: volume vol0: .*volumes\.vol0\.plexes differs")
 def test_plex_detach_attach_add_remove_roundtrip(vmd_factory: Callable[..., VmdDaemon],
                                                  tmp_path: Path) -> None:
     # Rate-limited so that SYNCING is observable: a full resync takes ~2 s.
@@ -344,7 +411,15 @@ def test_reattach_without_missed_writes_becomes_active(vmd: VmdDaemon) -> None:
     assert vmd.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
 
 
-@pytest.mark.allow_log(r"volume vol0 refused: .*lists plexes")
+def _refusal_lines(vmd: VmdDaemon) -> list[str]:
+    """The ERROR lines refusing vol0; exactly one, not repeating the volume's name."""
+    lines = [ln for ln in vmd.stderr().splitlines() if " ERROR " in ln and "refused" in ln]
+    assert len(lines) == 1, f"expected one refusal line:\n{vmd.stderr()}"
+    assert "refused: volume vol0" not in lines[0], lines[0]
+    return lines
+
+
+@pytest.mark.allow_log(r"volume vol0 refused: .*volumes\.vol0\.plexes differs")
 def test_config_state_mismatch_refuses_volume(vmd_factory: Callable[..., VmdDaemon],
                                               tmp_path: Path) -> None:
     vmd = vmd_factory()
@@ -363,9 +438,12 @@ def test_config_state_mismatch_refuses_volume(vmd_factory: Callable[..., VmdDaem
     assert st["volumes"] == []
     (ref,) = st["refused"]
     assert ref["name"] == "vol0"
-    for needle in (str(vmd.config_path), str(vmd.log_path()), "other.img", "p2.img"):
+    for needle in (str(vmd.config_path), str(vmd.log_path()), "volumes.vol0.plexes",
+                   f"lacks {vmd.base / 'vol0-p1.img'}, {tmp_path / 'p2.img'}",
+                   f"lists {vmd.base / 'other.img'}, not recorded"):
         assert needle in ref["error"], (needle, ref["error"])
-    assert "refused" in vmd.stderr() and str(vmd.config_path) in vmd.stderr()
+    (line,) = _refusal_lines(vmd)
+    assert ref["error"] in line
     assert not vmd.volume_file().exists()
     p = vmd.cli("plex", "detach", "vol0", "p1", check=False)
     assert p.returncode == 1 and "refused" in _one_error_line(p)
@@ -381,7 +459,7 @@ def test_config_state_mismatch_refuses_volume(vmd_factory: Callable[..., VmdDaem
     vmd.stop()
 
 
-@pytest.mark.allow_log(r"volume vol0 refused: .*says size")
+@pytest.mark.allow_log(r"volume vol0 refused: .*volumes\.vol0\.size is .* but sidecar log .* says")
 def test_size_changed_in_config_refuses_volume(vmd_factory: Callable[..., VmdDaemon]) -> None:
     vmd = vmd_factory()
     vmd.start()
@@ -397,16 +475,49 @@ def test_size_changed_in_config_refuses_volume(vmd_factory: Callable[..., VmdDae
     vmd.stop()
 
 
+@pytest.mark.allow_log(r"WARNING vmd.manager: volume vol0: .*volumes\.vol0\.plexes differs .*"
+                       r"it lacks .*p2\.img")
 def test_restart_with_same_config_keeps_added_plex(vmd_factory: Callable[..., VmdDaemon],
                                                    tmp_path: Path) -> None:
-    """After `plex add`, the unchanged config file is not a mismatch: the
-    admin's membership change stands (config still lists only p0, p1)."""
+    """After `plex add`, the unchanged config file (a strict subset of the
+    recorded plexes) does not stop a restart, as after a crash or at boot: the
+    admin's membership change stands, and a warning names the config file, the
+    key and the plex it lacks until the config lists it."""
     vmd = vmd_factory()
     vmd.start()
     vmd.cli("plex", "add", "vol0", str(tmp_path / "p2.img"))
     vmd.wait_resync("vol0")
-    vmd.restart()
+    vmd.restart(kill=True)
     assert vmd.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE", "p2": "ACTIVE"}
     assert yaml.safe_load(vmd.config_path.read_text())["volumes"]["vol0"]["plexes"] == \
         ["vol0-p0.img", "vol0-p1.img"]
+    (warning,) = [ln for ln in vmd.stderr().splitlines() if " WARNING " in ln]
+    for needle in (str(vmd.config_path), "volumes.vol0.plexes", f"it lacks {tmp_path / 'p2.img'}"):
+        assert needle in warning, (needle, warning)
+    # Once the config lists it, the warning is gone.
+    vmd.config["volumes"]["vol0"]["plexes"].append(str(tmp_path / "p2.img"))
+    vmd.write_config()
+    vmd.restart()
+    assert " WARNING " not in vmd.stderr(), vmd.stderr()
+    vmd.stop()
+
+
+@pytest.mark.allow_log(r"volume vol0 refused: .*volumes\.vol0\.plexes differs")
+def test_config_edited_to_a_subset_of_recorded_plexes_is_refused(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """A plex dropped from an edited config is not dropped from the volume:
+    the volume is refused, once, naming the config file, the key and the plex."""
+    vmd = vmd_factory(volumes={"vol0": volume_spec("vol0", nplex=3)})
+    vmd.start()
+    vmd.stop()
+    vmd.config["volumes"]["vol0"]["plexes"] = ["vol0-p0.img", "vol0-p1.img"]
+    vmd.write_config()
+    vmd.start()
+    (ref,) = vmd.status()["refused"]
+    for needle in (str(vmd.config_path), "volumes.vol0.plexes", str(vmd.log_path()),
+                   f"it lacks {vmd.base / 'vol0-p2.img'}"):
+        assert needle in ref["error"], (needle, ref["error"])
+    (line,) = _refusal_lines(vmd)
+    assert ref["error"] in line
+    assert not vmd.volume_file().exists()
     vmd.stop()

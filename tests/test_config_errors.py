@@ -66,6 +66,11 @@ CASES = {
     "size-float": (["volumes", "vol0", "size"], 1.5, ["volumes.vol0.size"]),
     "size-bool": (["volumes", "vol0", "size"], True, ["volumes.vol0.size"]),
     "region-size-bad": (["volumes", "vol0", "region_size"], "1000", ["volumes.vol0.region_size"]),
+    # SI units are powers of ten: 1 kB is not a whole number of sectors or pages.
+    "size-si-not-sector-multiple": (["volumes", "vol0", "size"], "1kB",
+                                    ["volumes.vol0.size", "1000", "multiple of 512", "KiB"]),
+    "region-size-si": (["volumes", "vol0", "region_size"], "4MB",
+                       ["volumes.vol0.region_size", "4000000", "multiple of 4096", "MiB"]),
     "rate-limit-bad": (["resync"], {"rate_limit": "fast"}, ["resync.rate_limit"]),
     "rate-limit-negative": (["resync"], {"rate_limit": -1}, ["resync.rate_limit"]),
     "clean-delay-bad": (["clean_delay"], "soon", ["clean_delay"]),
@@ -232,3 +237,25 @@ def test_config_yaml_roundtrip_sanity(vmd_factory: Callable[..., VmdDaemon]) -> 
     d.start()
     assert d.status("vol0")["size"] == 64 * MiB
     d.stop()
+
+
+def test_size_units_si_and_binary(vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """64MB is 64 * 10^6 bytes, 64MiB and 64M 64 * 2^20 (as `truncate -s` reads
+    them); a volume whose size is not a whole number of regions serves its tail."""
+    d = vmd_factory(volumes={"vol0": volume_spec("vol0", size="64MB"),
+                             "vol1": volume_spec("vol1", size="64M")},
+                    rate_limit="32MB")
+    d.start()
+    assert d.status("vol0")["size"] == 64_000_000
+    assert d.status("vol1")["size"] == 64 * MiB
+    assert os.path.getsize(d.volume_file("vol0")) == 64_000_000
+    assert all(os.path.getsize(p) == 64_000_000 for p in d.plex_paths("vol0"))
+    tail = os.urandom(4096)
+    with open(d.volume_file("vol0"), "r+b") as f:
+        f.seek(64_000_000 - 4096)
+        f.write(tail)
+    d.stop()
+    for p in d.plex_paths("vol0"):
+        with open(p, "rb") as f:
+            f.seek(64_000_000 - 4096)
+            assert f.read() == tail

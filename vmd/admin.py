@@ -34,6 +34,11 @@ Handler = Callable[[dict[str, Any], Callable[[dict[str, Any]], Awaitable[None]]]
                    Awaitable[dict[str, Any]]]
 
 
+def command_words(cmd: Any) -> str:
+    """A request's command as the CLI spells it: "snap.take" → "snap take"."""
+    return str(cmd).replace(".", " ")
+
+
 def _peer_uid(sock: trio.socket.SocketType) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
@@ -144,9 +149,9 @@ class AdminServer:
         except VmdError as e:
             return {"ok": False, "error": str(e)}
         except (KeyError, TypeError, ValueError) as e:
-            return {"ok": False, "error": f"bad arguments for {req['cmd']!r}: {e}"}
+            return {"ok": False, "error": f"{command_words(req['cmd'])}: bad argument: {e}"}
         except OSError as e:
-            return {"ok": False, "error": f"{req['cmd']}: {e}"}
+            return {"ok": False, "error": f"{command_words(req['cmd'])}: {e}"}
         return {"ok": True, **reply}
 
     @staticmethod

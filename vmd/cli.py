@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -149,10 +150,39 @@ def _inspect_log(path: str) -> int:
     return EXIT_OK
 
 
+def _nonempty(value: str) -> str:
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
+def _refuse_empty_strings(parser: argparse.ArgumentParser) -> None:
+    """Every string argument of every subcommand must be non-empty, so that
+    `vmd snap take vol0 ""` is a usage error naming the argument as the usage
+    line shows it, not a request the daemon turns down in its own terms."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                _refuse_empty_strings(sub)
+        elif (type(action) is argparse._StoreAction and action.type is None
+              and action.choices is None and action.nargs in (None, "?")):
+            action.type = _nonempty
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    _refuse_empty_strings(parser)
+    args = parser.parse_args(argv)
     try:
-        return _run(args)
+        code = _run(args)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below
+        return code
+    except BrokenPipeError:
+        # The reader went away (`vmd status | head -1`): stop quietly, as a
+        # command killed by SIGPIPE would. Point stdout at /dev/null so that
+        # the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except VmdError as e:
         print(f"vmd: {e}", file=sys.stderr)
         return e.exit_code

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .admin import command_words
 from .config import check_image
 from .errors import VmdError
 from .sidecar import SYNCING
@@ -22,7 +23,9 @@ def req_str(req: dict[str, Any], key: str) -> str:
     """The non-empty string argument `key` of an admin request."""
     v = req.get(key)
     if not isinstance(v, str) or not v:
-        raise VmdError(f"request {req.get('cmd')!r} needs a {key!r} string")
+        # Worded as the CLI's usage line names the command and the argument.
+        raise VmdError(f"{command_words(req.get('cmd'))}: {key.upper()} must be given (a "
+                       f"non-empty string)")
     return v
 
 
@@ -65,7 +68,7 @@ def register(d: "Daemon") -> None:
     async def fastresync(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         on = req.get("on")
         if not isinstance(on, bool):
-            raise VmdError("fastresync needs \"on\": true or false")
+            raise VmdError("fastresync: \"on\" must be true or false")
         vol = m.get(req_str(req, "volume"))
         await vol.set_fastresync(on)
         return {"fastresync": on}

@@ -23,13 +23,17 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 TiB = 1024 * GiB
 
+# As coreutils reads sizes (`truncate -s`, `dd`): an SI unit (kB, MB, GB, TB) is a
+# power of ten, a binary one (KiB, MiB, GiB, TiB) or a bare letter (K, M, G, T) a
+# power of two. Case does not matter; B is a byte.
 _UNITS = {
     "": 1, "b": 1,
-    "k": KiB, "kb": KiB, "kib": KiB,
-    "m": MiB, "mb": MiB, "mib": MiB,
-    "g": GiB, "gb": GiB, "gib": GiB,
-    "t": TiB, "tb": TiB, "tib": TiB,
+    "k": KiB, "kib": KiB, "kb": 1000,
+    "m": MiB, "mib": MiB, "mb": 1000**2,
+    "g": GiB, "gib": GiB, "gb": 1000**3,
+    "t": TiB, "tib": TiB, "tb": 1000**4,
 }
+_SI_UNITS = {u for u, mult in _UNITS.items() if mult > 1 and mult % 1000 == 0}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -40,7 +44,7 @@ SECTOR = 512
 
 
 def parse_size(value: Any) -> int:
-    """'64KiB' → 65536. Binary units; plain integers are bytes."""
+    """'64KiB' → 65536, '64kB' → 64000 (see _UNITS); plain integers are bytes."""
     if isinstance(value, bool):
         raise ValueError(f"not a size: {value!r}")
     if isinstance(value, int):
@@ -51,8 +55,19 @@ def parse_size(value: Any) -> int:
         raise ValueError(f"not a size: {value!r}")
     m = _SIZE_RE.match(value)
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a size: {value!r} (use e.g. 512, 64KiB, 1GiB)")
+        raise ValueError(f"not a size: {value!r} (use e.g. 512, 64KiB, 1GiB; "
+                         f"kB, MB, GB, TB are powers of 1000)")
     return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def _si_hint(value: Any) -> str:
+    """Why a size in SI units may have missed a multiple of 512: say what it meant."""
+    m = _SIZE_RE.match(value) if isinstance(value, str) else None
+    if not m or m.group(2).lower() not in _SI_UNITS:
+        return ""
+    unit = m.group(2)
+    return (f" ({value} is read as {parse_size(value)} bytes: {unit} is a power of 1000; "
+            f"for a power of 1024 write {unit[0].upper()}iB)")
 
 
 def format_size(n: int) -> str:
@@ -152,9 +167,9 @@ class _Ctx:
         except ValueError as e:
             raise self.err(key, str(e)) from None
         if n < minimum:
-            raise self.err(key, f"{n} is below the minimum of {minimum}")
+            raise self.err(key, f"{n} is below the minimum of {minimum}{_si_hint(value)}")
         if n % multiple:
-            raise self.err(key, f"{n} is not a multiple of {multiple}")
+            raise self.err(key, f"{n} is not a multiple of {multiple}{_si_hint(value)}")
         return n
 
     def boolean(self, value: Any, key: str) -> bool:

@@ -152,28 +152,44 @@ def snapshot_config(origin: Volume, name: str, info: dict[str, Any]) -> VolumeCo
 
 
 def _check_against_config(state: VolumeState, vc: VolumeConfig, cfg_path: Path) -> None:
+    # No "volume NAME:" prefix: the refusal is logged and shown under the volume's name.
+    key = f"volumes.{vc.name}"
     if state.size != vc.size:
-        raise VmdError(f"volume {vc.name}: {cfg_path} says size {vc.size} ({format_size(vc.size)}) "
-                       f"but sidecar log {vc.log} says {state.size} ({format_size(state.size)})")
+        raise VmdError(f"{cfg_path}: {key}.size is {vc.size} ({format_size(vc.size)}) but "
+                       f"sidecar log {vc.log} says {state.size} ({format_size(state.size)})")
     if state.name != vc.name:
-        raise VmdError(f"volume {vc.name}: sidecar log {vc.log} belongs to volume {state.name!r}")
-    for key, ours, theirs in (("region_size", vc.region_size, state.region_size),
+        raise VmdError(f"{cfg_path}: {key}.log: sidecar log {vc.log} belongs to volume "
+                       f"{state.name!r}")
+    for sub, ours, theirs in (("region_size", vc.region_size, state.region_size),
                               ("fastresync_region", vc.fastresync_region, state.fmr_region)):
         if ours != theirs:
             log.warning("volume %s: %s in %s is %s but the sidecar log %s was made with %s; "
-                        "keeping %s (recreate the volume to change it)", vc.name, key, cfg_path,
+                        "keeping %s (recreate the volume to change it)", vc.name, sub, cfg_path,
                         format_size(ours), vc.log, format_size(theirs), format_size(theirs))
+    if "snapshot" in state.extra:
+        return  # not in the config: its log alone says which plexes it has
     cfg_plexes = [str(p) for p in vc.plexes]
-    if cfg_plexes == state.config_plexes:
-        return  # membership changes made through the admin socket stand
     current = [p.path for p in state.plexes if not p.role]
     if sorted(cfg_plexes) == sorted(current):
         state.config_plexes = cfg_plexes  # the administrator brought the config up to date
         return
-    raise VmdError(
-        f"volume {vc.name}: {cfg_path} lists plexes {cfg_plexes} but sidecar log {vc.log} "
-        f"records plexes {current} (changed with `vmd plex`?). Make volumes.{vc.name}.plexes "
-        f"list exactly the recorded plexes")
+    lacks = [p for p in current if p not in cfg_plexes]
+    extra = [p for p in cfg_plexes if p not in current]
+    differs = (f"{key}.plexes differs from the plexes sidecar log {vc.log} records "
+               f"({', '.join(current)}): " + "; ".join(
+                   ([f"it lacks {', '.join(lacks)}"] if lacks else [])
+                   + ([f"it lists {', '.join(extra)}, not recorded"] if extra else [])))
+    if cfg_plexes == state.config_plexes:
+        # The config is as it was when vmd last agreed with it: the plexes changed
+        # since with `vmd plex` stand, so that a restart (after a crash, at boot)
+        # needs no help. Said at every start until the config catches up.
+        log.warning("volume %s: %s: %s. They were changed with `vmd plex` since the config "
+                    "was written: serving the recorded plexes; update the config to list "
+                    "exactly them", vc.name, cfg_path, differs)
+        return
+    raise VmdError(f"{cfg_path}: {differs}. The config was edited since vmd last used it, so "
+                   f"vmd will not guess which is meant: make {key}.plexes list exactly the "
+                   f"recorded plexes")
 
 
 def _abort_interrupted_snapshot_mirrors(vol: Volume) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -42,6 +43,9 @@ def run_snapshot_command(args: argparse.Namespace, client: Any, progress: Any) -
     for key in ("volume", "name", "path", "from_snapshot", "force"):
         if getattr(args, key, None) is not None:
             req[key] = getattr(args, key)
+    if "path" in req:
+        # Relative to where the user typed it, not to the daemon's directory.
+        req["path"] = os.path.abspath(req["path"])
     show = progress(f"{getattr(args, 'volume', None) or args.name} snapshot mirror")
     reply = client.request(req, show)
     if sys.stderr.isatty() and c in ("wait", "refresh"):

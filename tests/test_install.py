@@ -1,0 +1,43 @@
+"""`make install` / `make uninstall` put `vmd` on PATH, and the README calls it
+one way throughout."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from conftest import REPO, run
+
+
+def _make(target: str, sbindir: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run(["make", "-s", "-C", str(REPO), target, f"SBINDIR={sbindir}"], check=check,
+               timeout=300)
+
+
+def test_make_install_links_vmd_and_uninstall_removes_it(tmp_path: Path) -> None:
+    sbin = tmp_path / "sbin"  # SBINDIR, so that the test leaves /usr/local alone
+    _make("install", sbin)
+    link = sbin / "vmd"
+    assert link.is_symlink() and link.resolve() == (REPO / ".venv/bin/vmd").resolve()
+    p = run([str(link), "--help"])
+    assert p.stdout.startswith("usage: vmd"), p.stdout
+    _make("install", sbin)  # again: idempotent
+    _make("uninstall", sbin)
+    assert not link.exists() and not link.is_symlink()
+    # Someone else's vmd there is not removed.
+    link.write_text("#!/bin/sh\n")
+    p = _make("uninstall", sbin, check=False)
+    assert p.returncode != 0 and "left alone" in p.stderr, p
+    assert link.read_text() == "#!/bin/sh\n"
+
+
+def test_readme_calls_vmd_one_way() -> None:
+    """After `make install` the README's commands are plain `vmd …`, never the
+    virtualenv path, and it says how to get there."""
+    readme = (REPO / "README.md").read_text()
+    blocks = "\n".join(re.findall(r"```sh\n(.*?)```", readme, re.S))
+    code = [line.split("#")[0] for line in blocks.splitlines()]  # comments may name it
+    assert any(line.strip() == "make install" or "make setup install" in line for line in code)
+    called = [line for line in code if re.search(r"\S*bin/vmd\b", line)]
+    assert called == [], f"README calls vmd through a path; use the installed `vmd`: {called}"
