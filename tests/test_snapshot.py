@@ -281,14 +281,17 @@ def test_snap_start_on_empty_volume_completes(vmd_factory: Callable[..., VmdDaem
 
 # -- restore: snap back --from-snapshot ----------------------------------------------
 
-def test_snap_back_from_snapshot_restores_ext4(vmd_factory: Callable[..., VmdDaemon],
-                                               sysres: SysResources, tmp_path: Path) -> None:
+def ext4_with_snapshot(vmd_factory: Callable[..., VmdDaemon], sysres: SysResources,
+                       tmp_path: Path, seed: int, nfiles: int
+                       ) -> tuple[VmdDaemon, str, Path, random.Random, dict[str, str]]:
+    """ext4 on a loop device over vol0 holding `nfiles` files, and snapshot
+    `nightly` taken of it frozen: (daemon, loop device, mount, rng, tree)."""
     vmd = vmd_factory().start()
     dev = vmd.losetup()
     run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", dev])
     fs = Path(sysres.mount(dev, tmp_path / "fs"))
-    rng = random.Random(3)
-    before = write_tree(fs, "a", rng, 12)
+    rng = random.Random(seed)
+    before = write_tree(fs, "a", rng, nfiles)
     run(["sync"])
     vmd.cli("snap", "start", "vol0")
     vmd.cli("snap", "wait", "vol0", timeout=120)
@@ -297,6 +300,12 @@ def test_snap_back_from_snapshot_restores_ext4(vmd_factory: Callable[..., VmdDae
         vmd.cli("snap", "take", "vol0", "nightly")
     finally:
         run(["fsfreeze", "-u", str(fs)])
+    return vmd, dev, fs, rng, before
+
+
+def test_snap_back_from_snapshot_restores_ext4(vmd_factory: Callable[..., VmdDaemon],
+                                               sysres: SysResources, tmp_path: Path) -> None:
+    vmd, dev, fs, rng, before = ext4_with_snapshot(vmd_factory, sysres, tmp_path, 3, 12)
     # Enough changes afterwards that a slow restore takes a few seconds.
     write_tree(fs, "b", rng, 14, sizes=(1 << 20,))
     (fs / sorted(before)[0]).unlink()
@@ -353,20 +362,7 @@ def test_restore_refused_while_volume_in_use(vmd_factory: Callable[..., VmdDaemo
     """snap back --from-snapshot under a mounted filesystem would change its blocks behind
     its back (issue 16, item 4): refused while vol0 is open, naming it; done after umount;
     --force proceeds anyway."""
-    vmd = vmd_factory().start()
-    dev = vmd.losetup()
-    run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", dev])
-    fs = Path(sysres.mount(dev, tmp_path / "fs"))
-    rng = random.Random(31)
-    before = write_tree(fs, "a", rng, 8)
-    run(["sync"])
-    vmd.cli("snap", "start", "vol0")
-    vmd.cli("snap", "wait", "vol0", timeout=120)
-    run(["fsfreeze", "-f", str(fs)])
-    try:
-        vmd.cli("snap", "take", "vol0", "nightly")
-    finally:
-        run(["fsfreeze", "-u", str(fs)])
+    vmd, dev, fs, rng, before = ext4_with_snapshot(vmd_factory, sysres, tmp_path, 31, 8)
     write_tree(fs, "b", rng, 8)
     run(["sync"])
 
