@@ -15,9 +15,10 @@ disk-read cost. Prints medians, vmd/qsd, and each daemon's CPU per request.
 `--loop` runs the loop-device section of `make bench` (loopdev.py) for vmd
 and qsd only: each behind its own /dev/loopN, fio direct=1 on the loop
 device, 512 MiB, the six rows of issue 12 warm then cold, runs of 2 s, 3
-repetitions: about 3 minutes (`--warm` or `--cold` alone: under 2). `--fs`
-adds the ext4 rows (fio fsync=32, cp -a + sync). To A/B a change, run it on
-both trees and compare the vmd/qsd columns.
+repetitions, as in `make bench`: about 3 minutes (3.7 on a busy 2-CPU
+machine; `--warm` or `--cold` alone: about 2). `--fs` adds the ext4 rows
+(fio fsync=32, cp -a + sync). To A/B a change, run it on both trees and
+compare the vmd/qsd and CPU/req columns.
 """
 
 from __future__ import annotations

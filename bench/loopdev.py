@@ -245,9 +245,11 @@ class LoopBench:
 
     def report(self) -> list[str]:
         md = ["## Loop devices: each target behind its own /dev/loopN, as a user attaches it", ""]
-        md.append(f"`losetup --find --show` (buffered, no --direct-io) over vmd's volume file "
-                  f"(shipped settings), qsd's FUSE export and a raw file: "
-                  f"{', '.join(f'{k} {v}' for k, v in self.raw.get('loop_devices', {}).items())}. "
+        backing = {"vmd": "vmd's volume file", "qsd": "qsd's FUSE export", "file": "a raw file"}
+        md.append(f"`losetup --find --show` (buffered, no --direct-io) over "
+                  f"{', '.join(backing[n] for n in self.names)}: "
+                  f"{', '.join(f'{k} {v}' for k, v in self.raw.get('loop_devices', {}).items())}; "
+                  f"vmd with the volume settings {self.vol_settings}. "
                   f"fio psync, direct=1 on the loop device, end_fsync=1, {fmt_size(self.size)} "
                   f"prefilled; runs of {max(1, round(self.runtime))} s (sequential jobs: the "
                   f"device once, capped by that). Median of {self.reps} repetition(s), targets "
@@ -256,7 +258,8 @@ class LoopBench:
                   f"before every job. ext4 (mkfs.ext4 defaults, no lazy init) on each loop "
                   f"device: sync before every job, no drop; the cp source is in memory. "
                   f"vmd/qsd is a speed ratio (for times, qsd's over vmd's). CPU/req: the "
-                  f"daemon's CPU time per fio request.")
+                  f"daemon's CPU time per fio request (the loop driver's kernel worker, which "
+                  f"copies between the device and the backing file, is counted to neither).")
         md.append("")
         md += vs_table(["page cache", "fio job", "numjobs"], self.table_rows(), self.samples,
                        self.names)

@@ -151,7 +151,8 @@ def vs_table(head: Sequence[str], rows: Sequence[TableRow], s: Samples, targets:
              cpu_of: Sequence[str] = ("vmd", "qsd"), goal: float | None = 1.0) -> list[str]:
     """Markdown: the leading cells, the unit, each target's median, vmd/qsd
     (and whether it meets `goal`), each daemon's median CPU per request."""
-    cols = [(c, "---") for c in (*head, "unit")] + [(t, "---:") for t in (*targets, "vmd/qsd")]
+    cols = [(c, "---:" if c == "numjobs" else "---") for c in (*head, "unit")]
+    cols += [(t, "---:") for t in (*targets, "vmd/qsd")]
     if goal is not None:
         cols.append((f"target ≥ {goal:.1f}", "---"))
     cols += [(f"{t} CPU/req", "---:") for t in cpu_of]

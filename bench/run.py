@@ -4,10 +4,24 @@ FUSE export) and a plain file, plus DRL, crash-recovery and FastResync figures.
 
 Run as root from the repository's virtualenv:  .venv/bin/python bench/run.py [--quick]
 
+Sections, in order (each can be skipped: --skip-fio, --skip-loop, --skip-recovery):
+- the fio matrix on the volume files themselves, and the pyfuse3 floor
+  (fuse_floor.py);
+- the loop-device section (loopdev.py): each target behind its own /dev/loopN,
+  as a user attaches it, fio direct=1 on the loop device, warm and cold, then
+  ext4 on each loop device (fio fsync=32, cp -a + sync);
+- crash recovery, full resync, FastResync and dd on a larger volume.
+
+To A/B a change on the loop-device rows alone (vmd and qsd, the same method,
+about 3 minutes; run it on both trees and compare the vmd/qsd column):
+
+    .venv/bin/python bench/ab.py --loop [--warm | --cold] [--fs] [--set direct_io=false]
+
 Everything happens in one scratch directory on the disk the plexes would use
 (default: var/bench-* in the repository, never tmpfs); daemons are stopped,
-FUSE mounts lazily unmounted and scratch files removed however the run ends.
-Results go to stdout and to bench/results/<timestamp>.md (+ .json, raw data).
+loop devices detached, mounts unmounted and scratch files removed however the
+run ends. Results go to stdout and to bench/results/<timestamp>.md (+ .json,
+raw data).
 """
 
 from __future__ import annotations
@@ -454,7 +468,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "(explicit flags and env still win)")
     ap.add_argument("--size", help="fio file/volume size (env BENCH_SIZE; default 1GiB)")
     ap.add_argument("--runtime", type=float,
-                    help="seconds per fio job (env BENCH_RUNTIME; default 5)")
+                    help="seconds per fio job (env BENCH_RUNTIME; default 2, so that the whole "
+                         "run stays near 12 minutes)")
     ap.add_argument("--reps", type=int,
                     help="repetitions of the fio matrix (env BENCH_REPS; default 3)")
     ap.add_argument("--recovery-size",
@@ -466,7 +481,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="data per loop device (env BENCH_LOOP_SIZE; default 512MiB)")
     ap.add_argument("--loop-runtime", type=float,
                     help="seconds per fio job on the loop devices "
-                         "(env BENCH_LOOP_RUNTIME; default 3)")
+                         "(env BENCH_LOOP_RUNTIME; default 2)")
     ap.add_argument("--skip-fio", action="store_true",
                     help="skip the fio matrix on the volume files (and the pyfuse3 floor)")
     ap.add_argument("--skip-loop", action="store_true", help="skip the loop-device section")
@@ -475,11 +490,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     #                 flag            env                     normal   --quick
     for attr, env, normal, quick in (("size", "BENCH_SIZE", "1GiB", "256MiB"),
-                                     ("runtime", "BENCH_RUNTIME", "5", "1"),
+                                     ("runtime", "BENCH_RUNTIME", "2", "1"),
                                      ("reps", "BENCH_REPS", "3", "1"),
                                      ("recovery_size", "BENCH_RECOVERY_SIZE", "4GiB", "1GiB"),
                                      ("loop_size", "BENCH_LOOP_SIZE", "512MiB", "256MiB"),
-                                     ("loop_runtime", "BENCH_LOOP_RUNTIME", "3", "1")):
+                                     ("loop_runtime", "BENCH_LOOP_RUNTIME", "2", "1")):
         if getattr(a, attr) is None:
             setattr(a, attr, os.environ.get(env) or (quick if a.quick else normal))
     a.runtime = float(a.runtime)
