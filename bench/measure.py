@@ -121,9 +121,11 @@ class Samples:
         if r.errors:
             raise BenchError(f"fio reported error {r.errors} on {target.name} ({target.path})")
         self.add(row, target.name, r.value, cpu)
-        self.records.append({"row": row, "target": target.name, "value": r.value,
+        self.records.append({"row": row, "target": target.name,
+                             "rep": len(self.values[(row, target.name)]) - 1, "value": r.value,
                              "unit": wl.unit, "bw_bytes": r.bw_bytes, "iops": r.iops,
-                             "runtime_ms": r.runtime_ms, "cpu_us_per_request": cpu})
+                             "runtime_ms": r.runtime_ms,
+                             "cpu_us_per_request": cpu if cpu == cpu else None})
         return r
 
     def value(self, row: Row, target: str) -> float:
