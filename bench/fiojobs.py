@@ -7,7 +7,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,17 @@ WORKLOADS = [
     Workload("seqread", "1 MiB seq read", "read", "1m", "MB/s"),
 ]
 NUMJOBS = (1, 4)
+BY_KEY = {w.key: w for w in WORKLOADS}
 
 
-def fio_args(wl: Workload, numjobs: int, filename: Path, size: int, runtime: float) -> list[str]:
+def fio_args(wl: Workload, numjobs: int, filename: Path, size: int, runtime: float,
+             direct: bool = False, extra: Sequence[str] = ()) -> list[str]:
     """One fio job. Sequential jobs cover the file once (each of the numjobs
     threads its own slice, capped by `runtime`); random jobs are time based
-    over the whole file. Buffered psync, end_fsync=1 for all, as in issue 6."""
+    over the whole file. psync, end_fsync=1 for all, as in issue 6; buffered
+    unless `direct` (O_DIRECT, as on a loop device)."""
     args = ["fio", "--name=" + f"{wl.key}-{numjobs}", f"--filename={filename}",
+            f"--direct={int(direct)}", *extra,
             "--ioengine=psync", f"--rw={wl.rw}", f"--bs={wl.bs}", f"--numjobs={numjobs}",
             "--group_reporting=1", "--end_fsync=1", "--fallocate=none", "--randrepeat=1",
             "--norandommap=1", "--invalidate=1", f"--runtime={max(1, round(runtime))}s",
@@ -53,9 +57,10 @@ def fio_args(wl: Workload, numjobs: int, filename: Path, size: int, runtime: flo
     return args
 
 
-def prefill_args(filename: Path, size: int) -> list[str]:
+def prefill_args(filename: Path, size: int, direct: bool = False) -> list[str]:
     """Write every byte once (1 MiB sequential, fio's random buffers), fsync."""
     return ["fio", "--name=prefill", f"--filename={filename}", "--ioengine=psync", "--rw=write",
+            f"--direct={int(direct)}",
             "--bs=1m", f"--size={size}", "--end_fsync=1", "--fallocate=none",
             "--output-format=json"]
 

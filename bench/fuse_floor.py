@@ -26,8 +26,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fiojobs import WORKLOADS, fio_args, run_fio  # noqa: E402
-from procs import REPO, BenchError, Cleanup, cpu_seconds, lazy_umount, mounted  # noqa: E402
+from fiojobs import BY_KEY, fio_args  # noqa: E402
+from measure import fio_with_cpu, parse_size  # noqa: E402
+from procs import REPO, BenchError, Cleanup, lazy_umount, mounted  # noqa: E402
 
 FILE_INODE = 2
 
@@ -102,11 +103,9 @@ def measure(scratch: Path, size: int, runtime: float, cleanup: Cleanup) -> list[
     rows = []
     try:
         for key in ("randread", "randwrite"):
-            wl = next(w for w in WORKLOADS if w.key == key)
+            wl = BY_KEY[key]
             for nj in (1, 4):
-                c0 = cpu_seconds(proc.pid)
-                r = run_fio(fio_args(wl, nj, mnt / "null", size, runtime), wl)
-                cpu = r.cpu_us_per_request(cpu_seconds(proc.pid) - c0)
+                r, cpu = fio_with_cpu(fio_args(wl, nj, mnt / "null", size, runtime), wl, proc.pid)
                 rows.append({"key": key, "label": wl.label, "numjobs": nj, "iops": round(r.iops),
                              "cpu_us_per_request": round(cpu, 1)})
     finally:
@@ -127,8 +126,6 @@ def main() -> int:
     ap.add_argument("--size", default="1GiB")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    from run import parse_size  # not at the top: run.py imports this module
-
     size = parse_size(a.size)
     if a.serve:
         serve(a.serve, size)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 GiB = 1 << 30
+SHIPPED_CONFIG = REPO / "config" / "vmd.yaml"
 
 
 class BenchError(RuntimeError):
@@ -131,6 +132,22 @@ def _wait_for(cond: Callable[[], bool], timeout: float, what: str,
 
 
 # -- vmd -----------------------------------------------------------------------
+
+
+def shipped_volume_settings() -> dict[str, Any]:
+    """The volume keys (other than size and paths) of the shipped config/vmd.yaml,
+    so the benchmark volume is 'defaults as shipped'. The top-level keys
+    (resync.rate_limit, clean_delay) are left at vmd's defaults."""
+    try:
+        import yaml
+
+        raw = yaml.safe_load(SHIPPED_CONFIG.read_text()) or {}
+    except Exception:  # noqa: BLE001
+        return {}
+    vols = raw.get("volumes") or {}
+    first = next(iter(vols.values()), {}) if vols else {}
+    vol = {k: v for k, v in (first or {}).items() if k not in ("size", "plexes", "log")}
+    return vol
 
 
 class Vmd:

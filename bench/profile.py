@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fiojobs import WORKLOADS, fio_args, prefill_args, run_fio  # noqa: E402
-from procs import REPO, Cleanup, Vmd  # noqa: E402
-from run import Caches, parse_size, shipped_volume_settings  # noqa: E402
+from fiojobs import BY_KEY, fio_args, prefill_args, run_fio  # noqa: E402
+from measure import Caches, parse_size  # noqa: E402
+from procs import REPO, Cleanup, Vmd, shipped_volume_settings  # noqa: E402
 
 
 def summarize(raw: Path, top: int) -> str:
@@ -56,7 +56,7 @@ def summarize(raw: Path, top: int) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("job", choices=[w.key for w in WORKLOADS] + ["resync"])
+    ap.add_argument("job", choices=[*BY_KEY, "resync"])
     ap.add_argument("--numjobs", type=int, default=1)
     ap.add_argument("--runtime", type=float, default=5.0)
     ap.add_argument("--size", default="1GiB")
@@ -113,7 +113,7 @@ def main() -> int:
             figure = (f"full resync: {st['copied_bytes'] / 2**20:.0f} MiB in {st['seconds']} s "
                       f"= {st['copied_bytes'] / max(st['seconds'], 1e-9) / 1e6:.0f} MB/s")
         else:
-            wl = next(w for w in WORKLOADS if w.key == a.job)
+            wl = BY_KEY[a.job]
             r = run_fio(fio_args(wl, a.numjobs, d.file("vol0"), size, a.runtime), wl)
             figure = f"{wl.label} numjobs={a.numjobs}: {r.value:.0f} {wl.unit}"
         elapsed = time.monotonic() - t0

@@ -4,10 +4,24 @@ FUSE export) and a plain file, plus DRL, crash-recovery and FastResync figures.
 
 Run as root from the repository's virtualenv:  .venv/bin/python bench/run.py [--quick]
 
+Sections, in order (each can be skipped: --skip-fio, --skip-loop, --skip-recovery):
+- the fio matrix on the volume files themselves, and the pyfuse3 floor
+  (fuse_floor.py);
+- the loop-device section (loopdev.py): each target behind its own /dev/loopN,
+  as a user attaches it, fio direct=1 on the loop device, warm and cold, then
+  ext4 on each loop device (fio fsync=32, cp -a + sync);
+- crash recovery, full resync, FastResync and dd on a larger volume.
+
+To A/B a change on the loop-device rows alone (vmd and qsd, the same method,
+about 3 minutes; run it on both trees and compare the vmd/qsd column):
+
+    .venv/bin/python bench/ab.py --loop [--warm | --cold] [--fs] [--set direct_io=false]
+
 Everything happens in one scratch directory on the disk the plexes would use
 (default: var/bench-* in the repository, never tmpfs); daemons are stopped,
-FUSE mounts lazily unmounted and scratch files removed however the run ends.
-Results go to stdout and to bench/results/<timestamp>.md (+ .json, raw data).
+loop devices detached, mounts unmounted and scratch files removed however the
+run ends. Results go to stdout and to bench/results/<timestamp>.md (+ .json,
+raw data).
 """
 
 from __future__ import annotations
@@ -32,31 +46,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fiojobs import NUMJOBS, WORKLOADS, fio_args, prefill_args, run_fio  # noqa: E402
 import fuse_floor  # noqa: E402
-from procs import (GiB, MiB, REPO, BenchError, Cleanup, Qsd, Vmd, cpu_seconds,  # noqa: E402
-                   lazy_umount, tail)
+from loopdev import LoopBench  # noqa: E402
+from measure import (Caches, Samples, Target, TableRow, fmt_ratio, fmt_size, fmt_val,  # noqa: E402
+                     log, parse_size, rotated, vs_table)
+from procs import (GiB, MiB, REPO, BenchError, Cleanup, Qsd, Vmd, lazy_umount,  # noqa: E402
+                   shipped_volume_settings, tail)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SHIPPED_CONFIG = REPO / "config" / "vmd.yaml"
 DRL_JOBS = ("seqwrite", "randwrite")  # also run on a DRL-off vmd, for the DRL cost
 
 
 # -- small helpers ---------------------------------------------------------------
-
-
-def parse_size(s: str) -> int:
-    s = s.strip().lower().removesuffix("b").removesuffix("i")
-    mult = {"k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}
-    if s and s[-1] in mult:
-        return int(float(s[:-1]) * mult[s[-1]])
-    return int(s)
-
-
-def fmt_size(n: float) -> str:
-    for unit, m in (("GiB", GiB), ("MiB", MiB), ("KiB", 1 << 10)):
-        if n >= m:
-            v = n / m
-            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def loadavg() -> float:
@@ -65,60 +65,6 @@ def loadavg() -> float:
             return float(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return float("nan")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class Caches:
-    """sync + drop_caches before every measured step, so that no target reads
-    another's (or its own earlier) data from the page cache."""
-
-    def __init__(self) -> None:
-        self.dropped = 0
-        self.failed = 0
-
-    def drop(self) -> None:
-        os.sync()
-        try:
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3\n")
-            self.dropped += 1
-        except OSError:
-            self.failed += 1
-
-
-def shipped_volume_settings() -> dict[str, Any]:
-    """The volume keys (other than size and paths) of the shipped config/vmd.yaml,
-    so the benchmark volume is 'defaults as shipped'. The top-level keys
-    (resync.rate_limit, clean_delay) are left at vmd's defaults."""
-    try:
-        import yaml
-
-        raw = yaml.safe_load(SHIPPED_CONFIG.read_text()) or {}
-    except Exception:  # noqa: BLE001
-        return {}
-    vols = raw.get("volumes") or {}
-    first = next(iter(vols.values()), {}) if vols else {}
-    vol = {k: v for k, v in (first or {}).items() if k not in ("size", "plexes", "log")}
-    return vol
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def fmt_val(v: float, unit: str) -> str:
-    if v != v:  # NaN
-        return "–"
-    if unit == "MB/s":
-        return f"{v:.0f}"
-    return f"{v:,.0f}".replace(",", " ")
-
-
-def fmt_ratio(r: float) -> str:
-    return "–" if r != r else f"{r:.2f}"
 
 
 def verify_mirror(front: Path, images: list[Path], offset: int, what: str) -> None:
@@ -189,44 +135,30 @@ class Bench:
         verify_mirror(qsd.file, qsd.images, size // 2 + 4096 * 3, "qemu-storage-daemon quorum")
         log("mirror check passed: writes through vmd and through qsd reach both images")
 
-        targets = {"vmd": vmd.file("vol0"), "qsd": qsd.file, "file": raw_img,
-                   "vmd-drl-off": nodrl.file("vol0")}
-        daemons = {"vmd": vmd.pid, "qsd": qsd.pid, "vmd-drl-off": nodrl.pid}
-        self.cpu_per_op: dict[tuple[str, int, str], list[float]] = {}
-        order = ["vmd", "qsd", "file"]
+        targets = {t.name: t for t in (
+            Target("vmd", vmd.file("vol0"), vmd.pid), Target("qsd", qsd.file, qsd.pid),
+            Target("file", raw_img), Target("vmd-drl-off", nodrl.file("vol0"), nodrl.pid))}
         prefill = {}
-        for name, path in targets.items():
+        for name, t in targets.items():
             self.caches.drop()
-            r = run_fio(prefill_args(path, size), None, timeout=900)
+            r = run_fio(prefill_args(t.path, size), None, timeout=900)
             prefill[name] = r.bw_bytes / 1e6
             log(f"prefilled {name}: {fmt_size(size)} at {prefill[name]:.0f} MB/s")
         self.raw["prefill_mbps"] = prefill
 
-        results: dict[tuple[str, int, str], list[float]] = {}
-        self.results = results  # partial results are reported if the run is cut short
+        self.samples = samples = Samples()  # partial results are reported if the run is cut short
+        self.raw["fio"] = samples.records
         t_start = time.monotonic()
         for rep in range(a.reps):
-            rot = order[rep % len(order):] + order[:rep % len(order)]
             for wl in WORKLOADS:
                 for nj in NUMJOBS:
-                    names = list(rot)
+                    names = rotated(["vmd", "qsd", "file"], rep)
                     if wl.key in DRL_JOBS:
                         names.append("vmd-drl-off")
                     for name in names:
                         self.caches.drop()
-                        pid = daemons.get(name)
-                        cpu0 = cpu_seconds(pid) if pid else 0.0
-                        r = run_fio(fio_args(wl, nj, targets[name], size, a.runtime), wl)
-                        if pid:
-                            self.cpu_per_op.setdefault((wl.key, nj, name), []).append(
-                                r.cpu_us_per_request(cpu_seconds(pid) - cpu0))
-                        if r.errors:
-                            raise BenchError(f"fio reported error {r.errors} on {name}")
-                        results.setdefault((wl.key, nj, name), []).append(r.value)
-                        self.raw["fio"].append({"rep": rep, "job": wl.key, "numjobs": nj,
-                                                "target": name, "value": r.value, "unit": wl.unit,
-                                                "bw_bytes": r.bw_bytes, "iops": r.iops,
-                                                "runtime_ms": r.runtime_ms})
+                        r = samples.fio((wl.key, nj), targets[name],
+                                        fio_args(wl, nj, targets[name].path, size, a.runtime), wl)
                         log(f"rep {rep + 1}/{a.reps} {wl.label:<17} nj={nj} {name:<12} "
                             f"{fmt_val(r.value, wl.unit):>8} {wl.unit}")
         self.raw["matrix_seconds"] = round(time.monotonic() - t_start, 1)
@@ -241,7 +173,6 @@ class Bench:
         info["qsd_hwm_kib"] = qsd.hwm_kib()
         info["vmd_log_bytes"] = st.get("log_bytes")
         info["vmd_plex_states"] = [p["state"] for p in st["plexes"]]
-        self.results = results
 
         log("stopping the fio targets")
         vmd.stop()
@@ -251,7 +182,7 @@ class Bench:
             shutil.rmtree(self.scratch / d, ignore_errors=True)
 
     def matrix_report(self) -> None:
-        res = self.results
+        s = self.samples
         md = self.md
         md.append("## fio: vmd vs qemu-storage-daemon (quorum) vs plain file")
         md.append("")
@@ -266,21 +197,9 @@ class Bench:
                   "Writeback that vmd's fdatasyncs start is counted to vmd; qsd leaves it to "
                   "the kernel's flusher threads.")
         md.append("")
-        md.append("| fio job | numjobs | unit | vmd | qsd | file | vmd/qsd | target ≥ 1.0 "
-                  "| vmd CPU/req | qsd CPU/req |")
-        md.append("| --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
-        cpu = getattr(self, "cpu_per_op", {})
-        for wl in WORKLOADS:
-            for nj in NUMJOBS:
-                v = median(res.get((wl.key, nj, "vmd"), []))
-                q = median(res.get((wl.key, nj, "qsd"), []))
-                f = median(res.get((wl.key, nj, "file"), []))
-                ratio = v / q if q and q == q and v == v else float("nan")
-                ok = "–" if ratio != ratio else ("yes" if ratio >= 1.0 else "**no**")
-                vc, qc = (median(cpu.get((wl.key, nj, t), [])) for t in ("vmd", "qsd"))
-                md.append(f"| {wl.label} | {nj} | {wl.unit} | {fmt_val(v, wl.unit)} | "
-                          f"{fmt_val(q, wl.unit)} | {fmt_val(f, wl.unit)} | {fmt_ratio(ratio)} | {ok} "
-                          f"| {vc:.0f} µs | {qc:.0f} µs |")
+        md += vs_table(["fio job", "numjobs"],
+                       [TableRow((wl.key, nj), (wl.label, str(nj)), wl.unit)
+                        for wl in WORKLOADS for nj in NUMJOBS], s, ["vmd", "qsd", "file"])
         md.append("")
         md.append("## DRL cost: vmd with DRL on vs off (same run, interleaved with the rows above)")
         md.append("")
@@ -290,9 +209,8 @@ class Bench:
             if wl.key not in DRL_JOBS:
                 continue
             for nj in NUMJOBS:
-                on = median(res.get((wl.key, nj, "vmd"), []))
-                off = median(res.get((wl.key, nj, "vmd-drl-off"), []))
-                ratio = on / off if off and off == off else float("nan")
+                on, off = s.value((wl.key, nj), "vmd"), s.value((wl.key, nj), "vmd-drl-off")
+                ratio = s.ratio((wl.key, nj), wl.unit, "vmd", "vmd-drl-off")
                 ok = "–" if ratio != ratio else ("yes" if ratio >= 0.9 else "**no**")
                 md.append(f"| {wl.label} | {nj} | {wl.unit} | {fmt_val(on, wl.unit)} | "
                           f"{fmt_val(off, wl.unit)} | {fmt_ratio(ratio)} | {ok} |")
@@ -334,6 +252,17 @@ class Bench:
                     "touches a plex.", ""]
         self.md += fuse_floor.table(rows)
         self.md.append("")
+
+    # -- the targets behind loop devices (loopdev.py) --------------------------
+
+    def loop(self) -> None:
+        a = self.a
+        log(f"loop devices: {fmt_size(a.loop_size)} per target, {a.loop_runtime:g} s runs")
+        self.loopbench = LoopBench(self.scratch, self.cleanup, self.caches, size=a.loop_size,
+                                   runtime=a.loop_runtime, reps=a.reps,
+                                   vol_settings=self.vol_settings)
+        self.raw["loop"] = self.loopbench.raw
+        self.loopbench.run()
 
     # -- recovery, FastResync, dd ---------------------------------------------
 
@@ -539,7 +468,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "(explicit flags and env still win)")
     ap.add_argument("--size", help="fio file/volume size (env BENCH_SIZE; default 1GiB)")
     ap.add_argument("--runtime", type=float,
-                    help="seconds per fio job (env BENCH_RUNTIME; default 5)")
+                    help="seconds per fio job (env BENCH_RUNTIME; default 2, so that the whole "
+                         "run stays near 12 minutes)")
     ap.add_argument("--reps", type=int,
                     help="repetitions of the fio matrix (env BENCH_REPS; default 3)")
     ap.add_argument("--recovery-size",
@@ -547,25 +477,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dir", default=os.environ.get("BENCH_DIR"),
                     help="parent of the scratch directory (env BENCH_DIR; default: var/ in the "
                          "repository). Must not be tmpfs: use the plexes' disk.")
-    ap.add_argument("--skip-fio", action="store_true", help="only the resync figures")
-    ap.add_argument("--skip-recovery", action="store_true", help="only the fio matrix")
+    ap.add_argument("--loop-size",
+                    help="data per loop device (env BENCH_LOOP_SIZE; default 512MiB)")
+    ap.add_argument("--loop-runtime", type=float,
+                    help="seconds per fio job on the loop devices "
+                         "(env BENCH_LOOP_RUNTIME; default 2)")
+    ap.add_argument("--skip-fio", action="store_true",
+                    help="skip the fio matrix on the volume files (and the pyfuse3 floor)")
+    ap.add_argument("--skip-loop", action="store_true", help="skip the loop-device section")
+    ap.add_argument("--skip-recovery", action="store_true", help="skip the resync figures")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (debugging)")
     a = ap.parse_args(argv)
     #                 flag            env                     normal   --quick
     for attr, env, normal, quick in (("size", "BENCH_SIZE", "1GiB", "256MiB"),
-                                     ("runtime", "BENCH_RUNTIME", "5", "1"),
+                                     ("runtime", "BENCH_RUNTIME", "2", "1"),
                                      ("reps", "BENCH_REPS", "3", "1"),
-                                     ("recovery_size", "BENCH_RECOVERY_SIZE", "4GiB", "1GiB")):
+                                     ("recovery_size", "BENCH_RECOVERY_SIZE", "4GiB", "1GiB"),
+                                     ("loop_size", "BENCH_LOOP_SIZE", "512MiB", "256MiB"),
+                                     ("loop_runtime", "BENCH_LOOP_RUNTIME", "2", "1")):
         if getattr(a, attr) is None:
             setattr(a, attr, os.environ.get(env) or (quick if a.quick else normal))
     a.runtime = float(a.runtime)
+    a.loop_runtime = float(a.loop_runtime)
+    a.loop_size = parse_size(str(a.loop_size))
     a.reps = int(a.reps)
     a.size = parse_size(str(a.size))
     a.recovery_size = parse_size(str(a.recovery_size))
-    if a.size % (4 * MiB) or a.recovery_size % (4 * MiB) or a.size < 64 * MiB:
-        ap.error("sizes must be multiples of 4 MiB, and the fio size at least 64 MiB")
-    if a.reps < 1 or a.runtime <= 0:
-        ap.error("--reps must be >= 1 and --runtime > 0")
+    if any(x % (4 * MiB) for x in (a.size, a.recovery_size, a.loop_size)) or \
+            min(a.size, a.loop_size) < 64 * MiB:
+        ap.error("sizes must be multiples of 4 MiB, and the fio and loop sizes at least 64 MiB")
+    if a.reps < 1 or a.runtime <= 0 or a.loop_runtime <= 0:
+        ap.error("--reps must be >= 1 and the runtimes > 0")
     return a
 
 
@@ -598,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench: run as root (FUSE mounts, drop_caches, umount)", file=sys.stderr)
         return 2
-    for tool in ("fio", "qemu-storage-daemon", "dd", "umount"):
+    for tool in ("fio", "qemu-storage-daemon", "dd", "umount", "losetup", "mkfs.ext4"):
         if shutil.which(tool) is None:
             print(f"bench: {tool} not found (make bench installs fio and qemu-system-common)",
                   file=sys.stderr)
@@ -611,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: the scratch directory's parent is on {fstype}; use --dir on the disk the "
               f"plexes would use", file=sys.stderr)
         return 2
-    need = max(7 * a.size, 3 * a.recovery_size) + GiB
+    need = max(7 * a.size, 3 * a.recovery_size, 6 * a.loop_size) + GiB
     free = shutil.disk_usage(parent).free
     if free < need:
         print(f"bench: {fmt_size(free)} free where the scratch goes, need about {fmt_size(need)}",
@@ -643,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         if not a.skip_fio:
             b.matrix()
             b.floor()
+        if not a.skip_loop:
+            b.loop()
         if not a.skip_recovery:
             b.recovery()
     except KeyboardInterrupt:
@@ -651,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001
         failure = f"failed: {e}"
         traceback.print_exc()
-        for sub in ("vmd", "vmd-nodrl", "rec", "qsd"):
+        for sub in ("vmd", "vmd-nodrl", "rec", "qsd", "loop/vmd", "loop/qsd"):
             for name in ("daemon.log", "qsd.log"):
                 p = scratch / sub / name
                 if p.exists():
@@ -681,13 +625,16 @@ def main(argv: list[str] | None = None) -> int:
                 + (" — **the machine had other work: figures skewed**" if load_start > 0.5 else "")
                 + (f" — **{failure}**" if failure else ""))
     head.append("")
-    if getattr(b, "results", None):
+    if getattr(b, "samples", None):
         b.matrix_report()
+    if getattr(b, "loopbench", None):
+        b.md += b.loopbench.report()
     b.floor_report()
     b.recovery_report()
     text = "\n".join(head + b.md) + "\n"
     print(text)
     b.raw["params"] = {"size": a.size, "runtime": a.runtime, "reps": a.reps,
+                       "loop_size": a.loop_size, "loop_runtime": a.loop_runtime,
                        "recovery_size": a.recovery_size, "quick": a.quick,
                        "caches_dropped": b.caches.dropped, "cache_drop_failures": b.caches.failed,
                        "total_seconds": round(total, 1)}
