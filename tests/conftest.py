@@ -359,6 +359,24 @@ class VmdDaemon:
         self.config_path.write_text(text if text is not None else
                                     yaml.safe_dump(self.config, sort_keys=False))
 
+    def set_rate_limit(self, rate: int | str | None) -> None:
+        """Set (None: remove) `resync: rate_limit:` in the config; it applies
+        from the next start. Tests slow a resync this way to catch it midway,
+        then lift the limit on a restart instead of waiting for it."""
+        if rate is None:
+            self.config.pop("resync", None)
+        else:
+            self.config["resync"] = {"rate_limit": rate}
+        self.write_config()
+
+    def logged_state(self, volume: str = "vol0") -> Any:
+        """The volume state (a `vmd.sidecar.VolumeState`) its sidecar log holds
+        now: what a restart after a SIGKILL at this moment would replay. Safe
+        while the daemon runs (compaction renames a new file into place)."""
+        from vmd.sidecar import read_log
+
+        return read_log(self.log_path(volume))[0].state
+
     # process
     @property
     def running(self) -> bool:

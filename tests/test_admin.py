@@ -405,10 +405,9 @@ def test_plex_detach_attach_add_remove_roundtrip(vmd_factory: Callable[..., VmdD
 def test_reattach_without_missed_writes_becomes_active(vmd: VmdDaemon) -> None:
     vmd.cli("plex", "detach", "vol0", "p1")
     vmd.cli("plex", "attach", "vol0", "p1")  # nothing was written meanwhile
-    deadline = time.monotonic() + 5
-    while vmd.plex_states()["p1"] != "ACTIVE" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert vmd.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
+    st = vmd.wait_resync("vol0")
+    assert [(p["name"], p["state"]) for p in st["plexes"]] == [("p0", "ACTIVE"), ("p1", "ACTIVE")]
+    assert st["resync"]["copied_bytes"] == 0, st["resync"]
 
 
 def _refusal_lines(vmd: VmdDaemon) -> list[str]:

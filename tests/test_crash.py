@@ -114,6 +114,12 @@ def run_log_lines(d: VmdDaemon, pattern: str) -> list[str]:
 CRASH_SIZE = 256 * MiB
 CRASH_ROUNDS = 4
 CRASH_THREADS = 4
+# How long a step that only waits on the daemon may take before the test gives
+# up: generous, because CI runs on a machine whose cores other jobs keep busy.
+EVENT_TIMEOUT = 60.0
+# Longer than any round can last, however loaded the machine: the DRL cleans
+# nothing while a round runs, so the log must hold every region written.
+NEVER_CLEAN = 3600
 
 
 class Writer(threading.Thread):
@@ -133,16 +139,15 @@ class Writer(threading.Thread):
         self.error: OSError | None = None
         self.error_at = 0.0
         self.unexpected: BaseException | None = None
-        self.ready = threading.Event()
+        self.first_done = threading.Event()  # set once a write completed, or the writer ended
 
     def run(self) -> None:
         try:
             fd = os.open(self.path, os.O_RDWR)
         except BaseException as e:  # noqa: BLE001 - reported by the test
             self.unexpected = e
-            self.ready.set()
+            self.first_done.set()
             return
-        self.ready.set()
         try:
             while not self.stop.is_set():
                 length = self.rng.randrange(1, 65) * BLOCK
@@ -161,11 +166,13 @@ class Writer(threading.Thread):
                 self.model[off:off + length] = data
                 self.completed.append((off, length))
                 self.inflight = None
+                self.first_done.set()
                 # Paced so that a round dirties a fraction of the volume's regions.
                 time.sleep(self.rng.uniform(0.05, 0.15))
         except BaseException as e:  # noqa: BLE001
             self.unexpected = e
         finally:
+            self.first_done.set()
             try:
                 os.close(fd)  # the close's FUSE flush fails on a dead mount
             except OSError as e:
@@ -179,7 +186,7 @@ def test_sigkill_under_random_writes_recovers_only_dirty_regions(
     seed = int(os.environ.get("VMD_CRASH_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     d = vmd_factory(volumes={"vol0": volume_spec("vol0", size=CRASH_SIZE, region_size="1MiB")},
-                    clean_delay=30)
+                    clean_delay=NEVER_CLEAN)
     nregions = CRASH_SIZE // REGION
     model = bytearray(CRASH_SIZE)  # what the volume must hold, byte for byte
     d.start()
@@ -191,14 +198,20 @@ def test_sigkill_under_random_writes_recovers_only_dirty_regions(
                    for i in range(CRASH_THREADS)]
         for w in writers:
             w.start()
+        # Kill only once every writer has a write done (on a busy machine the
+        # first ones can take seconds), then after a random extra moment, so
+        # that the kill lands at a different point of the writes each round.
         for w in writers:
-            assert w.ready.wait(10), ctx
-        time.sleep(rng.uniform(0.2, 1.5))
+            assert w.first_done.wait(EVENT_TIMEOUT), f"{ctx}: no write done in {EVENT_TIMEOUT} s"
+            assert w.unexpected is None and w.error is None and w.completed, \
+                f"{ctx}: writer stopped before its first write completed: " \
+                f"{w.unexpected or w.error!r}; stderr:\n{d.stderr()}"
+        time.sleep(rng.uniform(0, 1.3))
         killed_at = time.monotonic()
         d.kill()
         for w in writers:
             w.stop.set()
-            w.join(20)
+            w.join(EVENT_TIMEOUT)
             assert not w.is_alive(), f"{ctx}: a writer hangs after the daemon was killed"
             assert w.unexpected is None, f"{ctx}: {w.unexpected!r}"
             if w.error is not None:  # else it slept through the kill
@@ -215,7 +228,7 @@ def test_sigkill_under_random_writes_recovers_only_dirty_regions(
         done_regions = {r for w in writers for o, n in w.completed for r in regions_of(o, n)}
         issued_regions = {r for w in writers for o, n in w.started_writes for r in regions_of(o, n)}
         # Invariant 1: every region a finished write touched is durably dirty
-        # (clean_delay is 30 s: nothing was cleaned). Nothing else is, but for
+        # (clean_delay NEVER_CLEAN: nothing was cleaned). Nothing else is, but for
         # the regions a sequential writer dirties ahead (drl.LOOKAHEAD).
         assert done_regions <= dirty, f"{ctx}: written but not dirty: {sorted(done_regions - dirty)}"
         ahead = {r + k for r in issued_regions for k in range(LOOKAHEAD + 1)}
@@ -279,8 +292,12 @@ def test_split_write_reads_stable_until_recovered(
     region = 40                         # the region the torn write lands in
     off = region * REGION + 64 * KiB    # where it starts (the fault's OFFSET)
     n = 64 * KiB
+    # Region 0 is dirty too: recovery copies it first, and then this rate
+    # limit holds region 40 back for 1 MiB / 8 KiB/s = 128 s, far longer than
+    # the reads below can take on a busy machine. The rate is lifted by a
+    # restart once the reads are checked.
     d = vmd_factory(volumes={"vol0": volume_spec("vol0", size=size, region_size="1MiB")},
-                    clean_delay=30, rate_limit="256KiB",
+                    clean_delay=NEVER_CLEAN, rate_limit="8KiB",
                     env={"VMD_TEST_FAULT": f"split-write:vol0:{off}"})
     rng = random.Random(7)
     old = rng.randbytes(4 * n)  # region 40 from its start, covering [off, off+n)
@@ -290,8 +307,6 @@ def test_split_write_reads_stable_until_recovered(
     vol = d.volume_file()
     fd = os.open(vol, os.O_RDWR)
     try:
-        # Region 0 dirty too: recovery copies it first, then the rate limit
-        # holds region 40 back for seconds, while we read it.
         assert os.pwrite(fd, first, 0) == BLOCK
         assert os.pwrite(fd, old, region * REGION) == len(old)  # does not start at `off`
         with pytest.raises(OSError) as ei:
@@ -302,7 +317,7 @@ def test_split_write_reads_stable_until_recovered(
             os.close(fd)
         except OSError as e:  # the close's FUSE flush, on a dead mount
             assert e.errno in DEAD_DAEMON_ERRNOS, e
-    assert d.wait_exit(10) == -9, "the split-write fault should SIGKILL the daemon"
+    assert d.wait_exit(EVENT_TIMEOUT) == -9, "the split-write fault should SIGKILL the daemon"
     d.kill()  # lazy unmount of the dead mount
 
     p0, p1 = d.plex_paths()
@@ -336,6 +351,11 @@ def test_split_write_reads_stable_until_recovered(
     # ... yet the read wrote back what it returned: both plexes hold it now.
     assert pread_file(p0, off, n) == pread_file(p1, off, n) == r1
 
+    # The rest of the recovery at full speed: a clean stop in the middle of it,
+    # a restart without the rate limit.
+    d.stop()
+    d.set_rate_limit(None)
+    d.start()
     st = d.wait_resync("vol0")
     hashes = plex_hashes(d)
     assert len(set(hashes)) == 1, hashes
@@ -462,7 +482,7 @@ def test_damaged_log_refused_then_recover_all(
 
 def test_clean_stop_then_restart_recovers_nothing(vmd_factory: Callable[..., VmdDaemon]) -> None:
     d = vmd_factory(volumes={"vol0": volume_spec("vol0", size="32MiB", region_size="1MiB")},
-                    clean_delay=30)
+                    clean_delay=NEVER_CLEAN)
     rng = random.Random(3)
     d.start()
     ref = bytearray(32 * MiB)
@@ -474,10 +494,17 @@ def test_clean_stop_then_restart_recovers_nothing(vmd_factory: Callable[..., Vmd
             data = rng.randbytes(n)
             assert os.pwrite(fd, data, o) == n
             ref[o:o + n] = data
+        os.fsync(fd)
+        # The file stays open through the stop: a closed, idle volume is marked
+        # clean a second later, however slow the machine, and then the stop
+        # would have nothing to clean. Hence --force.
+        assert d.status("vol0")["dirty_regions"] > 0
+        d.stop(force=True)
     finally:
-        os.close(fd)
-    assert d.status("vol0")["dirty_regions"] > 0  # clean_delay 30: still dirty at stop
-    d.stop()
+        try:
+            os.close(fd)
+        except OSError as e:  # the close's FUSE flush, on the unmounted volume
+            assert e.errno in DEAD_DAEMON_ERRNOS, e
     info = inspect_log(d)
     assert info["clean"] is True and info["dirty_regions"] == 0, info
 

@@ -170,9 +170,15 @@ def test_writes_racing_with_transfer(vmd_factory: Callable[..., VmdDaemon],
     for round_ in range(3):  # the full initial update, then incremental ones
         t = threading.Thread(target=writer)
         stop.clear()
+        n0 = len(history)
         t.start()
         try:
-            time.sleep(0.2)
+            # Writes under way before the update starts (a busy machine can
+            # take seconds to get the writer going).
+            deadline = time.monotonic() + 60
+            while len(history) < n0 + 20:
+                assert t.is_alive() and time.monotonic() < deadline, "the writer did not get going"
+                time.sleep(0.01)
             reply = sync(a)
         finally:
             stop.set()

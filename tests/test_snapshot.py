@@ -112,11 +112,7 @@ def snapshot_cycle(vmd: VmdDaemon, name: str = "nightly") -> float:
 
 
 def set_rate(vmd: VmdDaemon, rate: str | None) -> None:
-    if rate is None:
-        vmd.config.pop("resync", None)
-    else:
-        vmd.config["resync"] = {"rate_limit": rate}
-    vmd.write_config()
+    vmd.set_rate_limit(rate)
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
@@ -454,14 +450,17 @@ def test_crash_during_snap_back_completes_after_restart(
     pwrite_file(vmd.volume_file("nightly"), [(2 * MiB, rng.randbytes(MiB))])
     union = 17 * MiB
     vmd.stop()
-    set_rate(vmd, "2MiB")
+    set_rate(vmd, "512KiB")  # 34 s for the union: the kill below lands well before its end
     vmd.start()
 
     out = vmd.cli("snap", "back", "nightly").stdout
     assert "(full)" not in out, out
     st = vmd.status("vol0")
     assert st["resync"]["total_bytes"] == union, st["resync"]
-    time.sleep(2.5)  # past the first progress commit (2 s)
+    # Past the first progress commit: the log (what the restart replays) has
+    # some of the copy.
+    wait_for(lambda: next(p.missing.bytes_covered() for p in vmd.logged_state().plexes
+                          if p.role == "snapback") < union, 30, "a durable progress record")
     st = vmd.status("vol0")
     assert st["resync"]["running"] and st["resync"]["done_bytes"] < union, st["resync"]
     assert plex_by_role(st, "snapback")["state"] == "SNAPATT"
