@@ -220,7 +220,9 @@ def test_second_daemon_on_same_config(vmd: VmdDaemon, vmd_factory: Callable[...,
                        capture_output=True, text=True, timeout=20)
     assert q.returncode == EXIT_CONFIG, q.stderr
     assert vmd.proc is not None
-    assert f"admin socket {vmd.socket} is in use by vmd (PID {vmd.proc.pid})" in q.stderr, q.stderr
+    # The mountpoint's lock is what refuses it first (then the socket, then the files).
+    assert f"mountpoint {vmd.mountpoint} is in use by vmd (PID {vmd.proc.pid})" in q.stderr, \
+        q.stderr
     assert str(vmd.config_path) in q.stderr, q.stderr
     assert vmd.socket.exists()
     assert vmd.status("vol0")["plexes"][0]["state"] == "ACTIVE"

@@ -16,7 +16,7 @@ import trio
 from .admin import AdminServer
 from .config import Config, check_environment
 from .errors import VmdError
-from .exclusive import check_socket_free, clear_dead_mount
+from .exclusive import check_socket_free, clear_dead_mount, hold_mountpoint
 from .fusefs import VolumeFS
 from .manager import VolumeManager
 from .uring import Ring
@@ -69,9 +69,18 @@ class Daemon:
         cfg = self.cfg
         # Before anything is opened: refuse a socket or mount a live daemon
         # holds, and clear the dead mount a crashed one left.
-        check_socket_free(cfg.socket, f"{cfg.path}: socket")
-        clear_dead_mount(cfg.mountpoint, f"{cfg.path}: mountpoint")
-        check_environment(cfg)
+        mount_lock = hold_mountpoint(cfg.mountpoint, f"{cfg.path}: mountpoint")
+        try:
+            check_socket_free(cfg.socket, f"{cfg.path}: socket")
+            clear_dead_mount(cfg.mountpoint, f"{cfg.path}: mountpoint")
+            check_environment(cfg)
+            await self._run()
+        finally:
+            if mount_lock is not None:
+                os.close(mount_lock)
+
+    async def _run(self) -> None:
+        cfg = self.cfg
         self.manager.open_all(self.recover_all)
         cfg.mountpoint.mkdir(parents=True, exist_ok=True)
         async with AsyncExitStack() as stack:

@@ -20,7 +20,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import hashlib
 import os
+import re
 import shutil
 import socket
 import stat
@@ -143,8 +145,11 @@ def socket_owner(path: Path) -> str | None:
         s.settimeout(5)
         try:
             s.connect(str(path))
-        except OSError:
-            return None  # ECONNREFUSED: the listener is gone
+        except (ConnectionRefusedError, FileNotFoundError):
+            return None  # the listener is gone (or so is the socket): stale
+        except OSError as e:
+            # EAGAIN (a full backlog), a timeout...: someone may well be listening.
+            return f"a process that does not accept connections ({e.strerror or e})"
         creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid = struct.unpack("3i", creds)[0]
     return _describe_pid(pid) if pid > 0 else "another process"
@@ -159,16 +164,24 @@ def check_socket_free(path: Path, key: str) -> None:
 
 # -- the mountpoint ---------------------------------------------------------------------
 
+_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
 def _mount_at(path: Path) -> tuple[str, str] | None:
     """(fstype, source) of the mount at `path`, the topmost one, or None."""
+    # mountinfo shows resolved paths, with space, tab, newline and backslash
+    # as octal escapes. Resolve the parent only: resolving a dead mount itself
+    # would ask the dead connection.
+    want = os.fsencode(os.path.join(os.path.realpath(path.parent), path.name))
     found = None
     try:
-        with open("/proc/self/mountinfo") as f:
+        with open("/proc/self/mountinfo", "rb") as f:
             for line in f:
-                pre, _, post = line.partition(" - ")
-                if pre.split()[4].encode().decode("unicode_escape") == str(path):
+                pre, _, post = line.partition(b" - ")
+                where = _OCTAL_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), pre.split()[4])
+                if where == want:
                     fstype, source = post.split()[:2]
-                    found = (fstype, source)
+                    found = (os.fsdecode(fstype), os.fsdecode(source))
     except OSError:
         return ("unknown", "unknown") if os.path.ismount(path) else None
     return found
@@ -199,6 +212,33 @@ def _lazy_unmount(path: Path) -> None:
             subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
             if _mount_at(path) is None:
                 return
+
+
+MOUNT_LOCK_DIR = Path("/run/lock")
+
+
+def hold_mountpoint(path: Path, key: str) -> int | None:
+    """Hold, for the daemon's life, a lock that says which vmd owns mountpoint
+    `path`: two daemons starting at once must not both take the mountpoint
+    for dead and unmount each other's fresh mount. Returns the fd to keep
+    open (None where /run/lock is not there to hold it)."""
+    real = os.path.join(os.path.realpath(path.parent), path.name)
+    name = f"vmd-mnt-{hashlib.sha256(os.fsencode(real)).hexdigest()[:24]}.lock"
+    try:
+        fd = os.open(MOUNT_LOCK_DIR / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        log.warning("%s: cannot hold a lock on mountpoint %s in %s (%s): two daemons "
+                    "starting at the same moment are not kept apart", key, path,
+                    MOUNT_LOCK_DIR, e.strerror)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(os.fstat(fd))
+        os.close(fd)
+        raise InUseError(f"{key}: mountpoint {path} is in use by {holder} (another vmd "
+                         f"running with this mountpoint?)") from None
+    return fd
 
 
 def clear_dead_mount(path: Path, key: str) -> None:

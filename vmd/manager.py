@@ -200,9 +200,9 @@ def _abort_interrupted_snapshot_mirrors(vol: Volume) -> None:
             p.close()
             vol.plexes.remove(p)
             vol.state.plexes.remove(p.record)
+            vol.removed_at_open.append(p.record)
             log.warning("volume %s: snapshot mirror %s was still synchronizing when the "
-                        "daemon stopped: removed; %s", vol.name, p.name,
-                        delete_if_created(p.record))
+                        "daemon stopped: removed", vol.name, p.name)
 
 
 def _plan_recovery(vol: Volume, *, full: bool) -> None:
@@ -277,6 +277,10 @@ class VolumeManager:
         assert self._nursery is not None
         # Persist the recovery plan (and compact the log) before any I/O.
         await vol.checkpoint()
+        for rec in vol.removed_at_open:
+            log.info("volume %s: removed snapshot mirror %s: %s", vol.name, rec.name,
+                     delete_if_created(rec))
+        vol.removed_at_open.clear()
         scope = trio.CancelScope()
         self._scopes[vol.name] = scope
 

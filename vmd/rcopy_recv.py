@@ -84,6 +84,16 @@ def guard(vol: Volume) -> None:
     vol.pwrite = pwrite  # type: ignore[method-assign]
 
 
+def _write_all(fd: int, data: bytes, path: Path) -> None:
+    """A short write (a nearly full filesystem) is an error: an undo record that
+    is not wholly on disk would be dropped at rollback as a torn tail while
+    its data write went ahead."""
+    n = os.write(fd, data)
+    if n != len(data):
+        raise OSError(errno.ENOSPC, f"short write to undo journal {path} ({n} of {len(data)} "
+                                    f"bytes): filesystem full?")
+
+
 class Journal:
     def __init__(self, path: Path):
         self.path = path
@@ -92,7 +102,7 @@ class Journal:
     def create(self, meta: dict[str, Any]) -> None:
         js = json.dumps(meta).encode()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        os.write(fd, JMAGIC + struct.pack("<II", len(js), zlib.crc32(js)) + js)
+        _write_all(fd, JMAGIC + struct.pack("<II", len(js), zlib.crc32(js)) + js, self.path)
         os.fsync(fd)
         fsync_dir(self.path.parent)
         self.fd = fd
@@ -102,7 +112,7 @@ class Journal:
         for off, data in pieces:
             head = struct.pack("<QI", off, len(data))
             buf += _JREC.pack(off, len(data), zlib.crc32(data, zlib.crc32(head))) + data
-        os.write(self.fd, bytes(buf))
+        _write_all(self.fd, bytes(buf), self.path)
         os.fdatasync(self.fd)
 
     def close(self) -> None:
@@ -119,15 +129,19 @@ class Journal:
         fsync_dir(self.path.parent)
 
 
+class BadJournalHeader(VmdError):
+    pass
+
+
 def read_journal(path: Path) -> tuple[dict[str, Any], list[tuple[int, bytes]]]:
     """(meta, undo records); a torn tail is dropped (its data write never began)."""
     data = path.read_bytes()
     if data[:8] != JMAGIC or len(data) < 16:
-        raise VmdError(f"{path}: not an rcopy undo journal")
+        raise BadJournalHeader(f"{path}: not an rcopy undo journal (empty or torn header)")
     n, crc = struct.unpack_from("<II", data, 8)
     js = data[16:16 + n]
-    if zlib.crc32(js) != crc:
-        raise VmdError(f"{path}: damaged journal header")
+    if len(js) != n or zlib.crc32(js) != crc:
+        raise BadJournalHeader(f"{path}: damaged journal header")
     meta = json.loads(js)
     recs = []
     off = 16 + n
@@ -147,7 +161,14 @@ async def rollback(m: "VolumeManager", vol: Volume, why: str) -> None:
     path = journal_path(vol)
     if not path.exists():
         return
-    meta, recs = await trio.to_thread.run_sync(read_journal, path)
+    try:
+        meta, recs = await trio.to_thread.run_sync(read_journal, path)
+    except BadJournalHeader as e:
+        # The header is fsync'd before the first data write: without a whole
+        # header, no byte of the volume changed under this journal.
+        log.warning("volume %s: %s; no data was written under it: removed", vol.name, e)
+        await trio.to_thread.run_sync(Journal(path).remove)
+        return
     info = target_info(vol) or {}
     if info.get("seq") == meta.get("seq"):
         log.info("volume %s: update %s had committed; dropping its journal", vol.name,
@@ -185,6 +206,15 @@ async def _abandon(m: "VolumeManager", vol: Volume, journal: Journal, why: str,
         with trio.move_on_after(REPLY_SECONDS):  # a sender that reads no more
             await _reply(tell, {"t": "error", "error": f"{why} (volume {vol.name} rolled back)",
                                 "need_full": False})
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, trio.Cancelled):
+        return STOPPING
+    if isinstance(e, (VmdError, OSError)):
+        return str(e)
+    return f"the link failed ({type(e).__name__}: {e})" if str(e) else \
+        f"the link failed ({type(e).__name__})"
 
 
 async def startup(m: "VolumeManager") -> None:
@@ -272,6 +302,8 @@ async def _receive(m: "VolumeManager", vol: Volume, r: P.Reader, w: trio.abc.Sen
     vol._rcopy_syncing = True  # type: ignore[attr-defined]
     guard(vol)
     await vol.checkpoint()
+    if journal_path(vol).exists():  # never truncate undo records not yet rolled back
+        await rollback(m, vol, "left by an earlier update")
     journal = Journal(journal_path(vol))
     undo = committed > 0
     t0 = time.monotonic()
@@ -287,11 +319,14 @@ async def _receive(m: "VolumeManager", vol: Volume, r: P.Reader, w: trio.abc.Sen
             vol.state.extra["rcopy_target"] = info
             await vol.checkpoint()
             await trio.to_thread.run_sync(journal.remove)
-    except (VmdError, OSError, trio.Cancelled) as e:
-        # Cancelled: `vmd stop`. The update is given up like any failed one, and the
-        # error reaches `vmd rcopy receive`, whose stderr the sender reports.
-        why = STOPPING if isinstance(e, trio.Cancelled) else str(e)
+    except BaseException as e:
+        # Cancelled: `vmd stop`. The update is given up like any failed one (a
+        # link that broke mid-stream included), and the error reaches `vmd
+        # rcopy receive`, whose stderr the sender reports.
+        why = _why(e)
         await _abandon(m, vol, journal, why, w)
+        if not isinstance(e, (Exception, trio.Cancelled)):
+            raise  # KeyboardInterrupt, SystemExit: not ours to turn into an error
         raise VmdError(f"volume {vol.name}: update {seq} rejected, consistent point "
                        f"{committed} kept: {why}") from None
     vol._rcopy_syncing = False  # type: ignore[attr-defined]
@@ -383,6 +418,8 @@ async def _receive_reverse(m: "VolumeManager", vol: Volume, r: P.Reader,
     await _reply(w, {"t": "ready", "committed": int(source.ext.get("acked", 0)),
                      "unsent_bytes": unsent_bytes,
                      "map": P.encode_map(unsent.region, unsent.nbits, unsent.bits.tobytes())})
+    if journal_path(vol).exists():  # as in _receive
+        await rollback(m, vol, "left by an earlier update")
     journal = Journal(journal_path(vol))
     t0 = time.monotonic()
     try:
@@ -395,9 +432,11 @@ async def _receive_reverse(m: "VolumeManager", vol: Volume, r: P.Reader,
                     "source": h["volume"], "source_uuid": h["uuid"], "reversed": True}
             await source.demote(info)  # one checkpoint: a target of the sender from now on
             await trio.to_thread.run_sync(journal.remove)
-    except (VmdError, OSError, trio.Cancelled) as e:  # as in _receive
-        why = STOPPING if isinstance(e, trio.Cancelled) else str(e)
+    except BaseException as e:  # as in _receive
+        why = _why(e)
         await _abandon(m, vol, journal, why, w)
+        if not isinstance(e, (Exception, trio.Cancelled)):
+            raise
         raise VmdError(f"volume {vol.name}: reverse {seq} rejected, volume unchanged (still "
                        f"the primary): {why}") from None
     vol._rcopy_syncing = False  # type: ignore[attr-defined]

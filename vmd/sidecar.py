@@ -29,6 +29,7 @@ import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -339,7 +340,7 @@ class SidecarLog:
     def create(cls, path: Path, state: VolumeState) -> "SidecarLog":
         """Write a new log holding `state` (crash-safe: via rename)."""
         data = _encode_file(state, 0)
-        fd = _write_new(path, data)
+        fd = _write_new(path, data, replace=False)
         try:
             fsync_dir(path.parent)
         except BaseException:
@@ -399,7 +400,7 @@ class SidecarLog:
             # soon as we yield, and the checkpoint must be one moment's truth.
             seq = self._seq + 1
             data = _encode_file(build(), seq)
-            fd = await trio.to_thread.run_sync(_write_new, self.path, data)
+            fd = await trio.to_thread.run_sync(partial(_write_new, self.path, data, replace=True))
             # Once renamed, the old fd is an unlinked file: appends go to the new
             # one (already locked, so the lock never lapses) even if the
             # directory fsync fails.
@@ -415,18 +416,31 @@ def _encode_file(state: VolumeState, seq: int) -> bytes:
     return _header_bytes(state) + _frame(seq, rec, blobs)
 
 
-def _write_new(path: Path, data: bytes) -> int:
-    """data → path.new, fsync, rename over path. Returns the new file open and
-    locked, locked before the rename so that no other daemon can take it; the
-    caller fsyncs the directory."""
+def _write_new(path: Path, data: bytes, *, replace: bool) -> int:
+    """data → path.new, fsync, then rename it over path (`replace`: a
+    checkpoint of our own log) or link it to path, failing if a log appeared
+    there meanwhile (a new log: never one that another daemon just made).
+    Returns the new file open and locked, locked before it is truncated or
+    published so that no other daemon can take it; the caller fsyncs the
+    directory."""
     tmp = path.with_name(path.name + ".new")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         lock_exclusive(fd, tmp, "sidecar log")
+        os.ftruncate(fd, 0)  # only now: it might have been another daemon's half-written file
         if os.write(fd, data) != len(data):
             raise OSError(28, f"short write to {tmp}")
         os.fsync(fd)
-        os.rename(tmp, path)
+        if replace:
+            os.rename(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise SidecarError(f"sidecar log {path} appeared while vmd was creating it "
+                                   f"(another daemon starting the same volume?); not "
+                                   f"overwritten") from None
+            os.unlink(tmp)
     except BaseException:
         close_locked(fd)
         raise

@@ -78,15 +78,26 @@ def _refuse_if_open(m: "VolumeManager", vol: Volume, what: str, why: str) -> Non
                        f"(umount, losetup -d) or use --force")
 
 
-async def snap_start(vol: Volume, path: str | None) -> dict[str, Any]:
+def _free_image_name(m: "VolumeManager", vol: Volume) -> str:
+    """`<volume>-snap<N>.img` beside the first plex, for the first N whose file
+    does not exist: a default name never lands on an image that holds data
+    (an older snapshot's, whose record a `--recover-all` may have dropped)."""
+    first = Path(vol.plexes[0].record.path)
+    n = vol.state.next_plex
+    while (cand := first.with_name(f"{vol.name}-snap{n}.img")).exists() or \
+            m.plex_path_in_use(str(cand)):
+        n += 1
+    return str(cand)
+
+
+async def snap_start(m: "VolumeManager", vol: Volume, path: str | None) -> dict[str, Any]:
     if _mirrors(vol):
         p = _mirrors(vol)[0]
         raise VmdError(f"volume {vol.name} already has a snapshot mirror {p.name} ({p.state}); "
                        f"`vmd snap take` it or `vmd snap abort {vol.name}`")
     named = path is not None
     if path is None:
-        first = Path(vol.plexes[0].record.path)
-        path = str(first.with_name(f"{vol.name}-snap{vol.state.next_plex}.img"))
+        path = _free_image_name(m, vol)
     p = await vol.add_plex(path, state=SNAPATT, role="snapshot", named=named)
     log.info("volume %s: snapshot mirror %s (%s) started", vol.name, p.name, path)
     return vol._plex_status(p)
@@ -120,6 +131,9 @@ async def snap_take(m: "VolumeManager", vol: Volume, name: str) -> dict[str, Any
                        + (f" ({att[0].name} is still synchronizing: `vmd snap wait {vol.name}`)"
                           if att else f" (run `vmd snap start {vol.name}` first)"))
     log_path = Path(vol.sidecar.path).with_name(f"{name}.log")
+    if log_path.exists():
+        raise VmdError(f"snapshot {name}: its sidecar log would be {log_path}, which exists "
+                       f"(another volume's log?); choose another name")
     t0 = time.monotonic()
     async with vol.gate.hold(), vol.resync.paused():  # no write in flight from here
         ready = _ready(vol)
@@ -127,7 +141,8 @@ async def snap_take(m: "VolumeManager", vol: Volume, name: str) -> dict[str, Any
             raise VmdError(f"volume {vol.name}: the snapshot mirror is no longer SNAPDONE")
         p = ready[0]
         await vol.flush_plex(p)  # an error: IOFAIL, and no snapshot is taken
-        p.close()
+        # p stays open (holding its image's lock) until the snapshot volume
+        # holds the image: no moment in which another daemon could take it.
         vol.plexes.remove(p)
         vol.state.plexes.remove(p.record)
         taken = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -148,10 +163,13 @@ async def snap_take(m: "VolumeManager", vol: Volume, name: str) -> dict[str, Any
         _new_link(vol, name, p.record.path)
         vol.state.extra.setdefault("snapshots", {})[name] = {
             "path": p.record.path, "log": str(log_path), "taken": taken}
-        await vol.checkpoint()
-        snap = open_volume(snapshot_config(vol, name, vol.state.extra["snapshots"][name]),
-                           m.cfg.path, clean_delay=m.cfg.clean_delay,
-                           rate_limit=m.cfg.resync.rate_limit)
+        try:
+            await vol.checkpoint()
+            snap = open_volume(snapshot_config(vol, name, vol.state.extra["snapshots"][name]),
+                               m.cfg.path, clean_delay=m.cfg.clean_delay,
+                               rate_limit=m.cfg.resync.rate_limit)
+        finally:
+            p.close()
         await m.add_running(snap)
     held = time.monotonic() - t0
     log.info("volume %s: snapshot %s taken from plex %s (writes held %.3f s)", vol.name, name,
@@ -186,7 +204,11 @@ async def snap_back(m: "VolumeManager", name: str, *, from_snapshot: bool = Fals
         plex.open()  # before anything changes: a bad image leaves all as it was
     except OSError as e:
         raise VmdError(f"snapshot {name}: cannot open its image {path}: {e.strerror or e}") from None
-    await m.stop_volume(name)  # its side's map is final from here
+    try:
+        await m.stop_volume(name)  # its side's map is final from here
+    except BaseException:
+        plex.close()
+        raise
     async with origin.gate.hold(), origin.resync.paused():
         # The regions that differ, written on either side since the break-off;
         # computed with writes held, so that none falls between map and copy.
@@ -279,7 +301,7 @@ def register(d: Any) -> None:
             used = m.plex_path_in_use(path)
             if used:
                 raise VmdError(f"{path} is already {used}")
-        return {"plex": await snap_start(vol(req), path)}
+        return {"plex": await snap_start(m, vol(req), path)}
 
     async def wait(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         return {"plex": await snap_wait(vol(req), progress)}

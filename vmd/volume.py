@@ -74,6 +74,10 @@ class Volume:
         self.resync = Resync(self, rate_limit=rate_limit)
         self.openers = 0
         self.recovered_regions = 0  # DRL regions recovered after the last unclean stop
+        # Records removed at open whose images go once the start checkpoint
+        # no longer names them (a crash before it must not leave a plex
+        # recorded whose image is gone).
+        self.removed_at_open: list[PlexRecord] = []
         self._rr = itertools.count()
         self._recovering = False  # some ACTIVE plex lacks regions (crash recovery)
         self.max_write = 0  # largest write seen (the FUSE request size the kernel sends)
