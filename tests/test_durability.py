@@ -99,13 +99,23 @@ def fsck_clean(dev: str) -> None:
     assert fsck.returncode == 0, f"fsck.ext4 -fn {dev} found problems:\n{fsck.stdout}\n{fsck.stderr}"
 
 
+# The three ways a volume file's writes reach vmd: (direct_io, writeback_cache).
+CACHE_MODES = pytest.mark.parametrize("direct_io,writeback", [
+    (True, False), (False, False), (False, True)], ids=["direct_io", "page_cache", "writeback"])
+
+
+def make_vmd(vmd_factory: Callable[..., VmdDaemon], direct_io: bool, writeback: bool,
+             size: str = "128MiB") -> VmdDaemon:
+    return vmd_factory(volumes={"vol0": volume_spec("vol0", size=size, direct_io=direct_io)},
+                       extra={"writeback_cache": writeback})
+
+
 @pytest.mark.allow_log(r"volume vol0 was not stopped cleanly")
-@pytest.mark.parametrize("direct_io", [True, False], ids=["direct_io", "page_cache"])
+@CACHE_MODES
 def test_fsynced_records_survive_sigkill(vmd_factory: Callable[..., VmdDaemon],
                                          sysres: SysResources, tmp_path: Path,
-                                         direct_io: bool) -> None:
-    vmd = vmd_factory(volumes={"vol0": volume_spec("vol0", size="128MiB",
-                                                   direct_io=direct_io)}).start()
+                                         direct_io: bool, writeback: bool) -> None:
+    vmd = make_vmd(vmd_factory, direct_io, writeback).start()
     dev = vmd.losetup()
     run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", dev])
     fs = tmp_path / "fs"
@@ -140,3 +150,46 @@ def test_fsynced_records_survive_sigkill(vmd_factory: Callable[..., VmdDaemon],
         sysres.umount(mnt)
     sysres.detach_loop(dev)
     vmd.stop()
+
+
+def _plex_bytes(vmd: VmdDaemon, off: int, length: int) -> list[bytes]:
+    out = []
+    for p in vmd.plex_paths():
+        with open(p, "rb") as f:
+            f.seek(off)
+            out.append(f.read(length))
+    return out
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["closed", "force_while_open"])
+def test_writeback_stop_loses_no_written_page(vmd_factory: Callable[..., VmdDaemon],
+                                              force: bool) -> None:
+    """Writes never fsync'd, only cached by the kernel (writeback cache), are
+    on both plexes after a stop: a clean one (the close wrote them back) and
+    `vmd stop --force` with the file still open (the daemon has the kernel
+    write them back before it unmounts)."""
+    vmd = make_vmd(vmd_factory, direct_io=False, writeback=True, size="16MiB").start()
+    data = os.urandom(3 * 4096 + 100)
+    off = 5 * 4096 + 7
+    fd = os.open(vmd.volume_file(), os.O_RDWR)
+    try:
+        # The cache is on: 4 KiB writes reach vmd merged, at the fsync.
+        for i in range(16):
+            os.pwrite(fd, b"%4096d" % i, 1 << 20 | i * 4096)
+        os.fsync(fd)
+        assert vmd.status("vol0")["max_write"] > 4096
+        assert os.pwrite(fd, data, off) == len(data)
+        if not force:
+            os.close(fd)
+            fd = -1
+            vmd.stop()
+        else:
+            assert vmd.status("vol0")["open"] >= 1
+            vmd.stop(force=True)
+    finally:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:  # the mount is gone under it
+                pass
+    assert _plex_bytes(vmd, off, len(data)) == [data, data]
