@@ -14,6 +14,7 @@ dies with the daemon.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import subprocess
@@ -193,3 +194,21 @@ def test_writeback_stop_loses_no_written_page(vmd_factory: Callable[..., VmdDaem
             except OSError:  # the mount is gone under it
                 pass
     assert _plex_bytes(vmd, off, len(data)) == [data, data]
+
+
+def test_writeback_write_past_end_fails_at_fsync(vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """With the writeback cache the kernel takes a write past the end into its
+    cache; vmd refuses it at writeback and fsync says so (ENOSPC); the
+    plexes never grow."""
+    vmd = make_vmd(vmd_factory, direct_io=False, writeback=True, size="16MiB").start()
+    size = vmd.volume_size()
+    fd = os.open(vmd.volume_file(), os.O_RDWR)
+    try:
+        assert os.pwrite(fd, b"x" * 4096, size) == 4096
+        with pytest.raises(OSError) as ei:
+            os.fsync(fd)
+        assert ei.value.errno == errno.ENOSPC, ei.value
+    finally:
+        os.close(fd)
+    vmd.stop()
+    assert [p.stat().st_size for p in vmd.plex_paths()] == [size, size]

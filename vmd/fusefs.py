@@ -56,8 +56,9 @@ class VolumeFS(pyfuse3.Operations):
       stop` and `snap back` refuse while a volume is open, and with --force or
       SIGTERM the daemon writes back the open ones first (`write_back`).
     * What changes: a write entirely past the end of a volume is no longer
-      refused at write(2) (the kernel extends its own idea of the size); it
-      fails at writeback, and the next fsync reports it.
+      refused at write(2) (the kernel extends its own idea of the size, and
+      keeps it: in this mode it ignores the size vmd reports); it fails at
+      writeback, and the next fsync reports ENOSPC.
 
     pyfuse3 reads `enable_writeback_cache` when the kernel's INIT arrives, and
     the kernel keeps it per connection: the setting is mount-wide.
