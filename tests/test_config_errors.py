@@ -90,6 +90,7 @@ CASES = {
     "log-is-a-plex": (["volumes", "vol0", "log"], "vol0-p0.img", ["volumes.vol0.log"]),
     "drl-not-bool": (["volumes", "vol0", "drl"], "yes please", ["volumes.vol0.drl"]),
     "direct-io-not-bool": (["volumes", "vol0", "direct_io"], "sometimes", ["volumes.vol0.direct_io"]),
+    "writeback-cache-not-bool": (["writeback_cache"], "always", ["writeback_cache"]),
 }
 
 

@@ -134,9 +134,12 @@ class Config:
     resync: ResyncConfig = field(default_factory=ResyncConfig)
     # Seconds a dirty region stays idle before it is cleaned (md uses 2-3 × 5 s).
     clean_delay: float = 5.0
+    # The FUSE writeback cache for volumes with direct_io false (fusefs.VolumeFS
+    # says why it is safe); mount-wide, as the kernel negotiates it per mount.
+    writeback_cache: bool = False
 
 
-_TOP_KEYS = {"mountpoint", "socket", "volumes", "resync", "clean_delay"}
+_TOP_KEYS = {"mountpoint", "socket", "volumes", "resync", "clean_delay", "writeback_cache"}
 _VOLUME_KEYS = {"size", "plexes", "log", "region_size", "drl", "fastresync", "fastresync_region",
                 "direct_io", "rcopy"}
 _RCOPY_KEYS = {"target", "period"}
@@ -256,7 +259,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
     return Config(path=cpath, mountpoint=ctx.filepath(raw["mountpoint"], "mountpoint"),
                   socket=ctx.filepath(raw["socket"], "socket"), volumes=volumes, resync=resync,
-                  clean_delay=float(clean_delay))
+                  clean_delay=float(clean_delay),
+                  writeback_cache=ctx.boolean(raw.get("writeback_cache", False), "writeback_cache"))
 
 
 def _rcopy_config(ctx: _Ctx, raw: Any, key: str) -> RcopyConfig | None:

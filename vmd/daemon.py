@@ -131,6 +131,7 @@ class Daemon:
             with trio.move_on_after(SHUTDOWN_SECONDS) as scope:
                 await rcopy.shutdown(self)  # no remote copy I/O past this point
                 if not fuse_done.is_set():
+                    await self._write_back_open_volumes()
                     pyfuse3.terminate()
                     await fuse_done.wait()
                 for vol in list(self.manager.volumes.values()):
@@ -142,6 +143,21 @@ class Daemon:
                 log.error("stop took over %d s; leaving the rest to crash recovery", SHUTDOWN_SECONDS)
             close_fuse()
         log.info("vmd stopped")
+
+    async def _write_back_open_volumes(self) -> None:
+        """A stop while a volume is open (--force, SIGTERM): with the
+        writeback cache, the kernel still holds written pages that vmd has
+        not seen; have it send them while the FUSE loop still serves."""
+        fs = self.fs
+        if fs is None or not self.cfg.writeback_cache:
+            return
+        for vol in list(self.manager.volumes.values()):
+            if vol.openers and not vol.cfg.direct_io:
+                try:
+                    await trio.to_thread.run_sync(fs.write_back, vol.name, abandon_on_cancel=True)
+                except OSError as e:
+                    log.error("volume %s: writing back the kernel's cached writes at stop "
+                              "failed: %s", vol.name, e)
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

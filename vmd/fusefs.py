@@ -27,14 +27,48 @@ _FIRST_INODE = ROOT + 1
 
 
 class VolumeFS(pyfuse3.Operations):
-    # The kernel may batch writes in the page cache (writeback cache) only if
-    # told so; vmd keeps write-through semantics: a write returns once the
-    # plexes took it, which is what fsync and loop devices rely on.
-    enable_writeback_cache = False
+    """The volume files of one mount.
+
+    Writeback cache (`writeback_cache: true` in the config). The kernel then
+    acknowledges a write to a volume file opened without direct_io once its
+    pages are in the page cache, and writes them back later in large requests;
+    volumes with direct_io bypass the page cache either way. The flush
+    contract still holds, end to end:
+
+    * fsync(2) of the volume file (and a loop device's flush, which the loop
+      driver turns into vfs_fsync of its backing file; loop advertises no FUA,
+      so FUA writes become write + flush) first writes back every dirty page
+      and waits for the replies to those FUSE_WRITEs (fuse_fsync:
+      file_write_and_wait_range, then fuse_sync_writes), and only then sends
+      FUSE_FSYNC; vmd answers it after every in-sync plex fdatasync'ed
+      (Volume.flush). So every write acknowledged before a completed fsync is
+      on every in-sync plex: DESIGN invariant 9 holds, and the DRL rules are
+      unchanged because vmd still marks a region dirty before the plex write
+      that the writeback request causes.
+    * A failed writeback (vmd answered EIO) is recorded on the file's mapping
+      and returned by the next fsync, as for any filesystem: nothing is
+      reported durable that is not.
+    * A daemon killed with SIGKILL takes with it only dirty pages that no
+      fsync covered, as a disk loses its volatile cache on power loss
+      (tests/test_durability.py proves it with ext4 on a loop device).
+    * close(2) writes the dirty pages back and waits (fuse_flush; fuse_release
+      again for writes racing the close), so a closed volume has none: `vmd
+      stop` and `snap back` refuse while a volume is open, and with --force or
+      SIGTERM the daemon writes back the open ones first (`write_back`).
+    * What changes: a write entirely past the end of a volume is no longer
+      refused at write(2) (the kernel extends its own idea of the size, and
+      keeps it: in this mode it ignores the size vmd reports); it fails at
+      writeback, and the next fsync reports ENOSPC.
+
+    pyfuse3 reads `enable_writeback_cache` when the kernel's INIT arrives, and
+    the kernel keeps it per connection: the setting is mount-wide.
+    """
 
     def __init__(self, manager: "VolumeManager"):
         super().__init__()
         self.manager = manager
+        # An instance attribute: pyfuse3 looks it up on the operations object.
+        self.enable_writeback_cache = manager.cfg.writeback_cache
         self._inodes: dict[int, str] = {}
         self._by_name: dict[str, int] = {}
         self._next_inode = _FIRST_INODE
@@ -75,6 +109,18 @@ class VolumeFS(pyfuse3.Operations):
                 pyfuse3.invalidate_inode(ino, attr_only=False)
             except Exception:  # ENOENT: nothing cached; or not mounted
                 pass
+
+    def write_back(self, name: str) -> None:
+        """Make the kernel write back its dirty pages of a volume (stopping
+        while it is open). Blocks while vmd serves the writes: call it in a
+        thread, with the FUSE loop running."""
+        if not self.enable_writeback_cache:
+            return
+        fd = os.open(self.manager.cfg.mountpoint / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _volume(self, ino: int) -> Volume:
         name = self._inodes.get(ino)
