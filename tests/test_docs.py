@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import signal
 from pathlib import Path
 
@@ -152,3 +153,21 @@ def test_code_and_tests_named_in_docs_exist() -> None:
             if not (REPO / file).exists():
                 missing.append(f"{doc.name}: {file} does not exist")
     assert not missing, "docs name code that does not exist:\n" + "\n".join(missing)
+
+
+def test_help_examples_parse_and_cover_every_verb() -> None:
+    """`vmd --help` shows one example per verb, and each is a valid command line."""
+    parser = _parser()
+    cli._refuse_empty_strings(parser)
+    examples = [ln.split("#")[0].strip() for ln in parser.epilog.splitlines()
+                if ln.strip().startswith("vmd ")]
+    shown: set[tuple[str, ...]] = set()
+    verbs = _verbs(parser)
+    for example in examples:
+        argv = shlex.split(example)[1:]
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            raise AssertionError(f"`vmd --help` example does not parse: {example}") from None
+        shown |= {v for v in verbs if tuple(argv[:len(v)]) == v}
+    assert verbs - shown == set(), f"verbs without an example in `vmd --help`: {sorted(verbs - shown)}"
