@@ -36,14 +36,14 @@ from typing import Any
 import pytest
 import yaml
 
+from vmd.errors import EXIT_CONFIG, EXIT_NO_DAEMON  # noqa: F401  (tests import them from here)
+
 KiB = 1024
 MiB = 1024 * KiB
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0
 CMD_TIMEOUT = 60.0
-EXIT_CONFIG = 3
-EXIT_NO_DAEMON = 4
 
 
 # -- facilities and markers ---------------------------------------------------

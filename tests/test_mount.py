@@ -74,7 +74,7 @@ def test_random_io_matches_reference_and_every_plex(vmd_factory: Callable[..., V
 
 def test_shared_mmap_needs_the_page_cache_mode(vmd_factory: Callable[..., VmdDaemon]) -> None:
     """direct_io (the default) refuses a shared writable mapping of the volume
-    file (README: Page cache); `direct_io: false` allows it, and bytes stored
+    file (docs/design.md: Page cache and durability); `direct_io: false` allows it, and bytes stored
     through the mapping reach every plex at msync."""
     import mmap
 

@@ -18,10 +18,39 @@ from .config import format_size, load_config
 from .errors import EXIT_OK, VmdError
 
 DEFAULT_CONFIG = "config/vmd.yaml"
+# `vmd --help`'s examples, one per verb (tests/test_docs.py parses each one).
+EXAMPLES = """examples (the shipped config/vmd.yaml: volume vol0, plexes p0 and p1):
+  vmd daemon -c config/vmd.yaml             # run in the foreground (make run)
+  vmd status vol0 --json
+  vmd wait vol0                             # until no resync runs
+  vmd plex detach vol0 p1                   # then: vmd plex attach vol0 p1
+  vmd plex attach vol0 p1
+  vmd plex remove vol0 p1                   # a failed plex: remove it, add a new image
+  vmd plex add vol0 /srv/disk2/vol0-p2.img
+  vmd fastresync vol0 off
+  vmd snap start vol0                       # then: vmd snap wait vol0
+  vmd snap wait vol0
+  vmd snap take vol0 nightly                # the volume file var/mnt/nightly
+  vmd snap back nightly                     # --from-snapshot: restore vol0 from it
+  vmd snap refresh nightly
+  vmd snap clear nightly
+  vmd snap abort vol0
+  vmd rcopy status vol0
+  vmd rcopy sync vol0
+  vmd rcopy pause vol0
+  vmd rcopy resume vol0
+  vmd rcopy promote vol0                    # on the target host: failover
+  vmd rcopy reverse vol0 --target 'ssh hostA vmd -c /etc/vmd/vmd.yaml rcopy receive vol0'
+  vmd rcopy receive vol0                    # run by the sender's rcopy.target command
+  vmd inspect-log var/vol0.log
+  vmd stop
+README.md lists every command; docs/operations.md has the procedures."""
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="vmd", description="Mirrored volumes over FUSE.")
+    ap = argparse.ArgumentParser(
+        prog="vmd", description="Mirrored volumes over FUSE.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     ap.add_argument("-c", "--config", default=os.environ.get("VMD_CONFIG", DEFAULT_CONFIG),
                     help="config file (default: $VMD_CONFIG or %(default)s)")
     ap.add_argument("--socket", help="admin socket (default: the one named in the config)")
