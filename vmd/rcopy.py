@@ -35,22 +35,20 @@ import base64
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from bitarray import bitarray
 
 from . import rcopy_proto as P
 from . import rcopy_recv
-from .commands import req_str
+from .commands import CommandTable, req_str
 from .config import RcopyConfig, format_size, parse_duration
 from .errors import VmdError
+from .manager import VolumeManager
 from .regionmap import RegionMap
 from .sidecar import SNAPLINK, PlexRecord
 from .volume import Volume
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -526,8 +524,8 @@ class Link:
 
 
 class Engine:
-    def __init__(self, d: "Daemon"):
-        self.d = d
+    def __init__(self, manager: VolumeManager):
+        self.manager = manager
         self.links: dict[str, Link] = {}
         self.receiving: set[str] = set()
         self.scopes: set[trio.CancelScope] = set()
@@ -586,7 +584,7 @@ class Engine:
         raise VmdError("cancelled: the daemon is stopping")
 
     async def startup(self, nursery: trio.Nursery) -> None:
-        m = self.d.manager
+        m = self.manager
         self.nursery = nursery
         await rcopy_recv.startup(m)
         for vol in list(m.volumes.values()):
@@ -622,14 +620,14 @@ class Engine:
         await self.idle.wait()
 
     def link(self, name: str) -> Link:
-        vol = self.d.manager.get(name)
+        vol = self.manager.get(name)
         link = self.links.get(vol.name)
         if link is not None:
             return link
         info = rcopy_recv.target_info(vol)
         if info is None:
             raise VmdError(f"volume {name} has no remote copy (add `rcopy: {{target: COMMAND}}` "
-                           f"to it in {self.d.cfg.path})")
+                           f"to it in {self.manager.cfg.path})")
         src = f"volume {info.get('source')} ({info.get('source_uuid')})"
         if info.get("promoted"):
             raise VmdError(f"volume {vol.name} is a promoted remote copy target of {src}: it "
@@ -656,17 +654,17 @@ class Engine:
                 "syncing": rcopy_recv.syncing(vol)}
 
 
-def register(d: "Daemon") -> None:
+def register(table: CommandTable, m: VolumeManager) -> Engine:
+    """Add the `rcopy.*` verbs (and the remote copy role to `status`); the
+    daemon starts and stops the returned engine."""
     from .admin import PASSED_FDS
 
-    eng = Engine(d)
-    d.rcopy = eng  # type: ignore[attr-defined]
-    m = d.manager
+    eng = Engine(m)
 
     def name(req: dict[str, Any]) -> str:
         return req_str(req, "volume")
 
-    volume_status = d.commands["status"]
+    volume_status = table["status"]
 
     async def status_with_role(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         reply = await volume_status(req, progress)
@@ -804,17 +802,10 @@ def register(d: "Daemon") -> None:
                      info.get("source"), " ".join(cfg.target))
         return await eng.guarded(link.update, "reverse")
 
-    d.commands.update({"status": status_with_role, "rcopy.status": status, "rcopy.sync": sync, "rcopy.pause": pause,
-                       "rcopy.resume": resume, "rcopy.receive": receive,
-                       "rcopy.promote": promote, "rcopy.reverse": reverse})
-
-
-async def startup(d: "Daemon", nursery: trio.Nursery) -> None:
-    await d.rcopy.startup(nursery)  # type: ignore[attr-defined]
-
-
-async def shutdown(d: "Daemon") -> None:
-    await d.rcopy.shutdown()  # type: ignore[attr-defined]
+    table.update({"status": status_with_role, "rcopy.status": status, "rcopy.sync": sync,
+                  "rcopy.pause": pause, "rcopy.resume": resume, "rcopy.receive": receive,
+                  "rcopy.promote": promote, "rcopy.reverse": reverse})
+    return eng
 
 
 # -- CLI ------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from .drl import DirtyRegionLog
 from .faults import split_write_fault
 from .plex import PARALLEL_BYTES, Plex, PlexIOError
 from .rangelock import Gate, RangeLock
+from .resync import Resync
 from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPATT, SNAPDONE, SNAPLINK,
                       STALE, SYNCING, WRITABLE, PlexRecord, SidecarLog, VolumeState)
 from .errors import VmdError
@@ -57,8 +58,6 @@ class Volume:
     def __init__(self, cfg: VolumeConfig, state: VolumeState, sidecar: SidecarLog,
                  plexes: Iterable[Plex], *, clean_delay: float = 5.0, rate_limit: int = 0,
                  plex_factory: Callable[[PlexRecord, int], Plex] = Plex):
-        from .resync import Resync  # resync drives the volume; avoid an import cycle
-
         self.cfg = cfg
         self.name = cfg.name
         self.state = state
