@@ -13,7 +13,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import commands, rcopy, snapshot_verbs
+from . import commands, rcopy_verbs, snapshot_verbs
 from .admin import AdminServer
 from .config import Config, check_environment
 from .errors import VmdError
@@ -54,7 +54,7 @@ class Daemon:
         self.commands: commands.CommandTable = {}
         commands.register(self.commands, self.manager, self.request_stop)
         snapshot_verbs.register(self.commands, self.manager)
-        self.rcopy = rcopy.register(self.commands, self.manager)
+        self.rcopy = rcopy_verbs.register(self.commands, self.manager)
 
     def request_stop(self) -> None:
         self._stop.set()
