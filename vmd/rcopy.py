@@ -299,7 +299,7 @@ class Link:
         for start, count in m.runs(max(1, P.CHUNK // R)):
             off = start * R
             n = min(count * R, vol.size - off)
-            data = bytearray(await Volume.pread(vol, off, n))
+            data = bytearray(await vol.pread_unguarded(off, n))
             x.done[start:start + count] = 1
             for r in range(start, start + count):
                 # Newest save first, so that the oldest (the point in time) wins.

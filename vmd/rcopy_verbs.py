@@ -229,7 +229,7 @@ def register(table: CommandTable, m: VolumeManager) -> Engine:
             if tracker(vol) is None:
                 add_tracker(vol, full=False)  # B's own changes from this point on
             await vol.checkpoint()
-            rcopy_recv.guard(vol)
+            rcopy_recv.set_access(vol)
         log.info("volume %s: promoted: writable, consistent point %s", vol.name, info.get("seq"))
         return {"volume": vol.name, "sequence": info.get("seq"), "time": info.get("time")}
 
@@ -286,7 +286,7 @@ def register(table: CommandTable, m: VolumeManager) -> Engine:
                     log.warning("volume %s: no change map since the promote: the reverse sends "
                                 "the whole volume", vol.name)
                 await vol.checkpoint()
-                rcopy_recv.guard(vol)
+                rcopy_recv.set_access(vol)
             cfg = eng.link_config(vol)
             assert cfg is not None
             if target is None and period is not None:

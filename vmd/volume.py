@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from .access import OPEN, AccessRules
 from .config import VolumeConfig, format_size
 from .drl import DirtyRegionLog
 from .faults import split_write_fault
@@ -66,6 +67,7 @@ class Volume:
         self.plexes: list[Plex] = list(plexes)
         self.plex_factory = plex_factory
         self.ranges = RangeLock()
+        self.access: AccessRules = OPEN  # asked by pread/pwrite (user I/O) first
         self.gate = Gate()
         self.drl = DirtyRegionLog(state, sidecar, enabled=cfg.drl, clean_delay=clean_delay,
                                   flush_plexes=self.flush, fmr_bits=self._fmr_bits,
@@ -128,6 +130,14 @@ class Volume:
     # -- I/O -----------------------------------------------------------------
 
     async def pwrite(self, off: int, data: bytes | memoryview) -> int:
+        """A user's write (the FUSE adapter's): refused if the access rules say so."""
+        refused = self.access.refuse_write()
+        if refused is not None:
+            raise VolumeIOError(*refused)
+        return await self.pwrite_unguarded(off, data)
+
+    async def pwrite_unguarded(self, off: int, data: bytes | memoryview) -> int:
+        """The engine's write, past the access rules: for the feature that set them."""
         await trio.lowlevel.checkpoint_if_cancelled()
         n = len(data)
         if self.error is not None:
@@ -212,6 +222,14 @@ class Volume:
                 failed.append(e)
 
     async def pread(self, off: int, size: int) -> bytes:
+        """A user's read (the FUSE adapter's): refused if the access rules say so."""
+        refused = self.access.refuse_read()
+        if refused is not None:
+            raise VolumeIOError(*refused)
+        return await self.pread_unguarded(off, size)
+
+    async def pread_unguarded(self, off: int, size: int) -> bytes:
+        """The engine's read, past the access rules: for the feature that set them."""
         if self.stopped:
             raise VolumeIOError(errno.EIO, f"volume {self.name} is stopped")
         self._check_range(off, size, False)
