@@ -42,8 +42,6 @@ MiB = 1024 * KiB
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0
 CMD_TIMEOUT = 60.0
-EXIT_CONFIG = 3
-EXIT_NO_DAEMON = 4
 
 
 # -- facilities and markers ---------------------------------------------------
