@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import (EXIT_NO_DAEMON, REPO, MiB, SysResources, VmdDaemon, admin_raw,
-                      admin_request, is_mounted, sha, volume_spec)
+from conftest import (REPO, MiB, SysResources, VmdDaemon, admin_raw, admin_request, is_mounted,
+                      sha, volume_spec)
+from vmd.errors import EXIT_ERROR, EXIT_NO_DAEMON, EXIT_USAGE
 
 pytestmark = pytest.mark.mount
 
@@ -181,7 +182,7 @@ def test_cli_empty_argument_is_a_usage_error(vmd: VmdDaemon) -> None:
              (("snap", "start", "vol0", "--path", ""), "vmd snap start", "argument --path")]
     for args, command, argument in cases:
         p = vmd.cli(*args, check=False)
-        assert p.returncode == 2, f"vmd {' '.join(args)}: exit {p.returncode}: {p.stderr}"
+        assert p.returncode == EXIT_USAGE, f"vmd {' '.join(args)}: exit {p.returncode}: {p.stderr}"
         assert f"{command}: error: {argument}: must not be empty" in p.stderr, p.stderr
         assert "request" not in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert vmd.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
@@ -235,10 +236,10 @@ def test_relative_paths_are_relative_to_the_cli(vmd: VmdDaemon, tmp_path: Path) 
 def test_cannot_detach_last_in_sync_plex(vmd: VmdDaemon) -> None:
     vmd.cli("plex", "detach", "vol0", "p1")
     p = vmd.cli("plex", "detach", "vol0", "p0", check=False)
-    assert p.returncode == 1
+    assert p.returncode == EXIT_ERROR
     assert "last in-sync plex" in _one_error_line(p)
     p = vmd.cli("plex", "remove", "vol0", "p0", check=False)
-    assert p.returncode == 1
+    assert p.returncode == EXIT_ERROR
     assert vmd.plex_states() == {"p0": "ACTIVE", "p1": "DETACHED"}
     with open(vmd.volume_file(), "r+b") as f:  # still serving
         f.write(b"still here")
@@ -274,7 +275,7 @@ def test_cli_after_stop_exits_4(vmd: VmdDaemon) -> None:
 def test_stop_refused_while_loop_device_attached(vmd: VmdDaemon, sysres: SysResources) -> None:
     dev = vmd.losetup()
     p = vmd.cli("stop", check=False)
-    assert p.returncode == 1, p.stderr
+    assert p.returncode == EXIT_ERROR, p.stderr
     line = _one_error_line(p)
     assert "vol0" in line and "--force" in line, line
     _assert_alive(vmd)
@@ -287,7 +288,7 @@ def test_stop_refused_while_loop_device_attached(vmd: VmdDaemon, sysres: SysReso
 def test_stop_refused_while_a_process_holds_the_file(vmd: VmdDaemon) -> None:
     with open(vmd.volume_file(), "rb"):
         p = vmd.cli("stop", check=False)
-        assert p.returncode == 1
+        assert p.returncode == EXIT_ERROR
         assert "vol0" in _one_error_line(p)
         assert vmd.status("vol0")["open"] == 1
     assert vmd.status("vol0")["open"] == 0
@@ -445,7 +446,7 @@ def test_config_state_mismatch_refuses_volume(vmd_factory: Callable[..., VmdDaem
     assert ref["error"] in line
     assert not vmd.volume_file().exists()
     p = vmd.cli("plex", "detach", "vol0", "p1", check=False)
-    assert p.returncode == 1 and "refused" in _one_error_line(p)
+    assert p.returncode == EXIT_ERROR and "refused" in _one_error_line(p)
     assert not (vmd.base / "other.img").exists(), "a refused volume created a plex image"
     vmd.stop()
     # Bringing the config up to date with the recorded plexes is accepted.

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import (EXIT_CONFIG, MiB, SysResources, VmdDaemon, is_mounted, sha,
-                      volume_spec)
+from conftest import MiB, SysResources, VmdDaemon, is_mounted, sha, volume_spec
+from vmd.errors import EXIT_CONFIG
 
 pytestmark = pytest.mark.mount
 

@@ -440,3 +440,31 @@ async def test_write_stalls_move_a_plex_off_the_event_loop_for_a_growing_while(
         assert p1._hold == 2 * plexmod.FIRST_HOLD
         a, b = plex_bytes(vol)
         assert a == b and a[4096 * 9:4096 * 10] == b"z" * 4096
+
+
+async def test_access_rules_refuse_user_io_not_the_engines(tmp_path):
+    """The access layer: pread/pwrite ask `Volume.access` first; the feature that
+    set the rules reads and writes past them (pread_unguarded/pwrite_unguarded)."""
+    from vmd.access import OPEN, Refusal
+
+    class Syncing:  # a Remote Copy target while an update applies
+        def refuse_read(self) -> Refusal | None:
+            return Refusal(errno.EBUSY, "volume vol0 is syncing")
+
+        def refuse_write(self) -> Refusal | None:
+            return Refusal(errno.EROFS, "volume vol0 is read-only")
+
+    vc = volume_config(tmp_path, nplex=2)
+    async with running_volume(vc) as vol:
+        await vol.pwrite(0, b"a" * 4096)
+        vol.access = Syncing()
+        for io, code in ((vol.pread(0, 4096), errno.EBUSY), (vol.pwrite(0, b"b"), errno.EROFS)):
+            with pytest.raises(OSError) as e:
+                await io
+            assert e.value.errno == code and "vol0" in str(e.value), e.value
+        assert vol.writes == 1  # refused before any work
+        await vol.pwrite_unguarded(0, b"c" * 4096)
+        assert await vol.pread_unguarded(0, 4096) == b"c" * 4096
+        vol.access = OPEN
+        assert await vol.pread(0, 4096) == b"c" * 4096
+    assert plex_bytes(vol) == [b"c" * 4096 + bytes(vc.size - 4096)] * 2

@@ -22,6 +22,7 @@ import pytest
 
 from conftest import MiB, KiB, REPO, VmdDaemon, pwrite_file, volume_spec
 from vmd import rcopy_proto as P
+from vmd.errors import EXIT_ERROR
 
 pytestmark = pytest.mark.mount
 
@@ -322,7 +323,7 @@ def test_bad_streams(vmd_factory: Callable[..., VmdDaemon], tmp_path: Path) -> N
     }
     for what, stream in cases.items():
         p = receive(b, stream)
-        assert p.returncode == 1, (what, p)
+        assert p.returncode == EXIT_ERROR, (what, p)
         assert what in p.stderr.decode(), (what, p.stderr)
         assert image(b) == before and image(b, 1) == before, f"B changed after {what!r}"
         st2 = rstatus(b)
@@ -373,13 +374,13 @@ def test_promote_reverse_and_restore(vmd_factory: Callable[..., VmdDaemon],
         "seq": 99, "base": 1, "full": False, "time": time.time(),
         "reverse": {"source_uuid": "00000000-0000-0000-0000-000000000000", "seq": 1}})
     p = receive(a, bad + P.json_frame(P.END, {"records": 0, "bytes": 0}))
-    assert p.returncode == 1 and "is for volume" in p.stderr.decode(), p.stderr
+    assert p.returncode == EXIT_ERROR and "is for volume" in p.stderr.decode(), p.stderr
     assert image(a) == a_before
 
     # Return: B's changes back to A, only the differences; A's unsent changes overwritten.
     # A link that fails: nothing changes anywhere; the reverse is retried with another one.
     p2 = b.cli("rcopy", "reverse", "vol0", "--target", "false", check=False)
-    assert p2.returncode == 1 and "reverse" in p2.stderr, p2.stderr
+    assert p2.returncode == EXIT_ERROR and "reverse" in p2.stderr, p2.stderr
     assert image(a) == a_before and image(b) == b_image
     pwrite_file(b.volume_file(), [(b_writes[0][0], rng.randbytes(BLK))])  # B stays writable
     b_image = image(b)
@@ -409,7 +410,7 @@ def test_promote_reverse_and_restore(vmd_factory: Callable[..., VmdDaemon],
     assert rstatus(a)["role"] == "target"
     # `rcopy sync` on A says whose target it is now, not "has no remote copy".
     p3 = a.cli("rcopy", "sync", "vol0", check=False)
-    assert p3.returncode == 1, p3
+    assert p3.returncode == EXIT_ERROR, p3
     assert (f"is the remote copy target of volume vol0 ({b.status('vol0')['uuid']}) since a "
             f"reverse" in p3.stderr and "config's rcopy entry is not used" in p3.stderr), p3.stderr
     assert "remote copy target of vol0" in a.cli("status").stdout

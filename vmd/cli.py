@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     from .snapshot_cli import add_snapshot_parsers  # noqa: PLC0415
 
     add_snapshot_parsers(sub)
-    from .rcopy import add_rcopy_parsers  # noqa: PLC0415
+    from .rcopy_cli import add_rcopy_parsers  # noqa: PLC0415
 
     add_rcopy_parsers(sub)
     return ap
@@ -150,7 +150,7 @@ def _print_status(reply: dict[str, Any]) -> None:
             s = v["snapshot"]
             print(f"  snapshot of {s.get('of')} taken {s.get('taken')}")
         if "rcopy" in v:
-            from .rcopy import describe  # noqa: PLC0415
+            from .rcopy_cli import describe  # noqa: PLC0415
 
             print(f"  remote copy {describe(v['rcopy'])}")
         print(f"  {'PLEX':<6} {'STATE':<9} {'MISSING':>9}  PATH")
@@ -268,7 +268,7 @@ def _run(args: argparse.Namespace) -> int:
         client.request({"cmd": "fastresync", "volume": args.volume, "on": args.state == "on"})
         print(f"{args.volume}: FastResync {args.state}")
     elif args.command == "rcopy":
-        from .rcopy import run_rcopy_command  # noqa: PLC0415
+        from .rcopy_cli import run_rcopy_command  # noqa: PLC0415
 
         return run_rcopy_command(args, client)
     else:

@@ -1,22 +1,29 @@
-"""Admin verbs: what each admin-socket request does, over the Volume API."""
+"""Admin verbs: what each admin-socket request does, over the Volume API.
+
+Each feature (these core verbs, snapshots, Remote Copy) adds its verbs to the
+daemon's `CommandTable` through a `register(table, manager, ...)` of its own;
+none imports the daemon, which imports them (one way)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
 from .admin import command_words
 from .config import check_image
 from .errors import VmdError
+from .manager import VolumeManager
 from .sidecar import SYNCING
 
-if TYPE_CHECKING:
-    from .daemon import Daemon
-
 PROGRESS_SECONDS = 0.5
+
+# A verb: (request, progress callback) → reply. The table maps "cmd" to it.
+Handler = Callable[[dict[str, Any], Any], Awaitable[dict[str, Any]]]
+CommandTable = dict[str, Handler]
 
 
 def req_str(req: dict[str, Any], key: str) -> str:
@@ -29,8 +36,7 @@ def req_str(req: dict[str, Any], key: str) -> str:
     return v
 
 
-def register(d: "Daemon") -> None:
-    m = d.manager
+def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], None]) -> None:
 
     async def status(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         name = req.get("volume")
@@ -41,8 +47,8 @@ def register(d: "Daemon") -> None:
         if busy and not req.get("force"):
             raise VmdError(
                 f"volume {', '.join(busy)} is open (a loop device attached, or a process holding "
-                f"{d.cfg.mountpoint}/{busy[0]}); detach it first (losetup -d) or use `vmd stop --force`")
-        d.request_stop()
+                f"{m.cfg.mountpoint}/{busy[0]}); detach it first (losetup -d) or use `vmd stop --force`")
+        request_stop()
         return {"stopping": True}
 
     async def plex_detach(req: dict[str, Any], progress: Any) -> dict[str, Any]:
@@ -84,7 +90,7 @@ def register(d: "Daemon") -> None:
             with trio.move_on_after(PROGRESS_SECONDS):
                 await vol.resync.wait_idle()
 
-    d.commands.update({
+    table.update({
         "status": status, "stop": stop, "plex.detach": plex_detach, "plex.attach": plex_attach,
         "plex.add": plex_add, "plex.remove": plex_remove, "fastresync": fastresync, "wait": wait,
     })

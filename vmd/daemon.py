@@ -8,11 +8,12 @@ import os
 import signal
 import socket
 from contextlib import AsyncExitStack
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import pyfuse3
 import trio
 
+from . import commands, rcopy_verbs, snapshot_verbs
 from .admin import AdminServer
 from .config import Config, check_environment
 from .errors import VmdError
@@ -49,12 +50,11 @@ class Daemon:
         self.manager = VolumeManager(cfg)
         self.fs: VolumeFS | None = None
         self._stop = trio.Event()
-        self.commands: dict[str, Callable[[dict[str, Any], Any], Awaitable[dict[str, Any]]]] = {}
-        from . import commands, rcopy, snapshot  # the admin verbs, registered on this daemon
-
-        commands.register(self)
-        snapshot.register(self)
-        rcopy.register(self)
+        # The admin verbs: each feature adds its own (Remote Copy wraps `status`).
+        self.commands: commands.CommandTable = {}
+        commands.register(self.commands, self.manager, self.request_stop)
+        snapshot_verbs.register(self.commands, self.manager)
+        self.rcopy = rcopy_verbs.register(self.commands, self.manager)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -88,9 +88,7 @@ class Daemon:
             stack.callback(nursery.cancel_scope.cancel)
             plex_io = "io_uring" if Ring.get() is not None else "worker threads"
             await self.manager.start(nursery)
-            from . import rcopy
-
-            await rcopy.startup(self, nursery)  # roll back unfinished updates; start links
+            await self.rcopy.startup(nursery)  # roll back unfinished updates; start links
             self.fs = VolumeFS(self.manager)
             self.manager.on_added = self.fs.add_volume
             self.manager.on_removed = self.fs.remove_volume
@@ -129,7 +127,7 @@ class Daemon:
             sd_notify("STOPPING=1")
             log.info("stopping: draining I/O and flushing plexes")
             with trio.move_on_after(SHUTDOWN_SECONDS) as scope:
-                await rcopy.shutdown(self)  # no remote copy I/O past this point
+                await self.rcopy.shutdown()  # no remote copy I/O past this point
                 if not fuse_done.is_set():
                     await self._write_back_open_volumes()
                     pyfuse3.terminate()

@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import rcopy_proto as P
+from .access import OPEN, Refusal
 from .errors import VmdError
 from .sidecar import fsync_dir
-from .volume import Volume, VolumeIOError
+from .volume import Volume
 
 if TYPE_CHECKING:
     from .manager import VolumeManager
@@ -54,34 +55,45 @@ def target_info(vol: Volume) -> dict[str, Any] | None:
     return vol.state.extra.get("rcopy_target")
 
 
+class TargetRules:
+    """Remote Copy's access rules for a volume it overwrites: a target refuses
+    writes until promoted (EROFS), and reads while an update applies or before
+    its first consistent point (EBUSY); a source taking a reverse refuses both."""
+
+    def __init__(self, vol: Volume, syncing: bool):
+        self.vol = vol
+        self.syncing = syncing  # an update (or a reverse) is being applied
+
+    def refuse_read(self) -> Refusal | None:
+        if self.syncing or not (target_info(self.vol) or {}).get("seq"):
+            return Refusal(errno.EBUSY, f"volume {self.vol.name} is syncing (remote copy "
+                                        f"target)")
+        return None
+
+    def refuse_write(self) -> Refusal | None:
+        name = self.vol.name
+        if target_info(self.vol) is None:  # a source taking a reverse
+            return Refusal(errno.EROFS, f"volume {name} is being overwritten by a remote copy "
+                                        f"reverse")
+        return Refusal(errno.EROFS, f"volume {name} is a remote copy target: `vmd rcopy "
+                                    f"promote {name}` to write to it")
+
+
 def syncing(vol: Volume) -> bool:
-    return bool(getattr(vol, "_rcopy_syncing", False))
+    return isinstance(vol.access, TargetRules) and vol.access.syncing
 
 
-def guard(vol: Volume) -> None:
-    """Make the volume's user I/O follow its target state: writes refused
-    unless promoted; reads refused while syncing or never consistent."""
+def set_access(vol: Volume, *, syncing_now: bool | None = None) -> None:
+    """Make the volume's user I/O follow its remote copy state: writes refused
+    unless promoted; reads refused while syncing or never consistent.
+    `syncing_now`: whether an update is being applied (None: as it was)."""
+    if syncing_now is None:
+        syncing_now = syncing(vol)
     info = target_info(vol)
-    if not syncing(vol) and (info is None or info.get("promoted")):
-        vol.__dict__.pop("pread", None)
-        vol.__dict__.pop("pwrite", None)
-        return
-
-    async def pread(off: int, size: int) -> bytes:
-        i = target_info(vol) or {}
-        if syncing(vol) or not i.get("seq"):
-            raise VolumeIOError(errno.EBUSY, f"volume {vol.name} is syncing (remote copy target)")
-        return await Volume.pread(vol, off, size)
-
-    async def pwrite(off: int, data: bytes | memoryview) -> int:
-        if target_info(vol) is None:  # a source taking a reverse
-            raise VolumeIOError(errno.EROFS, f"volume {vol.name} is being overwritten by a "
-                                             f"remote copy reverse")
-        raise VolumeIOError(errno.EROFS, f"volume {vol.name} is a remote copy target: "
-                                         f"`vmd rcopy promote {vol.name}` to write to it")
-
-    vol.pread = pread  # type: ignore[method-assign]
-    vol.pwrite = pwrite  # type: ignore[method-assign]
+    if not syncing_now and (info is None or info.get("promoted")):
+        vol.access = OPEN
+    else:
+        vol.access = TargetRules(vol, syncing_now)
 
 
 def _write_all(fd: int, data: bytes, path: Path) -> None:
@@ -182,7 +194,7 @@ async def rollback(m: "VolumeManager", vol: Volume, why: str) -> None:
                     "next full update", vol.name, meta.get("seq"), why)
     else:
         for off, data in reversed(recs):
-            await Volume.pwrite(vol, off, data)
+            await vol.pwrite_unguarded(off, data)
         await vol.flush()
         log.warning("volume %s: %s %s did not complete (%s): rolled back %d record(s) to %s",
                     vol.name, "reverse" if meta.get("reverse") else "update", meta.get("seq"),
@@ -201,8 +213,7 @@ async def _abandon(m: "VolumeManager", vol: Volume, journal: Journal, why: str,
     journal.close()
     with trio.CancelScope(shield=True):
         await rollback(m, vol, why)
-        vol._rcopy_syncing = False  # type: ignore[attr-defined]
-        guard(vol)
+        set_access(vol, syncing_now=False)
         with trio.move_on_after(REPLY_SECONDS):  # a sender that reads no more
             await _reply(tell, {"t": "error", "error": f"{why} (volume {vol.name} rolled back)",
                                 "need_full": False})
@@ -221,7 +232,7 @@ async def startup(m: "VolumeManager") -> None:
     for vol in list(m.volumes.values()):
         if journal_path(vol).exists():
             await rollback(m, vol, "found at start")
-        guard(vol)
+        set_access(vol)
 
 
 async def receive(m: "VolumeManager", vol: Volume, rfd: int, wfd: int,
@@ -299,8 +310,7 @@ async def _receive(m: "VolumeManager", vol: Volume, r: P.Reader, w: trio.abc.Sen
         info = {"seq": 0, "time": None}
     info.update(source=h["volume"], source_uuid=h["uuid"])
     vol.state.extra["rcopy_target"] = info
-    vol._rcopy_syncing = True  # type: ignore[attr-defined]
-    guard(vol)
+    set_access(vol, syncing_now=True)
     await vol.checkpoint()
     if journal_path(vol).exists():  # never truncate undo records not yet rolled back
         await rollback(m, vol, "left by an earlier update")
@@ -329,7 +339,7 @@ async def _receive(m: "VolumeManager", vol: Volume, r: P.Reader, w: trio.abc.Sen
             raise  # KeyboardInterrupt, SystemExit: not ours to turn into an error
         raise VmdError(f"volume {vol.name}: update {seq} rejected, consistent point "
                        f"{committed} kept: {why}") from None
-    vol._rcopy_syncing = False  # type: ignore[attr-defined]
+    set_access(vol, syncing_now=False)
     await trio.to_thread.run_sync(m.on_changed, vol.name)
     secs = time.monotonic() - t0
     log.info("volume %s: remote copy update %d committed (%d records, %d bytes, %.2f s)",
@@ -408,8 +418,7 @@ async def _receive_reverse(m: "VolumeManager", vol: Volume, r: P.Reader,
     seq = int(h["seq"])
     rev_seq = int(h["reverse"]["seq"])
     async with vol.gate.hold():  # from here: no more writes of our own
-        vol._rcopy_syncing = True  # type: ignore[attr-defined]
-        guard(vol)
+        set_access(vol, syncing_now=True)
         unsent, why_full = source.unsent_map(rev_seq)
     if why_full:
         log.warning("volume %s: reverse from %s: %s: every region is sent back", vol.name,
@@ -439,8 +448,7 @@ async def _receive_reverse(m: "VolumeManager", vol: Volume, r: P.Reader,
             raise
         raise VmdError(f"volume {vol.name}: reverse {seq} rejected, volume unchanged (still "
                        f"the primary): {why}") from None
-    vol._rcopy_syncing = False  # type: ignore[attr-defined]
-    guard(vol)
+    set_access(vol, syncing_now=False)
     await trio.to_thread.run_sync(m.on_changed, vol.name)
     secs = time.monotonic() - t0
     log.log(logging.WARNING if unsent_bytes else logging.INFO,
@@ -485,7 +493,7 @@ async def _apply(vol: Volume, journal: Journal, batch: list[tuple[int, bytes]], 
     if not batch:
         return
     if undo:
-        old = [(off, await Volume.pread(vol, off, len(data))) for off, data in batch]
+        old = [(off, await vol.pread_unguarded(off, len(data))) for off, data in batch]
         await trio.to_thread.run_sync(journal.append, old)
     for off, data in batch:
-        await Volume.pwrite(vol, off, data)
+        await vol.pwrite_unguarded(off, data)

@@ -17,16 +17,14 @@ import time
 from contextlib import asynccontextmanager
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
 from .config import MiB, format_size
 from .plex import Plex, PlexIOError
-from .sidecar import ACTIVE, RESYNC_TARGETS, SNAPATT, SNAPDONE, SYNCING
-
-if TYPE_CHECKING:
-    from .volume import Volume
+from .rangelock import RangeLock
+from .sidecar import ACTIVE, RESYNC_TARGETS, SNAPATT, SNAPDONE, SYNCING, SidecarLog, VolumeState
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +37,31 @@ RETRY_SECONDS = 10
 UNFINISHED = frozenset({SYNCING, SNAPATT})  # states a finished copy leaves
 
 
+class Mirror(Protocol):
+    """What a resync needs of the volume it copies: its plexes and maps, its
+    range lock, and the volume's own reaction to a plex error. `Volume` is
+    one; resync does not import it (the volume owns and drives its resync)."""
+
+    name: str
+    size: int
+    plexes: list[Plex]
+    state: VolumeState
+    sidecar: SidecarLog
+    ranges: RangeLock
+
+    def _readable(self, off: int, size: int, *, rotate: bool = True) -> list[Plex]: ...
+
+    def _update_recovering(self) -> None: ...
+
+    async def fail_plex(self, p: Plex, err: OSError, off: int, length: int) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def checkpoint(self) -> None: ...
+
+
 class Resync:
-    def __init__(self, volume: "Volume", *, rate_limit: int = 0):
+    def __init__(self, volume: Mirror, *, rate_limit: int = 0):
         self.volume = volume
         self.rate_limit = rate_limit
         self._wake = trio.Event()

@@ -12,20 +12,16 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
 from .config import check_name, format_size
-from .commands import req_str
 from .errors import VmdError
-from .manager import open_volume, snapshot_config
+from .manager import VolumeManager, open_volume, snapshot_config
 from .sidecar import (ACTIVE, SNAPATT, SNAPDONE, SNAPLINK, PlexRecord, SidecarLog,
                       new_state)
 from .volume import Volume
-
-if TYPE_CHECKING:
-    from .manager import VolumeManager
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +66,7 @@ def _drop_link(vol: Volume, other: str) -> PlexRecord | None:
     return None
 
 
-def _refuse_if_open(m: "VolumeManager", vol: Volume, what: str, why: str) -> None:
+def _refuse_if_open(m: VolumeManager, vol: Volume, what: str, why: str) -> None:
     """Refuse while the volume's file is open, as `vmd stop` does (--force skips this)."""
     if vol.openers:
         raise VmdError(f"{what} is open (a loop device attached, or a process holding "
@@ -117,7 +113,7 @@ async def snap_wait(vol: Volume, progress: Any) -> dict[str, Any]:
             await vol.resync.wait_idle()
 
 
-async def snap_take(m: "VolumeManager", vol: Volume, name: str) -> dict[str, Any]:
+async def snap_take(m: VolumeManager, vol: Volume, name: str) -> dict[str, Any]:
     try:
         check_name(name)
     except ValueError as e:
@@ -177,7 +173,7 @@ async def snap_take(m: "VolumeManager", vol: Volume, name: str) -> dict[str, Any
     return {"snapshot": name, "of": vol.name, "path": p.record.path, "held_seconds": held}
 
 
-async def snap_back(m: "VolumeManager", name: str, *, from_snapshot: bool = False,
+async def snap_back(m: VolumeManager, name: str, *, from_snapshot: bool = False,
                     force: bool = False) -> dict[str, Any]:
     snap = m.get(name)
     info = snap.state.extra.get("snapshot")
@@ -257,7 +253,7 @@ async def snap_back(m: "VolumeManager", name: str, *, from_snapshot: bool = Fals
             "full": bool(why)}
 
 
-async def snap_clear(m: "VolumeManager", name: str) -> dict[str, Any]:
+async def snap_clear(m: VolumeManager, name: str) -> dict[str, Any]:
     snap = m.get(name)
     info = snap.state.extra.get("snapshot")
     if not info or info.get("cleared"):
@@ -283,49 +279,3 @@ async def snap_abort(vol: Volume) -> dict[str, Any]:
     p = ps[0]
     rec, fate = await vol.remove_plex(p.name, snapshot_ok=True, delete_created=True)
     return {"removed": rec.name, "path": rec.path, "image": fate}
-
-
-def register(d: Any) -> None:
-    m = d.manager
-
-    def vol(req: dict[str, Any]) -> Volume:
-        return m.get(req_str(req, "volume"))
-
-    def name(req: dict[str, Any]) -> str:
-        return req_str(req, "name")
-
-    async def start(req: dict[str, Any], progress: Any) -> dict[str, Any]:
-        path = req.get("path")
-        if path is not None:
-            path = os.path.abspath(path)
-            used = m.plex_path_in_use(path)
-            if used:
-                raise VmdError(f"{path} is already {used}")
-        return {"plex": await snap_start(m, vol(req), path)}
-
-    async def wait(req: dict[str, Any], progress: Any) -> dict[str, Any]:
-        return {"plex": await snap_wait(vol(req), progress)}
-
-    async def take(req: dict[str, Any], progress: Any) -> dict[str, Any]:
-        return await snap_take(m, vol(req), name(req))
-
-    async def back(req: dict[str, Any], progress: Any) -> dict[str, Any]:
-        return await snap_back(m, name(req), from_snapshot=bool(req.get("from_snapshot")),
-                               force=bool(req.get("force")))
-
-    async def refresh(req: dict[str, Any], progress: Any) -> dict[str, Any]:
-        n = name(req)
-        origin = m.get(m.get(n).state.extra.get("snapshot", {}).get("of", n))
-        back_reply = await snap_back(m, n, force=bool(req.get("force")))
-        await snap_wait(origin, progress)
-        return {**await snap_take(m, origin, n), "copied_bytes": back_reply["copy_bytes"]}
-
-    async def clear(req: dict[str, Any], progress: Any) -> dict[str, Any]:
-        return await snap_clear(m, name(req))
-
-    async def abort(req: dict[str, Any], progress: Any) -> dict[str, Any]:
-        return await snap_abort(vol(req))
-
-    d.commands.update({"snap.start": start, "snap.wait": wait, "snap.take": take,
-                       "snap.back": back, "snap.refresh": refresh, "snap.clear": clear,
-                       "snap.abort": abort})

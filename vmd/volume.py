@@ -18,11 +18,13 @@ from typing import Any
 
 import trio
 
+from .access import OPEN, AccessRules
 from .config import VolumeConfig, format_size
 from .drl import DirtyRegionLog
 from .faults import split_write_fault
 from .plex import PARALLEL_BYTES, Plex, PlexIOError
 from .rangelock import Gate, RangeLock
+from .resync import Resync
 from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPATT, SNAPDONE, SNAPLINK,
                       STALE, SYNCING, WRITABLE, PlexRecord, SidecarLog, VolumeState)
 from .errors import VmdError
@@ -57,8 +59,6 @@ class Volume:
     def __init__(self, cfg: VolumeConfig, state: VolumeState, sidecar: SidecarLog,
                  plexes: Iterable[Plex], *, clean_delay: float = 5.0, rate_limit: int = 0,
                  plex_factory: Callable[[PlexRecord, int], Plex] = Plex):
-        from .resync import Resync  # resync drives the volume; avoid an import cycle
-
         self.cfg = cfg
         self.name = cfg.name
         self.state = state
@@ -67,6 +67,7 @@ class Volume:
         self.plexes: list[Plex] = list(plexes)
         self.plex_factory = plex_factory
         self.ranges = RangeLock()
+        self.access: AccessRules = OPEN  # asked by pread/pwrite (user I/O) first
         self.gate = Gate()
         self.drl = DirtyRegionLog(state, sidecar, enabled=cfg.drl, clean_delay=clean_delay,
                                   flush_plexes=self.flush, fmr_bits=self._fmr_bits,
@@ -133,6 +134,14 @@ class Volume:
     # -- I/O -----------------------------------------------------------------
 
     async def pwrite(self, off: int, data: bytes | memoryview) -> int:
+        """A user's write (the FUSE adapter's): refused if the access rules say so."""
+        refused = self.access.refuse_write()
+        if refused is not None:
+            raise VolumeIOError(*refused)
+        return await self.pwrite_unguarded(off, data)
+
+    async def pwrite_unguarded(self, off: int, data: bytes | memoryview) -> int:
+        """The engine's write, past the access rules: for the feature that set them."""
         await trio.lowlevel.checkpoint_if_cancelled()
         n = len(data)
         if self.error is not None:
@@ -217,6 +226,14 @@ class Volume:
                 failed.append(e)
 
     async def pread(self, off: int, size: int) -> bytes:
+        """A user's read (the FUSE adapter's): refused if the access rules say so."""
+        refused = self.access.refuse_read()
+        if refused is not None:
+            raise VolumeIOError(*refused)
+        return await self.pread_unguarded(off, size)
+
+    async def pread_unguarded(self, off: int, size: int) -> bytes:
+        """The engine's read, past the access rules: for the feature that set them."""
         if self.stopped:
             raise VolumeIOError(errno.EIO, f"volume {self.name} is stopped")
         self._check_range(off, size, False)
