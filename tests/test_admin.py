@@ -360,7 +360,8 @@ def test_plex_detach_attach_add_remove_roundtrip(vmd_factory: Callable[..., VmdD
     p2 = [x for x in st["plexes"] if x["name"] == "p2"][0]
     assert p2["state"] == "SYNCING" and p2["path"] == str(new), st
     assert st["resync"]["running"] is True and "p2" in st["resync"]["targets"], st["resync"]
-    assert st["resync"]["total_bytes"] == SIZE
+    assert st["resync"]["span_bytes"] == SIZE  # all of it, holes skipped
+    assert st["resync"]["total_bytes"] <= SIZE
     # Writes during the resync reach the new plex and survive the copy.
     with open(vol, "r+b") as f:
         for off in (1 * MiB, 40 * MiB, SIZE - 70_000):
@@ -370,9 +371,10 @@ def test_plex_detach_attach_add_remove_roundtrip(vmd_factory: Callable[..., VmdD
             ref[off:off + len(data)] = data
     st = vmd.wait_resync("vol0")
     assert [x["state"] for x in st["plexes"]] == ["ACTIVE", "ACTIVE", "ACTIVE"]
-    assert st["resync"]["copied_bytes"] == SIZE, st["resync"]
-    # resync.rate_limit (32 MiB/s) is honoured: 64 MiB take about 2 s.
-    assert st["resync"]["seconds"] >= 1.5, st["resync"]
+    assert st["resync"]["synced_bytes"] == SIZE, st["resync"]
+    # resync.rate_limit (32 MiB/s) is honoured for the bytes copied.
+    assert st["resync"]["seconds"] >= 0.75 * st["resync"]["copied_bytes"] / (32 * MiB), \
+        st["resync"]
     assert st["resync"]["done_bytes"] == st["resync"]["total_bytes"]
 
     # remove → gone from the volume, image kept.

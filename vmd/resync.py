@@ -59,6 +59,7 @@ class Resync:
         self.total_bytes = 0
         self.copied_bytes = 0  # of the last finished resync
         self.synced_bytes = 0  # the regions it brought in sync, holes included
+        self.span_bytes = 0  # the regions the running (or last) pass covers
         self.sparse = os.environ.get(DENSE_ENV, "") != "1"
         self.last_seconds = 0.0
         self.last_targets: list[str] = []
@@ -81,7 +82,8 @@ class Resync:
         return {
             "running": self.running, "done_bytes": self.done_bytes,
             "total_bytes": self.total_bytes, "copied_bytes": self.copied_bytes,
-            "synced_bytes": self.synced_bytes, "skips_holes": self.sparse,
+            "synced_bytes": self.synced_bytes, "span_bytes": self.span_bytes,
+            "skips_holes": self.sparse,
             "seconds": round(self.last_seconds, 3), "targets": self.last_targets,
             "rate_limit": self.rate_limit,
         }
@@ -154,7 +156,7 @@ class Resync:
         for t in targets[1:]:
             union.union(t.record.missing)  # type: ignore[arg-type]
         self.running = True
-        span = union.bytes_covered()
+        span = self.span_bytes = union.bytes_covered()
         self.total_bytes = span
         self.done_bytes = 0
         self.last_targets = [t.name for t in targets]
@@ -192,25 +194,28 @@ class Resync:
         return True
 
     async def _allocated(self, runs: list[tuple[int, int]]) -> int:
-        """Bytes of the runs the source has allocated: what the copy will
+        """Bytes of the runs their sources have allocated: what the copy will
         read and write, so that progress and its ETA are true."""
         vol = self.volume
         fmr = vol.state.fmr_region
-        spans = [(first * fmr, min(count * fmr, vol.size - first * fmr)) for first, count in runs]
-        sources = vol._readable(0, 0, rotate=False)
-        if not self.sparse or not sources:
-            return sum(n for _, n in spans)
-        src = sources[0]
+        spans: list[tuple[Plex | None, int, int]] = []
+        for first, count in runs:
+            off = first * fmr
+            length = min(count * fmr, vol.size - off)
+            # The source the copy will read (snap back reads a snapshot plex).
+            sources = vol._readable(off, length, rotate=False) if self.sparse else []
+            spans.append((sources[0] if sources else None, off, length))
 
         def count() -> int:
-            return sum(n for off, length in spans for _, n in src.data_ranges(off, length))
+            return sum(length if src is None else sum(n for _, n in src.data_ranges(off, length))
+                       for src, off, length in spans)
 
         try:
             return await trio.to_thread.run_sync(count)
         except OSError as e:  # only an estimate: the copy reports real errors
-            log.warning("volume %s: cannot find the allocated ranges of plex %s (%s): %s",
-                        vol.name, src.name, src.path, e)
-            return sum(n for _, n in spans)
+            log.warning("volume %s: cannot find the allocated ranges of the resync source: %s",
+                        vol.name, e)
+            return sum(length for _, _, length in spans)
 
     def _read_ahead(self, runs: Iterator[tuple[int, int]]
                     ) -> Iterator[tuple[int, int, int, int]]:
