@@ -314,7 +314,7 @@ def test_snap_back_from_snapshot_restores_ext4(vmd_factory: Callable[..., VmdDae
     # A clean restart with a slow resync: the snapshot survives it.
     vmd.stop()
     # Slow: the restore copies only the snapshot's allocated blocks (~200 KiB).
-    set_rate(vmd, "64KiB")
+    set_rate(vmd, "16KiB")
     vmd.start()
     assert h(read_direct(vmd.volume_file("nightly"))) == h(snap_data)
     # vol0's pages in the kernel's cache from before the restore.
@@ -338,7 +338,8 @@ def test_snap_back_from_snapshot_restores_ext4(vmd_factory: Callable[..., VmdDae
         "a buffered read of vol0 after snap back --from-snapshot returned stale page-cache data"
 
     st = vmd.wait_resync("vol0")
-    assert st["resync"]["copied_bytes"] == total
+    # The reads above restored what they read (read-writeback): not copied again.
+    assert st["resync"]["copied_bytes"] <= total, st["resync"]
     states = {p["role"]: p["state"] for p in st["plexes"]}
     assert states == {"": "ACTIVE", "snapshot": "SNAPDONE"} and len(st["plexes"]) == 3, st
     for p in st["plexes"]:

@@ -249,6 +249,9 @@ class Resync:
         async with vol.ranges.hold(off, off + length):
             targets = [t for t in self.targets()
                        if t.record.missing is not None and t.record.missing.any_in(off, length)]
+            if not targets:
+                # Recovered since the pass began (read-writeback): nothing to copy.
+                return [], 0
             while True:
                 sources = vol._readable(off, length, rotate=False)
                 if not sources:
