@@ -351,7 +351,13 @@ def test_plex_detach_attach_add_remove_roundtrip(vmd_factory: Callable[..., VmdD
     assert [x["state"] for x in st["plexes"]] == ["ACTIVE", "ACTIVE"]
     assert 100_000 <= st["resync"]["copied_bytes"] < SIZE // 4, st["resync"]
 
-    # add → SYNCING with progress, then ACTIVE after a full copy.
+    # add → SYNCING with progress, then ACTIVE after a full copy. Holes cost
+    # no copy: 48 MiB of data keep it SYNCING for ~1.5 s at the rate limit.
+    bulk = rng.randbytes(48 * MiB)
+    with open(vol, "r+b") as f:
+        f.seek(8 * MiB)
+        f.write(bulk)
+    ref[8 * MiB:56 * MiB] = bulk
     new = tmp_path / "p2.img"
     p = vmd.cli("plex", "add", "vol0", str(new))
     assert "p2 is SYNCING" in p.stdout, p.stdout

@@ -593,8 +593,8 @@ def test_errors_without_snapshot_mirror_and_while_snapatt(
     _refused(vmd, "snap", "take", "nosuch", "nightly", names="nosuch")
     assert not list(Path(vmd.base).glob("*snap*.img"))
 
-    # Data to copy (holes cost no time): 4 s at 1 MiB/s keep the mirror SNAPATT.
-    pwrite_file(vmd.volume_file(), [(0, os.urandom(4 * MiB))])
+    # Data to copy (holes cost no time): 16 s at 1 MiB/s keep the mirror SNAPATT.
+    pwrite_file(vmd.volume_file(), [(0, os.urandom(16 * MiB))])
     vmd.cli("snap", "start", "vol0")
     sp = plex_by_role(vmd.status("vol0"), "snapshot")
     assert sp["state"] == "SNAPATT"
