@@ -192,9 +192,11 @@ class Vmd:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, recover_all: tuple[str, ...] = (), timeout: float = 120.0) -> float:
-        """Start the daemon; return seconds until it answers status and the
-        volume files are visible in the mount."""
+    def start(self, recover_all: tuple[str, ...] = (), timeout: float = 120.0,
+              env: dict[str, str] | None = None) -> float:
+        """Start the daemon (with `env` added to this process's environment);
+        return seconds until it answers status and the volume files are visible
+        in the mount."""
         if self.proc is not None and self.proc.poll() is None:
             raise BenchError("vmd already running")
         args = [sys.executable, "-m", "vmd", "daemon", "-c", str(self.cfg)]
@@ -203,7 +205,7 @@ class Vmd:
         self._logf = open(self.log, "ab")
         t0 = time.monotonic()
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=self._logf, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL,
+                                     stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
                                      start_new_session=True)
 
         def ready() -> bool:

@@ -4,13 +4,16 @@ FUSE export) and a plain file, plus DRL, crash-recovery and FastResync figures.
 
 Run as root from the repository's virtualenv:  .venv/bin/python bench/run.py [--quick]
 
-Sections, in order (each can be skipped: --skip-fio, --skip-loop, --skip-recovery):
+Sections, in order (each can be skipped: --skip-fio, --skip-loop, --skip-recovery,
+--skip-holes):
 - the fio matrix on the volume files themselves, and the pyfuse3 floor
   (fuse_floor.py);
 - the loop-device section (loopdev.py): each target behind its own /dev/loopN,
   as a user attaches it, fio direct=1 on the loop device, warm and cold, then
   ext4 on each loop device (fio fsync=32, cp -a + sync);
-- crash recovery, full resync, FastResync and dd on a larger volume.
+- crash recovery, full resync, FastResync and dd on a larger volume;
+- full resync of a mostly empty volume of the same size (holes.py): holes
+  skipped, against copying everything and against dd.
 
 To A/B a change on the loop-device rows alone (vmd and qsd, the same method,
 about 3 minutes; run it on both trees and compare the vmd/qsd column):
@@ -46,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fiojobs import NUMJOBS, WORKLOADS, fio_args, prefill_args, run_fio  # noqa: E402
 import fuse_floor  # noqa: E402
+from holes import HolesBench  # noqa: E402
 from loopdev import LoopBench  # noqa: E402
 from measure import (Caches, Samples, Target, TableRow, fmt_ratio, fmt_size, fmt_val,  # noqa: E402
                      log, parse_size, rotated, vs_table)
@@ -263,6 +267,16 @@ class Bench:
                                    vol_settings=self.vol_settings)
         self.raw["loop"] = self.loopbench.raw
         self.loopbench.run()
+
+    # -- a mostly empty volume's full resync (holes.py) -------------------------
+
+    def holes(self) -> None:
+        a = self.a
+        self.holesbench = HolesBench(self.scratch, self.cleanup, self.caches,
+                                     size=a.recovery_size, reps=a.reps,
+                                     vol_settings=self.vol_settings)
+        self.raw["holes"] = self.holesbench.raw
+        self.holesbench.run()
 
     # -- recovery, FastResync, dd ---------------------------------------------
 
@@ -486,6 +500,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="skip the fio matrix on the volume files (and the pyfuse3 floor)")
     ap.add_argument("--skip-loop", action="store_true", help="skip the loop-device section")
     ap.add_argument("--skip-recovery", action="store_true", help="skip the resync figures")
+    ap.add_argument("--skip-holes", action="store_true",
+                    help="skip the full resync of a mostly empty volume")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (debugging)")
     a = ap.parse_args(argv)
     #                 flag            env                     normal   --quick
@@ -589,13 +605,15 @@ def main(argv: list[str] | None = None) -> int:
             b.loop()
         if not a.skip_recovery:
             b.recovery()
+        if not a.skip_holes:
+            b.holes()
     except KeyboardInterrupt:
         failure = "interrupted"
         rc = 130
     except Exception as e:  # noqa: BLE001
         failure = f"failed: {e}"
         traceback.print_exc()
-        for sub in ("vmd", "vmd-nodrl", "rec", "qsd", "loop/vmd", "loop/qsd"):
+        for sub in ("vmd", "vmd-nodrl", "rec", "holes", "qsd", "loop/vmd", "loop/qsd"):
             for name in ("daemon.log", "qsd.log"):
                 p = scratch / sub / name
                 if p.exists():
@@ -631,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
         b.md += b.loopbench.report()
     b.floor_report()
     b.recovery_report()
+    if getattr(b, "holesbench", None):
+        b.md += b.holesbench.report()
     text = "\n".join(head + b.md) + "\n"
     print(text)
     b.raw["params"] = {"size": a.size, "runtime": a.runtime, "reps": a.reps,

@@ -246,7 +246,7 @@ def test_sigkill_under_random_writes_recovers_only_dirty_regions(
         st = d.wait_resync("vol0")
         seconds = time.monotonic() - t0
         # Exactly the recovered regions were copied: no full resync.
-        assert st["resync"]["copied_bytes"] == recovered * REGION, (ctx, st["resync"])
+        assert st["resync"]["synced_bytes"] == recovered * REGION, (ctx, st["resync"])
 
         hashes = plex_hashes(d)
         assert len(set(hashes)) == 1, f"{ctx}: plexes differ after recovery: {hashes}"
@@ -455,7 +455,7 @@ def test_damaged_log_refused_then_recover_all(
     assert run_log_lines(d, r"--recover-all: rebuilding the sidecar log")
     st = d.wait_resync("vol0")
     seconds = time.monotonic() - t0
-    assert st["resync"]["copied_bytes"] == size0, st["resync"]  # a full resync
+    assert st["resync"]["synced_bytes"] == size0, st["resync"]  # a full resync
     assert plex_hashes(d, "vol0") == [p0_hash, p0_hash], "plexes differ, or p0 was not the source"
     assert sha(d.volume_file("vol0")) == p0_hash
     aside = sorted(log0.parent.glob(log0.name + ".damaged-*"))

@@ -348,7 +348,7 @@ def test_map_survives_sigkill_while_detached_with_writes_in_flight(
     assert st["recovered_regions"] >= 1, st  # the crash left dirty regions
 
     st = attach_and_wait(vmd)
-    copied = st["resync"]["copied_bytes"]
+    copied = st["resync"]["synced_bytes"]
     print(f"after SIGKILL: map {p1['missing_bytes']} bytes "
           f"({st['recovered_regions']} DRL regions recovered), copied {copied}, "
           f"written while detached {len(missed | acked) * R}, volume {BIG}")
@@ -506,7 +506,7 @@ def test_replaced_image_gets_full_resync_and_log_says_why(
 
     out = vmd.cli("plex", "attach", "vol0", "p1")
     st = vmd.wait_resync("vol0")
-    assert st["resync"]["copied_bytes"] == size, st["resync"]
+    assert st["resync"]["synced_bytes"] == size, st["resync"]
     log_lines = [ln for ln in vmd.stderr().splitlines() if "full resync" in ln]
     assert any("changed while it was away" in ln for ln in log_lines), \
         f"daemon log does not say why p1 got a full resync:\n{vmd.stderr()}\n{out.stdout}"
@@ -617,7 +617,7 @@ def test_iofail_plex_comes_back_with_partial_copy_after_space_is_freed(
     os.unlink(ballast)
     os.sync()
     st = attach_and_wait(vmd)
-    copied = st["resync"]["copied_bytes"]
+    copied = st["resync"]["synced_bytes"]
     print(f"IOFAIL reattach: map {p1['missing_bytes']}, copied {copied} of {size}")
     assert copied == p1["missing_bytes"], (copied, p1)
     assert copied < size // 2  # a partial copy
@@ -654,7 +654,7 @@ def test_fastresync_off_while_detached_makes_next_attach_full(
     assert st["fastresync"] is False and not plex_st(st, "p1")["map"], st
 
     st = attach_and_wait(vmd)
-    assert st["resync"]["copied_bytes"] == size, st["resync"]
+    assert st["resync"]["synced_bytes"] == size, st["resync"]
     assert "gets a full resync" in vmd.stderr()
     assert_plexes_identical(vmd.plex_paths(), ref)
 

@@ -7,11 +7,14 @@ written in parallel and a slow plex does not hold up the event loop.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 from .exclusive import close_locked, lock_exclusive
 from .iopool import IOPool
@@ -41,6 +44,24 @@ RECUR = 1.0  # a stall this soon after the last hold ended doubles the hold
 PARALLEL_BYTES = 128 * 1024
 
 
+# fallocate(2) mode FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: os has no
+# binding for it (os.posix_fallocate only allocates).
+PUNCH_HOLE_KEEP_SIZE = 0x02 | 0x01
+# Zeros written where a filesystem cannot punch, this much per write.
+ZERO_CHUNK = 1024 * 1024
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def punch_hole(fd: int, off: int, length: int) -> None:
+    """Deallocate [off, off+length) of `fd`, which reads as zeros after."""
+    if _fallocate(fd, PUNCH_HOLE_KEEP_SIZE, off, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 class PlexIOError(OSError):
     """An I/O error on a plex, naming it."""
 
@@ -68,6 +89,15 @@ class Plex:
         self._hold = 0.0  # the last hold off the event loop, seconds
         self.slow_writes = 0  # inline writes over INLINE_BUDGET (status shows them)
         self._nowait_reads = True
+        # SEEK_DATA/SEEK_HOLE answers for a regular image file only; a block
+        # device (or a filesystem refusing them) is all data.
+        self._seek_holes = False
+        self._punch_ok = True  # False once the filesystem refused to punch
+        self._punched = False  # a hole punched since the last flush
+        # The image was created empty by open(): what vmd has not written
+        # reads as zeros already, so resync need not punch holes into it.
+        # Only while it stays open and its first copy runs (resync clears it).
+        self.fresh = False
         self._nowait_skip = 0
         self._nowait_backoff = 0
         # A subclass that replaces the blocking calls (tests injecting delays
@@ -98,8 +128,10 @@ class Plex:
             lock_exclusive(fd, self.path, "plex image")  # held until close()
             st = os.fstat(fd)
             if stat.S_ISREG(st.st_mode):
+                self._seek_holes = True
                 if st.st_size == 0 and create:
                     os.ftruncate(fd, self.size)
+                    self.fresh = True
                 elif st.st_size != self.size:
                     raise OSError(errno.EINVAL, f"image {self.path} is {st.st_size} bytes, "
                                                 f"the volume is {self.size} bytes")
@@ -109,6 +141,7 @@ class Plex:
         self.fd = fd
 
     def close(self) -> None:
+        self.fresh = False  # reopened, it may hold anything
         self._pool.stop()
         if self.fd >= 0:
             close_locked(self.fd)
@@ -155,7 +188,59 @@ class Plex:
             off += n
 
     def _flush_sync(self, fd: int | None = None) -> None:
-        os.fdatasync(self.fd if fd is None else fd)
+        if self._punched:
+            # Not every filesystem counts a punched hole as data that
+            # fdatasync must make durable (it is a metadata change).
+            self._punched = False
+            os.fsync(self.fd if fd is None else fd)
+        else:
+            os.fdatasync(self.fd if fd is None else fd)
+
+    def data_ranges(self, off: int, length: int) -> list[tuple[int, int]]:
+        """(offset, length) of the allocated ranges of [off, off+length), in
+        order; the rest reads as zeros. Blocking (lseek): call it from a worker
+        thread. Where the image cannot say, all of it (copying is always safe)."""
+        if not self._seek_holes:
+            return [(off, length)]
+        end = off + length
+        out: list[tuple[int, int]] = []
+        pos = off
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+                hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data from pos to the end of the file
+                    break
+                if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                    self._seek_holes = False
+                    return [(off, length)]
+                raise
+            if data >= end:
+                break
+            hole = min(hole, end)
+            out.append((data, hole - data))
+            pos = hole
+        return out
+
+    def _punch_sync(self, off: int, length: int) -> None:
+        """Make [off, off+length) read as zeros: punch it, or write zeros where
+        the filesystem (or device) cannot punch."""
+        if self._punch_ok:
+            try:
+                punch_hole(self.fd, off, length)
+                self._punched = True
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV):
+                    raise
+                self._punch_ok = False
+        zeros = bytes(min(length, ZERO_CHUNK))
+        end = off + length
+        while off < end:
+            n = min(len(zeros), end - off)
+            self._pwrite_sync(off, memoryview(zeros)[:n])
+            off += n
 
     def _pread_cached(self, off: int, size: int) -> bytearray | None:
         """The bytes if the page cache holds them all (RWF_NOWAIT), else None."""
@@ -258,33 +343,53 @@ class Plex:
             except OSError:
                 pass
 
-    async def copy_to(self, targets: list["Plex"], off: int, size: int,
-                      buf: bytearray) -> dict[str, PlexIOError]:
+    async def copy_to(self, targets: list["Plex"], off: int, size: int, buf: bytearray,
+                      *, sparse: bool = False) -> tuple[dict[str, PlexIOError], int]:
         """Resync: read [off, off+size) of this plex into `buf` and write it to
-        every target, all in one worker thread. A read error raises; write
-        errors are returned per target. Reading ahead is the caller's job
-        (`will_read`)."""
+        every target, all in one worker thread. `sparse`: copy only the ranges
+        allocated here and make the rest read as zeros on the targets (punched,
+        except on a `fresh` target, whose unwritten ranges are holes already).
+        Returns the write (or punch) errors per target, and the bytes copied; a
+        read error raises. Reading ahead is the caller's job (`will_read`)."""
 
-        def copy() -> dict[str, PlexIOError]:
-            try:
-                view = self._pread_sync(off, size, memoryview(buf))
-            except OSError as e:
-                raise PlexIOError(self, "read", off, e) from e
+        def copy() -> tuple[dict[str, PlexIOError], int]:
             errors: dict[str, PlexIOError] = {}
-            for t in targets:
-                try:
-                    t._pwrite_sync(off, view)
-                except OSError as e:
-                    errors[t.name] = PlexIOError(t, "write", off, e)
-            return errors
 
-        errors = await self._pool.run(copy)
+            def each(op: str, at: int, method: str, *args: Any) -> None:
+                # By name: a subclass's (a test's) fault injection applies.
+                for t in targets:
+                    if t.name not in errors and (op == "write" or not t.fresh):
+                        try:
+                            getattr(t, method)(*args)
+                        except OSError as e:
+                            errors[t.name] = PlexIOError(t, op, at, e)
+
+            try:
+                data = self.data_ranges(off, size) if sparse else [(off, size)]
+            except OSError as e:
+                raise PlexIOError(self, "seek", off, e) from e
+            pos = off
+            copied = 0
+            for start, length in data + [(off + size, 0)]:
+                if start > pos:  # a hole in the source
+                    each("punch", pos, "_punch_sync", pos, start - pos)
+                if length:
+                    try:
+                        view = self._pread_sync(start, length, memoryview(buf))
+                    except OSError as e:
+                        raise PlexIOError(self, "read", start, e) from e
+                    each("write", start, "_pwrite_sync", start, view)
+                    copied += length
+                pos = start + length
+            return errors, copied
+
+        errors, copied = await self._pool.run(copy)
         self.reads += 1
         for t in targets:
             if t.name not in errors:
                 t.writes += 1
-                t.bytes_written += size
-        return errors
+                t.bytes_written += copied
+        return errors, copied
 
     async def flush(self) -> None:
         # Flushes run outside the volume's gate (fsync, the DRL cleaner), so a

@@ -5,7 +5,9 @@ map has bits: SYNCING plexes (added, attached), SNAPATT snapshot mirrors, and
 ACTIVE plexes after a crash (DRL recovery); also SYNCING/SNAPATT plexes whose
 map is empty, which a pass with nothing to copy promotes. Each chunk is copied
 under a range lock, so a write can never land between the copy's read and its
-write (invariant 6). Progress is made durable in batches (`copied` records
+write (invariant 6). Only what the source has allocated is copied (SEEK_DATA /
+SEEK_HOLE): its holes are punched on the targets, under the same lock and with
+the same `copied` records, or skipped on a target vmd just created sparse. Progress is made durable in batches (`copied` records
 after an fdatasync of the targets), so an interrupted resync resumes where it
 stopped.
 """
@@ -13,6 +15,7 @@ stopped.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from collections import deque
@@ -35,6 +38,8 @@ READ_AHEAD = 16 * MiB  # source reads started ahead of the copy (scattered runs)
 READ_AHEAD_RUNS = 64
 RETRY_SECONDS = 10
 UNFINISHED = frozenset({SYNCING, SNAPATT})  # states a finished copy leaves
+# Copy every byte, holes included, as before hole-skipping (benchmarks compare).
+DENSE_ENV = "VMD_RESYNC_DENSE"
 
 
 class Mirror(Protocol):
@@ -70,9 +75,13 @@ class Resync:
         self._idle = trio.Event()
         self._idle.set()
         self.running = False
+        # Progress counts the source's allocated bytes: holes cost no copy.
         self.done_bytes = 0
         self.total_bytes = 0
         self.copied_bytes = 0  # of the last finished resync
+        self.synced_bytes = 0  # the regions it brought in sync, holes included
+        self.span_bytes = 0  # the regions the running (or last) pass covers
+        self.sparse = os.environ.get(DENSE_ENV, "") != "1"
         self.last_seconds = 0.0
         self.last_targets: list[str] = []
         self.passes = 0
@@ -94,6 +103,8 @@ class Resync:
         return {
             "running": self.running, "done_bytes": self.done_bytes,
             "total_bytes": self.total_bytes, "copied_bytes": self.copied_bytes,
+            "synced_bytes": self.synced_bytes, "span_bytes": self.span_bytes,
+            "skips_holes": self.sparse,
             "seconds": round(self.last_seconds, 3), "targets": self.last_targets,
             "rate_limit": self.rate_limit,
         }
@@ -166,25 +177,31 @@ class Resync:
         for t in targets[1:]:
             union.union(t.record.missing)  # type: ignore[arg-type]
         self.running = True
-        self.total_bytes = union.bytes_covered()
+        span = self.span_bytes = union.bytes_covered()
+        self.total_bytes = span
         self.done_bytes = 0
         self.last_targets = [t.name for t in targets]
         started = time.monotonic()
-        log.info("volume %s: resync of %s to plex %s started", vol.name,
-                 format_size(self.total_bytes), ", ".join(self.last_targets))
+        runs = list(union.runs(max(1, CHUNK // fmr)))
+        self.total_bytes = await self._allocated(runs)
+        log.info("volume %s: resync of %s (%s allocated) to plex %s started", vol.name,
+                 format_size(span), format_size(self.total_bytes), ", ".join(self.last_targets))
         pending: dict[str, list[list[int]]] = {}
         pending_bytes = 0
         last_commit = time.monotonic()
         try:
-            for first, count, off, length in self._read_ahead(union.runs(max(1, CHUNK // fmr))):
-                copied_to = await self._copy_chunk(off, length)
-                if copied_to is None:
+            for first, count, off, length in self._read_ahead(iter(runs)):
+                result = await self._copy_chunk(off, length)
+                if result is None:
                     await self._commit(pending)
                     return False  # no source: the volume has no in-sync plex left
+                copied_to, copied = result
                 for name in copied_to:
                     pending.setdefault(name, []).append([first, count])
                 pending_bytes += length
-                self.done_bytes += length
+                self.done_bytes += copied
+                # Writes during the copy allocate more than was counted.
+                self.total_bytes = max(self.total_bytes, self.done_bytes)
                 await self._throttle(started)
                 if pending_bytes >= COMMIT_BYTES or time.monotonic() - last_commit > COMMIT_SECONDS:
                     await self._commit(pending)
@@ -193,8 +210,33 @@ class Resync:
         finally:
             self.last_seconds = time.monotonic() - started
         self.copied_bytes = self.done_bytes
+        self.synced_bytes = span
         await self._finish(targets)
         return True
+
+    async def _allocated(self, runs: list[tuple[int, int]]) -> int:
+        """Bytes of the runs their sources have allocated: what the copy will
+        read and write, so that progress and its ETA are true."""
+        vol = self.volume
+        fmr = vol.state.fmr_region
+        spans: list[tuple[Plex | None, int, int]] = []
+        for first, count in runs:
+            off = first * fmr
+            length = min(count * fmr, vol.size - off)
+            # The source the copy will read (snap back reads a snapshot plex).
+            sources = vol._readable(off, length, rotate=False) if self.sparse else []
+            spans.append((sources[0] if sources else None, off, length))
+
+        def count() -> int:
+            return sum(length if src is None else sum(n for _, n in src.data_ranges(off, length))
+                       for src, off, length in spans)
+
+        try:
+            return await trio.to_thread.run_sync(count)
+        except OSError as e:  # only an estimate: the copy reports real errors
+            log.warning("volume %s: cannot find the allocated ranges of the resync source: %s",
+                        vol.name, e)
+            return sum(length for _, _, length in spans)
 
     def _read_ahead(self, runs: Iterator[tuple[int, int]]
                     ) -> Iterator[tuple[int, int, int, int]]:
@@ -220,11 +262,17 @@ class Resync:
                 yield run
         yield from window
 
-    async def _copy_chunk(self, off: int, length: int) -> list[str] | None:
+    async def _copy_chunk(self, off: int, length: int) -> tuple[list[str], int] | None:
+        """Copy one run to the targets that lack part of it, under the range
+        lock. The names of the targets it reached and the bytes copied (holes
+        excluded), or None if no plex can be read."""
         vol = self.volume
         async with vol.ranges.hold(off, off + length):
             targets = [t for t in self.targets()
                        if t.record.missing is not None and t.record.missing.any_in(off, length)]
+            if not targets:
+                # Recovered since the pass began (read-writeback): nothing to copy.
+                return [], 0
             while True:
                 sources = vol._readable(off, length, rotate=False)
                 if not sources:
@@ -232,13 +280,14 @@ class Resync:
                               vol.name, off)
                     return None
                 try:
-                    errors = await sources[0].copy_to(targets, off, length, self._buf)
+                    errors, copied = await sources[0].copy_to(targets, off, length, self._buf,
+                                                              sparse=self.sparse)
                     break
                 except PlexIOError as e:
                     await vol.fail_plex(sources[0], e, off, length)
             for e in errors.values():
                 await vol.fail_plex(e.plex, e, off, length)
-            return [t.name for t in targets if t.name not in errors]
+            return [t.name for t in targets if t.name not in errors], copied
 
     async def _commit(self, pending: dict[str, list[list[int]]]) -> None:
         """Make copied chunks durable on the targets, then forget them."""
@@ -278,6 +327,7 @@ class Resync:
             m = t.record.missing
             if m is None or m.bits.any():
                 continue
+            t.fresh = False  # it holds the volume's data now: later copies punch
             if t.state == SYNCING:
                 t.record.state, t.record.reason = ACTIVE, ""
                 changed = True
