@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from conftest import MiB, KiB, SysResources, VmdDaemon, pwrite_file, run, sha, volume_spec
+from conftest import (MiB, KiB, SysResources, VmdDaemon, pwrite_file, run, sha, volume_spec,
+                      wait_for)
 
 pytestmark = pytest.mark.mount
 
@@ -113,13 +114,6 @@ def snapshot_cycle(vmd: VmdDaemon, name: str = "nightly") -> float:
 
 def set_rate(vmd: VmdDaemon, rate: str | None) -> None:
     vmd.set_rate_limit(rate)
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 # -- break-off under fsfreeze: the snapshot is the frozen filesystem --------------
