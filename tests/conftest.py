@@ -167,6 +167,17 @@ def admin_request(sock: str | os.PathLike[str], req: dict[str, Any], **kw: Any) 
     return replies[0]
 
 
+def wait_for(cond: Callable[[], Any], timeout: float = 30.0, what: str = "the condition") -> Any:
+    """Poll cond() until it returns something true, and return that; fail the test
+    naming `what` if it has not within `timeout` s (a bound on a wait for an event,
+    generous for a busy machine, never a guess at how long something takes)."""
+    deadline = time.monotonic() + timeout
+    while not (v := cond()):
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+    return v
+
+
 # -- system resources: loop devices and mounts ----------------------------------
 
 class SysResources:

@@ -13,7 +13,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 import yaml
 
 from conftest import (REPO, MiB, SysResources, VmdDaemon, admin_raw, admin_request, is_mounted,
-                      sha, volume_spec)
+                      sha, volume_spec, wait_for)
 from vmd.errors import EXIT_ERROR, EXIT_NO_DAEMON, EXIT_USAGE
 
 pytestmark = pytest.mark.mount
@@ -102,8 +101,18 @@ def test_client_hanging_up_midway(vmd: VmdDaemon) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(str(vmd.socket))
         s.sendall(b'{"cmd": "wait", "volume": "vol0"}\n')
-    time.sleep(0.2)
+    # Alive after it has seen every hang-up, not merely soon after them.
+    wait_for(lambda: _admin_connections(vmd) == 0, what="the daemon to close the connections "
+             "whose clients hung up")
     _assert_alive(vmd)
+
+
+def _admin_connections(vmd: VmdDaemon) -> int:
+    """Connections to the admin socket that the daemon has not closed yet, accepted or
+    still queued: both carry the listener's path in /proc/net/unix (columns: Num
+    RefCount Protocol Flags Type St Inode Path); the listener's state is 01."""
+    rows = [ln.split() for ln in Path("/proc/net/unix").read_text().splitlines()[1:]]
+    return sum(1 for r in rows if len(r) == 8 and r[7] == str(vmd.socket) and r[5] != "01")
 
 
 def test_socket_mode(vmd: VmdDaemon) -> None:

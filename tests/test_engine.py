@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
-import statistics
+import threading
 import time
+from collections.abc import Callable, Hashable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,17 +21,50 @@ from vmd.sidecar import ACTIVE, IOFAIL, SYNCING
 from enginekit import plex_bytes, random_writes, running_volume, volume_config
 
 
-class SlowPlex(Plex):
-    """A plex whose disk takes 50 ms per write, blocking like a real one."""
+class Rendezvous:
+    """Plex writes wait here until `parties` of them with the same key have started.
+    Writes issued one after another never meet: the first waits out the timeout
+    (generous, for a busy machine) and the failure is recorded for the test to
+    assert on; from then on no write waits, so a broken test ends quickly."""
 
-    delay = 0.05
+    def __init__(self, parties: int, key: Callable[[int, bytes], Hashable],
+                 timeout: float = 10.0):
+        self.parties, self.key, self.timeout = parties, key, timeout
+        self.failures: list[str] = []
+        self._barriers: dict[Hashable, threading.Barrier] = {}
+        self._lock = threading.Lock()
+
+    def arrive(self, off: int, data: bytes) -> None:
+        k = self.key(off, data)
+        with self._lock:
+            if self.failures:
+                return
+            b = self._barriers.setdefault(k, threading.Barrier(self.parties))
+        try:
+            if b.wait(self.timeout) == 0:
+                # All parties have passed: a later write with the same key (issued
+                # after this one completes) meets at a new barrier.
+                with self._lock:
+                    del self._barriers[k]
+        except threading.BrokenBarrierError:
+            with self._lock:
+                self.failures.append(f"the write of {len(data)} bytes at {off} waited "
+                                     f"{self.timeout} s for the other {self.parties - 1}")
+
+
+class SlowPlex(Plex):
+    """A plex whose writes block (like a slow disk's) until every write they must
+    run in parallel with has started: see Rendezvous. No timing is measured."""
+
+    rendezvous: Rendezvous | None = None
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         self.inline = False  # its writes block: never from the event loop
 
     def _pwrite_sync(self, off: int, data: bytes | memoryview) -> None:
-        time.sleep(self.delay)
+        if SlowPlex.rendezvous is not None:
+            SlowPlex.rendezvous.arrive(off, bytes(data))
         super()._pwrite_sync(off, data)
 
 
@@ -62,29 +96,37 @@ class FaultyPlex(Plex):
         return super()._pread_cached(off, size)
 
 
-async def test_slow_plexes_are_written_in_parallel(tmp_path):
+@pytest.fixture
+def rendezvous() -> Iterator[Callable[..., Rendezvous]]:
+    def arm(parties: int, key: Callable[[int, bytes], Hashable]) -> Rendezvous:
+        SlowPlex.rendezvous = Rendezvous(parties, key)
+        return SlowPlex.rendezvous
+
+    yield arm
+    SlowPlex.rendezvous = None
+
+
+async def test_slow_plexes_are_written_in_parallel(tmp_path, rendezvous):
     vc = volume_config(tmp_path, nplex=2)
     async with running_volume(vc, plex_factory=SlowPlex) as vol:
-        await vol.pwrite(0, b"x" * 4096)  # the region's first write also pays a log flush
-        lat = []
+        # Each request's two plex writes (same offset, same data) must both have
+        # started before either may finish: a serial fan-out never gets there.
+        rv = rendezvous(2, lambda off, data: (off, data))
         for i in range(8):
-            t0 = time.monotonic()
             await vol.pwrite(4096 * i, os.urandom(4096))
-            lat.append(time.monotonic() - t0)
-    med = statistics.median(lat)
-    # Serial fan-out would take >= 100 ms; parallel is one delay plus overhead.
-    assert 0.05 <= med < 0.085, f"median write latency {med * 1000:.1f} ms"
+    assert not rv.failures, f"plex writes of one request ran one after another: {rv.failures}"
 
 
-async def test_three_slow_plexes_still_one_delay(tmp_path):
+async def test_three_slow_plexes_and_concurrent_writers_overlap(tmp_path, rendezvous):
     vc = volume_config(tmp_path, nplex=3)
     async with running_volume(vc, plex_factory=SlowPlex) as vol:
-        await vol.pwrite(0, b"x")
-        t0 = time.monotonic()
+        # Concurrent writers to distinct ranges overlap too: all 4 x 3 plex writes
+        # must be under way at once.
+        rv = rendezvous(4 * 3, lambda off, data: "all")
         async with trio.open_nursery() as n:
-            for i in range(4):  # concurrent writers to distinct ranges overlap too
+            for i in range(4):
                 n.start_soon(vol.pwrite, 8192 * i, b"y" * 4096)
-        assert time.monotonic() - t0 < 0.15
+    assert not rv.failures, f"plex writes did not all overlap: {rv.failures}"
 
 
 async def test_writes_reach_every_plex_and_reads_round_robin(tmp_path):

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from conftest import MiB, KiB, SysResources, VmdDaemon, volume_spec
+from conftest import MiB, KiB, SysResources, VmdDaemon, volume_spec, wait_for
 from vmd.sidecar import PlexRecord, SidecarLog, read_log
 
 pytestmark = pytest.mark.mount
@@ -194,17 +194,6 @@ def attach_and_wait(vmd: VmdDaemon, plex: str = "p1") -> dict[str, Any]:
     assert all(p["state"] == "ACTIVE" for p in st["plexes"]), st["plexes"]
     assert all(p["missing_bytes"] == 0 for p in st["plexes"]), st["plexes"]
     return st
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 # -- the tests ------------------------------------------------------------------------
@@ -583,9 +572,8 @@ def test_iofail_plex_comes_back_with_partial_copy_after_space_is_freed(
     rng = random.Random(4008)
     ref = Ref(size)
     seed_both(vmd, ref, rng, count=16)  # 1 MiB on both plexes
-    deadline = time.monotonic() + 10
-    while vmd.status("vol0")["dirty_regions"] and time.monotonic() < deadline:
-        time.sleep(0.1)  # the seed's regions cleaned: synced on both plexes
+    # The seed's regions cleaned: synced on both plexes.
+    wait_for(lambda: vmd.status("vol0")["dirty_regions"] == 0, 30, "the DRL to be cleaned")
 
     # Ballast leaves p1's filesystem about 1 MiB of room.
     ballast = small / "ballast"

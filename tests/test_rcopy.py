@@ -8,7 +8,6 @@ import json
 import os
 import random
 import shlex
-import signal
 import struct
 import subprocess
 import sys
@@ -20,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from conftest import MiB, KiB, REPO, VmdDaemon, pwrite_file, volume_spec
+from conftest import MiB, KiB, REPO, VmdDaemon, pwrite_file, volume_spec, wait_for
+from rcopy_relay import Relay
 from vmd import rcopy_proto as P
 from vmd.errors import EXIT_ERROR
 
@@ -38,13 +38,11 @@ def image(d: VmdDaemon, i: int = 0) -> bytes:
 
 
 def make_pair(vmd_factory: Callable[..., VmdDaemon], tmp_path: Path,
-              relay: bool = False) -> tuple[VmdDaemon, VmdDaemon]:
+              relay: Relay | None = None) -> tuple[VmdDaemon, VmdDaemon]:
     b = vmd_factory("b", volumes={"vol0": volume_spec("vol0", size=SIZE)}).start()
     target = [sys.executable, "-m", "vmd", "-c", str(b.config_path), "rcopy", "receive", "vol0"]
     if relay:
-        (tmp_path / "rate").write_text("0")
-        target = [sys.executable, str(REPO / "tests" / "rcopy_relay.py"), str(tmp_path / "rate"),
-                  str(tmp_path / "relay.pid"), "--", *target]
+        target = relay.command(target)
     a = vmd_factory("a", volumes={"vol0": volume_spec(
         "vol0", size=SIZE, rcopy={"target": target, "period": "1h"})}).start()
     return a, b
@@ -203,18 +201,6 @@ def start_sync(a: VmdDaemon) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True)
 
 
-def wait_sent(a: VmdDaemon, at_least: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        # Straight to the socket: a CLI per poll is too slow to catch a 1 s window.
-        st = a.request({"cmd": "rcopy.status", "volume": "vol0"}).get("rcopy") or {}
-        last = st.get("last_update") or {}  # none yet, or still a target (a reverse)
-        if last.get("state") == "sending" and last.get("sent_bytes", 0) >= at_least:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"transfer did not reach {at_least} bytes: {rstatus(a)}")
-
-
 def wait_b_idle(b: VmdDaemon, timeout: float = 30) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -232,26 +218,26 @@ def change(a: VmdDaemon, rng: random.Random, nregions: int) -> None:
 
 @pytest.mark.allow_log(*FAILED, r"was not stopped cleanly", r"closed the connection")
 def test_interrupted_transfers(vmd_factory: Callable[..., VmdDaemon], tmp_path: Path) -> None:
-    a, b = make_pair(vmd_factory, tmp_path, relay=True)
+    relay = Relay(tmp_path / "relay")
+    a, b = make_pair(vmd_factory, tmp_path, relay)
     rng = random.Random(11)
     change(a, rng, 128)
     sync(a)
     good = image(a)
     assert_b_equals(b, good)
     seq = rstatus(b)["sequence"]
-    rate = tmp_path / "rate"
 
     for victim in ("link", "receiver", "stopped receiver", "sender"):
-        change(a, rng, 320)  # 20 MiB to send, at 10 MiB/s
-        rate.write_text(str(10 * MiB))
+        change(a, rng, 320)  # 20 MiB to send; the relay holds it after 9
+        relay.hold_after(9 * MiB)
         p = start_sync(a)
-        wait_sent(a, 9 * MiB)  # B has applied at least one batch
+        relay.wait_held(p)
+        wait_for(lambda: image(b) != good, what="B to apply a batch of the update")
         if victim == "link":
-            os.kill(int((tmp_path / "relay.pid").read_text()), signal.SIGKILL)
+            relay.kill()
         elif victim == "receiver":
             b.kill()
         elif victim == "stopped receiver":
-            rate.write_text(str(MiB))  # the stop comes well before the end of the transfer
             b.stop()  # rolls the update back before it exits: no journal left
             assert not journal(b).exists()
             assert_b_equals(b, good)
@@ -269,7 +255,7 @@ def test_interrupted_transfers(vmd_factory: Callable[..., VmdDaemon], tmp_path: 
         assert_b_equals(b, good)
         if victim == "sender":
             a.start()
-        rate.write_text("0")
+        relay.release()
         reply = sync(a)
         if victim != "sender":  # after a crash of A, its DRL's dirty regions count too
             assert not reply["full"] and reply["sent_bytes"] < SIZE, reply
@@ -475,17 +461,14 @@ def test_reverse_interrupted(vmd_factory: Callable[..., VmdDaemon], tmp_path: Pa
     b_image = image(b)
     union = regions_of(b_writes) | regions_of(a_writes)
 
-    rate = tmp_path / "rrate"
-    relay = tmp_path / "rrelay.pid"
-    to_a = " ".join(map(shlex.quote, [
-        sys.executable, str(REPO / "tests" / "rcopy_relay.py"), str(rate), str(relay), "--",
-        sys.executable, "-m", "vmd", "-c", str(a.config_path), "rcopy", "receive", "vol0"]))
+    relay = Relay(tmp_path / "rrelay")
+    to_a = shlex.join(relay.command(
+        [sys.executable, "-m", "vmd", "-c", str(a.config_path), "rcopy", "receive", "vol0"]))
 
     def check_rolled_back(victim: str) -> None:
-        deadline = time.monotonic() + 30  # after the link drops, A rolls back at once
-        while [image(a, 0), image(a, 1)] != a_before:
-            assert time.monotonic() < deadline, f"A not rolled back after {victim}"
-            time.sleep(0.1)
+        # After the link drops, A rolls back at once.
+        wait_for(lambda: [image(a, 0), image(a, 1)] == a_before,
+                 what=f"A to roll back after the {victim} was interrupted")
         st = rstatus(a)
         assert st["role"] == "source" and not st.get("promoted"), (victim, st)
         assert not st.get("syncing") and not st["reverse_pending"], (victim, st)
@@ -502,22 +485,18 @@ def test_reverse_interrupted(vmd_factory: Callable[..., VmdDaemon], tmp_path: Pa
             assert image(a, i) == a_before[i]
 
     for victim in ("link", "receiver", "stopped receiver"):
-        rate.write_text(str(5 * MiB))  # 10 MiB at 5 MiB/s: about 2 s
+        relay.hold_after(6 * MiB)  # of the 10 MiB to send
         p = start_reverse(b, to_a)
-        deadline = time.monotonic() + 30
-        while b.cli("rcopy", "status", "vol0", check=False).returncode != 0:
-            assert time.monotonic() < deadline and p.poll() is None, p.communicate()
-            time.sleep(0.05)  # B becomes a source at the start of the reverse
-        wait_sent(b, 5 * MiB)  # A has applied at least one 4 MiB batch
+        relay.wait_held(p)
+        wait_for(lambda: image(a) != a_before[0], what="A to apply a batch of the reverse")
         if victim == "receiver":
             a.kill()
         elif victim == "stopped receiver":
-            rate.write_text(str(MiB))  # the stop comes well before the end of the transfer
             a.stop()  # A rolls back before it exits
             assert not journal(a).exists()
             assert [image(a, 0), image(a, 1)] == a_before
         else:
-            os.kill(int(relay.read_text()), signal.SIGKILL)
+            relay.kill()
         out, err = p.communicate(timeout=60)
         assert p.returncode != 0, (victim, out, err)
         assert "reverse" in err, (victim, err)
@@ -527,7 +506,7 @@ def test_reverse_interrupted(vmd_factory: Callable[..., VmdDaemon], tmp_path: Pa
             a.start()  # a killed A rolls the undo journal back before the volume is mounted
         check_rolled_back(victim)
 
-    rate.write_text("0")
+    relay.release()
     st_a = rstatus(a)
     assert len(regions_of(a_writes)) * R <= st_a["pending_bytes"] < SIZE, ("pending", st_a)
     out = b.cli("rcopy", "reverse", "vol0", "--target", to_a, timeout=120).stdout

@@ -74,26 +74,26 @@ def _refuse_if_open(m: VolumeManager, vol: Volume, what: str, why: str) -> None:
                        f"(umount, losetup -d) or use --force")
 
 
-def _free_image_name(m: "VolumeManager", vol: Volume) -> str:
+def _free_image_name(vol: Volume) -> str:
     """`<volume>-snap<N>.img` beside the first plex, for the first N whose file
     does not exist: a default name never lands on an image that holds data
-    (an older snapshot's, whose record a `--recover-all` may have dropped)."""
+    (an older snapshot's, whose record a `--recover-all` may have dropped, or
+    any image in use, which exists)."""
     first = Path(vol.plexes[0].record.path)
     n = vol.state.next_plex
-    while (cand := first.with_name(f"{vol.name}-snap{n}.img")).exists() or \
-            m.plex_path_in_use(str(cand)):
+    while (cand := first.with_name(f"{vol.name}-snap{n}.img")).exists():
         n += 1
     return str(cand)
 
 
-async def snap_start(m: "VolumeManager", vol: Volume, path: str | None) -> dict[str, Any]:
+async def snap_start(vol: Volume, path: str | None) -> dict[str, Any]:
     if _mirrors(vol):
         p = _mirrors(vol)[0]
         raise VmdError(f"volume {vol.name} already has a snapshot mirror {p.name} ({p.state}); "
                        f"`vmd snap take` it or `vmd snap abort {vol.name}`")
     named = path is not None
     if path is None:
-        path = _free_image_name(m, vol)
+        path = _free_image_name(vol)
     p = await vol.add_plex(path, state=SNAPATT, role="snapshot", named=named)
     log.info("volume %s: snapshot mirror %s (%s) started", vol.name, p.name, path)
     return vol._plex_status(p)

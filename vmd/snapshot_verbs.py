@@ -27,7 +27,7 @@ def register(table: CommandTable, m: VolumeManager) -> None:
             used = m.plex_path_in_use(path)
             if used:
                 raise VmdError(f"{path} is already {used}")
-        return {"plex": await snap_start(m, vol(req), path)}
+        return {"plex": await snap_start(vol(req), path)}
 
     async def wait(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         return {"plex": await snap_wait(vol(req), progress)}
