@@ -6,6 +6,7 @@ command that is not installed, and ssh to a port where nothing listens."""
 
 from __future__ import annotations
 
+import errno
 import json
 import shlex
 import socket
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import VmdDaemon, volume_spec
-from test_rcopy import FAILED, SIZE
+from conftest import MiB, pwrite_file
+from test_rcopy import BLK, FAILED, SIZE, assert_b_equals, image, journal, make_pair, rstatus, sync
 
 
 def closed_port() -> int:
@@ -52,3 +54,41 @@ def test_link_errors_name_their_cause(vmd_factory: Callable[..., VmdDaemon],
         # The first update failed: the next one sends the whole volume, and status says so.
         assert st["next_full"] and st["pending_bytes"] == SIZE, (vol, st)
         assert "a full update is pending" in text, (vol, text)
+
+
+@pytest.mark.allow_log(*FAILED, r"could not be recorded", r"found at start",
+                       r"was not stopped cleanly", r"dead mount")
+def test_commit_that_cannot_be_recorded_is_settled_at_restart(
+        vmd_factory: Callable[..., VmdDaemon], tmp_path: Path) -> None:
+    """The checkpoint naming an update's new consistent point fails: it may or may not
+    have reached the disk, so B neither rolls back (old data under a log that may name
+    the new point) nor claims the point. It refuses reads and updates until a restart
+    reads its log back and rolls back to the point that log names."""
+    a, b = make_pair(vmd_factory, tmp_path)
+    pwrite_file(a.volume_file(), [(0, b"1" * BLK), (5 * MiB, b"1" * BLK)])
+    first = sync(a)
+    point1 = image(a)
+    b.stop()
+    b.env["VMD_TEST_FAULT"] = "rcopy-commit:vol0"
+    b.start()
+    pwrite_file(a.volume_file(), [(0, b"2" * BLK), (9 * MiB, b"2" * BLK)])
+    reply = sync(a, check=False)
+    assert not reply["ok"] and "could not be recorded" in reply["error"], reply
+    with pytest.raises(OSError) as e, open(b.volume_file(), "rb") as f:
+        f.read(BLK)
+    assert e.value.errno == errno.EBUSY, e.value
+    again = sync(a, check=False)
+    assert not again["ok"] and "restart its daemon" in again["error"], again
+    assert journal(b).exists(), "the undo journal was dropped before the point was settled"
+
+    # A crash now: the durable log still names point 1 (the failed checkpoint wrote
+    # nothing), so the journal rolls the volume back to it. (A clean stop would
+    # record point 2 instead, equally true: its data was flushed before the commit.)
+    b.kill()
+    del b.env["VMD_TEST_FAULT"]
+    b.start()
+    assert not journal(b).exists()
+    assert rstatus(b)["sequence"] == first["seq"]
+    assert_b_equals(b, point1)
+    sync(a)
+    assert_b_equals(b, image(a))

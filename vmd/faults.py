@@ -3,11 +3,15 @@
 VMD_TEST_FAULT=split-write:VOLUME:OFFSET  — the first write to VOLUME that
 starts at byte OFFSET reaches only the first writable plex, then the daemon
 SIGKILLs itself: the torn mirror write of a power cut, made repeatable.
+VMD_TEST_FAULT=rcopy-commit:VOLUME — the checkpoint that records a Remote
+Copy update's new consistent point on VOLUME fails with EIO, as a full or
+failing log disk would make it.
 Unset in production: the write path checks one attribute.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -31,3 +35,9 @@ def split_write_fault() -> SplitWrite | None:
         return None
     _, vol, off = spec.split(":", 2)
     return SplitWrite(vol, int(off))
+
+
+def rcopy_commit_fault(volume: str) -> None:
+    """Raise the injected failure of the commit checkpoint, if configured for `volume`."""
+    if os.environ.get("VMD_TEST_FAULT", "") == f"rcopy-commit:{volume}":
+        raise OSError(errno.EIO, "injected fault: the commit checkpoint failed")

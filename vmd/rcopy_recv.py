@@ -32,6 +32,7 @@ import trio
 from . import rcopy_proto as P
 from .access import OPEN, Refusal
 from .errors import VmdError
+from .faults import rcopy_commit_fault
 from .sidecar import fsync_dir
 from .volume import Volume
 
@@ -219,6 +220,32 @@ async def _abandon(m: "VolumeManager", vol: Volume, journal: Journal, why: str,
                                 "need_full": False})
 
 
+class _Undecided(Exception):
+    """The checkpoint recording a new consistent point failed: it may have
+    reached the disk (a rename done, its directory fsync failed) or not."""
+
+
+# Volumes whose last commit is undecided: only the log read back at the next
+# start can say which point they are at.
+_undecided: set[str] = set()
+
+
+async def _leave_undecided(vol: Volume, journal: Journal, seq: int, why: str,
+                           tell: trio.abc.SendStream) -> None:
+    """Neither roll back nor commit: rolling back data under a log that may
+    already name the new point would label old data with it after a crash. The
+    journal stays; at the next start `rollback` compares it with the durable
+    log and does the right one. Until then the volume stays unreadable."""
+    journal.close()
+    _undecided.add(vol.name)
+    log.error("volume %s: update %d: the new consistent point could not be recorded (%s); "
+              "journal %s kept, the volume is unreadable until the daemon restarts",
+              vol.name, seq, why, journal.path)
+    with trio.CancelScope(shield=True), trio.move_on_after(REPLY_SECONDS):
+        await _reply(tell, {"t": "error", "error": f"volume {vol.name}: update {seq} could not "
+                            f"be recorded ({why})", "need_full": False})
+
+
 def _why(e: BaseException) -> str:
     if isinstance(e, trio.Cancelled):
         return STOPPING
@@ -248,6 +275,9 @@ async def receive(m: "VolumeManager", vol: Volume, rfd: int, wfd: int,
                f"does not take updates")
     elif vol.name in active:
         why = f"volume {vol.name} is already receiving an update"
+    elif vol.name in _undecided:
+        why = (f"volume {vol.name}: the commit of its last update could not be recorded; "
+               f"restart its daemon to settle which consistent point it holds")
     if why:
         await _reply(wstream, {"t": "error", "error": why, "need_full": False})
         with trio.CancelScope(shield=True):
@@ -327,8 +357,16 @@ async def _receive(m: "VolumeManager", vol: Volume, r: P.Reader, w: trio.abc.Sen
             await vol.flush()
             info.update(seq=seq, time=pit, committed_at=time.time(), full=full)
             vol.state.extra["rcopy_target"] = info
-            await vol.checkpoint()
+            try:
+                rcopy_commit_fault(vol.name)
+                await vol.checkpoint()
+            except BaseException as e:
+                raise _Undecided(str(e)) from e
             await trio.to_thread.run_sync(journal.remove)
+    except _Undecided as e:
+        await _leave_undecided(vol, journal, seq, str(e), w)
+        raise VmdError(f"volume {vol.name}: update {seq}: its commit could not be recorded "
+                       f"({e}); the volume stays unreadable until a restart settles it") from None
     except BaseException as e:
         # Cancelled: `vmd stop`. The update is given up like any failed one (a
         # link that broke mid-stream included), and the error reaches `vmd
@@ -439,8 +477,15 @@ async def _receive_reverse(m: "VolumeManager", vol: Volume, r: P.Reader,
             await vol.flush()
             info = {"seq": seq, "time": pit, "committed_at": time.time(), "full": False,
                     "source": h["volume"], "source_uuid": h["uuid"], "reversed": True}
-            await source.demote(info)  # one checkpoint: a target of the sender from now on
+            try:
+                await source.demote(info)  # one checkpoint: a target of the sender from now on
+            except BaseException as e:
+                raise _Undecided(str(e)) from e
             await trio.to_thread.run_sync(journal.remove)
+    except _Undecided as e:  # as in _receive
+        await _leave_undecided(vol, journal, seq, str(e), w)
+        raise VmdError(f"volume {vol.name}: reverse {seq}: its commit could not be recorded "
+                       f"({e}); the volume stays unreadable until a restart settles it") from None
     except BaseException as e:  # as in _receive
         why = _why(e)
         await _abandon(m, vol, journal, why, w)
