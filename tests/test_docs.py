@@ -171,3 +171,67 @@ def test_help_examples_parse_and_cover_every_verb() -> None:
             raise AssertionError(f"`vmd --help` example does not parse: {example}") from None
         shown |= {v for v in verbs if tuple(argv[:len(v)]) == v}
     assert verbs - shown == set(), f"verbs without an example in `vmd --help`: {sorted(verbs - shown)}"
+
+
+def _all_parsers(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
+                 ) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every verb's parser, groups (`snap`) and their verbs (`snap back`) alike."""
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out += [(prefix + (name,), sub), *_all_parsers(sub, prefix + (name,))]
+    return out
+
+
+def _help_examples(help_text: str) -> list[list[str]]:
+    """The argv (without `vmd`) of each command of the examples section that
+    a `--help` shows, as a shell would split it."""
+    section = help_text.partition("\nexamples")[2]
+    return [shlex.split(ln, comments=True)[1:] for ln in section.splitlines()
+            if ln.startswith("  vmd ")]
+
+
+def test_every_verb_help_describes_it_with_examples_that_parse() -> None:
+    """`vmd VERB --help` (and `vmd snap ACTION --help`...) opens with a
+    description and ends with examples of that verb, each a valid command."""
+    parser = _parser()
+    cli._refuse_empty_strings(parser)
+    for path, sub in _all_parsers(parser):
+        verb = " ".join(path)
+        text = sub.format_help()
+        assert sub.description, f"`vmd {verb} --help` has no description"
+        examples = _help_examples(text)
+        assert examples, f"`vmd {verb} --help` shows no examples:\n{text}"
+        for argv in examples:
+            assert tuple(argv[:len(path)]) == path, (
+                f"`vmd {verb} --help` shows an example of another verb: vmd {shlex.join(argv)}")
+            try:
+                parser.parse_args(argv)
+            except SystemExit:
+                raise AssertionError(
+                    f"`vmd {verb} --help` example does not parse: vmd {shlex.join(argv)}") from None
+
+
+def test_every_option_has_help_and_an_example() -> None:
+    """Every argument of every verb is described, and every option of a verb
+    appears in one of the examples its `--help` shows."""
+    parser = _parser()
+    undescribed, unshown = [], []
+    for path, sub in [((), parser), *_all_parsers(parser)]:
+        verb = " ".join(("vmd",) + path)
+        used = {arg.split("=")[0] for argv in _help_examples(sub.format_help()) for arg in argv}
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if isinstance(action, argparse._SubParsersAction):
+                undescribed += [f"{verb} {c.dest}" for c in action._choices_actions if not c.help]
+                continue
+            name = "/".join(action.option_strings) or action.metavar or action.dest
+            if not action.help or action.help == argparse.SUPPRESS:
+                undescribed.append(f"{verb} {name}")
+            # The top level's -c/--socket apply to every verb; its examples are the verbs'.
+            if path and action.option_strings and not used & set(action.option_strings):
+                unshown.append(f"{verb} {name}")
+    assert not undescribed, f"arguments without a help string: {undescribed}"
+    assert not unshown, f"options no example of their verb's --help shows: {unshown}"

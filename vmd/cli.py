@@ -14,78 +14,79 @@ from pathlib import Path
 from typing import Any
 
 from .admin import AdminClient
+from .cli_help import VOLUME_HELP, Example, VerbParser, add_verb, set_epilogs
 from .config import format_size, load_config
 from .errors import EXIT_OK, VmdError
 
 DEFAULT_CONFIG = "config/vmd.yaml"
-# `vmd --help`'s examples, one per verb (tests/test_docs.py parses each one).
-EXAMPLES = """examples (the shipped config/vmd.yaml: volume vol0, plexes p0 and p1):
-  vmd daemon -c config/vmd.yaml             # run in the foreground (make run)
-  vmd status vol0 --json
-  vmd wait vol0                             # until no resync runs
-  vmd plex detach vol0 p1                   # then: vmd plex attach vol0 p1
-  vmd plex attach vol0 p1
-  vmd plex remove vol0 p1                   # a failed plex: remove it, add a new image
-  vmd plex add vol0 /srv/disk2/vol0-p2.img
-  vmd fastresync vol0 off
-  vmd snap start vol0                       # then: vmd snap wait vol0
-  vmd snap wait vol0
-  vmd snap take vol0 nightly                # the volume file var/mnt/nightly
-  vmd snap back nightly                     # --from-snapshot: restore vol0 from it
-  vmd snap refresh nightly
-  vmd snap clear nightly
-  vmd snap abort vol0
-  vmd rcopy status vol0
-  vmd rcopy sync vol0
-  vmd rcopy pause vol0
-  vmd rcopy resume vol0
-  vmd rcopy promote vol0                    # on the target host: failover
-  vmd rcopy reverse vol0 --target 'ssh hostA vmd -c /etc/vmd/vmd.yaml rcopy receive vol0'
-  vmd rcopy receive vol0                    # run by the sender's rcopy.target command
-  vmd inspect-log var/vol0.log
-  vmd stop
-README.md lists every command; docs/operations.md has the procedures."""
+# `vmd --help` shows each verb's first example (vmd/cli_help.py gathers them).
+EXAMPLES_HEADING = "examples (the shipped config/vmd.yaml: volume vol0, plexes p0 and p1):"
+EXAMPLES_FOOTER = "README.md lists every command; docs/operations.md has the procedures."
+# (action, its argument, summary, examples) of `vmd plex ACTION VOLUME ARG`.
+_PLEX_ACTIONS: tuple[tuple[str, str, str, tuple[Example, ...]], ...] = (
+    ("detach", "PLEX", "take a plex out (maintenance, a backup off its image); FastResync "
+                       "tracks what it misses",
+     (("vmd plex detach vol0 p1", "then: vmd plex attach vol0 p1"),)),
+    ("attach", "PLEX", "bring a DETACHED, IOFAIL or STALE plex back, copying only what it missed "
+                       "(everything if its image changed)",
+     ("vmd plex attach vol0 p1",)),
+    ("remove", "PLEX", "drop a plex; its image file is left in place",
+     (("vmd plex remove vol0 p1", "a failed plex: remove it, add a new image"),)),
+    ("add", "PATH", "add a plex on image PATH (created sparse if missing), fully resynced "
+                    "in the background",
+     ("vmd plex add vol0 /srv/disk2/vol0-p2.img",)),
+)
+_PLEX_ARG_HELP = {"PLEX": "the plex's name (as `vmd status` lists it)",
+                  "PATH": "the new plex's image file; relative to the current directory"}
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="vmd", description="Mirrored volumes over FUSE.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    ap = VerbParser(prog="vmd", description="Mirrored volumes over FUSE.")
     ap.add_argument("-c", "--config", default=os.environ.get("VMD_CONFIG", DEFAULT_CONFIG),
                     help="config file (default: $VMD_CONFIG or %(default)s)")
     ap.add_argument("--socket", help="admin socket (default: the one named in the config)")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("daemon", help="run the daemon in the foreground")
-    d.add_argument("-c", "--config", dest="config_sub", help=argparse.SUPPRESS)
+    d = add_verb(sub, "daemon", "run the daemon in the foreground", (
+        ("vmd daemon -c config/vmd.yaml", "run in the foreground (make run)"),
+        ("vmd daemon --recover-all vol0", "vol0's sidecar log is missing or damaged"),
+        "vmd daemon --debug"))
+    d.add_argument("-c", "--config", dest="config_sub", metavar="CONFIG",
+                   help="config file (the same as `vmd -c CONFIG daemon`)")
     d.add_argument("--recover-all", action="append", default=[], metavar="VOLUME",
                    help="rebuild VOLUME's sidecar log and resync every plex from the first one "
                         "(for a missing or damaged log); may be repeated")
     d.add_argument("--debug", action="store_true", help="debug logging")
 
-    s = sub.add_parser("status", help="show volumes and plexes")
-    s.add_argument("volume", nargs="?")
+    s = add_verb(sub, "status", "show volumes and plexes", (
+        "vmd status vol0 --json", ("vmd status", "every volume")))
+    s.add_argument("volume", nargs="?", help=f"{VOLUME_HELP}; default: every volume")
     s.add_argument("--json", action="store_true", help="one JSON object {\"volumes\": [...]}")
 
-    st = sub.add_parser("stop", help="stop the daemon (refused while a volume is open)")
+    st = add_verb(sub, "stop", "stop the daemon (refused while a volume is open)", (
+        "vmd stop", ("vmd stop --force", "even with a volume file open")))
     st.add_argument("--force", action="store_true", help="stop even if volumes are open")
 
-    p = sub.add_parser("plex", help="detach, attach, add or remove a plex")
+    p = add_verb(sub, "plex", "detach, attach, add or remove a plex")
     psub = p.add_subparsers(dest="plex_cmd", required=True, metavar="ACTION")
-    for action, what in (("detach", "PLEX"), ("attach", "PLEX"), ("remove", "PLEX"), ("add", "PATH")):
-        pp = psub.add_parser(action, help=f"{action} a plex")
-        pp.add_argument("volume")
-        pp.add_argument(what.lower(), metavar=what)
+    for action, what, summary, examples in _PLEX_ACTIONS:
+        pp = add_verb(psub, action, summary, examples)
+        pp.add_argument("volume", help=VOLUME_HELP)
+        pp.add_argument(what.lower(), metavar=what, help=_PLEX_ARG_HELP[what])
 
-    w = sub.add_parser("wait", help="wait until no resync runs on VOLUME")
-    w.add_argument("volume")
+    w = add_verb(sub, "wait", "wait until no resync runs on VOLUME", (
+        ("vmd wait vol0", "until no resync runs"),))
+    w.add_argument("volume", help=VOLUME_HELP)
 
-    f = sub.add_parser("fastresync", help="turn FastResync on or off for VOLUME")
-    f.add_argument("volume")
-    f.add_argument("state", choices=["on", "off"])
+    f = add_verb(sub, "fastresync", "turn FastResync on or off for VOLUME", (
+        ("vmd fastresync vol0 off", "drops the maps: the next reattach is full"),
+        "vmd fastresync vol0 on"))
+    f.add_argument("volume", help=VOLUME_HELP)
+    f.add_argument("state", choices=["on", "off"], help="on: track what a detached plex misses")
 
-    il = sub.add_parser("inspect-log", help="print what a sidecar log says (offline)")
-    il.add_argument("path")
+    il = add_verb(sub, "inspect-log", "print what a sidecar log says (offline)", (
+        "vmd inspect-log var/vol0.log",))
+    il.add_argument("path", help="the sidecar log file (no daemon needed)")
 
     from .snapshot_cli import add_snapshot_parsers  # noqa: PLC0415
 
@@ -93,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     from .rcopy_cli import add_rcopy_parsers  # noqa: PLC0415
 
     add_rcopy_parsers(sub)
+    set_epilogs(ap, EXAMPLES_HEADING, EXAMPLES_FOOTER)
     return ap
 
 

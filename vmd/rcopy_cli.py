@@ -8,29 +8,44 @@ import sys
 import time
 from typing import Any
 
+from .cli_help import VOLUME_HELP, Example, add_verb
 from .config import format_size
 
 
+_TO_OLD_PRIMARY = "ssh hostA vmd -c /etc/vmd/vmd.yaml rcopy receive vol0"
+# (action, summary, examples) of `vmd rcopy ACTION VOLUME`.
+_ACTIONS: tuple[tuple[str, str, tuple[Example, ...]], ...] = (
+    ("status", "show the last consistent point, bytes sent, lag",
+     ("vmd rcopy status vol0", "vmd rcopy status vol0 --json")),
+    ("sync", "run an update now and wait for it", ("vmd rcopy sync vol0",)),
+    ("pause", "stop periodic updates", ("vmd rcopy pause vol0",)),
+    ("resume", "restart them", ("vmd rcopy resume vol0",)),
+    ("receive", "receive an update stream on stdin (the link command)",
+     (("vmd rcopy receive vol0", "run by the sender's rcopy.target command"),)),
+    ("promote", "make a target volume writable (failover)",
+     (("vmd rcopy promote vol0", "on the target host: failover"),)),
+    ("reverse", "on a promoted target: send its changes back to the old primary, which "
+                "becomes its target (return)",
+     (f"vmd rcopy reverse vol0 --target '{_TO_OLD_PRIMARY}'",
+      ("vmd rcopy reverse vol0 --period 1h", "to the volume's configured target"))),
+)
+
+
 def add_rcopy_parsers(sub: Any) -> None:
-    r = sub.add_parser("rcopy", help="remote copy (asynchronous periodic replication)")
+    r = add_verb(sub, "rcopy", "remote copy (asynchronous periodic replication)")
     rs = r.add_subparsers(dest="rcopy_cmd", required=True, metavar="ACTION")
-    for action, what in (("status", "show the last consistent point, bytes sent, lag"),
-                         ("sync", "run an update now and wait for it"),
-                         ("pause", "stop periodic updates"), ("resume", "restart them"),
-                         ("receive", "receive an update stream on stdin (the link command)"),
-                         ("promote", "make a target volume writable (failover)"),
-                         ("reverse", "on a promoted target: send its changes back to the old "
-                                     "primary, which becomes its target (return)")):
-        p = rs.add_parser(action, help=what)
-        p.add_argument("volume")
+    for action, what, examples in _ACTIONS:
+        p = add_verb(rs, action, what, examples)
+        p.add_argument("volume", help=VOLUME_HELP)
         if action == "status":
-            p.add_argument("--json", action="store_true")
+            p.add_argument("--json", action="store_true", help="the status as one JSON object")
         if action == "reverse":
             p.add_argument("--target", metavar="COMMAND",
-                           help="the command that reaches the old primary, e.g. 'ssh hostA vmd "
-                                "-c /etc/vmd/vmd.yaml rcopy receive vol0' (kept in the log as "
-                                "this volume's link; default: the volume's configured target)")
-            p.add_argument("--period", help="period of the later updates (default 5min)")
+                           help=f"the command that reaches the old primary, e.g. "
+                                f"'{_TO_OLD_PRIMARY}' (kept in the log as this volume's link; "
+                                f"default: the volume's configured target)")
+            p.add_argument("--period", metavar="TIME",
+                           help="period of the later updates, e.g. 30s, 5min, 1h (default 5min)")
 
 
 def describe(r: dict[str, Any]) -> str:

@@ -7,34 +7,46 @@ import os
 import sys
 from typing import Any
 
+from .cli_help import SNAPSHOT_HELP, VOLUME_HELP, add_verb
 from .config import format_size
 from .errors import EXIT_OK
 
 
 def add_snapshot_parsers(sub: Any) -> None:
-    s = sub.add_parser("snap", help="third-mirror break-off snapshots")
+    s = add_verb(sub, "snap", "third-mirror break-off snapshots")
     ss = s.add_subparsers(dest="snap_cmd", required=True, metavar="ACTION")
-    p = ss.add_parser("start", help="add a snapshot mirror to VOLUME (synchronizes in background)")
-    p.add_argument("volume")
-    p.add_argument("--path", help="image file for the snapshot mirror")
-    p = ss.add_parser("wait", help="wait until VOLUME's snapshot mirror is SNAPDONE")
-    p.add_argument("volume")
-    p = ss.add_parser("take", help="break the SNAPDONE mirror off as volume NAME")
-    p.add_argument("volume")
-    p.add_argument("name")
-    p = ss.add_parser("back", help="merge snapshot NAME back into its volume")
-    p.add_argument("name")
+    p = add_verb(ss, "start", "add a snapshot mirror to VOLUME (synchronizes in background)", (
+        ("vmd snap start vol0", "then: vmd snap wait vol0"),
+        ("vmd snap start vol0 --path /srv/disk3/vol0-snap.img", "vmd snap abort keeps this image")))
+    p.add_argument("volume", help=VOLUME_HELP)
+    p.add_argument("--path", help="image file for the snapshot mirror (default: "
+                                  "VOLUME-snapN.img beside the first plex, made by vmd)")
+    p = add_verb(ss, "wait", "wait until VOLUME's snapshot mirror is SNAPDONE", (
+        "vmd snap wait vol0",))
+    p.add_argument("volume", help=VOLUME_HELP)
+    p = add_verb(ss, "take", "break the SNAPDONE mirror off as volume NAME", (
+        ("vmd snap take vol0 nightly", "the volume file var/mnt/nightly"),))
+    p.add_argument("volume", help=VOLUME_HELP)
+    p.add_argument("name", help="the new volume's name (its file in the mount point)")
+    p = add_verb(ss, "back", "merge snapshot NAME back into its volume", (
+        ("vmd snap back nightly", "becomes vol0's snapshot mirror again"),
+        ("vmd snap back nightly --from-snapshot", "restore vol0 from it"),
+        ("vmd snap back nightly --force", "even with var/mnt/nightly open")))
+    p.add_argument("name", help=SNAPSHOT_HELP)
     p.add_argument("--from-snapshot", action="store_true",
                    help="the volume takes the snapshot's contents (restore)")
     p.add_argument("--force", action="store_true",
                    help="even if the snapshot's file (with --from-snapshot: the volume's) is open")
-    p = ss.add_parser("refresh", help="snap back NAME, then take it again")
-    p.add_argument("name")
-    p.add_argument("--force", action="store_true")
-    p = ss.add_parser("clear", help="make snapshot NAME an unrelated volume")
-    p.add_argument("name")
-    p = ss.add_parser("abort", help="remove VOLUME's snapshot mirror")
-    p.add_argument("volume")
+    p = add_verb(ss, "refresh", "snap back NAME, then take it again", (
+        "vmd snap refresh nightly", ("vmd snap refresh nightly --force",
+                                     "even with var/mnt/nightly open")))
+    p.add_argument("name", help=SNAPSHOT_HELP)
+    p.add_argument("--force", action="store_true", help="even if the snapshot's file is open")
+    p = add_verb(ss, "clear", "make snapshot NAME an unrelated volume", (
+        "vmd snap clear nightly",))
+    p.add_argument("name", help=SNAPSHOT_HELP)
+    p = add_verb(ss, "abort", "remove VOLUME's snapshot mirror", ("vmd snap abort vol0",))
+    p.add_argument("volume", help=VOLUME_HELP)
 
 
 def run_snapshot_command(args: argparse.Namespace, client: Any, progress: Any) -> int:
