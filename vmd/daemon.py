@@ -17,7 +17,7 @@ from . import commands, rcopy_verbs, snapshot_verbs
 from .admin import AdminServer
 from .config import Config, check_environment
 from .errors import VmdError
-from .exclusive import check_socket_free, clear_dead_mount, hold_mountpoint
+from .exclusive import check_socket_free, clear_dead_mount, hold_mountpoint, release_mountpoint
 from .fusefs import VolumeFS
 from .manager import VolumeManager
 from .uring import Ring
@@ -76,8 +76,7 @@ class Daemon:
             check_environment(cfg)
             await self._run()
         finally:
-            if mount_lock is not None:
-                os.close(mount_lock)
+            release_mountpoint(mount_lock)
 
     async def _run(self) -> None:
         cfg = self.cfg

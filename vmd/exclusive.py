@@ -44,6 +44,10 @@ class InUseError(VmdError):
 
     exit_code = EXIT_CONFIG  # at start, like a config error: nothing was mounted
 
+    def __init__(self, message: str, holder: str = "another process"):
+        super().__init__(message)
+        self.holder = holder  # "vmd (PID 1234)"
+
 
 def _holder(st: os.stat_result) -> str:
     """'vmd process 1234' for the flock holder of the file `st`, from /proc/locks."""
@@ -91,8 +95,10 @@ def lock_exclusive(fd: int, path: str | os.PathLike[str], what: str) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise InUseError(f"{what} {path} is in use by {_holder(st)}; vmd serves a volume "
-                             f"from one daemon only (is another vmd configured with it?)") from None
+            holder = _holder(st)
+            raise InUseError(f"{what} {path} is in use by {holder}; vmd serves a volume "
+                             f"from one daemon only (is another vmd configured with it?)",
+                             holder) from None
         _held[key] = [os.dup(fd), 1]
 
 
@@ -217,28 +223,42 @@ def _lazy_unmount(path: Path) -> None:
 MOUNT_LOCK_DIR = Path("/run/lock")
 
 
-def hold_mountpoint(path: Path, key: str) -> int | None:
+def hold_mountpoint(path: Path, key: str) -> Path | None:
     """Hold, for the daemon's life, a lock that says which vmd owns mountpoint
     `path`: two daemons starting at once must not both take the mountpoint
-    for dead and unmount each other's fresh mount. Returns the fd to keep
-    open (None where /run/lock is not there to hold it)."""
+    for dead and unmount each other's fresh mount. Returns the lock file, to
+    give to release_mountpoint() at exit (None where /run/lock is not there)."""
     real = os.path.join(os.path.realpath(path.parent), path.name)
-    name = f"vmd-mnt-{hashlib.sha256(os.fsencode(real)).hexdigest()[:24]}.lock"
+    lock = MOUNT_LOCK_DIR / f"vmd-mnt-{hashlib.sha256(os.fsencode(real)).hexdigest()[:24]}.lock"
     try:
-        fd = os.open(MOUNT_LOCK_DIR / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # open_locked re-checks the name after locking: the file is removed at
+        # exit, and a daemon that locked the removed one must not count.
+        fd = open_locked(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, "lock")
+    except InUseError as e:
+        raise InUseError(f"{key}: mountpoint {path} is in use by {e.holder} (another vmd "
+                         f"running with this mountpoint?)", e.holder) from None
     except OSError as e:
         log.warning("%s: cannot hold a lock on mountpoint %s in %s (%s): two daemons "
                     "starting at the same moment are not kept apart", key, path,
                     MOUNT_LOCK_DIR, e.strerror)
         return None
+    _mount_locks[lock] = fd
+    return lock
+
+
+_mount_locks: dict[Path, int] = {}
+
+
+def release_mountpoint(lock: Path | None) -> None:
+    """Remove the lock file (while still holding it, so no one locks it meanwhile), then let go."""
+    if lock is None or lock not in _mount_locks:
+        return
+    fd = _mount_locks.pop(lock)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder(os.fstat(fd))
-        os.close(fd)
-        raise InUseError(f"{key}: mountpoint {path} is in use by {holder} (another vmd "
-                         f"running with this mountpoint?)") from None
-    return fd
+        os.unlink(lock)
+    except OSError:
+        pass
+    close_locked(fd)
 
 
 def clear_dead_mount(path: Path, key: str) -> None:

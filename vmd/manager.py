@@ -40,7 +40,7 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         try:
             sidecar, replay = SidecarLog.open(vc.log)
         except InUseError as e:
-            raise InUseError(f"volume {vc.name}: {e}") from None
+            raise InUseError(f"volume {vc.name}: {e}", e.holder) from None
         except SidecarError as e:
             raise SidecarError(
                 f"volume {vc.name}: {e}. vmd will not guess which regions the mirrors may "
@@ -102,7 +102,7 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
                 for q in plexes:
                     q.close()
                 sidecar.close()
-                raise InUseError(f"volume {vc.name}: {e}") from None
+                raise InUseError(f"volume {vc.name}: {e}", e.holder) from None
             except OSError as e:
                 rec.state, rec.reason = IOFAIL, f"cannot open image {rec.path}: {e.strerror or e}"
                 rec.identity = p.identity()
@@ -137,7 +137,7 @@ def _check_not_in_use(vc: VolumeConfig) -> None:
         try:
             lock_exclusive(fd, p, "plex image")
         except InUseError as e:
-            raise InUseError(f"volume {vc.name}: {e}") from None
+            raise InUseError(f"volume {vc.name}: {e}", e.holder) from None
         finally:
             close_locked(fd)  # our own Plex.open takes the lock for good
 
