@@ -205,6 +205,30 @@ def test_image_is_a_directory(vmd_factory: Callable[..., VmdDaemon]) -> None:
     _expect_config_error(d, "volumes.vol0.plexes[0]")
 
 
+def test_socket_path_that_cannot_be_bound(vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """A file where the socket goes, or a path longer than sun_path: exit 3 with one
+    line before anything is mounted (both crashed the daemon with SIGSEGV once: the
+    FUSE session was closed under a running pyfuse3.main)."""
+    d = vmd_factory("file", socket_path="not-a-socket")
+    (d.base / "not-a-socket").write_text("mine\n")
+    p = d.run_foreground()
+    assert p.returncode == EXIT_CONFIG, f"exit {p.returncode}, stderr:\n{p.stderr}"
+    assert p.stderr.strip() == (f"vmd: {d.config_path}: socket: {d.base / 'not-a-socket'} exists "
+                                f"and is not a socket; vmd will not remove it"), p.stderr
+    assert not is_mounted(d.mountpoint, "fuse.vmd")
+    assert (d.base / "not-a-socket").read_text() == "mine\n"
+    long = vmd_factory("long", socket_path="/tmp/" + "s" * 110 + ".sock")
+    _expect_config_error(long, "socket", "a Unix socket's path can be at most 107")
+
+
+def test_socket_directory_is_created(vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """`socket: run/vmd/vmd.sock` whose directory does not exist yet (/run after a
+    reboot): the daemon creates it, as it does the mountpoint."""
+    d = vmd_factory(socket_path="run/vmd/vmd.sock").start()
+    assert d.socket.is_socket()
+    d.stop()
+
+
 def test_mountpoint_already_a_mount(vmd_factory: Callable[..., VmdDaemon],
                                     sysres: SysResources) -> None:
     d = vmd_factory()
@@ -222,7 +246,7 @@ def test_second_daemon_on_same_config(vmd: VmdDaemon, vmd_factory: Callable[...,
     assert q.returncode == EXIT_CONFIG, q.stderr
     assert vmd.proc is not None
     # The mountpoint's lock is what refuses it first (then the socket, then the files).
-    assert f"mountpoint {vmd.mountpoint} is in use by vmd (PID {vmd.proc.pid})" in q.stderr, \
+    assert f"mountpoint: {vmd.mountpoint} is in use by vmd (PID {vmd.proc.pid})" in q.stderr, \
         q.stderr
     assert str(vmd.config_path) in q.stderr, q.stderr
     assert vmd.socket.exists()

@@ -112,7 +112,7 @@ def test_second_daemon_on_same_socket_or_mountpoint_is_refused(
     same_mount = vmd_factory("third", mountpoint=str(first.mountpoint))
     r = same_mount.run_foreground()
     assert r.returncode != 0
-    assert f"mountpoint {first.mountpoint} is in use by vmd (PID {first.proc.pid})" \
+    assert f"mountpoint: {first.mountpoint} is in use by vmd (PID {first.proc.pid})" \
         in r.stderr, r.stderr
     assert first.status("vol0")["name"] == "vol0"
     first.stop()

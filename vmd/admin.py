@@ -60,6 +60,7 @@ class AdminServer:
         elif self.path.exists():
             raise VmdError(f"socket: {self.path} exists and is not a socket; vmd will not "
                            f"remove it")
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # /run/vmd after a reboot
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:

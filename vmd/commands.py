@@ -47,7 +47,8 @@ def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], N
         if busy and not req.get("force"):
             raise VmdError(
                 f"volume {', '.join(busy)} is open (a loop device attached, or a process holding "
-                f"{m.cfg.mountpoint}/{busy[0]}); detach it first (losetup -d) or use `vmd stop --force`")
+                f"{m.cfg.mountpoint}/{busy[0]}); unmount what is on it and detach it first (umount, "
+                f"losetup -d) or use `vmd stop --force`")
         request_stop()
         return {"stopping": True}
 

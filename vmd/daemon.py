@@ -17,7 +17,8 @@ from . import commands, rcopy_verbs, snapshot_verbs
 from .admin import AdminServer
 from .config import Config, check_environment
 from .errors import VmdError
-from .exclusive import check_socket_free, clear_dead_mount, hold_mountpoint, release_mountpoint
+from .exclusive import (check_socket_free, check_socket_path, clear_dead_mount, hold_mountpoint,
+                        release_mountpoint)
 from .fusefs import VolumeFS
 from .manager import VolumeManager
 from .uring import Ring
@@ -71,6 +72,7 @@ class Daemon:
         # holds, and clear the dead mount a crashed one left.
         mount_lock = hold_mountpoint(cfg.mountpoint, f"{cfg.path}: mountpoint")
         try:
+            check_socket_path(cfg.socket, f"{cfg.path}: socket")
             check_socket_free(cfg.socket, f"{cfg.path}: socket")
             clear_dead_mount(cfg.mountpoint, f"{cfg.path}: mountpoint")
             check_environment(cfg)
@@ -83,6 +85,18 @@ class Daemon:
         self.manager.open_all(self.recover_all)
         cfg.mountpoint.mkdir(parents=True, exist_ok=True)
         async with AsyncExitStack() as stack:
+            fuse_open = False
+
+            def close_fuse() -> None:
+                nonlocal fuse_open
+                if fuse_open:
+                    fuse_open = False
+                    pyfuse3.close(unmount=True)
+
+            # Registered before the nursery, so it runs after the nursery has
+            # ended: closing the session under a running pyfuse3.main (when a
+            # task failed at start) crashed the process with SIGSEGV.
+            stack.callback(close_fuse)
             nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(nursery.cancel_scope.cancel)
             plex_io = "io_uring" if Ring.get() is not None else "worker threads"
@@ -96,16 +110,8 @@ class Daemon:
             options.add("fsname=vmd")
             options.add("subtype=vmd")
             pyfuse3.init(self.fs, str(cfg.mountpoint), options)
+            fuse_open = True
             fuse_done = trio.Event()
-            closed = False
-
-            def close_fuse() -> None:
-                nonlocal closed
-                if not closed:
-                    closed = True
-                    pyfuse3.close(unmount=True)
-
-            stack.callback(close_fuse)
 
             async def fuse_main() -> None:
                 try:
@@ -166,4 +172,19 @@ class Daemon:
 
 
 def serve(cfg: Config, recover_all: set[str] | None = None) -> None:
-    trio.run(Daemon(cfg, recover_all).run)
+    try:
+        trio.run(Daemon(cfg, recover_all).run)
+    except BaseExceptionGroup as group:
+        # A user error raised in a task reaches here wrapped by the nursery:
+        # the user gets its one line, not a traceback.
+        errors = _leaves(group)
+        if errors and all(isinstance(e, VmdError) for e in errors):
+            raise errors[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out

@@ -161,6 +161,19 @@ def socket_owner(path: Path) -> str | None:
     return _describe_pid(pid) if pid > 0 else "another process"
 
 
+SUN_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path, without its NUL)
+
+
+def check_socket_path(path: Path, key: str) -> None:
+    """Refuse, before anything is mounted, a socket path vmd cannot bind."""
+    n = len(os.fsencode(str(path)))
+    if n > SUN_PATH_MAX:
+        raise ConfigError(f"{key}: {path} is {n} bytes long; a Unix socket's path can be at "
+                          f"most {SUN_PATH_MAX} (choose a shorter one, e.g. under /run)")
+    if os.path.lexists(path) and not path.is_socket():
+        raise ConfigError(f"{key}: {path} exists and is not a socket; vmd will not remove it")
+
+
 def check_socket_free(path: Path, key: str) -> None:
     owner = socket_owner(path)
     if owner is not None:
@@ -235,7 +248,7 @@ def hold_mountpoint(path: Path, key: str) -> Path | None:
         # exit, and a daemon that locked the removed one must not count.
         fd = open_locked(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, "lock")
     except InUseError as e:
-        raise InUseError(f"{key}: mountpoint {path} is in use by {e.holder} (another vmd "
+        raise InUseError(f"{key}: {path} is in use by {e.holder} (another vmd "
                          f"running with this mountpoint?)", e.holder) from None
     except OSError as e:
         log.warning("%s: cannot hold a lock on mountpoint %s in %s (%s): two daemons "

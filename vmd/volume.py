@@ -42,7 +42,7 @@ def delete_if_created(rec: PlexRecord) -> str:
     copy of something. Returns what became of it, in the words that both
     the log and the CLI use."""
     if not rec.created:
-        return f"image {rec.path} left in place (vmd deletes only images it named and created)"
+        return f"image {rec.path} left in place: vmd deletes only images it named and created"
     try:
         os.unlink(rec.path)
     except OSError as e:
