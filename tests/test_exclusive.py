@@ -21,6 +21,7 @@ import trio
 
 from conftest import MiB, VmdDaemon, is_mounted, pwrite_file, sha, volume_spec
 from vmd.exclusive import close_locked, open_locked
+from vmd.errors import SidecarError
 from vmd.sidecar import SidecarLog, new_state
 
 pytestmark = pytest.mark.mount
@@ -165,3 +166,18 @@ def test_one_process_may_open_an_image_twice(tmp_path: Path) -> None:
     assert _locked_elsewhere(path), "closing the first opener dropped the lock"
     close_locked(b)
     assert not _locked_elsewhere(path)
+
+
+def test_a_new_log_never_replaces_one(tmp_path: Path) -> None:
+    """Two daemons first-starting the same new volume: the second's new log must not
+    be renamed over the first's (whose records would then go to an unlinked file)."""
+    path = tmp_path / "v.log"
+    first = SidecarLog.create(path, new_state("v", 64 * MiB, MiB, 64 * 1024))
+    try:
+        before = path.read_bytes()
+        with pytest.raises(SidecarError, match="appeared while vmd was creating it"):
+            SidecarLog.create(path, new_state("v", 64 * MiB, MiB, 64 * 1024))
+        assert path.read_bytes() == before
+        assert _locked_elsewhere(path)
+    finally:
+        first.close()

@@ -387,6 +387,7 @@ def test_plexes_left_with_nothing_to_copy_finish_at_start(
     state.plexes.append(PlexRecord(name=f"p{state.next_plex}", path=str(mirror),
                                    state="SNAPATT", missing=state.new_map(), role="snapback"))
     state.next_plex += 1
+    vmd.log_path().unlink()  # create() never replaces a log (it could be a live one)
     SidecarLog.create(vmd.log_path(), state).close()
 
     vmd.start()
