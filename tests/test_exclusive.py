@@ -179,5 +179,6 @@ def test_a_new_log_never_replaces_one(tmp_path: Path) -> None:
             SidecarLog.create(path, new_state("v", 64 * MiB, MiB, 64 * 1024))
         assert path.read_bytes() == before
         assert _locked_elsewhere(path)
+        assert not path.with_name("v.log.new").exists(), "the refused new log was left behind"
     finally:
         first.close()

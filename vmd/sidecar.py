@@ -437,6 +437,7 @@ def _write_new(path: Path, data: bytes, *, replace: bool) -> int:
             try:
                 os.link(tmp, path)
             except FileExistsError:
+                os.unlink(tmp)  # ours, locked: no one else's
                 raise SidecarError(f"sidecar log {path} appeared while vmd was creating it "
                                    f"(another daemon starting the same volume?); not "
                                    f"overwritten") from None
