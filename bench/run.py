@@ -13,7 +13,8 @@ Sections, in order (each can be skipped: --skip-fio, --skip-loop, --skip-recover
   ext4 on each loop device (fio fsync=32, cp -a + sync);
 - crash recovery, full resync, FastResync and dd on a larger volume;
 - full resync of a mostly empty volume of the same size (holes.py): holes
-  skipped, against copying everything and against dd.
+  skipped, against copying everything and against dd; then its Remote Copy
+  full update over a local link, holes sent as zero ranges or as bytes.
 
 To A/B a change on the loop-device rows alone (vmd and qsd, the same method,
 about 3 minutes; run it on both trees and compare the vmd/qsd column):
@@ -613,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001
         failure = f"failed: {e}"
         traceback.print_exc()
-        for sub in ("vmd", "vmd-nodrl", "rec", "holes", "qsd", "loop/vmd", "loop/qsd"):
+        for sub in ("vmd", "vmd-nodrl", "rec", "holes", "holes-b", "qsd", "loop/vmd", "loop/qsd"):
             for name in ("daemon.log", "qsd.log"):
                 p = scratch / sub / name
                 if p.exists():

@@ -335,6 +335,24 @@ class Plex:
         self.writes += 1
         self.bytes_written += len(data)
 
+    async def punch(self, off: int, size: int) -> None:
+        """Make [off, off+size) read as zeros (`_punch_sync`), off the event loop."""
+        self.inflight += 1
+        try:
+            await self._pool.run(self._punch_sync, off, size)
+        except OSError as e:
+            raise PlexIOError(self, "punch", off, e) from e
+        finally:
+            self.inflight -= 1
+        self.writes += 1
+
+    async def allocated(self, off: int, size: int) -> list[tuple[int, int]]:
+        """`data_ranges` off the event loop; all of it if the image cannot say."""
+        try:
+            return await self._pool.run(self.data_ranges, off, size)
+        except OSError:
+            return [(off, size)]  # copying (or keeping) everything is always safe
+
     def will_read(self, off: int, size: int) -> None:
         """Start reading [off, off+size) into the page cache; a hint only."""
         if self.fd >= 0:

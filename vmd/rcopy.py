@@ -13,6 +13,10 @@ crash recovery adds the dirty regions). An update:
    of M not yet sent first saves the bytes it overwrites (copy-on-write,
    through `Volume.before_write`): the sent region is the current data with
    those saved bytes laid over it, i.e. the image at step 1, never a mixture.
+   A full update sends the holes of the volume (`Volume.data_ranges`) as zero
+   ranges ('Z' frames, protocol version 3), not their bytes (a hole that a
+   copy-on-write save overlaps goes as zeros only if the saved bytes are
+   zeros). VMD_RCOPY_DENSE=1 sends every byte (for comparisons).
 3. on the receiver's ack: the acknowledged sequence and time become the last
    consistent point and `inflight` is dropped.
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +57,8 @@ log = logging.getLogger(__name__)
 
 TRACKER = "rcopy:link"
 READY_TIMEOUT = 60.0
+DENSE_ENV = "VMD_RCOPY_DENSE"  # "1": a full update sends holes as bytes too
+WINDOW = 64 * 1024 * 1024  # the span whose allocation one lseek walk asks for
 
 
 def tracker(vol: Volume) -> PlexRecord | None:
@@ -92,9 +99,33 @@ class Transfer:
         self.done.setall(0)
         self.saves: dict[int, list[tuple[int, bytes]]] = {}
         self.saved_bytes = 0
-        self.sent_bytes = 0
+        self.sent_bytes = 0  # bytes of data frames
+        self.zero_bytes = 0  # bytes sent as zero ranges (holes), not as data
         self.broken = ""  # a copy-on-write read failed: this update cannot be trusted
         self.total_bytes = m.bytes_covered()
+
+
+class _Allocation:
+    """The volume's allocated ranges, asked for WINDOW bytes at a time (one lseek
+    walk per window, not per chunk). A range that was a hole when asked reads
+    as zeros at the point in time too: a write since then saved those zeros
+    (copy-on-write), and nothing punches a source's plexes."""
+
+    def __init__(self, vol: Volume):
+        self.vol = vol
+        self.start = self.end = 0
+        self.ranges: list[tuple[int, int]] = []
+
+    async def within(self, off: int, n: int) -> list[tuple[int, int]]:
+        end = off + n
+        if off < self.start or end > self.end:
+            self.start, self.end = off, min(self.vol.size, off + max(n, WINDOW))
+            self.ranges = await self.vol.data_ranges(self.start, self.end - self.start)
+        return [(max(a, off), min(a + k, end) - max(a, off)) for a, k in self.ranges
+                if a < end and a + k > off]
+
+
+Piece = tuple[int, bytes | memoryview | int]  # (offset, data) or (offset, length of zeros)
 
 
 class Link:
@@ -236,10 +267,12 @@ class Link:
         ext["bytes_total"] = int(ext.get("bytes_total", 0)) + x.sent_bytes
         await vol.checkpoint()
         secs = time.monotonic() - t0
-        self.last.update(state="done", sent_bytes=x.sent_bytes, cow_bytes=x.saved_bytes,
-                         total_bytes=x.total_bytes, seconds=secs, error=None)
+        self.last.update(state="done", sent_bytes=x.sent_bytes, zero_bytes=x.zero_bytes,
+                         cow_bytes=x.saved_bytes, total_bytes=x.total_bytes, seconds=secs,
+                         error=None)
         out = {"volume": vol.name, "seq": ack, "time": pit, "sent_bytes": x.sent_bytes,
-               "full": full, "seconds": secs, "cow_bytes": x.saved_bytes}
+               "zero_bytes": x.zero_bytes, "full": full, "seconds": secs,
+               "cow_bytes": x.saved_bytes}
         if rev is not None:
             out.update(reverse=True, own_bytes=st["own_bytes"],
                        overwritten_bytes=st["overwritten_bytes"], size=vol.size)
@@ -251,9 +284,10 @@ class Link:
                     rev.get("source") or "the old primary", format_size(x.sent_bytes),
                     format_size(st["own_bytes"]), secs, format_size(st["overwritten_bytes"]))
         else:
-            log.info("volume %s: remote copy update %d committed by the target: %s sent%s in "
+            log.info("volume %s: remote copy update %d committed by the target: %s sent%s%s in "
                      "%.2f s", vol.name, seq, format_size(x.sent_bytes),
-                     " (full)" if full else "", secs)
+                     f" and {format_size(x.zero_bytes)} of holes as zero ranges"
+                     if x.zero_bytes else "", " (full)" if full else "", secs)
         return out
 
     async def _send(self, st: dict[str, Any], seq: int, base: int, full: bool,
@@ -277,7 +311,9 @@ class Link:
              "time": st.get("pit", time.time())}
         if rev is not None:
             h["reverse"] = {"source_uuid": rev["source_uuid"], "seq": int(rev["seq"])}
-        await out.send_all(P.preamble() + P.json_frame(P.HEADER, h))
+        sparse = full and os.environ.get(DENSE_ENV, "") != "1"
+        await out.send_all(P.preamble(P.VERSION if sparse else P.NO_ZEROS)
+                           + P.json_frame(P.HEADER, h))
         with trio.fail_after(READY_TIMEOUT):
             msg = await replies.line(P.MAX_MAP_LINE if rev is not None else P.MAX_LINE)
         self._check_reply(msg, "ready")
@@ -296,27 +332,83 @@ class Link:
         m = x.map
         R = m.region
         records = 0
+        alloc = _Allocation(vol) if sparse else None
+        zeros = [0, 0]  # a zero range not sent yet: adjacent holes go as one frame
+
+        async def send_zeros() -> None:
+            nonlocal records
+            if zeros[1]:
+                await out.send_all(P.zero_frame(*zeros))
+                records += 1
+                zeros[1] = 0
+
         for start, count in m.runs(max(1, P.CHUNK // R)):
-            off = start * R
-            n = min(count * R, vol.size - off)
-            data = bytearray(await vol.pread_unguarded(off, n))
-            x.done[start:start + count] = 1
-            for r in range(start, start + count):
-                # Newest save first, so that the oldest (the point in time) wins.
-                for a, saved in reversed(x.saves.pop(r, [])):
-                    data[a - off:a - off + len(saved)] = saved
-            await out.send_all(P.data_frame(off, data))
-            records += 1
-            x.sent_bytes += n
-            self.last["sent_bytes"] = x.sent_bytes
-        await out.send_all(P.json_frame(P.END, {"records": records, "bytes": x.sent_bytes,
-                                                "time": st["pit"]}))
+            for a, piece in await self._read_run(x, alloc, start, count):
+                if isinstance(piece, int):
+                    if zeros[0] + zeros[1] != a:
+                        await send_zeros()
+                        zeros[0] = a
+                    zeros[1] += piece
+                    x.zero_bytes += piece
+                else:
+                    await send_zeros()
+                    await out.send_all(P.data_frame(a, piece))
+                    records += 1
+                    x.sent_bytes += len(piece)
+            self.last.update(sent_bytes=x.sent_bytes, zero_bytes=x.zero_bytes)
+        await send_zeros()
+        end = {"records": records, "bytes": x.sent_bytes, "time": st["pit"]}
+        if sparse:
+            end["zero_bytes"] = x.zero_bytes
+        await out.send_all(P.json_frame(P.END, end))
         msg = await replies.line()
         self._check_reply(msg, "ack")
         if msg.get("seq") != seq:  # type: ignore[union-attr]
             raise P.ProtocolError(f"the target acknowledged sequence {msg.get('seq')}, "  # type: ignore[union-attr]
                                   f"not {seq}")
         return seq
+
+    async def _read_run(self, x: Transfer, alloc: _Allocation | None, start: int,
+                        count: int) -> list[Piece]:
+        """Regions [start, start+count) as they were at the point in time: data
+        pieces, and (with `alloc`) the holes as lengths of zeros."""
+        vol, R = self.vol, x.map.region
+        off = start * R
+        n = min(count * R, vol.size - off)
+        ranges = await alloc.within(off, n) if alloc is not None else [(off, n)]
+        data = bytearray(n)
+        if ranges:  # one read from the first allocated byte to the last
+            a, b = ranges[0][0], ranges[-1][0] + ranges[-1][1]
+            data[a - off:b - off] = await vol.pread_unguarded(a, b - a)
+        x.done[start:start + count] = 1
+        saved = False
+        for r in range(start, start + count):
+            # Newest save first, so that the oldest (the point in time) wins.
+            for a, old in reversed(x.saves.pop(r, [])):
+                data[a - off:a - off + len(old)] = old
+                saved = True
+        if alloc is None:
+            return [(off, data)]
+        view = memoryview(data)
+        kinds: list[tuple[int, int, bool]] = []  # (offset, length, zeros)
+        pos = off
+        for a, k in ranges + [(off + n, 0)]:
+            if a > pos:
+                zero = not saved or data.count(0, pos - off, a - off) == a - pos
+                kinds.append((pos, a - pos, zero))
+            if k:
+                kinds.append((a, k, False))
+            pos = a + k
+        out: list[Piece] = []
+        i = 0
+        while i < len(kinds):  # adjacent pieces of one kind in one
+            a, k, z = kinds[i]
+            while i + 1 < len(kinds) and kinds[i + 1][2] == z:
+                i += 1
+                k += kinds[i][1]
+            out.append((a, k) if z else (a, view[a - off:a - off + k]))
+            i += 1
+        return out
 
     def _their_map(self, msg: dict[str, Any]) -> RegionMap:
         """The old primary's unsent changes (its `ready` of a reverse), in our regions."""

@@ -100,7 +100,9 @@ def run_rcopy_command(args: Any, client: Any) -> int:
             print("  syncing: an update is being applied (reads refused)")
     elif c == "sync":
         print(f"{args.volume}: update {reply['seq']} committed: {format_size(reply['sent_bytes'])}"
-              f" sent in {reply['seconds']:.2f} s" + (" (full)" if reply["full"] else ""))
+              f" sent in {reply['seconds']:.2f} s" + (" (full)" if reply["full"] else "")
+              + (f"; {format_size(reply['zero_bytes'])} of holes sent as zero ranges"
+                 if reply.get("zero_bytes") else ""))
     elif c in ("pause", "resume"):
         print(f"{args.volume}: remote copy {'paused' if reply['paused'] else 'resumed'}")
     elif c == "reverse":

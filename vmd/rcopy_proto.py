@@ -8,8 +8,11 @@ Sender → receiver, binary:
       'H'  header, JSON: volume (name), uuid, size, region, seq, base, full, time
            (version 2) reverse: {source_uuid, seq} — see below
       'D'  data: u64 offset + bytes (at most MAX_DATA)
+      'Z'  (version 3) zeros: u64 offset + u64 length: the range reads as zeros
+           (a hole of the source); the receiver punches it
       'E'  end, JSON: records, bytes (must match what came); (version 2) time: the
-           update's point in time, when the header could not know it yet
+           update's point in time, when the header could not know it yet;
+           (version 3) zero_bytes: the length of the 'Z' frames (records counts them)
 
 Receiver → sender, one JSON object per line:
 
@@ -25,6 +28,12 @@ point. A answers `ready` with the map of its own changes B never received
 crc32, all checked by B), and `unsent_bytes`; B then takes its point in time
 and sends the union of that map and its own changes, so that A ends equal to
 B. A version-1 stream is still accepted (without `reverse`).
+
+Version 3 adds the 'Z' frame: a full update sends the source's holes as zero
+ranges instead of their bytes. A sender announces version 3 only in a stream
+that may carry one (otherwise 2, which older receivers take); a receiver that
+does not speak 3 refuses the stream at its preamble, and one that does refuses
+a 'Z' frame in a stream announced as older.
 
 Every frame is checked before it is used: a bad checksum, an unknown type, an
 oversized frame, or the stream ending early is a ProtocolError; the receiver
@@ -43,12 +52,14 @@ import trio
 from .errors import VmdError
 
 MAGIC = b"VMDRCOPY"
-VERSION = 2
+VERSION = 3
+NO_ZEROS = 2  # what a stream without 'Z' frames announces (older receivers take it)
 MIN_VERSION = 1  # still accepted from an older sender
 PREAMBLE = struct.Struct("<8sHH")
 FRAME = struct.Struct("<B3xII")  # type, length, crc32
 OFFSET = struct.Struct("<Q")
-HEADER, DATA, END = ord("H"), ord("D"), ord("E")
+HEADER, DATA, END, ZERO = ord("H"), ord("D"), ord("E"), ord("Z")
+ZERO_RANGE = struct.Struct("<QQ")  # offset, length
 MAX_DATA = 4 * 1024 * 1024  # bytes of data in one 'D' frame
 MAX_JSON = 64 * 1024
 MAX_LINE = 64 * 1024
@@ -60,8 +71,8 @@ class ProtocolError(VmdError):
     pass
 
 
-def preamble() -> bytes:
-    return PREAMBLE.pack(MAGIC, VERSION, 0)
+def preamble(version: int = VERSION) -> bytes:
+    return PREAMBLE.pack(MAGIC, version, 0)
 
 
 def _crc(kind: int, payload: bytes | memoryview) -> int:
@@ -78,6 +89,10 @@ def json_frame(kind: int, obj: dict[str, Any]) -> bytes:
 
 def data_frame(off: int, data: bytes | memoryview) -> bytes:
     return frame(DATA, OFFSET.pack(off) + bytes(data))
+
+
+def zero_frame(off: int, length: int) -> bytes:
+    return frame(ZERO, ZERO_RANGE.pack(off, length))
 
 
 class Reader:
@@ -132,9 +147,13 @@ class Reader:
 
     async def frame(self) -> tuple[int, bytes]:
         kind, length, crc = FRAME.unpack(await self.exactly(FRAME.size, "a frame header"))
-        if kind not in (HEADER, DATA, END):
+        if kind not in (HEADER, DATA, END, ZERO):
             raise ProtocolError(f"unknown frame type {kind} at byte {self.received - FRAME.size}")
-        limit = OFFSET.size + MAX_DATA if kind == DATA else MAX_JSON
+        if kind == ZERO and self.version < 3:
+            raise ProtocolError(f"a zero-range frame at byte {self.received - FRAME.size} in a "
+                                f"stream of protocol version {self.version} (it needs 3)")
+        limit = (OFFSET.size + MAX_DATA if kind == DATA else
+                 ZERO_RANGE.size if kind == ZERO else MAX_JSON)
         if length > limit:
             raise ProtocolError(f"oversized {chr(kind)!r} frame: {length} bytes (limit {limit})")
         payload = await self.exactly(length, f"a {chr(kind)!r} frame of {length} bytes")

@@ -4,7 +4,10 @@ journal, so that B always holds one consistent point.
 
 Apply: for each batch of data frames, the old contents of the bytes about to
 be overwritten are appended to the journal `<log>.rcopy-journal` and fsync'd,
-then the new data is written. Commit: fdatasync the plexes, record the new
+then the new data is written. A zero range (a hole of the source) is the same
+as a write of zeros: the old contents of its allocated parts are journaled
+(its holes read as zeros before and after), then it is punched (zeros written
+where the plexes cannot punch). Commit: fdatasync the plexes, record the new
 consistent point (sequence, time) in the sidecar log (a checkpoint), then
 delete the journal. A failed update, or one cut off by `vmd stop`, is rolled
 back at once (newest record first: the volume returns to its previous point);
@@ -34,7 +37,7 @@ from .access import OPEN, Refusal
 from .errors import VmdError
 from .faults import rcopy_commit_fault
 from .sidecar import fsync_dir
-from .volume import Volume
+from .volume import Volume, Zeros
 
 if TYPE_CHECKING:
     from .manager import VolumeManager
@@ -389,32 +392,32 @@ async def _receive(m: "VolumeManager", vol: Volume, r: P.Reader, w: trio.abc.Sen
 async def _take_data(vol: Volume, r: P.Reader, journal: Journal, undo: bool,
                      h: dict[str, Any]) -> tuple[int, int, float]:
     """Read and apply the data frames up to the end frame: (records, bytes, time)."""
-    records = nbytes = 0
-    batch: list[tuple[int, bytes]] = []
+    records = nbytes = zbytes = 0
+    batch: list[tuple[int, bytes | Zeros]] = []
     batch_bytes = 0
     while True:
         kind, payload = await r.frame()
-        if kind == P.DATA:
-            if len(payload) < P.OFFSET.size:
-                raise P.ProtocolError("data frame without an offset")
-            (off,) = P.OFFSET.unpack_from(payload)
-            data = payload[P.OFFSET.size:]
-            if off + len(data) > vol.size or not data:
-                raise P.ProtocolError(f"data frame at offset {off} of {len(data)} bytes is "
-                                      f"outside volume {vol.name} ({vol.size} bytes)")
-            batch.append((off, data))
-            batch_bytes += len(data)
+        if kind in (P.DATA, P.ZERO):
+            pieces = _pieces(vol, kind, payload)
             records += 1
-            nbytes += len(data)
-            if batch_bytes >= BATCH:
-                await _apply(vol, journal, batch, undo)
-                batch, batch_bytes = [], 0
+            for off, data in pieces:
+                if isinstance(data, Zeros):
+                    zbytes += data
+                else:
+                    nbytes += len(data)
+                batch.append((off, data))
+                # A zero range counts at its length: its old bytes may all go to the journal.
+                batch_bytes += len(data)
+                if batch_bytes >= BATCH:
+                    await _apply(vol, journal, batch, undo)
+                    batch, batch_bytes = [], 0
         elif kind == P.END:
             e = P.decode_json(payload, "end frame")
-            if e.get("records") != records or e.get("bytes") != nbytes:
+            if (e.get("records") != records or e.get("bytes") != nbytes
+                    or e.get("zero_bytes", 0) != zbytes):
                 raise P.ProtocolError(f"end frame says {e.get('records')} records / "
-                                      f"{e.get('bytes')} bytes, the stream held {records} / "
-                                      f"{nbytes}")
+                                      f"{e.get('bytes')} bytes / {e.get('zero_bytes', 0)} zero "
+                                      f"bytes, the stream held {records} / {nbytes} / {zbytes}")
             pit = e.get("time", h["time"])
             if isinstance(pit, bool) or not isinstance(pit, (int, float)):
                 raise P.ProtocolError(f"end frame has a malformed time {pit!r}")
@@ -422,6 +425,30 @@ async def _take_data(vol: Volume, r: P.Reader, journal: Journal, undo: bool,
             return records, nbytes, float(pit)
         else:
             raise P.ProtocolError("a second header frame inside the stream")
+
+
+def _pieces(vol: Volume, kind: int, payload: bytes) -> list[tuple[int, bytes | Zeros]]:
+    """A data frame's (offset, bytes), or a zero frame's range cut into pieces
+    of at most BATCH (the old bytes of one piece are read into memory)."""
+    what = "data"
+    if kind == P.DATA:
+        if len(payload) < P.OFFSET.size:
+            raise P.ProtocolError("data frame without an offset")
+        (off,) = P.OFFSET.unpack_from(payload)
+        data = payload[P.OFFSET.size:]
+        n = len(data)
+    else:
+        what = "zero-range"
+        if len(payload) != P.ZERO_RANGE.size:
+            raise P.ProtocolError(f"zero-range frame of {len(payload)} bytes (not "
+                                  f"{P.ZERO_RANGE.size})")
+        off, n = P.ZERO_RANGE.unpack(payload)
+    if off + n > vol.size or not n:
+        raise P.ProtocolError(f"{what} frame at offset {off} of {n} bytes is outside volume "
+                              f"{vol.name} ({vol.size} bytes)")
+    if kind == P.DATA:
+        return [(off, data)]
+    return [(a, Zeros(min(BATCH, off + n - a))) for a in range(off, off + n, BATCH)]
 
 
 def _check_reverse(vol: Volume, h: dict[str, Any], source: Any) -> None:
@@ -534,11 +561,19 @@ def _check_header(vol: Volume, h: dict[str, Any], info: dict[str, Any], committe
                         f"{committed}: it needs a full update")
 
 
-async def _apply(vol: Volume, journal: Journal, batch: list[tuple[int, bytes]], undo: bool) -> None:
+async def _apply(vol: Volume, journal: Journal, batch: list[tuple[int, bytes | Zeros]],
+                 undo: bool) -> None:
     if not batch:
         return
     if undo:
-        old = [(off, await vol.pread_unguarded(off, len(data))) for off, data in batch]
-        await trio.to_thread.run_sync(journal.append, old)
+        old = []
+        for off, data in batch:
+            # A zero range: only what is allocated needs restoring at rollback
+            # (what is a hole here reads as zeros before and after the punch).
+            for a, n in (await vol.data_ranges(off, data) if isinstance(data, Zeros)
+                         else [(off, len(data))]):
+                old.append((a, await vol.pread_unguarded(a, n)))
+        if old:
+            await trio.to_thread.run_sync(journal.append, old)
     for off, data in batch:
         await vol.pwrite_unguarded(off, data)

@@ -36,6 +36,15 @@ class VolumeIOError(OSError):
     pass
 
 
+class Zeros(int):
+    """What `pwrite_unguarded` writes to make a range read as zeros: punched
+    where the plexes' images can (`Plex.punch`), under the same range lock,
+    DRL and maps as a write. Its length is its value."""
+
+    def __len__(self) -> int:
+        return int(self)
+
+
 def delete_if_created(rec: PlexRecord) -> str:
     """Delete a removed snapshot mirror's image only if vmd named and created
     it: one the administrator named (`snap start --path`) may be the only
@@ -140,7 +149,7 @@ class Volume:
             raise VolumeIOError(*refused)
         return await self.pwrite_unguarded(off, data)
 
-    async def pwrite_unguarded(self, off: int, data: bytes | memoryview) -> int:
+    async def pwrite_unguarded(self, off: int, data: bytes | memoryview | Zeros) -> int:
         """The engine's write, past the access rules: for the feature that set them."""
         await trio.lowlevel.checkpoint_if_cancelled()
         n = len(data)
@@ -162,11 +171,11 @@ class Volume:
         finally:
             self.gate.exit()
         self.writes += 1
-        if n > self.max_write:
+        if n > self.max_write and not isinstance(data, Zeros):
             self.max_write = n
         return n
 
-    async def _fanout_write(self, off: int, data: bytes | memoryview) -> None:
+    async def _fanout_write(self, off: int, data: bytes | memoryview | Zeros) -> None:
         n = len(data)
         targets: list[Plex] = []
         for p in self.plexes:
@@ -175,17 +184,23 @@ class Volume:
             elif p.record.missing is not None:
                 p.record.missing.mark(off, n)  # FastResync: this plex misses the write
         failed: list[PlexIOError] = []
-        if self._fault is not None and self._fault.matches(self.name, off) and targets:
-            await targets[0].pwrite(off, data)
+        zero = isinstance(data, Zeros)
+        if self._fault is not None and self._fault.matches(self.name, off) and targets \
+                and not zero:
+            await targets[0].pwrite(off, data)  # type: ignore[arg-type]
             self._fault.die()
 
         async def threaded(p: Plex) -> None:
             try:
-                await p.pwrite_async(off, data)
+                if zero:
+                    await p.punch(off, n)
+                else:
+                    await p.pwrite_async(off, data)  # type: ignore[arg-type]
             except PlexIOError as e:
                 failed.append(e)
 
-        inline = [p for p in targets if p.write_inline()]
+        # A punch is a syscall that may take a while: never inline.
+        inline = [] if zero else [p for p in targets if p.write_inline()]
         if n >= PARALLEL_BYTES and len(inline) > 1:
             inline = inline[:1]  # big: copy into the page caches in parallel
         if len(inline) < len(targets):
@@ -200,7 +215,7 @@ class Volume:
             # No schedule point here on purpose: a page-cache write is done,
             # and the FUSE loop yields before every request anyway. An extra
             # trip through the scheduler cost 20 % of 4 KiB random-write IOPS.
-            self._write_inline(inline, off, data, failed)
+            self._write_inline(inline, off, data, failed)  # type: ignore[arg-type]
         for e in failed:
             await self.fail_plex(e.plex, e, off, n)
         if failed:
@@ -271,6 +286,17 @@ class Volume:
             except PlexIOError as e:
                 await self.fail_plex(p, e, off, size)
         raise VolumeIOError(errno.EIO, f"volume {self.name}: no plex could read offset {off}")
+
+    async def data_ranges(self, off: int, size: int) -> list[tuple[int, int]]:
+        """The allocated ranges of [off, off+size) on a plex in sync there (the
+        rest reads as zeros); all of it where no plex can say."""
+        await self.gate.enter()
+        try:
+            for p in self._readable(off, size, rotate=False):
+                return await p.allocated(off, size)
+            return [(off, size)]
+        finally:
+            self.gate.exit()
 
     async def _read_writeback(self, off: int, size: int) -> bytes:
         """Read a region not yet recovered: read one plex, write the others,
