@@ -13,6 +13,8 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -321,29 +323,31 @@ class Plex:
         else:
             await self.pwrite_async(off, data)
 
-    async def pwrite_async(self, off: int, data: bytes | memoryview) -> None:
-        """Write without blocking the event loop: io_uring, or a worker thread."""
+    @contextmanager
+    def _in_flight(self, what: str, off: int) -> Iterator[None]:
+        """Count a change under way (an identity read after a failure must wait
+        for it) and name this plex in its error."""
         self.inflight += 1
         try:
+            yield
+        except OSError as e:
+            raise PlexIOError(self, what, off, e) from e
+        finally:
+            self.inflight -= 1
+
+    async def pwrite_async(self, off: int, data: bytes | memoryview) -> None:
+        """Write without blocking the event loop: io_uring, or a worker thread."""
+        with self._in_flight("write", off):
             ring = self._ring()
             if ring is None or not await ring.pwrite(self.fd, off, data):
                 await self._pool.run(self._pwrite_sync, off, data)
-        except OSError as e:
-            raise PlexIOError(self, "write", off, e) from e
-        finally:
-            self.inflight -= 1
         self.writes += 1
         self.bytes_written += len(data)
 
     async def punch(self, off: int, size: int) -> None:
         """Make [off, off+size) read as zeros (`_punch_sync`), off the event loop."""
-        self.inflight += 1
-        try:
+        with self._in_flight("punch", off):
             await self._pool.run(self._punch_sync, off, size)
-        except OSError as e:
-            raise PlexIOError(self, "punch", off, e) from e
-        finally:
-            self.inflight -= 1
         self.writes += 1
 
     async def allocated(self, off: int, size: int) -> list[tuple[int, int]]:
