@@ -13,7 +13,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 import trio
@@ -142,12 +142,14 @@ class Volume:
 
     # -- I/O -----------------------------------------------------------------
 
-    async def pwrite(self, off: int, data: bytes | memoryview) -> int:
-        """A user's write (the FUSE adapter's): refused if the access rules say so."""
+    def pwrite(self, off: int, data: bytes | memoryview) -> Coroutine[Any, Any, int]:
+        """A user's write (the FUSE adapter's): refused if the access rules say
+        so. Not a coroutine of its own: it hands back the engine's, so the rules
+        cost a user request one call, not a second coroutine frame."""
         refused = self.access.refuse_write()
         if refused is not None:
             raise VolumeIOError(*refused)
-        return await self.pwrite_unguarded(off, data)
+        return self.pwrite_unguarded(off, data)
 
     async def pwrite_unguarded(self, off: int, data: bytes | memoryview | Zeros) -> int:
         """The engine's write, past the access rules: for the feature that set them."""
@@ -240,12 +242,13 @@ class Volume:
             except PlexIOError as e:
                 failed.append(e)
 
-    async def pread(self, off: int, size: int) -> bytes:
-        """A user's read (the FUSE adapter's): refused if the access rules say so."""
+    def pread(self, off: int, size: int) -> Coroutine[Any, Any, bytes]:
+        """A user's read (the FUSE adapter's): refused if the access rules say
+        so; hands back the engine's coroutine, as pwrite does."""
         refused = self.access.refuse_read()
         if refused is not None:
             raise VolumeIOError(*refused)
-        return await self.pread_unguarded(off, size)
+        return self.pread_unguarded(off, size)
 
     async def pread_unguarded(self, off: int, size: int) -> bytes:
         """The engine's read, past the access rules: for the feature that set them."""
