@@ -74,6 +74,15 @@ def tmpfs(sysres: SysResources, where: Path, size: str = "96m") -> Path:
 
 # -- engine tests (a volume in the test's trio loop, real image files) ------------
 
+async def resync_onto(vc: Any, target: Path) -> dict[str, Any]:
+    """Start vc's volume (its log rebuilt from plex p0), add `target` as a plex,
+    wait for the copy; the resync status of that copy."""
+    async with running_volume(vc, recover_all=True) as vol:
+        await vol.add_plex(str(target))
+        await vol.resync.wait_idle()
+        return vol.resync.status()
+
+
 async def test_new_plex_gets_only_the_allocated_ranges(tmp_path: Path) -> None:
     size = 256 * MiB
     vc = volume_config(tmp_path, size=size, nplex=1)
@@ -145,10 +154,8 @@ async def test_tmpfs_source_skips_holes(tmp_path: Path, sysres: SysResources) ->
     vc = volume_config(fs, size=size, nplex=1)
     ref = write_scattered(vc.plexes[0], size, random.Random(1705), 10)
     garbage(fs / "old.img", size)
-    async with running_volume(vc, recover_all=True) as vol:
-        await vol.add_plex(str(fs / "old.img"))  # an existing image: punched
-        await vol.resync.wait_idle()
-        assert vol.resync.copied_bytes == data_bytes(vc.plexes[0]) < size // 4
+    copied = (await resync_onto(vc, fs / "old.img"))["copied_bytes"]  # existing: punched
+    assert copied == data_bytes(vc.plexes[0]) < size // 4
     assert_sparse_copy(vc.plexes[0], fs / "old.img", ref)
 
 
@@ -161,10 +168,7 @@ async def test_no_seek_hole_filesystem_copies_everything(
     # Source on ramfs: all of it is copied.
     vc = volume_config(ram, size=size, nplex=1)
     ref = write_scattered(vc.plexes[0], size, random.Random(1706), 8)
-    async with running_volume(vc, recover_all=True) as vol:
-        await vol.add_plex(str(tmp_path / "copy.img"))
-        await vol.resync.wait_idle()
-        assert vol.resync.copied_bytes == size
+    assert (await resync_onto(vc, tmp_path / "copy.img"))["copied_bytes"] == size
     assert_plexes_identical([vc.plexes[0], tmp_path / "copy.img"], ref)
 
     # Source with holes, target on ramfs holding old data: zeros are written
@@ -172,10 +176,8 @@ async def test_no_seek_hole_filesystem_copies_everything(
     vc2 = volume_config(tmp_path, name="vol1", size=size, nplex=1)
     ref2 = write_scattered(vc2.plexes[0], size, random.Random(1707), 8)
     garbage(ram / "old.img", size)
-    async with running_volume(vc2, recover_all=True) as vol:
-        await vol.add_plex(str(ram / "old.img"))
-        await vol.resync.wait_idle()
-        assert vol.resync.copied_bytes == data_bytes(vc2.plexes[0])
+    copied = (await resync_onto(vc2, ram / "old.img"))["copied_bytes"]
+    assert copied == data_bytes(vc2.plexes[0])
     assert_plexes_identical([vc2.plexes[0], ram / "old.img"], ref2)
 
 
@@ -185,11 +187,9 @@ async def test_dense_switch_copies_everything(tmp_path: Path, monkeypatch) -> No
     size = 16 * MiB
     vc = volume_config(tmp_path, size=size, nplex=1)
     ref = write_scattered(vc.plexes[0], size, random.Random(1708), 4)
-    async with running_volume(vc, recover_all=True) as vol:
-        await vol.add_plex(str(tmp_path / "new.img"))
-        await vol.resync.wait_idle()
-        assert vol.resync.copied_bytes == size
-        assert vol.resync.status()["total_bytes"] == size
+    st = await resync_onto(vc, tmp_path / "new.img")
+    assert st["copied_bytes"] == size
+    assert st["total_bytes"] == size
     assert_plexes_identical([vc.plexes[0], tmp_path / "new.img"], ref)
     assert allocated(tmp_path / "new.img") >= size
 
