@@ -7,9 +7,9 @@ map is empty, which a pass with nothing to copy promotes. Each chunk is copied
 under a range lock, so a write can never land between the copy's read and its
 write (invariant 6). Only what the source has allocated is copied (SEEK_DATA /
 SEEK_HOLE): its holes are punched on the targets, under the same lock and with
-the same `copied` records, or skipped on a target vmd just created sparse. Progress is made durable in batches (`copied` records
-after an fdatasync of the targets), so an interrupted resync resumes where it
-stopped.
+the same `copied` records, or skipped on a target vmd just created sparse.
+Progress is made durable in batches (`copied` records after an fdatasync of
+the targets), so an interrupted resync resumes where it stopped.
 """
 
 from __future__ import annotations
