@@ -431,11 +431,13 @@ class StallingPlex(Plex):
     stall = 0
     seconds = 0.005
     clock = [1000.0]
+    slept = [0]  # the fake voluntary context switches: a stall sleeps once
 
     def _pwrite_sync(self, off: int, data: bytes | memoryview) -> None:
         if self.name == "p1" and StallingPlex.stall:
             StallingPlex.stall -= 1
             StallingPlex.clock[0] += StallingPlex.seconds
+            StallingPlex.slept[0] += 1
         super()._pwrite_sync(off, data)
 
 
@@ -447,6 +449,7 @@ async def test_write_stalls_move_a_plex_off_the_event_loop_for_a_growing_while(
     The plexes read a fake clock: real write times would make this flaky."""
     clock = StallingPlex.clock
     monkeypatch.setattr(plexmod, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(plexmod, "voluntary_switches", lambda: StallingPlex.slept[0])
     vc = volume_config(tmp_path, nplex=2)
     async with running_volume(vc, plex_factory=StallingPlex) as vol:
         p0, p1 = vol.plexes
@@ -483,6 +486,46 @@ async def test_write_stalls_move_a_plex_off_the_event_loop_for_a_growing_while(
         assert p1._hold == 2 * plexmod.FIRST_HOLD
         a, b = plex_bytes(vol)
         assert a == b and a[4096 * 9:4096 * 10] == b"z" * 4096
+
+
+class SlowCpuPlex(Plex):
+    """Plex p1's next write first spends `seconds` on the CPU (busy: the
+    thread is only ever preempted) or asleep (blocked, as on a slow disk)."""
+
+    seconds = 0.005
+    mode = ""
+
+    def _pwrite_sync(self, off: int, data: bytes | memoryview) -> None:
+        if self.name == "p1" and SlowCpuPlex.mode:
+            mode, SlowCpuPlex.mode = SlowCpuPlex.mode, ""
+            if mode == "sleep":
+                time.sleep(SlowCpuPlex.seconds)
+            else:
+                end = time.perf_counter() + SlowCpuPlex.seconds
+                while time.perf_counter() < end:
+                    pass
+        super()._pwrite_sync(off, data)
+
+
+async def test_a_write_that_was_only_preempted_is_no_stall(tmp_path):
+    """A write that took long because the thread was preempted (a busy
+    machine; here a write that spins on the CPU) keeps the plex inline: only a
+    write that slept moves it off the event loop. Real clock, real
+    getrusage: the kernel's count of voluntary context switches tells them
+    apart."""
+    vc = volume_config(tmp_path, nplex=2)
+    async with running_volume(vc, plex_factory=SlowCpuPlex) as vol:
+        p0, p1 = vol.plexes
+        await vol.pwrite(0, b"x" * 4096)
+        SlowCpuPlex.mode = "spin"
+        await vol.pwrite(4096, b"y" * 4096)
+        assert p1.slow_writes == 0 and p1.write_inline()
+        SlowCpuPlex.mode = "sleep"
+        await vol.pwrite(8192, b"z" * 4096)
+        assert p1.slow_writes == 1 and not p1.write_inline() and p0.write_inline()
+        await vol.pwrite(8192, b"w" * 4096)  # off the loop, still to both plexes
+        a, b = plex_bytes(vol)
+        assert a == b and a[4096:8192] == b"y" * 4096 and a[8192:12288] == b"w" * 4096
 
 
 async def test_access_rules_refuse_user_io_not_the_engines(tmp_path):
