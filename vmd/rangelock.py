@@ -47,13 +47,27 @@ class RangeLock:
         if h.released is not None:
             h.released.set()
 
-    @asynccontextmanager
-    async def hold(self, start: int, end: int) -> AsyncIterator[None]:
-        h = await self.acquire(start, end)
-        try:
-            yield
-        finally:
-            self.release(h)
+    def hold(self, start: int, end: int) -> "_Holding":
+        return _Holding(self, start, end)
+
+
+class _Holding:
+    """`async with RangeLock.hold(start, end)`: a class, not an
+    @asynccontextmanager, because every write takes one and the generator
+    machinery cost 3 µs of the engine's ~18 µs per 4 KiB write."""
+
+    __slots__ = ("lock", "start", "end", "held")
+
+    def __init__(self, lock: RangeLock, start: int, end: int):
+        self.lock = lock
+        self.start = start
+        self.end = end
+
+    async def __aenter__(self) -> None:
+        self.held = await self.lock.acquire(self.start, self.end)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.lock.release(self.held)
 
 
 class Gate:
