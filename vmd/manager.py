@@ -18,6 +18,7 @@ from .plex import Plex
 from .regionmap import RegionMap
 from .sidecar import (ACTIVE, IOFAIL, SNAPATT, WRITABLE, PlexRecord, SidecarLog, VolumeState,
                       new_state)
+from .mirror import MirrorVolume
 from .volume import Volume, delete_if_created
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,8 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
             for rec in state.plexes:
                 if rec.state not in WRITABLE:
                     rec.missing = None
-    vol = Volume(vc, state, sidecar, plexes, clean_delay=clean_delay, rate_limit=rate_limit,
-                 plex_factory=plex_factory)
+    vol = MirrorVolume(vc, state, sidecar, plexes, clean_delay=clean_delay, rate_limit=rate_limit,
+                       plex_factory=plex_factory)
     _abort_interrupted_snapshot_mirrors(vol)
     if not state.clean:
         _plan_recovery(vol, full=not vc.drl or recover_all)
