@@ -16,6 +16,7 @@ from .errors import SidecarError, VmdError
 from .exclusive import InUseError, close_locked, lock_exclusive, open_locked
 from .plex import Plex
 from .regionmap import RegionMap
+from .resize import finish_grow
 from .sidecar import (ACTIVE, IOFAIL, SNAPATT, WRITABLE, PlexRecord, SidecarLog, VolumeState,
                       new_state)
 from .volume import Volume, delete_if_created
@@ -49,6 +50,7 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         state = replay.state
         try:
             _check_against_config(state, vc, cfg_path)
+            finish_grow(state, vc.name)  # a resize a crash interrupted
         except BaseException:
             sidecar.close()
             raise
@@ -156,7 +158,8 @@ def _check_against_config(state: VolumeState, vc: VolumeConfig, cfg_path: Path) 
     key = f"volumes.{vc.name}"
     if state.size != vc.size:
         raise VmdError(f"{cfg_path}: {key}.size is {vc.size} ({format_size(vc.size)}) but "
-                       f"sidecar log {vc.log} says {state.size} ({format_size(state.size)})")
+                       f"sidecar log {vc.log} says {state.size} ({format_size(state.size)}); "
+                       f"a volume grows only with `vmd resize`, and never shrinks")
     if state.name != vc.name:
         raise VmdError(f"{cfg_path}: {key}.log: sidecar log {vc.log} belongs to volume "
                        f"{state.name!r}")
