@@ -29,6 +29,8 @@ def run_resize_command(args: argparse.Namespace, client: Any) -> int:
           f"{format_size(reply['size'])} ({reply['size']} bytes)")
     if reply["not_extended"]:
         print(f"  images not extended (see `vmd status`): {', '.join(reply['not_extended'])}")
+    if reply.get("kernel_note"):
+        print(f"  note: {reply['kernel_note']}")
     print("  next: `losetup -c DEVICE` on a loop device over it, then grow the filesystem "
           "(e.g. resize2fs DEVICE)")
     return EXIT_OK
