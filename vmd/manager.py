@@ -156,7 +156,10 @@ def snapshot_config(origin: Volume, name: str, info: dict[str, Any]) -> VolumeCo
 def _check_against_config(state: VolumeState, vc: VolumeConfig, cfg_path: Path) -> None:
     # No "volume NAME:" prefix: the refusal is logged and shown under the volume's name.
     key = f"volumes.{vc.name}"
-    if state.size != vc.size:
+    # A snapshot's config is made from its origin's (`snapshot_config`): its
+    # log alone says its size, which differs once either side grew after
+    # `snap clear`.
+    if state.size != vc.size and "snapshot" not in state.extra:
         raise VmdError(f"{cfg_path}: {key}.size is {vc.size} ({format_size(vc.size)}) but "
                        f"sidecar log {vc.log} says {state.size} ({format_size(state.size)}); "
                        f"a volume grows only with `vmd resize`, and never shrinks")
