@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     from .rcopy_cli import add_rcopy_parsers  # noqa: PLC0415
 
     add_rcopy_parsers(sub)
+    from .resize_cli import add_resize_parser  # noqa: PLC0415
+
+    add_resize_parser(sub)
     set_epilogs(ap, EXAMPLES_HEADING, EXAMPLES_FOOTER)
     return ap
 
@@ -269,6 +272,10 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "fastresync":
         client.request({"cmd": "fastresync", "volume": args.volume, "on": args.state == "on"})
         print(f"{args.volume}: FastResync {args.state}")
+    elif args.command == "resize":
+        from .resize_cli import run_resize_command  # noqa: PLC0415
+
+        return run_resize_command(args, client)
     elif args.command == "rcopy":
         from .rcopy_cli import run_rcopy_command  # noqa: PLC0415
 

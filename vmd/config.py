@@ -287,8 +287,10 @@ def _rcopy_config(ctx: _Ctx, raw: Any, key: str) -> RcopyConfig | None:
     return RcopyConfig(target=argv, period=period)
 
 
-def check_environment(cfg: Config) -> None:
-    """Checks against the disk, before anything is mounted or created."""
+def check_environment(cfg: Config, grown_from: dict[str, int] | None = None) -> None:
+    """Checks against the disk, before anything is mounted or created.
+    `grown_from`: per volume, the other size its images may have (the size
+    before a `vmd resize` a crash interrupted, which the start completes)."""
     ctx = _Ctx(cfg.path)
     _check_dir_writable(ctx, cfg.mountpoint.parent, "mountpoint")
     if cfg.mountpoint.exists() and not cfg.mountpoint.is_dir():
@@ -297,11 +299,12 @@ def check_environment(cfg: Config) -> None:
     for vol in cfg.volumes.values():
         key = f"volumes.{vol.name}"
         for i, p in enumerate(vol.plexes):
-            check_image(p, vol.size, f"{cfg.path}: {key}.plexes[{i}]")
+            check_image(p, vol.size, f"{cfg.path}: {key}.plexes[{i}]",
+                        (grown_from or {}).get(vol.name))
         _check_dir_writable(ctx, vol.log.parent, f"{key}.log")
 
 
-def check_image(path: Path, size: int, where: str) -> None:
+def check_image(path: Path, size: int, where: str, or_size: int | None = None) -> None:
     """An existing image must be a regular file (or block device) of exactly `size` bytes."""
     try:
         st = os.stat(path)
@@ -321,7 +324,7 @@ def check_image(path: Path, size: int, where: str) -> None:
             actual = f.seek(0, os.SEEK_END)
     else:
         raise ConfigError(f"{where}: {path} is not a regular file or block device")
-    if actual != size:
+    if actual != size and actual != or_size:
         raise ConfigError(
             f"{where}: existing image {path} is {actual} bytes, the volume is {size} bytes "
             f"(vmd never truncates or grows an image; fix the size or the path)")

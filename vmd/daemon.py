@@ -13,7 +13,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import commands, rcopy_verbs, snapshot_verbs
+from . import commands, rcopy_verbs, resize_verbs, snapshot_verbs
 from .admin import AdminServer
 from .config import Config, check_environment
 from .errors import VmdError
@@ -21,6 +21,7 @@ from .exclusive import (check_socket_free, check_socket_path, clear_dead_mount, 
                         release_mountpoint)
 from .fusefs import VolumeFS
 from .manager import VolumeManager
+from .resize import adopt_logged_sizes
 from .uring import Ring
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Daemon:
         self.commands: commands.CommandTable = {}
         commands.register(self.commands, self.manager, self.request_stop)
         snapshot_verbs.register(self.commands, self.manager)
+        resize_verbs.register(self.commands, self.manager)
         self.rcopy = rcopy_verbs.register(self.commands, self.manager)
 
     def request_stop(self) -> None:
@@ -75,7 +77,8 @@ class Daemon:
             check_socket_path(cfg.socket, f"{cfg.path}: socket")
             check_socket_free(cfg.socket, f"{cfg.path}: socket")
             clear_dead_mount(cfg.mountpoint, f"{cfg.path}: mountpoint")
-            check_environment(cfg)
+            # After `vmd resize` the sidecar log's size wins over the config's.
+            check_environment(cfg, adopt_logged_sizes(cfg))
             await self._run()
         finally:
             release_mountpoint(mount_lock)

@@ -130,6 +130,15 @@ class DirtyRegionLog:
                 self.commits += 1
             batch.done.set()
 
+    def map_resized(self) -> None:
+        """The DRL map was resized in place (`vmd resize`): the marks of
+        regions being cleaned cover the same regions."""
+        n, old = self.state.drl.nbits, len(self._cleaning)
+        if n > old:
+            self._cleaning.extend(bitarray(n - old))
+            self._cleaning[old:] = 0
+        del self._cleaning[n:]
+
     # -- lazy cleaning -------------------------------------------------------
 
     @property

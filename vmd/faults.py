@@ -6,6 +6,8 @@ SIGKILLs itself: the torn mirror write of a power cut, made repeatable.
 VMD_TEST_FAULT=rcopy-commit:VOLUME — the checkpoint that records a Remote
 Copy update's new consistent point on VOLUME fails with EIO, as a full or
 failing log disk would make it.
+VMD_TEST_FAULT=resize:VOLUME:STEP — `vmd resize VOLUME` SIGKILLs the daemon at
+STEP (RESIZE_STEPS), to prove a crash leaves the old or the new size.
 Unset in production: the write path checks one attribute.
 """
 
@@ -41,3 +43,15 @@ def rcopy_commit_fault(volume: str) -> None:
     """Raise the injected failure of the commit checkpoint, if configured for `volume`."""
     if os.environ.get("VMD_TEST_FAULT", "") == f"rcopy-commit:{volume}":
         raise OSError(errno.EIO, "injected fault: the commit checkpoint failed")
+
+
+# The steps of `vmd resize` at which VMD_TEST_FAULT=resize:VOLUME:STEP kills
+# the daemon (vmd/resize.py:grow): after the new size is in the log, after
+# the first image was extended, after every image was.
+RESIZE_STEPS = ("logged", "one-extended", "extended")
+
+
+def resize_fault(volume: str, step: str) -> None:
+    """SIGKILL the daemon at `step` of a resize of `volume`, if configured."""
+    if os.environ.get("VMD_TEST_FAULT", "") == f"resize:{volume}:{step}":
+        SplitWrite.die()

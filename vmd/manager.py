@@ -16,6 +16,7 @@ from .errors import SidecarError, VmdError
 from .exclusive import InUseError, close_locked, lock_exclusive, open_locked
 from .plex import Plex
 from .regionmap import RegionMap
+from .resize import finish_grow
 from .sidecar import (ACTIVE, IOFAIL, SNAPATT, WRITABLE, PlexRecord, SidecarLog, VolumeState,
                       new_state)
 from .mirror import MirrorVolume
@@ -50,6 +51,7 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         state = replay.state
         try:
             _check_against_config(state, vc, cfg_path)
+            finish_grow(state, vc.name)  # a resize a crash interrupted
         except BaseException:
             sidecar.close()
             raise
@@ -155,9 +157,13 @@ def snapshot_config(origin: Volume, name: str, info: dict[str, Any]) -> VolumeCo
 def _check_against_config(state: VolumeState, vc: VolumeConfig, cfg_path: Path) -> None:
     # No "volume NAME:" prefix: the refusal is logged and shown under the volume's name.
     key = f"volumes.{vc.name}"
-    if state.size != vc.size:
+    # A snapshot's config is made from its origin's (`snapshot_config`): its
+    # log alone says its size, which differs once either side grew after
+    # `snap clear`.
+    if state.size != vc.size and "snapshot" not in state.extra:
         raise VmdError(f"{cfg_path}: {key}.size is {vc.size} ({format_size(vc.size)}) but "
-                       f"sidecar log {vc.log} says {state.size} ({format_size(state.size)})")
+                       f"sidecar log {vc.log} says {state.size} ({format_size(state.size)}); "
+                       f"a volume grows only with `vmd resize`, and never shrinks")
     if state.name != vc.name:
         raise VmdError(f"{cfg_path}: {key}.log: sidecar log {vc.log} belongs to volume "
                        f"{state.name!r}")

@@ -81,6 +81,21 @@ class RegionMap:
             yield start, end - start
             i = end
 
+    def resize(self, size: int) -> None:
+        """Cover a volume of `size` bytes: bits added are clear (a grown
+        volume's new bytes are zeros on every copy), bits past a smaller size
+        are dropped (only to undo a grow that was never recorded). A region
+        that was the short last one keeps its bit, now for more bytes: a
+        superset, as a map may always be."""
+        n = -(-size // self.region) if size else 0
+        old = self.nbits
+        if n > old:
+            self.bits.extend(bitarray(n - old, endian=self.bits.endian))
+            self.bits[old:] = 0
+        else:
+            del self.bits[n:]
+        self.size = size
+
     def union(self, other: "RegionMap") -> None:
         if other.region != self.region or other.size != self.size:
             raise ValueError("maps of different geometry")
