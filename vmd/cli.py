@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     from .rcopy_cli import add_rcopy_parsers  # noqa: PLC0415
 
     add_rcopy_parsers(sub)
+    from .events_cli import add_events_parser  # noqa: PLC0415
+
+    add_events_parser(sub)
     set_epilogs(ap, EXAMPLES_HEADING, EXAMPLES_FOOTER)
     return ap
 
@@ -237,7 +240,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     sock = Path(args.socket) if args.socket else load_config(cfg_path).socket
-    client = AdminClient(sock, timeout=None if args.command in ("wait", "snap") else 120.0)
+    client = AdminClient(sock, timeout=None if args.command in ("wait", "snap", "events") else 120.0)
     if args.command == "status":
         reply = client.request({"cmd": "status", "volume": args.volume})
         if args.json:
@@ -269,6 +272,10 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "fastresync":
         client.request({"cmd": "fastresync", "volume": args.volume, "on": args.state == "on"})
         print(f"{args.volume}: FastResync {args.state}")
+    elif args.command == "events":
+        from .events_cli import run_events_command  # noqa: PLC0415
+
+        return run_events_command(args, client)
     elif args.command == "rcopy":
         from .rcopy_cli import run_rcopy_command  # noqa: PLC0415
 

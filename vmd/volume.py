@@ -28,6 +28,7 @@ from .resync import Resync
 from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPATT, SNAPDONE, SNAPLINK,
                       STALE, SYNCING, WRITABLE, PlexRecord, SidecarLog, VolumeState)
 from .errors import VmdError
+from . import events
 
 log = logging.getLogger(__name__)
 
@@ -387,6 +388,7 @@ class Volume:
                 rec.missing.fill()
         log.error("volume %s: plex %s (%s) is now IOFAIL after %s (was %s)",
                   self.name, p.name, p.path, err, was)
+        events.emit(events.PLEX_STATE, self.name, p.name, state=IOFAIL, was=was, reason=str(err))
         self._update_recovering()
         if not self._failures_pending:
             self._failures_done = trio.Event()
@@ -521,7 +523,7 @@ class Volume:
             if rec.state == ACTIVE and not self._in_sync(exclude=p):
                 raise VmdError(f"plex {name} is the last in-sync plex of volume {self.name}; "
                                f"detaching it would leave no complete copy")
-            was_writable = rec.state in WRITABLE
+            was, was_writable = rec.state, rec.state in WRITABLE
             if was_writable and p.fd >= 0:
                 await self.flush_plex(p)
             p.close()
@@ -539,6 +541,7 @@ class Volume:
             await self.checkpoint()
         log.info("volume %s: plex %s detached%s", self.name, name,
                  " (FastResync tracks what it misses)" if rec.missing is not None else "")
+        events.emit(events.PLEX_STATE, self.name, name, state=DETACHED, was=was, reason=rec.reason)
         return self._plex_status(p)
 
     async def attach_plex(self, name: str) -> dict[str, Any]:
@@ -559,9 +562,12 @@ class Volume:
                 log.info("volume %s: plex %s reattached with FastResync: %s to copy", self.name,
                          name, format_size(rec.missing.bytes_covered()))  # type: ignore[union-attr]
             # Nothing missed (reattached at once): in sync already.
+            was = rec.state
             rec.state = SYNCING if rec.missing.bits.any() else ACTIVE  # type: ignore[union-attr]
             rec.reason, rec.identity = "", None
             await self.checkpoint()
+        events.emit(events.PLEX_STATE, self.name, name, state=rec.state, was=was,
+                    reason=f"attached, full resync: {why}" if why else "attached with FastResync")
         self.resync.wake()
         return {**self._plex_status(p), "full_resync": bool(why), "why": why}
 
