@@ -276,7 +276,7 @@ def test_full_queue_drops_oldest_and_says_so() -> None:
     bus = events.EventBus()
 
     async def main() -> list[dict[str, Any]]:
-        sub = bus.subscribe("a test reader", maxlen=3)
+        sub = bus.subscribe("test", maxlen=3)
         for i in range(5):
             bus.emit(events.RESYNC_STARTED, "vol0", n=i)
         got = []
@@ -287,7 +287,7 @@ def test_full_queue_drops_oldest_and_says_so() -> None:
 
     got = trio.run(main)
     assert [(e["kind"], e["details"]) for e in got] == [
-        (events.DROPPED, {"count": 2, "reader": "a test reader"}),
+        (events.DROPPED, {"count": 2, "reader": "test"}),
         (events.RESYNC_STARTED, {"n": 2}), (events.RESYNC_STARTED, {"n": 3}),
         (events.RESYNC_STARTED, {"n": 4})]
     assert bus.subscribers == []
@@ -311,3 +311,38 @@ def test_notify_config_forms(tmp_path: Path) -> None:
         cfg.write_text(json.dumps({"mountpoint": "mnt", "socket": "s", "notify": value,
                                    "volumes": {"vol0": volume_spec()}}))
         assert load_config(cfg).notify == argv
+
+
+@pytest.mark.mount
+@pytest.mark.allow_log(r"plex p1 is IOFAIL: cannot open image")
+def test_readme_mail_example_mails_a_failed_plex(vmd_factory: Callable[..., VmdDaemon],
+                                                 tmp_path: Path) -> None:
+    """The README's notify example, as printed there, with a `mail` that
+    keeps what it is given: a plex whose image is gone at start fails, and
+    only that event is mailed."""
+    import re
+
+    import yaml
+
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"```yaml\n(notify: .*?)```", readme, re.S)
+    assert block, "README.md has no notify example"
+    notify = yaml.safe_load(block.group(1))["notify"]
+    bin_dir, mailbox = tmp_path / "bin", tmp_path / "mailbox"
+    bin_dir.mkdir()
+    (bin_dir / "mail").write_text(f'#!/bin/sh\n{{ echo "$*"; cat; }} >> {mailbox}\n')
+    (bin_dir / "mail").chmod(0o755)
+    vmd = vmd_factory(extra={"notify": notify},
+                      env={"PATH": f"{bin_dir}:{os.environ['PATH']}"}).start()
+    vmd.stop()
+    vmd.plex_paths()[1].unlink()
+    vmd.start()
+    assert vmd.plex_states() == {"p0": "ACTIVE", "p1": "IOFAIL"}
+    mail = wait_for(lambda: mailbox.exists() and mailbox.read_text(), what="the mail")
+    subject, body = mail.split("\n", 1)
+    assert subject == "-s vmd: plex p1 of vol0 failed root", mail
+    ev = json.loads(body)
+    assert ev["kind"] == "plex-state" and ev["details"]["state"] == "IOFAIL", ev
+    assert "cannot open image" in ev["details"]["reason"], ev
+    vmd.stop()
+    assert mailbox.read_text() == mail, "an event other than the failure was mailed"

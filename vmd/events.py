@@ -86,8 +86,8 @@ class Subscription:
         """The next event (a `dropped` one first if events were lost), or None."""
         if self.dropped:
             n, self.dropped = self.dropped, 0
-            log.warning("events: %d event(s) dropped for %s: its queue of %d was full",
-                        n, self.name, self.maxlen)
+            log.warning("events: %d event(s) dropped: the queue of reader %s (%d events) was "
+                        "full", n, self.name, self.maxlen)
             return make_event(DROPPED, None, None, count=n, reader=self.name)
         return self.queue.popleft() if self.queue else None
 
@@ -160,7 +160,7 @@ def register(table: dict[str, Any]) -> None:
     itself (the client disconnects, or the daemon stops)."""
 
     async def events(req: dict[str, Any], progress: Any) -> dict[str, Any]:
-        sub = BUS.subscribe("a `vmd events` client", history=not req.get("new"))
+        sub = BUS.subscribe("vmd-events", history=not req.get("new"))
         try:
             await progress({"following": True})
             while (ev := await sub.get()) is not None:

@@ -40,7 +40,7 @@ class Notifier:
     def __init__(self, argv: tuple[str, ...]):
         self.argv = argv
         self.timeout = float(os.environ.get(TIMEOUT_ENV) or TIMEOUT)
-        self.sub = BUS.subscribe("the notify hook")
+        self.sub = BUS.subscribe("notify")
         self.runs = 0
         self.failures = 0
         self._scope: trio.CancelScope | None = None
