@@ -36,6 +36,7 @@ class EventStream:
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.events: list[dict[str, Any]] = []
         self.following = threading.Event()
+        self.said: list[str] = []  # its stderr
         threading.Thread(target=self._read, args=(self.proc.stdout, self.events.append),
                          daemon=True).start()
         threading.Thread(target=self._read, args=(self.proc.stderr, self._said),
@@ -47,6 +48,7 @@ class EventStream:
             take(json.loads(line) if line.startswith("{") else line)
 
     def _said(self, line: str) -> None:
+        self.said.append(line)
         if "following" in line:
             self.following.set()
 
@@ -262,6 +264,9 @@ def test_snapshot_taken_and_merged(vmd_factory: Callable[..., VmdDaemon],
     assert merged["details"]["snapshot"] == "nightly", merged
     es.wait(events.PLEX_STATE, merged["plex"], state="SNAPDONE")
     vmd.stop()
+    # The daemon's stop ends `vmd events` quietly.
+    assert es.proc.wait(timeout=30) == 0, es.said
+    wait_for(lambda: "vmd events: the daemon stopped\n" in es.said, what="the end of vmd events")
 
 
 def test_events_cli_text_line() -> None:

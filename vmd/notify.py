@@ -90,19 +90,21 @@ class Notifier:
             log.error("notify hook %s cannot be run: %s", self._what(ev), e.strerror or e)
             return
         output: deque[str] = deque(maxlen=OUTPUT_LINES)
+        read_all = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._feed, proc, json.dumps(ev).encode() + b"\n")
-                nursery.start_soon(self._collect, proc, output)
+                nursery.start_soon(self._collect, proc, output, read_all)
                 with trio.move_on_after(self.timeout) as waited:
                     await proc.wait()
                 if waited.cancelled_caught:
                     _kill_group(proc)
                     self.failures += 1
                     log.error("notify hook %s ran past %.0f s: killed", self._what(ev), self.timeout)
-                # A background child may keep the output open: stop reading.
+                # What it printed last, unless a child it left in the
+                # background keeps the output open: then stop reading.
                 with trio.move_on_after(1):
-                    await proc.wait()
+                    await read_all.wait()
                 nursery.cancel_scope.cancel()
             if not waited.cancelled_caught and proc.returncode != 0:
                 self.failures += 1
@@ -128,15 +130,17 @@ class Notifier:
             pass  # the hook does not read its stdin: that is its choice
 
     @staticmethod
-    async def _collect(proc: trio.Process, output: deque[str]) -> None:
+    async def _collect(proc: trio.Process, output: deque[str], read_all: trio.Event) -> None:
         assert proc.stdout is not None
         buf = b""
         while chunk := await proc.stdout.receive_some(4096):
             buf += chunk
             *lines, buf = buf.split(b"\n")
             output.extend(ln.decode(errors="replace")[:300] for ln in lines if ln.strip())
+            buf = buf[-4096:]  # one endless line: keep its end
         if buf.strip():
             output.append(buf.decode(errors="replace")[:300])
+        read_all.set()
 
 
 def _kill_group(proc: trio.Process) -> None:
