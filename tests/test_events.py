@@ -351,3 +351,25 @@ def test_readme_mail_example_mails_a_failed_plex(vmd_factory: Callable[..., VmdD
     assert "cannot open image" in ev["details"]["reason"], ev
     vmd.stop()
     assert mailbox.read_text() == mail, "an event other than the failure was mailed"
+
+
+@pytest.mark.mount
+def test_rcopy_update_committed_and_failed(vmd_factory: Callable[..., VmdDaemon], tmp_path: Path,
+                                           streams: list[EventStream],
+                                           allow_log: Callable[..., None]) -> None:
+    from test_rcopy import FAILED, make_pair, sync
+
+    allow_log(*FAILED)
+    a, b = make_pair(vmd_factory, tmp_path)
+    es = EventStream(a, "--new")
+    streams.append(es)
+    assert es.following.wait(30)
+    sync(a)
+    done = es.wait(events.RCOPY_COMMITTED)
+    assert done["volume"] == "vol0" and done["details"]["seq"] == 1, done
+    b.stop()  # the receiver's daemon is gone: the next update fails
+    assert not sync(a, check=False)["ok"]
+    failed = es.wait(events.RCOPY_FAILED)
+    assert failed["details"]["seq"] == 2, failed
+    assert "no vmd daemon answers" in failed["details"]["error"], failed
+    a.stop()
