@@ -262,9 +262,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
     return Config(path=cpath, mountpoint=ctx.filepath(raw["mountpoint"], "mountpoint"),
                   socket=ctx.filepath(raw["socket"], "socket"), volumes=volumes, resync=resync,
-                  clean_delay=float(clean_delay),
-                  writeback_cache=ctx.boolean(raw.get("writeback_cache", False), "writeback_cache"),
-                  notify=_notify_command(ctx, raw.get("notify")))
+                  clean_delay=float(clean_delay), notify=_notify_command(ctx, raw.get("notify")),
+                  writeback_cache=ctx.boolean(raw.get("writeback_cache", False), "writeback_cache"))
 
 
 def _notify_command(ctx: _Ctx, raw: Any) -> tuple[str, ...] | None:

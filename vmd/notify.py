@@ -100,7 +100,8 @@ class Notifier:
                 if waited.cancelled_caught:
                     _kill_group(proc)
                     self.failures += 1
-                    log.error("notify hook %s ran past %.0f s: killed", self._what(ev), self.timeout)
+                    log.error("notify hook %s ran past %.0f s: killed", self._what(ev),
+                              self.timeout)
                 # What it printed last, unless a child it left in the
                 # background keeps the output open: then stop reading.
                 with trio.move_on_after(1):
@@ -109,7 +110,8 @@ class Notifier:
             if not waited.cancelled_caught and proc.returncode != 0:
                 self.failures += 1
                 said = "; ".join(output) or "no output"
-                log.error("notify hook %s exited %s: %s", self._what(ev), _how(proc.returncode), said)
+                log.error("notify hook %s exited %s: %s", self._what(ev), _how(proc.returncode),
+                          said)
         finally:
             if proc.returncode is None:
                 _kill_group(proc)
