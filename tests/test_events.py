@@ -373,3 +373,23 @@ def test_rcopy_update_committed_and_failed(vmd_factory: Callable[..., VmdDaemon]
     assert failed["details"]["seq"] == 2, failed
     assert "no vmd daemon answers" in failed["details"]["error"], failed
     a.stop()
+
+
+@pytest.mark.mount
+@pytest.mark.allow_log(r"notify hook: stopping: 2 event\(s\) left undelivered after 5 s")
+def test_stop_is_not_held_by_a_hanging_hook(vmd_factory: Callable[..., VmdDaemon],
+                                            tmp_path: Path) -> None:
+    """A hook that hangs at a stop gets the grace period, then is killed:
+    `vmd stop` still ends well before the hook's own timeout."""
+    started = tmp_path / "started"
+    vmd = vmd_factory(extra={"notify": f"echo >> {started}; exec sleep 1000"},
+                      env={"VMD_NOTIFY_TIMEOUT": "600"}).start()
+    vmd.cli("plex", "detach", "vol0", "p1")
+    vmd.cli("plex", "attach", "vol0", "p1")  # queued behind the hanging run
+    wait_for(lambda: started.exists(), what="the hook to run")
+    t0 = time.monotonic()
+    vmd.stop(timeout=60)
+    took = time.monotonic() - t0
+    assert took < 30, f"vmd stop took {took:.1f} s with a hanging notify hook"
+    assert started.read_text() == "\n", "a second run began after the stop's grace period"
+    assert "2 event(s) left undelivered" in vmd.stderr(), vmd.stderr()
