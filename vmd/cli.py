@@ -97,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     from .resize_cli import add_resize_parser  # noqa: PLC0415
 
     add_resize_parser(sub)
+
+    from .events_cli import add_events_parser  # noqa: PLC0415
+
+    add_events_parser(sub)
     set_epilogs(ap, EXAMPLES_HEADING, EXAMPLES_FOOTER)
     return ap
 
@@ -240,7 +244,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     sock = Path(args.socket) if args.socket else load_config(cfg_path).socket
-    client = AdminClient(sock, timeout=None if args.command in ("wait", "snap") else 120.0)
+    client = AdminClient(sock, timeout=None if args.command in ("wait", "snap", "events") else 120.0)
     if args.command == "status":
         reply = client.request({"cmd": "status", "volume": args.volume})
         if args.json:
@@ -276,6 +280,10 @@ def _run(args: argparse.Namespace) -> int:
         from .resize_cli import run_resize_command  # noqa: PLC0415
 
         return run_resize_command(args, client)
+    elif args.command == "events":
+        from .events_cli import run_events_command  # noqa: PLC0415
+
+        return run_events_command(args, client)
     elif args.command == "rcopy":
         from .rcopy_cli import run_rcopy_command  # noqa: PLC0415
 

@@ -137,9 +137,12 @@ class Config:
     # The FUSE writeback cache for volumes with direct_io false (fusefs.VolumeFS
     # says why it is safe); mount-wide, as the kernel negotiates it per mount.
     writeback_cache: bool = False
+    # Run for every event (vmd/notify.py): the argv, a string given as `sh -c STRING`.
+    notify: tuple[str, ...] | None = None
 
 
-_TOP_KEYS = {"mountpoint", "socket", "volumes", "resync", "clean_delay", "writeback_cache"}
+_TOP_KEYS = {"mountpoint", "socket", "volumes", "resync", "clean_delay", "writeback_cache",
+             "notify"}
 _VOLUME_KEYS = {"size", "plexes", "log", "region_size", "drl", "fastresync", "fastresync_region",
                 "direct_io", "rcopy"}
 _RCOPY_KEYS = {"target", "period"}
@@ -259,8 +262,19 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
     return Config(path=cpath, mountpoint=ctx.filepath(raw["mountpoint"], "mountpoint"),
                   socket=ctx.filepath(raw["socket"], "socket"), volumes=volumes, resync=resync,
-                  clean_delay=float(clean_delay),
+                  clean_delay=float(clean_delay), notify=_notify_command(ctx, raw.get("notify")),
                   writeback_cache=ctx.boolean(raw.get("writeback_cache", False), "writeback_cache"))
+
+
+def _notify_command(ctx: _Ctx, raw: Any) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str) and raw.strip():
+        return ("sh", "-c", raw)
+    if isinstance(raw, list) and raw and all(isinstance(a, str) and a for a in raw):
+        return tuple(raw)
+    raise ctx.err("notify", f"expected a command: a string (run by sh -c) or a list of "
+                  f"non-empty words, e.g. 'mail -s \"vmd: $VMD_EVENT\" root', got {raw!r}")
 
 
 def _rcopy_config(ctx: _Ctx, raw: Any, key: str) -> RcopyConfig | None:

@@ -13,7 +13,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import commands, rcopy_verbs, resize_verbs, snapshot_verbs
+from . import commands, events, rcopy_verbs, resize_verbs, snapshot_verbs
 from .admin import AdminServer
 from .config import Config, check_environment
 from .errors import VmdError
@@ -21,6 +21,7 @@ from .exclusive import (check_socket_free, check_socket_path, clear_dead_mount, 
                         release_mountpoint)
 from .fusefs import VolumeFS
 from .manager import VolumeManager
+from .notify import Notifier
 from .resize import adopt_logged_sizes
 from .uring import Ring
 
@@ -58,6 +59,7 @@ class Daemon:
         snapshot_verbs.register(self.commands, self.manager)
         resize_verbs.register(self.commands, self.manager)
         self.rcopy = rcopy_verbs.register(self.commands, self.manager)
+        events.register(self.commands)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -85,6 +87,7 @@ class Daemon:
 
     async def _run(self) -> None:
         cfg = self.cfg
+        notifier = Notifier(cfg.notify) if cfg.notify else None  # queues the start's events
         self.manager.open_all(self.recover_all)
         cfg.mountpoint.mkdir(parents=True, exist_ok=True)
         async with AsyncExitStack() as stack:
@@ -102,6 +105,9 @@ class Daemon:
             stack.callback(close_fuse)
             nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(nursery.cancel_scope.cancel)
+            if notifier is not None:  # its stop, registered after the cancel, runs before it
+                await nursery.start(notifier.run, name="notify")
+                stack.callback(notifier.stop)
             plex_io = "io_uring" if Ring.get() is not None else "worker threads"
             await self.manager.start(nursery)
             await self.rcopy.startup(nursery)  # roll back unfinished updates; start links

@@ -11,6 +11,7 @@ from typing import Any
 
 import trio
 
+from . import events
 from .config import Config, VolumeConfig, format_size
 from .errors import SidecarError, VmdError
 from .exclusive import InUseError, close_locked, lock_exclusive, open_locked
@@ -107,10 +108,13 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
                 sidecar.close()
                 raise InUseError(f"volume {vc.name}: {e}", e.holder) from None
             except OSError as e:
+                was = rec.state
                 rec.state, rec.reason = IOFAIL, f"cannot open image {rec.path}: {e.strerror or e}"
                 rec.identity = p.identity()
                 rec.missing = None
                 log.error("volume %s: plex %s is IOFAIL: %s", vc.name, rec.name, rec.reason)
+                events.emit(events.PLEX_STATE, vc.name, rec.name, state=IOFAIL, was=was,
+                            reason=rec.reason)
         plexes.append(p)
 
     if state.extra.get("config_fastresync") != vc.fastresync:
@@ -260,6 +264,7 @@ class VolumeManager:
         except (VmdError, OSError) as e:
             self.refused[vc.name] = str(e)
             log.error("volume %s refused: %s", vc.name, e)
+            events.emit(events.VOLUME_REFUSED, vc.name, error=str(e))
 
     def open_all(self, recover_all: set[str] = frozenset()) -> None:  # type: ignore[assignment]
         for name, vc in self.cfg.volumes.items():
@@ -271,6 +276,7 @@ class VolumeManager:
                     self.refused[name] = (f"snapshot {name} of volume {vol.name} has the name of a "
                                           f"volume in {self.cfg.path}")
                     log.error("volume %s refused: %s", name, self.refused[name])
+                    events.emit(events.VOLUME_REFUSED, name, error=self.refused[name])
                     continue
                 self._open(snapshot_config(vol, name, info))
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from . import events
 from .config import VolumeConfig, format_size
 from .errors import VmdError
 from .plex import PARALLEL_BYTES, Plex, PlexIOError
@@ -218,7 +219,7 @@ class MirrorVolume(Volume):
             if rec.state == ACTIVE and not self._in_sync(exclude=p):
                 raise VmdError(f"plex {name} is the last in-sync plex of volume {self.name}; "
                                f"detaching it would leave no complete copy")
-            was_writable = rec.state in WRITABLE
+            was, was_writable = rec.state, rec.state in WRITABLE
             if was_writable and p.fd >= 0:
                 await self.flush_plex(p)
             p.close()
@@ -236,6 +237,7 @@ class MirrorVolume(Volume):
             await self.checkpoint()
         log.info("volume %s: plex %s detached%s", self.name, name,
                  " (FastResync tracks what it misses)" if rec.missing is not None else "")
+        events.emit(events.PLEX_STATE, self.name, name, state=DETACHED, was=was, reason=rec.reason)
         return self._plex_status(p)
 
     async def attach_plex(self, name: str) -> dict[str, Any]:
@@ -256,9 +258,12 @@ class MirrorVolume(Volume):
                 log.info("volume %s: plex %s reattached with FastResync: %s to copy", self.name,
                          name, format_size(rec.missing.bytes_covered()))  # type: ignore[union-attr]
             # Nothing missed (reattached at once): in sync already.
+            was = rec.state
             rec.state = SYNCING if rec.missing.bits.any() else ACTIVE  # type: ignore[union-attr]
             rec.reason, rec.identity = "", None
             await self.checkpoint()
+        events.emit(events.PLEX_STATE, self.name, name, state=rec.state, was=was,
+                    reason=f"attached, full resync: {why}" if why else "attached with FastResync")
         self.resync.wake()
         return {**self._plex_status(p), "full_resync": bool(why), "why": why}
 

@@ -45,6 +45,7 @@ from typing import Any
 import trio
 from bitarray import bitarray
 
+from . import events
 from . import rcopy_proto as P
 from .config import RcopyConfig, format_size
 from .errors import VmdError
@@ -257,6 +258,7 @@ class Link:
             what = "reverse" if rev is not None else "update"
             log.warning("volume %s: remote copy %s %d failed (retried at the next one): %s",
                         vol.name, what, seq, msg)
+            events.emit(events.RCOPY_FAILED, vol.name, seq=seq, reverse=rev is not None, error=msg)
             raise VmdError(f"volume {vol.name}: remote copy {what} {seq} failed: {msg}") from None
         finally:
             self.xfer = None
@@ -273,6 +275,8 @@ class Link:
         out = {"volume": vol.name, "seq": ack, "time": pit, "sent_bytes": x.sent_bytes,
                "zero_bytes": x.zero_bytes, "full": full, "seconds": secs,
                "cow_bytes": x.saved_bytes}
+        events.emit(events.RCOPY_COMMITTED, vol.name, seq=ack, point_in_time=pit, full=full,
+                    sent_bytes=x.sent_bytes, seconds=round(secs, 3), reverse=rev is not None)
         if rev is not None:
             out.update(reverse=True, own_bytes=st["own_bytes"],
                        overwritten_bytes=st["overwritten_bytes"], size=vol.size)

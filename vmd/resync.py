@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import trio
 
+from . import events
 from .config import MiB, format_size
 from .plex import Plex, PlexIOError
 from .rangelock import RangeLock
@@ -156,6 +157,7 @@ class Resync:
                 # daemon down.
                 log.error("volume %s: resync interrupted: %s; retrying in %d s",
                           self.volume.name, e, RETRY_SECONDS)
+                events.emit(events.RESYNC_INTERRUPTED, self.volume.name, error=str(e))
                 stuck = True
             finally:
                 self._cancel = None
@@ -186,6 +188,8 @@ class Resync:
         self.total_bytes = await self._allocated(runs)
         log.info("volume %s: resync of %s (%s allocated) to plex %s started", vol.name,
                  format_size(span), format_size(self.total_bytes), ", ".join(self.last_targets))
+        events.emit(events.RESYNC_STARTED, vol.name, targets=self.last_targets, span_bytes=span,
+                    total_bytes=self.total_bytes)
         pending: dict[str, list[list[int]]] = {}
         pending_bytes = 0
         last_commit = time.monotonic()
@@ -323,6 +327,7 @@ class Resync:
     async def _finish(self, targets: list[Plex]) -> None:
         vol = self.volume
         changed = False
+        was = {p.name: p.state for p in vol.plexes}
         for t in targets:
             m = t.record.missing
             if m is None or m.bits.any():
@@ -346,3 +351,10 @@ class Resync:
         vol._update_recovering()
         log.info("volume %s: resync finished: %s copied in %.2f s", vol.name,
                  format_size(self.copied_bytes), self.last_seconds)
+        for p in vol.plexes:
+            if p.state != was.get(p.name, p.state):
+                events.emit(events.PLEX_STATE, vol.name, p.name, state=p.state, was=was[p.name],
+                            reason="resync finished")
+        events.emit(events.RESYNC_FINISHED, vol.name, targets=[t.name for t in targets],
+                    copied_bytes=self.copied_bytes, synced_bytes=self.synced_bytes,
+                    seconds=round(self.last_seconds, 3))

@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from . import events
 from .config import check_name, format_size
 from .errors import VmdError
 from .manager import VolumeManager, open_volume, snapshot_config
@@ -170,6 +171,7 @@ async def snap_take(m: VolumeManager, vol: Volume, name: str) -> dict[str, Any]:
     held = time.monotonic() - t0
     log.info("volume %s: snapshot %s taken from plex %s (writes held %.3f s)", vol.name, name,
              p.name, held)
+    events.emit(events.SNAPSHOT_TAKEN, vol.name, p.name, snapshot=name, path=p.record.path)
     return {"snapshot": name, "of": vol.name, "path": p.record.path, "held_seconds": held}
 
 
@@ -249,6 +251,8 @@ async def snap_back(m: VolumeManager, name: str, *, from_snapshot: bool = False,
         log.warning("volume %s: snap back of %s: %s", origin.name, name, why)
     log.info("volume %s: snap back of %s%s: %s to copy", origin.name, name,
              " (from the snapshot)" if from_snapshot else "", format_size(diff.bytes_covered()))
+    events.emit(events.SNAPSHOT_MERGED, origin.name, rec.name, snapshot=name,
+                from_snapshot=from_snapshot, copy_bytes=diff.bytes_covered(), full=bool(why))
     return {"volume": origin.name, "plex": rec.name, "copy_bytes": diff.bytes_covered(),
             "full": bool(why)}
 

@@ -28,6 +28,7 @@ from .rangelock import Gate, RangeLock
 from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPLINK, STALE, WRITABLE, PlexRecord,
                       SidecarLog, VolumeState)
 from .errors import VmdError
+from . import events
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +295,7 @@ class Volume:
                 rec.missing.fill()
         log.error("volume %s: plex %s (%s) is now IOFAIL after %s (was %s)",
                   self.name, p.name, p.path, err, was)
+        events.emit(events.PLEX_STATE, self.name, p.name, state=IOFAIL, was=was, reason=str(err))
         self._update_recovering()
         if not self._failures_pending:
             self._failures_done = trio.Event()
