@@ -28,12 +28,14 @@ from .config import VolumeConfig
 from .errors import VmdError
 from .plex import Plex, PlexIOError
 from .raid5_rebuild import Rebuild, xor_into
+from .raid5log import Raid5Log
 from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPLINK, STALE, SYNCING, WRITABLE,
                       PlexRecord, SidecarLog, VolumeState)
 from .volume import Volume, VolumeIOError, Zeros
 
 log = logging.getLogger(__name__)
 
+RETIRE_SECONDS = 2.0
 # (column index, offset in the column, length)
 Piece = tuple[int, int, int]
 
@@ -51,7 +53,9 @@ class Raid5Volume(Volume):
         self.column_size = self.size // (self.ncol - 1)
         self.resync = Rebuild(self, rate_limit=rate_limit)
         self.method_counts = {"full": 0, "rmw": 0, "rcw": 0, "degraded": 0}
+        self.r5log = None if cfg.raid5_log is None else Raid5Log(cfg.raid5_log, self.flush)
         self.degraded_reads = 0
+        self.replayed_entries = 0  # RAID-5 log entries replayed at start
 
     # -- geometry ------------------------------------------------------------
 
@@ -201,7 +205,14 @@ class Raid5Volume(Volume):
             for c in range(self.ncol):
                 if not self._writable(c):
                     self._mark_missed(self.columns[c].record, off, n)
-            failed = await self._write_pieces(writes)
+            seq = await self.r5log.append(writes) if self.r5log is not None else 0
+            if self._fault is not None and self._fault.matches(self.name, off):
+                self._cut(writes, plan)
+            try:
+                failed = await self._write_pieces(writes)
+            finally:
+                if self.r5log is not None:
+                    self.r5log.written(seq)
             await self._fail_columns(failed, stripes)
             if self.error is not None:
                 raise VolumeIOError(errno.EIO, f"volume {self.name}: {self.error}")
@@ -210,6 +221,15 @@ class Raid5Volume(Volume):
                                     f"second column: the stripe cannot be recovered")
             return
         raise VolumeIOError(errno.EIO, f"volume {self.name}: columns kept failing at {off}")
+
+    def _cut(self, writes: list[tuple[int, int, Any]], plan: "_WritePlan") -> None:
+        """The test fault: only the data (or only the parity) reaches the columns."""
+        parity = {(self.parity_col(st["s"]), st["s"] * self.su + st["pa"]) for st in plan.stripes}
+        want = self._fault.part == "parity"  # type: ignore[union-attr]
+        for c, at, data in writes:
+            if ((c, at) in parity) == want:
+                self.columns[c].pwrite_inline(at, data)
+        self._fault.die()  # type: ignore[union-attr]
 
     def _plan_writes(self, off: int, data: memoryview, stripes: range) -> "_WritePlan":
         plan = _WritePlan(self)
@@ -292,8 +312,39 @@ class Raid5Volume(Volume):
             "degraded": any(p.state != ACTIVE for p in self.columns),
             "stripes_lacking": bad,
             "write_methods": dict(self.method_counts),
-            "degraded_reads": self.degraded_reads,
+            "degraded_reads": self.degraded_reads, "replayed_entries": self.replayed_entries,
+            "raid5_log": None if self.r5log is None else self.r5log.status(),
         }
+
+    # -- background work and stop ----------------------------------------------
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            if self.r5log is not None:
+                await nursery.start(self.r5log.run_committer)
+                nursery.start_soon(self._retire_idle)
+            await nursery.start(super().run)
+            task_status.started()
+
+    async def _retire_idle(self) -> None:
+        """Retire the log while the volume is quiet, so that a restart has
+        little to replay (a busy log retires when half full)."""
+        while True:
+            await trio.sleep(RETIRE_SECONDS)
+            try:
+                await self.r5log.retire()  # type: ignore[union-attr]
+            except OSError as e:
+                log.warning("volume %s: RAID-5 log retire failed: %s", self.name, e)
+
+    async def shutdown(self) -> None:
+        try:
+            await super().shutdown()
+            if self.r5log is not None and self.r5log.fd >= 0:
+                # The columns were flushed by the shutdown: nothing to replay.
+                self.r5log.reset()
+        finally:
+            if self.r5log is not None:
+                self.r5log.close()
 
     # -- membership (admin) --------------------------------------------------
 
@@ -498,6 +549,8 @@ def plan_raid5_recovery(vol: Raid5Volume, *, full: bool, force: bool) -> None:
     from .regionmap import RegionMap
 
     st = vol.state
+    if vol.r5log is not None:
+        replay_raid5_log(vol)
     if st.clean:
         return
     dirty = RegionMap(st.size, st.region_size, fill=True) if full else st.drl.copy()
@@ -507,7 +560,12 @@ def plan_raid5_recovery(vol: Raid5Volume, *, full: bool, force: bool) -> None:
         stripes.update(vol._stripes(off, n))
     out = [c for c in range(vol.ncol) if vol.columns[c].state != ACTIVE
            or vol.columns[c].fd < 0]
-    if stripes and out:
+    if vol.r5log is not None:
+        # The log was replayed: every stripe's parity matches its data.
+        stripes_parity: set[int] = set()
+    else:
+        stripes_parity = stripes
+    if stripes_parity and out:
         names = ", ".join(vol.columns[c].name for c in out)
         why = (f"volume {vol.name} was not stopped cleanly and is degraded (column {names} "
                f"out) and has no RAID-5 log: the parity of {len(stripes)} stripe(s) may not "
@@ -521,10 +579,35 @@ def plan_raid5_recovery(vol: Raid5Volume, *, full: bool, force: bool) -> None:
     for s in sorted(stripes):
         for c in out:
             vol._mark_missed(vol.columns[c].record, s * vol.width, vol.width)
-        if not out:
+        if not out and s in stripes_parity:
             vol._mark_missed(vol.columns[vol.parity_col(s)].record, s * vol.width, vol.width)
     st.drl.clear()
     vol.recovered_regions = dirty.count()
     log.warning("volume %s was not stopped cleanly: regenerating the parity of %d stripe(s) "
-                "(%s)", vol.name, len(stripes) if not out else 0,
+                "(%s)", vol.name, len(stripes_parity) if not out else 0,
                 "whole volume, no DRL" if full else f"{dirty.count()} dirty regions")
+
+
+def replay_raid5_log(vol: Raid5Volume) -> None:
+    """Before the volume is served: write every entry not retired to the
+    columns that are in, flush them, and start the log empty."""
+    import os
+
+    assert vol.r5log is not None
+
+    def write(c: int, off: int, data: bytes) -> None:
+        if c < vol.ncol and vol._writable(c):
+            os.pwrite(vol.columns[c].fd, data, off)
+
+    try:
+        n = vol.r5log.replay(write)
+    except ValueError as e:
+        raise VmdError(f"volume {vol.name}: RAID-5 log {vol.r5log.path}: {e}; vmd cannot "
+                       f"tell which stripes were being written") from None
+    for c in range(vol.ncol):
+        if vol._writable(c):
+            os.fsync(vol.columns[c].fd)
+    vol.r5log.reset()
+    vol.replayed_entries = n
+    if n:
+        log.warning("volume %s: RAID-5 log replayed: %d entries", vol.name, n)
