@@ -50,12 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     d = add_verb(sub, "daemon", "run the daemon in the foreground", (
         ("vmd daemon -c config/vmd.yaml", "run in the foreground (make run)"),
         ("vmd daemon --recover-all vol0", "vol0's sidecar log is missing or damaged"),
+        ("vmd daemon --force-degraded r5", "RAID-5 r5 is dirty, degraded and has no log"),
         "vmd daemon --debug"))
     d.add_argument("-c", "--config", dest="config_sub", metavar="CONFIG",
                    help="config file (the same as `vmd -c CONFIG daemon`)")
     d.add_argument("--recover-all", action="append", default=[], metavar="VOLUME",
                    help="rebuild VOLUME's sidecar log and resync every plex from the first one "
                         "(for a missing or damaged log); may be repeated")
+    d.add_argument("--force-degraded", action="append", default=[], metavar="VOLUME",
+                   help="serve RAID-5 VOLUME although it was not stopped cleanly, lacks a "
+                        "column and has no RAID-5 log (the write hole); may be repeated")
     d.add_argument("--debug", action="store_true", help="debug logging")
 
     s = add_verb(sub, "status", "show volumes and plexes", (
@@ -73,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
         pp = add_verb(psub, action, summary, examples)
         pp.add_argument("volume", help=VOLUME_HELP)
         pp.add_argument(what.lower(), metavar=what, help=_PLEX_ARG_HELP[what])
+    pr = add_verb(psub, "replace", "RAID-5: put a new image PATH in place of a failed or "
+                  "detached column, rebuilt in the background", (
+                      ("vmd plex replace r5 c1 /srv/disk3/r5-c1.img", "after column c1 failed"),))
+    pr.add_argument("volume", help=VOLUME_HELP)
+    pr.add_argument("plex", metavar="COLUMN", help="the column's name (c0, c1, ...)")
+    pr.add_argument("path", metavar="PATH", help="the new image file (created sparse if "
+                    "missing); relative to the current directory")
 
     w = add_verb(sub, "wait", "wait until no resync runs on VOLUME", (
         ("vmd wait vol0", "until no resync runs"),))
@@ -237,10 +248,12 @@ def _run(args: argparse.Namespace) -> int:
 
         _setup_logging(args.debug)
         cfg = load_config(cfg_path)
-        unknown = [v for v in args.recover_all if v not in cfg.volumes]
-        if unknown:
-            raise VmdError(f"--recover-all: no volume {unknown[0]!r} in {cfg.path}")
-        serve(cfg, set(args.recover_all))
+        for opt, names in (("--recover-all", args.recover_all),
+                           ("--force-degraded", args.force_degraded)):
+            unknown = [v for v in names if v not in cfg.volumes]
+            if unknown:
+                raise VmdError(f"{opt}: no volume {unknown[0]!r} in {cfg.path}")
+        serve(cfg, set(args.recover_all), set(args.force_degraded))
         return EXIT_OK
 
     sock = Path(args.socket) if args.socket else load_config(cfg_path).socket
@@ -257,9 +270,12 @@ def _run(args: argparse.Namespace) -> int:
         _wait_gone(sock)
         print("vmd stopped")
     elif args.command == "plex":
-        arg = "path" if args.plex_cmd == "add" else "plex"
-        value = os.path.abspath(args.path) if arg == "path" else args.plex
-        reply = client.request({"cmd": f"plex.{args.plex_cmd}", "volume": args.volume, arg: value})
+        req = {"cmd": f"plex.{args.plex_cmd}", "volume": args.volume}
+        if args.plex_cmd != "add":
+            req["plex"] = args.plex
+        if args.plex_cmd in ("add", "replace"):
+            req["path"] = os.path.abspath(args.path)
+        reply = client.request(req)
         if "plex" in reply:
             p = reply["plex"]
             extra = f" (full resync: {reply['why']})" if reply.get("why") else ""

@@ -68,6 +68,18 @@ def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], N
         p = await vol.add_plex(path)
         return {"plex": vol._plex_status(p)}
 
+    async def plex_replace(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        vol = m.get(req_str(req, "volume"))
+        path = os.path.abspath(req_str(req, "path"))
+        used = m.plex_path_in_use(path)
+        if used:
+            raise VmdError(f"{path} is already {used}")
+        if not hasattr(vol, "columns"):
+            raise VmdError(f"volume {vol.name} is a mirror: `plex replace` is for RAID-5 "
+                           f"columns; use `vmd plex remove` and `vmd plex add`")
+        check_image(Path(path), vol.cfg.image_size, f"plex replace {vol.name}")
+        return {"plex": await vol.attach_plex(req_str(req, "plex"), path=path)}
+
     async def plex_remove(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         rec, _ = await m.get(req_str(req, "volume")).remove_plex(req_str(req, "plex"))
         return {"removed": rec.name, "path": rec.path}
@@ -93,5 +105,5 @@ def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], N
 
     table.update({
         "status": status, "stop": stop, "plex.detach": plex_detach, "plex.attach": plex_attach,
-        "plex.add": plex_add, "plex.remove": plex_remove, "fastresync": fastresync, "wait": wait,
+        "plex.add": plex_add, "plex.remove": plex_remove, "plex.replace": plex_replace, "fastresync": fastresync, "wait": wait,
     })

@@ -41,6 +41,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_REGION_SIZE = 4 * MiB
 DEFAULT_FMR_REGION = 64 * KiB
 SECTOR = 512
+DEFAULT_STRIPE_UNIT = 64 * KiB
 
 
 def parse_size(value: Any) -> int:
@@ -118,6 +119,15 @@ class VolumeConfig:
     rcopy: RcopyConfig | None = None
     # The volume file bypasses the kernel's page cache (README: Page cache).
     direct_io: bool = True
+    # RAID-5 (vmd/raid5.py): `plexes` holds the columns, in column order.
+    layout: str = "mirror"
+    stripe_unit: int = DEFAULT_STRIPE_UNIT
+    raid5_log: Path | None = None
+
+    @property
+    def image_size(self) -> int:
+        """The size of each image: the volume's, or a RAID-5 column's."""
+        return self.size if self.layout == "mirror" else self.size // (len(self.plexes) - 1)
 
 
 @dataclass(frozen=True)
@@ -144,7 +154,7 @@ class Config:
 _TOP_KEYS = {"mountpoint", "socket", "volumes", "resync", "clean_delay", "writeback_cache",
              "notify"}
 _VOLUME_KEYS = {"size", "plexes", "log", "region_size", "drl", "fastresync", "fastresync_region",
-                "direct_io", "rcopy"}
+                "direct_io", "rcopy", "layout", "columns", "stripe_unit", "raid5_log"}
 _RCOPY_KEYS = {"target", "period"}
 _RESYNC_KEYS = {"rate_limit"}
 
@@ -190,6 +200,15 @@ class _Ctx:
         return Path(os.path.normpath(self.path.parent / p)) if not p.is_absolute() else p
 
 
+    def unique_path(self, value: Any, key: str, seen: dict[Path, str]) -> Path:
+        """A path no other key of the config uses (`seen`: path → its key)."""
+        p = self.filepath(value, key)
+        if p in seen:
+            raise self.err(key, f"{p} is already used by {seen[p]}")
+        seen[p] = key
+        return p
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate the config file (syntax and values, not the disk)."""
     cpath = Path(os.path.abspath(path))
@@ -231,34 +250,51 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         except ValueError as e:
             raise ctx.err(key, str(e)) from None
         v = ctx.mapping(vraw, key, _VOLUME_KEYS)
-        for required in ("size", "plexes", "log"):
+        layout = v.get("layout", "mirror")
+        if layout not in ("mirror", "raid5"):
+            raise ctx.err(f"{key}.layout", f"expected mirror or raid5, got {layout!r}")
+        images = "plexes" if layout == "mirror" else "columns"
+        for required in ("size", images, "log"):
             if required not in v:
                 raise ctx.err(f"{key}.{required}", "missing required key")
+        wrong = {"plexes": "columns", "columns": "plexes"}[images]
+        if wrong in v:
+            raise ctx.err(f"{key}.{wrong}", f"a {layout} volume lists its images under "
+                          f"{key}.{images}")
+        for r5key in ("stripe_unit", "raid5_log"):
+            if layout == "mirror" and r5key in v:
+                raise ctx.err(f"{key}.{r5key}", "only for layout: raid5")
         size = ctx.size(v["size"], f"{key}.size", minimum=SECTOR, multiple=SECTOR)
         region = ctx.size(v.get("region_size", DEFAULT_REGION_SIZE), f"{key}.region_size",
                           minimum=4096, multiple=4096)
         fmr = ctx.size(v.get("fastresync_region", DEFAULT_FMR_REGION), f"{key}.fastresync_region",
                        minimum=4096, multiple=4096)
-        plist = v["plexes"]
+        plist = v[images]
         if not isinstance(plist, list) or not plist:
-            raise ctx.err(f"{key}.plexes", "expected a non-empty list of image paths")
-        plexes = []
-        for i, p in enumerate(plist):
-            pp = ctx.filepath(p, f"{key}.plexes[{i}]")
-            if pp in seen_paths:
-                raise ctx.err(f"{key}.plexes[{i}]", f"{pp} is already used by {seen_paths[pp]}")
-            seen_paths[pp] = f"{key}.plexes[{i}]"
-            plexes.append(pp)
-        log = ctx.filepath(v["log"], f"{key}.log")
-        if log in seen_paths:
-            raise ctx.err(f"{key}.log", f"{log} is already used by {seen_paths[log]}")
-        seen_paths[log] = f"{key}.log"
+            raise ctx.err(f"{key}.{images}", "expected a non-empty list of image paths")
+        plexes = [ctx.unique_path(p, f"{key}.{images}[{i}]", seen_paths)
+                  for i, p in enumerate(plist)]
+        log = ctx.unique_path(v["log"], f"{key}.log", seen_paths)
+        r5: dict[str, Any] = {}
+        if layout == "raid5":
+            if len(plexes) < 3:
+                raise ctx.err(f"{key}.columns", f"RAID-5 needs 3 or more columns, got {len(plexes)}")
+            su = ctx.size(v.get("stripe_unit", DEFAULT_STRIPE_UNIT), f"{key}.stripe_unit",
+                          minimum=4096, multiple=4096)
+            width = su * (len(plexes) - 1)
+            if size % width:
+                raise ctx.err(f"{key}.size", f"{size} is not a multiple of (columns - 1) x "
+                              f"stripe_unit = {width} ({format_size(width)})")
+            # A column's FastResync map marks whole stripe units (vmd/raid5.py).
+            fmr = su
+            r5 = {"layout": layout, "stripe_unit": su, "raid5_log": None if "raid5_log" not in v
+                  else ctx.unique_path(v["raid5_log"], f"{key}.raid5_log", seen_paths)}
         volumes[name] = VolumeConfig(
             name=name, size=size, plexes=tuple(plexes), log=log, region_size=region,
             drl=ctx.boolean(v.get("drl", True), f"{key}.drl"),
             fastresync=ctx.boolean(v.get("fastresync", True), f"{key}.fastresync"),
             fastresync_region=fmr, rcopy=_rcopy_config(ctx, v.get("rcopy"), f"{key}.rcopy"),
-            direct_io=ctx.boolean(v.get("direct_io", True), f"{key}.direct_io"))
+            direct_io=ctx.boolean(v.get("direct_io", True), f"{key}.direct_io"), **r5)
 
     return Config(path=cpath, mountpoint=ctx.filepath(raw["mountpoint"], "mountpoint"),
                   socket=ctx.filepath(raw["socket"], "socket"), volumes=volumes, resync=resync,
@@ -312,8 +348,9 @@ def check_environment(cfg: Config, grown_from: dict[str, int] | None = None) -> 
     _check_dir_writable(ctx, cfg.socket.parent, "socket")
     for vol in cfg.volumes.values():
         key = f"volumes.{vol.name}"
+        images = "plexes" if vol.layout == "mirror" else "columns"
         for i, p in enumerate(vol.plexes):
-            check_image(p, vol.size, f"{cfg.path}: {key}.plexes[{i}]",
+            check_image(p, vol.image_size, f"{cfg.path}: {key}.{images}[{i}]",
                         (grown_from or {}).get(vol.name))
         _check_dir_writable(ctx, vol.log.parent, f"{key}.log")
 

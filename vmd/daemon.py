@@ -47,10 +47,12 @@ def sd_notify(state: str) -> None:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, recover_all: set[str] | None = None):
+    def __init__(self, cfg: Config, recover_all: set[str] | None = None,
+                 force_degraded: set[str] | None = None):
         self.cfg = cfg
         self.recover_all = recover_all or set()
         self.manager = VolumeManager(cfg)
+        self.manager.force_degraded = force_degraded or set()
         self.fs: VolumeFS | None = None
         self._stop = trio.Event()
         # The admin verbs: each feature adds its own (Remote Copy wraps `status`).
@@ -180,9 +182,10 @@ class Daemon:
                 self.request_stop()
 
 
-def serve(cfg: Config, recover_all: set[str] | None = None) -> None:
+def serve(cfg: Config, recover_all: set[str] | None = None,
+          force_degraded: set[str] | None = None) -> None:
     try:
-        trio.run(Daemon(cfg, recover_all).run)
+        trio.run(Daemon(cfg, recover_all, force_degraded).run)
     except BaseExceptionGroup as group:
         # A user error raised in a task reaches here wrapped by the nursery:
         # the user gets its one line, not a traceback.

@@ -2,7 +2,9 @@
 
 VMD_TEST_FAULT=split-write:VOLUME:OFFSET  — the first write to VOLUME that
 starts at byte OFFSET reaches only the first writable plex, then the daemon
-SIGKILLs itself: the torn mirror write of a power cut, made repeatable.
+SIGKILLs itself: the torn mirror write of a power cut, made repeatable. On
+a RAID-5 volume it reaches only the data units (after the RAID-5 log, if
+any); VMD_TEST_FAULT=split-parity:VOLUME:OFFSET reaches only the parity.
 VMD_TEST_FAULT=rcopy-commit:VOLUME — the checkpoint that records a Remote
 Copy update's new consistent point on VOLUME fails with EIO, as a full or
 failing log disk would make it.
@@ -19,9 +21,10 @@ import signal
 
 
 class SplitWrite:
-    def __init__(self, volume: str, offset: int):
+    def __init__(self, volume: str, offset: int, part: str = "data"):
         self.volume = volume
         self.offset = offset
+        self.part = part  # RAID-5: the pieces that reach the columns
 
     def matches(self, volume: str, off: int) -> bool:
         return volume == self.volume and off == self.offset
@@ -33,10 +36,10 @@ class SplitWrite:
 
 def split_write_fault() -> SplitWrite | None:
     spec = os.environ.get("VMD_TEST_FAULT", "")
-    if not spec.startswith("split-write:"):
+    if not spec.startswith(("split-write:", "split-parity:")):
         return None
-    _, vol, off = spec.split(":", 2)
-    return SplitWrite(vol, int(off))
+    kind, vol, off = spec.split(":", 2)
+    return SplitWrite(vol, int(off), "parity" if kind == "split-parity" else "data")
 
 
 def rcopy_commit_fault(volume: str) -> None:

@@ -21,6 +21,7 @@ from .resize import finish_grow
 from .sidecar import (ACTIVE, IOFAIL, SNAPATT, WRITABLE, PlexRecord, SidecarLog, VolumeState,
                       new_state)
 from .mirror import MirrorVolume
+from .raid5 import Raid5Volume, plan_raid5_recovery
 from .volume import Volume, delete_if_created
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ def _holds_data(path: Path) -> bool:
 
 def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
                 clean_delay: float = 5.0, rate_limit: int = 0,
-                plex_factory: Callable[[PlexRecord, int], Plex] = Plex) -> Volume:
+                plex_factory: Callable[[PlexRecord, int], Plex] = Plex,
+                force_degraded: bool = False) -> Volume:
     """Open one volume: replay (or create) its sidecar log, open its plexes,
     and set up crash recovery. Raises VmdError if the volume must be refused."""
     if vc.log.exists() and not recover_all:
@@ -83,7 +85,8 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         state.extra["config_fastresync"] = vc.fastresync
         state.config_plexes = [str(p) for p in vc.plexes]
         for i, p in enumerate(vc.plexes):
-            state.plexes.append(PlexRecord(name=f"p{i}", path=str(p), state=ACTIVE,
+            prefix = "p" if vc.layout == "mirror" else "c"
+            state.plexes.append(PlexRecord(name=f"{prefix}{i}", path=str(p), state=ACTIVE,
                                            missing=state.new_map(), created=not p.exists()))
         state.next_plex = len(vc.plexes)
         if recover_all:
@@ -98,7 +101,7 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
 
     plexes: list[Plex] = []
     for rec in state.plexes:
-        p = plex_factory(rec, state.size)
+        p = plex_factory(rec, vc.image_size)
         if rec.state in WRITABLE:
             try:
                 p.open(create=created)
@@ -125,10 +128,19 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
             for rec in state.plexes:
                 if rec.state not in WRITABLE:
                     rec.missing = None
-    vol = MirrorVolume(vc, state, sidecar, plexes, clean_delay=clean_delay, rate_limit=rate_limit,
-                       plex_factory=plex_factory)
+    layout = Raid5Volume if vc.layout == "raid5" else MirrorVolume
+    vol = layout(vc, state, sidecar, plexes, clean_delay=clean_delay, rate_limit=rate_limit,
+                 plex_factory=plex_factory)
     _abort_interrupted_snapshot_mirrors(vol)
-    if not state.clean:
+    if isinstance(vol, Raid5Volume):
+        try:
+            plan_raid5_recovery(vol, full=not vc.drl or recover_all, force=force_degraded)
+        except BaseException:
+            for p in plexes:
+                p.close()
+            sidecar.close()
+            raise
+    elif not state.clean:
         _plan_recovery(vol, full=not vc.drl or recover_all)
     vol._update_recovering()
     return vol
@@ -247,6 +259,7 @@ class VolumeManager:
         self.cfg = cfg
         self.volumes: dict[str, Volume] = {}
         self.refused: dict[str, str] = {}
+        self.force_degraded: set[str] = set()  # `vmd daemon --force-degraded VOLUME`
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, trio.CancelScope] = {}
         self.on_added: Callable[[str], None] = lambda name: None
@@ -258,7 +271,8 @@ class VolumeManager:
         try:
             self.volumes[vc.name] = open_volume(
                 vc, self.cfg.path, recover_all=recover_all,
-                clean_delay=self.cfg.clean_delay, rate_limit=self.cfg.resync.rate_limit)
+                clean_delay=self.cfg.clean_delay, rate_limit=self.cfg.resync.rate_limit,
+                force_degraded=vc.name in self.force_degraded)
         except InUseError:
             raise  # another daemon serves it: this daemon must not start at all
         except (VmdError, OSError) as e:

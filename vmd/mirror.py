@@ -50,6 +50,9 @@ class MirrorVolume(Volume):
     def _mark_missed(self, rec: PlexRecord, off: int, length: int) -> None:
         rec.missing.mark(off, length)  # type: ignore[union-attr]
 
+    def _can_serve(self) -> bool:
+        return any(p.state == ACTIVE for p in self.plexes)
+
     # -- writes --------------------------------------------------------------
 
     async def _write(self, off: int, data: bytes | memoryview | Zeros) -> None:

@@ -60,6 +60,9 @@ def why_not_growable(vol: Volume) -> str | None:
     n, extra = vol.name, vol.state.extra
     if vol.error is not None:
         return f"volume {n} refuses writes: {vol.error}"
+    if vol.cfg.layout != "mirror":
+        return (f"volume {n} is a {vol.cfg.layout} volume: online grow is built for mirrors "
+                f"only so far")
     info = extra.get("snapshot")
     if info and not info.get("cleared"):
         return (f"volume {n} is a snapshot of {info.get('of')}, and a snapshot merges back only "

@@ -25,7 +25,7 @@ from .drl import DirtyRegionLog
 from .faults import split_write_fault
 from .plex import Plex, PlexIOError
 from .rangelock import Gate, RangeLock
-from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPLINK, STALE, WRITABLE, PlexRecord,
+from .sidecar import (DETACHED, IOFAIL, SNAPLINK, STALE, WRITABLE, PlexRecord,
                       SidecarLog, VolumeState)
 from .errors import VmdError
 from . import events
@@ -246,6 +246,10 @@ class Volume:
     def _layout_status(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _can_serve(self) -> bool:
+        """Enough images are in to hold every byte of the volume."""
+        raise NotImplementedError
+
     async def flush(self) -> None:
         """fdatasync every plex that takes writes, in parallel."""
         failed: list[PlexIOError] = []
@@ -262,8 +266,9 @@ class Volume:
                     nursery.start_soon(one, p)
         for e in failed:
             await self.fail_plex(e.plex, e, 0, 0)
-        if failed and not any(p.state == ACTIVE for p in self.plexes):
-            raise VolumeIOError(errno.EIO, f"volume {self.name}: no plex could be flushed")
+        if failed and not self._can_serve():
+            raise VolumeIOError(errno.EIO, f"volume {self.name}: too few images could be "
+                                f"flushed to hold its data")
 
     async def fail_plex(self, p: Plex, err: OSError, off: int, length: int) -> None:
         """Detach a plex after an I/O error (state IOFAIL), durably, before the

@@ -1,0 +1,613 @@
+"""The RAID-5 layout: a `Volume` over N ≥ 3 columns of data and parity.
+
+Placement is Linux md's default, left-symmetric, with no header: data unit
+`i` is in stripe `s = i // (N-1)`; the parity of stripe `s` is on column
+`N-1 - s mod N`; the data units of the stripe follow it in column order,
+wrapping around; every unit of stripe `s` sits at offset `s × stripe_unit` of
+its column.
+
+A column's FastResync map is kept in volume offsets at stripe-unit
+granularity (the config sets `fastresync_region` to the stripe unit): any bit
+inside stripe `s`'s volume range means "this column's unit of stripe `s` is
+not to be trusted; rebuild it from the others". One rule thus covers a
+column that was away (its missed stripes), a new column (every stripe) and
+parity to regenerate after an unclean stop (the parity column's stripes).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import trio
+
+from .config import VolumeConfig
+from .errors import VmdError
+from .plex import Plex, PlexIOError
+from .raid5_rebuild import Rebuild, xor_into
+from .raid5log import Raid5Log
+from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPLINK, STALE, SYNCING, WRITABLE,
+                      PlexRecord, SidecarLog, VolumeState)
+from .volume import Volume, VolumeIOError, Zeros
+
+log = logging.getLogger(__name__)
+
+RETIRE_SECONDS = 2.0
+# (column index, offset in the column, length)
+Piece = tuple[int, int, int]
+
+
+class Raid5Volume(Volume):
+    def __init__(self, cfg: VolumeConfig, state: VolumeState, sidecar: SidecarLog,
+                 plexes: Iterable[Plex], *, clean_delay: float = 5.0, rate_limit: int = 0,
+                 plex_factory: Callable[[PlexRecord, int], Plex] = Plex):
+        super().__init__(cfg, state, sidecar, plexes, clean_delay=clean_delay,
+                         plex_factory=plex_factory)
+        self.columns: list[Plex] = [p for p in self.plexes if p.state != SNAPLINK]
+        self.ncol = len(self.columns)
+        self.su = cfg.stripe_unit
+        self.width = self.su * (self.ncol - 1)  # volume bytes per stripe
+        self.column_size = self.size // (self.ncol - 1)
+        self.resync = Rebuild(self, rate_limit=rate_limit)
+        self.method_counts = {"full": 0, "rmw": 0, "rcw": 0, "degraded": 0}
+        self.r5log = None if cfg.raid5_log is None else Raid5Log(cfg.raid5_log, self.flush)
+        self.degraded_reads = 0
+        self.replayed_entries = 0  # RAID-5 log entries replayed at start
+
+    # -- geometry ------------------------------------------------------------
+
+    def parity_col(self, s: int) -> int:
+        return self.ncol - 1 - s % self.ncol
+
+    def data_col(self, s: int, k: int) -> int:
+        return (self.parity_col(s) + 1 + k) % self.ncol
+
+    def _stripes(self, off: int, n: int) -> range:
+        return range(off // self.width, -(-(off + n) // self.width))
+
+    def _mark_missed(self, rec: PlexRecord, off: int, length: int) -> None:
+        if rec.missing is None or not length:
+            return
+        if rec.state == SNAPLINK:  # a link (Remote Copy) tracks volume bytes
+            rec.missing.mark(off, length)
+            return
+        first = off // self.width * self.width
+        rec.missing.mark(first, -(-(off + length) // self.width) * self.width - first)
+
+    def lacks(self, c: int, s: int) -> bool:
+        """Column c cannot be read for stripe s (away, failed, or not rebuilt there)."""
+        p = self.columns[c]
+        if p.fd < 0 or p.state not in (ACTIVE, SYNCING):
+            return True
+        m = p.record.missing
+        if m is None:
+            return p.state != ACTIVE
+        return m.any_in(s * self.width, self.width)
+
+    def _bad(self, s: int) -> list[int]:
+        return [c for c in range(self.ncol) if self.lacks(c, s)]
+
+    def _writable(self, c: int) -> bool:
+        p = self.columns[c]
+        return p.fd >= 0 and p.state in WRITABLE
+
+    def _can_serve(self) -> bool:
+        return sum(1 for p in self.columns if p.state != ACTIVE) <= 1
+
+    # -- column I/O ----------------------------------------------------------
+
+    async def _read_pieces(self, pieces: list[Piece]) -> list[bytes | bytearray]:
+        """Read the pieces in parallel, contiguous ones of a column as one read.
+        Raises PlexIOError (naming the column) on the first failure."""
+        if len(pieces) == 1:
+            c, off, n = pieces[0]
+            return [await self.columns[c].pread(off, n)]
+        runs: list[list[Any]] = []  # [column, off, end, [piece indices]]
+        for i in sorted(range(len(pieces)), key=lambda i: pieces[i][:2]):
+            c, off, n = pieces[i]
+            if runs and runs[-1][0] == c and runs[-1][2] == off:
+                runs[-1][2] = off + n
+                runs[-1][3].append(i)
+            else:
+                runs.append([c, off, off + n, [i]])
+        out: list[Any] = [b""] * len(pieces)
+        errors: list[PlexIOError] = []
+
+        async def one(run: list[Any]) -> None:
+            c, start, end, idx = run
+            try:
+                buf = memoryview(await self.columns[c].pread(start, end - start))
+            except PlexIOError as e:
+                errors.append(e)
+                return
+            for i in idx:
+                _, off, n = pieces[i]
+                out[i] = buf[off - start:off - start + n]
+
+        async with trio.open_nursery() as nursery:
+            for run in runs:
+                nursery.start_soon(one, run)
+        if errors:
+            raise errors[0]
+        return out
+
+    async def _write_pieces(self, writes: list[tuple[int, int, bytes | bytearray | memoryview]]
+                            ) -> list[PlexIOError]:
+        """Write every piece, all columns in parallel; contiguous pieces of a
+        column as one write. Returns the failures (the caller fails columns)."""
+        percol: dict[int, list[tuple[int, Any]]] = {}
+        for c, off, data in writes:
+            percol.setdefault(c, []).append((off, data))
+        merged: list[tuple[Plex, int, Any]] = []
+        for c, items in percol.items():
+            items.sort(key=lambda t: t[0])
+            start, parts = items[0][0], [items[0][1]]
+            end = start + len(items[0][1])
+            for off, data in items[1:]:
+                if off == end:
+                    parts.append(data)
+                else:
+                    merged.append((self.columns[c], start, _join(parts)))
+                    start, parts = off, [data]
+                end = off + len(data)
+            merged.append((self.columns[c], start, _join(parts)))
+        failed: list[PlexIOError] = []
+
+        async def one(p: Plex, off: int, data: Any) -> None:
+            try:
+                await p.pwrite_async(off, data)
+            except PlexIOError as e:
+                failed.append(e)
+
+        inline = [m for m in merged if m[0].write_inline()]
+        if len(inline) < len(merged) or sum(len(m[2]) for m in merged) >= 256 * 1024:
+            async with trio.open_nursery() as nursery:
+                for p, off, data in merged:
+                    nursery.start_soon(one, p, off, data)
+        else:
+            # Small writes into the page cache: done before a thread hop would be.
+            for p, off, data in merged:
+                try:
+                    p.pwrite_inline(off, data)
+                except PlexIOError as e:
+                    failed.append(e)
+        return failed
+
+    async def _fail_columns(self, errors: Iterable[PlexIOError], stripes: range) -> None:
+        for e in errors:
+            await self.fail_plex(e.plex, e, stripes.start * self.width, len(stripes) * self.width)
+        if self._failures_pending:
+            await self.failures_durable()
+
+    # -- writes --------------------------------------------------------------
+
+    async def _write(self, off: int, data: bytes | memoryview | Zeros) -> None:
+        n = len(data)
+        if isinstance(data, Zeros):
+            data = memoryview(bytes(n))  # a hole costs parity like any write
+        else:
+            data = memoryview(data)
+        stripes = self._stripes(off, n)
+        for p in self.plexes:
+            if p.state == SNAPLINK and p.record.missing is not None:
+                p.record.missing.mark(off, n)
+        for attempt in range(self.ncol + 1):
+            plan = self._plan_writes(off, data, stripes)
+            try:
+                reads = await self._read_pieces(plan.reads) if plan.reads else []
+            except PlexIOError as e:
+                await self._fail_columns([e], stripes)
+                continue
+            writes = plan.compute(reads)
+            for c in range(self.ncol):
+                if not self._writable(c):
+                    self._mark_missed(self.columns[c].record, off, n)
+            seq = await self.r5log.append(writes) if self.r5log is not None else 0
+            if self._fault is not None and self._fault.matches(self.name, off):
+                self._cut(writes, plan)
+            try:
+                failed = await self._write_pieces(writes)
+            finally:
+                if self.r5log is not None:
+                    self.r5log.written(seq)
+            await self._fail_columns(failed, stripes)
+            if self.error is not None:
+                raise VolumeIOError(errno.EIO, f"volume {self.name}: {self.error}")
+            if any(len(self._bad(s)) > 1 for s in stripes):
+                raise VolumeIOError(errno.EIO, f"volume {self.name}: a write at {off} lost a "
+                                    f"second column: the stripe cannot be recovered")
+            return
+        raise VolumeIOError(errno.EIO, f"volume {self.name}: columns kept failing at {off}")
+
+    def _cut(self, writes: list[tuple[int, int, Any]], plan: "_WritePlan") -> None:
+        """The test fault: only the data (or only the parity) reaches the columns."""
+        parity = {(self.parity_col(st["s"]), st["s"] * self.su + st["pa"]) for st in plan.stripes}
+        want = self._fault.part == "parity"  # type: ignore[union-attr]
+        for c, at, data in writes:
+            if ((c, at) in parity) == want:
+                self.columns[c].pwrite_inline(at, data)
+        self._fault.die()  # type: ignore[union-attr]
+
+    def _plan_writes(self, off: int, data: memoryview, stripes: range) -> "_WritePlan":
+        plan = _WritePlan(self)
+        for s in stripes:
+            bad = self._bad(s)
+            if len(bad) > 1:
+                raise VolumeIOError(errno.EIO, f"volume {self.name}: stripe {s} lacks columns "
+                                    f"{', '.join(self.columns[c].name for c in bad)}: no write "
+                                    f"to it can be made recoverable")
+            plan.add_stripe(s, off, data, bad[0] if bad else None)
+        return plan
+
+    # -- reads ---------------------------------------------------------------
+
+    async def _read(self, off: int, size: int) -> bytes:
+        return await self._read_any(off, size)
+
+    async def _read_any(self, off: int, size: int) -> bytes:
+        for attempt in range(self.ncol + 1):
+            pieces: list[Piece] = []
+            recipe: list[tuple[int, int]] = []  # per output piece: (first read, count)
+            pos = off
+            end = off + size
+            while pos < end:
+                s, k, uoff = self._locate(pos)
+                n = min(self.su - uoff, end - pos)
+                c = self.data_col(s, k)
+                if not self.lacks(c, s):
+                    recipe.append((len(pieces), 1))
+                    pieces.append((c, s * self.su + uoff, n))
+                else:
+                    others = [o for o in range(self.ncol) if o != c]
+                    lost = [o for o in others if self.lacks(o, s)]
+                    if lost:
+                        raise VolumeIOError(errno.EIO, (
+                            f"volume {self.name}: offset {pos} is on column "
+                            f"{self.columns[c].name}, which is out, and stripe {s} also lacks "
+                            f"{', '.join(self.columns[o].name for o in lost)}"))
+                    recipe.append((len(pieces), len(others)))
+                    pieces.extend((o, s * self.su + uoff, n) for o in others)
+                    self.degraded_reads += 1
+                pos += n
+            try:
+                got = await self._read_pieces(pieces)
+            except PlexIOError as e:
+                await self._fail_columns([e], self._stripes(off, size))
+                continue
+            if len(recipe) == 1 and recipe[0][1] == 1:
+                return bytes(got[0])
+            out = bytearray()
+            for first, count in recipe:
+                if count == 1:
+                    out += got[first]
+                else:
+                    acc = bytearray(got[first])
+                    for b in got[first + 1:first + count]:
+                        xor_into(acc, b)
+                    out += acc
+            return bytes(out)
+        raise VolumeIOError(errno.EIO, f"volume {self.name}: columns kept failing at {off}")
+
+    def _locate(self, pos: int) -> tuple[int, int, int]:
+        """(stripe, data unit in it, offset in the unit) of a volume offset."""
+        i, uoff = divmod(pos, self.su)
+        s, k = divmod(i, self.ncol - 1)
+        return s, k, uoff
+
+    async def data_ranges(self, off: int, size: int) -> list[tuple[int, int]]:
+        return [(off, size)]  # parity makes every stripe data; holes are not tracked
+
+    # -- status --------------------------------------------------------------
+
+    def _layout_status(self) -> dict[str, Any]:
+        stripes = self.size // self.width
+        bad = sum(1 for s in range(stripes) if self._bad(s)) if stripes <= 1 << 16 else None
+        return {
+            "layout": "raid5", "stripe_unit": self.su,
+            "columns": [self._plex_status(p) for p in self.columns],
+            "plexes": [self._plex_status(p) for p in self.columns],
+            "degraded": any(p.state != ACTIVE for p in self.columns),
+            "stripes_lacking": bad,
+            "write_methods": dict(self.method_counts),
+            "degraded_reads": self.degraded_reads, "replayed_entries": self.replayed_entries,
+            "raid5_log": None if self.r5log is None else self.r5log.status(),
+        }
+
+    # -- background work and stop ----------------------------------------------
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            if self.r5log is not None:
+                await nursery.start(self.r5log.run_committer)
+                nursery.start_soon(self._retire_idle)
+            await nursery.start(super().run)
+            task_status.started()
+
+    async def _retire_idle(self) -> None:
+        """Retire the log while the volume is quiet, so that a restart has
+        little to replay (a busy log retires when half full)."""
+        while True:
+            await trio.sleep(RETIRE_SECONDS)
+            try:
+                await self.r5log.retire()  # type: ignore[union-attr]
+            except OSError as e:
+                log.warning("volume %s: RAID-5 log retire failed: %s", self.name, e)
+
+    async def shutdown(self) -> None:
+        try:
+            await super().shutdown()
+            if self.r5log is not None and self.r5log.fd >= 0:
+                # The columns were flushed by the shutdown: nothing to replay.
+                self.r5log.reset()
+        finally:
+            if self.r5log is not None:
+                self.r5log.close()
+
+    # -- membership (admin) --------------------------------------------------
+
+    def _column(self, name: str) -> tuple[int, Plex]:
+        for i, p in enumerate(self.columns):
+            if p.name == name:
+                return i, p
+        raise VmdError(f"volume {self.name} has no column {name!r} "
+                       f"(columns: {', '.join(p.name for p in self.columns)})")
+
+    async def detach_plex(self, name: str) -> dict[str, Any]:
+        async with self.gate.hold(), self.resync.paused():
+            i, p = self._column(name)
+            rec = p.record
+            if rec.state == DETACHED:
+                raise VmdError(f"column {name} of volume {self.name} is already DETACHED")
+            if rec.state == ACTIVE and not all(q.state == ACTIVE for q in self.columns):
+                raise VmdError(f"volume {self.name} is already degraded; detaching column "
+                               f"{name} would leave stripes that cannot be read")
+            if rec.state in WRITABLE and p.fd >= 0:
+                try:
+                    await p.flush()
+                except PlexIOError as e:
+                    await self.fail_plex(p, e, 0, 0)
+                    raise VmdError(f"column {name} of volume {self.name} failed to flush and "
+                                   f"is IOFAIL now: {e}") from None
+                rec.identity = p.identity()
+            p.close()
+            if rec.missing is None and self.state.fastresync:
+                rec.missing = self.state.new_map()
+            if not self.state.fastresync:
+                rec.missing = None
+            rec.state = DETACHED
+            rec.reason = "detached by the administrator at " + time.strftime("%Y-%m-%d %H:%M:%S")
+            await self.checkpoint()
+        log.info("volume %s: column %s detached; the volume is degraded", self.name, name)
+        return self._plex_status(p)
+
+    async def attach_plex(self, name: str, *, path: str | None = None) -> dict[str, Any]:
+        """Bring a column back (or, with `path`, a new image in its place)
+        and rebuild what it lacks in the background."""
+        async with self.gate.hold(), self.resync.paused():
+            i, p = self._column(name)
+            rec = p.record
+            if rec.state not in (DETACHED, IOFAIL, STALE):
+                raise VmdError(f"column {name} of volume {self.name} is {rec.state}, "
+                               f"not detached or failed")
+            if sum(1 for q in self.columns if q.state != ACTIVE) > 1:
+                raise VmdError(f"volume {self.name} has lost more than one column: column "
+                               f"{name} cannot be rebuilt from the others")
+            p.close()
+            if path is not None:
+                rec.path, rec.created, rec.identity = path, False, None
+                why = f"it is a new image ({path})"
+            else:
+                why = self._why_full_resync(p)
+            try:
+                p.open(create=path is not None)
+            except OSError as e:
+                raise VmdError(f"cannot open column image {rec.path}: {e.strerror or e}") from None
+            if why:
+                rec.missing = self.state.new_map(fill=True)
+                log.warning("volume %s: column %s gets a full rebuild: %s", self.name, name, why)
+            rec.state = SYNCING if rec.missing.bits.any() else ACTIVE  # type: ignore[union-attr]
+            rec.reason, rec.identity = "", None
+            await self.checkpoint()
+        self.resync.wake()
+        return {**self._plex_status(p), "full_resync": bool(why), "why": why}
+
+    async def add_plex(self, path: str, **kw: Any) -> Plex:
+        what = "snapshot mirrors" if kw.get("role") == "snapshot" else "plexes"
+        raise VmdError(f"volume {self.name} is RAID-5: it has columns, not {what}; use "
+                       f"`vmd plex replace {self.name} cN PATH` to put a new image in place "
+                       f"of a failed column")
+
+    async def remove_plex(self, name: str, **kw: Any) -> tuple[PlexRecord, str]:
+        raise VmdError(f"volume {self.name} is RAID-5: a column cannot be removed; "
+                       f"`vmd plex detach {self.name} {name}` takes it out")
+
+    def _readable(self, off: int, size: int, *, rotate: bool = True) -> list[Plex]:
+        return []  # no single source: a rebuild reads every other column
+
+
+def _join(parts: list[Any]) -> Any:
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class _WritePlan:
+    """The reads and the computation of one write, stripe by stripe.
+
+    Per stripe, the write touches data units over in-unit ranges; `span` is
+    the union of those ranges, the only part of the parity unit that changes.
+    - full stripe: parity from the new data, no reads;
+    - read-modify-write: read the touched old data and the old parity span;
+      parity ^= old ^ new;
+    - reconstruct-write: read the span of the data units the write does not
+      cover; parity = XOR of the new span;
+    - degraded (one column lacking): read the span of every other column,
+      rebuild the lacking one's old span (XOR), then as reconstruct-write.
+    The cheaper of the two in bytes read is taken when all columns are in.
+    """
+
+    def __init__(self, vol: Raid5Volume):
+        self.vol = vol
+        self.reads: list[Piece] = []
+        self.stripes: list[dict[str, Any]] = []
+
+    def add_stripe(self, s: int, off: int, data: memoryview, lacking: int | None) -> None:
+        vol = self.vol
+        su, base = vol.su, s * vol.width
+        lo, hi = max(off, base), min(off + len(data), base + vol.width)
+        units: dict[int, tuple[int, int, memoryview]] = {}  # k → (ua, ub, new bytes)
+        pos = lo
+        while pos < hi:
+            k, ua = divmod(pos - base, su)
+            ub = min(su, ua + hi - pos)
+            units[k] = (ua, ub, data[pos - off:pos - off + ub - ua])
+            pos += ub - ua
+        pa = min(u[0] for u in units.values())
+        pb = max(u[1] for u in units.values())
+        span = pb - pa
+        ndata = vol.ncol - 1
+        covering = [k for k in range(ndata) if k in units
+                    and units[k][0] <= pa and units[k][1] >= pb]
+        rcw_bytes = (ndata - len(covering)) * span
+        rmw_bytes = sum(u[1] - u[0] for u in units.values()) + span
+        pcol = vol.parity_col(s)
+        st: dict[str, Any] = {"s": s, "units": units, "pa": pa, "pb": pb, "lacking": lacking,
+                              "first": len(self.reads)}
+        col_at = s * su + pa
+        if lacking is not None:
+            st["method"] = "degraded"
+            st["cols"] = [c for c in range(vol.ncol) if c != lacking]
+            self.reads.extend((c, col_at, span) for c in st["cols"])
+        elif rcw_bytes == 0:
+            st["method"] = "full"
+        elif rmw_bytes < rcw_bytes:
+            st["method"] = "rmw"
+            self.reads.extend((vol.data_col(s, k), s * su + u[0], u[1] - u[0])
+                              for k, u in sorted(units.items()))
+            self.reads.append((pcol, col_at, span))
+        else:
+            st["method"] = "rcw"
+            st["cols"] = [vol.data_col(s, k) for k in range(ndata) if k not in covering]
+            self.reads.extend((c, col_at, span) for c in st["cols"])
+        vol.method_counts[st["method"]] += 1
+        self.stripes.append(st)
+
+    def compute(self, got: list[Any]) -> list[tuple[int, int, Any]]:
+        vol = self.vol
+        su = vol.su
+        writes: list[tuple[int, int, Any]] = []
+        for st in self.stripes:
+            s, units, pa, pb = st["s"], st["units"], st["pa"], st["pb"]
+            span = pb - pa
+            pcol = vol.parity_col(s)
+            if st["method"] == "rmw":
+                parity = bytearray(got[st["first"] + len(units)])
+                for i, (k, (ua, ub, new)) in enumerate(sorted(units.items())):
+                    view = memoryview(parity)[ua - pa:ub - pa]
+                    xor_into(view, got[st["first"] + i])
+                    xor_into(view, new)
+            else:
+                old: dict[int, Any] = {}
+                for i, c in enumerate(st.get("cols", [])):
+                    old[c] = got[st["first"] + i]
+                if st["method"] == "degraded":
+                    # The lacking column's old span: the XOR of all the others.
+                    lost = bytearray(old[st["cols"][0]])
+                    for c in st["cols"][1:]:
+                        xor_into(lost, old[c])
+                    old[st["lacking"]] = lost
+                parity = bytearray(span)
+                for k in range(vol.ncol - 1):
+                    c = vol.data_col(s, k)
+                    if k in units:
+                        ua, ub, new = units[k]
+                        if ua <= pa and ub >= pb:
+                            xor_into(parity, new)
+                            continue
+                        unit = bytearray(old[c])
+                        unit[ua - pa:ub - pa] = new
+                        xor_into(parity, unit)
+                    else:
+                        xor_into(parity, old[c])
+            for k, (ua, ub, new) in units.items():
+                c = vol.data_col(s, k)
+                if vol._writable(c):
+                    writes.append((c, s * su + ua, new))
+            if vol._writable(pcol):
+                writes.append((pcol, s * su + pa, parity))
+        return writes
+
+
+def plan_raid5_recovery(vol: Raid5Volume, *, full: bool, force: bool) -> None:
+    """At open, after an unclean stop: the parity of every stripe the DRL says
+    was being written (all stripes without a DRL) is regenerated in the
+    background, as the parity columns' maps say (invariant 8). A column that
+    was already out gets those stripes too. Dirty and degraded without a
+    RAID-5 log is refused unless forced: a lost column's units would be
+    rebuilt from parity that may not match (the write hole)."""
+    from .regionmap import RegionMap
+
+    st = vol.state
+    if vol.r5log is not None:
+        replay_raid5_log(vol)
+    if st.clean:
+        return
+    dirty = RegionMap(st.size, st.region_size, fill=True) if full else st.drl.copy()
+    stripes: set[int] = set()
+    for r in dirty.set_indices():
+        off, n = dirty.region_bytes(r)
+        stripes.update(vol._stripes(off, n))
+    out = [c for c in range(vol.ncol) if vol.columns[c].state != ACTIVE
+           or vol.columns[c].fd < 0]
+    if vol.r5log is not None:
+        # The log was replayed: every stripe's parity matches its data.
+        stripes_parity: set[int] = set()
+    else:
+        stripes_parity = stripes
+    if stripes_parity and out:
+        names = ", ".join(vol.columns[c].name for c in out)
+        why = (f"volume {vol.name} was not stopped cleanly and is degraded (column {names} "
+               f"out) and has no RAID-5 log: the parity of {len(stripes)} stripe(s) may not "
+               f"match their data, so rebuilding column {names} could return garbage for data "
+               f"nobody wrote (the RAID-5 write hole)")
+        if not force:
+            raise VmdError(f"{why}. Bring the column back if it holds its data, or start with "
+                           f"`vmd daemon --force-degraded {vol.name}` to serve it anyway")
+        log.critical("%s; started anyway (--force-degraded): those stripes of column %s may "
+                     "read wrong", why, names)
+    for s in sorted(stripes):
+        for c in out:
+            vol._mark_missed(vol.columns[c].record, s * vol.width, vol.width)
+        if not out and s in stripes_parity:
+            vol._mark_missed(vol.columns[vol.parity_col(s)].record, s * vol.width, vol.width)
+    st.drl.clear()
+    vol.recovered_regions = dirty.count()
+    log.warning("volume %s was not stopped cleanly: regenerating the parity of %d stripe(s) "
+                "(%s)", vol.name, len(stripes_parity) if not out else 0,
+                "whole volume, no DRL" if full else f"{dirty.count()} dirty regions")
+
+
+def replay_raid5_log(vol: Raid5Volume) -> None:
+    """Before the volume is served: write every entry not retired to the
+    columns that are in, flush them, and start the log empty."""
+    import os
+
+    assert vol.r5log is not None
+
+    def write(c: int, off: int, data: bytes) -> None:
+        if c < vol.ncol and vol._writable(c):
+            os.pwrite(vol.columns[c].fd, data, off)
+
+    try:
+        n = vol.r5log.replay(write)
+    except ValueError as e:
+        raise VmdError(f"volume {vol.name}: RAID-5 log {vol.r5log.path}: {e}; vmd cannot "
+                       f"tell which stripes were being written") from None
+    for c in range(vol.ncol):
+        if vol._writable(c):
+            os.fsync(vol.columns[c].fd)
+    vol.r5log.reset()
+    vol.replayed_entries = n
+    if n:
+        log.warning("volume %s: RAID-5 log replayed: %d entries", vol.name, n)
