@@ -292,22 +292,24 @@ def test_split_write_reads_stable_until_recovered(
     region = 40                         # the region the torn write lands in
     off = region * REGION + 64 * KiB    # where it starts (the fault's OFFSET)
     n = 64 * KiB
-    # Region 0 is dirty too: recovery copies it first, and then this rate
-    # limit holds region 40 back for 1 MiB / 8 KiB/s = 128 s, far longer than
-    # the reads below can take on a busy machine. The rate is lifted by a
-    # restart once the reads are checked.
+    # Region 0 is dirty too, and written whole: recovery copies it first, and
+    # then this rate limit holds region 40 back for 1 MiB / 8 KiB/s = 128 s,
+    # far longer than the reads below can take on a busy machine (a region
+    # written only in part would be copied in a fraction of that: resync skips
+    # holes and counts only what it copies). The rate is lifted by a restart
+    # once the reads are checked.
     d = vmd_factory(volumes={"vol0": volume_spec("vol0", size=size, region_size="1MiB")},
                     clean_delay=NEVER_CLEAN, rate_limit="8KiB",
                     env={"VMD_TEST_FAULT": f"split-write:vol0:{off}"})
     rng = random.Random(7)
     old = rng.randbytes(4 * n)  # region 40 from its start, covering [off, off+n)
     new = rng.randbytes(n)
-    first = rng.randbytes(BLOCK)
+    first = rng.randbytes(REGION)
     d.start()
     vol = d.volume_file()
     fd = os.open(vol, os.O_RDWR)
     try:
-        assert os.pwrite(fd, first, 0) == BLOCK
+        assert os.pwrite(fd, first, 0) == REGION
         assert os.pwrite(fd, old, region * REGION) == len(old)  # does not start at `off`
         with pytest.raises(OSError) as ei:
             os.pwrite(fd, new, off)
@@ -361,7 +363,7 @@ def test_split_write_reads_stable_until_recovered(
     assert len(set(hashes)) == 1, hashes
     assert read_direct(vol, off, n) == r1, "recovery changed bytes that were already read"
     assert sha(vol) == hashes[0], "the volume file differs from the plexes"
-    assert pread_file(vol, 0, BLOCK) == first
+    assert pread_file(vol, 0, REGION) == first
     FIGURES.append(f"split-write: recovered {st['recovered_regions']} regions, read "
                    f"{'new' if r1 == new else 'old'} data, resync {st['resync']['seconds']} s")
     d.stop()
