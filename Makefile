@@ -13,13 +13,18 @@ CONFIG ?= config/vmd.yaml
 PREFIX ?= /usr/local
 SBINDIR ?= $(PREFIX)/sbin
 
-.PHONY: run test bench setup sysdeps benchdeps clean install uninstall
+.PHONY: run test bench docs setup sysdeps benchdeps clean install uninstall
 
 run: setup
 	$(VENV)/bin/vmd daemon -c $(CONFIG)
 
 test: setup
 	$(VPY) -m pytest -q tests
+
+# The command reference, from the parser and vmd/errors.py (tests/test_docs.py
+# fails when the committed file differs).
+docs: setup
+	$(VPY) -m vmd.cli_docs > docs/commands.md.new && mv docs/commands.md.new docs/commands.md
 
 install: setup
 	mkdir -p $(DESTDIR)$(SBINDIR)

@@ -8,7 +8,6 @@ import json
 import os
 import random
 import re
-import signal
 import socket
 import stat
 import subprocess
@@ -21,7 +20,7 @@ import yaml
 
 from conftest import (REPO, MiB, SysResources, VmdDaemon, admin_raw, admin_request, is_mounted,
                       sha, volume_spec, wait_for)
-from vmd.errors import EXIT_ERROR, EXIT_NO_DAEMON, EXIT_USAGE
+from vmd.errors import EXIT_BROKEN_PIPE, EXIT_ERROR, EXIT_NO_DAEMON, EXIT_USAGE
 
 pytestmark = pytest.mark.mount
 
@@ -213,7 +212,7 @@ def test_cli_output_into_closed_pipe_is_quiet(vmd: VmdDaemon) -> None:
         p = _run_into_closed_pipe(vmd, *args)
         assert p.stderr == "", f"vmd {' '.join(args)}: {p.stderr}"
         # As a command killed by SIGPIPE: 128 + 13.
-        assert p.returncode == 128 + signal.SIGPIPE, f"vmd {' '.join(args)}: exit {p.returncode}"
+        assert p.returncode == EXIT_BROKEN_PIPE, f"vmd {' '.join(args)}: exit {p.returncode}"
 
 
 def test_relative_paths_are_relative_to_the_cli(vmd: VmdDaemon, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from vmd.drl import LOOKAHEAD
 
 from conftest import KiB, MiB, VmdDaemon, sha, volume_spec
 from vmd import sidecar as sc
+from vmd.errors import EXIT_ERROR
 from vmd.sidecar import read_log
 
 pytestmark = pytest.mark.mount
@@ -439,7 +440,7 @@ def test_damaged_log_refused_then_recover_all(
     # Never "clean" by default: the volume is not served at all ...
     assert [v["name"] for v in st["volumes"]] == ["vol1"], st
     assert sorted(os.listdir(d.mountpoint)) == ["vol1"]
-    assert d.cli("status", "vol0", check=False).returncode != 0
+    assert d.cli("status", "vol0", check=False).returncode == EXIT_ERROR
     # ... and nothing was written over the damaged log or the plexes.
     assert (log0.read_bytes() if log0.exists() else None) == damaged
     assert sha(p0) == p0_hash

@@ -1,6 +1,6 @@
-"""The README and docs/ stay true to the code: the exit-code table is
-vmd.errors' constants, the commands table lists every verb of the CLI parser
-(and no other), links resolve (anchors included), and the code and tests that
+"""The README and docs/ stay true to the code: docs/commands.md is what the
+parser and vmd.errors generate (its exit-code table listed nowhere else), the
+README's commands table lists every verb of the CLI parser (and no other), links resolve (anchors included), and the code and tests that
 docs/design.md names exist."""
 
 from __future__ import annotations
@@ -14,17 +14,18 @@ from pathlib import Path
 import pytest
 
 import vmd.errors
-from vmd import cli
+from vmd import cli, cli_docs
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
+COMMANDS_MD = REPO / "docs" / "commands.md"
 
 
-def _section(text: str, heading: str) -> str:
+def _section(text: str, heading: str, doc: Path = README) -> str:
     """The body of the `## heading` section of a Markdown text."""
     m = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
-    assert m, f"README.md has no '## {heading}' section"
+    assert m, f"{doc.name} has no '## {heading}' section"
     return m.group(1)
 
 
@@ -58,24 +59,30 @@ def _verbs(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> set
     return out
 
 
-def test_exit_code_table_matches_vmd_errors() -> None:
-    rows = _table_rows(_section(README.read_text(), "Exit codes"))
-    constants = {n: v for n, v in vars(vmd.errors).items() if n.startswith("EXIT_")}
-    named = {}
-    for code, name, _meaning in rows:
-        if name.strip("`") in ("–", "-", ""):
-            continue
-        named[name.strip("`")] = int(code)
-    assert named == constants, (
-        f"README.md's exit-code table {named} differs from vmd/errors.py {constants}")
-    # The rows without a constant are the shell's 128 + signal, and say which.
-    for code, name, meaning in rows:
-        if name.strip("`") in ("–", "-", ""):
-            sig = signal.Signals(int(code) - 128)
-            assert sig.name in meaning, f"exit {code} should name {sig.name}: {meaning!r}"
-    # Listed once: no other document repeats the table.
-    for doc in DOCS:
-        assert "`EXIT_ERROR`" not in doc.read_text(), f"{doc} repeats the exit-code table"
+def test_command_reference_is_what_the_parser_generates() -> None:
+    """docs/commands.md is `make docs`'s output for the parser and exit codes
+    of this tree: a verb, option, help text or exit code changed without
+    `make docs` fails here."""
+    committed = COMMANDS_MD.read_text()
+    assert committed == cli_docs.render(), (
+        "docs/commands.md is stale: run `make docs` (python -m vmd.cli_docs > docs/commands.md)")
+
+
+def test_exit_codes_are_listed_once_from_vmd_errors() -> None:
+    constants = {n: v for n, v in vars(vmd.errors).items()
+                 if n.startswith("EXIT_") and isinstance(v, int)}
+    assert set(vmd.errors.EXIT_MEANINGS) == set(constants.values()), (
+        "every exit code of vmd/errors.py has one meaning in EXIT_MEANINGS, and no other")
+    rows = _table_rows(_section(COMMANDS_MD.read_text(), "Exit codes", COMMANDS_MD))
+    assert {name.strip("`"): int(code) for code, name, _ in rows} == constants
+    # The shell's 128 + signal codes say which signal.
+    for code, _name, meaning in rows:
+        if int(code) > 128:
+            assert signal.Signals(int(code) - 128).name in meaning, meaning
+    # Listed once: the README and the other documents point to the table.
+    for doc in [README, *DOCS]:
+        if doc != COMMANDS_MD:
+            assert "`EXIT_ERROR`" not in doc.read_text(), f"{doc} repeats the exit-code table"
 
 
 def test_tests_take_exit_codes_from_vmd_errors() -> None:

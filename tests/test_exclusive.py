@@ -21,7 +21,7 @@ import trio
 
 from conftest import MiB, VmdDaemon, is_mounted, pwrite_file, sha, volume_spec
 from vmd.exclusive import close_locked, open_locked
-from vmd.errors import SidecarError
+from vmd.errors import EXIT_CONFIG, SidecarError
 from vmd.sidecar import SidecarLog, new_state
 
 pytestmark = pytest.mark.mount
@@ -77,7 +77,7 @@ def test_second_daemon_on_same_log_and_plexes_is_refused(
                      "log": str(first.log_path())}}
     second = vmd_factory("second", volumes=same)
     r = second.run_foreground()
-    assert r.returncode != 0
+    assert r.returncode == EXIT_CONFIG, (r.returncode, r.stderr)
     assert first.proc is not None
     assert f"sidecar log {first.log_path()} is in use by vmd (PID {first.proc.pid})" in r.stderr, \
         r.stderr
@@ -87,7 +87,7 @@ def test_second_daemon_on_same_log_and_plexes_is_refused(
     other = vmd_factory("third", volumes={"vol0": {**spec, "plexes": [
         str(first.plex_paths()[1]), "own.img"]}})
     r = other.run_foreground()
-    assert r.returncode != 0
+    assert r.returncode == EXIT_CONFIG, (r.returncode, r.stderr)
     assert f"plex image {first.plex_paths()[1]} is in use by vmd (PID {first.proc.pid})" \
         in r.stderr, r.stderr
     assert not other.log_path().exists(), "a refused daemon wrote a sidecar log"
@@ -104,7 +104,7 @@ def test_second_daemon_on_same_socket_or_mountpoint_is_refused(
     assert first.proc is not None
     same_socket = vmd_factory("second", socket_path=str(first.socket))
     r = same_socket.run_foreground()
-    assert r.returncode != 0
+    assert r.returncode == EXIT_CONFIG, (r.returncode, r.stderr)
     assert f"admin socket {first.socket} is in use by vmd (PID {first.proc.pid})" in r.stderr, \
         r.stderr
     assert first.socket.is_socket(), "a refused daemon removed the live daemon's socket"
@@ -112,7 +112,7 @@ def test_second_daemon_on_same_socket_or_mountpoint_is_refused(
 
     same_mount = vmd_factory("third", mountpoint=str(first.mountpoint))
     r = same_mount.run_foreground()
-    assert r.returncode != 0
+    assert r.returncode == EXIT_CONFIG, (r.returncode, r.stderr)
     assert f"mountpoint: {first.mountpoint} is in use by vmd (PID {first.proc.pid})" \
         in r.stderr, r.stderr
     assert first.status("vol0")["name"] == "vol0"

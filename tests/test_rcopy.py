@@ -22,7 +22,7 @@ import pytest
 from conftest import MiB, KiB, REPO, VmdDaemon, pwrite_file, volume_spec, wait_for
 from rcopy_relay import Relay
 from vmd import rcopy_proto as P
-from vmd.errors import EXIT_ERROR
+from vmd.errors import EXIT_ERROR, EXIT_OK
 
 pytestmark = pytest.mark.mount
 
@@ -247,7 +247,7 @@ def test_interrupted_transfers(vmd_factory: Callable[..., VmdDaemon], tmp_path: 
         else:
             a.kill()
         out, err = p.communicate(timeout=60)
-        assert p.returncode != 0
+        assert p.returncode != EXIT_OK, (p.returncode, err)
         if victim == "stopped receiver":  # B's reason reaches A's CLI, through the link
             assert "the receiving daemon is stopping" in err, err
         if "receiver" in victim:
@@ -318,7 +318,7 @@ def test_bad_streams(vmd_factory: Callable[..., VmdDaemon], tmp_path: Path) -> N
         assert st2["sequence"] == seq and not st2["syncing"], (what, st2)
     # A good hand-made stream is taken.
     p = receive(b, header() + good + end)
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == EXIT_OK, p.stderr
     assert rstatus(b)["sequence"] == seq + 1
 
 
@@ -500,7 +500,7 @@ def test_reverse_interrupted(vmd_factory: Callable[..., VmdDaemon], tmp_path: Pa
         else:
             relay.kill()
         out, err = p.communicate(timeout=60)
-        assert p.returncode != 0, (victim, out, err)
+        assert p.returncode != EXIT_OK, (victim, out, err)
         assert "reverse" in err, (victim, err)
         if victim == "stopped receiver":  # A's reason reaches B's CLI, through the link
             assert "the receiving daemon is stopping" in err, err

@@ -7,7 +7,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -16,12 +15,13 @@ from typing import Any
 from .admin import AdminClient
 from .cli_help import VOLUME_HELP, Example, VerbParser, add_verb, set_epilogs
 from .config import format_size, load_config
-from .errors import EXIT_OK, VmdError
+from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, VmdError
 
 DEFAULT_CONFIG = "config/vmd.yaml"
 # `vmd --help` shows each verb's first example (vmd/cli_help.py gathers them).
 EXAMPLES_HEADING = "examples (the shipped config/vmd.yaml: volume vol0, plexes p0 and p1):"
-EXAMPLES_FOOTER = "README.md lists every command; docs/operations.md has the procedures."
+EXAMPLES_FOOTER = ("docs/commands.md has every verb's --help and the exit codes; "
+                   "docs/operations.md has the procedures.")
 # (action, its argument, summary, examples) of `vmd plex ACTION VOLUME ARG`.
 _PLEX_ACTIONS: tuple[tuple[str, str, str, tuple[Example, ...]], ...] = (
     ("detach", "PLEX", "take a plex out (maintenance, a backup off its image); FastResync "
@@ -231,12 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         # command killed by SIGPIPE would. Point stdout at /dev/null so that
         # the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + signal.SIGPIPE
+        return EXIT_BROKEN_PIPE
     except VmdError as e:
         print(f"vmd: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import pyfuse3
@@ -23,6 +24,7 @@ from .fusefs import VolumeFS
 from .manager import VolumeManager
 from .notify import Notifier
 from .resize import adopt_logged_sizes
+from .tasks import Task
 from .uring import Ring
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,45 @@ def sd_notify(state: str) -> None:
             s.sendall(state.encode())
     except OSError as e:
         log.warning("cannot notify systemd at %s: %s", os.environ["NOTIFY_SOCKET"], e)
+
+
+class FuseSession(Task):
+    """The FUSE session: `pyfuse3.main` serving the mountpoint. Its stop asks
+    the kernel for the writes it still caches, then ends the session; a session
+    that ends by itself (unmounted under us) stops the daemon."""
+
+    name = "fuse"
+
+    def __init__(self, daemon: Daemon):
+        super().__init__()
+        self.daemon = daemon
+        self.is_open = False
+
+    def open(self, fs: VolumeFS, mountpoint: Path) -> None:
+        options = set(pyfuse3.default_options)
+        options.add("fsname=vmd")
+        options.add("subtype=vmd")
+        pyfuse3.init(fs, str(mountpoint), options)
+        self.is_open = True
+
+    def close(self) -> None:
+        if self.is_open:
+            self.is_open = False
+            pyfuse3.close(unmount=True)
+
+    async def main(self, task_status: Any) -> None:
+        task_status.started()
+        try:
+            await pyfuse3.main(min_tasks=2, max_tasks=FUSE_MAX_TASKS)
+        finally:
+            self.daemon.request_stop()
+
+    async def stop(self) -> None:
+        if self.ended:
+            return
+        await self.daemon.write_back_open_volumes()
+        pyfuse3.terminate()
+        await self.wait_ended()
 
 
 class Daemon:
@@ -93,45 +134,36 @@ class Daemon:
         self.manager.open_all(self.recover_all)
         cfg.mountpoint.mkdir(parents=True, exist_ok=True)
         async with AsyncExitStack() as stack:
-            fuse_open = False
-
-            def close_fuse() -> None:
-                nonlocal fuse_open
-                if fuse_open:
-                    fuse_open = False
-                    pyfuse3.close(unmount=True)
-
+            fuse = FuseSession(self)
             # Registered before the nursery, so it runs after the nursery has
             # ended: closing the session under a running pyfuse3.main (when a
             # task failed at start) crashed the process with SIGSEGV.
-            stack.callback(close_fuse)
+            stack.callback(fuse.close)
             nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(nursery.cancel_scope.cancel)
-            if notifier is not None:  # its stop, registered after the cancel, runs before it
+            # The stop stack: each long-lived job's stop, unwound newest first at a
+            # requested stop (a failed task instead cancels the nursery and leaves
+            # the volumes to crash recovery). Pushed here in the reverse of the
+            # order they must stop in: Remote Copy first (no remote copy I/O past
+            # it; a receiver cut off rolls back through the volume and tells FUSE),
+            # then FUSE (the kernel's cached writes still reach the volumes), then
+            # the volumes (drained, flushed, recorded clean).
+            stops = AsyncExitStack()
+            if notifier is not None:  # the last to stop: the others' events still reach it
                 await nursery.start(notifier.run, name="notify")
-                stack.callback(notifier.stop)
+                stops.push_async_callback(notifier.stop)
+            stops.push_async_callback(self.manager.stop)
+            stops.push_async_callback(fuse.stop)
             plex_io = "io_uring" if Ring.get() is not None else "worker threads"
             await self.manager.start(nursery)
-            await self.rcopy.startup(nursery)  # roll back unfinished updates; start links
+            await nursery.start(self.rcopy.run, name="rcopy")  # roll back unfinished updates; start links
+            stops.push_async_callback(self.rcopy.stop)
             self.fs = VolumeFS(self.manager)
             self.manager.on_added = self.fs.add_volume
             self.manager.on_removed = self.fs.remove_volume
             self.manager.on_changed = self.fs.invalidate_volume
-            options = set(pyfuse3.default_options)
-            options.add("fsname=vmd")
-            options.add("subtype=vmd")
-            pyfuse3.init(self.fs, str(cfg.mountpoint), options)
-            fuse_open = True
-            fuse_done = trio.Event()
-
-            async def fuse_main() -> None:
-                try:
-                    await pyfuse3.main(min_tasks=2, max_tasks=FUSE_MAX_TASKS)
-                finally:
-                    fuse_done.set()
-                    self._stop.set()
-
-            nursery.start_soon(fuse_main, name="fuse")
+            fuse.open(self.fs, cfg.mountpoint)
+            await nursery.start(fuse.run, name="fuse")
             await nursery.start(AdminServer(cfg.socket, self.handle).run, name="admin")
             nursery.start_soon(self._signals, name="signals")
             log.info("vmd ready: %d volume(s) at %s, admin socket %s, plex I/O through %s%s",
@@ -143,22 +175,13 @@ class Daemon:
             sd_notify("STOPPING=1")
             log.info("stopping: draining I/O and flushing plexes")
             with trio.move_on_after(SHUTDOWN_SECONDS) as scope:
-                await self.rcopy.shutdown()  # no remote copy I/O past this point
-                if not fuse_done.is_set():
-                    await self._write_back_open_volumes()
-                    pyfuse3.terminate()
-                    await fuse_done.wait()
-                for vol in list(self.manager.volumes.values()):
-                    try:
-                        await vol.shutdown()
-                    except (OSError, VmdError) as e:
-                        log.error("volume %s: unclean stop: %s", vol.name, e)
+                await stops.aclose()
             if scope.cancelled_caught:
                 log.error("stop took over %d s; leaving the rest to crash recovery", SHUTDOWN_SECONDS)
-            close_fuse()
+            fuse.close()
         log.info("vmd stopped")
 
-    async def _write_back_open_volumes(self) -> None:
+    async def write_back_open_volumes(self) -> None:
         """A stop while a volume is open (--force, SIGTERM): with the
         writeback cache, the kernel still holds written pages that vmd has
         not seen; have it send them while the FUSE loop still serves."""

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
-# Exit codes of the `vmd` command.
+import signal
+
+# Exit codes of the `vmd` command, listed once: docs/commands.md shows this
+# table (vmd/cli_docs.py), and the tests import the constants.
 EXIT_OK = 0
-EXIT_ERROR = 1  # a request failed (bad argument, refused operation)
-EXIT_USAGE = 2  # bad command line (argparse's own code)
-EXIT_CONFIG = 3  # bad configuration: nothing was mounted
-EXIT_NO_DAEMON = 4  # no daemon answers on the admin socket
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_NO_DAEMON = 4
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # as the shell reports a command SIGINT killed
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # as the shell reports a command SIGPIPE killed
+
+EXIT_MEANINGS: dict[int, str] = {
+    EXIT_OK: "done",
+    EXIT_ERROR: "a request was refused or failed (bad argument, wrong state); nothing changed "
+                "unless the message says so",
+    EXIT_USAGE: "bad command line (argparse's usage message)",
+    EXIT_CONFIG: "`vmd daemon`: bad configuration, or a file, socket or mountpoint another "
+                 "daemon holds; nothing was mounted",
+    EXIT_NO_DAEMON: "no daemon answers on the admin socket",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C, 128 + SIGINT)",
+    EXIT_BROKEN_PIPE: "output into a pipe whose reader has gone (`vmd inspect-log LOG | head -1` "
+                      "when the output is longer than the pipe holds), ended quietly as SIGPIPE "
+                      "would (128 + SIGPIPE)",
+}
 
 
 class VmdError(Exception):

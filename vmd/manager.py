@@ -22,6 +22,7 @@ from .sidecar import (ACTIVE, IOFAIL, SNAPATT, WRITABLE, PlexRecord, SidecarLog,
                       new_state)
 from .mirror import MirrorVolume
 from .raid5 import Raid5Volume, plan_raid5_recovery
+from .tasks import Task
 from .volume import Volume, delete_if_created
 
 log = logging.getLogger(__name__)
@@ -252,6 +253,25 @@ def _plan_recovery(vol: Volume, *, full: bool) -> None:
                 format_size(dirty.bytes_covered()), source.name if source else "(none)")
 
 
+class VolumeWork(Task):
+    """A volume's background work (its DRL committer and cleaner, its resync).
+    Its stop is the volume's: drain, flush, record clean; then the work ends."""
+
+    def __init__(self, vol: Volume):
+        super().__init__()
+        self.vol = vol
+        self.name = f"volume-{vol.name}"
+
+    async def main(self, task_status: Any) -> None:
+        await self.vol.run(task_status=task_status)
+
+    async def stop(self) -> None:
+        try:
+            await self.vol.shutdown()
+        finally:
+            await super().stop()
+
+
 class VolumeManager:
     """All volumes of one daemon: running ones and refused ones (with why)."""
 
@@ -261,7 +281,7 @@ class VolumeManager:
         self.refused: dict[str, str] = {}
         self.force_degraded: set[str] = set()  # `vmd daemon --force-degraded VOLUME`
         self._nursery: trio.Nursery | None = None
-        self._scopes: dict[str, trio.CancelScope] = {}
+        self._work: dict[str, VolumeWork] = {}
         self.on_added: Callable[[str], None] = lambda name: None
         self.on_removed: Callable[[str], None] = lambda name: None
         # A volume's bytes changed behind its file (blocking: call in a thread).
@@ -308,14 +328,8 @@ class VolumeManager:
             log.info("volume %s: removed snapshot mirror %s: %s", vol.name, rec.name,
                      delete_if_created(rec))
         vol.removed_at_open.clear()
-        scope = trio.CancelScope()
-        self._scopes[vol.name] = scope
-
-        async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                await vol.run(task_status=task_status)
-
-        await self._nursery.start(run, name=f"volume-{vol.name}")
+        work = self._work[vol.name] = VolumeWork(vol)
+        await self._nursery.start(work.run, name=work.name)
 
     async def add_running(self, vol: Volume) -> None:
         """A volume made at run time (a snapshot): start it and show its file."""
@@ -327,11 +341,17 @@ class VolumeManager:
         vol = self.get(name)
         self.on_removed(name)
         del self.volumes[name]
-        try:
-            await vol.shutdown()
-        finally:
-            self._scopes.pop(name).cancel()
+        await self._work.pop(name).stop()
         return vol
+
+    async def stop(self) -> None:
+        """Stop every volume (the daemon's stop); one that fails to stop
+        cleanly is logged, and crash recovery sees to it at the next start."""
+        for name, work in list(self._work.items()):
+            try:
+                await work.stop()
+            except (OSError, VmdError) as e:
+                log.error("volume %s: unclean stop: %s", name, e)
 
     def name_in_use(self, name: str) -> str | None:
         if name in self.volumes or name in self.refused:

@@ -32,8 +32,9 @@ OUTPUT_LINES = 5  # of a failed run's output, in the log
 
 
 class Notifier:
-    """A background job: `run()` in the daemon's nursery (`nursery.start`),
-    `stop()` on its exit stack. It subscribes when made, so that events of
+    """A background job (`vmd/tasks.py`'s shape): `run()` in the daemon's
+    nursery (`nursery.start`), `stop()` on its stop stack, the first pushed
+    (so the last unwound: the volumes' stop events are still delivered). It subscribes when made, so that events of
     the start-up (a volume refused, a plex that cannot be opened) are queued
     before the nursery exists."""
 
@@ -45,8 +46,11 @@ class Notifier:
         self.failures = 0
         self._scope: trio.CancelScope | None = None
         self._deadline = float("inf")
+        self._running = False
+        self._ended = trio.Event()
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self._running = True
         task_status.started()
         try:
             while (ev := await self.sub.get()) is not None:
@@ -62,14 +66,18 @@ class Notifier:
         finally:
             self._scope = None
             self.sub.close()
+            self._ended.set()
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         """Stop taking events; what is queued is still delivered, for at most
-        STOP_GRACE s (a stop is not held up by a slow hook any longer)."""
+        STOP_GRACE s (a stop is not held up by a slow hook any longer).
+        Returns once the last run has ended."""
         self.sub.close()
         self._deadline = trio.current_time() + STOP_GRACE
         if self._scope is not None:
             self._scope.deadline = min(self._scope.deadline, self._deadline)
+        if self._running:
+            await self._ended.wait()
 
     def _what(self, ev: Event) -> str:
         vol = f" of volume {ev['volume']}" if ev.get("volume") else ""

@@ -136,10 +136,8 @@ class Link:
         self.vol = vol
         self.cfg = cfg
         self.on_demoted: Callable[[], None] | None = None  # it leaves the daemon's links
-        self.scope: trio.CancelScope | None = None
         self.lock = trio.Lock()
         self.xfer: Transfer | None = None
-        self.wake = trio.Event()
         self.last: dict[str, Any] = {}
         self.command = LinkCommand()
 
@@ -487,21 +485,6 @@ class Link:
             raise Refused(f"the target refused the update: {msg.get('error')}")
         if msg.get("t") != want:
             raise P.ProtocolError(f"expected {want!r} from the target, got {msg!r}")
-
-    # -- periodic ------------------------------------------------------------
-
-    async def run(self) -> None:
-        period = self.cfg.period
-        while True:
-            with trio.move_on_after(period if period > 0 else float("inf")):
-                await self.wake.wait()
-            self.wake = trio.Event()
-            if self.ext.get("paused"):
-                continue
-            try:
-                await self.update("periodic")
-            except VmdError:
-                pass  # logged; retried next period
 
     def status(self) -> dict[str, Any]:
         ext = self.ext

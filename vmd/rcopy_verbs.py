@@ -7,8 +7,6 @@ import logging
 import time
 from typing import Any
 
-import trio
-
 from . import rcopy_recv
 from .admin import PASSED_FDS
 from .commands import CommandTable, req_str
@@ -16,21 +14,23 @@ from .config import RcopyConfig, parse_duration
 from .errors import VmdError
 from .manager import VolumeManager
 from .rcopy import Link, add_tracker, drop_tracker, tracker
+from .rcopy_tasks import Receive, Sender, Update
+from .tasks import TaskGroup
 from .volume import Volume
 
 log = logging.getLogger(__name__)
 
 
-class Engine:
+class Engine(TaskGroup):
+    """Remote Copy in the daemon: a task group of the links' senders and of the
+    updates and receivers the verbs start. Started, it has rolled back the
+    updates a crash left unfinished and runs a sender per source volume."""
+
     def __init__(self, manager: VolumeManager):
+        super().__init__("remote copy")
         self.manager = manager
         self.links: dict[str, Link] = {}
         self.receiving: set[str] = set()
-        self.scopes: set[trio.CancelScope] = set()
-        self.idle = trio.Event()
-        self.idle.set()
-        self.stopping = False
-        self.nursery: trio.Nursery | None = None
 
     @staticmethod
     def link_config(vol: Volume) -> RcopyConfig | None:
@@ -43,47 +43,20 @@ class Engine:
             return RcopyConfig(target=tuple(ext["target"]), period=float(ext.get("period", 300)))
         return vol.cfg.rcopy
 
-    def add(self, link: Link) -> None:
-        assert self.nursery is not None
-        link.on_demoted = lambda: self.remove(link)
+    async def add(self, link: Link) -> None:
+        sender = Sender(link)
+        # A reverse that committed here makes the volume a target: its sender ends.
+        link.on_demoted = lambda: self.remove(link, sender)
         self.links[link.vol.name] = link
+        await self.start(sender)
 
-        async def run() -> None:
-            with trio.CancelScope() as scope:
-                link.scope = scope
-                await self.background(link.run)
-
-        self.nursery.start_soon(run, name=f"rcopy-{link.vol.name}")
-
-    def remove(self, link: Link) -> None:
+    def remove(self, link: Link, sender: Sender) -> None:
         if self.links.get(link.vol.name) is link:
             del self.links[link.vol.name]
-        if link.scope is not None:
-            link.scope.cancel()
+        sender.cancel()  # not waited for: its update may be what demoted the link
 
-    async def background(self, fn: Any, *args: Any) -> None:
-        try:
-            await self.guarded(fn, *args)
-        except VmdError:
-            pass
-
-    async def guarded(self, fn: Any, *args: Any) -> Any:
-        if self.stopping:
-            raise VmdError("the daemon is stopping")
-        with trio.CancelScope() as scope:
-            self.scopes.add(scope)
-            self.idle = trio.Event() if len(self.scopes) == 1 else self.idle
-            try:
-                return await fn(*args)
-            finally:
-                self.scopes.discard(scope)
-                if not self.scopes:
-                    self.idle.set()
-        raise VmdError("cancelled: the daemon is stopping")
-
-    async def startup(self, nursery: trio.Nursery) -> None:
+    async def starting(self) -> None:
         m = self.manager
-        self.nursery = nursery
         await rcopy_recv.startup(m)
         for vol in list(m.volumes.values()):
             cfg = self.link_config(vol)
@@ -91,7 +64,7 @@ class Engine:
             if cfg is not None:
                 link = Link(vol, cfg)
                 await link.setup()
-                self.add(link)
+                await self.add(link)
             elif info is not None:
                 if vol.cfg.rcopy is not None:
                     log.info("volume %s: a remote copy target of %s since a reverse: the "
@@ -108,14 +81,6 @@ class Engine:
                 await vol.checkpoint()
                 log.info("volume %s: no rcopy in the config any more: change map dropped",
                          vol.name)
-
-    async def shutdown(self) -> None:
-        """Cancel every transfer and wait for them: a receiver cut off rolls its
-        update back before the volumes close (the daemon bounds the whole stop)."""
-        self.stopping = True
-        for s in list(self.scopes):
-            s.cancel()
-        await self.idle.wait()
 
     def link(self, name: str) -> Link:
         vol = self.manager.get(name)
@@ -154,7 +119,7 @@ class Engine:
 
 def register(table: CommandTable, m: VolumeManager) -> Engine:
     """Add the `rcopy.*` verbs (and the remote copy role to `status`); the
-    daemon starts and stops the returned engine."""
+    daemon starts and stops the returned engine (a task group)."""
     eng = Engine(m)
 
     def name(req: dict[str, Any]) -> str:
@@ -189,7 +154,7 @@ def register(table: CommandTable, m: VolumeManager) -> Engine:
         if link.ext.get("paused"):
             raise VmdError(f"remote copy of {link.vol.name} is paused: `vmd rcopy resume "
                            f"{link.vol.name}` first")
-        return await eng.guarded(link.update, "sync")
+        return await eng.call(Update(link, "sync"))
 
     async def pause(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         link = eng.link(name(req))
@@ -209,11 +174,9 @@ def register(table: CommandTable, m: VolumeManager) -> Engine:
             raise VmdError("rcopy receive needs the stream's two file descriptors (use "
                            "`vmd rcopy receive VOLUME`)")
         vol = m.get(name(req))
-        if eng.stopping:
-            raise VmdError("the daemon is stopping")
+        eng.refuse_if_stopping()  # before the fds are taken: the admin server closes them
         rfd, wfd = fds.pop(0), fds.pop(0)  # from here rcopy_recv.receive owns (closes) them
-        return await eng.guarded(rcopy_recv.receive, m, vol, rfd, wfd, eng.receiving,
-                                 eng.links.get(vol.name))
+        return await eng.call(Receive(m, vol, rfd, wfd, eng.receiving, eng.links.get(vol.name)))
 
     async def promote(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         vol = m.get(name(req))
@@ -293,10 +256,10 @@ def register(table: CommandTable, m: VolumeManager) -> Engine:
                 cfg = RcopyConfig(target=cfg.target, period=period)
             link = Link(vol, cfg)
             await link.setup()
-            eng.add(link)
+            await eng.add(link)
             log.info("volume %s: reversing: now the remote copy source to %s (%s)", vol.name,
                      info.get("source"), " ".join(cfg.target))
-        return await eng.guarded(link.update, "reverse")
+        return await eng.call(Update(link, "reverse"))
 
     table.update({"status": status_with_role, "rcopy.status": status, "rcopy.sync": sync,
                   "rcopy.pause": pause, "rcopy.resume": resume, "rcopy.receive": receive,
