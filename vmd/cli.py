@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     from .rcopy_cli import add_rcopy_parsers  # noqa: PLC0415
 
     add_rcopy_parsers(sub)
+    from .verify_cli import add_verify_parser  # noqa: PLC0415
+
+    add_verify_parser(sub)
     set_epilogs(ap, EXAMPLES_HEADING, EXAMPLES_FOOTER)
     return ap
 
@@ -142,7 +145,9 @@ def _print_status(reply: dict[str, Any]) -> None:
         print(f"volume {v['name']}  {format_size(v['size'])}  {state}  "
               f"fastresync {'on' if v['fastresync'] else 'off'}  drl {'on' if v['drl'] else 'off'}"
               f"{'  open' if v.get('open') else ''}")
-        if rs["running"]:
+        if rs.get("queued"):
+            print(f"  resync: queued behind {', '.join(rs['queued_behind'])} (resync.per_device)")
+        elif rs["running"]:
             pct = 100.0 * rs["done_bytes"] / rs["total_bytes"] if rs["total_bytes"] else 100.0
             print(f"  resync: {format_size(rs['done_bytes'])} / {format_size(rs['total_bytes'])} "
                   f"({pct:.1f}%) to {', '.join(rs['targets'])}")
@@ -237,7 +242,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     sock = Path(args.socket) if args.socket else load_config(cfg_path).socket
-    client = AdminClient(sock, timeout=None if args.command in ("wait", "snap") else 120.0)
+    client = AdminClient(sock, timeout=None if args.command in ("wait", "snap", "verify") else 120.0)
     if args.command == "status":
         reply = client.request({"cmd": "status", "volume": args.volume})
         if args.json:
@@ -269,6 +274,10 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "fastresync":
         client.request({"cmd": "fastresync", "volume": args.volume, "on": args.state == "on"})
         print(f"{args.volume}: FastResync {args.state}")
+    elif args.command == "verify":
+        from .verify_cli import run_verify_command  # noqa: PLC0415
+
+        return run_verify_command(args, client, _progress_printer)
     elif args.command == "rcopy":
         from .rcopy_cli import run_rcopy_command  # noqa: PLC0415
 

@@ -13,7 +13,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import commands, rcopy_verbs, snapshot_verbs
+from . import commands, rcopy_verbs, snapshot_verbs, verify_verbs
 from .admin import AdminServer
 from .config import Config, check_environment
 from .errors import VmdError
@@ -56,6 +56,7 @@ class Daemon:
         commands.register(self.commands, self.manager, self.request_stop)
         snapshot_verbs.register(self.commands, self.manager)
         self.rcopy = rcopy_verbs.register(self.commands, self.manager)
+        verify_verbs.register(self.commands, self.manager)
 
     def request_stop(self) -> None:
         self._stop.set()

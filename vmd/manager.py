@@ -18,6 +18,7 @@ from .plex import Plex
 from .regionmap import RegionMap
 from .sidecar import (ACTIVE, IOFAIL, SNAPATT, WRITABLE, PlexRecord, SidecarLog, VolumeState,
                       new_state)
+from .spread import DeviceSlots
 from .volume import Volume, delete_if_created
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,7 @@ class VolumeManager:
         self.refused: dict[str, str] = {}
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, trio.CancelScope] = {}
+        self.slots = DeviceSlots(cfg.resync.per_device)  # resyncs and verifies per disk
         self.on_added: Callable[[str], None] = lambda name: None
         self.on_removed: Callable[[str], None] = lambda name: None
         # A volume's bytes changed behind its file (blocking: call in a thread).
@@ -283,6 +285,7 @@ class VolumeManager:
         vol.removed_at_open.clear()
         scope = trio.CancelScope()
         self._scopes[vol.name] = scope
+        vol.resync.slots = self.slots
 
         async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
             with scope:
