@@ -90,6 +90,7 @@ def test_verify_finds_flipped_bytes_and_repair_makes_plexes_identical(
     assert f"mismatched in {len(expected)} ranges" in out, out
     assert f"offset {expected[0][0]} " in out, out
     assert "verify finished" in d.stderr() and "mismatched in 4 ranges" in d.stderr()
+    assert "mismatched in 4 ranges" in d.cli("status").stdout.split("last verify ")[1]
 
     # --from p1: the flipped bytes win.
     rc, out, r = verify(d, "--repair", "--from", "p1")

@@ -17,6 +17,8 @@ from .admin import AdminClient
 from .cli_help import VOLUME_HELP, Example, VerbParser, add_verb, set_epilogs
 from .config import format_size, load_config
 from .errors import EXIT_OK, VmdError
+from .verify_cli import add_verify_parser, run_verify_command
+from .verify_cli import status_lines as verify_status_lines
 
 DEFAULT_CONFIG = "config/vmd.yaml"
 # `vmd --help` shows each verb's first example (vmd/cli_help.py gathers them).
@@ -94,8 +96,6 @@ def _parser() -> argparse.ArgumentParser:
     from .rcopy_cli import add_rcopy_parsers  # noqa: PLC0415
 
     add_rcopy_parsers(sub)
-    from .verify_cli import add_verify_parser  # noqa: PLC0415
-
     add_verify_parser(sub)
     set_epilogs(ap, EXAMPLES_HEADING, EXAMPLES_FOOTER)
     return ap
@@ -153,6 +153,8 @@ def _print_status(reply: dict[str, Any]) -> None:
                   f"({pct:.1f}%) to {', '.join(rs['targets'])}")
         elif rs["copied_bytes"]:
             print(f"  last resync: {format_size(rs['copied_bytes'])} in {rs['seconds']} s")
+        for line in verify_status_lines(v):
+            print(line)
         if "snapshot" in v:
             s = v["snapshot"]
             print(f"  snapshot of {s.get('of')} taken {s.get('taken')}")
@@ -275,8 +277,6 @@ def _run(args: argparse.Namespace) -> int:
         client.request({"cmd": "fastresync", "volume": args.volume, "on": args.state == "on"})
         print(f"{args.volume}: FastResync {args.state}")
     elif args.command == "verify":
-        from .verify_cli import run_verify_command  # noqa: PLC0415
-
         return run_verify_command(args, client, _progress_printer)
     elif args.command == "rcopy":
         from .rcopy_cli import run_rcopy_command  # noqa: PLC0415

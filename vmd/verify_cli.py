@@ -70,3 +70,25 @@ def describe(volume: str, r: dict[str, Any]) -> str:
         lines.append(f"repaired {format_size(r['repaired_bytes'])}: plex{'es' if len(others) > 1 else ''} "
                      f"{', '.join(others)} now hold plex {r['source']}'s bytes there")
     return "\n".join(lines)
+
+
+def status_lines(v: dict[str, Any]) -> list[str]:
+    """A volume's running and last verify, for `vmd status`."""
+    out = []
+    job = v.get("verify_running")
+    if job is not None:
+        if job["queued"]:
+            out.append(f"  verify: queued behind {', '.join(job['queued_behind'])}")
+        else:
+            out.append(f"  verify: {format_size(job['done_bytes'])} / "
+                       f"{format_size(job['total_bytes'])}, "
+                       f"{format_size(job['mismatched_bytes'])} mismatched so far")
+    r = v.get("verify")
+    if r is not None:
+        found = (f"{format_size(r['mismatched_bytes'])} mismatched in {r['range_count']} "
+                 f"range{'' if r['range_count'] == 1 else 's'}"
+                 if r["mismatched_bytes"] else "no mismatches")
+        repaired = f", {format_size(r['repaired_bytes'])} repaired" if r["repaired_bytes"] else ""
+        out.append(f"  last verify {r['time']}: {found}{repaired}"
+                   f"{'' if r['complete'] else ' (stopped before the end)'}")
+    return out
