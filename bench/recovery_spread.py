@@ -107,18 +107,23 @@ class SpreadBench:
     def _crash(self, per_device: int) -> dict[str, Any]:
         d = self.d
         d.start()
-        region = d.status(VOLUMES[0])["region_size"]
-        for v in VOLUMES:
-            picks = self.rng.sample(range(self.size // region), DIRTY_REGIONS)
-            fd = os.open(d.file(v), os.O_RDWR)
-            try:
-                for r in picks:
+        region = d.request({"cmd": "status"})["volumes"][0]["region_size"]
+        fds = [os.open(d.file(v), os.O_RDWR) for v in VOLUMES]
+        try:
+            for fd in fds:
+                for r in self.rng.sample(range(self.size // region), DIRTY_REGIONS):
                     os.pwrite(fd, os.urandom(64 * 1024), r * region + 4096 * self.rng.randrange(16))
                 os.fsync(fd)
-            finally:
-                os.close(fd)
-        dirty = sum(d.status(v)["dirty_regions"] for v in VOLUMES)
-        d.sigkill()  # with the regions dirty, as a crash leaves them
+            dirty = sum(v["dirty_regions"] for v in d.request({"cmd": "status"})["volumes"])
+            # SIGKILL with the volumes open (as under mounted filesystems): a
+            # volume closed and idle is recorded clean and recovers nothing.
+            d.sigkill()
+        finally:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         return {"dirty_regions": dirty, **self._restart(per_device)}
 
     def _full(self, per_device: int) -> dict[str, Any]:

@@ -292,3 +292,26 @@ def test_device_slots_order_independence_and_cancel() -> None:
 
     trio.run(main)
     assert events.index("start a3") > events.index("end a2")
+
+
+@pytest.mark.mount
+def test_interrupted_verify_stops_and_its_partial_result_says_so(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    d = vmd_factory(rate_limit="4MiB").start()
+    size = d.volume_size()
+    pwrite_file(d.volume_file(), [(0, os.urandom(32 * MiB))])
+    job = subprocess.Popen([sys.executable, "-m", "vmd", "-c", str(d.config_path), "verify", "vol0"],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: d.status("vol0").get("verify_running", {}).get("done_bytes"),
+                 what="the verify to make progress")
+        job.send_signal(signal.SIGINT)  # Ctrl-C: the verify stops with its client
+        assert job.wait(timeout=30) == 130
+    finally:
+        if job.poll() is None:
+            job.kill()
+    r = wait_for(lambda: "verify_running" not in (s := d.status("vol0")) and s.get("verify"),
+                 what="the verify to stop")
+    assert r["complete"] is False and 0 < r["stopped_at"] < size, r
+    assert "verify stopped" in d.stderr()
+    assert "(stopped before the end)" in d.cli("status").stdout
