@@ -16,6 +16,8 @@ from .admin import AdminClient
 from .cli_help import VOLUME_HELP, Example, VerbParser, add_verb, set_epilogs
 from .config import format_size, load_config
 from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, VmdError
+from .verify_cli import add_verify_parser, run_verify_command
+from .verify_cli import status_lines as verify_status_lines
 
 DEFAULT_CONFIG = "config/vmd.yaml"
 # `vmd --help` shows each verb's first example (vmd/cli_help.py gathers them).
@@ -112,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     from .events_cli import add_events_parser  # noqa: PLC0415
 
     add_events_parser(sub)
+
+    add_verify_parser(sub)
     set_epilogs(ap, EXAMPLES_HEADING, EXAMPLES_FOOTER)
     return ap
 
@@ -160,12 +164,16 @@ def _print_status(reply: dict[str, Any]) -> None:
         print(f"volume {v['name']}  {format_size(v['size'])}  {state}  "
               f"fastresync {'on' if v['fastresync'] else 'off'}  drl {'on' if v['drl'] else 'off'}"
               f"{'  open' if v.get('open') else ''}")
-        if rs["running"]:
+        if rs.get("queued"):
+            print(f"  resync: queued behind {', '.join(rs['queued_behind'])} (resync.per_device)")
+        elif rs["running"]:
             pct = 100.0 * rs["done_bytes"] / rs["total_bytes"] if rs["total_bytes"] else 100.0
             print(f"  resync: {format_size(rs['done_bytes'])} / {format_size(rs['total_bytes'])} "
                   f"({pct:.1f}%) to {', '.join(rs['targets'])}")
         elif rs["copied_bytes"]:
             print(f"  last resync: {format_size(rs['copied_bytes'])} in {rs['seconds']} s")
+        for line in verify_status_lines(v):
+            print(line)
         if "snapshot" in v:
             s = v["snapshot"]
             print(f"  snapshot of {s.get('of')} taken {s.get('taken')}")
@@ -257,7 +265,8 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     sock = Path(args.socket) if args.socket else load_config(cfg_path).socket
-    client = AdminClient(sock, timeout=None if args.command in ("wait", "snap", "events") else 120.0)
+    client = AdminClient(sock, timeout=None if args.command in ("wait", "snap", "events", "verify")
+                         else 120.0)
     if args.command == "status":
         reply = client.request({"cmd": "status", "volume": args.volume})
         if args.json:
@@ -300,6 +309,8 @@ def _run(args: argparse.Namespace) -> int:
         from .events_cli import run_events_command  # noqa: PLC0415
 
         return run_events_command(args, client)
+    elif args.command == "verify":
+        return run_verify_command(args, client, _progress_printer)
     elif args.command == "rcopy":
         from .rcopy_cli import run_rcopy_command  # noqa: PLC0415
 

@@ -133,6 +133,7 @@ class VolumeConfig:
 @dataclass(frozen=True)
 class ResyncConfig:
     rate_limit: int = 0  # bytes per second; 0 = unlimited
+    per_device: int = 1  # background jobs at a time per disk (vmd/spread.py); 0 = no limit
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ _TOP_KEYS = {"mountpoint", "socket", "volumes", "resync", "clean_delay", "writeb
 _VOLUME_KEYS = {"size", "plexes", "log", "region_size", "drl", "fastresync", "fastresync_region",
                 "direct_io", "rcopy", "layout", "columns", "stripe_unit", "raid5_log"}
 _RCOPY_KEYS = {"target", "period"}
-_RESYNC_KEYS = {"rate_limit"}
+_RESYNC_KEYS = {"rate_limit", "per_device"}
 
 
 class _Ctx:
@@ -233,7 +234,12 @@ def load_config(path: str | os.PathLike[str]) -> Config:
             raise ctx.err(required, "missing required key")
 
     resync_raw = ctx.mapping(raw.get("resync") or {}, "resync", _RESYNC_KEYS)
-    resync = ResyncConfig(rate_limit=ctx.size(resync_raw.get("rate_limit", 0), "resync.rate_limit"))
+    per_device = resync_raw.get("per_device", 1)
+    if isinstance(per_device, bool) or not isinstance(per_device, int) or per_device < 0:
+        raise ctx.err("resync.per_device", f"expected a whole number >= 0 (jobs at a time per "
+                                           f"disk; 0: no limit), got {per_device!r}")
+    resync = ResyncConfig(rate_limit=ctx.size(resync_raw.get("rate_limit", 0), "resync.rate_limit"),
+                          per_device=per_device)
     clean_delay = raw.get("clean_delay", 5.0)
     if isinstance(clean_delay, bool) or not isinstance(clean_delay, (int, float)) or clean_delay < 0:
         raise ctx.err("clean_delay", f"expected a number of seconds >= 0, got {clean_delay!r}")

@@ -14,7 +14,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import commands, events, rcopy_verbs, resize_verbs, snapshot_verbs
+from . import commands, events, rcopy_verbs, resize_verbs, snapshot_verbs, verify_verbs
 from .admin import AdminServer
 from .config import Config, check_environment
 from .errors import VmdError
@@ -103,6 +103,7 @@ class Daemon:
         resize_verbs.register(self.commands, self.manager)
         self.rcopy = rcopy_verbs.register(self.commands, self.manager)
         events.register(self.commands)
+        verify_verbs.register(self.commands, self.manager)
 
     def request_stop(self) -> None:
         self._stop.set()

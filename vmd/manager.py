@@ -23,6 +23,7 @@ from .sidecar import (ACTIVE, IOFAIL, SNAPATT, WRITABLE, PlexRecord, SidecarLog,
 from .mirror import MirrorVolume
 from .raid5 import Raid5Volume, plan_raid5_recovery
 from .tasks import Task
+from .spread import DeviceSlots
 from .volume import Volume, delete_if_created
 
 log = logging.getLogger(__name__)
@@ -282,6 +283,7 @@ class VolumeManager:
         self.force_degraded: set[str] = set()  # `vmd daemon --force-degraded VOLUME`
         self._nursery: trio.Nursery | None = None
         self._work: dict[str, VolumeWork] = {}
+        self.slots = DeviceSlots(cfg.resync.per_device)  # resyncs and verifies per disk
         self.on_added: Callable[[str], None] = lambda name: None
         self.on_removed: Callable[[str], None] = lambda name: None
         # A volume's bytes changed behind its file (blocking: call in a thread).
@@ -328,6 +330,7 @@ class VolumeManager:
             log.info("volume %s: removed snapshot mirror %s: %s", vol.name, rec.name,
                      delete_if_created(rec))
         vol.removed_at_open.clear()
+        vol.resync.slots = self.slots
         work = self._work[vol.name] = VolumeWork(vol)
         await self._nursery.start(work.run, name=work.name)
 

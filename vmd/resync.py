@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Protocol
@@ -29,6 +29,7 @@ from .config import MiB, format_size
 from .plex import Plex, PlexIOError
 from .rangelock import RangeLock
 from .sidecar import ACTIVE, RESYNC_TARGETS, SNAPATT, SNAPDONE, SYNCING, SidecarLog, VolumeState
+from .spread import DeviceSlots, Queued, devices_of
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ class Resync:
         self.last_targets: list[str] = []
         self.passes = 0
         self._buf = bytearray(CHUNK)  # one copy buffer, reused for every chunk
+        # One job at a time per disk (the manager sets the daemon's slots).
+        self.slots: DeviceSlots | None = None
+        self.queue = Queued()
 
     def wake(self) -> None:
         self._wake.set()
@@ -108,6 +112,7 @@ class Resync:
             "skips_holes": self.sparse,
             "seconds": round(self.last_seconds, 3), "targets": self.last_targets,
             "rate_limit": self.rate_limit,
+            "queued": bool(self.queue.behind), "queued_behind": self.queue.behind,
         }
 
     async def wait_idle(self) -> None:
@@ -150,7 +155,8 @@ class Resync:
             stuck = False
             try:
                 with trio.CancelScope() as self._cancel:
-                    stuck = not await self._pass()
+                    async with self._turn():
+                        stuck = not await self._pass()
             except OSError as e:
                 # The log or a flush failed: leave the maps as they are (copying
                 # again is always safe) and retry later, instead of taking the
@@ -169,6 +175,13 @@ class Resync:
                 with trio.move_on_after(RETRY_SECONDS):
                     await self._wake.wait()
                 self._wake = trio.Event()
+
+    def _turn(self) -> AbstractAsyncContextManager[None]:
+        """This volume's turn on the devices of its open plexes (vmd/spread.py)."""
+        if self.slots is None:
+            return nullcontext()
+        return self.slots.turn(devices_of(self.volume.plexes),
+                               f"resync of volume {self.volume.name}", self.queue)
 
     async def _pass(self) -> bool:
         """One copy of everything the targets lack. False if it could not finish."""

@@ -1,0 +1,317 @@
+"""Verify and repair (issue 15, part 1) and recoveries spread per disk (part 4),
+on a real daemon, real plex images and real fio."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from conftest import REPO, MiB, VmdDaemon, pwrite_file, sha, volume_spec, wait_for
+from vmd.spread import DeviceSlots, Queued
+
+SECTOR = 512
+MISMATCH_LOG = r"verify.* mismatched in \d+ range"
+
+
+def flip(path: Path, off: int, n: int) -> bytes:
+    """Invert n bytes of an image at off (a hole becomes 0xff); the new bytes."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        new = bytes(b ^ 0xFF for b in os.pread(fd, n, off).ljust(n, b"\0"))
+        os.pwrite(fd, new, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return new
+
+
+def sector_runs(flips: list[tuple[int, int]]) -> list[list[int]]:
+    """The [offset, length] runs of 512-byte sectors the flipped bytes touch."""
+    sectors = sorted({s for off, n in flips for s in range(off // SECTOR, (off + n - 1) // SECTOR + 1)})
+    runs: list[list[int]] = []
+    for s in sectors:
+        if runs and runs[-1][0] + runs[-1][1] == s * SECTOR:
+            runs[-1][1] += SECTOR
+        else:
+            runs.append([s * SECTOR, SECTOR])
+    return runs
+
+
+def read_at(path: Path, off: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(off)
+        return f.read(n)
+
+
+def verify(d: VmdDaemon, *args: str, volume: str = "vol0") -> tuple[int, str, dict[str, Any]]:
+    """`vmd verify VOLUME ARGS`: exit code, stdout, and the `verify` of status."""
+    p = d.cli("verify", volume, *args, check=False, timeout=120)
+    assert p.returncode in (0, 1), f"vmd verify exited {p.returncode}: {p.stderr}"
+    return p.returncode, p.stdout, d.status(volume)["verify"]
+
+
+@pytest.mark.mount
+@pytest.mark.allow_log(MISMATCH_LOG)
+def test_verify_finds_flipped_bytes_and_repair_makes_plexes_identical(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    d = vmd_factory().start()
+    size = d.volume_size()
+    pwrite_file(d.volume_file(), [(0, os.urandom(8 * MiB)), (40 * MiB, os.urandom(MiB))])
+    rc, out, r = verify(d)
+    assert rc == 0 and "no mismatches" in out, out
+    assert r["mismatched_bytes"] == 0 and r["checked_bytes"] == size and r["complete"], r
+    d.stop()
+
+    p0, p1 = d.plex_paths()
+    # Whole sectors, a single byte, a run across a sector boundary, and data
+    # where both images had a hole (p0 still reads zeros there).
+    flips = [(4096, 4096), (MiB + 700, 1), (40 * MiB + 1546, 1000), (20 * MiB, 512)]
+    flipped = {off: flip(p1, off, n) for off, n in flips}
+    expected = sector_runs(flips)
+
+    d.start()
+    rc, out, r = verify(d)
+    assert rc == 1, out
+    assert r["ranges"] == expected, (r["ranges"], expected)
+    assert r["mismatched_bytes"] == sum(n for _, n in expected) and r["range_count"] == len(expected)
+    assert r["checked_bytes"] == size and r["repaired_bytes"] == 0, r
+    assert f"mismatched in {len(expected)} ranges" in out, out
+    assert f"offset {expected[0][0]} " in out, out
+    assert "verify finished" in d.stderr() and "mismatched in 4 ranges" in d.stderr()
+    assert "mismatched in 4 ranges" in d.cli("status").stdout.split("last verify ")[1]
+
+    # --from p1: the flipped bytes win.
+    rc, out, r = verify(d, "--repair", "--from", "p1")
+    assert rc == 0, out
+    assert r["repaired_bytes"] == r["mismatched_bytes"] == sum(n for _, n in expected), r
+    assert r["source"] == "p1" and "now hold plex p1's bytes" in out, out
+    rc, out, r = verify(d)
+    assert rc == 0 and r["mismatched_bytes"] == 0, out
+    # The volume file shows the repaired bytes (the kernel's cache was dropped).
+    for off, new in flipped.items():
+        assert read_at(d.volume_file(), off, len(new)) == new
+    d.stop()
+    assert sha(p0) == sha(p1)
+    for off, new in flipped.items():
+        assert read_at(p0, off, len(new)) == new
+
+    # The default source is p0: flip p1 again, repair, p1 takes p0's bytes back.
+    original = read_at(p0, 30 * 512, 3 * 512)
+    flip(p1, 30 * 512, 3 * 512)
+    d.start()
+    assert d.status("vol0")["verify"] == r, "the last result is kept across a restart"
+    rc, out, r = verify(d, "--repair")
+    assert rc == 0 and r["ranges"] == [[30 * 512, 3 * 512]] and r["source"] == "p0", r
+    d.stop()
+    assert sha(p0) == sha(p1)
+    assert read_at(p1, 30 * 512, 3 * 512) == original
+
+
+@pytest.mark.mount
+def test_verify_refuses_what_it_cannot_do(vmd: VmdDaemon) -> None:
+    p = vmd.cli("verify", "vol0", "--repair", "--from", "p7", check=False)
+    assert p.returncode == 1 and "no plex 'p7'" in p.stderr, p.stderr
+    p = vmd.cli("verify", "vol0", "--from", "p1", check=False)
+    assert p.returncode == 1 and "--from PLEX needs --repair" in p.stderr, p.stderr
+    vmd.cli("plex", "detach", "vol0", "p1")
+    p = vmd.cli("verify", "vol0", check=False)
+    assert p.returncode == 1 and "1 in-sync plex (p0): nothing to compare" in p.stderr, p.stderr
+    p = vmd.cli("verify", "nosuch", check=False)
+    assert p.returncode == 1 and "nosuch" in p.stderr, p.stderr
+
+
+@pytest.mark.mount
+@pytest.mark.skipif(shutil.which("fio") is None, reason="needs fio")
+def test_verify_under_concurrent_random_writes_finds_no_mismatch(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    # A rate limit stretches the verify over seconds of fio writes.
+    d = vmd_factory(rate_limit="16MiB").start()
+    vol = d.volume_file()
+    size = d.volume_size()
+    pwrite_file(vol, [(off, os.urandom(4 * MiB)) for off in range(0, size, 4 * MiB)])
+    p0 = d.plex_paths()[0]
+    before = os.stat(p0).st_mtime_ns
+    fio = subprocess.Popen(
+        ["fio", "--name=randw", f"--filename={vol}", "--rw=randwrite", "--bs=4k",
+         f"--size={size}", "--ioengine=psync", "--iodepth=1", "--numjobs=2",
+         "--time_based", "--runtime=600", "--output-format=json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: os.stat(p0).st_mtime_ns != before, what="fio's writes to reach plex p0")
+        rc, out, r = verify(d)
+        assert fio.poll() is None, f"fio ended during the verify: {fio.stderr}"
+    finally:
+        fio.send_signal(signal.SIGINT)
+        fio_out, fio_err = fio.communicate(timeout=60)
+    assert rc == 0 and r["mismatched_bytes"] == 0 and r["ranges"] == [], (out, r)
+    assert r["checked_bytes"] == size and r["complete"], r
+    assert r["seconds"] >= 2, "the verify was not slowed down enough to overlap the writes"
+    report = json.loads(fio_out[fio_out.index("{"):])  # after "fio: terminating on signal 2"
+    written = sum(j["write"]["io_bytes"] for j in report["jobs"])
+    assert written > MiB, fio_out
+    d.stop()
+    assert sha(d.plex_paths()[0]) == sha(d.plex_paths()[1])
+
+
+# -- recoveries spread per disk --------------------------------------------------
+
+
+def _resync_states(d: VmdDaemon, names: list[str]) -> dict[str, str]:
+    """Per volume: running, queued, or idle (all in sync)."""
+    out = {}
+    for v in d.request({"cmd": "status"})["volumes"]:
+        if v["name"] in names:
+            rs = v["resync"]
+            syncing = any(p["state"] == "SYNCING" for p in v["plexes"])
+            out[v["name"]] = ("queued" if rs["queued"] else "running" if rs["running"]
+                              else "pending" if syncing else "idle")
+    return out
+
+
+def _job_log(d: VmdDaemon) -> list[tuple[str, ...]]:
+    """(volume, resync|verify, started|finished) of the daemon's log lines, in order."""
+    return [m.group(1, 2, 3) for m in re.finditer(
+        r"^.*volume (\w+): (resync|verify)\b.*?\b(started|finished)", d.stderr(), re.M)]
+
+
+@pytest.mark.mount
+def test_resyncs_on_one_disk_run_one_at_a_time_in_order(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    names = ["v0", "v1", "v2"]
+    d = vmd_factory(volumes={v: volume_spec(v, size="16MiB") for v in names},
+                    rate_limit="4MiB").start()
+    for v in names:
+        pwrite_file(d.volume_file(v), [(0, os.urandom(8 * MiB))])
+    d.request({"cmd": "plex.add", "volume": "v0", "path": str(d.base / "v0-p2.img")})
+    wait_for(lambda: _resync_states(d, names)["v0"] == "running", what="v0's resync to run")
+    for v in names[1:]:
+        d.request({"cmd": "plex.add", "volume": v, "path": str(d.base / f"{v}-p2.img")})
+    st = wait_for(lambda: (s := _resync_states(d, names))["v2"] == "queued" and s, what="queued")
+    assert st == {"v0": "running", "v1": "queued", "v2": "queued"}, st
+    text = d.cli("status").stdout
+    assert "resync: queued behind resync of volume v0 (resync.per_device)" in text, text
+    queued = d.status("v2")["resync"]
+    assert queued["queued"] and queued["queued_behind"] == ["resync of volume v0"], queued
+    # A verify waits its turn on the disk too.
+    job = subprocess.Popen([sys.executable, "-m", "vmd", "-c", str(d.config_path), "verify", "v0"],
+                           cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: d.status("v0").get("verify_running", {}).get("queued"),
+                 what="the verify of v0 to be queued")
+        def finished() -> bool:
+            s = _resync_states(d, names)
+            running = [v for v, x in s.items() if x == "running"]
+            assert len(running) <= 1, f"two resyncs on one disk at once: {s}"
+            return all(x == "idle" for x in s.values())
+
+        wait_for(finished, timeout=120, what="every resync to finish")
+        assert job.wait(timeout=60) == 0
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert "no mismatches" in job.stdout.read()  # type: ignore[union-attr]
+    # The daemon's log: each job started after the one before it finished, in order.
+    assert _job_log(d) == [("v0", "resync", "started"), ("v0", "resync", "finished"),
+                           ("v1", "resync", "started"), ("v1", "resync", "finished"),
+                           ("v2", "resync", "started"), ("v2", "resync", "finished"),
+                           ("v0", "verify", "started"), ("v0", "verify", "finished")]
+    for v in names:
+        assert len({sha(p) for p in [*d.plex_paths(v), d.base / f"{v}-p2.img"]}) == 1
+
+
+@pytest.mark.mount
+def test_per_device_zero_runs_resyncs_at_once(vmd_factory: Callable[..., VmdDaemon]) -> None:
+    names = ["v0", "v1"]
+    d = vmd_factory(volumes={v: volume_spec(v, size="16MiB") for v in names},
+                    extra={"resync": {"rate_limit": "4MiB", "per_device": 0}})
+    d.start()
+    for v in names:
+        pwrite_file(d.volume_file(v), [(0, os.urandom(8 * MiB))])
+    for v in names:
+        d.request({"cmd": "plex.add", "volume": v, "path": str(d.base / f"{v}-p2.img")})
+    wait_for(lambda: set(_resync_states(d, names).values()) == {"running"},
+             what="both resyncs running at once")
+    for v in names:
+        d.wait_resync(v)
+
+
+# -- DeviceSlots alone (no mount) -------------------------------------------------
+
+
+def test_device_slots_order_independence_and_cancel() -> None:
+    events: list[str] = []
+
+    async def main() -> None:
+        slots = DeviceSlots(1)
+        gates = {n: trio.Event() for n in ("a1", "a2", "b1", "a3")}
+
+        async def job(name: str, devs: frozenset[int], q: Queued | None = None) -> None:
+            async with slots.turn(devs, name, q):
+                events.append(f"start {name}")
+                await gates[name].wait()
+            events.append(f"end {name}")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(job, "a1", frozenset({1}))
+            await trio.testing.wait_all_tasks_blocked()
+            q = Queued()
+            n.start_soon(job, "a2", frozenset({1}), q)
+            await trio.testing.wait_all_tasks_blocked()
+            assert q.behind == ["a1"]
+            # A job on another device does not wait behind device 1's queue.
+            n.start_soon(job, "b1", frozenset({2}))
+            await trio.testing.wait_all_tasks_blocked()
+            assert events == ["start a1", "start b1"]
+            # A queued job that is cancelled gives its place up.
+            with trio.CancelScope() as cs:
+                cs.cancel()
+                async with slots.turn(frozenset({1}), "gone"):
+                    raise AssertionError("a cancelled job ran")
+            n.start_soon(job, "a3", frozenset({1, 2}))
+            await trio.testing.wait_all_tasks_blocked()
+            gates["a1"].set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert events[-1] == "start a2" and q.behind == []
+            gates["b1"].set()
+            gates["a2"].set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert events[-1] == "start a3"
+            gates["a3"].set()
+
+    trio.run(main)
+    assert events.index("start a3") > events.index("end a2")
+
+
+@pytest.mark.mount
+def test_interrupted_verify_stops_and_its_partial_result_says_so(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    d = vmd_factory(rate_limit="4MiB").start()
+    size = d.volume_size()
+    pwrite_file(d.volume_file(), [(0, os.urandom(32 * MiB))])
+    job = subprocess.Popen([sys.executable, "-m", "vmd", "-c", str(d.config_path), "verify", "vol0"],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: d.status("vol0").get("verify_running", {}).get("done_bytes"),
+                 what="the verify to make progress")
+        job.send_signal(signal.SIGINT)  # Ctrl-C: the verify stops with its client
+        assert job.wait(timeout=30) == 130
+    finally:
+        if job.poll() is None:
+            job.kill()
+    r = wait_for(lambda: "verify_running" not in (s := d.status("vol0")) and s.get("verify"),
+                 what="the verify to stop")
+    assert r["complete"] is False and 0 < r["stopped_at"] < size, r
+    assert "verify stopped" in d.stderr()
+    assert "(stopped before the end)" in d.cli("status").stdout

@@ -1,0 +1,297 @@
+"""Verify and repair: compare the in-sync plexes of a volume while it serves
+(md's `check`/`repair`, `zpool scrub`).
+
+The volume is walked in chunks. Each chunk is compared under the volume's
+range lock, so no write can fall between the reads of two plexes: a write in
+flight is never reported as a mismatch. A chunk that no plex has allocated
+(SEEK_DATA/SEEK_HOLE) is equal without being read. Plexes are compared in
+512-byte sectors (md counts them too): a mismatched range is a run of
+sectors in which some plex differs from the reference. `repair` writes the
+source plex's sectors over the others, still under the lock.
+
+A verify is not resumed after a restart or a stop: it holds nothing that
+must survive (the plexes hold the repairs, the log the last result), and a
+new one starts over from offset 0. The last result is kept in the sidecar
+log (`extra.verify`), so `vmd status` shows it after a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from .config import MiB, format_size
+from .errors import VmdError
+from .plex import Plex, PlexIOError
+from .sidecar import ACTIVE, SNAPDONE, WRITABLE
+from .spread import DeviceSlots, Queued, devices_of
+
+if TYPE_CHECKING:
+    from .volume import Volume
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 * MiB  # compared per range-lock hold: short enough not to stall writes
+BLOCK = 64 * 1024  # a differing chunk is narrowed down in blocks, then sectors
+SECTOR = 512
+MAX_RANGES = 16  # mismatched ranges kept (reported, logged) per verify
+COMPARED = frozenset({ACTIVE, SNAPDONE})  # in-sync states (a snapshot mirror is a copy too)
+
+T = TypeVar("T")
+
+
+async def _each(plexes: Sequence[Plex], fn: Callable[[Plex], Awaitable[T]]) -> list[T]:
+    """fn(p) for every plex at once (two disks are read in parallel)."""
+    out: list[Any] = [None] * len(plexes)
+
+    async def one(i: int) -> None:
+        out[i] = await fn(plexes[i])
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(plexes)):
+            nursery.start_soon(one, i)
+    return out
+
+
+def mismatched_sectors(ref: bytes | bytearray, others: Sequence[bytes | bytearray],
+                       base: int) -> list[tuple[int, int]]:
+    """(offset, length) runs of the sectors where any of `others` differs from
+    `ref` (all read at volume offset `base`)."""
+    out: list[tuple[int, int]] = []
+    n = len(ref)
+    for b in range(0, n, BLOCK):
+        be = min(n, b + BLOCK)
+        block = ref[b:be]
+        if all(o[b:be] == block for o in others):
+            continue
+        for s in range(b, be, SECTOR):
+            e = min(be, s + SECTOR)
+            if any(o[s:e] != ref[s:e] for o in others):
+                if out and out[-1][0] + out[-1][1] == base + s:
+                    out[-1] = (out[-1][0], out[-1][1] + e - s)
+                else:
+                    out.append((base + s, e - s))
+    return out
+
+
+class Verify:
+    """One verify (with `repair`: and repair) of `volume`. `run()` walks it
+    and returns the result that `vmd status` shows as `verify`; `stop()`
+    ends it early (the result then says `complete: false`)."""
+
+    def __init__(self, volume: Volume, *, repair: bool = False, source: str | None = None,
+                 slots: DeviceSlots | None = None):
+        self.volume = volume
+        self.repair = repair
+        self.slots = slots
+        in_sync = [p for p in volume.plexes if self._holds(p, 0, volume.size)]
+        if len(in_sync) < 2:
+            raise VmdError(f"volume {volume.name} has {len(in_sync) or 'no'} in-sync plex"
+                           f"{'' if len(in_sync) == 1 else 'es'} "
+                           f"({', '.join(p.name for p in in_sync) or 'none'}): nothing to compare")
+        if source is None:
+            self.source = next((p for p in in_sync if p.state == ACTIVE), in_sync[0])
+        else:
+            self.source = volume.plex(source)
+            if self.source.state != ACTIVE or self.source not in in_sync:
+                raise VmdError(f"--from {source}: plex {source} of volume {volume.name} is "
+                               f"{self.source.state}"
+                               f"{'' if self.source.state != ACTIVE else ' but not in sync'}; "
+                               f"the source must be an ACTIVE plex in sync")
+        self.plex_names = [p.name for p in in_sync]
+        self.queue = Queued()
+        self.running = False
+        self.done_bytes = 0  # of the volume walked
+        self.checked_bytes = 0  # compared on two plexes or more
+        self.read_bytes = 0  # of the volume read (holes skipped): what the rate limit counts
+        self.mismatched_bytes = 0
+        self.repaired_bytes = 0
+        self.range_count = 0
+        self.ranges: list[list[int]] = []  # the first MAX_RANGES [offset, length]
+        self._last_end = -1  # of the last mismatched range seen
+        self._scope: trio.CancelScope | None = None
+        self._stopped = False
+
+    def _holds(self, p: Plex, off: int, n: int) -> bool:
+        m = p.record.missing
+        return p.state in COMPARED and p.fd >= 0 and not (m is not None and m.any_in(off, n))
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def status(self) -> dict[str, Any]:
+        """Progress, in the shape of a resync's (`vmd verify` shows it on a terminal)."""
+        return {"running": self.running, "queued": bool(self.queue.behind),
+                "queued_behind": self.queue.behind, "repair": self.repair,
+                "done_bytes": self.done_bytes, "total_bytes": self.volume.size,
+                "mismatched_bytes": self.mismatched_bytes}
+
+    def _turn(self) -> AbstractAsyncContextManager[None]:
+        if self.slots is None:
+            return nullcontext()
+        return self.slots.turn(devices_of(p for p in self.volume.plexes if p.state in COMPARED),
+                               f"verify of volume {self.volume.name}", self.queue)
+
+    async def run(self) -> dict[str, Any]:
+        vol = self.volume
+        started = time.monotonic()
+        error: str | None = None
+        try:
+            with trio.CancelScope() as self._scope:
+                async with self._turn():
+                    self.running = True
+                    started = time.monotonic()
+                    log.info("volume %s: verify%s of plexes %s started%s", vol.name,
+                             " and repair" if self.repair else "", ", ".join(self.plex_names),
+                             f" (repair source: {self.source.name})" if self.repair else "")
+                    while self.done_bytes < vol.size:
+                        n = min(CHUNK, vol.size - self.done_bytes)
+                        await self._chunk(self.done_bytes, n)
+                        self.done_bytes += n
+                        await self._throttle(started)
+                    if self.repaired_bytes:
+                        await vol.flush()  # the repairs are durable before they are reported
+        except VmdError as e:
+            error = str(e)
+            raise
+        finally:
+            self.running = False
+            result = self._result(time.monotonic() - started, error)
+            with trio.CancelScope(shield=True):
+                await self._record(result)
+        return result
+
+    def _result(self, seconds: float, error: str | None) -> dict[str, Any]:
+        vol = self.volume
+        complete = self.done_bytes >= vol.size and error is None
+        return {
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "checked_bytes": self.checked_bytes,
+            "mismatched_bytes": self.mismatched_bytes, "ranges": self.ranges,
+            "range_count": self.range_count, "repaired_bytes": self.repaired_bytes,
+            "repair": self.repair, "source": self.source.name, "plexes": self.plex_names,
+            "seconds": round(seconds, 3), "complete": complete,
+            **({"error": error} if error else {}),
+            **({} if complete or error else {"stopped_at": self.done_bytes}),
+        }
+
+    async def _record(self, result: dict[str, Any]) -> None:
+        """The result into the log (kept across restarts) and the daemon's log."""
+        vol = self.volume
+        what = (f"volume {vol.name}: verify{' and repair' if self.repair else ''} "
+                f"{'finished' if result['complete'] else 'stopped'}: "
+                f"{format_size(self.checked_bytes)} checked in {result['seconds']} s, "
+                f"{format_size(self.mismatched_bytes)} mismatched")
+        if self.mismatched_bytes:
+            first = ", ".join(f"{off}+{n}" for off, n in self.ranges[:4])
+            log.warning("%s in %d range%s (first: %s), %s repaired from plex %s", what,
+                        self.range_count, "" if self.range_count == 1 else "s", first,
+                        format_size(self.repaired_bytes), self.source.name)
+        else:
+            log.info("%s", what)
+        if vol.stopped:
+            return  # the log is closed: the result is in the daemon's log only
+        vol.state.extra["verify"] = result
+        try:
+            await vol.checkpoint()
+        except OSError as e:
+            log.error("volume %s: cannot record the verify result in %s: %s", vol.name,
+                      vol.sidecar.path, e)
+
+    async def _throttle(self, started: float) -> None:
+        await trio.sleep(0)  # let writes in between chunks
+        while (rate := self.volume.resync.rate_limit) > 0:  # re-read: it may change
+            delay = started + self.read_bytes / rate - time.monotonic()
+            if delay <= 0:
+                return
+            await trio.sleep(min(delay, 0.25))
+
+    async def _chunk(self, off: int, n: int) -> None:
+        vol = self.volume
+        await vol.gate.enter()  # plexes are not reconfigured (closed) under us
+        try:
+            if vol.stopped:
+                raise VmdError(f"volume {vol.name} was stopped during the verify "
+                               f"(at offset {off} of {vol.size})")
+            async with vol.ranges.hold(off, off + n):
+                while True:
+                    plexes = [p for p in vol.plexes if self._holds(p, off, n)]
+                    if self.repair and self.source not in plexes:
+                        raise VmdError(f"plex {self.source.name}, the repair's source, is no "
+                                       f"longer in sync ({self.source.state}) at offset {off}: "
+                                       f"repair stopped")
+                    if len(plexes) < 2:
+                        return  # recovering here, or a plex failed: nothing to compare
+                    try:
+                        await self._compare(plexes, off, n)
+                        return
+                    except PlexIOError as e:
+                        await vol.fail_plex(e.plex, e, off, n)  # and compare the rest again
+        finally:
+            vol.gate.exit()
+
+    async def _compare(self, plexes: list[Plex], off: int, n: int) -> None:
+        allocated = await _each(plexes, lambda p: p.allocated(off, n))
+        if not any(allocated):
+            self.checked_bytes += n  # holes on every plex: zeros everywhere
+            return
+        data = await _each(plexes, lambda p: p.pread(off, n))
+        self.read_bytes += n
+        self.checked_bytes += n
+        ref_at = plexes.index(self.source) if self.source in plexes else 0
+        ref = data[ref_at]
+        others = [d for i, d in enumerate(data) if i != ref_at]
+        if all(o == ref for o in others):
+            return
+        bad = mismatched_sectors(ref, others, off)
+        for start, length in bad:
+            self._note(start, length)
+        if self.repair:
+            await self._repair([p for i, p in enumerate(plexes) if i != ref_at], ref, off, bad)
+
+    def _note(self, start: int, length: int) -> None:
+        self.mismatched_bytes += length
+        if start == self._last_end:  # a run that goes on across chunks
+            last = self.ranges[-1] if self.ranges else None
+            if last is not None and last[0] + last[1] == start:
+                last[1] += length
+        else:
+            self.range_count += 1
+            if len(self.ranges) < MAX_RANGES:
+                self.ranges.append([start, length])
+        self._last_end = start + length
+
+    async def _repair(self, targets: list[Plex], ref: bytes | bytearray, off: int,
+                      bad: list[tuple[int, int]]) -> None:
+        """Write the source's sectors over the others. What the volume returns
+        there may change, so first every map of a plex or link that misses
+        writes gets the ranges, durably (invariant 3), and Remote Copy saves
+        what it must (`before_write`), as for a user's write."""
+        vol = self.volume
+        marked = False
+        for p in vol.plexes:
+            m = p.record.missing
+            if p.state not in WRITABLE and m is not None:
+                for start, length in bad:
+                    m.mark(start, length)
+                marked = True
+        if marked:
+            await vol.checkpoint()
+        for start, length in bad:
+            if vol.before_write is not None:
+                await vol.before_write(start, length)
+            piece = ref[start - off:start - off + length]
+            for t in targets:
+                if t.state not in COMPARED:
+                    continue  # failed on an earlier range
+                try:
+                    await t.pwrite(start, piece)
+                except PlexIOError as e:
+                    await vol.fail_plex(t, e, start, length)
+            self.repaired_bytes += length

@@ -1,0 +1,94 @@
+"""CLI for `vmd verify VOLUME [--repair] [--from PLEX]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .cli_help import VOLUME_HELP, add_verb
+from .config import format_size
+from .errors import EXIT_ERROR, EXIT_OK, VmdError
+
+RANGES_SHOWN = 8
+
+
+def add_verify_parser(sub: Any) -> None:
+    v = add_verb(sub, "verify", "compare VOLUME's in-sync plexes while it serves; with --repair "
+                                "make them equal", (
+        ("vmd verify vol0", "exit 1 if the plexes differ"),
+        ("vmd verify vol0 --repair", "the others take p0's bytes where they differ"),
+        ("vmd verify vol0 --repair --from p1", "p1's bytes win")))
+    v.add_argument("volume", help=VOLUME_HELP)
+    v.add_argument("--repair", action="store_true",
+                   help="write the source plex's bytes over the others where they differ")
+    v.add_argument("--from", dest="source", metavar="PLEX",
+                   help="the repair's source: an ACTIVE plex in sync (default: the first one)")
+
+
+def run_verify_command(args: argparse.Namespace, client: Any,
+                       progress: Callable[[str], Callable[[dict[str, Any]], None]]) -> int:
+    if args.source is not None and not args.repair:
+        raise VmdError("verify: --from PLEX needs --repair (it names the repair's source)")
+    req: dict[str, Any] = {"cmd": "verify", "volume": args.volume, "repair": args.repair}
+    if args.source is not None:
+        req["from"] = args.source
+    show = progress(f"{args.volume} verify")
+    tty = sys.stderr.isatty()
+
+    def shown(p: dict[str, Any]) -> None:
+        if tty and p.get("queued"):
+            sys.stderr.write(f"\r{args.volume} verify: queued behind "
+                             f"{', '.join(p['queued_behind'])}  ")
+            sys.stderr.flush()
+        else:
+            show(p)
+
+    r = client.request(req, shown)["verify"]
+    if tty:
+        sys.stderr.write("\n")
+    print(describe(args.volume, r))
+    return EXIT_ERROR if r["mismatched_bytes"] > r["repaired_bytes"] else EXIT_OK
+
+
+def describe(volume: str, r: dict[str, Any]) -> str:
+    """What a verify found, as `vmd verify` prints it."""
+    head = (f"{volume}: {format_size(r['checked_bytes'])} of plexes {', '.join(r['plexes'])} "
+            f"checked in {r['seconds']} s")
+    if not r["mismatched_bytes"]:
+        return f"{head}: no mismatches"
+    n = r["range_count"]
+    lines = [f"{head}: {format_size(r['mismatched_bytes'])} ({r['mismatched_bytes']} bytes) "
+             f"mismatched in {n} range{'' if n == 1 else 's'}:"]
+    lines += [f"  offset {off} ({format_size(off)}), {length} bytes"
+              for off, length in r["ranges"][:RANGES_SHOWN]]
+    if n > RANGES_SHOWN:
+        lines.append(f"  … and {n - RANGES_SHOWN} more")
+    if r["repaired_bytes"]:
+        others = [p for p in r["plexes"] if p != r["source"]]
+        lines.append(f"repaired {format_size(r['repaired_bytes'])}: plex{'es' if len(others) > 1 else ''} "
+                     f"{', '.join(others)} now hold plex {r['source']}'s bytes there")
+    return "\n".join(lines)
+
+
+def status_lines(v: dict[str, Any]) -> list[str]:
+    """A volume's running and last verify, for `vmd status`."""
+    out = []
+    job = v.get("verify_running")
+    if job is not None:
+        if job["queued"]:
+            out.append(f"  verify: queued behind {', '.join(job['queued_behind'])}")
+        else:
+            out.append(f"  verify: {format_size(job['done_bytes'])} / "
+                       f"{format_size(job['total_bytes'])}, "
+                       f"{format_size(job['mismatched_bytes'])} mismatched so far")
+    r = v.get("verify")
+    if r is not None:
+        found = (f"{format_size(r['mismatched_bytes'])} mismatched in {r['range_count']} "
+                 f"range{'' if r['range_count'] == 1 else 's'}"
+                 if r["mismatched_bytes"] else "no mismatches")
+        repaired = f", {format_size(r['repaired_bytes'])} repaired" if r["repaired_bytes"] else ""
+        out.append(f"  last verify {r['time']}: {found}{repaired}"
+                   f"{'' if r['complete'] else ' (stopped before the end)'}")
+    return out
