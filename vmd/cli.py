@@ -17,6 +17,7 @@ from .admin import AdminClient
 from .cli_help import VOLUME_HELP, Example, VerbParser, add_verb, set_epilogs
 from .config import format_size, load_config
 from .errors import EXIT_OK, VmdError
+from .nbdlink import is_remote
 
 DEFAULT_CONFIG = "config/vmd.yaml"
 # `vmd --help` shows each verb's first example (vmd/cli_help.py gathers them).
@@ -251,7 +252,8 @@ def _run(args: argparse.Namespace) -> int:
         print("vmd stopped")
     elif args.command == "plex":
         arg = "path" if args.plex_cmd == "add" else "plex"
-        value = os.path.abspath(args.path) if arg == "path" else args.plex
+        value = args.plex if arg == "plex" else (
+            args.path if is_remote(args.path) else os.path.abspath(args.path))
         reply = client.request({"cmd": f"plex.{args.plex_cmd}", "volume": args.volume, arg: value})
         if "plex" in reply:
             p = reply["plex"]

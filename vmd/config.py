@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .nbdlink import check_uri, is_remote
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -109,7 +110,7 @@ def parse_duration(value: Any) -> float:
 class VolumeConfig:
     name: str
     size: int
-    plexes: tuple[Path, ...]
+    plexes: tuple[Path | str, ...]  # image paths, and NBD URIs (str) of remote plexes
     log: Path
     region_size: int = DEFAULT_REGION_SIZE
     drl: bool = True
@@ -118,6 +119,10 @@ class VolumeConfig:
     rcopy: RcopyConfig | None = None
     # The volume file bypasses the kernel's page cache (README: Page cache).
     direct_io: bool = True
+    # Remote plexes: a request unanswered this long fails the plex; a failed
+    # one is reconnected and reattached by itself.
+    remote_timeout: float = 10.0
+    auto_attach: bool = True
 
 
 @dataclass(frozen=True)
@@ -141,7 +146,7 @@ class Config:
 
 _TOP_KEYS = {"mountpoint", "socket", "volumes", "resync", "clean_delay", "writeback_cache"}
 _VOLUME_KEYS = {"size", "plexes", "log", "region_size", "drl", "fastresync", "fastresync_region",
-                "direct_io", "rcopy"}
+                "direct_io", "rcopy", "remote_timeout", "auto_attach"}
 _RCOPY_KEYS = {"target", "period"}
 _RESYNC_KEYS = {"rate_limit"}
 
@@ -178,6 +183,15 @@ class _Ctx:
     def boolean(self, value: Any, key: str) -> bool:
         if not isinstance(value, bool):
             raise self.err(key, f"expected true or false, got {value!r}")
+        return value
+
+    def plex(self, value: Any, key: str) -> Path | str:
+        """An image path, or an NBD URI kept as written."""
+        if not is_remote(value):
+            return self.filepath(value, key)
+        bad = check_uri(value)
+        if bad:
+            raise self.err(key, bad)
         return value
 
     def filepath(self, value: Any, key: str) -> Path:
@@ -241,7 +255,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
             raise ctx.err(f"{key}.plexes", "expected a non-empty list of image paths")
         plexes = []
         for i, p in enumerate(plist):
-            pp = ctx.filepath(p, f"{key}.plexes[{i}]")
+            pp = ctx.plex(p, f"{key}.plexes[{i}]")
             if pp in seen_paths:
                 raise ctx.err(f"{key}.plexes[{i}]", f"{pp} is already used by {seen_paths[pp]}")
             seen_paths[pp] = f"{key}.plexes[{i}]"
@@ -255,12 +269,25 @@ def load_config(path: str | os.PathLike[str]) -> Config:
             drl=ctx.boolean(v.get("drl", True), f"{key}.drl"),
             fastresync=ctx.boolean(v.get("fastresync", True), f"{key}.fastresync"),
             fastresync_region=fmr, rcopy=_rcopy_config(ctx, v.get("rcopy"), f"{key}.rcopy"),
-            direct_io=ctx.boolean(v.get("direct_io", True), f"{key}.direct_io"))
+            direct_io=ctx.boolean(v.get("direct_io", True), f"{key}.direct_io"),
+            remote_timeout=_remote_timeout(ctx, v.get("remote_timeout", 10.0),
+                                           f"{key}.remote_timeout"),
+            auto_attach=ctx.boolean(v.get("auto_attach", True), f"{key}.auto_attach"))
 
     return Config(path=cpath, mountpoint=ctx.filepath(raw["mountpoint"], "mountpoint"),
                   socket=ctx.filepath(raw["socket"], "socket"), volumes=volumes, resync=resync,
                   clean_delay=float(clean_delay),
                   writeback_cache=ctx.boolean(raw.get("writeback_cache", False), "writeback_cache"))
+
+
+def _remote_timeout(ctx: _Ctx, raw: Any, key: str) -> float:
+    try:
+        t = parse_duration(raw)
+    except ValueError as e:
+        raise ctx.err(key, str(e)) from None
+    if t <= 0:
+        raise ctx.err(key, f"must be more than 0 seconds, got {raw!r}")
+    return t
 
 
 def _rcopy_config(ctx: _Ctx, raw: Any, key: str) -> RcopyConfig | None:
@@ -297,7 +324,8 @@ def check_environment(cfg: Config) -> None:
     for vol in cfg.volumes.values():
         key = f"volumes.{vol.name}"
         for i, p in enumerate(vol.plexes):
-            check_image(p, vol.size, f"{cfg.path}: {key}.plexes[{i}]")
+            if isinstance(p, Path):  # a remote export's size is checked when it is opened
+                check_image(p, vol.size, f"{cfg.path}: {key}.plexes[{i}]")
         _check_dir_writable(ctx, vol.log.parent, f"{key}.log")
 
 

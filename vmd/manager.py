@@ -14,6 +14,7 @@ import trio
 from .config import Config, VolumeConfig, format_size
 from .errors import SidecarError, VmdError
 from .exclusive import InUseError, close_locked, lock_exclusive, open_locked
+from .nbdplex import map_after_open_error, remote_aware
 from .plex import Plex
 from .regionmap import RegionMap
 from .sidecar import (ACTIVE, IOFAIL, SNAPATT, WRITABLE, PlexRecord, SidecarLog, VolumeState,
@@ -57,7 +58,7 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         # A new log must not be written for plexes another daemon serves.
         _check_not_in_use(vc)
         if not recover_all:
-            for p in vc.plexes:
+            for p in _images(vc):
                 if _holds_data(p):
                     raise SidecarError(
                         f"volume {vc.name}: sidecar log {vc.log} is missing but plex image {p} "
@@ -72,7 +73,7 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
             finally:
                 close_locked(held)
             log.warning("volume %s: --recover-all: old sidecar log kept as %s", vc.name, aside)
-        for d in {vc.log.parent, *(p.parent for p in vc.plexes)}:
+        for d in {vc.log.parent, *(p.parent for p in _images(vc))}:
             d.mkdir(parents=True, exist_ok=True)  # first start: var/ may not exist yet
         state = new_state(vc.name, vc.size, vc.region_size, vc.fastresync_region)
         state.fastresync = vc.fastresync
@@ -80,7 +81,8 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         state.config_plexes = [str(p) for p in vc.plexes]
         for i, p in enumerate(vc.plexes):
             state.plexes.append(PlexRecord(name=f"p{i}", path=str(p), state=ACTIVE,
-                                           missing=state.new_map(), created=not p.exists()))
+                                           missing=state.new_map(),
+                                           created=isinstance(p, Path) and not p.exists()))
         state.next_plex = len(vc.plexes)
         if recover_all:
             # p0 is the source; every other plex is recovered from it.
@@ -92,6 +94,7 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         sidecar = SidecarLog.create(vc.log, state)
         created = True
 
+    plex_factory = remote_aware(plex_factory, vc)
     plexes: list[Plex] = []
     for rec in state.plexes:
         p = plex_factory(rec, state.size)
@@ -106,7 +109,7 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
             except OSError as e:
                 rec.state, rec.reason = IOFAIL, f"cannot open image {rec.path}: {e.strerror or e}"
                 rec.identity = p.identity()
-                rec.missing = None
+                rec.missing = map_after_open_error(p, e, state)
                 log.error("volume %s: plex %s is IOFAIL: %s", vc.name, rec.name, rec.reason)
         plexes.append(p)
 
@@ -127,9 +130,14 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
     return vol
 
 
+def _images(vc: VolumeConfig) -> list[Path]:
+    """The volume's local plex images (not its remote exports)."""
+    return [p for p in vc.plexes if isinstance(p, Path)]
+
+
 def _check_not_in_use(vc: VolumeConfig) -> None:
     """Refuse (InUseError) if another daemon holds one of the volume's existing plexes."""
-    for p in vc.plexes:
+    for p in _images(vc):
         try:
             fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:

@@ -22,6 +22,7 @@ from .access import OPEN, AccessRules
 from .config import VolumeConfig, format_size
 from .drl import DirtyRegionLog
 from .faults import split_write_fault
+from .nbdplex import RemoteWatch
 from .plex import PARALLEL_BYTES, Plex, PlexIOError
 from .rangelock import Gate, RangeLock
 from .resync import Resync
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 class VolumeIOError(OSError):
     pass
+
+
+def _is_remote(p: Plex) -> bool:
+    return p.remote
 
 
 class Zeros(int):
@@ -278,6 +283,8 @@ class Volume:
         if rotate and len(ps) > 1:
             k = next(self._rr) % len(ps)
             ps = ps[k:] + ps[:k]
+        if len(ps) > 1:
+            ps.sort(key=_is_remote)  # local plexes first: a remote one is a network trip away
         return ps
 
     async def _read_any(self, off: int, size: int) -> bytes:
@@ -425,6 +432,7 @@ class Volume:
             await nursery.start(self.drl.run_committer)
             await nursery.start(self.drl.run_cleaner, lambda: self.openers == 0)
             await nursery.start(self.resync.run)
+            await nursery.start(RemoteWatch(self).run)
             task_status.started()
 
     async def shutdown(self) -> None:
@@ -501,6 +509,7 @@ class Volume:
             # Writes that stalled the event loop (> 2 ms): each moves the plex
             # off it for a while. Many of them: a slow or throttled disk.
             "slow_writes": p.slow_writes,
+            **p.status_extra(),
         }
 
     # -- membership (admin) --------------------------------------------------
@@ -571,17 +580,7 @@ class Volume:
             return "no FastResync map for it (FastResync was off, or it was never tracked)"
         if not self.state.fastresync:
             return "FastResync is off for this volume"
-        now = p.identity()
-        if now is None:
-            return f"its image {rec.path} is missing"
-        if rec.identity is None:
-            return "its identity was not recorded when it left"
-        if now != rec.identity:
-            names = ("device", "inode", "size", "mtime")
-            diff = [n for n, a, b in zip(names, now, rec.identity) if a != b]
-            return (f"its image {rec.path} changed while it was away "
-                    f"({', '.join(diff)} differ): the map cannot be trusted")
-        return ""
+        return p.why_changed()
 
     async def add_plex(self, path: str, *, state: str = SYNCING, role: str = "",
                        named: bool = False) -> Plex:
