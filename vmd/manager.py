@@ -17,8 +17,8 @@ from .exclusive import InUseError, close_locked, lock_exclusive, open_locked
 from .nbdplex import map_after_open_error, remote_aware
 from .plex import Plex
 from .regionmap import RegionMap
-from .sidecar import (ACTIVE, IOFAIL, SNAPATT, WRITABLE, PlexRecord, SidecarLog, VolumeState,
-                      new_state)
+from .sidecar import (ACTIVE, IOFAIL, SNAPATT, SYNCING, WRITABLE, PlexRecord, SidecarLog,
+                      VolumeState, new_state)
 from .volume import Volume, delete_if_created
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,12 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         state.extra["config_fastresync"] = vc.fastresync
         state.config_plexes = [str(p) for p in vc.plexes]
         for i, p in enumerate(vc.plexes):
-            state.plexes.append(PlexRecord(name=f"p{i}", path=str(p), state=ACTIVE,
-                                           missing=state.new_map(),
+            # An export may hold anything (vmd cannot tell "new" from "full"):
+            # it is copied from p0 like an added plex.
+            copy = i > 0 and not isinstance(p, Path)
+            state.plexes.append(PlexRecord(name=f"p{i}", path=str(p),
+                                           state=SYNCING if copy else ACTIVE,
+                                           missing=state.new_map(fill=copy),
                                            created=isinstance(p, Path) and not p.exists()))
         state.next_plex = len(vc.plexes)
         if recover_all:
