@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,25 @@ class HoldProxy:
                 b.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+
+
+Make = Callable[..., NbdServer]
+
+
+@pytest.fixture
+def nbd_server(tmp_path: Path) -> Iterator[Make]:
+    """make(kind, tcp, size) → a started server of a new sparse image; all
+    are killed at the end."""
+    made: list[NbdServer] = []
+
+    def make(kind: str = "qemu-nbd", tcp: bool = False, size: int = 16 * 1024 * 1024) -> NbdServer:
+        image = tmp_path / f"export{len(made)}.img"
+        with open(image, "wb") as f:
+            f.truncate(size)
+        srv = NbdServer(kind, image, tmp_path / f"srv{len(made)}", tcp=tcp)
+        made.append(srv)
+        return srv.start()
+
+    yield make
+    for srv in made:
+        srv.kill()

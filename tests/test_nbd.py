@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from enginekit import random_writes, running_volume, volume_config
-from nbdservers import HoldProxy, NbdServer
+from nbdservers import HoldProxy, Make, nbd_server  # noqa: F401 (a fixture)
 from vmd.config import MiB, VolumeConfig
 from vmd.errors import VmdError
 from vmd.nbdplex import NbdPlex
@@ -25,26 +25,6 @@ from vmd.volume import Volume
 SIZE = 16 * MiB
 SERVERS = [("qemu-nbd", False), ("qemu-nbd", True), ("nbdkit", False), ("nbdkit", True)]
 IDS = ["qemu-nbd-unix", "qemu-nbd-tcp", "nbdkit-unix", "nbdkit-tcp"]
-
-Make = Callable[..., NbdServer]
-
-
-@pytest.fixture
-def nbd_server(tmp_path: Path) -> Iterator[Make]:
-    made: list[NbdServer] = []
-
-    def make(kind: str = "qemu-nbd", tcp: bool = False, size: int = SIZE) -> NbdServer:
-        image = tmp_path / f"export{len(made)}.img"
-        with open(image, "wb") as f:
-            f.truncate(size)
-        srv = NbdServer(kind, image, tmp_path / f"srv{len(made)}", tcp=tcp)
-        made.append(srv)
-        return srv.start()
-
-    yield make
-    for srv in made:
-        srv.kill()
-
 
 def remote_vc(tmp: Path, uri: str, **kw: Any) -> VolumeConfig:
     kw.setdefault("remote_timeout", 2.0)
