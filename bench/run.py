@@ -5,7 +5,7 @@ FUSE export) and a plain file, plus DRL, crash-recovery and FastResync figures.
 Run as root from the repository's virtualenv:  .venv/bin/python bench/run.py [--quick]
 
 Sections, in order (each can be skipped: --skip-fio, --skip-loop, --skip-recovery,
---skip-holes):
+--skip-holes, --skip-nbd):
 - the fio matrix on the volume files themselves, and the pyfuse3 floor
   (fuse_floor.py);
 - the loop-device section (loopdev.py): each target behind its own /dev/loopN,
@@ -14,7 +14,9 @@ Sections, in order (each can be skipped: --skip-fio, --skip-loop, --skip-recover
 - crash recovery, full resync, FastResync and dd on a larger volume;
 - full resync of a mostly empty volume of the same size (holes.py): holes
   skipped, against copying everything and against dd; then its Remote Copy
-  full update over a local link, holes sent as zero ranges or as bytes.
+  full update over a local link, holes sent as zero ranges or as bytes;
+- remote plexes (nbd.py): vmd with a qemu-nbd export against qsd's quorum
+  with an nbd child, Unix socket and TCP, and against vmd's local mirror.
 
 To A/B a change on the loop-device rows alone (vmd and qsd, the same method,
 about 3 minutes; run it on both trees and compare the vmd/qsd column):
@@ -52,6 +54,7 @@ from fiojobs import NUMJOBS, WORKLOADS, fio_args, prefill_args, run_fio  # noqa:
 import fuse_floor  # noqa: E402
 from holes import HolesBench  # noqa: E402
 from loopdev import LoopBench  # noqa: E402
+from nbd import NbdBench  # noqa: E402
 from measure import (Caches, Samples, Target, TableRow, fmt_ratio, fmt_size, fmt_val,  # noqa: E402
                      log, parse_size, rotated, vs_table)
 from procs import (GiB, MiB, REPO, BenchError, Cleanup, Qsd, Vmd, lazy_umount,  # noqa: E402
@@ -503,6 +506,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--skip-recovery", action="store_true", help="skip the resync figures")
     ap.add_argument("--skip-holes", action="store_true",
                     help="skip the full resync of a mostly empty volume")
+    ap.add_argument("--skip-nbd", action="store_true",
+                    help="skip the remote-plex section (qemu-nbd exports)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (debugging)")
     a = ap.parse_args(argv)
     #                 flag            env                     normal   --quick
@@ -608,6 +613,11 @@ def main(argv: list[str] | None = None) -> int:
             b.recovery()
         if not a.skip_holes:
             b.holes()
+        if not a.skip_nbd:
+            b.nbd = NbdBench(scratch, cleanup, b.caches, size=a.size, runtime=a.runtime,
+                             reps=a.reps, vol_settings=b.vol_settings)
+            b.raw["nbd"] = b.nbd.raw
+            b.nbd.run()
     except KeyboardInterrupt:
         failure = "interrupted"
         rc = 130
@@ -652,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     b.recovery_report()
     if getattr(b, "holesbench", None):
         b.md += b.holesbench.report()
+    if getattr(b, "nbd", None):
+        b.md += b.nbd.report()
     text = "\n".join(head + b.md) + "\n"
     print(text)
     b.raw["params"] = {"size": a.size, "runtime": a.runtime, "reps": a.reps,
