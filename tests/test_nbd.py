@@ -67,7 +67,7 @@ async def test_remote_mirror_holds_the_data(tmp_path: Path, nbd_server: Make, ki
     assert srv.image.read_bytes() == ref
 
 
-async def wait_reattached(vol: Volume) -> NbdPlex:
+async def wait_failed(vol: Volume) -> NbdPlex:
     p = remote(vol)
     await until(lambda: p.state == IOFAIL, "the remote plex failed", 10)
     return p
@@ -90,7 +90,7 @@ async def test_killed_server_comes_back_with_fastresync(tmp_path: Path, nbd_serv
             data = os.urandom(4096)
             await vol.pwrite(i * 64 * 1024, data)
             ref[i * 64 * 1024:i * 64 * 1024 + 4096] = data
-        p = await wait_reattached(vol)
+        p = await wait_failed(vol)
         assert p.state == IOFAIL and not p.connected
         assert p.status_extra()["last_error"]
         assert await vol.pread(0, SIZE) == ref
@@ -112,7 +112,7 @@ async def test_replaced_export_gets_a_full_resync(tmp_path: Path, nbd_server: Ma
         await vol.flush()
         srv.kill()
         await random_writes(vol, ref, 5, seed=2)
-        p = await wait_reattached(vol)
+        p = await wait_failed(vol)
         # Another export of the same size where the old one was.
         srv.image.unlink()
         with open(srv.image, "wb") as f:
@@ -134,6 +134,7 @@ async def test_hung_link_fails_the_plex_within_the_timeout(tmp_path: Path,
     try:
         async with running_volume(vc) as vol:
             await synced(vol)
+            await vol.pwrite(0, os.urandom(8192))  # acknowledged: it identifies the export
             proxy.hold()
             data = os.urandom(128 * 1024)
             t0 = trio.current_time()
@@ -146,8 +147,30 @@ async def test_hung_link_fails_the_plex_within_the_timeout(tmp_path: Path,
             # A flush (fsync) does not wait for it either.
             with trio.fail_after(timeout):
                 await vol.flush()
+            # auto_attach is off: back on demand, copying only what it missed.
+            proxy.release()
+            res = await vol.attach_plex(p.name)
+            assert not res["full_resync"], res
+            await synced(vol)
+            assert vol.resync.synced_bytes < SIZE
     finally:
         proxy.close()
+
+
+async def test_crash_with_a_remote_plex_recovers_the_dirty_regions(tmp_path: Path,
+                                                                   nbd_server: Make) -> None:
+    srv = nbd_server("nbdkit", tcp=True)
+    vc = remote_vc(tmp_path, srv.uri)
+    ref = bytearray(SIZE)
+    async with running_volume(vc, shutdown=False) as vol:
+        await synced(vol)
+        await random_writes(vol, ref, 20, max_len=64 * 1024)
+    async with running_volume(vc) as vol:  # after the "crash"
+        assert vol.recovered_regions > 0
+        await synced(vol)
+        assert remote(vol).state == ACTIVE and vol.resync.synced_bytes < SIZE
+        assert await vol.pread(0, SIZE) == ref
+    assert srv.image.read_bytes() == ref
 
 
 async def test_export_of_another_size_is_refused(tmp_path: Path, nbd_server: Make) -> None:

@@ -3,7 +3,6 @@ NBD server is SIGKILLed and restarted; ext4 on a loop device, fsck -fn."""
 
 from __future__ import annotations
 
-import hashlib
 import random
 import subprocess
 from collections.abc import Callable
@@ -12,19 +11,11 @@ from typing import Any
 
 import pytest
 
-from conftest import SysResources, VmdDaemon, run, wait_for
+from conftest import SysResources, VmdDaemon, run, sha, wait_for
 from nbdservers import Make, nbd_server  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.mount
 MiB = 1024 * 1024
-
-
-def _sha(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _daemon(vmd_factory: Callable[..., VmdDaemon], uri: str, size: int) -> VmdDaemon:
@@ -77,7 +68,7 @@ def test_server_killed_under_fio_verify(vmd_factory: Callable[..., VmdDaemon],
     assert remote["last_reconnect_attempt"]
     assert st["resync"]["synced_bytes"] < size, st["resync"]
     vmd.stop()
-    assert _sha(vmd.plex_paths()[0]) == _sha(srv.image)
+    assert sha(vmd.plex_paths()[0]) == sha(srv.image)
 
 
 def test_ext4_on_a_volume_with_a_remote_plex(vmd_factory: Callable[..., VmdDaemon],
@@ -98,6 +89,6 @@ def test_ext4_on_a_volume_with_a_remote_plex(vmd_factory: Callable[..., VmdDaemo
     assert fsck.returncode == 0, f"fsck.ext4 -fn found problems:\n{fsck.stdout}\n{fsck.stderr}"
     sysres.detach_loop(dev)
     vmd.stop()
-    assert _sha(vmd.plex_paths()[0]) == _sha(srv.image)
+    assert sha(vmd.plex_paths()[0]) == sha(srv.image)
     fsck = run(["fsck.ext4", "-fn", str(srv.image)], check=False)
     assert fsck.returncode == 0, f"the export alone is not a clean ext4:\n{fsck.stdout}"

@@ -98,7 +98,7 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         sidecar = SidecarLog.create(vc.log, state)
         created = True
 
-    plex_factory = remote_aware(plex_factory, vc)
+    plex_factory = remote_aware(plex_factory, vc, state.clean)
     plexes: list[Plex] = []
     for rec in state.plexes:
         p = plex_factory(rec, state.size)

@@ -86,6 +86,7 @@ class NbdLink:
         self.can_flush = False
         self.can_zero = False
         self.error: str | None = None  # why the connection is dead; None while it lives
+        self.errno = 0  # and its errno
         # cookie → [done event, the buffer libnbd uses, the error]
         self._pending: dict[int, list[Any]] = {}
         self._scope: trio.CancelScope | None = None
@@ -265,6 +266,7 @@ class NbdLink:
         if self.error is not None:
             return
         self.error = why
+        self.errno = err
         for slot in self._pending.values():
             slot[2] = OSError(err, why)
             slot[0].set()

@@ -40,7 +40,7 @@ from .errors import VmdError
 from .nbdlink import NbdLink, Unreachable, is_remote
 from .plex import Plex, PlexIOError
 from .regionmap import RegionMap
-from .sidecar import IOFAIL, WRITABLE, PlexRecord, VolumeState
+from .sidecar import ACTIVE, IOFAIL, WRITABLE, PlexRecord, VolumeState
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +53,19 @@ MAX_BACKOFF = 30.0
 class NbdPlex(Plex):
     remote = True
 
-    def __init__(self, record: PlexRecord, size: int, *, timeout: float = 10.0):
+    def __init__(self, record: PlexRecord, size: int, *, timeout: float = 10.0,
+                 clean: bool = True):
+        """`clean`: the volume was stopped cleanly, so an ACTIVE plex's recorded
+        writes are its last ones (after a crash they may be older: forgotten)."""
         super().__init__(record, size)
         self.timeout = timeout
         self.inline = False  # every request is a network round trip: never on the loop
         self.link: NbdLink | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         # (offset, length, crc32) of the last writes the server acknowledged.
-        self._ring: deque[tuple[int, int, int]] = deque(_samples(record.identity, size),
-                                                        maxlen=RING)
+        known = clean or record.state not in WRITABLE  # recorded when it left: exact
+        self._ring: deque[tuple[int, int, int]] = deque(
+            _samples(record.identity, size) if known else (), maxlen=RING)
         self.last_error = ""
         self.last_attempt: float | None = None  # wall clock, of the last reconnect attempt
         self.retry_at = 0.0  # monotonic
@@ -82,7 +86,7 @@ class NbdPlex(Plex):
         an ACTIVE plex's remembered writes must read back (else it is not the
         export vmd left, and open fails: a full resync)."""
         link = self._connect()
-        if self.state == "ACTIVE" and self._ring:
+        if self.state == ACTIVE and self._ring:
             try:
                 why = self._mismatch(link)
             except OSError as e:
@@ -293,14 +297,14 @@ def _samples(identity: list[int] | None, size: int) -> list[tuple[int, int, int]
     return [(identity[i], identity[i + 1], identity[i + 2]) for i in range(1, len(identity), 3)]
 
 
-def remote_aware(factory: Callable[[PlexRecord, int], Plex], vc: _Settings
+def remote_aware(factory: Callable[[PlexRecord, int], Plex], vc: _Settings, clean: bool = True
                  ) -> Callable[[PlexRecord, int], Plex]:
     """A plex factory that makes an NbdPlex for an NBD URI and asks `factory`
     for the rest (tests pass theirs, with faults)."""
 
     def make(rec: PlexRecord, size: int) -> Plex:
         if is_remote(rec.path):
-            return NbdPlex(rec, size, timeout=vc.remote_timeout)
+            return NbdPlex(rec, size, timeout=vc.remote_timeout, clean=clean)
         return factory(rec, size)
 
     return make
@@ -356,7 +360,7 @@ class RemoteWatch:
             for p in self.remotes():
                 p.on_lost = self.wake
                 if p.state in WRITABLE and p.link is not None and p.link.error is not None:
-                    await vol.fail_plex(p, OSError(errno.ECONNRESET, p.link.error), 0, 0)
+                    await vol.fail_plex(p, OSError(p.link.errno, p.link.error), 0, 0)
                 if p.state == IOFAIL and vol.cfg.auto_attach:
                     if time.monotonic() >= p.retry_at:
                         await self._try(p)
