@@ -92,3 +92,20 @@ def test_ext4_on_a_volume_with_a_remote_plex(vmd_factory: Callable[..., VmdDaemo
     assert sha(vmd.plex_paths()[0]) == sha(srv.image)
     fsck = run(["fsck.ext4", "-fn", str(srv.image)], check=False)
     assert fsck.returncode == 0, f"the export alone is not a clean ext4:\n{fsck.stdout}"
+
+
+def test_plex_add_an_export_from_the_command_line(vmd_factory: Callable[..., VmdDaemon],
+                                                  nbd_server: Make) -> None:
+    size = 32 * MiB
+    vmd = vmd_factory(volumes={"vol0": {"size": size, "plexes": ["vol0-p0.img"],
+                                        "log": "vol0.log"}}).start()
+    small = nbd_server("qemu-nbd", size=size // 2)
+    bad = vmd.cli("plex", "add", "vol0", small.uri, check=False)
+    assert bad.returncode != 0 and f"export {small.uri} is {size // 2} bytes" in bad.stderr
+    srv = nbd_server("nbdkit", tcp=True, size=size)
+    vmd.cli("plex", "add", "vol0", srv.uri)
+    _wait_synced(vmd)
+    text = vmd.cli("status", "vol0").stdout
+    assert srv.uri in text and "connected" in text and "not connected" not in text, text
+    vmd.stop()
+    assert sha(vmd.plex_paths()[0]) == sha(srv.image)
