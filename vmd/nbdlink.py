@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import select
 import socket
 import time
@@ -87,7 +88,8 @@ class NbdLink:
         self.can_zero = False
         self.error: str | None = None  # why the connection is dead; None while it lives
         self.errno = 0  # and its errno
-        # cookie → [done event, the buffer libnbd uses, the error]
+        # cookie → [done event, the buffer libnbd uses, the error, deadline, what, offset],
+        # oldest first (so the first one's deadline is the nearest)
         self._pending: dict[int, list[Any]] = {}
         self._scope: trio.CancelScope | None = None
         self._pumping = False
@@ -179,14 +181,13 @@ class NbdLink:
                 self.lost(str(err))
             raise err from None
         self.start()
-        slot: list[Any] = [trio.Event(), buf, None]
+        deadline = trio.current_time() + self.timeout
+        slot: list[Any] = [trio.Event(), buf, None, deadline, what, off]
+        if not self._pending and self._scope is not None:
+            self._scope.deadline = deadline  # the pump's wait ends there (_expire)
         self._pending[cookie] = slot
         self._kick()
-        with trio.move_on_after(self.timeout):
-            await slot[0].wait()
-        if not slot[0].is_set():
-            self.lost(f"no reply to a {what} at offset {off} in {self.timeout:g} s "
-                      f"(remote_timeout)", errno.ETIMEDOUT)
+        await slot[0].wait()
         if slot[2] is not None:
             raise slot[2]
 
@@ -201,7 +202,10 @@ class NbdLink:
             while self.error is None:
                 d = self.h.aio_get_direction()
                 ready = 0
-                with trio.CancelScope() as self._scope:
+                # The pump keeps the requests' deadlines: one timer, not one per request.
+                oldest = next(iter(self._pending.values()), None)
+                with trio.CancelScope(deadline=math.inf if oldest is None else oldest[3]
+                                      ) as self._scope:
                     if d & WRITE and d & READ:
                         ready = await self._either()
                     elif d & WRITE:
@@ -212,7 +216,8 @@ class NbdLink:
                         ready = READ
                 self._scope = None
                 if not ready:
-                    continue  # kicked: look at the direction again
+                    self._expire()  # or kicked: look at the direction again
+                    continue
                 if ready == WRITE:
                     self.h.aio_notify_write()
                 else:
@@ -230,6 +235,14 @@ class NbdLink:
         finally:
             self._scope = None
             self._pumping = False
+
+    def _expire(self) -> None:
+        """A request without a reply by its deadline: the server or the link
+        hangs, and the connection is given up."""
+        oldest = next(iter(self._pending.values()), None)
+        if oldest is not None and trio.current_time() >= oldest[3]:
+            self.lost(f"no reply to a {oldest[4]} at offset {oldest[5]} in {self.timeout:g} s "
+                      f"(remote_timeout)", errno.ETIMEDOUT)
 
     async def _either(self) -> int:
         """Wait until the socket is readable or writable, whichever first
