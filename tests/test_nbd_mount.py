@@ -50,7 +50,7 @@ def test_server_killed_under_fio_verify(vmd_factory: Callable[..., VmdDaemon],
     fio = subprocess.Popen(
         ["fio", "--name=nbdkill", f"--filename={vmd.volume_file()}", "--rw=randwrite",
          "--bs=4k", "--size=32M", "--ioengine=psync", "--direct=1", "--rate_iops=2000",
-         "--verify=crc32c", "--do_verify=1", "--verify_fatal=1"],
+         "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: vmd.status("vol0")["dirty_regions"] > 0, 30, "fio writing")
