@@ -5,20 +5,35 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PKGS := fuse3 libfuse3-dev pkg-config e2fsprogs util-linux
-BENCH_PKGS := fio qemu-system-common qemu-utils
+APT_PKGS := fuse3 libfuse3-dev pkg-config e2fsprogs util-linux python3-libnbd
+# The NBD servers the remote-plex tests start (tests/test_nbd.py).
+TEST_PKGS := qemu-utils nbdkit
+BENCH_PKGS := fio qemu-system-common qemu-utils nbdkit
+# libnbd's Python binding, as Debian installs it (python3-libnbd).
+NBD_PY := /usr/lib/python3/dist-packages
+NBD_LINKED := $(VENV)/.nbd-linked
 CONFIG ?= config/vmd.yaml
 # `make install` puts the command on root's PATH as a link into this checkout's
 # virtualenv (so the link follows `make setup` here, and `make uninstall` undoes it).
 PREFIX ?= /usr/local
 SBINDIR ?= $(PREFIX)/sbin
 
-.PHONY: run test bench docs setup sysdeps benchdeps clean install uninstall
+.PHONY: run test bench docs setup sysdeps testdeps benchdeps clean install uninstall
+
+# $(call apt_install,WHAT,PACKAGES): install only what is missing, so that a
+# second `make` is instant and offline.
+define apt_install
+	@missing=""; for p in $(2); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing $(1):$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+endef
 
 run: setup
 	$(VENV)/bin/vmd daemon -c $(CONFIG)
 
-test: setup
+test: setup testdeps
 	$(VPY) -m pytest -q tests
 
 # The command reference, from the parser and vmd/errors.py (tests/test_docs.py
@@ -39,28 +54,33 @@ uninstall:
 bench: setup benchdeps
 	$(VPY) bench/run.py
 
-setup: sysdeps $(STAMP)
+setup: sysdeps $(STAMP) $(NBD_LINKED)
 
-# Install only what is missing, so that a second `make` is instant and offline.
 sysdeps:
-	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing system packages:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
+	$(call apt_install,system packages,$(APT_PKGS))
+
+testdeps:
+	$(call apt_install,test packages,$(TEST_PKGS))
 
 benchdeps:
-	@missing=""; for p in $(BENCH_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing benchmark packages:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
+	$(call apt_install,benchmark packages,$(BENCH_PKGS))
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# The virtualenv sees libnbd through links to Debian's two files of it: pip
+# has no libnbd, --system-site-packages would give the site of whichever
+# python3 made the venv (not Debian's when it is pyenv's), and a .pth of the
+# whole dist-packages would slip every Debian Python package into the venv.
+$(NBD_LINKED): $(STAMP)
+	@site=$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	ln -sfn $(NBD_PY)/nbd.py $$site/nbd.py; \
+	for so in $(NBD_PY)/libnbdmod.cpython-*.so; do ln -sfn $$so $$site/; done
+	@$(VPY) -c 'import nbd' || { echo "$(VPY) cannot import libnbd from $(NBD_PY) (python3-libnbd is built for Debian's python3; make the venv with it: make clean setup PY=/usr/bin/python3)" >&2; exit 1; }
+	touch $@
 
 clean:
 	rm -rf $(VENV) var bench/results

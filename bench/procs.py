@@ -173,10 +173,12 @@ class Vmd:
         for name, v in volumes.items():
             lines.append(f"  {name}:")
             lines.append(f"    size: {v['size']}")
-            lines.append(f"    plexes: [{name}-p0.img, {name}-p1.img]")
+            # Two local images unless the volume lists its plexes (nbd.py: an export).
+            plexes = v.get("plexes") or [f"{name}-p0.img", f"{name}-p1.img"]
+            lines.append(f"    plexes: {json.dumps(plexes)}")
             lines.append(f"    log: {name}.log")
             for k, val in v.items():
-                if k != "size":
+                if k not in ("size", "plexes"):
                     lines.append(f"    {k}: {json.dumps(val)}")
         self.cfg.write_text("\n".join(lines) + "\n")
         cleanup.push(f"vmd in {root.name}", self.kill_and_unmount)

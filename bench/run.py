@@ -5,7 +5,7 @@ FUSE export) and a plain file, plus DRL, crash-recovery and FastResync figures.
 Run as root from the repository's virtualenv:  .venv/bin/python bench/run.py [--quick]
 
 Sections, in order (each can be skipped: --skip-fio, --skip-loop, --skip-recovery,
---skip-holes, --skip-spread):
+--skip-holes, --skip-spread, --skip-nbd):
 - the fio matrix on the volume files themselves, and the pyfuse3 floor
   (fuse_floor.py);
 - the loop-device section (loopdev.py): each target behind its own /dev/loopN,
@@ -17,6 +17,8 @@ Sections, in order (each can be skipped: --skip-fio, --skip-loop, --skip-recover
   full update over a local link, holes sent as zero ranges or as bytes;
 - recoveries spread per disk (recovery_spread.py): 4 volumes of 1 GiB recovering
   at once after a crash and in full, one resync per disk against all at once.
+- remote plexes (nbd.py): vmd with a qemu-nbd export against qsd's quorum
+  with an nbd child, Unix socket and TCP, and against vmd's local mirror.
 
 To A/B a change on the loop-device rows alone (vmd and qsd, the same method,
 about 3 minutes; run it on both trees and compare the vmd/qsd column):
@@ -55,6 +57,7 @@ import fuse_floor  # noqa: E402
 from holes import HolesBench  # noqa: E402
 from loopdev import LoopBench  # noqa: E402
 from recovery_spread import SpreadBench  # noqa: E402
+from nbd import NbdBench  # noqa: E402
 from measure import (Caches, Samples, Target, TableRow, fmt_ratio, fmt_size, fmt_val,  # noqa: E402
                      log, parse_size, rotated, vs_table)
 from procs import (GiB, MiB, REPO, BenchError, Cleanup, Qsd, Vmd, lazy_umount,  # noqa: E402
@@ -508,6 +511,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="skip the full resync of a mostly empty volume")
     ap.add_argument("--skip-spread", action="store_true",
                     help="skip the recoveries of 4 volumes on one disk (resync.per_device)")
+    ap.add_argument("--skip-nbd", action="store_true",
+                    help="skip the remote-plex section (qemu-nbd exports)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (debugging)")
     a = ap.parse_args(argv)
     #                 flag            env                     normal   --quick
@@ -618,6 +623,11 @@ def main(argv: list[str] | None = None) -> int:
                                         vol_settings=b.vol_settings)
             b.raw["spread"] = b.spreadbench.raw
             b.spreadbench.run()
+        if not a.skip_nbd:
+            b.nbd = NbdBench(scratch, cleanup, b.caches, size=a.size, runtime=a.runtime,
+                             reps=a.reps, vol_settings=b.vol_settings)
+            b.raw["nbd"] = b.nbd.raw
+            b.nbd.run()
     except KeyboardInterrupt:
         failure = "interrupted"
         rc = 130
@@ -665,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
         b.md += b.holesbench.report()
     if getattr(b, "spreadbench", None):
         b.md += b.spreadbench.report()
+    if getattr(b, "nbd", None):
+        b.md += b.nbd.report()
     text = "\n".join(head + b.md) + "\n"
     print(text)
     b.raw["params"] = {"size": a.size, "runtime": a.runtime, "reps": a.reps,

@@ -94,6 +94,16 @@ CASES = {
     "drl-not-bool": (["volumes", "vol0", "drl"], "yes please", ["volumes.vol0.drl"]),
     "direct-io-not-bool": (["volumes", "vol0", "direct_io"], "sometimes", ["volumes.vol0.direct_io"]),
     "writeback-cache-not-bool": (["writeback_cache"], "always", ["writeback_cache"]),
+    "remote-timeout-zero": (["volumes", "vol0", "remote_timeout"], 0,
+                            ["volumes.vol0.remote_timeout", "more than 0"]),
+    "remote-timeout-garbage": (["volumes", "vol0", "remote_timeout"], "a while",
+                               ["volumes.vol0.remote_timeout", "not a duration"]),
+    "auto-attach-not-bool": (["volumes", "vol0", "auto_attach"], "maybe",
+                             ["volumes.vol0.auto_attach"]),
+    "nbd-unix-uri-without-socket": (["volumes", "vol0", "plexes"], ["a.img", "nbd+unix:///x"],
+                                    ["volumes.vol0.plexes[1]", "nbd+unix:///x", "socket=PATH"]),
+    "nbd-uri-without-host": (["volumes", "vol0", "plexes"], ["a.img", "nbd:///x"],
+                             ["volumes.vol0.plexes[1]", "no host"]),
 }
 
 

@@ -25,7 +25,7 @@ VMD = Path(__file__).resolve().parent.parent / "vmd"
 # (commands, *_verbs) sit above them.
 ENGINE = ("volume", "plex", "sidecar", "drl", "regionmap", "rangelock", "resync", "snapshot",
           "iopool", "uring", "manager", "access", "config", "errors", "exclusive", "faults",
-          "rcopy", "rcopy_link", "rcopy_proto", "rcopy_recv", "resize")
+          "rcopy", "rcopy_link", "rcopy_proto", "rcopy_recv", "resize", "nbdlink", "nbdplex")
 FORBIDDEN = ("pyfuse3", "vmd.admin")
 
 

@@ -18,6 +18,7 @@ from .config import format_size, load_config
 from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, VmdError
 from .verify_cli import add_verify_parser, run_verify_command
 from .verify_cli import status_lines as verify_status_lines
+from .nbdlink import is_remote
 
 DEFAULT_CONFIG = "config/vmd.yaml"
 # `vmd --help` shows each verb's first example (vmd/cli_help.py gathers them).
@@ -34,12 +35,14 @@ _PLEX_ACTIONS: tuple[tuple[str, str, str, tuple[Example, ...]], ...] = (
      ("vmd plex attach vol0 p1",)),
     ("remove", "PLEX", "drop a plex; its image file is left in place",
      (("vmd plex remove vol0 p1", "a failed plex: remove it, add a new image"),)),
-    ("add", "PATH", "add a plex on image PATH (created sparse if missing), fully resynced "
-                    "in the background",
-     ("vmd plex add vol0 /srv/disk2/vol0-p2.img",)),
+    ("add", "PATH", "add a plex on image PATH (created sparse if missing) or on an NBD "
+                    "export (a URI; exactly the volume's size), fully resynced in the background",
+     ("vmd plex add vol0 /srv/disk2/vol0-p2.img",
+      ("vmd plex add vol0 nbd://backup-host:10809/vol0", "a synchronous mirror on another host"))),
 )
 _PLEX_ARG_HELP = {"PLEX": "the plex's name (as `vmd status` lists it)",
-                  "PATH": "the new plex's image file; relative to the current directory"}
+                  "PATH": "the new plex's image file, relative to the current directory; or "
+                          "nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -186,6 +189,12 @@ def _print_status(reply: dict[str, Any]) -> None:
             miss = format_size(p["missing_bytes"]) if p["missing_bytes"] else "-"
             why = f"  ({p['reason']})" if p.get("reason") and p["state"] != "ACTIVE" else ""
             print(f"  {p['name']:<6} {p['state']:<9} {miss:>9}  {p['path']}{why}")
+            if p.get("remote"):
+                print("         " + "; ".join(
+                    ["connected" if p["connected"] else "not connected"]
+                    + [f"{k} {p[f]}" for k, f in (("last error:", "last_error"),
+                                                  ("last reconnect attempt", "last_reconnect_attempt"),
+                                                  ("reattached:", "reattached")) if p.get(f)]))
     for r in reply.get("refused", []):
         print(f"volume {r['name']}  REFUSED: {r['error']}")
 
@@ -283,7 +292,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.plex_cmd != "add":
             req["plex"] = args.plex
         if args.plex_cmd in ("add", "replace"):
-            req["path"] = os.path.abspath(args.path)
+            req["path"] = args.path if is_remote(args.path) else os.path.abspath(args.path)
         reply = client.request(req)
         if "plex" in reply:
             p = reply["plex"]

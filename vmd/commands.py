@@ -16,6 +16,7 @@ import trio
 from .admin import command_words
 from .config import check_image
 from .errors import VmdError
+from .nbdlink import check_uri, is_remote
 from .manager import VolumeManager
 from .sidecar import SYNCING
 
@@ -60,12 +61,17 @@ def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], N
 
     async def plex_add(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         vol = m.get(req_str(req, "volume"))
-        path = os.path.abspath(req_str(req, "path"))
+        path = req_str(req, "path")
+        remote = is_remote(path)
+        if remote and check_uri(path):
+            raise VmdError(f"plex add {vol.name}: {check_uri(path)}")
+        path = path if remote else os.path.abspath(path)
         used = m.plex_path_in_use(path)
         if used:
             raise VmdError(f"{path} is already {used}")
-        check_image(Path(path), vol.size, f"plex add {vol.name}")
-        p = await vol.add_plex(path)
+        if not remote:  # an export's size is checked when it is opened
+            check_image(Path(path), vol.size, f"plex add {vol.name}")
+        p = await vol.add_plex(path, named=remote)
         return {"plex": vol._plex_status(p)}
 
     async def plex_replace(req: dict[str, Any], progress: Any) -> dict[str, Any]:

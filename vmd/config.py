@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .nbdlink import check_uri, is_remote
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -110,7 +111,7 @@ def parse_duration(value: Any) -> float:
 class VolumeConfig:
     name: str
     size: int
-    plexes: tuple[Path, ...]
+    plexes: tuple[Path | str, ...]  # image paths, and NBD URIs (str) of remote plexes
     log: Path
     region_size: int = DEFAULT_REGION_SIZE
     drl: bool = True
@@ -128,6 +129,10 @@ class VolumeConfig:
     def image_size(self) -> int:
         """The size of each image: the volume's, or a RAID-5 column's."""
         return self.size if self.layout == "mirror" else self.size // (len(self.plexes) - 1)
+    # Remote plexes: a request unanswered this long fails the plex; a failed
+    # one is reconnected and reattached by itself.
+    remote_timeout: float = 10.0
+    auto_attach: bool = True
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,8 @@ class Config:
 _TOP_KEYS = {"mountpoint", "socket", "volumes", "resync", "clean_delay", "writeback_cache",
              "notify"}
 _VOLUME_KEYS = {"size", "plexes", "log", "region_size", "drl", "fastresync", "fastresync_region",
-                "direct_io", "rcopy", "layout", "columns", "stripe_unit", "raid5_log"}
+                "direct_io", "rcopy", "layout", "columns", "stripe_unit", "raid5_log",
+                "remote_timeout", "auto_attach"}
 _RCOPY_KEYS = {"target", "period"}
 _RESYNC_KEYS = {"rate_limit", "per_device"}
 
@@ -194,6 +200,15 @@ class _Ctx:
             raise self.err(key, f"expected true or false, got {value!r}")
         return value
 
+    def plex(self, value: Any, key: str) -> Path | str:
+        """An image path, or an NBD URI kept as written."""
+        if not is_remote(value):
+            return self.filepath(value, key)
+        bad = check_uri(value)
+        if bad:
+            raise self.err(key, bad)
+        return value
+
     def filepath(self, value: Any, key: str) -> Path:
         if not isinstance(value, str) or not value:
             raise self.err(key, f"expected a path, got {value!r}")
@@ -201,9 +216,16 @@ class _Ctx:
         return Path(os.path.normpath(self.path.parent / p)) if not p.is_absolute() else p
 
 
-    def unique_path(self, value: Any, key: str, seen: dict[Path, str]) -> Path:
+    def unique_path(self, value: Any, key: str, seen: dict[Any, str]) -> Path:
         """A path no other key of the config uses (`seen`: path → its key)."""
-        p = self.filepath(value, key)
+        p = self.unique_plex(value, key, seen, remote=False)
+        assert isinstance(p, Path)
+        return p
+
+    def unique_plex(self, value: Any, key: str, seen: dict[Any, str], *,
+                    remote: bool = True) -> Path | str:
+        """An image path (or, where `remote`, an NBD URI) no other key uses."""
+        p = self.plex(value, key) if remote else self.filepath(value, key)
         if p in seen:
             raise self.err(key, f"{p} is already used by {seen[p]}")
         seen[p] = key
@@ -278,13 +300,17 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         plist = v[images]
         if not isinstance(plist, list) or not plist:
             raise ctx.err(f"{key}.{images}", "expected a non-empty list of image paths")
-        plexes = [ctx.unique_path(p, f"{key}.{images}[{i}]", seen_paths)
+        plexes = [ctx.unique_plex(p, f"{key}.{images}[{i}]", seen_paths)
                   for i, p in enumerate(plist)]
         log = ctx.unique_path(v["log"], f"{key}.log", seen_paths)
         r5: dict[str, Any] = {}
         if layout == "raid5":
             if len(plexes) < 3:
                 raise ctx.err(f"{key}.columns", f"RAID-5 needs 3 or more columns, got {len(plexes)}")
+            for i, p in enumerate(plexes):
+                if not isinstance(p, Path):
+                    raise ctx.err(f"{key}.columns[{i}]", f"{p}: a RAID-5 column is a local image "
+                                  f"file; remote (NBD) plexes are for mirrors")
             su = ctx.size(v.get("stripe_unit", DEFAULT_STRIPE_UNIT), f"{key}.stripe_unit",
                           minimum=4096, multiple=4096)
             width = su * (len(plexes) - 1)
@@ -300,7 +326,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
             drl=ctx.boolean(v.get("drl", True), f"{key}.drl"),
             fastresync=ctx.boolean(v.get("fastresync", True), f"{key}.fastresync"),
             fastresync_region=fmr, rcopy=_rcopy_config(ctx, v.get("rcopy"), f"{key}.rcopy"),
-            direct_io=ctx.boolean(v.get("direct_io", True), f"{key}.direct_io"), **r5)
+            direct_io=ctx.boolean(v.get("direct_io", True), f"{key}.direct_io"),
+            remote_timeout=_remote_timeout(ctx, v.get("remote_timeout", 10.0),
+                                           f"{key}.remote_timeout"),
+            auto_attach=ctx.boolean(v.get("auto_attach", True), f"{key}.auto_attach"), **r5)
 
     return Config(path=cpath, mountpoint=ctx.filepath(raw["mountpoint"], "mountpoint"),
                   socket=ctx.filepath(raw["socket"], "socket"), volumes=volumes, resync=resync,
@@ -317,6 +346,16 @@ def _notify_command(ctx: _Ctx, raw: Any) -> tuple[str, ...] | None:
         return tuple(raw)
     raise ctx.err("notify", f"expected a command: a string (run by sh -c) or a list of "
                   f"non-empty words, e.g. 'mail -s \"vmd: $VMD_EVENT\" root', got {raw!r}")
+
+
+def _remote_timeout(ctx: _Ctx, raw: Any, key: str) -> float:
+    try:
+        t = parse_duration(raw)
+    except ValueError as e:
+        raise ctx.err(key, str(e)) from None
+    if t <= 0:
+        raise ctx.err(key, f"must be more than 0 seconds, got {raw!r}")
+    return t
 
 
 def _rcopy_config(ctx: _Ctx, raw: Any, key: str) -> RcopyConfig | None:
@@ -356,8 +395,9 @@ def check_environment(cfg: Config, grown_from: dict[str, int] | None = None) -> 
         key = f"volumes.{vol.name}"
         images = "plexes" if vol.layout == "mirror" else "columns"
         for i, p in enumerate(vol.plexes):
-            check_image(p, vol.image_size, f"{cfg.path}: {key}.{images}[{i}]",
-                        (grown_from or {}).get(vol.name))
+            if isinstance(p, Path):  # a remote export's size is checked when it is opened
+                check_image(p, vol.image_size, f"{cfg.path}: {key}.{images}[{i}]",
+                            (grown_from or {}).get(vol.name))
         _check_dir_writable(ctx, vol.log.parent, f"{key}.log")
 
 

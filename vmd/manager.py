@@ -15,11 +15,12 @@ from . import events
 from .config import Config, VolumeConfig, format_size
 from .errors import SidecarError, VmdError
 from .exclusive import InUseError, close_locked, lock_exclusive, open_locked
+from .nbdplex import map_after_open_error, remote_aware
 from .plex import Plex
 from .regionmap import RegionMap
 from .resize import finish_grow
-from .sidecar import (ACTIVE, IOFAIL, SNAPATT, WRITABLE, PlexRecord, SidecarLog, VolumeState,
-                      new_state)
+from .sidecar import (ACTIVE, IOFAIL, SNAPATT, SYNCING, WRITABLE, PlexRecord, SidecarLog,
+                      VolumeState, new_state)
 from .mirror import MirrorVolume
 from .raid5 import Raid5Volume, plan_raid5_recovery
 from .tasks import Task
@@ -65,7 +66,7 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         # A new log must not be written for plexes another daemon serves.
         _check_not_in_use(vc)
         if not recover_all:
-            for p in vc.plexes:
+            for p in _images(vc):
                 if _holds_data(p):
                     raise SidecarError(
                         f"volume {vc.name}: sidecar log {vc.log} is missing but plex image {p} "
@@ -80,7 +81,7 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
             finally:
                 close_locked(held)
             log.warning("volume %s: --recover-all: old sidecar log kept as %s", vc.name, aside)
-        for d in {vc.log.parent, *(p.parent for p in vc.plexes)}:
+        for d in {vc.log.parent, *(p.parent for p in _images(vc))}:
             d.mkdir(parents=True, exist_ok=True)  # first start: var/ may not exist yet
         state = new_state(vc.name, vc.size, vc.region_size, vc.fastresync_region)
         state.fastresync = vc.fastresync
@@ -88,8 +89,13 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         state.config_plexes = [str(p) for p in vc.plexes]
         for i, p in enumerate(vc.plexes):
             prefix = "p" if vc.layout == "mirror" else "c"
-            state.plexes.append(PlexRecord(name=f"{prefix}{i}", path=str(p), state=ACTIVE,
-                                           missing=state.new_map(), created=not p.exists()))
+            # An export may hold anything (vmd cannot tell "new" from "full"):
+            # it is copied from p0 like an added plex.
+            copy = i > 0 and not isinstance(p, Path)
+            state.plexes.append(PlexRecord(name=f"{prefix}{i}", path=str(p),
+                                           state=SYNCING if copy else ACTIVE,
+                                           missing=state.new_map(fill=copy),
+                                           created=isinstance(p, Path) and not p.exists()))
         state.next_plex = len(vc.plexes)
         if recover_all:
             # p0 is the source; every other plex is recovered from it.
@@ -101,6 +107,7 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         sidecar = SidecarLog.create(vc.log, state)
         created = True
 
+    plex_factory = remote_aware(plex_factory, vc, state.clean)
     plexes: list[Plex] = []
     for rec in state.plexes:
         p = plex_factory(rec, vc.image_size)
@@ -116,7 +123,7 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
                 was = rec.state
                 rec.state, rec.reason = IOFAIL, f"cannot open image {rec.path}: {e.strerror or e}"
                 rec.identity = p.identity()
-                rec.missing = None
+                rec.missing = map_after_open_error(p, e, state)
                 log.error("volume %s: plex %s is IOFAIL: %s", vc.name, rec.name, rec.reason)
                 events.emit(events.PLEX_STATE, vc.name, rec.name, state=IOFAIL, was=was,
                             reason=rec.reason)
@@ -148,9 +155,14 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
     return vol
 
 
+def _images(vc: VolumeConfig) -> list[Path]:
+    """The volume's local plex images (not its remote exports)."""
+    return [p for p in vc.plexes if isinstance(p, Path)]
+
+
 def _check_not_in_use(vc: VolumeConfig) -> None:
     """Refuse (InUseError) if another daemon holds one of the volume's existing plexes."""
-    for p in vc.plexes:
+    for p in _images(vc):
         try:
             fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:

@@ -32,6 +32,10 @@ from .volume import Volume, VolumeIOError, Zeros, delete_if_created
 log = logging.getLogger(__name__)
 
 
+def _is_remote(p: Plex) -> bool:
+    return p.remote
+
+
 class MirrorVolume(Volume):
     def __init__(self, cfg: VolumeConfig, state: VolumeState, sidecar: SidecarLog,
                  plexes: Iterable[Plex], *, clean_delay: float = 5.0, rate_limit: int = 0,
@@ -139,6 +143,8 @@ class MirrorVolume(Volume):
         if rotate and len(ps) > 1:
             k = next(self._rr) % len(ps)
             ps = ps[k:] + ps[:k]
+        if len(ps) > 1:
+            ps.sort(key=_is_remote)  # local plexes first: a remote one is a network trip away
         return ps
 
     async def _read_any(self, off: int, size: int) -> bytes:

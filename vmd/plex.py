@@ -89,6 +89,8 @@ class PlexIOError(OSError):
 
 
 class Plex:
+    remote = False  # an NBD export (nbdplex.NbdPlex): reads go to local plexes first
+
     def __init__(self, record: PlexRecord, size: int):
         self.record = record
         self.size = size
@@ -168,6 +170,26 @@ class Plex:
         except OSError:
             return None
         return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+    def why_changed(self) -> str:
+        """Why this image is not the one that left (so its FastResync map
+        cannot be trusted); "" if it is."""
+        rec = self.record
+        now = self.identity()
+        if now is None:
+            return f"its image {rec.path} is missing"
+        if rec.identity is None:
+            return "its identity was not recorded when it left"
+        if now != rec.identity:
+            names = ("device", "inode", "size", "mtime")
+            diff = [n for n, a, b in zip(names, now, rec.identity) if a != b]
+            return (f"its image {rec.path} changed while it was away "
+                    f"({', '.join(diff)} differ): the map cannot be trusted")
+        return ""
+
+    def status_extra(self) -> dict[str, Any]:
+        """What `vmd status` shows of this kind of plex beyond the common fields."""
+        return {}
 
     # Synchronous parts, run in a worker thread. Tests subclass these to inject
     # latency or faults where the real call would block or fail.

@@ -82,6 +82,10 @@ def why_not_growable(vol: Volume) -> str | None:
                 f"not supported yet (a target refuses an update of another size, and both "
                 f"sides would have to grow at one consistent point)")
     for p in vol.plexes:
+        if p.remote:
+            return (f"plex {p.name} of volume {n} is the remote export {p.path}: vmd never "
+                    f"resizes a remote image (grow the export, then `vmd plex remove` and "
+                    f"`vmd plex add` it, or remove it before the grow)")
         if p.fd >= 0 and not stat.S_ISREG(os.fstat(p.fd).st_mode):
             return (f"plex {p.name} of volume {n} is {p.path}, not an image file: vmd grows "
                     f"only image files")

@@ -23,6 +23,7 @@ from .access import OPEN, AccessRules
 from .config import VolumeConfig
 from .drl import DirtyRegionLog
 from .faults import split_write_fault
+from .nbdplex import RemoteWatch
 from .plex import Plex, PlexIOError
 from .rangelock import Gate, RangeLock
 from .sidecar import (DETACHED, IOFAIL, SNAPLINK, STALE, WRITABLE, PlexRecord,
@@ -339,6 +340,7 @@ class Volume:
             await nursery.start(self.drl.run_committer)
             await nursery.start(self.drl.run_cleaner, lambda: self.openers == 0)
             await nursery.start(self.resync.run)
+            await nursery.start(RemoteWatch(self).run)
             task_status.started()
 
     async def shutdown(self) -> None:
@@ -415,6 +417,7 @@ class Volume:
             # Writes that stalled the event loop (> 2 ms): each moves the plex
             # off it for a while. Many of them: a slow or throttled disk.
             "slow_writes": p.slow_writes,
+            **p.status_extra(),
         }
 
     def _why_full_resync(self, p: Plex) -> str:
@@ -423,18 +426,7 @@ class Volume:
             return "no FastResync map for it (FastResync was off, or it was never tracked)"
         if not self.state.fastresync:
             return "FastResync is off for this volume"
-        now = p.identity()
-        if now is None:
-            return f"its image {rec.path} is missing"
-        if rec.identity is None:
-            return "its identity was not recorded when it left"
-        if now != rec.identity:
-            names = ("device", "inode", "size", "mtime")
-            diff = [n for n, a, b in zip(names, now, rec.identity) if a != b]
-            return (f"its image {rec.path} changed while it was away "
-                    f"({', '.join(diff)} differ): the map cannot be trusted")
-        return ""
-
+        return p.why_changed()
 
     async def set_fastresync(self, on: bool) -> None:
         async with self.gate.hold():

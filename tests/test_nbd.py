@@ -1,0 +1,189 @@
+"""Remote plexes over NBD (issue 14), engine level: a volume with one local
+plex and one export of a real qemu-nbd or nbdkit, on a Unix socket or on
+127.0.0.1. The daemon-level tests (fio, ext4) are in test_nbd_mount.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from enginekit import random_writes, running_volume, volume_config
+from nbdservers import HoldProxy, Make, nbd_server  # noqa: F401 (a fixture)
+from vmd.config import MiB, VolumeConfig
+from vmd.errors import VmdError
+from vmd.nbdplex import NbdPlex
+from vmd.sidecar import ACTIVE, IOFAIL
+from vmd.volume import Volume
+
+SIZE = 16 * MiB
+SERVERS = [("qemu-nbd", False), ("qemu-nbd", True), ("nbdkit", False), ("nbdkit", True)]
+IDS = ["qemu-nbd-unix", "qemu-nbd-tcp", "nbdkit-unix", "nbdkit-tcp"]
+
+def remote_vc(tmp: Path, uri: str, **kw: Any) -> VolumeConfig:
+    kw.setdefault("remote_timeout", 2.0)
+    vc = volume_config(tmp, size=SIZE, nplex=1, **kw)
+    return dataclasses.replace(vc, plexes=(*vc.plexes, uri))
+
+
+def remote(vol: Volume) -> NbdPlex:
+    (p,) = [p for p in vol.plexes if isinstance(p, NbdPlex)]
+    return p
+
+
+async def until(cond: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
+    with trio.fail_after(timeout):
+        while not cond():
+            await trio.sleep(0.02)
+
+
+async def synced(vol: Volume, timeout: float = 30.0) -> None:
+    await until(lambda: all(p.state == ACTIVE for p in vol.plexes) and not vol.resync.targets(),
+                "every plex ACTIVE", timeout)
+    await vol.resync.wait_idle()
+
+
+@pytest.mark.parametrize("kind,tcp", SERVERS, ids=IDS)
+async def test_remote_mirror_holds_the_data(tmp_path: Path, nbd_server: Make, kind: str,
+                                            tcp: bool) -> None:
+    srv = nbd_server(kind, tcp)
+    vc = remote_vc(tmp_path, srv.uri)
+    ref = bytearray(SIZE)
+    async with running_volume(vc) as vol:
+        await synced(vol)  # an export may hold anything: it is copied from p0 first
+        await random_writes(vol, ref, 60)
+        reads_before = remote(vol).reads
+        assert await vol.pread(0, SIZE) == ref
+        assert remote(vol).reads == reads_before, "reads go to the local plex first"
+        st = vol.status()["plexes"][1]
+        assert st["uri"] == srv.uri and st["connected"] and st["state"] == ACTIVE
+    assert Path(vc.plexes[0]).read_bytes() == ref
+    assert srv.image.read_bytes() == ref
+
+
+async def wait_failed(vol: Volume) -> NbdPlex:
+    p = remote(vol)
+    await until(lambda: p.state == IOFAIL, "the remote plex failed", 10)
+    return p
+
+
+@pytest.mark.parametrize("kind,tcp", [SERVERS[0], SERVERS[3]], ids=[IDS[0], IDS[3]])
+async def test_killed_server_comes_back_with_fastresync(tmp_path: Path, nbd_server: Make,
+                                                        kind: str, tcp: bool) -> None:
+    srv = nbd_server(kind, tcp)
+    vc = remote_vc(tmp_path, srv.uri)
+    ref = bytearray(SIZE)
+    async with running_volume(vc) as vol:
+        await synced(vol)
+        await random_writes(vol, ref, 40, max_len=64 * 1024)
+        # The regions written so far cleaned: the plex misses only what follows.
+        await until(lambda: vol.state.drl.count() == 0, "the DRL clean")
+        srv.kill()
+        # The volume keeps serving from the local plex.
+        for i in range(20):
+            data = os.urandom(4096)
+            await vol.pwrite(i * 64 * 1024, data)
+            ref[i * 64 * 1024:i * 64 * 1024 + 4096] = data
+        p = await wait_failed(vol)
+        assert p.state == IOFAIL and not p.connected
+        assert p.status_extra()["last_error"]
+        assert await vol.pread(0, SIZE) == ref
+        srv.start()
+        await synced(vol)
+        assert p.reattached == "FastResync"
+        assert 0 < vol.resync.synced_bytes < SIZE // 2, vol.resync.status()
+        assert p.status_extra()["last_reconnect_attempt"]
+    assert srv.image.read_bytes() == ref
+
+
+async def test_replaced_export_gets_a_full_resync(tmp_path: Path, nbd_server: Make) -> None:
+    srv = nbd_server("qemu-nbd")
+    vc = remote_vc(tmp_path, srv.uri)
+    ref = bytearray(SIZE)
+    async with running_volume(vc) as vol:
+        await synced(vol)
+        await random_writes(vol, ref, 30)
+        await vol.flush()
+        srv.kill()
+        await random_writes(vol, ref, 5, seed=2)
+        p = await wait_failed(vol)
+        # Another export of the same size where the old one was.
+        srv.image.unlink()
+        with open(srv.image, "wb") as f:
+            f.truncate(SIZE)
+        srv.start()
+        await synced(vol)
+        assert p.reattached.startswith("full resync"), p.reattached
+        assert "does not hold what vmd last wrote" in p.reattached
+        assert vol.resync.synced_bytes == SIZE
+    assert srv.image.read_bytes() == ref
+
+
+async def test_hung_link_fails_the_plex_within_the_timeout(tmp_path: Path,
+                                                          nbd_server: Make) -> None:
+    srv = nbd_server("qemu-nbd", tcp=True)
+    proxy = HoldProxy(srv.port)
+    timeout = 1.0
+    vc = remote_vc(tmp_path, proxy.uri, remote_timeout=timeout, auto_attach=False)
+    try:
+        async with running_volume(vc) as vol:
+            await synced(vol)
+            await vol.pwrite(0, os.urandom(8192))  # acknowledged: it identifies the export
+            proxy.hold()
+            data = os.urandom(128 * 1024)
+            t0 = trio.current_time()
+            await vol.pwrite(MiB, data)
+            took = trio.current_time() - t0
+            p = remote(vol)
+            assert p.state == IOFAIL and "remote_timeout" in p.record.reason, p.record.reason
+            assert timeout <= took < timeout + 2.0, took
+            assert await vol.pread(MiB, len(data)) == data
+            # A flush (fsync) does not wait for it either.
+            with trio.fail_after(timeout):
+                await vol.flush()
+            # auto_attach is off: back on demand, copying only what it missed.
+            proxy.release()
+            res = await vol.attach_plex(p.name)
+            assert not res["full_resync"], res
+            await synced(vol)
+            assert vol.resync.synced_bytes < SIZE
+    finally:
+        proxy.close()
+
+
+async def test_crash_with_a_remote_plex_recovers_the_dirty_regions(tmp_path: Path,
+                                                                   nbd_server: Make) -> None:
+    srv = nbd_server("nbdkit", tcp=True)
+    vc = remote_vc(tmp_path, srv.uri)
+    ref = bytearray(SIZE)
+    async with running_volume(vc, shutdown=False) as vol:
+        await synced(vol)
+        await random_writes(vol, ref, 20, max_len=64 * 1024)
+    async with running_volume(vc) as vol:  # after the "crash"
+        assert vol.recovered_regions > 0
+        await synced(vol)
+        assert remote(vol).state == ACTIVE and vol.resync.synced_bytes < SIZE
+        assert await vol.pread(0, SIZE) == ref
+    assert srv.image.read_bytes() == ref
+
+
+async def test_export_of_another_size_is_refused(tmp_path: Path, nbd_server: Make) -> None:
+    small = nbd_server("nbdkit", size=SIZE // 2)
+    vc = remote_vc(tmp_path, small.uri)
+    async with running_volume(vc) as vol:
+        rec = remote(vol).record
+        assert rec.state == IOFAIL
+        assert small.uri in rec.reason and f"is {SIZE // 2} bytes" in rec.reason, rec.reason
+        other = nbd_server("qemu-nbd", size=SIZE + 4096)
+        with pytest.raises(VmdError,
+                           match=re.escape(f"export {other.uri} is {SIZE + 4096} bytes")):
+            await vol.add_plex(other.uri, named=True)
+        good = nbd_server("qemu-nbd", tcp=True)
+        await vol.add_plex(good.uri, named=True)
+        await until(lambda: vol.plexes[-1].state == ACTIVE, "the added export in sync")
