@@ -83,7 +83,7 @@ def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], N
         if not hasattr(vol, "columns"):
             raise VmdError(f"volume {vol.name} is a mirror: `plex replace` is for RAID-5 "
                            f"columns; use `vmd plex remove` and `vmd plex add`")
-        check_image(Path(path), vol.cfg.image_size, f"plex replace {vol.name}")
+        check_image(Path(path), vol.cfg.image_size_of(vol.size), f"plex replace {vol.name}")
         return {"plex": await vol.attach_plex(req_str(req, "plex"), path=path)}
 
     async def plex_remove(req: dict[str, Any], progress: Any) -> dict[str, Any]:

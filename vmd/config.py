@@ -128,7 +128,12 @@ class VolumeConfig:
     @property
     def image_size(self) -> int:
         """The size of each image: the volume's, or a RAID-5 column's."""
-        return self.size if self.layout == "mirror" else self.size // (len(self.plexes) - 1)
+        return self.image_size_of(self.size)
+
+    def image_size_of(self, size: int) -> int:
+        """Each image's size for a volume of `size` bytes (the sidecar log's
+        size wins over the config's: after `vmd resize`, or for a snapshot)."""
+        return size if self.layout == "mirror" else size // (len(self.plexes) - 1)
     # Remote plexes: a request unanswered this long fails the plex; a failed
     # one is reconnected and reattached by itself.
     remote_timeout: float = 10.0

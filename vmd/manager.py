@@ -110,7 +110,7 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
     plex_factory = remote_aware(plex_factory, vc, state.clean)
     plexes: list[Plex] = []
     for rec in state.plexes:
-        p = plex_factory(rec, vc.image_size)
+        p = plex_factory(rec, vc.image_size_of(state.size))
         if rec.state in WRITABLE:
             try:
                 p.open(create=created)
