@@ -152,3 +152,102 @@ def test_rebuild_interrupted_by_sigkill_resumes_from_its_progress(
     cols = [vmd.path(f"r5-c{i}.img") for i in range(3)]
     assert xor_is_zero(cols)
     assert decoded_sha256(cols, SU) == hashlib.sha256(ref).hexdigest()
+
+
+class AckedWriter:
+    """Writes random bytes to fixed slots of the volume file, each write then
+    an fsync, in a thread, until the daemon dies under it. Per slot it keeps
+    the last acknowledged bytes and the write in flight (never acknowledged)."""
+
+    SLOT = 24 * 1024 + 512  # straddles stripe units: partial-stripe writes
+
+    def __init__(self, path: Path, base: int, nslots: int, seed: int):
+        self.path, self.base, self.nslots = path, base, nslots
+        self.rng = random.Random(seed)
+        self.acked: dict[int, bytes] = {}
+        self.inflight: dict[int, bytes] = {}
+        self.count = 0
+        import threading
+
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            while True:
+                slot = self.rng.randrange(self.nslots)
+                data = self.rng.randbytes(self.SLOT)
+                self.inflight[slot] = data
+                os.pwrite(fd, data, self.base + slot * self.SLOT)
+                os.fsync(fd)
+                self.acked[slot] = self.inflight.pop(slot)
+                self.count += 1
+        except OSError:
+            return  # the daemon was killed
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # ENOTCONN: the daemon is gone
+
+    def check(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            for slot, want in self.acked.items():
+                f.seek(self.base + slot * self.SLOT)
+                got = f.read(self.SLOT)
+                assert got in (want, self.inflight.get(slot)), \
+                    f"slot {slot}: an acknowledged write did not survive the SIGKILL"
+
+
+def r5log_commits(vmd: VmdDaemon) -> int:
+    return vmd.status("r5")["raid5_log"]["commits"]
+
+
+@pytest.mark.allow_log(r"was not stopped cleanly", r"RAID-5 log replayed")
+@pytest.mark.parametrize("rounds", [3, pytest.param(12, marks=pytest.mark.slow)])
+def test_raid5_log_replay_after_sigkill_under_fio_load(
+        vmd_factory: Callable[..., VmdDaemon], tmp_path: Path, rounds: int) -> None:
+    if rounds > 3 and os.environ.get("VMD_SLOW") != "1":
+        pytest.skip("more rounds only with VMD_SLOW=1 (pytest -m slow)")
+    import subprocess
+
+    size = 32 * MiB
+    tail = 2 * MiB  # the acknowledged writer's; fio writes the rest
+    vmd = vmd_factory(volumes={"r5": raid5_spec(size="32MiB")}).start()
+    vf = vmd.volume_file("r5")
+    cols = [vmd.path(f"r5-c{i}.img") for i in range(3)]
+    replayed = 0
+    for rnd in range(rounds):
+        fio = subprocess.Popen(
+            ["fio", "--name=r5load", f"--filename={vf}", "--direct=1", "--ioengine=psync",
+             "--rw=randwrite", "--bssplit=4k/50:12k/20:64k/20:1m/10", "--numjobs=2",
+             f"--size={size - tail}", "--time_based=1", "--runtime=120s",
+             f"--randseed={rnd}", "--output=/dev/null"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            w = AckedWriter(vf, size - tail, tail // AckedWriter.SLOT, seed=rnd)
+            start = r5log_commits(vmd)
+            wait_for(lambda: r5log_commits(vmd) > start + 100 and w.count > 20, 60,
+                     "fio and the writer to get going")
+            vmd.kill()
+            fio.wait(timeout=60)
+            w.thread.join(timeout=60)
+        finally:
+            if fio.poll() is None:
+                fio.kill()
+                fio.wait()
+        vmd.start()
+        st = vmd.status("r5")
+        assert not st["degraded"], st
+        replayed += st["replayed_entries"]
+        w.check(vf)
+        # The replay left every stripe's parity matching its data (the
+        # daemon is idle: the column files hold what it wrote).
+        assert xor_is_zero(cols), f"round {rnd}: parity does not match the data"
+        assert decoded_sha256(cols, SU) == file_sha(vf), f"round {rnd}: decode differs"
+        print(f"round {rnd}: {st['replayed_entries']} log entries replayed, "
+              f"{w.count} acknowledged writes")
+    assert replayed > 0, "no round had a log entry to replay: the kills missed the load"
+    vmd.stop()
+    assert xor_is_zero(cols)
