@@ -256,3 +256,21 @@ async def test_torn_last_log_entry_at_every_byte_offset_through_a_restart(tmp_pa
         cols = column_bytes(cfg)
         assert decode(cols, SU) == bytes(after if cut == last else before), cut
         assert not any(xor_all(cols)), cut
+
+
+async def test_data_ranges_are_the_stripes_that_hold_data_also_degraded(tmp_path):
+    cfg = raid5_config(tmp_path, size=2 * 32 * SU)
+    async with running_volume(cfg) as vol:
+        w = vol.width
+        assert await vol.data_ranges(0, cfg.size) == []
+        await vol.pwrite(3 * w + 10, b"x" * 100)  # stripe 3 only
+        await vol.pwrite(10 * w - 1, b"yy")  # stripes 9 and 10
+        want = [(3 * w, w), (9 * w, 2 * w)]
+        assert await vol.data_ranges(0, cfg.size) == want
+        assert await vol.data_ranges(3 * w + 5, 7 * w) == [(3 * w + 5, w - 5), (9 * w, w + 5)]
+        await vol.detach_plex("c0")  # the others still say which stripes hold data
+        assert await vol.data_ranges(0, cfg.size) == want
+        # With a second column out no stripe can be read: none is called a hole.
+        vol.columns[1].record.state = IOFAIL
+        vol.columns[1].close()
+        assert await vol.data_ranges(0, 2 * w) == [(0, 2 * w)]
