@@ -274,3 +274,28 @@ async def test_data_ranges_are_the_stripes_that_hold_data_also_degraded(tmp_path
         vol.columns[1].record.state = IOFAIL
         vol.columns[1].close()
         assert await vol.data_ranges(0, 2 * w) == [(0, 2 * w)]
+
+
+async def test_a_refused_raid5_volume_leaves_no_file_open(tmp_path):
+    from vmd.manager import open_volume
+
+    cfg = raid5_config(tmp_path, raid5_log=tmp_path / "r5.r5log")
+    async with running_volume(cfg, shutdown=False) as vol:
+        await vol.pwrite(0, b"x" * 5000)
+        vol.r5log.close()
+    with open(cfg.raid5_log, "r+b") as f:
+        f.write(b"garbage!")  # the header's magic: the log cannot say what was in flight
+
+    def open_fds() -> list[str]:
+        fds = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                fds.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+        return [t for t in fds if t.startswith(str(tmp_path))]
+
+    assert open_fds() == []
+    with pytest.raises(VmdError, match=r"RAID-5 log .*r5\.r5log: bad header"):
+        open_volume(cfg, tmp_path / "test.yaml")
+    assert open_fds() == [], "a refused volume left files open"

@@ -251,3 +251,27 @@ def test_raid5_log_replay_after_sigkill_under_fio_load(
     assert replayed > 0, "no round had a log entry to replay: the kills missed the load"
     vmd.stop()
     assert xor_is_zero(cols)
+
+
+def test_column_verbs_and_sizes_are_refused_with_the_column_size(
+        vmd_factory: Callable[..., VmdDaemon], tmp_path: Path) -> None:
+    vmd = vmd_factory(volumes={"r5": raid5_spec(size="4MiB", r5log=False)}).start()
+    wrong = tmp_path / "wrong.img"
+    with open(wrong, "wb") as f:
+        f.truncate(3 * MiB)
+    # plex add is refused for what it is, before the image is looked at.
+    p = vmd.cli("plex", "add", "r5", str(wrong), check=False)
+    assert p.returncode != 0 and "RAID-5: it has columns, not plexes" in p.stderr, p.stderr
+    vmd.cli("plex", "detach", "r5", "c2")
+    p = vmd.cli("plex", "replace", "r5", "c2", str(wrong), check=False)
+    assert p.returncode != 0, p.stderr
+    assert f"{wrong} is {3 * MiB} bytes, a column of volume r5 (size / (columns - 1)) is " \
+           f"{2 * MiB} bytes" in p.stderr, p.stderr
+    vmd.cli("plex", "attach", "r5", "c2")
+    vmd.wait_resync("r5")
+    vmd.stop()
+    os.truncate(vmd.path("r5-c1.img"), 4 * MiB)  # the volume's size, not a column's
+    out = vmd.run_foreground()
+    assert out.returncode != 0 and "columns[1]" in out.stderr and \
+        f"is {4 * MiB} bytes, a column of volume r5 (size / (columns - 1)) is {2 * MiB} bytes" \
+        in out.stderr, out.stderr

@@ -129,6 +129,12 @@ class VolumeConfig:
         """The size of each image: the volume's, or a RAID-5 column's."""
         return self.size if self.layout == "mirror" else self.size // (len(self.plexes) - 1)
 
+    @property
+    def image_what(self) -> str:
+        """What an image's size must match, for messages."""
+        return ("the volume" if self.layout == "mirror" else
+                f"a column of volume {self.name} (size / (columns - 1))")
+
 
 @dataclass(frozen=True)
 class ResyncConfig:
@@ -351,12 +357,14 @@ def check_environment(cfg: Config, grown_from: dict[str, int] | None = None) -> 
         images = "plexes" if vol.layout == "mirror" else "columns"
         for i, p in enumerate(vol.plexes):
             check_image(p, vol.image_size, f"{cfg.path}: {key}.{images}[{i}]",
-                        (grown_from or {}).get(vol.name))
+                        (grown_from or {}).get(vol.name), what=vol.image_what)
         _check_dir_writable(ctx, vol.log.parent, f"{key}.log")
 
 
-def check_image(path: Path, size: int, where: str, or_size: int | None = None) -> None:
-    """An existing image must be a regular file (or block device) of exactly `size` bytes."""
+def check_image(path: Path, size: int, where: str, or_size: int | None = None, *,
+                what: str = "the volume") -> None:
+    """An existing image must be a regular file (or block device) of exactly
+    `size` bytes, the size of `what` (the volume, or a RAID-5 column)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -377,7 +385,7 @@ def check_image(path: Path, size: int, where: str, or_size: int | None = None) -
         raise ConfigError(f"{where}: {path} is not a regular file or block device")
     if actual != size and actual != or_size:
         raise ConfigError(
-            f"{where}: existing image {path} is {actual} bytes, the volume is {size} bytes "
+            f"{where}: existing image {path} is {actual} bytes, {what} is {size} bytes "
             f"(vmd never truncates or grows an image; fix the size or the path)")
     if not os.access(path, os.R_OK | os.W_OK):
         raise ConfigError(f"{where}: {path} is not readable and writable")
