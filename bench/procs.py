@@ -173,7 +173,8 @@ class Vmd:
         for name, v in volumes.items():
             lines.append(f"  {name}:")
             lines.append(f"    size: {v['size']}")
-            lines.append(f"    plexes: [{name}-p0.img, {name}-p1.img]")
+            if "columns" not in v:  # a RAID-5 volume lists its own images
+                lines.append(f"    plexes: [{name}-p0.img, {name}-p1.img]")
             lines.append(f"    log: {name}.log")
             for k, val in v.items():
                 if k != "size":

@@ -5,7 +5,7 @@ FUSE export) and a plain file, plus DRL, crash-recovery and FastResync figures.
 Run as root from the repository's virtualenv:  .venv/bin/python bench/run.py [--quick]
 
 Sections, in order (each can be skipped: --skip-fio, --skip-loop, --skip-recovery,
---skip-holes):
+--skip-holes, --skip-raid5):
 - the fio matrix on the volume files themselves, and the pyfuse3 floor
   (fuse_floor.py);
 - the loop-device section (loopdev.py): each target behind its own /dev/loopN,
@@ -14,7 +14,10 @@ Sections, in order (each can be skipped: --skip-fio, --skip-loop, --skip-recover
 - crash recovery, full resync, FastResync and dd on a larger volume;
 - full resync of a mostly empty volume of the same size (holes.py): holes
   skipped, against copying everything and against dd; then its Remote Copy
-  full update over a local link, holes sent as zero ranges or as bytes.
+  full update over a local link, holes sent as zero ranges or as bytes;
+- RAID-5 (raid5.py): 3 columns with and without the RAID-5 log against the
+  mirror and a raw file, through the volume file and a loop device; degraded
+  reads; the rebuild of a column against dd.
 
 To A/B a change on the loop-device rows alone (vmd and qsd, the same method,
 about 3 minutes; run it on both trees and compare the vmd/qsd column):
@@ -51,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fiojobs import NUMJOBS, WORKLOADS, fio_args, prefill_args, run_fio  # noqa: E402
 import fuse_floor  # noqa: E402
 from holes import HolesBench  # noqa: E402
+from raid5 import Raid5Bench  # noqa: E402
 from loopdev import LoopBench  # noqa: E402
 from measure import (Caches, Samples, Target, TableRow, fmt_ratio, fmt_size, fmt_val,  # noqa: E402
                      log, parse_size, rotated, vs_table)
@@ -279,6 +283,14 @@ class Bench:
         self.raw["holes"] = self.holesbench.raw
         self.holesbench.run()
 
+    def raid5(self) -> None:
+        a = self.a
+        self.raid5bench = Raid5Bench(self.scratch, self.cleanup, self.caches, size=a.loop_size,
+                                     runtime=a.loop_runtime, reps=a.reps,
+                                     vol_settings=self.vol_settings)
+        self.raw["raid5"] = self.raid5bench.raw
+        self.raid5bench.run()
+
     # -- recovery, FastResync, dd ---------------------------------------------
 
     def recovery(self) -> None:
@@ -503,6 +515,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--skip-recovery", action="store_true", help="skip the resync figures")
     ap.add_argument("--skip-holes", action="store_true",
                     help="skip the full resync of a mostly empty volume")
+    ap.add_argument("--skip-raid5", action="store_true",
+                    help="skip RAID-5 against the mirror (bench/raid5.py)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (debugging)")
     a = ap.parse_args(argv)
     #                 flag            env                     normal   --quick
@@ -608,13 +622,16 @@ def main(argv: list[str] | None = None) -> int:
             b.recovery()
         if not a.skip_holes:
             b.holes()
+        if not a.skip_raid5:
+            b.raid5()
     except KeyboardInterrupt:
         failure = "interrupted"
         rc = 130
     except Exception as e:  # noqa: BLE001
         failure = f"failed: {e}"
         traceback.print_exc()
-        for sub in ("vmd", "vmd-nodrl", "rec", "holes", "holes-b", "qsd", "loop/vmd", "loop/qsd"):
+        for sub in ("vmd", "vmd-nodrl", "rec", "holes", "holes-b", "qsd", "loop/vmd", "loop/qsd",
+                    "raid5/raid5", "raid5/raid5-log", "raid5/mirror"):
             for name in ("daemon.log", "qsd.log"):
                 p = scratch / sub / name
                 if p.exists():
@@ -652,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     b.recovery_report()
     if getattr(b, "holesbench", None):
         b.md += b.holesbench.report()
+    if getattr(b, "raid5bench", None):
+        b.md += b.raid5bench.report()
     text = "\n".join(head + b.md) + "\n"
     print(text)
     b.raw["params"] = {"size": a.size, "runtime": a.runtime, "reps": a.reps,
