@@ -173,9 +173,10 @@ class Vmd:
         for name, v in volumes.items():
             lines.append(f"  {name}:")
             lines.append(f"    size: {v['size']}")
-            # Two local images unless the volume lists its plexes (nbd.py: an export).
-            plexes = v.get("plexes") or [f"{name}-p0.img", f"{name}-p1.img"]
-            lines.append(f"    plexes: {json.dumps(plexes)}")
+            if "columns" not in v:  # a RAID-5 volume lists its own images
+                # Two local images unless the volume lists its plexes (nbd.py: an export).
+                plexes = v.get("plexes") or [f"{name}-p0.img", f"{name}-p1.img"]
+                lines.append(f"    plexes: {json.dumps(plexes)}")
             lines.append(f"    log: {name}.log")
             for k, val in v.items():
                 if k not in ("size", "plexes"):

@@ -5,7 +5,7 @@ FUSE export) and a plain file, plus DRL, crash-recovery and FastResync figures.
 Run as root from the repository's virtualenv:  .venv/bin/python bench/run.py [--quick]
 
 Sections, in order (each can be skipped: --skip-fio, --skip-loop, --skip-recovery,
---skip-holes, --skip-spread, --skip-nbd):
+--skip-holes, --skip-spread, --skip-nbd, --skip-raid5):
 - the fio matrix on the volume files themselves, and the pyfuse3 floor
   (fuse_floor.py);
 - the loop-device section (loopdev.py): each target behind its own /dev/loopN,
@@ -19,6 +19,9 @@ Sections, in order (each can be skipped: --skip-fio, --skip-loop, --skip-recover
   at once after a crash and in full, one resync per disk against all at once.
 - remote plexes (nbd.py): vmd with a qemu-nbd export against qsd's quorum
   with an nbd child, Unix socket and TCP, and against vmd's local mirror.
+- RAID-5 (raid5.py): 3 columns with and without the RAID-5 log against the
+  mirror and a raw file, through the volume file and a loop device; degraded
+  reads; the rebuild of a column against dd.
 
 To A/B a change on the loop-device rows alone (vmd and qsd, the same method,
 about 3 minutes; run it on both trees and compare the vmd/qsd column):
@@ -55,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fiojobs import NUMJOBS, WORKLOADS, fio_args, prefill_args, run_fio  # noqa: E402
 import fuse_floor  # noqa: E402
 from holes import HolesBench  # noqa: E402
+from raid5 import Raid5Bench  # noqa: E402
 from loopdev import LoopBench  # noqa: E402
 from recovery_spread import SpreadBench  # noqa: E402
 from nbd import NbdBench  # noqa: E402
@@ -285,6 +289,14 @@ class Bench:
         self.raw["holes"] = self.holesbench.raw
         self.holesbench.run()
 
+    def raid5(self) -> None:
+        a = self.a
+        self.raid5bench = Raid5Bench(self.scratch, self.cleanup, self.caches, size=a.loop_size,
+                                     runtime=a.loop_runtime, reps=a.reps,
+                                     vol_settings=self.vol_settings)
+        self.raw["raid5"] = self.raid5bench.raw
+        self.raid5bench.run()
+
     # -- recovery, FastResync, dd ---------------------------------------------
 
     def recovery(self) -> None:
@@ -513,6 +525,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="skip the recoveries of 4 volumes on one disk (resync.per_device)")
     ap.add_argument("--skip-nbd", action="store_true",
                     help="skip the remote-plex section (qemu-nbd exports)")
+    ap.add_argument("--skip-raid5", action="store_true",
+                    help="skip RAID-5 against the mirror (bench/raid5.py)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (debugging)")
     a = ap.parse_args(argv)
     #                 flag            env                     normal   --quick
@@ -628,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
                              reps=a.reps, vol_settings=b.vol_settings)
             b.raw["nbd"] = b.nbd.raw
             b.nbd.run()
+        if not a.skip_raid5:
+            b.raid5()
     except KeyboardInterrupt:
         failure = "interrupted"
         rc = 130
@@ -635,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         failure = f"failed: {e}"
         traceback.print_exc()
         for sub in ("vmd", "vmd-nodrl", "rec", "holes", "holes-b", "qsd", "loop/vmd", "loop/qsd",
-                    "spread"):
+                    "spread", "raid5/raid5", "raid5/raid5-log", "raid5/mirror"):
             for name in ("daemon.log", "qsd.log"):
                 p = scratch / sub / name
                 if p.exists():
@@ -677,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
         b.md += b.spreadbench.report()
     if getattr(b, "nbd", None):
         b.md += b.nbd.report()
+    if getattr(b, "raid5bench", None):
+        b.md += b.raid5bench.report()
     text = "\n".join(head + b.md) + "\n"
     print(text)
     b.raw["params"] = {"size": a.size, "runtime": a.runtime, "reps": a.reps,

@@ -42,3 +42,51 @@ def xor_all(columns: list[bytes]) -> bytes:
 
 def column_bytes(cfg: VolumeConfig) -> list[bytes]:
     return [Path(p).read_bytes() for p in cfg.plexes]
+
+
+def raid5_spec(name: str = "r5", *, size: str = "4MiB", ncol: int = 3, stripe_unit: str = "64KiB",
+               r5log: bool = True, columns: list[str] | None = None, **kw: Any) -> dict[str, Any]:
+    """One RAID-5 volume's mapping for a daemon's config (paths relative to it)."""
+    spec: dict[str, Any] = {"size": size, "layout": "raid5", "log": f"{name}.log",
+                            "stripe_unit": stripe_unit,
+                            "columns": columns or [f"{name}-c{i}.img" for i in range(ncol)], **kw}
+    if r5log:
+        spec["raid5_log"] = f"{name}.r5log"
+    return spec
+
+
+def xor_is_zero(paths: list[Path], chunk: int = 4 * MiB) -> bool:
+    """The XOR of all column images is zero (every stripe's parity matches),
+    read in chunks so that big columns cost no more memory than one chunk each."""
+    size = Path(paths[0]).stat().st_size
+    files = [open(p, "rb") for p in paths]
+    try:
+        for off in range(0, size, chunk):
+            if any(xor_all([f.read(chunk) for f in files])):
+                return False
+        return True
+    finally:
+        for f in files:
+            f.close()
+
+
+def decoded_sha256(paths: list[Path], stripe_unit: int, chunk_stripes: int = 64) -> str:
+    """sha256 of the volume bytes the decoder makes of the column images."""
+    import hashlib
+
+    h = hashlib.sha256()
+    size = Path(paths[0]).stat().st_size
+    step = chunk_stripes * stripe_unit
+    files = [open(p, "rb") for p in paths]
+    try:
+        for off in range(0, size, step):
+            # decode() numbers stripes from 0: feed it whole stripes from one
+            # that has the same parity column as stripe `off // stripe_unit`.
+            first = off // stripe_unit
+            pad = first % len(paths)
+            cols = [bytes(pad * stripe_unit) + f.read(step) for f in files]
+            h.update(decode(cols, stripe_unit)[pad * (len(paths) - 1) * stripe_unit:])
+    finally:
+        for f in files:
+            f.close()
+    return h.hexdigest()

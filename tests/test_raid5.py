@@ -213,3 +213,89 @@ async def test_crash_without_log_regenerates_parity_and_dirty_degraded_is_refuse
     for p in vol.columns:
         p.close()
     vol.sidecar.close()
+
+
+async def test_torn_last_log_entry_at_every_byte_offset_through_a_restart(tmp_path):
+    """The log of a crash, its last entry cut at every byte offset (and
+    followed by garbage at odd cuts), opened as a restart does: the entries
+    before it are replayed, the torn one is not, and parity matches."""
+    from vmd.manager import open_volume
+    from vmd.raid5log import HEADER, read_entries
+
+    cfg = raid5_config(tmp_path, size=2 * 8 * SU, raid5_log=tmp_path / "r5.r5log")
+    before = bytearray(cfg.size)
+    async with running_volume(cfg, shutdown=False) as vol:
+        await random_io(vol, before, 4, seed=31, max_len=9000)
+        # The last write: one byte, so its entry is short (data and parity pieces).
+        at = 5 * vol.width + SU + 7
+        after = bytearray(before)
+        after[at] = before[at] ^ 0x5A
+        await vol.pwrite(at, bytes(after[at:at + 1]))
+        assert vol.r5log.retired == 0 and vol.r5log.seq == 5, "a retire ran: the test was slow"
+        vol.r5log.close()
+    log = (tmp_path / "r5.r5log").read_bytes()
+    retired, entries = read_entries(log)
+    assert [s for s, _ in entries] == [1, 2, 3, 4, 5]
+    last = len(log) - HEADER - sum(20 + sum(14 + len(d) for _, _, d in p) for _, p in entries[:4])
+    start = len(log) - last
+    assert last == 20 + 2 * (14 + 1), last
+    for cut in range(last + 1):
+        torn = log[:start + cut] + (os.urandom(13) if cut % 2 and cut < last else b"")
+        (tmp_path / "r5.r5log").write_bytes(torn)
+        for p in cfg.plexes:  # the columns never got the writes: only a replay brings them
+            os.truncate(p, 0)
+            os.truncate(p, cfg.size // 2)
+        vol = open_volume(cfg, tmp_path / "test.yaml")
+        try:
+            assert vol.replayed_entries == (5 if cut == last else 4), cut
+        finally:
+            for p in vol.columns:
+                p.close()
+            vol.sidecar.close()
+            vol.r5log.close()
+        cols = column_bytes(cfg)
+        assert decode(cols, SU) == bytes(after if cut == last else before), cut
+        assert not any(xor_all(cols)), cut
+
+
+async def test_data_ranges_are_the_stripes_that_hold_data_also_degraded(tmp_path):
+    cfg = raid5_config(tmp_path, size=2 * 32 * SU)
+    async with running_volume(cfg) as vol:
+        w = vol.width
+        assert await vol.data_ranges(0, cfg.size) == []
+        await vol.pwrite(3 * w + 10, b"x" * 100)  # stripe 3 only
+        await vol.pwrite(10 * w - 1, b"yy")  # stripes 9 and 10
+        want = [(3 * w, w), (9 * w, 2 * w)]
+        assert await vol.data_ranges(0, cfg.size) == want
+        assert await vol.data_ranges(3 * w + 5, 7 * w) == [(3 * w + 5, w - 5), (9 * w, w + 5)]
+        await vol.detach_plex("c0")  # the others still say which stripes hold data
+        assert await vol.data_ranges(0, cfg.size) == want
+        # With a second column out no stripe can be read: none is called a hole.
+        vol.columns[1].record.state = IOFAIL
+        vol.columns[1].close()
+        assert await vol.data_ranges(0, 2 * w) == [(0, 2 * w)]
+
+
+async def test_a_refused_raid5_volume_leaves_no_file_open(tmp_path):
+    from vmd.manager import open_volume
+
+    cfg = raid5_config(tmp_path, raid5_log=tmp_path / "r5.r5log")
+    async with running_volume(cfg, shutdown=False) as vol:
+        await vol.pwrite(0, b"x" * 5000)
+        vol.r5log.close()
+    with open(cfg.raid5_log, "r+b") as f:
+        f.write(b"garbage!")  # the header's magic: the log cannot say what was in flight
+
+    def open_fds() -> list[str]:
+        fds = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                fds.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+        return [t for t in fds if t.startswith(str(tmp_path))]
+
+    assert open_fds() == []
+    with pytest.raises(VmdError, match=r"RAID-5 log .*r5\.r5log: bad header"):
+        open_volume(cfg, tmp_path / "test.yaml")
+    assert open_fds() == [], "a refused volume left files open"

@@ -69,6 +69,8 @@ def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], N
         used = m.plex_path_in_use(path)
         if used:
             raise VmdError(f"{path} is already {used}")
+        if hasattr(vol, "columns"):
+            await vol.add_plex(path)  # RAID-5: refused with the reason, whatever the image
         if not remote:  # an export's size is checked when it is opened
             check_image(Path(path), vol.size, f"plex add {vol.name}")
         p = await vol.add_plex(path, named=remote)
@@ -83,7 +85,8 @@ def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], N
         if not hasattr(vol, "columns"):
             raise VmdError(f"volume {vol.name} is a mirror: `plex replace` is for RAID-5 "
                            f"columns; use `vmd plex remove` and `vmd plex add`")
-        check_image(Path(path), vol.cfg.image_size_of(vol.size), f"plex replace {vol.name}")
+        check_image(Path(path), vol.cfg.image_size_of(vol.size), f"plex replace {vol.name}",
+                    what=vol.cfg.image_what)
         return {"plex": await vol.attach_plex(req_str(req, "plex"), path=path)}
 
     async def plex_remove(req: dict[str, Any], progress: Any) -> dict[str, Any]:

@@ -124,6 +124,10 @@ class VolumeConfig:
     layout: str = "mirror"
     stripe_unit: int = DEFAULT_STRIPE_UNIT
     raid5_log: Path | None = None
+    # Remote plexes: a request unanswered this long fails the plex; a failed
+    # one is reconnected and reattached by itself.
+    remote_timeout: float = 10.0
+    auto_attach: bool = True
 
     @property
     def image_size(self) -> int:
@@ -134,10 +138,12 @@ class VolumeConfig:
         """Each image's size for a volume of `size` bytes (the sidecar log's
         size wins over the config's: after `vmd resize`, or for a snapshot)."""
         return size if self.layout == "mirror" else size // (len(self.plexes) - 1)
-    # Remote plexes: a request unanswered this long fails the plex; a failed
-    # one is reconnected and reattached by itself.
-    remote_timeout: float = 10.0
-    auto_attach: bool = True
+
+    @property
+    def image_what(self) -> str:
+        """What an image's size must match, for messages."""
+        return ("the volume" if self.layout == "mirror" else
+                f"a column of volume {self.name} (size / (columns - 1))")
 
 
 @dataclass(frozen=True)
@@ -402,12 +408,14 @@ def check_environment(cfg: Config, grown_from: dict[str, int] | None = None) -> 
         for i, p in enumerate(vol.plexes):
             if isinstance(p, Path):  # a remote export's size is checked when it is opened
                 check_image(p, vol.image_size, f"{cfg.path}: {key}.{images}[{i}]",
-                            (grown_from or {}).get(vol.name))
+                            (grown_from or {}).get(vol.name), what=vol.image_what)
         _check_dir_writable(ctx, vol.log.parent, f"{key}.log")
 
 
-def check_image(path: Path, size: int, where: str, or_size: int | None = None) -> None:
-    """An existing image must be a regular file (or block device) of exactly `size` bytes."""
+def check_image(path: Path, size: int, where: str, or_size: int | None = None, *,
+                what: str = "the volume") -> None:
+    """An existing image must be a regular file (or block device) of exactly
+    `size` bytes, the size of `what` (the volume, or a RAID-5 column)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -428,7 +436,7 @@ def check_image(path: Path, size: int, where: str, or_size: int | None = None) -
         raise ConfigError(f"{where}: {path} is not a regular file or block device")
     if actual != size and actual != or_size:
         raise ConfigError(
-            f"{where}: existing image {path} is {actual} bytes, the volume is {size} bytes "
+            f"{where}: existing image {path} is {actual} bytes, {what} is {size} bytes "
             f"(vmd never truncates or grows an image; fix the size or the path)")
     if not os.access(path, os.R_OK | os.W_OK):
         raise ConfigError(f"{where}: {path} is not readable and writable")

@@ -148,6 +148,8 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
             for p in plexes:
                 p.close()
             sidecar.close()
+            if vol.r5log is not None:
+                vol.r5log.close()
             raise
     elif not state.clean:
         _plan_recovery(vol, full=not vc.drl or recover_all)

@@ -27,6 +27,7 @@ import trio
 from .config import VolumeConfig
 from .errors import VmdError
 from .plex import Plex, PlexIOError
+from .raid5_plan import Piece, WritePlan
 from .raid5_rebuild import Rebuild, xor_into
 from .raid5log import Raid5Log
 from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPLINK, STALE, SYNCING, WRITABLE,
@@ -36,8 +37,6 @@ from .volume import Volume, VolumeIOError, Zeros
 log = logging.getLogger(__name__)
 
 RETIRE_SECONDS = 2.0
-# (column index, offset in the column, length)
-Piece = tuple[int, int, int]
 
 
 class Raid5Volume(Volume):
@@ -222,7 +221,7 @@ class Raid5Volume(Volume):
             return
         raise VolumeIOError(errno.EIO, f"volume {self.name}: columns kept failing at {off}")
 
-    def _cut(self, writes: list[tuple[int, int, Any]], plan: "_WritePlan") -> None:
+    def _cut(self, writes: list[tuple[int, int, Any]], plan: WritePlan) -> None:
         """The test fault: only the data (or only the parity) reaches the columns."""
         parity = {(self.parity_col(st["s"]), st["s"] * self.su + st["pa"]) for st in plan.stripes}
         want = self._fault.part == "parity"  # type: ignore[union-attr]
@@ -231,8 +230,8 @@ class Raid5Volume(Volume):
                 self.columns[c].pwrite_inline(at, data)
         self._fault.die()  # type: ignore[union-attr]
 
-    def _plan_writes(self, off: int, data: memoryview, stripes: range) -> "_WritePlan":
-        plan = _WritePlan(self)
+    def _plan_writes(self, off: int, data: memoryview, stripes: range) -> WritePlan:
+        plan = WritePlan(self)
         for s in stripes:
             bad = self._bad(s)
             if len(bad) > 1:
@@ -298,7 +297,31 @@ class Raid5Volume(Volume):
         return s, k, uoff
 
     async def data_ranges(self, off: int, size: int) -> list[tuple[int, int]]:
-        return [(off, size)]  # parity makes every stripe data; holes are not tracked
+        """Whole stripes of [off, off+size) that may hold data. A stripe reads
+        as zeros if every column that can be read there has a hole there and
+        at most one cannot (its unit is the XOR of the others': zero too).
+        Counting a column's data where it lacks the stripe only adds stripes,
+        which is always safe (they are read)."""
+        stripes = self._stripes(off, size)
+        await self.gate.enter()
+        try:
+            data: set[int] = set()
+            for p in self.columns:
+                if p.fd < 0 or p.state not in (ACTIVE, SYNCING):
+                    continue
+                for a, n in await p.allocated(stripes.start * self.su, len(stripes) * self.su):
+                    data.update(range(a // self.su, -(-(a + n) // self.su)))
+            keep = [s for s in stripes if s in data or len(self._bad(s)) > 1]
+        finally:
+            self.gate.exit()
+        out: list[tuple[int, int]] = []
+        for s in keep:
+            a, b = max(off, s * self.width), min(off + size, (s + 1) * self.width)
+            if out and out[-1][0] + out[-1][1] == a:
+                out[-1] = (out[-1][0], b - out[-1][0])
+            else:
+                out.append((a, b - a))
+        return out
 
     # -- status --------------------------------------------------------------
 
@@ -430,113 +453,6 @@ class Raid5Volume(Volume):
 
 def _join(parts: list[Any]) -> Any:
     return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-class _WritePlan:
-    """The reads and the computation of one write, stripe by stripe.
-
-    Per stripe, the write touches data units over in-unit ranges; `span` is
-    the union of those ranges, the only part of the parity unit that changes.
-    - full stripe: parity from the new data, no reads;
-    - read-modify-write: read the touched old data and the old parity span;
-      parity ^= old ^ new;
-    - reconstruct-write: read the span of the data units the write does not
-      cover; parity = XOR of the new span;
-    - degraded (one column lacking): read the span of every other column,
-      rebuild the lacking one's old span (XOR), then as reconstruct-write.
-    The cheaper of the two in bytes read is taken when all columns are in.
-    """
-
-    def __init__(self, vol: Raid5Volume):
-        self.vol = vol
-        self.reads: list[Piece] = []
-        self.stripes: list[dict[str, Any]] = []
-
-    def add_stripe(self, s: int, off: int, data: memoryview, lacking: int | None) -> None:
-        vol = self.vol
-        su, base = vol.su, s * vol.width
-        lo, hi = max(off, base), min(off + len(data), base + vol.width)
-        units: dict[int, tuple[int, int, memoryview]] = {}  # k → (ua, ub, new bytes)
-        pos = lo
-        while pos < hi:
-            k, ua = divmod(pos - base, su)
-            ub = min(su, ua + hi - pos)
-            units[k] = (ua, ub, data[pos - off:pos - off + ub - ua])
-            pos += ub - ua
-        pa = min(u[0] for u in units.values())
-        pb = max(u[1] for u in units.values())
-        span = pb - pa
-        ndata = vol.ncol - 1
-        covering = [k for k in range(ndata) if k in units
-                    and units[k][0] <= pa and units[k][1] >= pb]
-        rcw_bytes = (ndata - len(covering)) * span
-        rmw_bytes = sum(u[1] - u[0] for u in units.values()) + span
-        pcol = vol.parity_col(s)
-        st: dict[str, Any] = {"s": s, "units": units, "pa": pa, "pb": pb, "lacking": lacking,
-                              "first": len(self.reads)}
-        col_at = s * su + pa
-        if lacking is not None:
-            st["method"] = "degraded"
-            st["cols"] = [c for c in range(vol.ncol) if c != lacking]
-            self.reads.extend((c, col_at, span) for c in st["cols"])
-        elif rcw_bytes == 0:
-            st["method"] = "full"
-        elif rmw_bytes < rcw_bytes:
-            st["method"] = "rmw"
-            self.reads.extend((vol.data_col(s, k), s * su + u[0], u[1] - u[0])
-                              for k, u in sorted(units.items()))
-            self.reads.append((pcol, col_at, span))
-        else:
-            st["method"] = "rcw"
-            st["cols"] = [vol.data_col(s, k) for k in range(ndata) if k not in covering]
-            self.reads.extend((c, col_at, span) for c in st["cols"])
-        vol.method_counts[st["method"]] += 1
-        self.stripes.append(st)
-
-    def compute(self, got: list[Any]) -> list[tuple[int, int, Any]]:
-        vol = self.vol
-        su = vol.su
-        writes: list[tuple[int, int, Any]] = []
-        for st in self.stripes:
-            s, units, pa, pb = st["s"], st["units"], st["pa"], st["pb"]
-            span = pb - pa
-            pcol = vol.parity_col(s)
-            if st["method"] == "rmw":
-                parity = bytearray(got[st["first"] + len(units)])
-                for i, (k, (ua, ub, new)) in enumerate(sorted(units.items())):
-                    view = memoryview(parity)[ua - pa:ub - pa]
-                    xor_into(view, got[st["first"] + i])
-                    xor_into(view, new)
-            else:
-                old: dict[int, Any] = {}
-                for i, c in enumerate(st.get("cols", [])):
-                    old[c] = got[st["first"] + i]
-                if st["method"] == "degraded":
-                    # The lacking column's old span: the XOR of all the others.
-                    lost = bytearray(old[st["cols"][0]])
-                    for c in st["cols"][1:]:
-                        xor_into(lost, old[c])
-                    old[st["lacking"]] = lost
-                parity = bytearray(span)
-                for k in range(vol.ncol - 1):
-                    c = vol.data_col(s, k)
-                    if k in units:
-                        ua, ub, new = units[k]
-                        if ua <= pa and ub >= pb:
-                            xor_into(parity, new)
-                            continue
-                        unit = bytearray(old[c])
-                        unit[ua - pa:ub - pa] = new
-                        xor_into(parity, unit)
-                    else:
-                        xor_into(parity, old[c])
-            for k, (ua, ub, new) in units.items():
-                c = vol.data_col(s, k)
-                if vol._writable(c):
-                    writes.append((c, s * su + ua, new))
-            if vol._writable(pcol):
-                writes.append((pcol, s * su + pa, parity))
-        return writes
 
 
 def plan_raid5_recovery(vol: Raid5Volume, *, full: bool, force: bool) -> None:
