@@ -18,7 +18,7 @@ CONFIG ?= config/vmd.yaml
 PREFIX ?= /usr/local
 SBINDIR ?= $(PREFIX)/sbin
 
-.PHONY: run test bench docs setup sysdeps testdeps benchdeps clean install uninstall
+.PHONY: run test test-slow bench docs setup sysdeps testdeps benchdeps clean install uninstall
 
 # $(call apt_install,WHAT,PACKAGES): install only what is missing, so that a
 # second `make` is instant and offline.
@@ -35,6 +35,10 @@ run: setup
 
 test: setup testdeps
 	$(VPY) -m pytest -q tests
+
+# The long versions of the crash loops (pytest marker `slow`), left out of `make test`.
+test-slow: setup testdeps
+	$(VPY) -m pytest -q -m slow tests
 
 # The command reference, from the parser and vmd/errors.py (tests/test_docs.py
 # fails when the committed file differs).

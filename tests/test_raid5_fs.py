@@ -208,8 +208,6 @@ def r5log_commits(vmd: VmdDaemon) -> int:
 @pytest.mark.parametrize("rounds", [3, pytest.param(12, marks=pytest.mark.slow)])
 def test_raid5_log_replay_after_sigkill_under_fio_load(
         vmd_factory: Callable[..., VmdDaemon], tmp_path: Path, rounds: int) -> None:
-    if rounds > 3 and os.environ.get("VMD_SLOW") != "1":
-        pytest.skip("more rounds only with VMD_SLOW=1 (VMD_SLOW=1 pytest -m slow)")
     import subprocess
 
     size = 32 * MiB
