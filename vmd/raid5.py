@@ -68,6 +68,10 @@ class Raid5Volume(Volume):
     def _stripes(self, off: int, n: int) -> range:
         return range(off // self.width, -(-(off + n) // self.width))
 
+    def _lock_span(self, off: int, n: int) -> tuple[int, int]:
+        # Whole stripes: a write reads and rewrites its stripes' parity.
+        return off // self.width * self.width, -(-(off + n) // self.width) * self.width
+
     def _mark_missed(self, rec: PlexRecord, off: int, length: int) -> None:
         if rec.missing is None or not length:
             return
