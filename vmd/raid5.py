@@ -249,9 +249,15 @@ class Raid5Volume(Volume):
     # -- reads ---------------------------------------------------------------
 
     async def _read(self, off: int, size: int) -> bytes:
-        return await self._read_any(off, size)
+        try:
+            return await self._read_any(off, size, held=False)
+        except _Reconstruct:
+            # Rebuilt from the other columns: no write may change them between
+            # the reads (nor the stripe's parity), so hold the whole stripes.
+            async with self.ranges.hold(*self._lock_span(off, size)):
+                return await self._read_any(off, size)
 
-    async def _read_any(self, off: int, size: int) -> bytes:
+    async def _read_any(self, off: int, size: int, held: bool = True) -> bytes:
         for attempt in range(self.ncol + 1):
             pieces: list[Piece] = []
             recipe: list[tuple[int, int]] = []  # per output piece: (first read, count)
@@ -272,6 +278,8 @@ class Raid5Volume(Volume):
                             f"volume {self.name}: offset {pos} is on column "
                             f"{self.columns[c].name}, which is out, and stripe {s} also lacks "
                             f"{', '.join(self.columns[o].name for o in lost)}"))
+                    if not held:
+                        raise _Reconstruct
                     recipe.append((len(pieces), len(others)))
                     pieces.extend((o, s * self.su + uoff, n) for o in others)
                     self.degraded_reads += 1
@@ -430,6 +438,10 @@ class Raid5Volume(Volume):
 
     def _readable(self, off: int, size: int, *, rotate: bool = True) -> list[Plex]:
         return []  # no single source: a rebuild reads every other column
+
+
+class _Reconstruct(Exception):
+    """A read must rebuild a unit from the other columns: it needs its stripes' lock."""
 
 
 def _join(parts: list[Any]) -> Any:
