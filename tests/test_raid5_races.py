@@ -118,3 +118,62 @@ async def test_degraded_reads_racing_writes_to_the_same_stripe(tmp_path):
             nursery.start_soon(reader)
         assert vol.degraded_reads >= 300
         assert not bad, f"{len(bad)} of 300 degraded reads returned bytes nobody wrote"
+
+
+class _Blocked:
+    """A worker-thread step the test holds until it says go: `entered` is
+    set (thread side) when the step is reached."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def wait_here(self) -> None:
+        self.entered.set()
+        assert self.go.wait(30), "the test never let the blocked step go"
+
+    async def until_entered(self) -> None:
+        assert await trio.to_thread.run_sync(self.entered.wait, 30)
+
+
+async def test_log_retire_racing_new_writes_keeps_them_for_replay(tmp_path, monkeypatch):
+    from vmd.raid5log import Raid5Log
+
+    blocked = _Blocked()
+    rewind = Raid5Log._rewind_sync
+
+    def slow_rewind(self: Raid5Log, seq: int) -> None:
+        blocked.wait_here()  # the header's fdatasync takes long
+        rewind(self, seq)
+
+    monkeypatch.setattr(Raid5Log, "_rewind_sync", slow_rewind)
+    cfg = raid5_config(tmp_path, size=2 * 8 * SU, raid5_log=tmp_path / "r5.r5log")
+    ref = bytearray(os.urandom(cfg.size))
+    async with running_volume(cfg, shutdown=False) as vol:
+        await vol.pwrite(0, bytes(ref))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vol.r5log.retire)
+            await blocked.until_entered()
+            # A write while the rewind is in its thread: its entry must not
+            # be placed where the rewound header says nothing follows.
+            d1 = os.urandom(4096)
+            ref[vol.width:vol.width + 4096] = d1
+            nursery.start_soon(vol.pwrite, vol.width, d1)
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            blocked.go.set()
+        d2 = os.urandom(4096)
+        await vol.pwrite(2 * vol.width, d2)
+        ref[2 * vol.width:2 * vol.width + 4096] = d2
+        entries = vol.r5log.seq - vol.r5log.retired
+        pcol = vol.parity_col(2)
+    # The crash lost the parity write of the last (logged, acknowledged) write.
+    with open(cfg.plexes[pcol], "r+b") as f:
+        f.seek(2 * SU)
+        f.write(os.urandom(4096))
+    async with running_volume(cfg) as vol:
+        assert vol.replayed_entries == entries == 2
+        assert await vol.pread(0, cfg.size) == bytes(ref)
+    cols = column_bytes(cfg)
+    assert not any(xor_all(cols)), "a replay skipped acknowledged entries"

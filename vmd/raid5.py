@@ -35,7 +35,6 @@ from .volume import Volume, VolumeIOError, Zeros
 
 log = logging.getLogger(__name__)
 
-RETIRE_SECONDS = 2.0
 # (column index, offset in the column, length)
 Piece = tuple[int, int, int]
 
@@ -53,7 +52,7 @@ class Raid5Volume(Volume):
         self.column_size = self.size // (self.ncol - 1)
         self.resync = Rebuild(self, rate_limit=rate_limit)
         self.method_counts = {"full": 0, "rmw": 0, "rcw": 0, "degraded": 0}
-        self.r5log = None if cfg.raid5_log is None else Raid5Log(cfg.raid5_log, self.flush)
+        self.r5log = None if cfg.raid5_log is None else Raid5Log(cfg.raid5_log, self)
         self.degraded_reads = 0
         self.replayed_entries = 0  # RAID-5 log entries replayed at start
 
@@ -333,23 +332,14 @@ class Raid5Volume(Volume):
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             if self.r5log is not None:
-                await nursery.start(self.r5log.run_committer)
-                nursery.start_soon(self._retire_idle)
+                await nursery.start(self.r5log.run)
             await nursery.start(super().run)
             task_status.started()
 
-    async def _retire_idle(self) -> None:
-        """Retire the log while the volume is quiet, so that a restart has
-        little to replay (a busy log retires when half full)."""
-        while True:
-            await trio.sleep(RETIRE_SECONDS)
-            try:
-                await self.r5log.retire()  # type: ignore[union-attr]
-            except OSError as e:
-                log.warning("volume %s: RAID-5 log retire failed: %s", self.name, e)
-
     async def shutdown(self) -> None:
         try:
+            if self.r5log is not None:
+                await self.r5log.stop()  # no retire while the columns close
             await super().shutdown()
             if self.r5log is not None and self.r5log.fd >= 0:
                 # The columns were flushed by the shutdown: nothing to replay.
