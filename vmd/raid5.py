@@ -28,7 +28,7 @@ from .config import VolumeConfig
 from .errors import VmdError
 from .plex import Plex, PlexIOError
 from .raid5_rebuild import Rebuild, xor_into
-from .raid5log import Raid5Log
+from .raid5log import IN_USE as R5LOG_IN_USE, Raid5Log
 from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPLINK, STALE, SYNCING, WRITABLE,
                       PlexRecord, SidecarLog, VolumeState)
 from .volume import Volume, VolumeIOError, Zeros
@@ -555,8 +555,11 @@ def plan_raid5_recovery(vol: Raid5Volume, *, full: bool, force: bool) -> None:
     from .regionmap import RegionMap
 
     st = vol.state
+    trusted = vol.r5log is not None and vol.r5log.trusted()
     if vol.r5log is not None:
-        replay_raid5_log(vol)
+        replay_raid5_log(vol, trusted)
+    else:
+        st.extra.pop(R5LOG_IN_USE, None)
     if st.clean:
         return
     dirty = RegionMap(st.size, st.region_size, fill=True) if full else st.drl.copy()
@@ -566,15 +569,17 @@ def plan_raid5_recovery(vol: Raid5Volume, *, full: bool, force: bool) -> None:
         stripes.update(vol._stripes(off, n))
     out = [c for c in range(vol.ncol) if vol.columns[c].state != ACTIVE
            or vol.columns[c].fd < 0]
-    if vol.r5log is not None:
+    if trusted:
         # The log was replayed: every stripe's parity matches its data.
         stripes_parity: set[int] = set()
     else:
         stripes_parity = stripes
     if stripes_parity and out:
         names = ", ".join(vol.columns[c].name for c in out)
+        no_log = ("has no RAID-5 log" if vol.r5log is None else
+                  f"its RAID-5 log {vol.r5log.path} was not in use before (new, empty or failed)")
         why = (f"volume {vol.name} was not stopped cleanly and is degraded (column {names} "
-               f"out) and has no RAID-5 log: the parity of {len(stripes)} stripe(s) may not "
+               f"out) and {no_log}: the parity of {len(stripes)} stripe(s) may not "
                f"match their data, so rebuilding column {names} could return garbage for data "
                f"nobody wrote (the RAID-5 write hole)")
         if not force:
@@ -594,9 +599,10 @@ def plan_raid5_recovery(vol: Raid5Volume, *, full: bool, force: bool) -> None:
                 "whole volume, no DRL" if full else f"{dirty.count()} dirty regions")
 
 
-def replay_raid5_log(vol: Raid5Volume) -> None:
+def replay_raid5_log(vol: Raid5Volume, trusted: bool) -> None:
     """Before the volume is served: write every entry not retired to the
-    columns that are in, flush them, and start the log empty."""
+    columns that are in, flush them, and start the log empty. A log not
+    `trusted` is emptied unread; the sidecar log then names this one in use."""
     import os
 
     assert vol.r5log is not None
@@ -606,14 +612,18 @@ def replay_raid5_log(vol: Raid5Volume) -> None:
             os.pwrite(vol.columns[c].fd, data, off)
 
     try:
+        if not trusted:
+            vol.r5log.discard()
         n = vol.r5log.replay(write)
     except ValueError as e:
-        raise VmdError(f"volume {vol.name}: RAID-5 log {vol.r5log.path}: {e}; vmd cannot "
-                       f"tell which stripes were being written") from None
+        then = ("vmd cannot tell which stripes were being written" if trusted else
+                f"check raid5_log of volume {vol.name} in the config")
+        raise VmdError(f"volume {vol.name}: RAID-5 log {vol.r5log.path}: {e}; {then}") from None
     for c in range(vol.ncol):
         if vol._writable(c):
             os.fsync(vol.columns[c].fd)
     vol.r5log.reset()
+    vol.state.extra[R5LOG_IN_USE] = str(vol.r5log.path)
     vol.replayed_entries = n
     if n:
         log.warning("volume %s: RAID-5 log replayed: %d entries", vol.name, n)
