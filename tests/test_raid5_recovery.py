@@ -70,3 +70,35 @@ async def test_a_file_that_is_not_a_raid5_log_is_refused_not_overwritten(tmp_pat
     with pytest.raises(VmdError, match="important.txt: not a RAID-5 log"):
         open_volume(cfg, tmp_path / "test.yaml")
     assert other.read_bytes() == b"not a log" * 1000
+
+
+@pytest.mark.parametrize("back", ["attach", "replace"])
+async def test_log_entries_from_before_a_column_left_are_not_replayed_onto_its_rebuild(
+        tmp_path, monkeypatch, back):
+    # Entry E writes unit X on column a; a leaves; a degraded write changes
+    # X (parity only); a comes back and is rebuilt (X from the others);
+    # a crash before any retire would replay E's old X onto a.
+    monkeypatch.setattr("vmd.raid5log.RETIRE_SECONDS", 3600)  # only the retires under test
+    cfg = raid5_config(tmp_path, size=2 * 8 * SU, raid5_log=tmp_path / "r5.r5log")
+    ref = bytearray(os.urandom(cfg.size))
+    s = 2
+    async with running_volume(cfg, shutdown=False) as vol:
+        await vol.pwrite(0, bytes(ref))  # entry E, X = unit 0 of stripe s
+        base = s * vol.width
+        a = vol.data_col(s, 0)
+        name = vol.columns[a].name
+        await vol.detach_plex(name)
+        x = os.urandom(SU)
+        await vol.pwrite(base, x)  # degraded: only the parity learns of it
+        ref[base:base + SU] = x
+        path = str(tmp_path / "new.img") if back == "replace" else None
+        await vol.attach_plex(name, path=path)
+        await vol.resync.wait_idle()
+        assert await vol.pread(0, cfg.size) == bytes(ref)
+    if back == "replace":
+        cfg = dataclasses.replace(cfg, plexes=tuple(path if i == a else p
+                                                    for i, p in enumerate(cfg.plexes)))
+    async with running_volume(cfg) as vol:
+        assert await vol.pread(base, SU) == x, "a stale entry was replayed onto the column"
+        assert await vol.pread(0, cfg.size) == bytes(ref)
+    assert not any(xor_all(column_bytes(cfg)))

@@ -397,6 +397,10 @@ class Raid5Volume(Volume):
             if sum(1 for q in self.columns if q.state != ACTIVE) > 1:
                 raise VmdError(f"volume {self.name} has lost more than one column: column "
                                f"{name} cannot be rebuilt from the others")
+            if self.r5log is not None:
+                # No entry from before it left may be replayed onto what its
+                # rebuild writes (a write while it was away changed parity only).
+                await self.r5log.retire()
             p.close()
             if path is not None:
                 rec.path, rec.created, rec.identity = path, False, None
