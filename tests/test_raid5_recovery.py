@@ -102,3 +102,23 @@ async def test_log_entries_from_before_a_column_left_are_not_replayed_onto_its_r
         assert await vol.pread(base, SU) == x, "a stale entry was replayed onto the column"
         assert await vol.pread(0, cfg.size) == bytes(ref)
     assert not any(xor_all(column_bytes(cfg)))
+
+
+@pytest.mark.parametrize("with_log", [False, True])
+async def test_recover_all_regenerates_every_stripes_parity_and_finishes(tmp_path, with_log):
+    import trio
+
+    from vmd.sidecar import ACTIVE
+
+    cfg = raid5_config(tmp_path, size=2 * 8 * SU,
+                       raid5_log=tmp_path / "r5.r5log" if with_log else None)
+    ref = await _crash_with_torn_parity(cfg)
+    async with running_volume(cfg, recover_all=True) as vol:
+        # Every column holds its data: none is rebuilt as if it were a lost plex.
+        assert await vol.pread(0, cfg.size) == ref
+        with trio.fail_after(30):  # what `vmd wait` waits for
+            await vol.resync.wait_idle()
+        assert [p.state for p in vol.columns] == [ACTIVE] * 3
+        assert not any(p.record.missing.bits.any() for p in vol.columns)
+        assert await vol.pread(0, cfg.size) == ref
+    assert not any(xor_all(column_bytes(cfg))), "parity was not regenerated"

@@ -98,12 +98,18 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
                                            created=isinstance(p, Path) and not p.exists()))
         state.next_plex = len(vc.plexes)
         if recover_all:
-            # p0 is the source; every other plex is recovered from it.
-            for rec in state.plexes[1:]:
-                rec.missing = state.new_map(fill=True)  # type: ignore[union-attr]
             state.clean = False
-            log.warning("volume %s: --recover-all: rebuilding the sidecar log; every plex is "
-                        "resynced from %s", vc.name, vc.plexes[0])
+            if vc.layout == "raid5":
+                # No column is a source: each stripe's parity is regenerated
+                # from its data (plan_raid5_recovery, full).
+                log.warning("volume %s: --recover-all: rebuilding the sidecar log; the parity "
+                            "of every stripe is regenerated", vc.name)
+            else:
+                # p0 is the source; every other plex is recovered from it.
+                for rec in state.plexes[1:]:
+                    rec.missing = state.new_map(fill=True)  # type: ignore[union-attr]
+                log.warning("volume %s: --recover-all: rebuilding the sidecar log; every plex "
+                            "is resynced from %s", vc.name, vc.plexes[0])
         sidecar = SidecarLog.create(vc.log, state)
         created = True
 
