@@ -122,3 +122,34 @@ async def test_recover_all_regenerates_every_stripes_parity_and_finishes(tmp_pat
         assert not any(p.record.missing.bits.any() for p in vol.columns)
         assert await vol.pread(0, cfg.size) == ref
     assert not any(xor_all(column_bytes(cfg))), "parity was not regenerated"
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("why", ["bad log header", "log cannot be opened"])
+async def test_a_refused_raid5_volume_leaves_no_file_open(tmp_path, why):
+    from vmd.errors import VmdError
+    from vmd.manager import open_volume
+
+    r5log = tmp_path / "r5.r5log"
+    cfg = raid5_config(tmp_path, size=2 * 8 * SU, raid5_log=r5log)
+    async with running_volume(cfg, shutdown=False) as vol:
+        await vol.pwrite(0, b"x" * 100)
+    if why == "bad log header":
+        with open(r5log, "r+b") as f:
+            f.write(b"garbage!")
+        bad, expect = cfg, "bad header"
+    else:
+        bad, expect = dataclasses.replace(cfg, raid5_log=tmp_path / "gone" / "r5.r5log"), "gone"
+    before = _open_fds()
+    for _ in range(3):
+        with pytest.raises((VmdError, OSError), match=expect):
+            open_volume(bad, tmp_path / "test.yaml")
+    assert _open_fds() == before, "a refused volume left files open"
+    if why == "bad log header":
+        r5log.unlink()  # the administrator's way out: the parity is regenerated
+    async with running_volume(cfg) as vol:  # no lock left behind on its images or log
+        await vol.resync.wait_idle()
+        assert await vol.pread(0, 100) == b"x" * 100

@@ -144,19 +144,23 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
                 if rec.state not in WRITABLE:
                     rec.missing = None
     layout = Raid5Volume if vc.layout == "raid5" else MirrorVolume
-    vol = layout(vc, state, sidecar, plexes, clean_delay=clean_delay, rate_limit=rate_limit,
-                 plex_factory=plex_factory)
-    _abort_interrupted_snapshot_mirrors(vol)
-    if isinstance(vol, Raid5Volume):
-        try:
+    vol: Volume | None = None
+    try:
+        vol = layout(vc, state, sidecar, plexes, clean_delay=clean_delay,
+                     rate_limit=rate_limit, plex_factory=plex_factory)
+        _abort_interrupted_snapshot_mirrors(vol)
+        if isinstance(vol, Raid5Volume):
             plan_raid5_recovery(vol, full=not vc.drl or recover_all, force=force_degraded)
-        except BaseException:
-            for p in plexes:
-                p.close()
-            sidecar.close()
-            raise
-    elif not state.clean:
-        _plan_recovery(vol, full=not vc.drl or recover_all)
+        elif not state.clean:
+            _plan_recovery(vol, full=not vc.drl or recover_all)
+    except BaseException:
+        # Refused: nothing stays open or locked (a retry must be able to take it).
+        for p in plexes:
+            p.close()
+        if isinstance(vol, Raid5Volume) and vol.r5log is not None:
+            vol.r5log.close()
+        sidecar.close()
+        raise
     vol._update_recovering()
     return vol
 

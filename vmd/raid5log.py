@@ -131,7 +131,10 @@ class Raid5Log:
     def __init__(self, path: Path, vol: Owner):
         self.path = path
         self.vol = vol
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot open RAID-5 log {path}: {e.strerror}") from None
         # Missing or new: it cannot hold the writes of a run that crashed.
         self.was_empty = os.fstat(self.fd).st_size == 0
         self.retired = 0
