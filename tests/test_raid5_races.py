@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 
+import pytest
 import trio
 import trio.testing
 
@@ -177,3 +178,91 @@ async def test_log_retire_racing_new_writes_keeps_them_for_replay(tmp_path, monk
         assert await vol.pread(0, cfg.size) == bytes(ref)
     cols = column_bytes(cfg)
     assert not any(xor_all(cols)), "a replay skipped acknowledged entries"
+
+
+async def test_a_log_write_error_refuses_writes_without_a_hang_or_a_gap(tmp_path, monkeypatch):
+    import errno
+
+    from vmd.raid5log import Raid5Log
+
+    fail = [False]
+    write = Raid5Log._write_sync
+
+    def failing_disk(self: Raid5Log, blob: bytes, at: int) -> None:
+        if fail[0]:
+            os.pwrite(self.fd, blob[:len(blob) // 2], at)  # half of it reached the disk
+            raise OSError(errno.EIO, "injected: the log disk failed")
+        write(self, blob, at)
+
+    monkeypatch.setattr(Raid5Log, "_write_sync", failing_disk)
+    monkeypatch.setattr("vmd.raid5log.RETIRE_SECONDS", 3600)
+    cfg = raid5_config(tmp_path, size=2 * 8 * SU, raid5_log=tmp_path / "r5.r5log")
+    ref = os.urandom(cfg.size)
+    async with running_volume(cfg, shutdown=False) as vol:
+        await vol.pwrite(0, ref)
+        fail[0] = True
+        with pytest.raises(OSError, match="log disk failed"):
+            await vol.pwrite(vol.width, b"new" * 100)
+        fail[0] = False  # the disk is back: entries after a gap would still be lost
+        st = vol.status()["raid5_log"]
+        assert st["in_flight"] == 0 and st["failed"], st  # a retire can still run
+        with pytest.raises(OSError, match="RAID-5 log .* failed") as ei:
+            await vol.pwrite(2 * vol.width, b"later" * 100)
+        assert ei.value.errno == errno.EIO
+        assert await vol.pread(0, cfg.size) == ref  # reads go on
+        assert "raid5_log" not in vol.state.extra  # durably: not trusted at a restart
+    async with running_volume(cfg) as vol:
+        assert vol.replayed_entries == 0 and vol.recovered_regions > 0
+        with trio.fail_after(30):
+            await vol.resync.wait_idle()
+        assert await vol.pread(0, cfg.size) == ref
+        await vol.pwrite(2 * vol.width, b"later" * 100)  # a new log, in use
+    assert not any(xor_all(column_bytes(cfg)))
+
+
+async def test_a_failing_background_retire_fails_the_volume_not_the_daemon(tmp_path, monkeypatch):
+    from vmd.raid5log import Raid5Log
+
+    def failing_rewind(self: Raid5Log, seq: int) -> None:
+        raise OSError(5, "injected: the log header cannot be written")
+
+    monkeypatch.setattr(Raid5Log, "_rewind_sync", failing_rewind)
+    monkeypatch.setattr("vmd.raid5log.RETIRE_AT", 64 * KiB)  # a retire after the first write
+    cfg = raid5_config(tmp_path, size=2 * 8 * SU, raid5_log=tmp_path / "r5.r5log")
+    async with running_volume(cfg) as vol:
+        await vol.pwrite(0, os.urandom(vol.width))
+        with trio.fail_after(30):
+            while vol.r5log.failed is None:
+                await trio.sleep(0.01)
+        assert "log header cannot be written" in vol.error
+        with pytest.raises(OSError, match="refus|failed"):
+            await vol.pwrite(0, b"x")
+
+
+async def test_stop_waits_for_a_background_retire_before_closing(tmp_path, monkeypatch):
+    from vmd.raid5log import Raid5Log
+
+    blocked = _Blocked()
+    rewind = Raid5Log._rewind_sync
+
+    def slow_rewind(self: Raid5Log, seq: int) -> None:
+        blocked.wait_here()
+        rewind(self, seq)
+
+    monkeypatch.setattr(Raid5Log, "_rewind_sync", slow_rewind)
+    monkeypatch.setattr("vmd.raid5log.RETIRE_AT", 64 * KiB)
+    cfg = raid5_config(tmp_path, size=2 * 8 * SU, raid5_log=tmp_path / "r5.r5log")
+    ref = os.urandom(cfg.size)
+    async with running_volume(cfg, shutdown=False) as vol:
+        await vol.pwrite(0, ref)
+        await blocked.until_entered()  # the background retire is in its rewind
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vol.shutdown)
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            assert vol.r5log.fd >= 0 and all(p.fd >= 0 for p in vol.columns), \
+                "the volume closed its files under a running retire"
+            blocked.go.set()
+        assert vol.r5log.fd < 0 and vol.state.clean
+    async with running_volume(cfg) as vol:
+        assert vol.replayed_entries == 0 and vol.recovered_regions == 0
+        assert await vol.pread(0, cfg.size) == ref
