@@ -266,3 +266,39 @@ async def test_stop_waits_for_a_background_retire_before_closing(tmp_path, monke
     async with running_volume(cfg) as vol:
         assert vol.replayed_entries == 0 and vol.recovered_regions == 0
         assert await vol.pread(0, cfg.size) == ref
+
+
+async def test_writers_waiting_on_the_log_are_answered_when_its_committer_ends(tmp_path):
+    # The wait for an entry's commit is shielded (a writer must learn its
+    # entry's fate), so the committer's end must answer it, not leave it hung.
+    cfg = raid5_config(tmp_path, size=2 * 8 * SU, raid5_log=tmp_path / "r5.r5log")
+    answer: list[BaseException] = []
+    ended = trio.Event()
+    vol_scope = trio.CancelScope()
+
+    async def volume_tasks(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with vol_scope:
+            async with running_volume(cfg, shutdown=False) as vol:
+                task_status.started(vol)
+                await trio.sleep_forever()
+        ended.set()
+
+    async def writer(vol) -> None:
+        try:
+            await vol.pwrite(0, b"x" * 4096)
+        except OSError as e:
+            answer.append(e)
+
+    async with trio.open_nursery() as nursery:
+        vol = await nursery.start(volume_tasks)
+        try:
+            async with vol.r5log._io:  # the committer cannot place the next batch
+                nursery.start_soon(writer, vol)
+                await trio.testing.wait_all_tasks_blocked()
+                vol_scope.cancel()  # the volume's tasks end, the committer with them
+                await ended.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert answer, "a writer waits for a committer that is gone"
+        finally:
+            vol.r5log._batch.done.set()  # never hang the test itself
+    assert "stopped" in str(answer[0]) and not vol.r5log._inflight

@@ -249,6 +249,16 @@ class Raid5Log:
             await self._commit()
 
     async def _commit(self) -> None:
+        try:
+            await self._commit_batches()
+        finally:
+            # Cancelled (the volume's tasks end): a writer still waiting in
+            # its shield must hear that its entry will not be written.
+            self.failed = self.failed or "the volume's background tasks stopped"
+            self._batch.error = OSError(errno.EIO, self.failed)
+            self._batch.done.set()
+
+    async def _commit_batches(self) -> None:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
