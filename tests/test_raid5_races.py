@@ -161,8 +161,12 @@ async def test_log_retire_racing_new_writes_keeps_them_for_replay(tmp_path, monk
             # be placed where the rewound header says nothing follows.
             d1 = os.urandom(4096)
             ref[vol.width:vol.width + 4096] = d1
+            seq = vol.r5log.seq
             nursery.start_soon(vol.pwrite, vol.width, d1)
-            await trio.testing.wait_all_tasks_blocked(0.05)
+            with trio.fail_after(30):
+                while vol.r5log.seq == seq:  # past the DRL: its entry is handed to the log
+                    await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked(0.05)  # and the committer has it
             blocked.go.set()
         d2 = os.urandom(4096)
         await vol.pwrite(2 * vol.width, d2)
@@ -294,7 +298,9 @@ async def test_writers_waiting_on_the_log_are_answered_when_its_committer_ends(t
         try:
             async with vol.r5log._io:  # the committer cannot place the next batch
                 nursery.start_soon(writer, vol)
-                await trio.testing.wait_all_tasks_blocked()
+                with trio.fail_after(30):
+                    while not vol.r5log._pending:  # past the DRL, its entry in the batch
+                        await trio.sleep(0.01)
                 vol_scope.cancel()  # the volume's tasks end, the committer with them
                 await ended.wait()
             await trio.testing.wait_all_tasks_blocked()
