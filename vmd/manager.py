@@ -98,12 +98,18 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
                                            created=isinstance(p, Path) and not p.exists()))
         state.next_plex = len(vc.plexes)
         if recover_all:
-            # p0 is the source; every other plex is recovered from it.
-            for rec in state.plexes[1:]:
-                rec.missing = state.new_map(fill=True)  # type: ignore[union-attr]
             state.clean = False
-            log.warning("volume %s: --recover-all: rebuilding the sidecar log; every plex is "
-                        "resynced from %s", vc.name, vc.plexes[0])
+            if vc.layout == "raid5":
+                # No column is a source: each stripe's parity is regenerated
+                # from its data (plan_raid5_recovery, full).
+                log.warning("volume %s: --recover-all: rebuilding the sidecar log; the parity "
+                            "of every stripe is regenerated", vc.name)
+            else:
+                # p0 is the source; every other plex is recovered from it.
+                for rec in state.plexes[1:]:
+                    rec.missing = state.new_map(fill=True)  # type: ignore[union-attr]
+                log.warning("volume %s: --recover-all: rebuilding the sidecar log; every plex "
+                            "is resynced from %s", vc.name, vc.plexes[0])
         sidecar = SidecarLog.create(vc.log, state)
         created = True
 
@@ -138,21 +144,23 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
                 if rec.state not in WRITABLE:
                     rec.missing = None
     layout = Raid5Volume if vc.layout == "raid5" else MirrorVolume
-    vol = layout(vc, state, sidecar, plexes, clean_delay=clean_delay, rate_limit=rate_limit,
-                 plex_factory=plex_factory)
-    _abort_interrupted_snapshot_mirrors(vol)
-    if isinstance(vol, Raid5Volume):
-        try:
+    vol: Volume | None = None
+    try:
+        vol = layout(vc, state, sidecar, plexes, clean_delay=clean_delay,
+                     rate_limit=rate_limit, plex_factory=plex_factory)
+        _abort_interrupted_snapshot_mirrors(vol)
+        if isinstance(vol, Raid5Volume):
             plan_raid5_recovery(vol, full=not vc.drl or recover_all, force=force_degraded)
-        except BaseException:
-            for p in plexes:
-                p.close()
-            sidecar.close()
-            if vol.r5log is not None:
-                vol.r5log.close()
-            raise
-    elif not state.clean:
-        _plan_recovery(vol, full=not vc.drl or recover_all)
+        elif not state.clean:
+            _plan_recovery(vol, full=not vc.drl or recover_all)
+    except BaseException:
+        # Refused: nothing stays open or locked (a retry must be able to take it).
+        for p in plexes:
+            p.close()
+        if isinstance(vol, Raid5Volume) and vol.r5log is not None:
+            vol.r5log.close()
+        sidecar.close()
+        raise
     vol._update_recovering()
     return vol
 

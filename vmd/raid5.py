@@ -29,14 +29,13 @@ from .errors import VmdError
 from .plex import Plex, PlexIOError
 from .raid5_plan import Piece, WritePlan
 from .raid5_rebuild import Rebuild, xor_into
-from .raid5log import Raid5Log
+from .raid5log import IN_USE as R5LOG_IN_USE, Raid5Log
 from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPLINK, STALE, SYNCING, WRITABLE,
                       PlexRecord, SidecarLog, VolumeState)
 from .volume import Volume, VolumeIOError, Zeros
 
 log = logging.getLogger(__name__)
 
-RETIRE_SECONDS = 2.0
 
 
 class Raid5Volume(Volume):
@@ -52,7 +51,7 @@ class Raid5Volume(Volume):
         self.column_size = self.size // (self.ncol - 1)
         self.resync = Rebuild(self, rate_limit=rate_limit)
         self.method_counts = {"full": 0, "rmw": 0, "rcw": 0, "degraded": 0}
-        self.r5log = None if cfg.raid5_log is None else Raid5Log(cfg.raid5_log, self.flush)
+        self.r5log = None if cfg.raid5_log is None else Raid5Log(cfg.raid5_log, self)
         self.degraded_reads = 0
         self.replayed_entries = 0  # RAID-5 log entries replayed at start
 
@@ -66,6 +65,10 @@ class Raid5Volume(Volume):
 
     def _stripes(self, off: int, n: int) -> range:
         return range(off // self.width, -(-(off + n) // self.width))
+
+    def _lock_span(self, off: int, n: int) -> tuple[int, int]:
+        # Whole stripes: a write reads and rewrites its stripes' parity.
+        return off // self.width * self.width, -(-(off + n) // self.width) * self.width
 
     def _mark_missed(self, rec: PlexRecord, off: int, length: int) -> None:
         if rec.missing is None or not length:
@@ -244,9 +247,15 @@ class Raid5Volume(Volume):
     # -- reads ---------------------------------------------------------------
 
     async def _read(self, off: int, size: int) -> bytes:
-        return await self._read_any(off, size)
+        try:
+            return await self._read_any(off, size, held=False)
+        except _Reconstruct:
+            # Rebuilt from the other columns: no write may change them between
+            # the reads (nor the stripe's parity), so hold the whole stripes.
+            async with self.ranges.hold(*self._lock_span(off, size)):
+                return await self._read_any(off, size)
 
-    async def _read_any(self, off: int, size: int) -> bytes:
+    async def _read_any(self, off: int, size: int, held: bool = True) -> bytes:
         for attempt in range(self.ncol + 1):
             pieces: list[Piece] = []
             recipe: list[tuple[int, int]] = []  # per output piece: (first read, count)
@@ -267,6 +276,8 @@ class Raid5Volume(Volume):
                             f"volume {self.name}: offset {pos} is on column "
                             f"{self.columns[c].name}, which is out, and stripe {s} also lacks "
                             f"{', '.join(self.columns[o].name for o in lost)}"))
+                    if not held:
+                        raise _Reconstruct
                     recipe.append((len(pieces), len(others)))
                     pieces.extend((o, s * self.su + uoff, n) for o in others)
                     self.degraded_reads += 1
@@ -344,23 +355,14 @@ class Raid5Volume(Volume):
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             if self.r5log is not None:
-                await nursery.start(self.r5log.run_committer)
-                nursery.start_soon(self._retire_idle)
+                await nursery.start(self.r5log.run)
             await nursery.start(super().run)
             task_status.started()
 
-    async def _retire_idle(self) -> None:
-        """Retire the log while the volume is quiet, so that a restart has
-        little to replay (a busy log retires when half full)."""
-        while True:
-            await trio.sleep(RETIRE_SECONDS)
-            try:
-                await self.r5log.retire()  # type: ignore[union-attr]
-            except OSError as e:
-                log.warning("volume %s: RAID-5 log retire failed: %s", self.name, e)
-
     async def shutdown(self) -> None:
         try:
+            if self.r5log is not None:
+                await self.r5log.stop()  # no retire while the columns close
             await super().shutdown()
             if self.r5log is not None and self.r5log.fd >= 0:
                 # The columns were flushed by the shutdown: nothing to replay.
@@ -418,6 +420,10 @@ class Raid5Volume(Volume):
             if sum(1 for q in self.columns if q.state != ACTIVE) > 1:
                 raise VmdError(f"volume {self.name} has lost more than one column: column "
                                f"{name} cannot be rebuilt from the others")
+            if self.r5log is not None:
+                # No entry from before it left may be replayed onto what its
+                # rebuild writes (a write while it was away changed parity only).
+                await self.r5log.retire()
             p.close()
             if path is not None:
                 rec.path, rec.created, rec.identity = path, False, None
@@ -451,6 +457,10 @@ class Raid5Volume(Volume):
         return []  # no single source: a rebuild reads every other column
 
 
+class _Reconstruct(Exception):
+    """A read must rebuild a unit from the other columns: it needs its stripes' lock."""
+
+
 def _join(parts: list[Any]) -> Any:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -465,8 +475,11 @@ def plan_raid5_recovery(vol: Raid5Volume, *, full: bool, force: bool) -> None:
     from .regionmap import RegionMap
 
     st = vol.state
+    trusted = vol.r5log is not None and vol.r5log.trusted()
     if vol.r5log is not None:
-        replay_raid5_log(vol)
+        replay_raid5_log(vol, trusted)
+    else:
+        st.extra.pop(R5LOG_IN_USE, None)
     if st.clean:
         return
     dirty = RegionMap(st.size, st.region_size, fill=True) if full else st.drl.copy()
@@ -476,15 +489,17 @@ def plan_raid5_recovery(vol: Raid5Volume, *, full: bool, force: bool) -> None:
         stripes.update(vol._stripes(off, n))
     out = [c for c in range(vol.ncol) if vol.columns[c].state != ACTIVE
            or vol.columns[c].fd < 0]
-    if vol.r5log is not None:
+    if trusted:
         # The log was replayed: every stripe's parity matches its data.
         stripes_parity: set[int] = set()
     else:
         stripes_parity = stripes
     if stripes_parity and out:
         names = ", ".join(vol.columns[c].name for c in out)
+        no_log = ("has no RAID-5 log" if vol.r5log is None else
+                  f"its RAID-5 log {vol.r5log.path} was not in use before (new, empty or failed)")
         why = (f"volume {vol.name} was not stopped cleanly and is degraded (column {names} "
-               f"out) and has no RAID-5 log: the parity of {len(stripes)} stripe(s) may not "
+               f"out) and {no_log}: the parity of {len(stripes)} stripe(s) may not "
                f"match their data, so rebuilding column {names} could return garbage for data "
                f"nobody wrote (the RAID-5 write hole)")
         if not force:
@@ -504,9 +519,10 @@ def plan_raid5_recovery(vol: Raid5Volume, *, full: bool, force: bool) -> None:
                 "whole volume, no DRL" if full else f"{dirty.count()} dirty regions")
 
 
-def replay_raid5_log(vol: Raid5Volume) -> None:
+def replay_raid5_log(vol: Raid5Volume, trusted: bool) -> None:
     """Before the volume is served: write every entry not retired to the
-    columns that are in, flush them, and start the log empty."""
+    columns that are in, flush them, and start the log empty. A log not
+    `trusted` is emptied unread; the sidecar log then names this one in use."""
     import os
 
     assert vol.r5log is not None
@@ -516,14 +532,18 @@ def replay_raid5_log(vol: Raid5Volume) -> None:
             os.pwrite(vol.columns[c].fd, data, off)
 
     try:
+        if not trusted:
+            vol.r5log.discard()
         n = vol.r5log.replay(write)
     except ValueError as e:
-        raise VmdError(f"volume {vol.name}: RAID-5 log {vol.r5log.path}: {e}; vmd cannot "
-                       f"tell which stripes were being written") from None
+        then = ("vmd cannot tell which stripes were being written" if trusted else
+                f"check raid5_log of volume {vol.name} in the config")
+        raise VmdError(f"volume {vol.name}: RAID-5 log {vol.r5log.path}: {e}; {then}") from None
     for c in range(vol.ncol):
         if vol._writable(c):
             os.fsync(vol.columns[c].fd)
     vol.r5log.reset()
+    vol.state.extra[R5LOG_IN_USE] = str(vol.r5log.path)
     vol.replayed_entries = n
     if n:
         log.warning("volume %s: RAID-5 log replayed: %d entries", vol.name, n)

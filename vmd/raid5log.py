@@ -36,17 +36,19 @@ before a rewind, ends it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
 from .config import MiB
+from .sidecar import VolumeState
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,10 @@ _ENTRY = struct.Struct("<4sIQI")
 _PIECE = struct.Struct("<HQI")
 CAPACITY = 64 * MiB  # the log file's size: writes beyond wait for a retire
 RETIRE_AT = CAPACITY // 2  # a retire starts once this much is used
+RETIRE_SECONDS = 2.0  # and after this long, so that a quiet volume's log is empty
+# The sidecar log's record (state.extra) of the RAID-5 log that holds every
+# write since its last retire: only that one is replayed after a crash.
+IN_USE = "raid5_log"
 
 Piece = tuple[int, int, Any]  # column, offset in the column, bytes
 
@@ -108,11 +114,29 @@ class _Batch:
         self.error: BaseException | None = None
 
 
+class Owner(Protocol):
+    """What the log needs of its volume (a Raid5Volume, which owns the log:
+    not imported, no cycle)."""
+
+    name: str
+    error: str | None
+    state: VolumeState
+
+    async def flush(self) -> None: ...
+
+    async def checkpoint(self) -> None: ...
+
+
 class Raid5Log:
-    def __init__(self, path: Path, flush_columns: Callable[[], Awaitable[None]]):
+    def __init__(self, path: Path, vol: Owner):
         self.path = path
-        self._flush_columns = flush_columns
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.vol = vol
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot open RAID-5 log {path}: {e.strerror}") from None
+        # Missing or new: it cannot hold the writes of a run that crashed.
+        self.was_empty = os.fstat(self.fd).st_size == 0
         self.retired = 0
         self.seq = 0  # last sequence number handed out
         self.end = HEADER  # where the next entry goes
@@ -123,11 +147,25 @@ class Raid5Log:
         self._drained = trio.Event()  # set when no entry is in flight
         self._retired = trio.Event()  # set at the end of each retire
         self._retiring = False
+        # A batch's placement and write, and a rewind, one at a time: an
+        # entry placed at the old end while the header says "rewound" would
+        # be skipped by a replay, and so would every entry after it.
+        self._io = trio.Lock()
+        self._retire_due = trio.Event()  # the committer found the log half full
+        self._retirer: trio.CancelScope | None = None
+        self._retirer_done = trio.Event()
+        self.failed: str | None = None  # a write or rewind failed: no more entries
         self.commits = 0  # log flushes (each one group of writers)
         self.retires = 0
         self.waits = 0  # writers that found the log full
 
     # -- start-up --------------------------------------------------------------
+
+    def trusted(self) -> bool:
+        """The log holds every write since its last retire: the sidecar log
+        records it in use by this volume (and not failed since), and it was
+        there. Otherwise parity after a crash must come from regeneration."""
+        return self.vol.state.extra.get(IN_USE) == str(self.path) and not self.was_empty
 
     def replay(self, write: Callable[[int, int, bytes], None]) -> int:
         """Call `write(column, offset, bytes)` for every piece of every entry
@@ -144,6 +182,19 @@ class Raid5Log:
         self.seq = self.retired = entries[-1][0] if entries else retired
         return len(entries)
 
+    def discard(self) -> None:
+        """Start a log that is not trusted empty, without replaying it. A
+        file that is not a RAID-5 log is left alone (ValueError): the config
+        may name the wrong file."""
+        if not self.was_empty:
+            with open(self.path, "rb") as f:
+                if f.read(len(MAGIC)) != MAGIC:
+                    raise ValueError("not a RAID-5 log (bad magic); vmd will not overwrite it")
+            # Truncated: its old entries must not follow the new header.
+            os.ftruncate(self.fd, 0)
+        self.seq = 0
+        self.reset()
+
     def reset(self) -> None:
         """Everything so far is on the (flushed) columns: start the log empty."""
         os.pwrite(self.fd, _header(self.seq), 0)
@@ -152,24 +203,36 @@ class Raid5Log:
 
     # -- write path ------------------------------------------------------------
 
+    def _refuse_if_failed(self) -> None:
+        if self.failed is not None:
+            raise OSError(errno.EIO, f"RAID-5 log {self.path} failed: {self.failed}")
+
     async def append(self, pieces: list[Piece]) -> int:
         """Make the pieces durable in the log; returns the entry's sequence
         number, to pass to `written` once the columns are written."""
+        self._refuse_if_failed()
         size = _ENTRY.size + sum(_PIECE.size + len(d) for _, _, d in pieces)
         if size > CAPACITY - HEADER:
             raise OSError(27, f"RAID-5 log {self.path}: an entry of {size} bytes does not fit")
         while self.end + sum(map(len, self._pending)) + size > CAPACITY:
             self.waits += 1
             await self._retire_wait()
+            self._refuse_if_failed()  # a failed log is never rewound
         self.seq += 1
         seq = self.seq
         self._inflight.add(seq)
-        self._pending.append(encode_entry(seq, pieces))
-        batch = self._batch
-        self._wake.set()
-        await batch.done.wait()
-        if batch.error is not None:
-            raise OSError(5, f"cannot write RAID-5 log {self.path}: {batch.error}")
+        try:
+            self._pending.append(encode_entry(seq, pieces))
+            batch = self._batch
+            self._wake.set()
+            # Shielded: the entry is in the batch; the writer learns its fate.
+            with trio.CancelScope(shield=True):
+                await batch.done.wait()
+            if batch.error is not None:
+                raise OSError(errno.EIO, f"cannot write RAID-5 log {self.path}: {batch.error}")
+        except BaseException:
+            self.written(seq)  # its columns will not be written: not in flight
+            raise
         return seq
 
     def written(self, seq: int) -> None:
@@ -177,31 +240,72 @@ class Raid5Log:
         if not self._inflight:
             self._drained.set()
 
-    async def run_committer(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """The committer, and the retires in the background (`stop` ends
+        those; the committer ends with the volume's tasks)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._retire_in_background)
+            task_status.started()
+            await self._commit()
+
+    async def _commit(self) -> None:
+        try:
+            await self._commit_batches()
+        finally:
+            # Cancelled (the volume's tasks end): a writer still waiting in
+            # its shield must hear that its entry will not be written.
+            self.failed = self.failed or "the volume's background tasks stopped"
+            self._batch.error = OSError(errno.EIO, self.failed)
+            self._batch.done.set()
+
+    async def _commit_batches(self) -> None:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
             if not self._pending:
                 continue
-            batch, self._batch = self._batch, _Batch()
-            blob, self._pending = b"".join(self._pending), []
-            at = self.end
-            self.end += len(blob)
-            try:
-                await trio.to_thread.run_sync(self._write_sync, blob, at)
-            except OSError as e:
-                log.error("RAID-5 log %s: write failed: %s", self.path, e)
-                batch.error = e
-            else:
-                self.commits += 1
+            async with self._io:
+                batch, self._batch = self._batch, _Batch()
+                blob, self._pending = b"".join(self._pending), []
+                at = self.end
+                try:
+                    self._refuse_if_failed()
+                    await trio.to_thread.run_sync(self._write_sync, blob, at)
+                except OSError as e:
+                    batch.error = e
+                else:
+                    # Moved only past a durable blob: no gap a replay stops at.
+                    self.end = at + len(blob)
+                    self.commits += 1
+            if batch.error is not None and self.failed is None:
+                await self._fail(f"write of {len(blob)} bytes at {at} failed: {batch.error}")
             batch.done.set()
-            if self.end >= RETIRE_AT and not self._retiring:
-                trio.lowlevel.spawn_system_task(self._retire_wait)
+            if self.end >= RETIRE_AT:
+                self._retire_due.set()
 
     def _write_sync(self, blob: bytes, at: int) -> None:
         os.pwrite(self.fd, blob, at)
         os.fdatasync(self.fd)
+
+    async def _retire_in_background(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Retire once the log is half full, and while the volume is quiet
+        (so that a restart has little to replay); until `stop`."""
+        try:
+            with trio.CancelScope() as self._retirer:
+                task_status.started()
+                while True:
+                    with trio.move_on_after(RETIRE_SECONDS):
+                        await self._retire_due.wait()
+                    self._retire_due = trio.Event()
+                    await self._retire_wait()
+        finally:
+            self._retirer_done.set()
+
+    async def stop(self) -> None:
+        """End the background retires (before the volume closes its columns)."""
+        if self._retirer is not None:
+            self._retirer.cancel()
+            await self._retirer_done.wait()
 
     async def _retire_wait(self) -> None:
         """Retire what is written; rewind when nothing is in flight."""
@@ -220,14 +324,22 @@ class Raid5Log:
             done.set()
 
     async def retire(self) -> None:
-        """Flush the columns, then record every entry written so far retired."""
-        if self._inflight or self.end == HEADER:
+        """Flush the columns, then record every entry written so far retired.
+        With the volume's gate held (no write in flight), this empties the
+        log: a column that comes back (attach, replace) must not get an
+        entry from before it left replayed onto what its rebuild wrote."""
+        if self._inflight or self.end == HEADER or self.failed is not None:
             return
         seq = self.seq
-        await self._flush_columns()
-        if self._inflight or self.seq != seq or self._pending:
-            return  # writers came in meanwhile: their entries stay
-        await trio.to_thread.run_sync(self._rewind_sync, seq)
+        try:
+            await self.vol.flush()
+            async with self._io:
+                if self._inflight or self.seq != seq or self._pending or self.failed:
+                    return  # writers came in meanwhile: their entries stay
+                await trio.to_thread.run_sync(self._rewind_sync, seq)
+        except OSError as e:
+            await self._fail(f"retire failed: {e}")
+            return
         self.retires += 1
 
     def _rewind_sync(self, seq: int) -> None:
@@ -235,10 +347,29 @@ class Raid5Log:
         os.fdatasync(self.fd)
         self.retired, self.end = seq, HEADER
 
+    async def _fail(self, why: str) -> None:
+        """The log cannot be trusted to hold the next writes: the volume
+        refuses writes, and the sidecar log stops naming it in use, so that a
+        restart regenerates the dirty stripes' parity instead of replaying it."""
+        if self.failed is not None:
+            return
+        self.failed = why
+        vol = self.vol
+        vol.error = vol.error or f"RAID-5 log {self.path} failed: {why}"
+        log.critical("volume %s: RAID-5 log %s failed: %s; refusing writes (a restart "
+                     "regenerates the parity of the dirty stripes)", vol.name, self.path, why)
+        vol.state.extra.pop(IN_USE, None)
+        try:
+            with trio.CancelScope(shield=True):
+                await vol.checkpoint()
+        except OSError as e:
+            log.critical("volume %s: cannot record that RAID-5 log %s failed: %s",
+                         vol.name, self.path, e)
+
     def status(self) -> dict[str, Any]:
         return {"path": str(self.path), "capacity": CAPACITY, "used_bytes": self.end - HEADER,
                 "in_flight": len(self._inflight), "commits": self.commits,
-                "retires": self.retires, "full_waits": self.waits}
+                "retires": self.retires, "full_waits": self.waits, "failed": self.failed}
 
     def close(self) -> None:
         if self.fd >= 0:

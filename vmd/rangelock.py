@@ -23,24 +23,49 @@ class _Held:
 
 
 class RangeLock:
+    """First come, first served among overlapping ranges: a range waits for
+    the overlapping ones held and those asked for before it, so that a stream
+    of writes to one stripe (RAID-5 locks whole stripes) cannot starve a read
+    or a rebuild of it."""
+
     def __init__(self) -> None:
         self._held: list[_Held] = []
+        self._waiting: list[_Held] = []  # in arrival order
 
     def __len__(self) -> int:
         return len(self._held)
 
-    async def acquire(self, start: int, end: int) -> _Held:
-        while True:
-            for h in self._held:
-                if h.start < end and start < h.end:
-                    if h.released is None:
-                        h.released = trio.Event()
-                    await h.released.wait()
-                    break
-            else:
-                h = _Held(start, end)
-                self._held.append(h)
+    def _blocker(self, start: int, end: int, before: _Held | None) -> _Held | None:
+        for h in self._held:
+            if h.start < end and start < h.end:
                 return h
+        for w in self._waiting:
+            if w is before:
+                break
+            if w.start < end and start < w.end:
+                return w
+        return None
+
+    async def acquire(self, start: int, end: int) -> _Held:
+        me = _Held(start, end)
+        if self._blocker(start, end, None) is None:
+            self._held.append(me)
+            return me
+        self._waiting.append(me)
+        try:
+            while (b := self._blocker(start, end, me)) is not None:
+                if b.released is None:
+                    b.released = trio.Event()
+                await b.released.wait()
+        except BaseException:
+            # Cancelled while waiting: those queued behind it go on.
+            self._waiting.remove(me)
+            if me.released is not None:
+                me.released.set()
+            raise
+        self._waiting.remove(me)
+        self._held.append(me)
+        return me
 
     def release(self, h: _Held) -> None:
         self._held.remove(h)

@@ -180,7 +180,7 @@ class Volume:
             return 0
         await self.gate.enter()
         try:
-            async with self.ranges.hold(off, off + n):
+            async with self.ranges.hold(*self._lock_span(off, n)):
                 if self.before_write is not None:
                     await self.before_write(off, n)
                 regions = await self.drl.begin_write(off, n)
@@ -220,6 +220,11 @@ class Volume:
             self.reads += 1
 
     # -- the layout's part ---------------------------------------------------
+
+    def _lock_span(self, off: int, n: int) -> tuple[int, int]:
+        """The range a write of [off, off+n) locks: what else it reads or
+        rewrites must not change under it (RAID-5: its whole stripes)."""
+        return off, off + n
 
     async def _write(self, off: int, data: bytes | memoryview | Zeros) -> None:
         """Write [off, off+len) to the images, with the range held and the DRL
