@@ -315,3 +315,29 @@ def test_interrupted_verify_stops_and_its_partial_result_says_so(
     assert r["complete"] is False and 0 < r["stopped_at"] < size, r
     assert "verify stopped" in d.stderr()
     assert "(stopped before the end)" in d.cli("status").stdout
+
+
+@pytest.mark.mount
+def test_daemon_stop_ends_a_running_verify_and_tells_its_client(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """The verify is a job of the daemon's verify task group, which `vmd stop`
+    stops before the volumes close: the client is told, the partial result kept."""
+    d = vmd_factory(rate_limit="4MiB").start()
+    size = d.volume_size()
+    pwrite_file(d.volume_file(), [(0, os.urandom(32 * MiB))])
+    job = subprocess.Popen([sys.executable, "-m", "vmd", "-c", str(d.config_path), "verify", "vol0"],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: d.status("vol0").get("verify_running", {}).get("done_bytes"),
+                 what="the verify to make progress")
+        d.stop()
+        _, err = job.communicate(timeout=30)
+        assert job.returncode == 1, err
+        assert re.search(r"the verify of volume vol0 was stopped at offset \d+ of "
+                         rf"{size}: the daemon is stopping", err), err
+    finally:
+        if job.poll() is None:
+            job.kill()
+    d.start()
+    r = d.status("vol0")["verify"]
+    assert r["complete"] is False and 0 < r["stopped_at"] < size, r

@@ -9,6 +9,11 @@ flight is never reported as a mismatch. A chunk that no plex has allocated
 sectors in which some plex differs from the reference. `repair` writes the
 source plex's sectors over the others, still under the lock.
 
+A verify is a `Job` (vmd/tasks.py) of the daemon's verify task group
+(`vmd/verify_verbs.py:Verifies`): the verb waits for it with `group.call`,
+so a client that goes away takes its verify with it, and `vmd stop` stops
+every running verify before the volumes close.
+
 A verify is not resumed after a restart or a stop: it holds nothing that
 must survive (the plexes hold the repairs, the log the last result), and a
 new one starts over from offset 0. The last result is kept in the sidecar
@@ -30,6 +35,7 @@ from .errors import VmdError
 from .plex import Plex, PlexIOError
 from .sidecar import ACTIVE, SNAPDONE, WRITABLE
 from .spread import DeviceSlots, Queued, devices_of
+from .tasks import STOPPING, Job
 
 if TYPE_CHECKING:
     from .volume import Volume
@@ -79,13 +85,15 @@ def mismatched_sectors(ref: bytes | bytearray, others: Sequence[bytes | bytearra
     return out
 
 
-class Verify:
-    """One verify (with `repair`: and repair) of `volume`. `run()` walks it
-    and returns the result that `vmd status` shows as `verify`; `stop()`
-    ends it early (the result then says `complete: false`)."""
+class Verify(Job[dict[str, Any]]):
+    """One verify (with `repair`: and repair) of `volume`, as a job: its result
+    is what `vmd status` shows as `verify`. Stopped early (`stop`, or its
+    caller cancelled), it records a result that says `complete: false`."""
 
     def __init__(self, volume: Volume, *, repair: bool = False, source: str | None = None,
                  slots: DeviceSlots | None = None):
+        super().__init__()
+        self.name = f"verify-{volume.name}"
         self.volume = volume
         self.repair = repair
         self.slots = slots
@@ -114,17 +122,10 @@ class Verify:
         self.range_count = 0
         self.ranges: list[list[int]] = []  # the first MAX_RANGES [offset, length]
         self._last_end = -1  # of the last mismatched range seen
-        self._scope: trio.CancelScope | None = None
-        self._stopped = False
 
     def _holds(self, p: Plex, off: int, n: int) -> bool:
         m = p.record.missing
         return p.state in COMPARED and p.fd >= 0 and not (m is not None and m.any_in(off, n))
-
-    def stop(self) -> None:
-        self._stopped = True
-        if self._scope is not None:
-            self._scope.cancel()
 
     def status(self) -> dict[str, Any]:
         """Progress, in the shape of a resync's (`vmd verify` shows it on a terminal)."""
@@ -139,25 +140,34 @@ class Verify:
         return self.slots.turn(devices_of(p for p in self.volume.plexes if p.state in COMPARED),
                                f"verify of volume {self.volume.name}", self.queue)
 
-    async def run(self) -> dict[str, Any]:
+    def result(self) -> dict[str, Any]:
+        if self.cancelled and not self.complete:
+            raise VmdError(f"the verify of volume {self.volume.name} was stopped at offset "
+                           f"{self.done_bytes} of {self.volume.size}: {STOPPING}")
+        return super().result()
+
+    @property
+    def complete(self) -> bool:
+        return self.done_bytes >= self.volume.size
+
+    async def work(self) -> dict[str, Any]:
         vol = self.volume
         started = time.monotonic()
         error: str | None = None
         try:
-            with trio.CancelScope() as self._scope:
-                async with self._turn():
-                    self.running = True
-                    started = time.monotonic()
-                    log.info("volume %s: verify%s of plexes %s started%s", vol.name,
-                             " and repair" if self.repair else "", ", ".join(self.plex_names),
-                             f" (repair source: {self.source.name})" if self.repair else "")
-                    while self.done_bytes < vol.size:
-                        n = min(CHUNK, vol.size - self.done_bytes)
-                        await self._chunk(self.done_bytes, n)
-                        self.done_bytes += n
-                        await self._throttle(started)
-                    if self.repaired_bytes:
-                        await vol.flush()  # the repairs are durable before they are reported
+            async with self._turn():
+                self.running = True
+                started = time.monotonic()
+                log.info("volume %s: verify%s of plexes %s started%s", vol.name,
+                         " and repair" if self.repair else "", ", ".join(self.plex_names),
+                         f" (repair source: {self.source.name})" if self.repair else "")
+                while self.done_bytes < vol.size:
+                    n = min(CHUNK, vol.size - self.done_bytes)
+                    await self._chunk(self.done_bytes, n)
+                    self.done_bytes += n
+                    await self._throttle(started)
+                if self.repaired_bytes:
+                    await vol.flush()  # the repairs are durable before they are reported
         except VmdError as e:
             error = str(e)
             raise
@@ -170,7 +180,7 @@ class Verify:
 
     def _result(self, seconds: float, error: str | None) -> dict[str, Any]:
         vol = self.volume
-        complete = self.done_bytes >= vol.size and error is None
+        complete = self.complete and error is None
         return {
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "checked_bytes": self.checked_bytes,
             "mismatched_bytes": self.mismatched_bytes, "ranges": self.ranges,
