@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
+from . import events
 from .config import MiB, format_size
 from .errors import VmdError
 from .plex import Plex, PlexIOError
@@ -46,6 +47,8 @@ CHUNK = 1 * MiB  # compared per range-lock hold: short enough not to stall write
 BLOCK = 64 * 1024  # a differing chunk is narrowed down in blocks, then sectors
 SECTOR = 512
 MAX_RANGES = 16  # mismatched ranges kept (reported, logged) per verify
+# The result's fields a `verify-finished` event carries (docs/operations.md#events).
+EVENT_FIELDS = ("checked_bytes", "mismatched_bytes", "repaired_bytes", "ranges", "complete")
 COMPARED = frozenset({ACTIVE, SNAPDONE})  # in-sync states (a snapshot mirror is a copy too)
 
 T = TypeVar("T")
@@ -205,6 +208,7 @@ class Verify(Job[dict[str, Any]]):
                         format_size(self.repaired_bytes), self.source.name)
         else:
             log.info("%s", what)
+        events.emit(events.VERIFY_FINISHED, vol.name, **{k: result[k] for k in EVENT_FIELDS})
         if vol.stopped:
             return  # the log is closed: the result is in the daemon's log only
         vol.state.extra["verify"] = result
