@@ -91,7 +91,14 @@ def mismatched_sectors(ref: bytes | bytearray, others: Sequence[bytes | bytearra
 class Verify(Job[dict[str, Any]]):
     """One verify (with `repair`: and repair) of `volume`, as a job: its result
     is what `vmd status` shows as `verify`. Stopped early (`stop`, or its
-    caller cancelled), it records a result that says `complete: false`."""
+    caller cancelled), it records a result that says `complete: false`.
+
+    This class compares a mirror's plexes; a layout with another check
+    (vmd/raid5_verify.py) overrides `_choose` (what is compared), `_check`
+    (one chunk, under the range lock) and `_layout_result`."""
+
+    chunk = CHUNK  # volume bytes per range-lock hold
+    images = "plexes"  # what `plex_names` names, for the log
 
     def __init__(self, volume: Volume, *, repair: bool = False, source: str | None = None,
                  slots: DeviceSlots | None = None):
@@ -100,6 +107,26 @@ class Verify(Job[dict[str, Any]]):
         self.volume = volume
         self.repair = repair
         self.slots = slots
+        self.source: Plex | None = None  # the repair's source, if there is one
+        self.plex_names = self._choose(source)
+        self.queue = Queued()
+        self.running = False
+        self.done_bytes = 0  # of the volume walked
+        self.checked_bytes = 0  # checked (compared on two plexes or more, or against parity)
+        # Read from each image (holes skipped): what the rate limit counts. Not
+        # summed over the images: they are meant to sit on separate disks, each
+        # read at the limit, as a resync reads its source and writes each target.
+        self.read_bytes = 0
+        self.mismatched_bytes = 0
+        self.repaired_bytes = 0
+        self.range_count = 0
+        self.ranges: list[list[int]] = []  # the first MAX_RANGES [offset, length]
+        self._last_end = -1  # of the last mismatched range seen
+
+    def _choose(self, source: str | None) -> list[str]:
+        """Check that there is something to compare, set the repair's source;
+        the names of the images compared."""
+        volume = self.volume
         in_sync = [p for p in volume.plexes if self._holds(p, 0, volume.size)]
         if len(in_sync) < 2:
             raise VmdError(f"volume {volume.name} has {len(in_sync) or 'no'} in-sync plex"
@@ -114,17 +141,7 @@ class Verify(Job[dict[str, Any]]):
                                f"{self.source.state}"
                                f"{'' if self.source.state != ACTIVE else ' but not in sync'}; "
                                f"the source must be an ACTIVE plex in sync")
-        self.plex_names = [p.name for p in in_sync]
-        self.queue = Queued()
-        self.running = False
-        self.done_bytes = 0  # of the volume walked
-        self.checked_bytes = 0  # compared on two plexes or more
-        self.read_bytes = 0  # of the volume read (holes skipped): what the rate limit counts
-        self.mismatched_bytes = 0
-        self.repaired_bytes = 0
-        self.range_count = 0
-        self.ranges: list[list[int]] = []  # the first MAX_RANGES [offset, length]
-        self._last_end = -1  # of the last mismatched range seen
+        return [p.name for p in in_sync]
 
     def _holds(self, p: Plex, off: int, n: int) -> bool:
         m = p.record.missing
@@ -161,11 +178,12 @@ class Verify(Job[dict[str, Any]]):
             async with self._turn():
                 self.running = True
                 started = time.monotonic()
-                log.info("volume %s: verify%s of plexes %s started%s", vol.name,
-                         " and repair" if self.repair else "", ", ".join(self.plex_names),
-                         f" (repair source: {self.source.name})" if self.repair else "")
+                log.info("volume %s: verify%s of %s %s started%s", vol.name,
+                         " and repair" if self.repair else "", self.images,
+                         ", ".join(self.plex_names),
+                         f" (repair {self._repaired_from()})" if self.repair else "")
                 while self.done_bytes < vol.size:
-                    n = min(CHUNK, vol.size - self.done_bytes)
+                    n = min(self.chunk, vol.size - self.done_bytes)
                     await self._chunk(self.done_bytes, n)
                     self.done_bytes += n
                     await self._throttle(started)
@@ -188,11 +206,20 @@ class Verify(Job[dict[str, Any]]):
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "checked_bytes": self.checked_bytes,
             "mismatched_bytes": self.mismatched_bytes, "ranges": self.ranges,
             "range_count": self.range_count, "repaired_bytes": self.repaired_bytes,
-            "repair": self.repair, "source": self.source.name, "plexes": self.plex_names,
-            "seconds": round(seconds, 3), "complete": complete,
+            "repair": self.repair, "plexes": self.plex_names,
+            "seconds": round(seconds, 3), "complete": complete, **self._layout_result(),
             **({"error": error} if error else {}),
             **({} if complete or error else {"stopped_at": self.done_bytes}),
         }
+
+    def _layout_result(self) -> dict[str, Any]:
+        assert self.source is not None
+        return {"source": self.source.name}
+
+    def _repaired_from(self) -> str:
+        """Where a repair's bytes come from, for the daemon's log."""
+        assert self.source is not None
+        return f"from plex {self.source.name}"
 
     async def _record(self, result: dict[str, Any]) -> None:
         """The result into the log (kept across restarts) and the daemon's log."""
@@ -203,9 +230,9 @@ class Verify(Job[dict[str, Any]]):
                 f"{format_size(self.mismatched_bytes)} mismatched")
         if self.mismatched_bytes:
             first = ", ".join(f"{off}+{n}" for off, n in self.ranges[:4])
-            log.warning("%s in %d range%s (first: %s), %s repaired from plex %s", what,
+            log.warning("%s in %d range%s (first: %s), %s repaired %s", what,
                         self.range_count, "" if self.range_count == 1 else "s", first,
-                        format_size(self.repaired_bytes), self.source.name)
+                        format_size(self.repaired_bytes), self._repaired_from())
         else:
             log.info("%s", what)
         events.emit(events.VERIFY_FINISHED, vol.name, **{k: result[k] for k in EVENT_FIELDS})
@@ -234,21 +261,27 @@ class Verify(Job[dict[str, Any]]):
                 raise VmdError(f"volume {vol.name} was stopped during the verify "
                                f"(at offset {off} of {vol.size})")
             async with vol.ranges.hold(off, off + n):
-                while True:
-                    plexes = [p for p in vol.plexes if self._holds(p, off, n)]
-                    if self.repair and self.source not in plexes:
-                        raise VmdError(f"plex {self.source.name}, the repair's source, is no "
-                                       f"longer in sync ({self.source.state}) at offset {off}: "
-                                       f"repair stopped")
-                    if len(plexes) < 2:
-                        return  # recovering here, or a plex failed: nothing to compare
-                    try:
-                        await self._compare(plexes, off, n)
-                        return
-                    except PlexIOError as e:
-                        await vol.fail_plex(e.plex, e, off, n)  # and compare the rest again
+                await self._check(off, n)
         finally:
             vol.gate.exit()
+
+    async def _check(self, off: int, n: int) -> None:
+        """Check (and repair) [off, off+n) of the volume, its range held."""
+        vol = self.volume
+        assert self.source is not None
+        while True:
+            plexes = [p for p in vol.plexes if self._holds(p, off, n)]
+            if self.repair and self.source not in plexes:
+                raise VmdError(f"plex {self.source.name}, the repair's source, is no "
+                               f"longer in sync ({self.source.state}) at offset {off}: "
+                               f"repair stopped")
+            if len(plexes) < 2:
+                return  # recovering here, or a plex failed: nothing to compare
+            try:
+                await self._compare(plexes, off, n)
+                return
+            except PlexIOError as e:
+                await vol.fail_plex(e.plex, e, off, n)  # and compare the rest again
 
     async def _compare(self, plexes: list[Plex], off: int, n: int) -> None:
         allocated = await _each(plexes, lambda p: p.allocated(off, n))
@@ -269,9 +302,10 @@ class Verify(Job[dict[str, Any]]):
         if self.repair:
             await self._repair([p for i, p in enumerate(plexes) if i != ref_at], ref, off, bad)
 
-    def _note(self, start: int, length: int) -> None:
+    def _note(self, start: int, length: int, *, joins: bool = True) -> None:
+        """Count a mismatched range; one that `joins` the last continues it."""
         self.mismatched_bytes += length
-        if start == self._last_end:  # a run that goes on across chunks
+        if joins and start == self._last_end:  # a run that goes on across chunks
             last = self.ranges[-1] if self.ranges else None
             if last is not None and last[0] + last[1] == start:
                 last[1] += length

@@ -11,6 +11,8 @@ import trio
 from .commands import PROGRESS_SECONDS, CommandTable, req_str
 from .errors import VmdError
 from .manager import VolumeManager
+from .raid5 import Raid5Volume
+from .raid5_verify import Raid5Verify
 from .tasks import TaskGroup
 from .verify import Verify
 
@@ -52,7 +54,9 @@ def register(table: CommandTable, m: VolumeManager) -> Verifies:
             raise VmdError(f"a verify of volume {vol.name} is already running (`vmd status "
                            f"{vol.name}` shows its progress)")
         group.refuse_if_stopping()
-        job = Verify(vol, repair=bool(req.get("repair")), source=source, slots=m.slots)
+        # A RAID-5 volume's columns are no copies of each other: its parity is checked.
+        kind = Raid5Verify if isinstance(vol, Raid5Volume) else Verify
+        job = kind(vol, repair=bool(req.get("repair")), source=source, slots=m.slots)
         running[vol.name] = job
         reply: dict[str, Any] | None = None
         error: Exception | None = None
