@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,31 @@ def _resync_states(d: VmdDaemon, names: list[str]) -> dict[str, str]:
     return out
 
 
+class OnTerminal:
+    """A `vmd` command with its stderr on a pseudo-terminal (progress is shown
+    only there), read by a thread."""
+
+    def __init__(self, d: VmdDaemon, *args: str):
+        master, slave = os.openpty()
+        self.proc = subprocess.Popen([sys.executable, "-m", "vmd", "-c", str(d.config_path), *args],
+                                     cwd=REPO, stdout=subprocess.PIPE, stderr=slave, text=True)
+        os.close(slave)
+        self.said = ""
+
+        def read() -> None:
+            while True:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the command closed the terminal
+                    break
+                if not chunk:
+                    break
+                self.said += chunk.decode(errors="replace")
+            os.close(master)
+
+        threading.Thread(target=read, daemon=True).start()
+
+
 def _job_log(d: VmdDaemon) -> list[tuple[str, ...]]:
     """(volume, resync|verify, started|finished) of the daemon's log lines, in order."""
     return [m.group(1, 2, 3) for m in re.finditer(
@@ -204,6 +230,12 @@ def test_resyncs_on_one_disk_run_one_at_a_time_in_order(
     assert "resync: queued behind resync of volume v0 (resync.per_device)" in text, text
     queued = d.status("v2")["resync"]
     assert queued["queued"] and queued["queued_behind"] == ["resync of volume v0"], queued
+    # `vmd wait` on a terminal says what its resync waits for (it showed "0B / 0B").
+    waiting = OnTerminal(d, "wait", "v2")
+    wait_for(lambda: "queued behind" in waiting.said or "/" in waiting.said,
+             what="vmd wait v2 to show its progress")
+    assert "v2 resync: queued behind resync of volume v0 (resync.per_device)" in waiting.said, \
+        waiting.said
     # A verify waits its turn on the disk too.
     job = subprocess.Popen([sys.executable, "-m", "vmd", "-c", str(d.config_path), "verify", "v0"],
                            cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -218,9 +250,12 @@ def test_resyncs_on_one_disk_run_one_at_a_time_in_order(
 
         wait_for(finished, timeout=120, what="every resync to finish")
         assert job.wait(timeout=60) == 0
+        assert waiting.proc.wait(timeout=60) == 0
+        assert "v2: in sync" in waiting.proc.stdout.read()  # type: ignore[union-attr]
     finally:
-        if job.poll() is None:
-            job.kill()
+        for p in (job, waiting.proc):
+            if p.poll() is None:
+                p.kill()
     assert "no mismatches" in job.stdout.read()  # type: ignore[union-attr]
     # The daemon's log: each job started after the one before it finished, in order.
     assert _job_log(d) == [("v0", "resync", "started"), ("v0", "resync", "finished"),

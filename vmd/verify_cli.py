@@ -34,19 +34,8 @@ def run_verify_command(args: argparse.Namespace, client: Any,
     req: dict[str, Any] = {"cmd": "verify", "volume": args.volume, "repair": args.repair}
     if args.source is not None:
         req["from"] = args.source
-    show = progress(f"{args.volume} verify")
-    tty = sys.stderr.isatty()
-
-    def shown(p: dict[str, Any]) -> None:
-        if tty and p.get("queued"):
-            sys.stderr.write(f"\r{args.volume} verify: queued behind "
-                             f"{', '.join(p['queued_behind'])}  ")
-            sys.stderr.flush()
-        else:
-            show(p)
-
-    r = client.request(req, shown)["verify"]
-    if tty:
+    r = client.request(req, progress(f"{args.volume} verify"))["verify"]
+    if sys.stderr.isatty():
         sys.stderr.write("\n")
     print(describe(args.volume, r))
     return EXIT_ERROR if r["mismatched_bytes"] > r["repaired_bytes"] else EXIT_OK
