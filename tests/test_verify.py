@@ -376,3 +376,23 @@ def test_daemon_stop_ends_a_running_verify_and_tells_its_client(
     d.start()
     r = d.status("vol0")["verify"]
     assert r["complete"] is False and 0 < r["stopped_at"] < size, r
+
+
+@pytest.mark.mount
+def test_repair_of_a_remote_copy_target_is_refused(vmd_factory: Callable[..., VmdDaemon],
+                                                   tmp_path: Path) -> None:
+    from test_rcopy import make_pair, sync
+
+    a, b = make_pair(vmd_factory, tmp_path)
+    pwrite_file(a.volume_file(), [(0, os.urandom(2 * MiB))])
+    sync(a)
+    p = b.cli("verify", "vol0", "--repair", check=False)
+    assert p.returncode == 1, p.stderr
+    assert ("volume vol0 is the remote copy target of volume vol0: its bytes belong to its "
+            "source, and --repair would write bytes that no update sent") in p.stderr, p.stderr
+    assert "verify" not in b.status("vol0"), "a refused repair ran"
+    rc, out, r = verify(b)  # checking it is fine
+    assert rc == 0 and r["mismatched_bytes"] == 0, out
+    b.cli("rcopy", "promote", "vol0")  # its bytes are its own now
+    rc, out, r = verify(b, "--repair")
+    assert rc == 0 and r["repair"], out

@@ -8,6 +8,7 @@ from typing import Any
 
 import trio
 
+from . import rcopy_recv
 from .commands import PROGRESS_SECONDS, CommandTable, req_str
 from .errors import VmdError
 from .manager import VolumeManager
@@ -54,6 +55,17 @@ def register(table: CommandTable, m: VolumeManager) -> Verifies:
             raise VmdError(f"a verify of volume {vol.name} is already running (`vmd status "
                            f"{vol.name}` shows its progress)")
         group.refuse_if_stopping()
+        target = rcopy_recv.target_info(vol)
+        if req.get("repair") and target is not None and not target.get("promoted"):
+            # Its bytes are its source's (as of the last update): a repair would
+            # make it hold bytes the source never sent.
+            raise VmdError(
+                f"volume {vol.name} is the remote copy target of volume "
+                f"{target.get('source')}: its bytes belong to its source, and --repair would "
+                f"write bytes that no update sent. `vmd verify {vol.name}` without --repair "
+                f"checks it; if its plexes differ, replace the wrong one (`vmd plex remove "
+                f"{vol.name} P`, then `vmd plex add {vol.name} PATH` copies it whole from the "
+                f"others), or repair the source on its host (the next update sends the repair)")
         # A RAID-5 volume's columns are no copies of each other: its parity is checked.
         kind = Raid5Verify if isinstance(vol, Raid5Volume) else Verify
         job = kind(vol, repair=bool(req.get("repair")), source=source, slots=m.slots)
