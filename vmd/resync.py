@@ -10,10 +10,19 @@ SEEK_HOLE): its holes are punched on the targets, under the same lock and with
 the same `copied` records, or skipped on a target vmd just created sparse.
 Progress is made durable in batches (`copied` records after an fdatasync of
 the targets), so an interrupted resync resumes where it stopped.
+
+Writeback of the targets is started every WRITEBACK_BYTES copied
+(`sync_file_range(SYNC_FILE_RANGE_WRITE)`: start, do not wait), so the
+commit's fdatasync finds little left to write. Without it the copy stood
+still while each commit wrote up to 256 MiB (about 12 % of a lone 1 GiB
+resync here); concurrent resyncs hid that by overlapping each other's
+flushes, so one resync at a time per disk finished later than all at once.
+This is a hint only: durability and errors still come from the fdatasync.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import time
@@ -42,6 +51,41 @@ RETRY_SECONDS = 10
 UNFINISHED = frozenset({SYNCING, SNAPATT})  # states a finished copy leaves
 # Copy every byte, holes included, as before hole-skipping (benchmarks compare).
 DENSE_ENV = "VMD_RESYNC_DENSE"
+WRITEBACK_BYTES = 16 * MiB  # copied between two starts of the targets' writeback
+SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>; Python's os has no sync_file_range
+
+
+def _libc_sync_file_range() -> Any:
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_sync_file_range = _libc_sync_file_range()
+
+
+async def start_writeback(plexes: list[Plex]) -> None:
+    """Start writing the plexes' dirty pages back, whole files, without
+    waiting for it (a hint: errors are the next fdatasync's to report)."""
+    if _sync_file_range is None:
+        return
+    fds = []
+    for p in plexes:
+        try:
+            if p.fd >= 0:  # a duplicate: a plex failed meanwhile may close its fd
+                fds.append(os.dup(p.fd))
+        except OSError:
+            pass  # out of fds: no hint this time
+
+    def start() -> None:
+        for fd in fds:
+            try:
+                _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+            finally:
+                os.close(fd)
+
+    await trio.to_thread.run_sync(start)
 
 
 class Mirror(Protocol):
@@ -205,6 +249,7 @@ class Resync:
                     total_bytes=self.total_bytes)
         pending: dict[str, list[list[int]]] = {}
         pending_bytes = 0
+        unflushed = 0  # copied since writeback was last started
         last_commit = time.monotonic()
         try:
             for first, count, off, length in self._read_ahead(iter(runs)):
@@ -216,6 +261,10 @@ class Resync:
                 for name in copied_to:
                     pending.setdefault(name, []).append([first, count])
                 pending_bytes += length
+                unflushed += copied
+                if unflushed >= WRITEBACK_BYTES:
+                    await start_writeback([p for p in vol.plexes if p.name in pending])
+                    unflushed = 0
                 self.done_bytes += copied
                 # Writes during the copy allocate more than was counted.
                 self.total_bytes = max(self.total_bytes, self.done_bytes)
@@ -223,6 +272,7 @@ class Resync:
                 if pending_bytes >= COMMIT_BYTES or time.monotonic() - last_commit > COMMIT_SECONDS:
                     await self._commit(pending)
                     pending, pending_bytes, last_commit = {}, 0, time.monotonic()
+                    unflushed = 0
             await self._commit(pending)
         finally:
             self.last_seconds = time.monotonic() - started
