@@ -393,3 +393,27 @@ def test_stop_is_not_held_by_a_hanging_hook(vmd_factory: Callable[..., VmdDaemon
     assert took < 30, f"vmd stop took {took:.1f} s with a hanging notify hook"
     assert started.read_text() == "\n", "a second run began after the stop's grace period"
     assert "2 event(s) left undelivered" in vmd.stderr(), vmd.stderr()
+
+
+@pytest.mark.mount
+@pytest.mark.allow_log(r"verify.* mismatched in \d+ range")
+def test_verify_finished(vmd_factory: Callable[..., VmdDaemon],
+                         streams: list[EventStream]) -> None:
+    vmd = vmd_factory().start()
+    vmd.stop()
+    with open(vmd.plex_paths()[1], "r+b") as f:  # one sector p0 does not have
+        f.seek(4096)
+        f.write(b"\xff" * 512)
+    vmd.start()
+    es = EventStream(vmd, "--new")
+    streams.append(es)
+    assert es.following.wait(30)
+    vmd.cli("verify", "vol0", check=False)
+    found = es.wait(events.VERIFY_FINISHED)["details"]
+    assert found == {"checked_bytes": SIZE, "mismatched_bytes": 512, "repaired_bytes": 0,
+                     "ranges": [[4096, 512]], "complete": True}, found
+    result = vmd.status("vol0")["verify"]  # the event has the result's names
+    assert all(result[k] == v for k, v in found.items()), (found, result)
+    vmd.cli("verify", "vol0", "--repair")
+    assert es.wait(events.VERIFY_FINISHED, repaired_bytes=512)["details"]["mismatched_bytes"] == 512
+    vmd.stop()

@@ -19,6 +19,8 @@ from vmd.rcopy_tasks import Receive, Sender, Update
 from vmd.rcopy_verbs import Engine
 from vmd.resync import Resync
 from vmd.tasks import Job, Stoppable, Task, TaskGroup
+from vmd.verify import Verify
+from vmd.verify_verbs import Verifies
 
 
 class Worker(Task):
@@ -61,8 +63,11 @@ class Answer(Job[int]):
 
 def test_daemon_tasks_have_the_shape() -> None:
     for cls in (Task, TaskGroup, Engine, Sender, Update, Receive, VolumeWork, FuseSession, Resync,
-                Notifier):
+                Notifier, Verify, Verifies):
         assert issubclass(cls, Stoppable), f"{cls.__name__} lacks run(task_status)/stop()"
+    # The verbs' on-demand work runs in its feature's group, as a job.
+    assert issubclass(Verify, Job) and issubclass(Verifies, TaskGroup)
+    assert issubclass(Update, Job) and issubclass(Receive, Job) and issubclass(Engine, TaskGroup)
 
 
 async def test_start_returns_once_running_and_stop_once_ended() -> None:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,31 @@ def _resync_states(d: VmdDaemon, names: list[str]) -> dict[str, str]:
     return out
 
 
+class OnTerminal:
+    """A `vmd` command with its stderr on a pseudo-terminal (progress is shown
+    only there), read by a thread."""
+
+    def __init__(self, d: VmdDaemon, *args: str):
+        master, slave = os.openpty()
+        self.proc = subprocess.Popen([sys.executable, "-m", "vmd", "-c", str(d.config_path), *args],
+                                     cwd=REPO, stdout=subprocess.PIPE, stderr=slave, text=True)
+        os.close(slave)
+        self.said = ""
+
+        def read() -> None:
+            while True:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the command closed the terminal
+                    break
+                if not chunk:
+                    break
+                self.said += chunk.decode(errors="replace")
+            os.close(master)
+
+        threading.Thread(target=read, daemon=True).start()
+
+
 def _job_log(d: VmdDaemon) -> list[tuple[str, ...]]:
     """(volume, resync|verify, started|finished) of the daemon's log lines, in order."""
     return [m.group(1, 2, 3) for m in re.finditer(
@@ -204,6 +230,12 @@ def test_resyncs_on_one_disk_run_one_at_a_time_in_order(
     assert "resync: queued behind resync of volume v0 (resync.per_device)" in text, text
     queued = d.status("v2")["resync"]
     assert queued["queued"] and queued["queued_behind"] == ["resync of volume v0"], queued
+    # `vmd wait` on a terminal says what its resync waits for (it showed "0B / 0B").
+    waiting = OnTerminal(d, "wait", "v2")
+    wait_for(lambda: "queued behind" in waiting.said or "/" in waiting.said,
+             what="vmd wait v2 to show its progress")
+    assert "v2 resync: queued behind resync of volume v0 (resync.per_device)" in waiting.said, \
+        waiting.said
     # A verify waits its turn on the disk too.
     job = subprocess.Popen([sys.executable, "-m", "vmd", "-c", str(d.config_path), "verify", "v0"],
                            cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -218,9 +250,12 @@ def test_resyncs_on_one_disk_run_one_at_a_time_in_order(
 
         wait_for(finished, timeout=120, what="every resync to finish")
         assert job.wait(timeout=60) == 0
+        assert waiting.proc.wait(timeout=60) == 0
+        assert "v2: in sync" in waiting.proc.stdout.read()  # type: ignore[union-attr]
     finally:
-        if job.poll() is None:
-            job.kill()
+        for p in (job, waiting.proc):
+            if p.poll() is None:
+                p.kill()
     assert "no mismatches" in job.stdout.read()  # type: ignore[union-attr]
     # The daemon's log: each job started after the one before it finished, in order.
     assert _job_log(d) == [("v0", "resync", "started"), ("v0", "resync", "finished"),
@@ -315,3 +350,49 @@ def test_interrupted_verify_stops_and_its_partial_result_says_so(
     assert r["complete"] is False and 0 < r["stopped_at"] < size, r
     assert "verify stopped" in d.stderr()
     assert "(stopped before the end)" in d.cli("status").stdout
+
+
+@pytest.mark.mount
+def test_daemon_stop_ends_a_running_verify_and_tells_its_client(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """The verify is a job of the daemon's verify task group, which `vmd stop`
+    stops before the volumes close: the client is told, the partial result kept."""
+    d = vmd_factory(rate_limit="4MiB").start()
+    size = d.volume_size()
+    pwrite_file(d.volume_file(), [(0, os.urandom(32 * MiB))])
+    job = subprocess.Popen([sys.executable, "-m", "vmd", "-c", str(d.config_path), "verify", "vol0"],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: d.status("vol0").get("verify_running", {}).get("done_bytes"),
+                 what="the verify to make progress")
+        d.stop()
+        _, err = job.communicate(timeout=30)
+        assert job.returncode == 1, err
+        assert re.search(r"the verify of volume vol0 was stopped at offset \d+ of "
+                         rf"{size}: the daemon is stopping", err), err
+    finally:
+        if job.poll() is None:
+            job.kill()
+    d.start()
+    r = d.status("vol0")["verify"]
+    assert r["complete"] is False and 0 < r["stopped_at"] < size, r
+
+
+@pytest.mark.mount
+def test_repair_of_a_remote_copy_target_is_refused(vmd_factory: Callable[..., VmdDaemon],
+                                                   tmp_path: Path) -> None:
+    from test_rcopy import make_pair, sync
+
+    a, b = make_pair(vmd_factory, tmp_path)
+    pwrite_file(a.volume_file(), [(0, os.urandom(2 * MiB))])
+    sync(a)
+    p = b.cli("verify", "vol0", "--repair", check=False)
+    assert p.returncode == 1, p.stderr
+    assert ("volume vol0 is the remote copy target of volume vol0: its bytes belong to its "
+            "source, and --repair would write bytes that no update sent") in p.stderr, p.stderr
+    assert "verify" not in b.status("vol0"), "a refused repair ran"
+    rc, out, r = verify(b)  # checking it is fine
+    assert rc == 0 and r["mismatched_bytes"] == 0, out
+    b.cli("rcopy", "promote", "vol0")  # its bytes are its own now
+    rc, out, r = verify(b, "--repair")
+    assert rc == 0 and r["repair"], out

@@ -145,16 +145,27 @@ class _SyslogFormatter(logging.Formatter):
         return super().format(record)
 
 
+def progress_line(label: str, p: dict[str, Any]) -> str:
+    """One progress line of a resync or verify (a queued one has no sizes yet)."""
+    if p.get("queued"):
+        return f"{label}: queued behind {', '.join(p['queued_behind'])} (resync.per_device)"
+    total = p.get("total_bytes") or 0
+    done = p.get("done_bytes") or 0
+    pct = 100.0 * done / total if total else 0.0
+    return f"{label}: {format_size(done)} / {format_size(total)} ({pct:5.1f}%)"
+
+
 def _progress_printer(label: str) -> Any:
     tty = sys.stderr.isatty()
+    shown = 0  # the last line's length: a shorter one blanks the rest
 
     def show(p: dict[str, Any]) -> None:
+        nonlocal shown
         if not tty:
             return
-        total = p.get("total_bytes") or 0
-        done = p.get("done_bytes") or 0
-        pct = 100.0 * done / total if total else 0.0
-        sys.stderr.write(f"\r{label}: {format_size(done)} / {format_size(total)} ({pct:5.1f}%)  ")
+        line = progress_line(label, p)
+        sys.stderr.write(f"\r{line.ljust(shown)}  ")
+        shown = len(line)
         sys.stderr.flush()
 
     return show
@@ -168,7 +179,7 @@ def _print_status(reply: dict[str, Any]) -> None:
               f"fastresync {'on' if v['fastresync'] else 'off'}  drl {'on' if v['drl'] else 'off'}"
               f"{'  open' if v.get('open') else ''}")
         if rs.get("queued"):
-            print(f"  resync: queued behind {', '.join(rs['queued_behind'])} (resync.per_device)")
+            print(progress_line("  resync", rs))
         elif rs["running"]:
             pct = 100.0 * rs["done_bytes"] / rs["total_bytes"] if rs["total_bytes"] else 100.0
             print(f"  resync: {format_size(rs['done_bytes'])} / {format_size(rs['total_bytes'])} "

@@ -103,7 +103,7 @@ class Daemon:
         resize_verbs.register(self.commands, self.manager)
         self.rcopy = rcopy_verbs.register(self.commands, self.manager)
         events.register(self.commands)
-        verify_verbs.register(self.commands, self.manager)
+        self.verifies = verify_verbs.register(self.commands, self.manager)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -145,8 +145,9 @@ class Daemon:
             # The stop stack: each long-lived job's stop, unwound newest first at a
             # requested stop (a failed task instead cancels the nursery and leaves
             # the volumes to crash recovery). Pushed here in the reverse of the
-            # order they must stop in: Remote Copy first (no remote copy I/O past
-            # it; a receiver cut off rolls back through the volume and tells FUSE),
+            # order they must stop in: the verifies, Remote Copy (no remote copy
+            # I/O past it; a receiver cut off rolls back through the volume and
+            # tells FUSE),
             # then FUSE (the kernel's cached writes still reach the volumes), then
             # the volumes (drained, flushed, recorded clean).
             stops = AsyncExitStack()
@@ -159,6 +160,8 @@ class Daemon:
             await self.manager.start(nursery)
             await nursery.start(self.rcopy.run, name="rcopy")  # roll back unfinished updates; start links
             stops.push_async_callback(self.rcopy.stop)
+            await nursery.start(self.verifies.run, name="verify")
+            stops.push_async_callback(self.verifies.stop)  # no verify reads a closing volume
             self.fs = VolumeFS(self.manager)
             self.manager.on_added = self.fs.add_volume
             self.manager.on_removed = self.fs.remove_volume

@@ -9,6 +9,11 @@ flight is never reported as a mismatch. A chunk that no plex has allocated
 sectors in which some plex differs from the reference. `repair` writes the
 source plex's sectors over the others, still under the lock.
 
+A verify is a `Job` (vmd/tasks.py) of the daemon's verify task group
+(`vmd/verify_verbs.py:Verifies`): the verb waits for it with `group.call`,
+so a client that goes away takes its verify with it, and `vmd stop` stops
+every running verify before the volumes close.
+
 A verify is not resumed after a restart or a stop: it holds nothing that
 must survive (the plexes hold the repairs, the log the last result), and a
 new one starts over from offset 0. The last result is kept in the sidecar
@@ -25,11 +30,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
+from . import events
 from .config import MiB, format_size
 from .errors import VmdError
 from .plex import Plex, PlexIOError
 from .sidecar import ACTIVE, SNAPDONE, WRITABLE
 from .spread import DeviceSlots, Queued, devices_of
+from .tasks import STOPPING, Job
 
 if TYPE_CHECKING:
     from .volume import Volume
@@ -40,6 +47,8 @@ CHUNK = 1 * MiB  # compared per range-lock hold: short enough not to stall write
 BLOCK = 64 * 1024  # a differing chunk is narrowed down in blocks, then sectors
 SECTOR = 512
 MAX_RANGES = 16  # mismatched ranges kept (reported, logged) per verify
+# The result's fields a `verify-finished` event carries (docs/operations.md#events).
+EVENT_FIELDS = ("checked_bytes", "mismatched_bytes", "repaired_bytes", "ranges", "complete")
 COMPARED = frozenset({ACTIVE, SNAPDONE})  # in-sync states (a snapshot mirror is a copy too)
 
 T = TypeVar("T")
@@ -79,16 +88,45 @@ def mismatched_sectors(ref: bytes | bytearray, others: Sequence[bytes | bytearra
     return out
 
 
-class Verify:
-    """One verify (with `repair`: and repair) of `volume`. `run()` walks it
-    and returns the result that `vmd status` shows as `verify`; `stop()`
-    ends it early (the result then says `complete: false`)."""
+class Verify(Job[dict[str, Any]]):
+    """One verify (with `repair`: and repair) of `volume`, as a job: its result
+    is what `vmd status` shows as `verify`. Stopped early (`stop`, or its
+    caller cancelled), it records a result that says `complete: false`.
+
+    This class compares a mirror's plexes; a layout with another check
+    (vmd/raid5_verify.py) overrides `_choose` (what is compared), `_check`
+    (one chunk, under the range lock) and `_layout_result`."""
+
+    chunk = CHUNK  # volume bytes per range-lock hold
+    images = "plexes"  # what `plex_names` names, for the log
 
     def __init__(self, volume: Volume, *, repair: bool = False, source: str | None = None,
                  slots: DeviceSlots | None = None):
+        super().__init__()
+        self.name = f"verify-{volume.name}"
         self.volume = volume
         self.repair = repair
         self.slots = slots
+        self.source: Plex | None = None  # the repair's source, if there is one
+        self.plex_names = self._choose(source)
+        self.queue = Queued()
+        self.running = False
+        self.done_bytes = 0  # of the volume walked
+        self.checked_bytes = 0  # checked (compared on two plexes or more, or against parity)
+        # Read from each image (holes skipped): what the rate limit counts. Not
+        # summed over the images: they are meant to sit on separate disks, each
+        # read at the limit, as a resync reads its source and writes each target.
+        self.read_bytes = 0
+        self.mismatched_bytes = 0
+        self.repaired_bytes = 0
+        self.range_count = 0
+        self.ranges: list[list[int]] = []  # the first MAX_RANGES [offset, length]
+        self._last_end = -1  # of the last mismatched range seen
+
+    def _choose(self, source: str | None) -> list[str]:
+        """Check that there is something to compare, set the repair's source;
+        the names of the images compared."""
+        volume = self.volume
         in_sync = [p for p in volume.plexes if self._holds(p, 0, volume.size)]
         if len(in_sync) < 2:
             raise VmdError(f"volume {volume.name} has {len(in_sync) or 'no'} in-sync plex"
@@ -103,28 +141,11 @@ class Verify:
                                f"{self.source.state}"
                                f"{'' if self.source.state != ACTIVE else ' but not in sync'}; "
                                f"the source must be an ACTIVE plex in sync")
-        self.plex_names = [p.name for p in in_sync]
-        self.queue = Queued()
-        self.running = False
-        self.done_bytes = 0  # of the volume walked
-        self.checked_bytes = 0  # compared on two plexes or more
-        self.read_bytes = 0  # of the volume read (holes skipped): what the rate limit counts
-        self.mismatched_bytes = 0
-        self.repaired_bytes = 0
-        self.range_count = 0
-        self.ranges: list[list[int]] = []  # the first MAX_RANGES [offset, length]
-        self._last_end = -1  # of the last mismatched range seen
-        self._scope: trio.CancelScope | None = None
-        self._stopped = False
+        return [p.name for p in in_sync]
 
     def _holds(self, p: Plex, off: int, n: int) -> bool:
         m = p.record.missing
         return p.state in COMPARED and p.fd >= 0 and not (m is not None and m.any_in(off, n))
-
-    def stop(self) -> None:
-        self._stopped = True
-        if self._scope is not None:
-            self._scope.cancel()
 
     def status(self) -> dict[str, Any]:
         """Progress, in the shape of a resync's (`vmd verify` shows it on a terminal)."""
@@ -139,25 +160,35 @@ class Verify:
         return self.slots.turn(devices_of(p for p in self.volume.plexes if p.state in COMPARED),
                                f"verify of volume {self.volume.name}", self.queue)
 
-    async def run(self) -> dict[str, Any]:
+    def result(self) -> dict[str, Any]:
+        if self.cancelled and not self.complete:
+            raise VmdError(f"the verify of volume {self.volume.name} was stopped at offset "
+                           f"{self.done_bytes} of {self.volume.size}: {STOPPING}")
+        return super().result()
+
+    @property
+    def complete(self) -> bool:
+        return self.done_bytes >= self.volume.size
+
+    async def work(self) -> dict[str, Any]:
         vol = self.volume
         started = time.monotonic()
         error: str | None = None
         try:
-            with trio.CancelScope() as self._scope:
-                async with self._turn():
-                    self.running = True
-                    started = time.monotonic()
-                    log.info("volume %s: verify%s of plexes %s started%s", vol.name,
-                             " and repair" if self.repair else "", ", ".join(self.plex_names),
-                             f" (repair source: {self.source.name})" if self.repair else "")
-                    while self.done_bytes < vol.size:
-                        n = min(CHUNK, vol.size - self.done_bytes)
-                        await self._chunk(self.done_bytes, n)
-                        self.done_bytes += n
-                        await self._throttle(started)
-                    if self.repaired_bytes:
-                        await vol.flush()  # the repairs are durable before they are reported
+            async with self._turn():
+                self.running = True
+                started = time.monotonic()
+                log.info("volume %s: verify%s of %s %s started%s", vol.name,
+                         " and repair" if self.repair else "", self.images,
+                         ", ".join(self.plex_names),
+                         f" (repair {self._repaired_from()})" if self.repair else "")
+                while self.done_bytes < vol.size:
+                    n = min(self.chunk, vol.size - self.done_bytes)
+                    await self._chunk(self.done_bytes, n)
+                    self.done_bytes += n
+                    await self._throttle(started)
+                if self.repaired_bytes:
+                    await vol.flush()  # the repairs are durable before they are reported
         except VmdError as e:
             error = str(e)
             raise
@@ -170,16 +201,25 @@ class Verify:
 
     def _result(self, seconds: float, error: str | None) -> dict[str, Any]:
         vol = self.volume
-        complete = self.done_bytes >= vol.size and error is None
+        complete = self.complete and error is None
         return {
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "checked_bytes": self.checked_bytes,
             "mismatched_bytes": self.mismatched_bytes, "ranges": self.ranges,
             "range_count": self.range_count, "repaired_bytes": self.repaired_bytes,
-            "repair": self.repair, "source": self.source.name, "plexes": self.plex_names,
-            "seconds": round(seconds, 3), "complete": complete,
+            "repair": self.repair, "plexes": self.plex_names,
+            "seconds": round(seconds, 3), "complete": complete, **self._layout_result(),
             **({"error": error} if error else {}),
             **({} if complete or error else {"stopped_at": self.done_bytes}),
         }
+
+    def _layout_result(self) -> dict[str, Any]:
+        assert self.source is not None
+        return {"source": self.source.name}
+
+    def _repaired_from(self) -> str:
+        """Where a repair's bytes come from, for the daemon's log."""
+        assert self.source is not None
+        return f"from plex {self.source.name}"
 
     async def _record(self, result: dict[str, Any]) -> None:
         """The result into the log (kept across restarts) and the daemon's log."""
@@ -190,11 +230,12 @@ class Verify:
                 f"{format_size(self.mismatched_bytes)} mismatched")
         if self.mismatched_bytes:
             first = ", ".join(f"{off}+{n}" for off, n in self.ranges[:4])
-            log.warning("%s in %d range%s (first: %s), %s repaired from plex %s", what,
+            log.warning("%s in %d range%s (first: %s), %s repaired %s", what,
                         self.range_count, "" if self.range_count == 1 else "s", first,
-                        format_size(self.repaired_bytes), self.source.name)
+                        format_size(self.repaired_bytes), self._repaired_from())
         else:
             log.info("%s", what)
+        events.emit(events.VERIFY_FINISHED, vol.name, **{k: result[k] for k in EVENT_FIELDS})
         if vol.stopped:
             return  # the log is closed: the result is in the daemon's log only
         vol.state.extra["verify"] = result
@@ -220,21 +261,27 @@ class Verify:
                 raise VmdError(f"volume {vol.name} was stopped during the verify "
                                f"(at offset {off} of {vol.size})")
             async with vol.ranges.hold(off, off + n):
-                while True:
-                    plexes = [p for p in vol.plexes if self._holds(p, off, n)]
-                    if self.repair and self.source not in plexes:
-                        raise VmdError(f"plex {self.source.name}, the repair's source, is no "
-                                       f"longer in sync ({self.source.state}) at offset {off}: "
-                                       f"repair stopped")
-                    if len(plexes) < 2:
-                        return  # recovering here, or a plex failed: nothing to compare
-                    try:
-                        await self._compare(plexes, off, n)
-                        return
-                    except PlexIOError as e:
-                        await vol.fail_plex(e.plex, e, off, n)  # and compare the rest again
+                await self._check(off, n)
         finally:
             vol.gate.exit()
+
+    async def _check(self, off: int, n: int) -> None:
+        """Check (and repair) [off, off+n) of the volume, its range held."""
+        vol = self.volume
+        assert self.source is not None
+        while True:
+            plexes = [p for p in vol.plexes if self._holds(p, off, n)]
+            if self.repair and self.source not in plexes:
+                raise VmdError(f"plex {self.source.name}, the repair's source, is no "
+                               f"longer in sync ({self.source.state}) at offset {off}: "
+                               f"repair stopped")
+            if len(plexes) < 2:
+                return  # recovering here, or a plex failed: nothing to compare
+            try:
+                await self._compare(plexes, off, n)
+                return
+            except PlexIOError as e:
+                await vol.fail_plex(e.plex, e, off, n)  # and compare the rest again
 
     async def _compare(self, plexes: list[Plex], off: int, n: int) -> None:
         allocated = await _each(plexes, lambda p: p.allocated(off, n))
@@ -255,9 +302,10 @@ class Verify:
         if self.repair:
             await self._repair([p for i, p in enumerate(plexes) if i != ref_at], ref, off, bad)
 
-    def _note(self, start: int, length: int) -> None:
+    def _note(self, start: int, length: int, *, joins: bool = True) -> None:
+        """Count a mismatched range; one that `joins` the last continues it."""
         self.mismatched_bytes += length
-        if start == self._last_end:  # a run that goes on across chunks
+        if joins and start == self._last_end:  # a run that goes on across chunks
             last = self.ranges[-1] if self.ranges else None
             if last is not None and last[0] + last[1] == start:
                 last[1] += length

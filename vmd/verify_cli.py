@@ -34,19 +34,8 @@ def run_verify_command(args: argparse.Namespace, client: Any,
     req: dict[str, Any] = {"cmd": "verify", "volume": args.volume, "repair": args.repair}
     if args.source is not None:
         req["from"] = args.source
-    show = progress(f"{args.volume} verify")
-    tty = sys.stderr.isatty()
-
-    def shown(p: dict[str, Any]) -> None:
-        if tty and p.get("queued"):
-            sys.stderr.write(f"\r{args.volume} verify: queued behind "
-                             f"{', '.join(p['queued_behind'])}  ")
-            sys.stderr.flush()
-        else:
-            show(p)
-
-    r = client.request(req, shown)["verify"]
-    if tty:
+    r = client.request(req, progress(f"{args.volume} verify"))["verify"]
+    if sys.stderr.isatty():
         sys.stderr.write("\n")
     print(describe(args.volume, r))
     return EXIT_ERROR if r["mismatched_bytes"] > r["repaired_bytes"] else EXIT_OK
@@ -54,18 +43,26 @@ def run_verify_command(args: argparse.Namespace, client: Any,
 
 def describe(volume: str, r: dict[str, Any]) -> str:
     """What a verify found, as `vmd verify` prints it."""
-    head = (f"{volume}: {format_size(r['checked_bytes'])} of plexes {', '.join(r['plexes'])} "
+    raid5 = r.get("layout") == "raid5"
+    head = (f"{volume}: {format_size(r['checked_bytes'])} "
+            f"{'(parity) of columns' if raid5 else 'of plexes'} {', '.join(r['plexes'])} "
             f"checked in {r['seconds']} s")
     if not r["mismatched_bytes"]:
         return f"{head}: no mismatches"
     n = r["range_count"]
     lines = [f"{head}: {format_size(r['mismatched_bytes'])} ({r['mismatched_bytes']} bytes) "
-             f"mismatched in {n} range{'' if n == 1 else 's'}:"]
-    lines += [f"  offset {off} ({format_size(off)}), {length} bytes"
-              for off, length in r["ranges"][:RANGES_SHOWN]]
+             f"{'of parity ' if raid5 else ''}mismatched in {n} range{'' if n == 1 else 's'}"
+             f"{' (column offsets)' if raid5 else ''}:"]
+    for i, (off, length) in enumerate(r["ranges"][:RANGES_SHOWN]):
+        where = (f"column offset {off} (stripe {off // r['stripe_unit']}, parity on "
+                 f"{r['parity_columns'][i]})" if raid5 else f"offset {off} ({format_size(off)})")
+        lines.append(f"  {where}, {length} bytes")
     if n > RANGES_SHOWN:
         lines.append(f"  … and {n - RANGES_SHOWN} more")
-    if r["repaired_bytes"]:
+    if r["repaired_bytes"] and raid5:
+        lines.append(f"repaired {format_size(r['repaired_bytes'])}: parity rewritten from the "
+                     f"data units (a damaged data unit stays as it is)")
+    elif r["repaired_bytes"]:
         others = [p for p in r["plexes"] if p != r["source"]]
         lines.append(f"repaired {format_size(r['repaired_bytes'])}: plex{'es' if len(others) > 1 else ''} "
                      f"{', '.join(others)} now hold plex {r['source']}'s bytes there")
