@@ -396,3 +396,33 @@ def test_repair_of_a_remote_copy_target_is_refused(vmd_factory: Callable[..., Vm
     b.cli("rcopy", "promote", "vol0")  # its bytes are its own now
     rc, out, r = verify(b, "--repair")
     assert rc == 0 and r["repair"], out
+
+
+async def test_repair_dirties_its_regions_before_writing(tmp_path: Path) -> None:
+    """A repair is a write where reads may already have been answered from the
+    source: its regions are durably dirty in the DRL before a plex changes,
+    so a crash before the repair is flushed is recovered (one copy
+    everywhere) rather than left to reads that alternate between two."""
+    from enginekit import running_volume, volume_config
+    from vmd.verify import Verify
+
+    vc = volume_config(tmp_path, size=8 * MiB, region_size=1 * MiB)
+    async with running_volume(vc, clean_delay=3600) as vol:
+        await vol.pwrite(5 * MiB, b"a" * 4096)
+        await vol.flush()
+        vol.drl.state.drl.bits.setall(0)  # as after the lazy clean
+        await vol.checkpoint()
+        p1 = vol.plex("p1")
+        os.pwrite(p1.fd, b"b" * 4096, 5 * MiB)  # p1 disagrees in region 5
+        dirty_at_write: list[bool] = []
+        write = p1.pwrite
+
+        async def watched(off: int, data: Any) -> None:
+            dirty_at_write.append(bool(vol.drl.state.drl.bits[off // MiB]))
+            await write(off, data)
+
+        p1.pwrite = watched  # type: ignore[method-assign]
+        result = await Verify(vol, repair=True, source="p0").work()
+        assert result["mismatched_bytes"] == 4096 and result["repaired_bytes"] == 4096
+        assert dirty_at_write == [True], "the repair wrote before its region was dirty"
+        assert os.pread(p1.fd, 4096, 5 * MiB) == b"a" * 4096

@@ -187,15 +187,20 @@ class Verify(Job[dict[str, Any]]):
                     await self._chunk(self.done_bytes, n)
                     self.done_bytes += n
                     await self._throttle(started)
-                if self.repaired_bytes:
-                    await vol.flush()  # the repairs are durable before they are reported
         except VmdError as e:
             error = str(e)
             raise
         finally:
             self.running = False
-            result = self._result(time.monotonic() - started, error)
             with trio.CancelScope(shield=True):
+                if self.repaired_bytes:
+                    # The repairs are durable before they are reported, also
+                    # those of a verify that was stopped or failed midway.
+                    try:
+                        await vol.flush()
+                    except OSError as e:
+                        error = error or f"flushing the repaired plexes failed: {e}"
+                result = self._result(time.monotonic() - started, error)
                 await self._record(result)
         return result
 
@@ -335,11 +340,19 @@ class Verify(Job[dict[str, Any]]):
             if vol.before_write is not None:
                 await vol.before_write(start, length)
             piece = ref[start - off:start - off + length]
-            for t in targets:
-                if t.state not in COMPARED:
-                    continue  # failed on an earlier range
-                try:
-                    await t.pwrite(start, piece)
-                except PlexIOError as e:
-                    await vol.fail_plex(t, e, start, length)
+            # Dirty in the DRL first, as a user's write: a crash before the
+            # repair is flushed leaves plexes that disagree where reads were
+            # already answered from the source, and only a dirty region is
+            # recovered (one copy wins everywhere) instead of read-alternating.
+            regions = await vol.drl.begin_write(start, length)
+            try:
+                for t in targets:
+                    if t.state not in COMPARED:
+                        continue  # failed on an earlier range
+                    try:
+                        await t.pwrite(start, piece)
+                    except PlexIOError as e:
+                        await vol.fail_plex(t, e, start, length)
+            finally:
+                vol.drl.end_write(regions)
             self.repaired_bytes += length
