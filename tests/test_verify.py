@@ -329,9 +329,10 @@ def test_device_slots_order_independence_and_cancel() -> None:
     assert events.index("start a3") > events.index("end a2")
 
 
-@pytest.mark.mount
-def test_interrupted_verify_stops_and_its_partial_result_says_so(
-        vmd_factory: Callable[..., VmdDaemon]) -> None:
+def _verify_under_way(vmd_factory: Callable[..., VmdDaemon]
+                      ) -> tuple[VmdDaemon, int, subprocess.Popen[str]]:
+    """A daemon whose 32 MiB of data a `vmd verify` client is checking, slowed
+    by the rate limit, once it has made progress."""
     d = vmd_factory(rate_limit="4MiB").start()
     size = d.volume_size()
     pwrite_file(d.volume_file(), [(0, os.urandom(32 * MiB))])
@@ -340,6 +341,17 @@ def test_interrupted_verify_stops_and_its_partial_result_says_so(
     try:
         wait_for(lambda: d.status("vol0").get("verify_running", {}).get("done_bytes"),
                  what="the verify to make progress")
+    except BaseException:
+        job.kill()
+        raise
+    return d, size, job
+
+
+@pytest.mark.mount
+def test_interrupted_verify_stops_and_its_partial_result_says_so(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    d, size, job = _verify_under_way(vmd_factory)
+    try:
         job.send_signal(signal.SIGINT)  # Ctrl-C: the verify stops with its client
         assert job.wait(timeout=30) == 130
     finally:
@@ -357,14 +369,8 @@ def test_daemon_stop_ends_a_running_verify_and_tells_its_client(
         vmd_factory: Callable[..., VmdDaemon]) -> None:
     """The verify is a job of the daemon's verify task group, which `vmd stop`
     stops before the volumes close: the client is told, the partial result kept."""
-    d = vmd_factory(rate_limit="4MiB").start()
-    size = d.volume_size()
-    pwrite_file(d.volume_file(), [(0, os.urandom(32 * MiB))])
-    job = subprocess.Popen([sys.executable, "-m", "vmd", "-c", str(d.config_path), "verify", "vol0"],
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    d, size, job = _verify_under_way(vmd_factory)
     try:
-        wait_for(lambda: d.status("vol0").get("verify_running", {}).get("done_bytes"),
-                 what="the verify to make progress")
         d.stop()
         _, err = job.communicate(timeout=30)
         assert job.returncode == 1, err
