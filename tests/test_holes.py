@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from conftest import KiB, MiB, SysResources, VmdDaemon, volume_spec
+from conftest import KiB, MiB, SysResources, VmdDaemon, volume_spec, wait_for
 from enginekit import running_volume, volume_config
-from test_fastresync import Ref, assert_plexes_identical, data_extents, plex_st, wait_for
+from fastresynckit import Ref, assert_plexes_identical, data_extents, plex_st
 from vmd.sidecar import ACTIVE, SNAPDONE
 
 UNCLEAN = r"was not stopped cleanly"
