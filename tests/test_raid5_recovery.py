@@ -142,7 +142,8 @@ async def test_a_refused_raid5_volume_leaves_no_file_open(tmp_path, why):
             f.write(b"garbage!")
         bad, expect = cfg, "bad header"
     else:
-        bad, expect = dataclasses.replace(cfg, raid5_log=tmp_path / "gone" / "r5.r5log"), "gone"
+        (tmp_path / "a-directory").mkdir()  # where the log should be: cannot be opened
+        bad, expect = dataclasses.replace(cfg, raid5_log=tmp_path / "a-directory"), "a-directory"
     before = _open_fds()
     for _ in range(3):
         with pytest.raises((VmdError, OSError), match=expect):
@@ -152,4 +153,29 @@ async def test_a_refused_raid5_volume_leaves_no_file_open(tmp_path, why):
         r5log.unlink()  # the administrator's way out: the parity is regenerated
     async with running_volume(cfg) as vol:  # no lock left behind on its images or log
         await vol.resync.wait_idle()
+        assert await vol.pread(0, 100) == b"x" * 100
+
+
+async def test_a_raid5_log_another_process_holds_is_refused(tmp_path):
+    """The RAID-5 log is held (flock) like the sidecar log and the images: a
+    second daemon whose config names the same file must not replay or rewind
+    it under the first. A process holding it here: util-linux `flock`."""
+    import subprocess
+
+    from vmd.exclusive import InUseError
+    from vmd.manager import open_volume
+
+    r5log = tmp_path / "logs" / "r5.r5log"  # its directory is created at the first start
+    cfg = raid5_config(tmp_path, size=2 * 8 * SU, raid5_log=r5log)
+    async with running_volume(cfg) as vol:
+        await vol.pwrite(0, b"x" * 100)
+    holder = subprocess.Popen(["flock", "--exclusive", str(r5log), "sh", "-c", "echo held; cat"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(InUseError, match="RAID-5 log"):
+            open_volume(cfg, tmp_path / "test.yaml")
+    finally:
+        holder.communicate("")
+    async with running_volume(cfg) as vol:  # free again: nothing was left open or locked
         assert await vol.pread(0, 100) == b"x" * 100

@@ -48,6 +48,7 @@ from typing import Any, Protocol
 import trio
 
 from .config import MiB
+from .exclusive import InUseError, close_locked, open_locked
 from .sidecar import VolumeState
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,12 @@ class Raid5Log:
         self.path = path
         self.vol = vol
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            path.parent.mkdir(parents=True, exist_ok=True)  # a first start, as for plexes
+            # Held like every sidecar log and image: a second daemon (another
+            # config naming this file) must not replay or rewind it under us.
+            self.fd = open_locked(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, "RAID-5 log")
+        except InUseError:
+            raise
         except OSError as e:
             raise OSError(e.errno, f"cannot open RAID-5 log {path}: {e.strerror}") from None
         # Missing or new: it cannot hold the writes of a run that crashed.
@@ -373,5 +379,5 @@ class Raid5Log:
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            close_locked(self.fd)
             self.fd = -1
