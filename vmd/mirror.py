@@ -143,8 +143,11 @@ class MirrorVolume(Volume):
         if rotate and len(ps) > 1:
             k = next(self._rr) % len(ps)
             ps = ps[k:] + ps[:k]
-        if len(ps) > 1:
-            ps.sort(key=_is_remote)  # local plexes first: a remote one is a network trip away
+        if len(ps) > 1 and ps[0].remote:
+            # Local plexes first: a remote one is a network trip away. Only
+            # when the rotation put a remote one first: no per-read sort on a
+            # volume of local plexes.
+            ps.sort(key=_is_remote)
         return ps
 
     async def _read_any(self, off: int, size: int) -> bytes:
