@@ -95,10 +95,11 @@ def on_loops(a: argparse.Namespace, scratch: Path, cleanup: Cleanup, settings: d
              jobs: list[tuple[Workload, int]]) -> list[str]:
     modes = ["warm"] if a.warm else ["cold"] if a.cold else ["warm", "cold"]
     lb = LoopBench(scratch, cleanup, Caches(), size=parse_size(a.size or "512MiB"),
-                   runtime=a.runtime or 2.0, reps=a.reps, vol_settings=settings, rows=jobs,
+                   runtime=a.runtime or 2.0, reps=a.reps, vol_settings=settings,
+                   top_settings=dict(a.top), rows=jobs,
                    modes=modes, fs=a.fs, names=("vmd", "qsd"))
     lb.run()
-    return [f"vmd settings: {dict(a.settings) or 'as shipped'}", ""] + lb.report()
+    return [f"vmd settings: {dict(a.settings) or 'as shipped'}, {dict(a.top)}", ""] + lb.report()
 
 
 def main() -> int:
@@ -111,6 +112,8 @@ def main() -> int:
     ap.add_argument("--size", help="default 1GiB; --loop: 512MiB")
     ap.add_argument("--set", type=setting, action="append", default=[], dest="settings",
                     help="vmd volume setting key=value (repeatable)")
+    ap.add_argument("--top", type=setting, action="append", default=[],
+                    help="--loop: vmd top-level setting key=value, e.g. writeback_cache=true")
     ap.add_argument("--warm", action="store_true",
                     help="images in the page cache before each job (--loop: only the warm rows)")
     ap.add_argument("--loop", action="store_true",

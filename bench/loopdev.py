@@ -109,6 +109,7 @@ class LoopBench:
 
     def __init__(self, scratch: Path, cleanup: Cleanup, caches: Caches, *, size: int,
                  runtime: float, reps: int, vol_settings: dict[str, Any],
+                 top_settings: dict[str, Any] | None = None,
                  rows: Sequence[tuple[Workload, int]] = LOOP_ROWS,
                  modes: Sequence[str] = MODES, fs: bool = True,
                  names: Sequence[str] = TARGETS):
@@ -118,6 +119,7 @@ class LoopBench:
         self.runtime = runtime
         self.reps = reps
         self.vol_settings = vol_settings
+        self.top_settings = top_settings or {}
         self.rows = list(rows)
         self.modes = list(modes)
         self.fs = fs
@@ -138,7 +140,7 @@ class LoopBench:
         out: dict[str, tuple[Path, int | None]] = {}
         if "vmd" in self.names:
             vmd = Vmd(self.root / "vmd", {"vol0": {"size": self.size, **self.vol_settings}},
-                      self.cleanup)
+                      self.cleanup, top=self.top_settings)
             vmd.start()
             self.vmd = vmd
             out["vmd"] = (vmd.file("vol0"), vmd.pid)

@@ -155,7 +155,7 @@ class Vmd:
     all inside `root` (a directory of the scratch area)."""
 
     def __init__(self, root: Path, volumes: dict[str, dict[str, Any]], cleanup: Cleanup,
-                 clean_delay: float | None = None):
+                 clean_delay: float | None = None, top: dict[str, Any] | None = None):
         self.root = root
         self.volumes = volumes
         self.cleanup = cleanup
@@ -169,6 +169,7 @@ class Vmd:
         lines = ["# written by bench/run.py", "mountpoint: mnt", "socket: vmd.sock"]
         if clean_delay is not None:
             lines.append(f"clean_delay: {clean_delay}")
+        lines += [f"{k}: {json.dumps(v)}" for k, v in (top or {}).items()]
         lines.append("volumes:")
         for name, v in volumes.items():
             lines.append(f"  {name}:")

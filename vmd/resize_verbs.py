@@ -17,16 +17,25 @@ log = logging.getLogger(__name__)
 
 def register(table: CommandTable, m: VolumeManager) -> None:
 
-    def show_new_size(name: str) -> int | None:
+    def show_new_size(name: str, size: int) -> int | None:
         """Make the kernel take the volume file's new size now, not after its
         attribute timeout: drop its cached attributes, then stat the file,
         which refreshes the size a loop device reads at `losetup -c`.
-        Returns the size the kernel now reports (None: not mounted). On a
-        `writeback_cache` mount the kernel keeps its own size of an open
-        file and ignores vmd's. Blocks on a FUSE request: run in a thread."""
+        Returns the size the kernel now reports (None: not mounted). Blocks
+        on a FUSE request: run in a thread."""
         m.on_changed(name)
+        path = m.cfg.mountpoint / name
         try:
-            return os.stat(m.cfg.mountpoint / name).st_size
+            seen = os.stat(path).st_size
+            if seen < size:
+                # A writeback_cache mount keeps its own size of a volume file
+                # and ignores the one vmd reports; only a truncate moves it
+                # (the kernel takes the size of its own SETATTR, which vmd
+                # accepts because it is the volume's size already). The
+                # kernel writes back its dirty pages of the file first.
+                os.truncate(path, size)
+                seen = os.stat(path).st_size
+            return seen
         except OSError:
             return None  # not mounted (the engine alone)
 
@@ -34,13 +43,13 @@ def register(table: CommandTable, m: VolumeManager) -> None:
         vol = m.get(req_str(req, "volume"))
         reply = await grow(vol, parse_new_size(req.get("size"), vol))
         if reply["grown"]:
-            reply["kernel_size"] = await trio.to_thread.run_sync(show_new_size, vol.name)
+            reply["kernel_size"] = await trio.to_thread.run_sync(show_new_size, vol.name,
+                                                                 reply["size"])
             if reply["kernel_size"] not in (None, reply["size"]):
                 reply["kernel_note"] = (
                     f"the kernel still reports {reply['kernel_size']} bytes for "
-                    f"{m.cfg.mountpoint / vol.name}: with writeback_cache: true it keeps its "
-                    f"own size of a volume file and ignores vmd's; it sees the new size once "
-                    f"the daemon restarts (the grow itself is done and durable)")
+                    f"{m.cfg.mountpoint / vol.name}; it sees the new size once the daemon "
+                    f"restarts (the grow itself is done and durable)")
                 log.warning("volume %s: %s", vol.name, reply["kernel_note"])
         return reply
 
