@@ -3,7 +3,8 @@
 
     .venv/bin/python bench/ab.py randread:1,randread:4 [--reps 3] [--runtime 5]
         [--set direct_io=false] [--warm]
-    .venv/bin/python bench/ab.py --loop [JOBS] [--warm | --cold] [--fs] [--set ...]
+    .venv/bin/python bench/ab.py --loop [JOBS] [--warm | --cold] [--fs] [--set ...] [--top ...]
+        [--alt-set ... --alt-top ...]   # a second vmd, vmd-alt, in the same run
 
 The method of `make bench` (same fio jobs, targets alternating job by job,
 page caches dropped before each job), without the rest of its matrix: for
@@ -97,6 +98,7 @@ def on_loops(a: argparse.Namespace, scratch: Path, cleanup: Cleanup, settings: d
     lb = LoopBench(scratch, cleanup, Caches(), size=parse_size(a.size or "512MiB"),
                    runtime=a.runtime or 2.0, reps=a.reps, vol_settings=settings,
                    top_settings=dict(a.top), rows=jobs,
+                   alt=(dict(a.alt_set), dict(a.alt_top)) if a.alt_set or a.alt_top else None,
                    modes=modes, fs=a.fs, names=("vmd", "qsd"))
     lb.run()
     return [f"vmd settings: {dict(a.settings) or 'as shipped'}, {dict(a.top)}", ""] + lb.report()
@@ -114,6 +116,11 @@ def main() -> int:
                     help="vmd volume setting key=value (repeatable)")
     ap.add_argument("--top", type=setting, action="append", default=[],
                     help="--loop: vmd top-level setting key=value, e.g. writeback_cache=true")
+    ap.add_argument("--alt-set", type=setting, action="append", default=[],
+                    help="--loop: add a second vmd, vmd-alt, with this volume setting too")
+    ap.add_argument("--alt-top", type=setting, action="append", default=[],
+                    help="--loop: ... and this top-level setting (compare two configurations "
+                         "in one run)")
     ap.add_argument("--warm", action="store_true",
                     help="images in the page cache before each job (--loop: only the warm rows)")
     ap.add_argument("--loop", action="store_true",

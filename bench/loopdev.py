@@ -110,6 +110,7 @@ class LoopBench:
     def __init__(self, scratch: Path, cleanup: Cleanup, caches: Caches, *, size: int,
                  runtime: float, reps: int, vol_settings: dict[str, Any],
                  top_settings: dict[str, Any] | None = None,
+                 alt: tuple[dict[str, Any], dict[str, Any]] | None = None,
                  rows: Sequence[tuple[Workload, int]] = LOOP_ROWS,
                  modes: Sequence[str] = MODES, fs: bool = True,
                  names: Sequence[str] = TARGETS):
@@ -120,10 +121,13 @@ class LoopBench:
         self.reps = reps
         self.vol_settings = vol_settings
         self.top_settings = top_settings or {}
+        # A second vmd, "vmd-alt", with other (volume, top-level) settings in
+        # the same run: to compare two configurations side by side.
+        self.alt = alt
         self.rows = list(rows)
         self.modes = list(modes)
         self.fs = fs
-        self.names = list(names)
+        self.names = list(names) + (["vmd-alt"] if alt else [])
         self.samples = Samples()
         self.raw: dict[str, Any] = {"records": self.samples.records}
         self.cp_files = 0
@@ -144,6 +148,12 @@ class LoopBench:
             vmd.start()
             self.vmd = vmd
             out["vmd"] = (vmd.file("vol0"), vmd.pid)
+        if self.alt:
+            vol, top = self.alt
+            alt = Vmd(self.root / "vmd-alt", {"vol0": {"size": self.size, **self.vol_settings,
+                                                       **vol}}, self.cleanup, top=top)
+            alt.start()
+            out["vmd-alt"] = (alt.file("vol0"), alt.pid)
         if "qsd" in self.names:
             qsd = Qsd(self.root / "qsd", self.size, self.cleanup)
             qsd.create()
@@ -247,11 +257,14 @@ class LoopBench:
 
     def report(self) -> list[str]:
         md = ["## Loop devices: each target behind its own /dev/loopN, as a user attaches it", ""]
-        backing = {"vmd": "vmd's volume file", "qsd": "qsd's FUSE export", "file": "a raw file"}
+        backing = {"vmd": "vmd's volume file", "qsd": "qsd's FUSE export", "file": "a raw file",
+                   "vmd-alt": "a second vmd's volume file"}
         md.append(f"`losetup --find --show` (buffered, no --direct-io) over "
                   f"{', '.join(backing[n] for n in self.names)}: "
                   f"{', '.join(f'{k} {v}' for k, v in self.raw.get('loop_devices', {}).items())}; "
-                  f"vmd with the volume settings {self.vol_settings}. "
+                  f"vmd with the volume settings {self.vol_settings}"
+                  f"{f' and {self.top_settings}' if self.top_settings else ''}"
+                  f"{f'; vmd-alt with {self.alt[0]} and {self.alt[1]}' if self.alt else ''}. "
                   f"fio psync, direct=1 on the loop device, end_fsync=1, {fmt_size(self.size)} "
                   f"prefilled; runs of {max(1, round(self.runtime))} s (sequential jobs: the "
                   f"device once, capped by that). Median of {self.reps} repetition(s), targets "
@@ -263,8 +276,10 @@ class LoopBench:
                   f"daemon's CPU time per fio request (the loop driver's kernel worker, which "
                   f"copies between the device and the backing file, is counted to neither).")
         md.append("")
+        alt = [("vmd-alt", "qsd"), ("vmd-alt", "vmd")] if self.alt else []
         md += vs_table(["page cache", "fio job", "numjobs"], self.table_rows(), self.samples,
-                       self.names)
+                       self.names, cpu_of=["vmd", "qsd"] + (["vmd-alt"] if self.alt else []),
+                       more_ratios=alt)
         md.append("")
         extra = []
         if self.raw.get("vmd_max_write"):

@@ -150,13 +150,16 @@ class TableRow:
 
 
 def vs_table(head: Sequence[str], rows: Sequence[TableRow], s: Samples, targets: Sequence[str],
-             cpu_of: Sequence[str] = ("vmd", "qsd"), goal: float | None = 1.0) -> list[str]:
+             cpu_of: Sequence[str] = ("vmd", "qsd"), goal: float | None = 1.0,
+             more_ratios: Sequence[tuple[str, str]] = ()) -> list[str]:
     """Markdown: the leading cells, the unit, each target's median, vmd/qsd
-    (and whether it meets `goal`), each daemon's median CPU per request."""
+    (and whether it meets `goal`), `more_ratios` (a/b), each daemon's median
+    CPU per request."""
     cols = [(c, "---:" if c == "numjobs" else "---") for c in (*head, "unit")]
     cols += [(t, "---:") for t in (*targets, "vmd/qsd")]
     if goal is not None:
         cols.append((f"target ≥ {goal:.1f}", "---"))
+    cols += [(f"{a}/{b}", "---:") for a, b in more_ratios]
     cols += [(f"{t} CPU/req", "---:") for t in cpu_of]
     out = ["| " + " | ".join(c for c, _ in cols) + " |",
            "| " + " | ".join(a for _, a in cols) + " |"]
@@ -166,6 +169,7 @@ def vs_table(head: Sequence[str], rows: Sequence[TableRow], s: Samples, targets:
                  fmt_ratio(ratio)]
         if goal is not None:
             cells.append("–" if ratio != ratio else ("yes" if ratio >= goal else "**no**"))
+        cells += [fmt_ratio(s.ratio(r.key, r.unit, a, b)) for a, b in more_ratios]
         cells += [fmt_us(s.cpu_us(r.key, t)) for t in cpu_of]
         out.append("| " + " | ".join(cells) + " |")
     return out
