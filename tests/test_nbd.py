@@ -157,6 +157,50 @@ async def test_hung_link_fails_the_plex_within_the_timeout(tmp_path: Path,
         proxy.close()
 
 
+async def test_attach_through_a_hung_link_does_not_stop_writes(tmp_path: Path,
+                                                             nbd_server: Make) -> None:
+    """`vmd plex attach` of a remote plex whose server hangs waits up to
+    remote_timeout for it, but in a worker thread and before the write gate:
+    writes to the volume complete while that attach is still waiting."""
+    srv = nbd_server("qemu-nbd", tcp=True)
+    proxy = HoldProxy(srv.port)
+    vc = remote_vc(tmp_path, proxy.uri, remote_timeout=3.0, auto_attach=False)
+    try:
+        async with running_volume(vc) as vol:
+            await synced(vol)
+            await vol.pwrite(0, os.urandom(8192))
+            p = remote(vol)
+            await vol.detach_plex(p.name)
+            proxy.hold()
+            outcome: list[BaseException | dict[str, Any]] = []
+
+            async def attach() -> None:
+                try:
+                    outcome.append(await vol.attach_plex(p.name))
+                except (OSError, VmdError) as e:
+                    outcome.append(e)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(attach)
+                await trio.sleep(0)  # the attach is under way, in its thread
+                data = os.urandom(64 * 1024)
+                await vol.pwrite(MiB, data)
+                await vol.flush()
+                # Served while the attach waits for the hung server.
+                assert not outcome, outcome
+                assert await vol.pread(MiB, len(data)) == data
+            (failed,) = outcome
+            assert isinstance(failed, OSError) and proxy.uri in str(failed), failed
+            assert p.state != ACTIVE
+            proxy.release()
+            res = await vol.attach_plex(p.name)  # the same export: FastResync
+            assert not res["full_resync"], res
+            await synced(vol)
+            assert vol.resync.synced_bytes < SIZE
+    finally:
+        proxy.close()
+
+
 async def test_crash_with_a_remote_plex_recovers_the_dirty_regions(tmp_path: Path,
                                                                    nbd_server: Make) -> None:
     srv = nbd_server("nbdkit", tcp=True)

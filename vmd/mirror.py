@@ -253,13 +253,28 @@ class MirrorVolume(Volume):
         return self._plex_status(p)
 
     async def attach_plex(self, name: str) -> dict[str, Any]:
+        p = self.plex(name)
+        self._check_attachable(p)
+        # Before the gate: a remote plex's connection may take remote_timeout,
+        # and writes (every volume's: the event loop) go on meanwhile.
+        await p.prepare_attach()
+        try:
+            return await self._attach_prepared(p)
+        finally:
+            p.drop_prepared()
+
+    def _check_attachable(self, p: Plex) -> None:
+        if p.record.state not in (DETACHED, IOFAIL, STALE):
+            raise VmdError(f"plex {p.name} of volume {self.name} is {p.record.state}, "
+                           f"not detached")
+        if not self._in_sync():
+            raise VmdError(f"volume {self.name} has no in-sync plex to copy from")
+
+    async def _attach_prepared(self, p: Plex) -> dict[str, Any]:
+        name = p.name
         async with self.gate.hold(), self.resync.paused():
-            p = self.plex(name)
             rec = p.record
-            if rec.state not in (DETACHED, IOFAIL, STALE):
-                raise VmdError(f"plex {name} of volume {self.name} is {rec.state}, not detached")
-            if not self._in_sync():
-                raise VmdError(f"volume {self.name} has no in-sync plex to copy from")
+            self._check_attachable(p)  # again: it may have changed meanwhile
             why = self._why_full_resync(p)
             p.close()
             p.open(create=True)

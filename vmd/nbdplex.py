@@ -72,6 +72,8 @@ class NbdPlex(Plex):
         self.backoff = 0.0
         self.reattached = ""  # how the last automatic reattach went
         self.on_lost: Callable[[], None] | None = None
+        # (link, why_changed) from prepare_attach, for the attach that follows.
+        self._prepared: tuple[NbdLink, str] | None = None
 
     @property
     def path(self) -> str:  # type: ignore[override]
@@ -84,8 +86,10 @@ class NbdPlex(Plex):
     def open(self, *, create: bool = False) -> None:
         """Connect (blocking, at most `timeout` s) and check the export's size;
         an ACTIVE plex's remembered writes must read back (else it is not the
-        export vmd left, and open fails: a full resync)."""
-        link = self._connect()
+        export vmd left, and open fails: a full resync). An attach connected
+        already, in a worker thread (`prepare_attach`)."""
+        link = self._prepared[0] if self._prepared else self._connect()
+        self._prepared = None
         if self.state == ACTIVE and self._ring:
             try:
                 why = self._mismatch(link)
@@ -137,34 +141,43 @@ class NbdPlex(Plex):
             self.link = None
         self.fd = -1
 
-    def probe(self) -> None:
-        """Can the export be reached, at the right size? Blocking: for a
-        worker thread (the reconnect loop), so the event loop never waits."""
-        self._connect().close()
-
     # -- identity --------------------------------------------------------------
 
     def identity(self) -> list[int]:
         """The size and the remembered writes, flattened (the sidecar's list of ints)."""
         return [self.size, *(v for s in self._ring for v in s)]
 
+    async def prepare_attach(self) -> None:
+        """Connect and read back the remembered writes in a worker thread
+        (at most 2 × `timeout`: a hung server), before the attach takes the
+        write gate: the volume, and every other, serves meanwhile. An export
+        that cannot be reached or read fails the attach here, naming it."""
+
+        def connect_and_check() -> tuple[NbdLink, str]:
+            link = self._connect()
+            try:
+                return link, self._mismatch(link) if self._ring else (
+                    f"no write vmd made to export {self.path} is known to check it by, so "
+                    f"the map cannot be trusted")
+            except OSError as e:
+                link.close()
+                raise self._fail_open(e) from None
+
+        self.drop_prepared()
+        self._prepared = await trio.to_thread.run_sync(connect_and_check)
+
+    def drop_prepared(self) -> None:
+        if self._prepared is not None:
+            self._prepared[0].close()
+            self._prepared = None
+
     def why_changed(self) -> str:
         """Why the FastResync map cannot be trusted: another export, or one
-        that does not read back what vmd last wrote to it. Blocking, at
-        most 2 × `timeout`."""
-        if not self._ring:
-            return (f"no write vmd made to export {self.path} is known to check it by, so the "
-                    f"map cannot be trusted")
-        try:
-            link = self._connect()
-        except OSError as e:
-            return f"export {self.path}: {e.strerror or e}"
-        try:
-            return self._mismatch(link)
-        except OSError as e:
-            return f"export {self.path}: {e.strerror or e}"
-        finally:
-            link.close()
+        that does not read back what vmd last wrote to it (found by
+        `prepare_attach`)."""
+        if self._prepared is None:  # not prepared: trust nothing
+            return f"export {self.path} was not checked before the attach"
+        return self._prepared[1]
 
     def _mismatch(self, link: NbdLink) -> str:
         for off, n, crc in self._ring:
@@ -373,9 +386,8 @@ class RemoteWatch:
     async def _try(self, p: NbdPlex) -> None:
         p.last_attempt = time.time()
         try:
-            # Reachable at the right size? In a thread: a dead host may take
-            # remote_timeout to say so, and the volume serves meanwhile.
-            await trio.to_thread.run_sync(p.probe)
+            # Connects in a worker thread first (prepare_attach): a dead host
+            # may take remote_timeout to say so, and the volume serves meanwhile.
             res = await self.vol.attach_plex(p.name)
         except (OSError, VmdError) as e:
             p.last_error = str(e)

@@ -171,6 +171,14 @@ class Plex:
             return None
         return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
 
+    async def prepare_attach(self) -> None:
+        """What an attach must learn that may take a while, done before the
+        attach takes the write gate (a remote plex connects and reads back
+        its identity). An image file's identity is one stat: nothing to do."""
+
+    def drop_prepared(self) -> None:
+        """Forget what `prepare_attach` got, if the attach did not use it."""
+
     def why_changed(self) -> str:
         """Why this image is not the one that left (so its FastResync map
         cannot be trusted); "" if it is."""
