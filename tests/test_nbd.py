@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,29 @@ async def test_hung_link_fails_the_plex_within_the_timeout(tmp_path: Path,
         proxy.close()
 
 
+async def served_while(vol: Volume, verb: Callable[[], Awaitable[Any]]) -> Any:
+    """Run an admin verb that waits for a hung server; meanwhile a write and
+    a flush of the volume complete (before the verb ends). The verb's
+    result or error."""
+    outcome: list[Any] = []
+
+    async def run() -> None:
+        try:
+            outcome.append(await verb())
+        except (OSError, VmdError) as e:
+            outcome.append(e)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        await trio.sleep(0)  # the verb is under way
+        data = os.urandom(64 * 1024)
+        await vol.pwrite(MiB, data)
+        await vol.flush()
+        assert not outcome, outcome  # served while the verb waits
+        assert await vol.pread(MiB, len(data)) == data
+    return outcome[0]
+
+
 async def test_attach_through_a_hung_link_does_not_stop_writes(tmp_path: Path,
                                                              nbd_server: Make) -> None:
     """`vmd plex attach` of a remote plex whose server hangs waits up to
@@ -172,24 +195,7 @@ async def test_attach_through_a_hung_link_does_not_stop_writes(tmp_path: Path,
             p = remote(vol)
             await vol.detach_plex(p.name)
             proxy.hold()
-            outcome: list[BaseException | dict[str, Any]] = []
-
-            async def attach() -> None:
-                try:
-                    outcome.append(await vol.attach_plex(p.name))
-                except (OSError, VmdError) as e:
-                    outcome.append(e)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(attach)
-                await trio.sleep(0)  # the attach is under way, in its thread
-                data = os.urandom(64 * 1024)
-                await vol.pwrite(MiB, data)
-                await vol.flush()
-                # Served while the attach waits for the hung server.
-                assert not outcome, outcome
-                assert await vol.pread(MiB, len(data)) == data
-            (failed,) = outcome
+            failed = await served_while(vol, lambda: vol.attach_plex(p.name))
             assert isinstance(failed, OSError) and proxy.uri in str(failed), failed
             assert p.state != ACTIVE
             proxy.release()
@@ -197,6 +203,26 @@ async def test_attach_through_a_hung_link_does_not_stop_writes(tmp_path: Path,
             assert not res["full_resync"], res
             await synced(vol)
             assert vol.resync.synced_bytes < SIZE
+    finally:
+        proxy.close()
+
+
+async def test_add_through_a_hung_link_does_not_stop_writes(tmp_path: Path,
+                                                          nbd_server: Make) -> None:
+    """`vmd plex add VOL URI` of a server that hangs: the same."""
+    srv = nbd_server("qemu-nbd", tcp=True)
+    other = nbd_server("qemu-nbd", tcp=True)
+    proxy = HoldProxy(other.port)
+    try:
+        async with running_volume(remote_vc(tmp_path, srv.uri, remote_timeout=3.0)) as vol:
+            await synced(vol)
+            proxy.hold()
+            failed = await served_while(vol, lambda: vol.add_plex(proxy.uri, named=True))
+            assert isinstance(failed, VmdError) and proxy.uri in str(failed), failed
+            assert len(vol.plexes) == 2
+            proxy.release()
+            await vol.add_plex(proxy.uri, named=True)
+            await synced(vol)
     finally:
         proxy.close()
 

@@ -299,25 +299,35 @@ class MirrorVolume(Volume):
                        named: bool = False) -> Plex:
         """`named`: the administrator chose `path`, so the image is theirs even
         if vmd creates the file (never deleted, see `delete_if_created`)."""
-        async with self.gate.hold(), self.resync.paused():
-            if not self._in_sync():
-                raise VmdError(f"volume {self.name} has no in-sync plex to copy from")
-            existed = os.path.exists(path)
-            rec = PlexRecord(name=f"p{self.state.next_plex}", path=path, state=state,
-                             missing=self.state.new_map(fill=True),
-                             created=not existed and not named, role=role)
-            p = self.plex_factory(rec, self.size)
-            try:
-                p.open(create=True)
-            except OSError as e:
-                if not existed:
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
-                raise VmdError(f"cannot open plex image {path}: {e.strerror or e}") from None
-            self.state.next_plex += 1
-            self.state.plexes.append(rec)
-            self.plexes.append(p)
-            await self.checkpoint()
+        rec = PlexRecord(name=f"p{self.state.next_plex}", path=path, state=state,
+                         missing=None, role=role)
+        p = self.plex_factory(rec, self.size)
+        # Before the gate: a remote export's connection may take remote_timeout.
+        try:
+            await p.prepare_attach()
+        except OSError as e:
+            raise VmdError(f"cannot open plex image {path}: {e.strerror or e}") from None
+        try:
+            async with self.gate.hold(), self.resync.paused():
+                if not self._in_sync():
+                    raise VmdError(f"volume {self.name} has no in-sync plex to copy from")
+                existed = os.path.exists(path)
+                rec.name = f"p{self.state.next_plex}"  # another add may have come first
+                rec.missing = self.state.new_map(fill=True)
+                rec.created = not existed and not named
+                try:
+                    p.open(create=True)
+                except OSError as e:
+                    if not existed:
+                        with contextlib.suppress(OSError):
+                            os.unlink(path)
+                    raise VmdError(f"cannot open plex image {path}: {e.strerror or e}") from None
+                self.state.next_plex += 1
+                self.state.plexes.append(rec)
+                self.plexes.append(p)
+                await self.checkpoint()
+        finally:
+            p.drop_prepared()
         log.info("volume %s: plex %s added (%s), full resync", self.name, rec.name, path)
         self.resync.wake()
         return p
