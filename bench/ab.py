@@ -38,7 +38,7 @@ from fiojobs import (BY_KEY, NUMJOBS, WORKLOADS, Workload, fio_args, prefill_arg
                      run_fio)
 from loopdev import LOOP_ROWS, LoopBench  # noqa: E402
 from measure import Caches, Samples, Target, TableRow, parse_size, rotated, vs_table  # noqa: E402
-from procs import REPO, Cleanup, Qsd, Vmd, shipped_volume_settings  # noqa: E402
+from procs import REPO, Cleanup, Qsd, Vmd, shipped_top_settings, shipped_volume_settings  # noqa: E402,E501
 
 
 def setting(text: str) -> tuple[str, Any]:
@@ -97,7 +97,7 @@ def on_loops(a: argparse.Namespace, scratch: Path, cleanup: Cleanup, settings: d
     modes = ["warm"] if a.warm else ["cold"] if a.cold else ["warm", "cold"]
     lb = LoopBench(scratch, cleanup, Caches(), size=parse_size(a.size or "512MiB"),
                    runtime=a.runtime or 2.0, reps=a.reps, vol_settings=settings,
-                   top_settings=dict(a.top), rows=jobs,
+                   top_settings={**shipped_top_settings(), **dict(a.top)}, rows=jobs,
                    alt=(dict(a.alt_set), dict(a.alt_top)) if a.alt_set or a.alt_top else None,
                    modes=modes, fs=a.fs, names=("vmd", "qsd"))
     lb.run()

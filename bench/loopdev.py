@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 from fiojobs import BY_KEY, Workload, fio_args, prefill_args, run_fio
 from measure import Caches, Samples, Target, TableRow, fmt_size, fmt_val, log, rotated, vs_table
-from procs import MiB, BenchError, Cleanup, Qsd, Vmd
+from procs import MiB, BenchError, Cleanup, Qsd, Vmd, shipped_top_settings
 
 # (workload, numjobs): the rows of issue 12.
 LOOP_ROWS: list[tuple[Workload, int]] = [
@@ -120,7 +120,7 @@ class LoopBench:
         self.runtime = runtime
         self.reps = reps
         self.vol_settings = vol_settings
-        self.top_settings = top_settings or {}
+        self.top_settings = shipped_top_settings() if top_settings is None else top_settings
         # A second vmd, "vmd-alt", with other (volume, top-level) settings in
         # the same run: to compare two configurations side by side.
         self.alt = alt
@@ -151,7 +151,8 @@ class LoopBench:
         if self.alt:
             vol, top = self.alt
             alt = Vmd(self.root / "vmd-alt", {"vol0": {"size": self.size, **self.vol_settings,
-                                                       **vol}}, self.cleanup, top=top)
+                                                       **vol}}, self.cleanup,
+                      top={**self.top_settings, **top})
             alt.start()
             out["vmd-alt"] = (alt.file("vol0"), alt.pid)
         if "qsd" in self.names:

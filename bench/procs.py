@@ -134,20 +134,31 @@ def _wait_for(cond: Callable[[], bool], timeout: float, what: str,
 # -- vmd -----------------------------------------------------------------------
 
 
-def shipped_volume_settings() -> dict[str, Any]:
-    """The volume keys (other than size and paths) of the shipped config/vmd.yaml,
-    so the benchmark volume is 'defaults as shipped'. The top-level keys
-    (resync.rate_limit, clean_delay) are left at vmd's defaults."""
+def _shipped_config() -> dict[str, Any]:
     try:
         import yaml
 
-        raw = yaml.safe_load(SHIPPED_CONFIG.read_text()) or {}
+        return yaml.safe_load(SHIPPED_CONFIG.read_text()) or {}
     except Exception:  # noqa: BLE001
         return {}
-    vols = raw.get("volumes") or {}
+
+
+def shipped_volume_settings() -> dict[str, Any]:
+    """The volume keys (other than size and paths) of the shipped config/vmd.yaml,
+    so the benchmark volume is 'defaults as shipped'."""
+    vols = _shipped_config().get("volumes") or {}
     first = next(iter(vols.values()), {}) if vols else {}
-    vol = {k: v for k, v in (first or {}).items() if k not in ("size", "plexes", "log")}
-    return vol
+    return {k: v for k, v in (first or {}).items() if k not in ("size", "plexes", "log")}
+
+
+# Top-level keys of the shipped config that change how volumes perform; the
+# others (resync.rate_limit, clean_delay, paths) are left at vmd's defaults.
+SHIPPED_TOP_KEYS = ("writeback_cache",)
+
+
+def shipped_top_settings() -> dict[str, Any]:
+    raw = _shipped_config()
+    return {k: raw[k] for k in SHIPPED_TOP_KEYS if k in raw}
 
 
 class Vmd:
@@ -156,6 +167,8 @@ class Vmd:
 
     def __init__(self, root: Path, volumes: dict[str, dict[str, Any]], cleanup: Cleanup,
                  clean_delay: float | None = None, top: dict[str, Any] | None = None):
+        """`top`: top-level config keys; default: those of the shipped config
+        that change performance (`shipped_top_settings`)."""
         self.root = root
         self.volumes = volumes
         self.cleanup = cleanup
@@ -169,7 +182,8 @@ class Vmd:
         lines = ["# written by bench/run.py", "mountpoint: mnt", "socket: vmd.sock"]
         if clean_delay is not None:
             lines.append(f"clean_delay: {clean_delay}")
-        lines += [f"{k}: {json.dumps(v)}" for k, v in (top or {}).items()]
+        top = shipped_top_settings() if top is None else top
+        lines += [f"{k}: {json.dumps(v)}" for k, v in top.items()]
         lines.append("volumes:")
         for name, v in volumes.items():
             lines.append(f"  {name}:")
