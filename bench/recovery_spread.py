@@ -101,6 +101,8 @@ class SpreadBench:
         r = self._until_in_sync(t0)
         st = d.request({"cmd": "status"})["volumes"]
         r["copied_bytes"] = sum(v["resync"]["copied_bytes"] for v in st if v["name"] in VOLUMES)
+        # Each volume's own copy (its turn, not its wait): where the time went.
+        r["copy_s"] = {v["name"]: v["resync"]["seconds"] for v in st if v["name"] in VOLUMES}
         d.stop()
         return r
 

@@ -67,6 +67,9 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+# copy_file_range(2) errors that mean "not between these two files" (another
+# filesystem, a kernel or filesystem without it): copy through a buffer.
+NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
 
 def punch_hole(fd: int, off: int, length: int) -> None:
@@ -110,6 +113,11 @@ class Plex:
         self._seek_holes = False
         self._punch_ok = True  # False once the filesystem refused to punch
         self._punched = False  # a hole punched since the last flush
+        # Resync may copy to and from this image in the kernel (open() sets it
+        # for a regular file whose blocking calls are the real ones), and did
+        # since the last flush.
+        self._kernel_copy = False
+        self._kernel_copied = False
         # The image was created empty by open(): what vmd has not written
         # reads as zeros already, so resync need not punch holes into it.
         # Only while it stays open and its first copy runs (resync clears it).
@@ -145,6 +153,8 @@ class Plex:
             st = os.fstat(fd)
             if stat.S_ISREG(st.st_mode):
                 self._seek_holes = True
+                # Not where a test replaces the blocking calls to inject faults.
+                self._kernel_copy = self._uring_ok
                 if st.st_size == 0 and create:
                     os.ftruncate(fd, self.size)
                     self.fresh = True
@@ -232,10 +242,11 @@ class Plex:
             off += n
 
     def _flush_sync(self, fd: int | None = None) -> None:
-        if self._punched:
+        if self._punched or self._kernel_copied:
             # Not every filesystem counts a punched hole as data that
-            # fdatasync must make durable (it is a metadata change).
-            self._punched = False
+            # fdatasync must make durable (it is a metadata change), nor the
+            # extents a kernel copy may share with its source (reflink).
+            self._punched = self._kernel_copied = False
             os.fsync(self.fd if fd is None else fd)
         else:
             os.fdatasync(self.fd if fd is None else fd)
@@ -408,21 +419,47 @@ class Plex:
             except OSError:
                 pass
 
+    def _kernel_copy_sync(self, target: "Plex", off: int, length: int) -> bool:
+        """Copy [off, off+length) of this image to the same range of `target`
+        with copy_file_range: one page-cache copy in the kernel, where a pread
+        and a pwrite through a buffer make two (a lone resync is CPU-bound on
+        them). False if it did not copy it all: the caller copies the range
+        through a buffer again, where an error says which plex failed (this
+        one's errno cannot say whether the read or the write did). Where the
+        kernel cannot copy between the two files, never tried for `target` again."""
+        done = 0
+        try:
+            while done < length:
+                n = os.copy_file_range(self.fd, target.fd, length - done, off + done, off + done)
+                if n == 0:  # the source ends early: the buffered copy reads zeros
+                    return False
+                done += n
+        except OSError as e:
+            if e.errno in NO_KERNEL_COPY:
+                target._kernel_copy = False
+            return False
+        finally:
+            target._kernel_copied = target._kernel_copied or done > 0
+        return True
+
     async def copy_to(self, targets: list["Plex"], off: int, size: int, buf: bytearray,
                       *, sparse: bool = False) -> tuple[dict[str, PlexIOError], int]:
-        """Resync: read [off, off+size) of this plex into `buf` and write it to
-        every target, all in one worker thread. `sparse`: copy only the ranges
-        allocated here and make the rest read as zeros on the targets (punched,
-        except on a `fresh` target, whose unwritten ranges are holes already).
-        Returns the write (or punch) errors per target, and the bytes copied; a
-        read error raises. Reading ahead is the caller's job (`will_read`)."""
+        """Resync: copy [off, off+size) of this plex to every target, all in one
+        worker thread: in the kernel where both are image files
+        (`_kernel_copy_sync`), else read into `buf` and written. `sparse`: copy
+        only the ranges allocated here and make the rest read as zeros on the
+        targets (punched, except on a `fresh` target, whose unwritten ranges
+        are holes already). Returns the write (or punch) errors per target, and
+        the bytes copied; a read error raises. Reading ahead is the caller's
+        job (`will_read`)."""
 
         def copy() -> tuple[dict[str, PlexIOError], int]:
             errors: dict[str, PlexIOError] = {}
 
-            def each(op: str, at: int, method: str, *args: Any) -> None:
+            def each(op: str, at: int, method: str, *args: Any, to: list[Plex] = targets
+                     ) -> None:
                 # By name: a subclass's (a test's) fault injection applies.
-                for t in targets:
+                for t in to:
                     if t.name not in errors and (op == "write" or not t.fresh):
                         try:
                             getattr(t, method)(*args)
@@ -439,11 +476,17 @@ class Plex:
                 if start > pos:  # a hole in the source
                     each("punch", pos, "_punch_sync", pos, start - pos)
                 if length:
-                    try:
-                        view = self._pread_sync(start, length, memoryview(buf))
-                    except OSError as e:
-                        raise PlexIOError(self, "read", start, e) from e
-                    each("write", start, "_pwrite_sync", start, view)
+                    # Through the buffer to the targets the kernel did not copy
+                    # to: there an error names the plex that failed.
+                    rest = [t for t in targets if t.name not in errors and not (
+                        self._kernel_copy and t._kernel_copy
+                        and self._kernel_copy_sync(t, start, length))]
+                    if rest:
+                        try:
+                            view = self._pread_sync(start, length, memoryview(buf))
+                        except OSError as e:
+                            raise PlexIOError(self, "read", start, e) from e
+                        each("write", start, "_pwrite_sync", start, view, to=rest)
                     copied += length
                 pos = start + length
             return errors, copied

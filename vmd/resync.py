@@ -12,11 +12,13 @@ Progress is made durable in batches (`copied` records after an fdatasync of
 the targets), so an interrupted resync resumes where it stopped.
 
 A resync alone must keep its disk as busy as several at once (recoveries
-run one at a time per disk, vmd/spread.py). So COPIES chunks are copied at
-once, each under its own range lock in its own worker thread (a single copy
-thread is CPU-bound in the kernel's page-cache copies); a commit records only
-the chunks whose copy had returned before its flush began, while the others
-go on. And writeback of the targets is started every WRITEBACK_BYTES copied
+run one at a time per disk, vmd/spread.py). So the copy is done in the kernel
+where it can (Plex.copy_to: copy_file_range, half the CPU of a read and a
+write), and COPIES chunks are copied at once, each under its own range lock
+in its own worker thread (one copy thread left the disk partly idle); a
+commit records only the chunks whose copy had returned before its flush
+began, while the others go on. And writeback of the targets is started
+every WRITEBACK_BYTES copied
 (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: start, do not wait), so the
 commit's fdatasync finds little left to write: without it the copy stood
 still while each commit wrote up to 256 MiB (about 12 % of a lone 1 GiB
@@ -56,8 +58,9 @@ UNFINISHED = frozenset({SYNCING, SNAPATT})  # states a finished copy leaves
 # Copy every byte, holes included, as before hole-skipping (benchmarks compare).
 DENSE_ENV = "VMD_RESYNC_DENSE"
 # Chunks copied at once (each under its own range lock, in its own worker
-# thread): one copy thread is CPU-bound in the kernel's page-cache copies
-# (about 2 s of system time per GiB here) and left the disk half idle.
+# thread): one copy thread left the disk half idle. With the kernel copy the
+# disk is busy 85-99 % of a lone resync; 8 at once, 16 MiB chunks or 64 MiB of
+# read-ahead measured no faster (docs/performance.md).
 COPIES = 4
 WRITEBACK_BYTES = 16 * MiB  # copied between two starts of the targets' writeback
 SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>; Python's os has no sync_file_range
