@@ -8,11 +8,13 @@ import random
 import signal
 import stat
 import threading
+from pathlib import Path
 from collections.abc import Callable
 
 import pytest
 
 from conftest import KiB, MiB, VmdDaemon, sha, volume_spec
+from vmd.fusefs import READ_AHEAD_KB, mount_device
 
 pytestmark = pytest.mark.mount
 
@@ -70,6 +72,26 @@ def test_random_io_matches_reference_and_every_plex(vmd_factory: Callable[..., V
     for p in vmd.plex_paths():
         assert os.path.getsize(p) == SIZE
         assert sha(p) == want, f"plex image {p} differs from the reference"
+
+
+def test_page_cache_reads_reach_vmd_as_one_mib_requests(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """The daemon sets its mount's readahead to one FUSE request's worth, so
+    a cold sequential read of a page-cached volume file (what a loop device
+    does) reaches vmd as 1 MiB requests, not the kernel's default 128 KiB."""
+    vmd = vmd_factory(volumes={"vol0": volume_spec(direct_io=False)}).start()
+    dev = mount_device(vmd.mountpoint)
+    assert dev is not None
+    assert int((Path("/sys/class/bdi") / dev / "read_ahead_kb").read_text()) == READ_AHEAD_KB
+    data = random.Random(5).randbytes(8 * MiB)
+    path = vmd.volume_file()
+    with open(path, "r+b") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # cold again
+    with open(path, "rb") as f:
+        assert f.read(len(data)) == data
+    assert vmd.status("vol0")["max_read"] == READ_AHEAD_KB * 1024
 
 
 def test_shared_mmap_needs_the_page_cache_mode(vmd_factory: Callable[..., VmdDaemon]) -> None:

@@ -20,7 +20,7 @@ from .config import Config, check_environment
 from .errors import VmdError
 from .exclusive import (check_socket_free, check_socket_path, clear_dead_mount, hold_mountpoint,
                         release_mountpoint)
-from .fusefs import VolumeFS
+from .fusefs import VolumeFS, tune_readahead
 from .manager import VolumeManager
 from .notify import Notifier
 from .resize import adopt_logged_sizes
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_SECONDS = 60  # bound on draining and flushing at stop
 FUSE_MAX_TASKS = 64  # concurrent FUSE requests (loop devices and fio numjobs>1 overlap I/O)
+READ_AHEAD_SECONDS = 10  # bound on the mount's first request, which tunes its readahead
 
 
 def sd_notify(state: str) -> None:
@@ -168,6 +169,9 @@ class Daemon:
             self.manager.on_changed = self.fs.invalidate_volume
             fuse.open(self.fs, cfg.mountpoint)
             await nursery.start(fuse.run, name="fuse")
+            with trio.move_on_after(READ_AHEAD_SECONDS):
+                await trio.to_thread.run_sync(tune_readahead, cfg.mountpoint,
+                                              abandon_on_cancel=True)
             await nursery.start(AdminServer(cfg.socket, self.handle).run, name="admin")
             nursery.start_soon(self._signals, name="signals")
             log.info("vmd ready: %d volume(s) at %s, admin socket %s, plex I/O through %s%s",

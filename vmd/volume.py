@@ -110,6 +110,7 @@ class Volume:
         # recorded whose image is gone).
         self.removed_at_open: list[PlexRecord] = []
         self.max_write = 0  # largest write seen (the FUSE request size the kernel sends)
+        self.max_read = 0  # and read
         self.writes = 0
         self.reads = 0
         self.error: str | None = None  # set when the log cannot be written: writes refused
@@ -212,6 +213,8 @@ class Volume:
         if off >= self.size or size == 0:
             return b""
         size = min(size, self.size - off)
+        if size > self.max_read:
+            self.max_read = size
         await self.gate.enter()
         try:
             return await self._read(off, size)
@@ -384,6 +387,7 @@ class Volume:
             "fastresync_region": st.fmr_region,
             "recovered_regions": self.recovered_regions,
             "max_write": self.max_write,
+            "max_read": self.max_read,
             "log": str(self.sidecar.path),
             "log_bytes": self.sidecar.size,
             "resync": self.resync.status(),
