@@ -10,15 +10,17 @@ by reading the same column range of every other column and XOR-ing.
 Parity regeneration after an unclean stop without a RAID-5 log is the same
 thing: the parity columns lack the dirty stripes.
 
-A run's columns are read at once, each in a worker thread with O_DIRECT
-into page-aligned buffers reused from run to run (`_read_direct`), then
-XOR-ed and written in one more thread. Before, through the event loop
-(io_uring reads into new 2 MiB buffers, a copy to XOR into, a write through
-io_uring), the rebuild of a 256 MiB column used 0.75 s of CPU (median of 8,
-perf: 42 % in the kernel's copy out of the page cache, 6 % zero-filling new
-buffers); now 0.35 s, on a machine of 2 cores shared with the volume's own
-I/O. What is left is the disk: a rebuild reads N−1 columns for each it
-writes (docs/performance.md).
+A run's other columns are read at once, each in a worker thread, into
+page-aligned buffers reused from run to run, then XOR-ed and written with
+O_DIRECT (`_write_direct`) in one more thread. Before, through the event
+loop (io_uring reads into new 2 MiB buffers, a copy to XOR into, a buffered
+write through io_uring), a 256 MiB column used 0.75 s of CPU (median of 8;
+perf: 42 % the kernel's copy out of the page cache, 9 % the copy into it,
+6 % zero-filling new buffers); now about 0.25 s. The reads stay buffered:
+with O_DIRECT they cost less CPU still, but the kernel's readahead keeps
+the disk busier (a 128 MiB column in 0.38–0.43 s against 0.44–0.60 s,
+alternating). What is left is the disk: a rebuild reads N−1 columns for
+each it writes (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -105,13 +107,19 @@ class Rebuild(Resync):
         def read(i: int) -> None:
             src = sources[i]
             try:
-                _read_direct(src, at, views[i]) or src._pread_sync(at, n, views[i])
+                src._pread_sync(at, n, views[i])
             except OSError as e:
                 errors.append(PlexIOError(src, "read", at, e))
 
-        def write() -> None:
+        def xor_and_write_direct() -> bool:
             for v in views[1:]:
                 xor_into(views[0], v)
+            try:
+                return _write_direct(target, at, views[0])
+            except OSError as e:
+                raise PlexIOError(target, "write", at, e) from e
+
+        def write_buffered() -> None:
             try:
                 target._pwrite_sync(at, views[0])
             except OSError as e:
@@ -124,11 +132,12 @@ class Rebuild(Resync):
                     nursery.start_soon(trio.to_thread.run_sync, read, i)
             if errors:
                 raise errors[0]
-            # One write at a time: writers of one file queue on its inode
-            # lock, and the kernel spins for it (system time) while the
-            # holder copies 2 MiB into the page cache.
-            async with self._writing:
-                await trio.to_thread.run_sync(write)
+            if not await trio.to_thread.run_sync(xor_and_write_direct):
+                # Buffered, one at a time: writers of one file queue on its
+                # inode lock, and the kernel spins for it (system time)
+                # while the holder copies 2 MiB into the page cache.
+                async with self._writing:
+                    await trio.to_thread.run_sync(write_buffered)
         finally:
             self._sets.append(bufs)
         for src in sources:
@@ -137,36 +146,35 @@ class Rebuild(Resync):
         target.bytes_written += n
 
 
-def _read_direct(src: Plex, at: int, view: memoryview) -> memoryview | None:
-    """Read [at, at+len(view)) of a column with O_DIRECT, through a second
-    open file of the same image (/proc/self/fd: the very file, whatever its
-    path is now). The read goes from the disk into `view`: buffered, the
-    copy out of the page cache was 40 % of a rebuild's CPU (perf), more than
-    the XOR and the write together. Dirty pages of the range are written
-    back by the kernel first, so what the volume wrote is what is read.
-    None where O_DIRECT cannot be used (a filesystem without it, a test's
-    plex that fakes its reads): the caller reads buffered."""
-    if type(src)._pread_sync is not Plex._pread_sync or src.fd < 0:
-        return None
+def _write_direct(p: Plex, at: int, view: memoryview) -> bool:
+    """Write `view` at `at` of a column with O_DIRECT, through a second open
+    file of the same image (/proc/self/fd: the very file, whatever its path
+    is now): from the buffer to the disk, without a copy into the page cache
+    and its writeback later. The kernel writes back and drops cached pages
+    of the range around such a write, so the volume's buffered I/O and this
+    agree (the run's range lock keeps other writes to these stripes out).
+    False where O_DIRECT cannot be used (a filesystem without it, a test's
+    plex that fakes its writes): the caller writes buffered."""
+    if type(p)._pwrite_sync is not Plex._pwrite_sync or p.fd < 0:
+        return False
     try:
-        fd = os.open(f"/proc/self/fd/{src.fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        fd = os.open(f"/proc/self/fd/{p.fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
     except OSError:
-        return None
+        return False
     done = 0
     try:
         while done < len(view):
-            got = os.preadv(fd, [view[done:]], at + done)
+            got = os.pwritev(fd, [view[done:]], at + done)
             if got <= 0:
-                view[done:] = bytes(len(view) - done)  # past the end: zeros, as a hole
-                break
+                raise OSError(errno.EIO, "short write")
             done += got
     except OSError as e:
         if e.errno == errno.EINVAL and not done:
-            return None  # alignment or no O_DIRECT after all: buffered
+            return False  # alignment, or no O_DIRECT after all: buffered
         raise
     finally:
         os.close(fd)
-    return view
+    return True
 
 
 def _runs(stripes: list[int]) -> list[tuple[int, int]]:
