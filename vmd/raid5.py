@@ -89,6 +89,9 @@ class Raid5Volume(Volume):
             return p.state != ACTIVE
         return m.any_in(s * self.width, self.width)
 
+    def _all_in(self) -> bool:
+        return all(p.fd >= 0 and p.record.state == ACTIVE for p in self.columns)
+
     def _bad(self, s: int) -> list[int]:
         return [c for c in range(self.ncol) if self.lacks(c, s)]
 
@@ -144,6 +147,9 @@ class Raid5Volume(Volume):
         for c, off, data in writes:
             percol.setdefault(c, []).append((off, data))
         merged: list[tuple[Plex, int, Any]] = []
+        if len(percol) == len(writes):  # one piece per column (a small write): as it is
+            merged = [(self.columns[c], off, data) for c, off, data in writes]
+            percol = {}
         for c, items in percol.items():
             items.sort(key=lambda t: t[0])
             start, parts = items[0][0], [items[0][1]]
@@ -196,6 +202,11 @@ class Raid5Volume(Volume):
         for p in self.plexes:
             if p.state == SNAPLINK and p.record.missing is not None:
                 p.record.missing.mark(off, n)
+        if n <= self.su:
+            writes = await self._unit_write(off, data)
+            if writes is not None:
+                await self._put(writes, off, n, stripes)
+                return
         for attempt in range(self.ncol + 1):
             plan = self._plan_writes(off, data, stripes)
             try:
@@ -207,29 +218,75 @@ class Raid5Volume(Volume):
             for c in range(self.ncol):
                 if not self._writable(c):
                     self._mark_missed(self.columns[c].record, off, n)
-            seq = await self.r5log.append(writes) if self.r5log is not None else 0
-            if self._fault is not None and self._fault.matches(self.name, off):
-                self._cut(writes, plan)
-            try:
-                failed = await self._write_pieces(writes)
-            finally:
-                if self.r5log is not None:
-                    self.r5log.written(seq)
-            await self._fail_columns(failed, stripes)
-            if self.error is not None:
-                raise VolumeIOError(errno.EIO, f"volume {self.name}: {self.error}")
-            if any(len(self._bad(s)) > 1 for s in stripes):
-                raise VolumeIOError(errno.EIO, f"volume {self.name}: a write at {off} lost a "
-                                    f"second column: the stripe cannot be recovered")
+            await self._put(writes, off, n, stripes)
             return
         raise VolumeIOError(errno.EIO, f"volume {self.name}: columns kept failing at {off}")
 
-    def _cut(self, writes: list[tuple[int, int, Any]], plan: WritePlan) -> None:
+    async def _unit_write(self, off: int, data: memoryview
+                          ) -> list[tuple[int, int, Any]] | None:
+        """The column writes of a write inside one data unit of a stripe no
+        column lacks (a 4 KiB random write), or None for the general path.
+        Without WritePlan's per-stripe bookkeeping: at ~150 µs of CPU per
+        request through FUSE, its dicts, sorts and nurseries were a third of
+        a small write's cost. Reads what the plan would (the fewer bytes):
+        the other data units' span (reconstruct-write: one read with 3
+        columns) or the old data and the old parity (read-modify-write), and
+        writes the data and the parity span."""
+        n = len(data)
+        i, uoff = divmod(off, self.su)
+        if uoff + n > self.su:
+            return None
+        s, k = divmod(i, self.ncol - 1)
+        for c in range(self.ncol):
+            if self.lacks(c, s):
+                return None  # degraded: the plan rebuilds the lacking column's span
+        at = s * self.su + uoff
+        dc, pc = self.data_col(s, k), self.parity_col(s)
+        if self.ncol - 2 <= 2:  # reconstruct-write reads no more than RMW's two pieces
+            method = "rcw"
+            pieces = [(c, at, n) for c in range(self.ncol) if c != dc and c != pc]
+        else:
+            method = "rmw"
+            pieces = [(dc, at, n), (pc, at, n)]
+        try:
+            got = await self._read_pieces(pieces)
+        except PlexIOError as e:
+            await self._fail_columns([e], self._stripes(off, n))
+            return None  # the general path writes it degraded
+        parity = bytearray(got[0])
+        for b in got[1:]:
+            xor_into(parity, b)
+        xor_into(parity, data)
+        self.method_counts[method] += 1
+        return [(dc, at, data), (pc, at, parity)]
+
+    async def _put(self, writes: list[tuple[int, int, Any]], off: int, n: int,
+                   stripes: range) -> None:
+        """Write the computed pieces (through the RAID-5 log if there is one);
+        answered once any column failure it met is durable."""
+        seq = await self.r5log.append(writes) if self.r5log is not None else 0
+        if self._fault is not None and self._fault.matches(self.name, off):
+            self._cut(writes)
+        try:
+            failed = await self._write_pieces(writes)
+        finally:
+            if self.r5log is not None:
+                self.r5log.written(seq)
+        await self._fail_columns(failed, stripes)
+        if self.error is not None:
+            raise VolumeIOError(errno.EIO, f"volume {self.name}: {self.error}")
+        # A second column lost while this write was under way fails some
+        # column, which is then not ACTIVE: with all in, nothing to look at.
+        if (failed or not self._all_in()) and any(len(self._bad(s)) > 1 for s in stripes):
+            raise VolumeIOError(errno.EIO, f"volume {self.name}: a write at {off} lost a "
+                                f"second column: the stripe cannot be recovered")
+
+    def _cut(self, writes: list[tuple[int, int, Any]]) -> None:
         """The test fault: only the data (or only the parity) reaches the columns."""
-        parity = {(self.parity_col(st["s"]), st["s"] * self.su + st["pa"]) for st in plan.stripes}
         want = self._fault.part == "parity"  # type: ignore[union-attr]
         for c, at, data in writes:
-            if ((c, at) in parity) == want:
+            # A piece at column offset `at` is of stripe at // su.
+            if (c == self.parity_col(at // self.su)) == want:
                 self.columns[c].pwrite_inline(at, data)
         self._fault.die()  # type: ignore[union-attr]
 
