@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -25,8 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SysResources, VmdDaemon, run, volume_spec
+from conftest import (CMD_TIMEOUT, MiB, REPO, START_TIMEOUT, SysResources, VmdDaemon, run,
+                      volume_spec, wait_for)
 from fsync_writer import RECORD, record
+from vmd.config import load_config
 
 pytestmark = pytest.mark.mount
 
@@ -101,8 +104,9 @@ def fsck_clean(dev: str) -> None:
 
 
 # The three ways a volume file's writes reach vmd: (direct_io, writeback_cache).
-CACHE_MODES = pytest.mark.parametrize("direct_io,writeback", [
-    (True, False), (False, False), (False, True)], ids=["direct_io", "page_cache", "writeback"])
+TESTED_CACHE_MODES = [(True, False), (False, False), (False, True)]
+CACHE_MODES = pytest.mark.parametrize("direct_io,writeback", TESTED_CACHE_MODES,
+                                      ids=["direct_io", "page_cache", "writeback"])
 
 
 def make_vmd(vmd_factory: Callable[..., VmdDaemon], direct_io: bool, writeback: bool,
@@ -212,3 +216,50 @@ def test_writeback_write_past_end_fails_at_fsync(vmd_factory: Callable[..., VmdD
         os.close(fd)
     vmd.stop()
     assert [p.stat().st_size for p in vmd.plex_paths()] == [size, size]
+
+
+def test_shipped_config_keeps_what_was_fsynced(tmp_path: Path) -> None:
+    """config/vmd.yaml as shipped (`make run`), in a copy whose relative
+    paths land in tmp_path: its cache mode is one the tests above cover, and
+    a daemon on it, killed with SIGKILL after an fsync, still has those bytes
+    after a restart (while a later write that no fsync covered may be lost)."""
+    cfg_dir = tmp_path / "config"
+    cfg_dir.mkdir()
+    cfg = cfg_dir / "vmd.yaml"
+    shutil.copy(REPO / "config" / "vmd.yaml", cfg)
+    shipped = load_config(cfg)
+    vol = shipped.volumes["vol0"]
+    assert (vol.direct_io, shipped.writeback_cache) in TESTED_CACHE_MODES
+    vmd = [sys.executable, "-m", "vmd", "-c", str(cfg)]
+
+    log = tmp_path / "daemon.log"
+
+    def start() -> subprocess.Popen[bytes]:
+        with open(log, "ab") as err:
+            proc = subprocess.Popen([*vmd, "daemon"], cwd=REPO, stderr=err)
+        wait_for(lambda: proc.poll() is not None or subprocess.run(
+            [*vmd, "status"], cwd=REPO, capture_output=True).returncode == 0,
+            START_TIMEOUT, "the daemon on the shipped config to serve")
+        assert proc.poll() is None, log.read_text()
+        return proc
+
+    proc = start()
+    try:
+        data = os.urandom(4 * MiB)
+        with open(shipped.mountpoint / "vol0", "r+b") as f:
+            f.write(data)
+            os.fsync(f.fileno())
+            f.seek(8 * MiB)
+            f.write(b"not fsynced" * 1000)
+        proc.kill()
+        proc.wait()
+        proc = start()  # clears the dead mount, recovers the dirty regions
+        with open(shipped.mountpoint / "vol0", "rb") as f:
+            assert f.read(len(data)) == data
+        subprocess.run([*vmd, "stop"], cwd=REPO, check=True, capture_output=True)
+        proc.wait(timeout=CMD_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        subprocess.run(["umount", "-l", str(shipped.mountpoint)], capture_output=True)
