@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from vmd.config import KiB, MiB
 from vmd import plex as plexmod
@@ -555,3 +556,78 @@ async def test_access_rules_refuse_user_io_not_the_engines(tmp_path):
         vol.access = OPEN
         assert await vol.pread(0, 4096) == b"c" * 4096
     assert plex_bytes(vol) == [b"c" * 4096 + bytes(vc.size - 4096)] * 2
+
+
+class SlowToPrepare(Plex):
+    """A plex whose attach takes a while to connect (a remote one's does):
+    `prepared` is set when it begins, and it ends once `release` is."""
+
+    prepared: trio.Event
+    release: trio.Event
+    preparing = 0  # prepares under way at once
+    most = 0
+
+    async def prepare_attach(self) -> None:
+        SlowToPrepare.preparing += 1
+        SlowToPrepare.most = max(SlowToPrepare.most, SlowToPrepare.preparing)
+        SlowToPrepare.prepared.set()
+        await SlowToPrepare.release.wait()
+        SlowToPrepare.preparing -= 1
+
+
+async def test_plex_removed_while_its_attach_prepares_is_not_attached(tmp_path):
+    """An attach prepares (connects) before it takes the write gate; a plex
+    removed meanwhile is not brought back as a member of nothing."""
+    from vmd.errors import VmdError
+
+    SlowToPrepare.prepared = trio.Event()
+    SlowToPrepare.release = trio.Event()
+    vc = volume_config(tmp_path, nplex=3)
+    async with running_volume(vc, plex_factory=SlowToPrepare) as vol:
+        await vol.detach_plex("p2")
+        p2 = vol.plex("p2")
+        result: list[Any] = []
+
+        async def attach() -> None:
+            try:
+                result.append(await vol.attach_plex("p2"))
+            except VmdError as e:
+                result.append(e)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attach)
+            await SlowToPrepare.prepared.wait()
+            await vol.remove_plex("p2")
+            SlowToPrepare.release.set()
+        (err,) = result
+        assert isinstance(err, VmdError) and "p2" in str(err), err
+        assert p2.fd < 0 and [p.name for p in vol.plexes] == ["p0", "p1"]
+
+
+async def test_attaches_of_one_plex_prepare_one_at_a_time(tmp_path):
+    """Two attaches of a plex (an admin's and RemoteWatch's): the second
+    prepares only after the first is done, so it never replaces (closes) the
+    connection the first prepared and is about to use."""
+    SlowToPrepare.prepared = trio.Event()
+    SlowToPrepare.release = trio.Event()
+    SlowToPrepare.most = 0
+    vc = volume_config(tmp_path, nplex=2)
+    async with running_volume(vc, plex_factory=SlowToPrepare) as vol:
+        await vol.detach_plex("p1")
+        results: list[Any] = []
+
+        async def attach() -> None:
+            try:
+                results.append(await vol.attach_plex("p1"))
+            except Exception as e:  # noqa: BLE001 (the second finds it attached)
+                results.append(e)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attach)
+            nursery.start_soon(attach)
+            await SlowToPrepare.prepared.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            SlowToPrepare.release.set()
+        assert SlowToPrepare.most == 1
+        assert sum(isinstance(r, dict) for r in results) == 1, results
+        assert vol.plex("p1").state in (ACTIVE, SYNCING)

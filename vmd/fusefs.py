@@ -64,7 +64,11 @@ def tune_readahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
     proposed, 128 KiB), and before the daemon says it is ready: a file takes
     the value when it is opened. Blocking (a stat of the mount waits for the
     INIT): for a worker thread, with the FUSE loop running."""
-    os.stat(mountpoint)
+    try:
+        os.stat(mountpoint)
+    except OSError as e:  # a broken mount: the start fails later, and says why
+        log.info("readahead of %s left as is: %s", mountpoint, e.strerror or e)
+        return
     dev = mount_device(mountpoint)
     if dev is None:
         log.info("readahead of %s left as is: the mount is not in /proc/self/mountinfo",

@@ -46,6 +46,9 @@ class MirrorVolume(Volume):
         self._rr = itertools.count()
         self._recovering = False  # some ACTIVE plex lacks regions (crash recovery)
         self._update_recovering()
+        # One attach at a time (an admin's and RemoteWatch's may meet): each
+        # prepares the plex's connection, which the next must not replace.
+        self._attaching = trio.Lock()
 
     def _update_recovering(self) -> None:
         self._recovering = any(p.state == ACTIVE and p.record.missing is not None
@@ -255,13 +258,15 @@ class MirrorVolume(Volume):
     async def attach_plex(self, name: str) -> dict[str, Any]:
         p = self.plex(name)
         self._check_attachable(p)
-        # Before the gate: a remote plex's connection may take remote_timeout,
-        # and writes (every volume's: the event loop) go on meanwhile.
-        await p.prepare_attach()
-        try:
-            return await self._attach_prepared(p)
-        finally:
-            p.drop_prepared()
+        async with self._attaching:
+            # Before the gate: a remote plex's connection may take
+            # remote_timeout, and writes (every volume's: the event loop) go
+            # on meanwhile.
+            await p.prepare_attach()
+            try:
+                return await self._attach_prepared(p)
+            finally:
+                p.drop_prepared()
 
     def _check_attachable(self, p: Plex) -> None:
         if p.record.state not in (DETACHED, IOFAIL, STALE):
@@ -274,7 +279,11 @@ class MirrorVolume(Volume):
         name = p.name
         async with self.gate.hold(), self.resync.paused():
             rec = p.record
-            self._check_attachable(p)  # again: it may have changed meanwhile
+            # Again: it may have changed meanwhile, or been removed.
+            if self.plex(name) is not p:
+                raise VmdError(f"plex {name} of volume {self.name} was replaced while the "
+                               f"attach connected to it; try again")
+            self._check_attachable(p)
             why = self._why_full_resync(p)
             p.close()
             p.open(create=True)
