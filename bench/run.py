@@ -308,8 +308,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "(explicit flags and env still win)")
     ap.add_argument("--size", help="fio file/volume size (env BENCH_SIZE; default 1GiB)")
     ap.add_argument("--runtime", type=float,
-                    help="seconds per fio job (env BENCH_RUNTIME; default 2, so that the whole "
-                         "run stays near 12 minutes)")
+                    help="seconds per fio job (env BENCH_RUNTIME; default 2, so that the "
+                         "fio matrix stays near 5 minutes)")
     ap.add_argument("--reps", type=int,
                     help="repetitions of the fio matrix (env BENCH_REPS; default 3)")
     ap.add_argument("--recovery-size",
