@@ -125,9 +125,9 @@ class Plex:
         self._nowait_skip = 0
         self._nowait_backoff = 0
         # A subclass that replaces the blocking calls (tests injecting delays
-        # or faults) keeps them on every path: no io_uring for it.
+        # or faults) keeps them on every path: no io_uring, no kernel copy.
         cls = type(self)
-        self._uring_ok = (cls._pread_sync is Plex._pread_sync
+        self._real_io = (cls._pread_sync is Plex._pread_sync
                           and cls._pwrite_sync is Plex._pwrite_sync)
 
     @property
@@ -153,8 +153,7 @@ class Plex:
             st = os.fstat(fd)
             if stat.S_ISREG(st.st_mode):
                 self._seek_holes = True
-                # Not where a test replaces the blocking calls to inject faults.
-                self._kernel_copy = self._uring_ok
+                self._kernel_copy = self._real_io
                 if st.st_size == 0 and create:
                     os.ftruncate(fd, self.size)
                     self.fresh = True
@@ -312,7 +311,7 @@ class Plex:
         return buf if n == size else None
 
     def _ring(self) -> Ring | None:
-        if not self._uring_ok:
+        if not self._real_io:
             return None
         ring = Ring.get()
         return None if ring is None or ring.full else ring

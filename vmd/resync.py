@@ -17,13 +17,13 @@ where it can (Plex.copy_to: copy_file_range, half the CPU of a read and a
 write), and COPIES chunks are copied at once, each under its own range lock
 in its own worker thread (one copy thread left the disk partly idle); a
 commit records only the chunks whose copy had returned before its flush
-began, while the others go on. And writeback of the targets is started
-every WRITEBACK_BYTES copied
-(`sync_file_range(SYNC_FILE_RANGE_WRITE)`: start, do not wait), so the
-commit's fdatasync finds little left to write: without it the copy stood
-still while each commit wrote up to 256 MiB (about 12 % of a lone 1 GiB
-resync here). That is a hint only: durability and errors still come from
-the fdatasync. A rate-limited resync copies one chunk at a time.
+began, while the others go on. And writeback of the targets is started every
+WRITEBACK_BYTES copied (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: start, do
+not wait), so the commit's fdatasync finds little left to write: without
+it the copy stood still while each commit wrote up to 256 MiB (about 12 %
+of a lone 1 GiB resync here). That is a hint only: durability and errors
+still come from the fdatasync. A rate-limited resync copies one chunk at a
+time.
 """
 
 from __future__ import annotations
