@@ -155,7 +155,7 @@ def _write_direct(p: Plex, at: int, view: memoryview) -> bool:
     agree (the run's range lock keeps other writes to these stripes out).
     False where O_DIRECT cannot be used (a filesystem without it, a test's
     plex that fakes its writes): the caller writes buffered."""
-    if type(p)._pwrite_sync is not Plex._pwrite_sync or p.fd < 0:
+    if not p._real_io or p.fd < 0:
         return False
     try:
         fd = os.open(f"/proc/self/fd/{p.fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
