@@ -99,8 +99,10 @@ class NbdQsd(Qsd):
 
 class NbdBench:
     def __init__(self, scratch: Path, cleanup: Cleanup, caches: Caches, *, size: int,
-                 runtime: float, reps: int, vol_settings: dict[str, Any]):
+                 runtime: float, reps: int, vol_settings: dict[str, Any],
+                 numjobs: tuple[int, ...] = NUMJOBS):
         self.root = scratch / "nbd"
+        self.numjobs = numjobs
         self.cleanup, self.caches = cleanup, caches
         self.size, self.runtime, self.reps = size, runtime, reps
         self.vol_settings = vol_settings
@@ -139,7 +141,7 @@ class NbdBench:
             log(f"nbd: prefilled {name} at {r.bw_bytes / 1e6:.0f} MB/s")
         for rep in range(self.reps):
             for wl in WORKLOADS:
-                for nj in NUMJOBS:
+                for nj in self.numjobs:
                     for name in rotated(list(TARGETS), rep):
                         self.caches.drop()
                         r = self.samples.fio((wl.key, nj), targets[name],
@@ -168,7 +170,7 @@ class NbdBench:
                 "vmd-unix CPU/req", "qsd-unix CPU/req"]
         md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for wl in WORKLOADS:
-            for nj in NUMJOBS:
+            for nj in self.numjobs:
                 row = (wl.key, nj)
                 cells = [wl.label, str(nj), wl.unit,
                          *(fmt_val(s.value(row, t), wl.unit) for t in TARGETS),

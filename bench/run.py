@@ -274,15 +274,29 @@ class Bench:
     def holes(self) -> None:
         a = self.a
         self.holesbench = HolesBench(self.scratch, self.cleanup, self.caches,
-                                     size=a.recovery_size, reps=a.reps,
+                                     size=a.holes_size, reps=a.side_reps,
                                      vol_settings=self.vol_settings)
         self.raw["holes"] = self.holesbench.raw
         self.holesbench.run()
 
+    def spread(self) -> None:
+        self.spreadbench = SpreadBench(self.scratch, self.cleanup, self.caches, size=GiB,
+                                       reps=self.a.side_reps, vol_settings=self.vol_settings)
+        self.raw["spread"] = self.spreadbench.raw
+        self.spreadbench.run()
+
+    def remote(self) -> None:
+        a = self.a
+        self.nbd = NbdBench(self.scratch, self.cleanup, self.caches, size=a.nbd_size,
+                            runtime=a.nbd_runtime, reps=a.side_reps, vol_settings=self.vol_settings,
+                            numjobs=a.nbd_numjobs)
+        self.raw["nbd"] = self.nbd.raw
+        self.nbd.run()
+
     def raid5(self) -> None:
         a = self.a
-        self.raid5bench = Raid5Bench(self.scratch, self.cleanup, self.caches, size=a.loop_size,
-                                     runtime=a.loop_runtime, reps=a.reps,
+        self.raid5bench = Raid5Bench(self.scratch, self.cleanup, self.caches, size=a.raid5_size,
+                                     runtime=a.raid5_runtime, reps=a.side_reps,
                                      vol_settings=self.vol_settings)
         self.raw["raid5"] = self.raid5bench.raw
         self.raid5bench.run()
@@ -306,14 +320,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 1 repetition, 1 s jobs, 256 MiB, 1 GiB resync volume "
                          "(explicit flags and env still win)")
-    ap.add_argument("--size", help="fio file/volume size (env BENCH_SIZE; default 1GiB)")
+    ap.add_argument("--size", help="fio file/volume size (env BENCH_SIZE; default 512MiB, "
+                                   "--full 1GiB)")
     ap.add_argument("--runtime", type=float,
-                    help="seconds per fio job (env BENCH_RUNTIME; default 2, so that the "
-                         "fio matrix stays near 5 minutes)")
+                    help="seconds per fio job on the volume files (env BENCH_RUNTIME; default 1, "
+                         "--full 2)")
     ap.add_argument("--reps", type=int,
                     help="repetitions of the fio matrix (env BENCH_REPS; default 3)")
     ap.add_argument("--recovery-size",
-                    help="volume size for the resync figures (env BENCH_RECOVERY_SIZE; default 4GiB)")
+                    help="volume size for the resync and holes figures (env BENCH_RECOVERY_SIZE; "
+                         "default 1GiB, --full 4GiB)")
     ap.add_argument("--dir", default=os.environ.get("BENCH_DIR"),
                     help="parent of the scratch directory (env BENCH_DIR; default: var/ in the "
                          "repository). Must not be tmpfs: use the plexes' disk.")
@@ -334,23 +350,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="skip the remote-plex section (qemu-nbd exports)")
     ap.add_argument("--skip-raid5", action="store_true",
                     help="skip RAID-5 against the mirror (bench/raid5.py)")
+    ap.add_argument("--full", action="store_true",
+                    help="the long run (make bench-full, about 32 minutes): 1 GiB fio volumes, a "
+                         "4 GiB resync volume, and the remote-plex and RAID-5 sections at the "
+                         "fio and loop sizes and runtimes")
+    ap.add_argument("--side-size",
+                    help="volume size of the remote-plex and RAID-5 sections, and of the holes "
+                         "section without --full (env "
+                         "BENCH_SIDE_SIZE; default 256MiB; --full: the fio and loop sizes)")
+    ap.add_argument("--side-runtime", type=float,
+                    help="seconds per fio job in those sections (env BENCH_SIDE_RUNTIME; "
+                         "default 1; --full: the fio and loop runtimes)")
+    ap.add_argument("--side-reps", type=int,
+                    help="repetitions in the holes, spread, remote-plex and RAID-5 sections "
+                         "(env BENCH_SIDE_REPS; default 2; --full: --reps)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (debugging)")
     a = ap.parse_args(argv)
-    #                 flag            env                     normal   --quick
-    for attr, env, normal, quick in (("size", "BENCH_SIZE", "1GiB", "256MiB"),
-                                     ("runtime", "BENCH_RUNTIME", "2", "1"),
-                                     ("reps", "BENCH_REPS", "3", "1"),
-                                     ("recovery_size", "BENCH_RECOVERY_SIZE", "4GiB", "1GiB"),
-                                     ("loop_size", "BENCH_LOOP_SIZE", "512MiB", "256MiB"),
-                                     ("loop_runtime", "BENCH_LOOP_RUNTIME", "2", "1")):
+    # `make bench` keeps the whole run near 12 minutes: every section but the
+    # loop devices' runs shorter than with `--full` (make bench-full, about 32).
+    profile = "quick" if a.quick else "full" if a.full else "normal"
+    #                 flag            env                     normal    --full    --quick
+    for attr, env, *values in (("size", "BENCH_SIZE", "512MiB", "1GiB", "256MiB"),
+                               ("runtime", "BENCH_RUNTIME", "1", "2", "1"),
+                               ("reps", "BENCH_REPS", "3", "3", "1"),
+                               ("recovery_size", "BENCH_RECOVERY_SIZE", "1GiB", "4GiB", "1GiB"),
+                               ("loop_size", "BENCH_LOOP_SIZE", "512MiB", "512MiB", "256MiB"),
+                               ("loop_runtime", "BENCH_LOOP_RUNTIME", "2", "2", "1"),
+                               ("side_size", "BENCH_SIDE_SIZE", "256MiB", "", "256MiB"),
+                               ("side_runtime", "BENCH_SIDE_RUNTIME", "1", "", "1"),
+                               ("side_reps", "BENCH_SIDE_REPS", "2", "", "1")):
+        normal, full, quick = values
         if getattr(a, attr) is None:
-            setattr(a, attr, os.environ.get(env) or (quick if a.quick else normal))
+            setattr(a, attr, os.environ.get(env) or
+                    {"normal": normal, "full": full, "quick": quick}[profile])
+    # --full: the remote-plex and RAID-5 sections at the sizes of the fio and
+    # loop sections they compare with.
+    a.nbd_size = parse_size(str(a.side_size or a.size))
+    a.nbd_runtime = float(a.side_runtime or a.runtime)
+    a.raid5_size = parse_size(str(a.side_size or a.loop_size))
+    a.raid5_runtime = float(a.side_runtime or a.loop_runtime)
+    a.side_reps = int(a.side_reps or a.reps)
+    # Without --full the remote-plex section runs the numjobs=1 rows only.
+    a.nbd_numjobs = NUMJOBS if a.full else (1,)
     a.runtime = float(a.runtime)
     a.loop_runtime = float(a.loop_runtime)
     a.loop_size = parse_size(str(a.loop_size))
     a.reps = int(a.reps)
     a.size = parse_size(str(a.size))
     a.recovery_size = parse_size(str(a.recovery_size))
+    # The holes section copies and sends its volume four ways per round.
+    a.holes_size = a.recovery_size if a.full else min(a.recovery_size, 512 * MiB)
     if any(x % (4 * MiB) for x in (a.size, a.recovery_size, a.loop_size)) or \
             min(a.size, a.loop_size) < 64 * MiB:
         ap.error("sizes must be multiples of 4 MiB, and the fio and loop sizes at least 64 MiB")
@@ -430,27 +479,23 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     failure = ""
     try:
-        if not a.skip_fio:
-            b.matrix()
-            b.floor()
-        if not a.skip_loop:
-            b.loop()
-        if not a.skip_recovery:
-            b.recovery()
-        if not a.skip_holes:
-            b.holes()
-        if not a.skip_spread:
-            b.spreadbench = SpreadBench(scratch, cleanup, b.caches, size=GiB, reps=a.reps,
-                                        vol_settings=b.vol_settings)
-            b.raw["spread"] = b.spreadbench.raw
-            b.spreadbench.run()
-        if not a.skip_nbd:
-            b.nbd = NbdBench(scratch, cleanup, b.caches, size=a.size, runtime=a.runtime,
-                             reps=a.reps, vol_settings=b.vol_settings)
-            b.raw["nbd"] = b.nbd.raw
-            b.nbd.run()
-        if not a.skip_raid5:
-            b.raid5()
+        sections = b.raw["section_seconds"] = {}
+
+        def section(name: str, skip: bool, run: Any) -> None:
+            if skip:
+                return
+            t0 = time.monotonic()
+            run()
+            sections[name] = round(time.monotonic() - t0, 1)
+            log(f"section {name}: {sections[name]:.0f} s")
+
+        section("fio", a.skip_fio, lambda: (b.matrix(), b.floor()))
+        section("loop", a.skip_loop, b.loop)
+        section("recovery", a.skip_recovery, b.recovery)
+        section("holes", a.skip_holes, b.holes)
+        section("spread", a.skip_spread, b.spread)
+        section("nbd", a.skip_nbd, b.remote)
+        section("raid5", a.skip_raid5, b.raid5)
     except KeyboardInterrupt:
         failure = "interrupted"
         rc = 130
@@ -487,6 +532,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{load_end:.2f} at end (the run itself keeps it near 1-2)"
                 + (" — **the machine had other work: figures skewed**" if load_start > 0.5 else "")
                 + (f" — **{failure}**" if failure else ""))
+    if b.raw.get("section_seconds"):
+        head.append(f"- profile: {'--quick' if a.quick else '--full' if a.full else 'make bench'}; "
+                    "section times: " + ", ".join(f"{k} {v:.0f} s"
+                                                  for k, v in b.raw["section_seconds"].items()))
     head.append("")
     if getattr(b, "samples", None):
         b.matrix_report()
@@ -507,7 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     b.raw["params"] = {"size": a.size, "runtime": a.runtime, "reps": a.reps,
                        "loop_size": a.loop_size, "loop_runtime": a.loop_runtime,
-                       "recovery_size": a.recovery_size, "quick": a.quick,
+                       "recovery_size": a.recovery_size, "quick": a.quick, "full": a.full,
+                       "nbd_size": a.nbd_size, "nbd_runtime": a.nbd_runtime,
+                       "raid5_size": a.raid5_size, "raid5_runtime": a.raid5_runtime,
                        "caches_dropped": b.caches.dropped, "cache_drop_failures": b.caches.failed,
                        "total_seconds": round(total, 1)}
     RESULTS.mkdir(parents=True, exist_ok=True)
