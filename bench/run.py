@@ -154,7 +154,7 @@ class Bench:
         self.samples = samples = Samples()  # partial results are reported if the run is cut short
         self.raw["fio"] = samples.records
         t_start = time.monotonic()
-        for rep in range(a.reps):
+        for rep in range(a.side_reps):
             for wl in WORKLOADS:
                 for nj in NUMJOBS:
                     names = rotated(["vmd", "qsd", "file"], rep)
@@ -164,7 +164,7 @@ class Bench:
                         self.caches.drop()
                         r = samples.fio((wl.key, nj), targets[name],
                                         fio_args(wl, nj, targets[name].path, size, a.runtime), wl)
-                        log(f"rep {rep + 1}/{a.reps} {wl.label:<17} nj={nj} {name:<12} "
+                        log(f"rep {rep + 1}/{a.side_reps} {wl.label:<17} nj={nj} {name:<12} "
                             f"{fmt_val(r.value, wl.unit):>8} {wl.unit}")
         self.raw["matrix_seconds"] = round(time.monotonic() - t_start, 1)
 
@@ -191,7 +191,7 @@ class Bench:
         md = self.md
         md.append("## fio: vmd vs qemu-storage-daemon (quorum) vs plain file")
         md.append("")
-        md.append(f"Median of {self.a.reps} repetition(s); MB/s = 10^6 bytes/s. Targets alternate "
+        md.append(f"Median of {self.a.side_reps} repetition(s); MB/s = 10^6 bytes/s. Targets alternate "
                   f"job by job (rotating start); page caches dropped (sync; echo 3 > "
                   f"/proc/sys/vm/drop_caches) before every job"
                   + ("" if not self.caches.failed else
@@ -326,7 +326,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="seconds per fio job on the volume files (env BENCH_RUNTIME; default 1, "
                          "--full 2)")
     ap.add_argument("--reps", type=int,
-                    help="repetitions of the fio matrix (env BENCH_REPS; default 3)")
+                    help="repetitions of the loop-device and resync sections, and with --full of "
+                         "every section (env BENCH_REPS; default 3)")
     ap.add_argument("--recovery-size",
                     help="volume size for the resync and holes figures (env BENCH_RECOVERY_SIZE; "
                          "default 1GiB, --full 4GiB)")
@@ -362,8 +363,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="seconds per fio job in those sections (env BENCH_SIDE_RUNTIME; "
                          "default 1; --full: the fio and loop runtimes)")
     ap.add_argument("--side-reps", type=int,
-                    help="repetitions in the holes, spread, remote-plex and RAID-5 sections "
-                         "(env BENCH_SIDE_REPS; default 2; --full: --reps)")
+                    help="repetitions in the fio matrix and the holes, spread, remote-plex and "
+                         "RAID-5 sections (env BENCH_SIDE_REPS; default 2; --full: --reps)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (debugging)")
     a = ap.parse_args(argv)
     # `make bench` keeps the whole run near 12 minutes: every section but the
