@@ -27,9 +27,11 @@ and the sources are read with the kernel's sequential read-ahead (a doubled
 window, `POSIX_FADV_SEQUENTIAL`) for the pass. A run holds 4 MiB of volume
 bytes, so the buffers of the runs in flight are COPIES_RAID5 × 4 MiB whatever
 the number of columns. A 128 MiB column, engine alone, caches dropped,
-alternating, load 5–6: 0.31 s (median of 6) against 0.45 s with 4 runs and
-the default window; 16 or 32 runs, 8 MiB runs and O_DIRECT reads split in
-pieces were no faster, `POSIX_FADV_WILLNEED` on the runs ahead slower.
+alternating with 4 runs and the default window, load 4–9: 0.37 s against
+0.41 s (median of 34 pairs), 0.40 s against 0.70 s (12 more); 16 or 32
+runs, 8 MiB runs, O_DIRECT reads and fallocate before the direct writes
+were no faster, `POSIX_FADV_WILLNEED` on the runs ahead slower
+(docs/performance.md).
 """
 
 from __future__ import annotations
