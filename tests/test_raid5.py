@@ -150,6 +150,57 @@ async def test_replaced_column_is_rebuilt_whole(tmp_path):
     assert not any(xor_all(cols))
 
 
+async def test_rebuild_keeps_runs_in_flight_with_sequential_read_ahead_on_the_sources(
+        tmp_path, monkeypatch):
+    """The rebuild rebuilds Rebuild.copies runs at once and reads its sources
+    with the kernel's sequential read-ahead for the pass only (the volume's
+    own reads get the default window back after); the target gets no hint."""
+    from vmd import raid5_rebuild
+    from vmd.raid5_rebuild import Rebuild
+
+    cfg = raid5_config(tmp_path, size=2 * 64 * MiB)  # 32 runs of 4 MiB
+    advice: list[tuple[int, int]] = []  # (inode, advice)
+    real_fadvise = os.posix_fadvise
+
+    def spy(fd, off, n, how):
+        advice.append((os.fstat(fd).st_ino, how))
+        real_fadvise(fd, off, n, how)
+
+    now = most = 0
+    real_run = Rebuild._rebuild_run
+
+    async def counted(self, target, sources, at, n):
+        nonlocal now, most
+        now += 1
+        most = max(most, now)
+        try:
+            return await real_run(self, target, sources, at, n)
+        finally:
+            now -= 1
+
+    monkeypatch.setattr(raid5_rebuild.os, "posix_fadvise", spy)
+    monkeypatch.setattr(Rebuild, "_rebuild_run", counted)
+    ref = bytearray(os.urandom(cfg.size))
+    async with running_volume(cfg) as vol:
+        await vol.pwrite(0, bytes(ref))
+        await vol.detach_plex("c1")
+        new = tmp_path / "new-c1.img"
+        await vol.attach_plex("c1", path=str(new))
+        await vol.resync.wait_idle()
+        assert vol.columns[1].state == ACTIVE
+        assert most == Rebuild.copies == 8, most
+        sources = [os.stat(p).st_ino for p in (cfg.plexes[0], cfg.plexes[2])]
+        assert sorted(advice) == sorted(
+            [(i, os.POSIX_FADV_SEQUENTIAL) for i in sources]
+            + [(i, os.POSIX_FADV_NORMAL) for i in sources]), advice
+        assert [how for _, how in advice[-2:]] == [os.POSIX_FADV_NORMAL] * 2, advice
+        assert await vol.pread(0, cfg.size) == ref
+    cols = column_bytes(cfg.__class__(**{**cfg.__dict__, "plexes": (cfg.plexes[0], new,
+                                                                        cfg.plexes[2])}))
+    assert decode(cols, SU) == bytes(ref)
+    assert not any(xor_all(cols))
+
+
 class FailingColumn(Plex):
     """Column `name` fails its reads or writes with EIO once told to."""
 

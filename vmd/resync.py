@@ -123,6 +123,8 @@ class Mirror(Protocol):
 
 
 class Resync:
+    copies = COPIES  # chunks copied at once (a layout's copy may want more)
+
     def __init__(self, volume: Mirror, *, rate_limit: int = 0):
         self.volume = volume
         self.rate_limit = rate_limit
@@ -267,7 +269,7 @@ class Resync:
         failure: OSError | None = None
         # A rate-limited copy needs no parallel chunks, and with them its first
         # ones would all start before the limit counted any.
-        in_flight = trio.Semaphore(1 if self.rate_limit > 0 else COPIES)
+        in_flight = trio.Semaphore(1 if self.rate_limit > 0 else self.copies)
 
         async def copy(first: int, count: int, off: int, length: int) -> None:
             nonlocal pending_bytes, unflushed, no_source, failure
