@@ -115,7 +115,9 @@ def main() -> int:
     from vmd.config import VolumeConfig
     from vmd.manager import open_volume
 
-    base = Path(tempfile.mkdtemp(prefix="nbdcpu-", dir=args.dir or args.tree / "var"))
+    here_var = Path(__file__).resolve().parent.parent / "var"
+    here_var.mkdir(exist_ok=True)
+    base = Path(tempfile.mkdtemp(prefix="nbdcpu-", dir=args.dir or here_var))
     servers: list[Server] = []
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     slow: dict[str, int] = {}

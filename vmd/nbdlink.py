@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 READ, WRITE = 1, 2  # libnbd's AIO_DIRECTION_READ / _WRITE
 SCHEMES = ("nbd", "nbd+unix", "nbds", "nbds+unix")
+# The send buffer asked for a Unix socket (the kernel caps it at
+# net.core.wmem_max): a few of the largest FUSE writes (1 MiB).
+SEND_BUFFER = 4 * 1024 * 1024
 
 
 def is_remote(path: object) -> bool:
@@ -146,6 +149,21 @@ class NbdLink:
             raise Unreachable(getattr(e, "errno", None) or errno.ECONNREFUSED,
                               f"cannot connect to {self.uri}: {e.string}") from None
         self.fd = self.h.aio_get_fd()
+        self._widen_send_buffer()
+
+    def _widen_send_buffer(self) -> None:
+        """On a Unix socket, room for a whole large write: with the default
+        (about 200 KiB) a 1 MiB write goes out in five or more rounds, each
+        a wake-up of the pump once the server drained the last. TCP tunes
+        its own buffers (setting one would turn that off)."""
+        s = socket.socket(fileno=self.fd)
+        try:
+            if s.family == socket.AF_UNIX:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        except OSError:
+            pass  # a smaller buffer only costs wake-ups
+        finally:
+            s.detach()
 
     def pread_blocking(self, off: int, n: int) -> bytearray:
         """Read [off, off+n) outside trio (a check before a reattach)."""
@@ -282,17 +300,21 @@ class NbdLink:
         """Fail the connection when its oldest request has no reply by its
         deadline (a hung server or link). One timer for all requests: it
         wakes once per `timeout` while replies come, not once per request."""
-        while self.error is None:
-            oldest = next(iter(self._pending.values()), None)
-            if oldest is None:
-                # Idle: a request sent meanwhile is at most `timeout` old when
-                # this wakes, and waited for until its own deadline then.
-                await trio.sleep(self.timeout)
-            elif trio.current_time() < oldest.deadline:
-                await trio.sleep_until(oldest.deadline)
-            else:
-                self.lost(f"no reply to a {oldest.what} at offset {oldest.off} in "
-                          f"{self.timeout:g} s (remote_timeout)", errno.ETIMEDOUT)
+        try:
+            while self.error is None:
+                oldest = next(iter(self._pending.values()), None)
+                if oldest is None:
+                    # Idle: a request sent meanwhile is at most `timeout` old
+                    # when this wakes, and waited for until its own deadline.
+                    await trio.sleep(self.timeout)
+                elif trio.current_time() < oldest.deadline:
+                    await trio.sleep_until(oldest.deadline)
+                else:
+                    self.lost(f"no reply to a {oldest.what} at offset {oldest.off} in "
+                              f"{self.timeout:g} s (remote_timeout)", errno.ETIMEDOUT)
+        except Exception as e:  # a system task must not raise: that ends trio.run
+            log.exception("nbd watchdog for %s failed", self.uri)
+            self.lost(f"connection failed: {e}")
 
     def _reap(self) -> None:
         """Hand every finished request its result."""
