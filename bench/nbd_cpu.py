@@ -173,9 +173,12 @@ def main() -> int:
         for s in servers:
             s.stop()
         shutil.rmtree(base, ignore_errors=True)
-    rev = subprocess.run(["git", "-C", str(args.tree), "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True).stdout.strip() or "not a git tree"
-    print(f"tree {args.tree} ({rev}), load {load0:.1f} → {os.getloadavg()[0]:.1f}, median of {args.rounds}")
+    # Only a checkout's own commit: a copy inside another checkout would name that one's.
+    rev = (subprocess.run(["git", "-C", str(args.tree), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+           if (args.tree / ".git").exists() else "") or "not a git checkout"
+    print(f"tree {args.tree} ({rev}), load {load0:.1f} → {os.getloadavg()[0]:.1f}, "
+          f"median of {args.rounds}")
     print("stalled inline writes (the plex went off the loop after each): " +
           ", ".join(f"{k} {v}" for k, v in slow.items()))
     print(f"{'job':<26} {'target':<6} {'CPU µs/req':>11} {'wall µs/req':>12}")
