@@ -6,6 +6,11 @@ rows of the main matrix (fiojobs.py), targets alternating job by job.
 
 Every target has its own images and its own qemu-nbd, so that no two share a
 server or a page-cache file.
+
+`BENCH_NBD_BASE=DIR` (a checkout of another commit, `git archive REV vmd |
+tar -x -C DIR` is enough) adds base-unix and base-tcp: the same vmd targets
+run from that tree, in the same run, alternating with the others, to A/B a
+change; the report adds vmd/base ratios.
 """
 
 from __future__ import annotations
@@ -108,23 +113,30 @@ class NbdBench:
         self.vol_settings = vol_settings
         self.samples = Samples()
         self.raw: dict[str, Any] = {"size": size, "fio": self.samples.records}
+        base = os.environ.get("BENCH_NBD_BASE")
+        self.base = Path(base).resolve() if base else None
+        self.targets = TARGETS + (tuple(f"base-{k}" for k in KINDS) if self.base else ())
 
     def run(self) -> None:
         size, root = self.size, self.root
         targets: dict[str, Target] = {}
         vmds: list[tuple[str, Vmd]] = []
         for kind in KINDS:
-            srv = QemuNbd(root / f"srv-vmd-{kind}", size, kind, self.cleanup)
-            v = Vmd(root / f"vmd-{kind}", {"vol0": {"size": size, **self.vol_settings,
-                                                    "plexes": ["vol0-p0.img", srv.uri]}},
-                    self.cleanup)
-            v.start()
-            vmds.append((f"vmd-{kind}", v))
+            for tree in ("vmd", "base") if self.base else ("vmd",):
+                name = f"{tree}-{kind}"
+                srv = QemuNbd(root / f"srv-{name}", size, kind, self.cleanup)
+                v = Vmd(root / name, {"vol0": {"size": size, **self.vol_settings,
+                                               "plexes": ["vol0-p0.img", srv.uri]}},
+                        self.cleanup)
+                if tree == "base":
+                    v.repo = self.base  # type: ignore[assignment]
+                v.start()
+                vmds.append((name, v))
+                targets[name] = Target(name, v.file("vol0"), v.pid)
             q = NbdQsd(root / f"qsd-{kind}", size, QemuNbd(root / f"srv-qsd-{kind}", size, kind,
                                                           self.cleanup), self.cleanup)
             q.create()
             q.start()
-            targets[f"vmd-{kind}"] = Target(f"vmd-{kind}", v.file("vol0"), v.pid)
             targets[f"qsd-{kind}"] = Target(f"qsd-{kind}", q.file, q.pid)
         local = Vmd(root / "vmd-local", {"vol0": {"size": size, **self.vol_settings}}, self.cleanup)
         local.start()
@@ -142,7 +154,7 @@ class NbdBench:
         for rep in range(self.reps):
             for wl in WORKLOADS:
                 for nj in self.numjobs:
-                    for name in rotated(list(TARGETS), rep):
+                    for name in rotated(list(self.targets), rep):
                         self.caches.drop()
                         r = self.samples.fio((wl.key, nj), targets[name],
                                              fio_args(wl, nj, targets[name].path, size,
@@ -163,19 +175,24 @@ class NbdBench:
               "`bench/nbd.py`. Each target has its own images and qemu-nbd; unix = "
               "`nbd+unix://` socket, tcp = 127.0.0.1. vmd-local: vmd's 2-way local mirror. "
               f"Median of {self.reps} repetition(s), caches dropped before every job; "
-              "CPU/req is the daemon's (not qemu-nbd's).", ""]
+              "CPU/req is the daemon's (not qemu-nbd's)."
+              + (f" base-*: the vmd targets run from {self.base}." if self.base else ""), ""]
         ratios = [("vmd-unix", "qsd-unix"), ("vmd-tcp", "qsd-tcp"), ("vmd-unix", "vmd-local"),
                   ("vmd-tcp", "vmd-local"), ("qsd-unix", "vmd-local"), ("qsd-tcp", "vmd-local")]
-        head = ["fio job", "nj", "unit", *TARGETS, *(f"{a}/{b}" for a, b in ratios),
-                "vmd-unix CPU/req", "qsd-unix CPU/req"]
+        cpu = ["vmd-unix", "qsd-unix", "vmd-tcp", "qsd-tcp"]
+        if self.base:
+            ratios += [("vmd-unix", "base-unix"), ("vmd-tcp", "base-tcp")]
+            cpu += ["base-unix", "base-tcp"]
+        head = ["fio job", "nj", "unit", *self.targets, *(f"{a}/{b}" for a, b in ratios),
+                *(f"{t} CPU/req" for t in cpu)]
         md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for wl in WORKLOADS:
             for nj in self.numjobs:
                 row = (wl.key, nj)
                 cells = [wl.label, str(nj), wl.unit,
-                         *(fmt_val(s.value(row, t), wl.unit) for t in TARGETS),
+                         *(fmt_val(s.value(row, t), wl.unit) for t in self.targets),
                          *(fmt_ratio(s.ratio(row, wl.unit, a, b)) for a, b in ratios),
-                         *(f"{s.cpu_us(row, t):.0f} µs" for t in ("vmd-unix", "qsd-unix"))]
+                         *(f"{s.cpu_us(row, t):.0f} µs" for t in cpu)]
                 md.append("| " + " | ".join(cells) + " |")
         md.append("")
         return md

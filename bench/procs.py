@@ -178,6 +178,7 @@ class Vmd:
         self.log = root / "daemon.log"
         self.proc: subprocess.Popen[Any] | None = None
         self._logf: Any = None
+        self.repo = REPO  # the tree whose vmd runs (nbd.py's BENCH_NBD_BASE: another one)
         root.mkdir(parents=True, exist_ok=True)
         lines = ["# written by bench/run.py", "mountpoint: mnt", "socket: vmd.sock"]
         if clean_delay is not None:
@@ -222,9 +223,9 @@ class Vmd:
             args += ["--recover-all", v]
         self._logf = open(self.log, "ab")
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self._logf, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(args, cwd=self.repo, stdout=self._logf,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
 
         def ready() -> bool:
             if not self.sock.exists() or not mounted(self.mnt):

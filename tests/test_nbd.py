@@ -157,6 +157,29 @@ async def test_hung_link_fails_the_plex_within_the_timeout(tmp_path: Path,
         proxy.close()
 
 
+async def test_a_send_to_a_dead_server_fails_at_once(tmp_path: Path, nbd_server: Make) -> None:
+    """libnbd finds the server gone inside the send, goes DEAD and closes its
+    socket before the pump could hear of it: the write fails now, not after
+    remote_timeout, and the volume answers from the local plex."""
+    srv = nbd_server("qemu-nbd")
+    vc = remote_vc(tmp_path, srv.uri, remote_timeout=30.0, auto_attach=False)
+    async with running_volume(vc) as vol:
+        await synced(vol)
+        p = remote(vol)
+        srv.kill()  # no checkpoint from here to the send: the pump has not run
+        assert p.link is not None and p.link.error is None
+        req = p.link.issue_write(0, os.urandom(4096))
+        with trio.fail_after(5), pytest.raises(OSError):
+            await req.wait()
+        # (Or the send went out and the pump read the reset: fast either way.)
+        assert p.link.error is not None and "remote_timeout" not in p.link.error
+        data = os.urandom(4096)
+        with trio.fail_after(5):
+            await vol.pwrite(4096, data)
+        assert p.state == IOFAIL
+        assert await vol.pread(4096, 4096) == data
+
+
 async def served_while(vol: Volume, verb: Callable[[], Awaitable[Any]]) -> Any:
     """Run an admin verb that waits for a hung server; meanwhile a write and
     a flush of the volume complete (before the verb ends). The verb's

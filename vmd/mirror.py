@@ -23,6 +23,8 @@ import trio
 from . import events
 from .config import VolumeConfig, format_size
 from .errors import VmdError
+from .nbdlink import Request
+from .nbdplex import NbdPlex
 from .plex import PARALLEL_BYTES, Plex, PlexIOError
 from .resync import Resync
 from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPATT, SNAPDONE, SNAPLINK, STALE, SYNCING,
@@ -87,16 +89,26 @@ class MirrorVolume(Volume):
             except PlexIOError as e:
                 failed.append(e)
 
+        # Remote plexes first: the write goes out on the wire now, and its
+        # reply is awaited once the local plexes are written (no task each).
+        sent: list[tuple[NbdPlex, Request]] = []
+        if not zero:
+            for p in targets:
+                if isinstance(p, NbdPlex):
+                    try:
+                        sent.append((p, p.write_begin(off, data)))  # type: ignore[arg-type]
+                    except PlexIOError as e:
+                        failed.append(e)
         # A punch is a syscall that may take a while: never inline.
-        inline = [] if zero else [p for p in targets if p.write_inline()]
+        inline = [] if zero else [p for p in targets if not p.remote and p.write_inline()]
         if n >= PARALLEL_BYTES and len(inline) > 1:
             inline = inline[:1]  # big: copy into the page caches in parallel
-        if len(inline) < len(targets):
+        if len(inline) + len(sent) < len(targets):
             # The others through io_uring (or worker threads), all at once, so
             # that none waits for another (a slow plex never delays the rest).
             async with trio.open_nursery() as nursery:
                 for p in targets:
-                    if p not in inline:
+                    if p not in inline and (zero or not p.remote):
                         nursery.start_soon(threaded, p)
                 self._write_inline(inline, off, data, failed)
         else:
@@ -104,6 +116,11 @@ class MirrorVolume(Volume):
             # and the FUSE loop yields before every request anyway. An extra
             # trip through the scheduler cost 20 % of 4 KiB random-write IOPS.
             self._write_inline(inline, off, data, failed)  # type: ignore[arg-type]
+        for p, req in sent:
+            try:
+                await p.write_end(req, off, data)  # type: ignore[arg-type]
+            except PlexIOError as e:
+                failed.append(e)
         for e in failed:
             await self.fail_plex(e.plex, e, off, n)
         if failed:

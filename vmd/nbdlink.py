@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import select
 import socket
 import time
@@ -32,6 +31,9 @@ log = logging.getLogger(__name__)
 
 READ, WRITE = 1, 2  # libnbd's AIO_DIRECTION_READ / _WRITE
 SCHEMES = ("nbd", "nbd+unix", "nbds", "nbds+unix")
+# The send buffer asked for a Unix socket (the kernel caps it at
+# net.core.wmem_max): a few of the largest FUSE writes (1 MiB).
+SEND_BUFFER = 4 * 1024 * 1024
 
 
 def is_remote(path: object) -> bool:
@@ -76,6 +78,39 @@ class Unreachable(OSError):
     its data, so a map kept for it stays good."""
 
 
+class Request:
+    """One request in flight: the buffer libnbd uses (kept alive until the
+    reply), its deadline, and the task waiting for it, woken once."""
+
+    __slots__ = ("buf", "deadline", "what", "off", "done", "error", "task")
+
+    def __init__(self, buf: Any, deadline: float, what: str, off: int):
+        self.buf, self.deadline, self.what, self.off = buf, deadline, what, off
+        self.done = False
+        self.error: OSError | None = None
+        self.task: trio.lowlevel.Task | None = None
+
+    def finish(self) -> None:
+        self.done = True
+        if self.task is not None:
+            trio.lowlevel.reschedule(self.task)
+            self.task = None
+
+    async def wait(self) -> None:
+        """The reply: returns, or raises its error (or the connection's, or
+        ETIMEDOUT from the watchdog after the link's `timeout`)."""
+        if not self.done:
+            self.task = trio.lowlevel.current_task()
+
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                self.task = None  # cancelled: the reply, when it comes, wakes nobody
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        if self.error is not None:
+            raise self.error
+
+
 class NbdLink:
     def __init__(self, uri: str, timeout: float):
         self.uri = uri
@@ -88,10 +123,10 @@ class NbdLink:
         self.can_zero = False
         self.error: str | None = None  # why the connection is dead; None while it lives
         self.errno = 0  # and its errno
-        # cookie → [done event, the buffer libnbd uses, the error, deadline, what, offset],
-        # oldest first (so the first one's deadline is the nearest)
-        self._pending: dict[int, list[Any]] = {}
-        self._scope: trio.CancelScope | None = None
+        # cookie → request, oldest first (so the first one's deadline is the nearest)
+        self._pending: dict[int, Request] = {}
+        self._ep: Any = None  # the pump's epoll set (select.epoll), while it runs
+        self._want = 0  # the events it watches on the socket
         self._pumping = False
         self.on_lost: Callable[[str], None] | None = None
 
@@ -114,6 +149,21 @@ class NbdLink:
             raise Unreachable(getattr(e, "errno", None) or errno.ECONNREFUSED,
                               f"cannot connect to {self.uri}: {e.string}") from None
         self.fd = self.h.aio_get_fd()
+        self._widen_send_buffer()
+
+    def _widen_send_buffer(self) -> None:
+        """On a Unix socket, room for a whole large write: with the default
+        (about 200 KiB) a 1 MiB write goes out in five or more rounds, each
+        a wake-up of the pump once the server drained the last. TCP tunes
+        its own buffers (setting one would turn that off)."""
+        s = socket.socket(fileno=self.fd)
+        try:
+            if s.family == socket.AF_UNIX:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        except OSError:
+            pass  # a smaller buffer only costs wake-ups
+        finally:
+            s.detach()
 
     def pread_blocking(self, off: int, n: int) -> bytearray:
         """Read [off, off+n) outside trio (a check before a reattach)."""
@@ -146,132 +196,139 @@ class NbdLink:
     # -- trio ----------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the pump (in trio): it also notices a server that closes
-        the connection while no request is in flight."""
+        """Start the pump and its watchdog (in trio): the pump also notices a
+        server that closes the connection while no request is in flight."""
         if not self._pumping and self.error is None:
             self._pumping = True
+            # The pump waits on an epoll set of its own holding the socket:
+            # trio sees one readable descriptor whether the socket became
+            # readable or writable, and a request that leaves bytes to send
+            # only adds "writable" to the set (`_want`), which wakes the pump
+            # by itself: no cancel scope, no task per wait.
+            self._ep = select.epoll()
+            self._ep.register(self.fd, select.EPOLLIN)
+            self._want = select.EPOLLIN
             trio.lowlevel.spawn_system_task(self._pump, name=f"nbd-pump {self.uri}")
+            trio.lowlevel.spawn_system_task(self._watchdog, name=f"nbd-watchdog {self.uri}")
 
     async def pread(self, off: int, n: int) -> bytearray:
         buf = bytearray(n)
-        await self._request("read", off, lambda b: self.h.aio_pread(b, off),
-                            self._nbd.Buffer.from_buffer(buf))
+        await self.issue("read", off, lambda b: self.h.aio_pread(b, off),
+                         self._nbd.Buffer.from_buffer(buf)).wait()
         return buf
 
-    async def pwrite(self, off: int, data: bytes | memoryview | bytearray) -> None:
+    def issue_write(self, off: int, data: bytes | memoryview | bytearray) -> Request:
+        """Send a write and return at once (`Request.wait` for the reply): the caller
+        writes its local plexes meanwhile, with no task for this one."""
         # Shared, not copied: the caller's buffer lives until the reply.
-        await self._request("write", off, lambda b: self.h.aio_pwrite(b, off),
-                            self._nbd.Buffer.from_buffer(data))
+        return self.issue("write", off, lambda b: self.h.aio_pwrite(b, off),
+                          self._nbd.Buffer.from_buffer(data))
+
+    async def pwrite(self, off: int, data: bytes | memoryview | bytearray) -> None:
+        await self.issue_write(off, data).wait()
 
     async def zero(self, off: int, n: int) -> None:
         """NBD_CMD_WRITE_ZEROES, letting the server punch a hole."""
-        await self._request("write-zeroes", off, lambda _: self.h.aio_zero(n, off), None)
+        await self.issue("write-zeroes", off, lambda _: self.h.aio_zero(n, off), None).wait()
 
     async def flush(self) -> None:
-        await self._request("flush", 0, lambda _: self.h.aio_flush(), None)
+        await self.issue("flush", 0, lambda _: self.h.aio_flush(), None).wait()
 
-    async def _request(self, what: str, off: int, issue: Callable[[Any], int], buf: Any) -> None:
+    def issue(self, what: str, off: int, send: Callable[[Any], int], buf: Any) -> Request:
+        """Hand a request to libnbd (which sends what the socket takes now)."""
         if self.error is not None:
             raise OSError(errno.ENOTCONN, f"{what} at offset {off}: {self.error}")
         try:
-            cookie = issue(buf)
+            cookie = send(buf)
         except self._nbd.Error as e:
             err = _oserror(e, f"{what} at offset {off}")
             if self.h.aio_is_dead() or self.h.aio_is_closed():
                 self.lost(str(err))
             raise err from None
         self.start()
-        deadline = trio.current_time() + self.timeout
-        slot: list[Any] = [trio.Event(), buf, None, deadline, what, off]
-        if not self._pending and self._scope is not None:
-            self._scope.deadline = deadline  # the pump's wait ends there (_expire)
-        self._pending[cookie] = slot
-        self._kick()
-        await slot[0].wait()
-        if slot[2] is not None:
-            raise slot[2]
+        req = Request(buf, trio.current_time() + self.timeout, what, off)
+        self._pending[cookie] = req
+        d = self.h.aio_get_direction()
+        if not d & READ:
+            # Connected, libnbd always reads: the send found the server gone,
+            # the handle is dead and has closed the socket, so the pump would
+            # never hear of it.
+            self._reap()
+            self.lost("the server closed the connection")
+        elif d & WRITE and self._want == select.EPOLLIN:
+            self._watch(select.EPOLLIN | select.EPOLLOUT)  # the rest goes once writable
+        return req
 
-    def _kick(self) -> None:
-        """A new request may have left bytes to send: make the pump look again
-        (it may be waiting for the socket to be readable only)."""
-        if self._scope is not None and self.h.aio_get_direction() & WRITE:
-            self._scope.cancel()
+    def _watch(self, want: int) -> None:
+        self._want = want
+        self._ep.modify(self.fd, want)
 
     async def _pump(self) -> None:
+        ep, h = self._ep, self.h
         try:
             while self.error is None:
-                d = self.h.aio_get_direction()
-                ready = 0
-                # The pump keeps the requests' deadlines: one timer, not one per request.
-                oldest = next(iter(self._pending.values()), None)
-                with trio.CancelScope(deadline=math.inf if oldest is None else oldest[3]
-                                      ) as self._scope:
-                    if d & WRITE and d & READ:
-                        ready = await self._either()
-                    elif d & WRITE:
-                        await trio.lowlevel.wait_writable(self.fd)
-                        ready = WRITE
-                    else:
-                        await trio.lowlevel.wait_readable(self.fd)
-                        ready = READ
-                self._scope = None
-                if not ready:
-                    self._expire()  # or kicked: look at the direction again
-                    continue
-                if ready == WRITE:
-                    self.h.aio_notify_write()
+                d = h.aio_get_direction()
+                want = select.EPOLLIN | (select.EPOLLOUT if d & WRITE else 0)
+                if want != self._want:
+                    self._watch(want)
+                await trio.lowlevel.wait_readable(ep.fileno())
+                if self._want == select.EPOLLIN:  # (a request may have added EPOLLOUT)
+                    h.aio_notify_read()  # the only thing watched
                 else:
-                    self.h.aio_notify_read()
+                    for _, ev in ep.poll(0):
+                        # Only what the handle waits for now: libnbd refuses an
+                        # event its state does not expect.
+                        d = h.aio_get_direction()
+                        if ev & select.EPOLLOUT and d & WRITE:
+                            h.aio_notify_write()
+                        elif ev & ~select.EPOLLOUT and d & READ:
+                            h.aio_notify_read()
                 self._reap()
-                if self.h.aio_is_dead() or self.h.aio_is_closed():
+                if h.aio_is_dead() or h.aio_is_closed():
                     self.lost("the server closed the connection")
-        except trio.ClosedResourceError:
-            pass  # lost() or close() let go of the socket
+        except (trio.ClosedResourceError, ValueError):
+            pass  # lost() or close() let go of the socket (ValueError: a closed epoll)
         except self._nbd.Error as e:
             self.lost(f"connection failed: {getattr(e, 'string', e)}")
         except Exception as e:  # a system task must not raise: that ends trio.run
             log.exception("nbd pump for %s failed", self.uri)
             self.lost(f"connection failed: {e}")
         finally:
-            self._scope = None
             self._pumping = False
 
-    def _expire(self) -> None:
-        """A request without a reply by its deadline: the server or the link
-        hangs, and the connection is given up."""
-        oldest = next(iter(self._pending.values()), None)
-        if oldest is not None and trio.current_time() >= oldest[3]:
-            self.lost(f"no reply to a {oldest[4]} at offset {oldest[5]} in {self.timeout:g} s "
-                      f"(remote_timeout)", errno.ETIMEDOUT)
-
-    async def _either(self) -> int:
-        """Wait until the socket is readable or writable, whichever first
-        (a server busy sending replies may read nothing until we read)."""
-        got = 0
-
-        async def one(wait: Callable[[int], Any], tag: int, cancel: trio.CancelScope) -> None:
-            nonlocal got
-            await wait(self.fd)
-            got = got or tag
-            cancel.cancel()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(one, trio.lowlevel.wait_writable, WRITE, nursery.cancel_scope)
-            nursery.start_soon(one, trio.lowlevel.wait_readable, READ, nursery.cancel_scope)
-        return got
+    async def _watchdog(self) -> None:
+        """Fail the connection when its oldest request has no reply by its
+        deadline (a hung server or link). One timer for all requests: it
+        wakes once per `timeout` while replies come, not once per request."""
+        try:
+            while self.error is None:
+                oldest = next(iter(self._pending.values()), None)
+                if oldest is None:
+                    # Idle: a request sent meanwhile is at most `timeout` old
+                    # when this wakes, and waited for until its own deadline.
+                    await trio.sleep(self.timeout)
+                elif trio.current_time() < oldest.deadline:
+                    await trio.sleep_until(oldest.deadline)
+                else:
+                    self.lost(f"no reply to a {oldest.what} at offset {oldest.off} in "
+                              f"{self.timeout:g} s (remote_timeout)", errno.ETIMEDOUT)
+        except Exception as e:  # a system task must not raise: that ends trio.run
+            log.exception("nbd watchdog for %s failed", self.uri)
+            self.lost(f"connection failed: {e}")
 
     def _reap(self) -> None:
         """Hand every finished request its result."""
-        while self._pending:
-            cookie = self.h.aio_peek_command_completed()
+        h, pending = self.h, self._pending
+        while pending:
+            cookie = h.aio_peek_command_completed()
             if cookie <= 0:
                 return
-            slot = self._pending.pop(cookie)
+            req = pending.pop(cookie)
             try:
-                self.h.aio_command_completed(cookie)
+                h.aio_command_completed(cookie)
             except self._nbd.Error as e:
-                slot[2] = _oserror(e, "the server answered")
-            slot[0].set()
+                req.error = _oserror(e, "the server answered")
+            req.finish()
 
     def lost(self, why: str, err: int = errno.ECONNRESET) -> None:
         """The connection is dead: fail every request in flight, let go of
@@ -280,20 +337,21 @@ class NbdLink:
             return
         self.error = why
         self.errno = err
-        for slot in self._pending.values():
-            slot[2] = OSError(err, why)
-            slot[0].set()
-        self._pending.clear()
+        self._fail_all(OSError(err, why))
         self._release()
         if self.on_lost is not None:
             self.on_lost(why)
 
     def _release(self) -> None:
-        if self.fd >= 0:
+        if self._ep is not None:
             try:
-                trio.lowlevel.notify_closing(self.fd)
+                trio.lowlevel.notify_closing(self._ep.fileno())
             except RuntimeError:
                 pass  # outside trio: nothing waits on it
+            self._ep.close()
+            self._ep = None
+        if self.fd >= 0 and not (self.h.aio_is_dead() or self.h.aio_is_closed()):
+            # (A dead handle closed its socket: the number may be another's now.)
             try:
                 # Shut down, not closed: libnbd closes its own descriptor when
                 # the handle goes. The server sees the end now, though.
@@ -304,13 +362,16 @@ class NbdLink:
                     s.detach()
             except OSError:
                 pass
-            self.fd = -1
+        self.fd = -1
 
     def close(self) -> None:
         if self.error is None:
             self.error = "closed by vmd"
-            for slot in self._pending.values():
-                slot[2] = OSError(errno.ENOTCONN, self.error)
-                slot[0].set()
-            self._pending.clear()
+            self._fail_all(OSError(errno.ENOTCONN, self.error))
         self._release()
+
+    def _fail_all(self, err: OSError) -> None:
+        pending, self._pending = self._pending, {}
+        for req in pending.values():
+            req.error = err
+            req.finish()

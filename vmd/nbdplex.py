@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import trio
 
 from .errors import VmdError
-from .nbdlink import NbdLink, Unreachable, is_remote
+from .nbdlink import NbdLink, Request, Unreachable, is_remote
 from .plex import Plex, PlexIOError
 from .regionmap import RegionMap
 from .sidecar import ACTIVE, IOFAIL, WRITABLE, PlexRecord, VolumeState
@@ -233,8 +233,31 @@ class NbdPlex(Plex):
             await link.pwrite(at, memoryview(zeros)[:min(len(zeros), off + size - at)])
 
     async def pwrite_async(self, off: int, data: bytes | memoryview) -> None:
-        with self._in_flight("write", off):
-            await self._write(off, data)
+        await self.write_end(self.write_begin(off, data), off, data)
+
+    # A write in two halves, so that the mirror's fan-out sends it, writes its
+    # local plexes inline meanwhile, then waits for the reply: no task per
+    # remote write (a task and its nursery cost more CPU than the write).
+
+    def write_begin(self, off: int, data: bytes | memoryview) -> Request:
+        """Send the write; `write_end` must follow (it counts it in flight)."""
+        self._remember(off, None, len(data))
+        try:
+            req = self._live().issue_write(off, data)
+        except OSError as e:
+            raise PlexIOError(self, "write", off, e) from e
+        self.inflight += 1
+        return req
+
+    async def write_end(self, req: Request, off: int, data: bytes | memoryview) -> None:
+        """Wait for the reply of `write_begin`'s write."""
+        try:
+            await req.wait()
+        except OSError as e:
+            raise PlexIOError(self, "write", off, e) from e
+        finally:
+            self.inflight -= 1
+        self._remember(off, data, len(data))
         self.writes += 1
         self.bytes_written += len(data)
 
