@@ -60,6 +60,9 @@ class MirrorVolume(Volume):
     def _can_serve(self) -> bool:
         return any(p.state == ACTIVE for p in self.plexes)
 
+    def _is_last(self, p: Plex) -> bool:
+        return not any(q is not p and q.state == ACTIVE for q in self.plexes)
+
     # -- writes --------------------------------------------------------------
 
     async def _write(self, off: int, data: bytes | memoryview | Zeros) -> None:
@@ -104,8 +107,7 @@ class MirrorVolume(Volume):
             # and the FUSE loop yields before every request anyway. An extra
             # trip through the scheduler cost 20 % of 4 KiB random-write IOPS.
             self._write_inline(inline, off, data, failed)  # type: ignore[arg-type]
-        for e in failed:
-            await self.fail_plex(e.plex, e, off, n)
+        kept = [e for e in failed if not await self.fail_plex(e.plex, e, off, n)]
         if failed:
             for p in targets:
                 if p.state not in WRITABLE and p.inflight == 0:
@@ -116,6 +118,9 @@ class MirrorVolume(Volume):
             await self.failures_durable()
         if self.error is not None:
             raise VolumeIOError(errno.EIO, f"volume {self.name}: {self.error}")
+        if kept:
+            raise VolumeIOError(errno.EIO, f"volume {self.name}: the write at {off} failed on "
+                                f"plex {kept[0].plex.name}, its last in-sync plex: {kept[0]}")
         if not any(p.state == ACTIVE for p in targets):
             raise VolumeIOError(errno.EIO, f"volume {self.name}: no plex took the write at {off}")
 
