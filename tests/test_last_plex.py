@@ -156,3 +156,45 @@ def test_no_image_opens_at_start_refuses_the_volume_and_records_nothing(
         f.seek(5 * MiB)
         assert f.read(len(data)) == data
     vmd.stop()
+
+
+@pytest.mark.allow_log(r"is now IOFAIL", r"kept ACTIVE")
+async def test_failed_write_on_the_last_plex_is_eio_and_a_syncing_plex_will_copy_it(
+        tmp_path: Path) -> None:
+    """Engine: the failed write's range goes, durably, into the map of a plex
+    that took it (SYNCING here), so that the resync makes both agree on the
+    bytes the write left undefined; a failed flush of the last plex is EIO."""
+    from enginekit import running_volume, volume_config  # noqa: PLC0415
+    from test_engine import FaultyPlex  # noqa: PLC0415
+    from vmd.sidecar import read_log  # noqa: PLC0415
+
+    vc = volume_config(tmp_path, nplex=2)
+    async with running_volume(vc, plex_factory=FaultyPlex, shutdown=False) as vol:
+        await vol.detach_plex("p0")
+        await vol.pwrite(0, b"d" * 4096)  # p0 misses it: SYNCING once attached
+        async with vol.resync.paused():
+            await vol.attach_plex("p0")  # everything it lacks is copied from p1 later
+            p0 = vol.plex("p0")
+            p0.record.missing.bits.setall(0)  # as if copied: what follows must mark it again
+            FaultyPlex.fail_writes = True
+            try:
+                with pytest.raises(OSError) as e:
+                    await vol.pwrite(3 * MiB, b"x" * 8192)
+            finally:
+                FaultyPlex.fail_writes = False
+            assert e.value.errno == errno.EIO and "last in-sync plex" in str(e.value)
+            assert vol.plex("p1").state == "ACTIVE" and p0.state == "SYNCING"
+            assert p0.record.missing.any_in(3 * MiB, 8192)
+            logged = {p.name: p for p in read_log(vc.log)[0].state.plexes}
+            assert logged["p0"].missing.any_in(3 * MiB, 8192), "not durable"
+            assert logged["p1"].reason.startswith("I/O errors as the last in-sync plex")
+            assert vol.status()["health"] == "errors"
+            FaultyPlex.fail_flush = True
+            try:
+                with pytest.raises(OSError) as e:
+                    await vol.flush()
+            finally:
+                FaultyPlex.fail_flush = False
+            assert e.value.errno == errno.EIO and vol.plex("p1").state == "ACTIVE"
+        await vol.resync.wait_idle()
+        assert p0.state == "ACTIVE" and vol.status()["health"] == "ok"

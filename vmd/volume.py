@@ -363,8 +363,10 @@ class Volume:
         alone until then). The DRL region stays dirty as for any write."""
         rec = p.record
         marked = False
+        # A failed read changed nothing: only a change leaves bytes undefined.
+        changed = length and getattr(err, "op", "write") not in ("read", "seek")
         for q in self.plexes:
-            if q is p or q.state not in WRITABLE or not length:
+            if q is p or q.state not in WRITABLE or not changed:
                 continue
             if q.record.missing is None:
                 q.record.missing = self.state.new_map()
