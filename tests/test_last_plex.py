@@ -198,3 +198,20 @@ async def test_failed_write_on_the_last_plex_is_eio_and_a_syncing_plex_will_copy
             assert e.value.errno == errno.EIO and vol.plex("p1").state == "ACTIVE"
         await vol.resync.wait_idle()
         assert p0.state == "ACTIVE" and vol.status()["health"] == "ok"
+
+
+async def test_a_volume_with_no_in_sync_plex_does_not_look_clean(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """As a log written by an older vmd may hold it: every plex IOFAIL."""
+    from enginekit import running_volume, volume_config  # noqa: PLC0415
+    from vmd.cli import _print_status  # noqa: PLC0415
+
+    async with running_volume(volume_config(tmp_path, nplex=2), shutdown=False) as vol:
+        for p in vol.plexes:
+            p.record.state = "IOFAIL"
+        st = vol.status()
+        assert st["clean"] and st["health"] == "failed", st
+        assert "p0 IOFAIL, p1 IOFAIL" in st["problem"], st
+        _print_status({"volumes": [st]})
+        first, problem = capsys.readouterr().out.splitlines()[:2]
+        assert "FAILED" in first and problem.startswith("  problem: too few images"), first
