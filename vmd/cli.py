@@ -175,9 +175,13 @@ def _print_status(reply: dict[str, Any]) -> None:
     for v in reply["volumes"]:
         rs = v["resync"]
         state = "clean" if v["clean"] else "dirty"
+        if v.get("health", "ok") != "ok":
+            state += f"  {v['health'].upper()}"
         print(f"volume {v['name']}  {format_size(v['size'])}  {state}  "
               f"fastresync {'on' if v['fastresync'] else 'off'}  drl {'on' if v['drl'] else 'off'}"
               f"{'  open' if v.get('open') else ''}")
+        if v.get("problem"):
+            print(f"  problem: {v['problem']}")
         if rs.get("queued"):
             print(progress_line("  resync", rs))
         elif rs["running"]:

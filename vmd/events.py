@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 # The kinds the daemon emits (docs/operations.md#events has their fields).
 PLEX_STATE = "plex-state"
+PLEX_ERRORS = "plex-errors"  # the last in-sync plex had I/O errors and was kept
 RESYNC_STARTED = "resync-started"
 RESYNC_FINISHED = "resync-finished"
 RESYNC_INTERRUPTED = "resync-interrupted"

@@ -115,6 +115,7 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
 
     plex_factory = remote_aware(plex_factory, vc, state.clean)
     plexes: list[Plex] = []
+    unopened: list[tuple[Plex, OSError]] = []
     for rec in state.plexes:
         p = plex_factory(rec, vc.image_size_of(state.size))
         if rec.state in WRITABLE:
@@ -126,14 +127,30 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
                 sidecar.close()
                 raise InUseError(f"volume {vc.name}: {e}", e.holder) from None
             except OSError as e:
-                was = rec.state
-                rec.state, rec.reason = IOFAIL, f"cannot open image {rec.path}: {e.strerror or e}"
-                rec.identity = p.identity()
-                rec.missing = map_after_open_error(p, e, state)
-                log.error("volume %s: plex %s is IOFAIL: %s", vc.name, rec.name, rec.reason)
-                events.emit(events.PLEX_STATE, vc.name, rec.name, state=IOFAIL, was=was,
-                            reason=rec.reason)
+                unopened.append((p, e))
         plexes.append(p)
+    # A mirror serves from its ACTIVE plexes only; a RAID-5 volume needs columns.
+    sources = [p for p in plexes if p.state == ACTIVE or vc.layout != "mirror"]
+    if unopened and not any(p.fd >= 0 for p in sources):
+        # Nothing to serve from (a disk not mounted yet at boot): recording
+        # them all IOFAIL would leave no plex to copy from once the images
+        # are back. Refused, nothing written: the next start tries again.
+        for q in plexes:
+            q.close()
+        sidecar.close()
+        raise VmdError("none of its in-sync images can be opened: " + "; ".join(
+            f"{p.name} {p.path}: {e.strerror or e}" for p, e in unopened)
+            + ". Nothing was recorded: make the images available (mount their filesystem) "
+              "and start vmd again")
+    for p, e in unopened:
+        rec = p.record
+        was = rec.state
+        rec.state, rec.reason = IOFAIL, f"cannot open image {rec.path}: {e.strerror or e}"
+        rec.identity = p.identity()
+        rec.missing = map_after_open_error(p, e, state)
+        log.error("volume %s: plex %s is IOFAIL: %s", vc.name, rec.name, rec.reason)
+        events.emit(events.PLEX_STATE, vc.name, rec.name, state=IOFAIL, was=was,
+                    reason=rec.reason)
 
     if state.extra.get("config_fastresync") != vc.fastresync:
         # The config changed since: it wins, as `vmd fastresync` would.

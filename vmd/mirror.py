@@ -62,6 +62,9 @@ class MirrorVolume(Volume):
     def _can_serve(self) -> bool:
         return any(p.state == ACTIVE for p in self.plexes)
 
+    def _is_last(self, p: Plex) -> bool:
+        return not any(q is not p and q.state == ACTIVE for q in self.plexes)
+
     # -- writes --------------------------------------------------------------
 
     async def _write(self, off: int, data: bytes | memoryview | Zeros) -> None:
@@ -121,8 +124,7 @@ class MirrorVolume(Volume):
                 await p.write_end(req, off, data)  # type: ignore[arg-type]
             except PlexIOError as e:
                 failed.append(e)
-        for e in failed:
-            await self.fail_plex(e.plex, e, off, n)
+        kept = [e for e in failed if not await self.fail_plex(e.plex, e, off, n)]
         if failed:
             for p in targets:
                 if p.state not in WRITABLE and p.inflight == 0:
@@ -133,6 +135,9 @@ class MirrorVolume(Volume):
             await self.failures_durable()
         if self.error is not None:
             raise VolumeIOError(errno.EIO, f"volume {self.name}: {self.error}")
+        if kept:
+            raise VolumeIOError(errno.EIO, f"volume {self.name}: the write at {off} failed on "
+                                f"plex {kept[0].plex.name}, its last in-sync plex: {kept[0]}")
         if not any(p.state == ACTIVE for p in targets):
             raise VolumeIOError(errno.EIO, f"volume {self.name}: no plex took the write at {off}")
 

@@ -43,6 +43,7 @@ from . import events
 from .config import MiB, format_size
 from .plex import Plex, PlexIOError
 from .rangelock import RangeLock
+from .volume import KEPT_NOTE
 from .sidecar import ACTIVE, RESYNC_TARGETS, SNAPATT, SNAPDONE, SYNCING, SidecarLog, VolumeState
 from .spread import DeviceSlots, Queued, devices_of
 
@@ -115,7 +116,7 @@ class Mirror(Protocol):
 
     def _update_recovering(self) -> None: ...
 
-    async def fail_plex(self, p: Plex, err: OSError, off: int, length: int) -> None: ...
+    async def fail_plex(self, p: Plex, err: OSError, off: int, length: int) -> bool: ...
 
     async def flush(self) -> None: ...
 
@@ -393,7 +394,11 @@ class Resync:
                                                                   sparse=self.sparse)
                         break
                     except PlexIOError as e:
-                        await vol.fail_plex(sources[0], e, off, length)
+                        if not await vol.fail_plex(sources[0], e, off, length):
+                            log.error("volume %s: resync stopped: plex %s, the last in-sync "
+                                      "plex, cannot read offset %d: %s", vol.name,
+                                      sources[0].name, off, e)
+                            return None
             finally:
                 self._bufs.append(buf)
             for e in errors.values():
@@ -443,6 +448,9 @@ class Resync:
             if t.state == SYNCING:
                 t.record.state, t.record.reason = ACTIVE, ""
                 changed = True
+                for p in vol.plexes:
+                    if p.state == ACTIVE and p.record.reason.startswith(KEPT_NOTE):
+                        p.record.reason = ""  # redundant again: the errors are history
             elif t.state == SNAPATT:
                 t.record.state, t.record.role = SNAPDONE, "snapshot"
                 changed = True

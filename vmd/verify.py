@@ -286,7 +286,9 @@ class Verify(Job[dict[str, Any]]):
                 await self._compare(plexes, off, n)
                 return
             except PlexIOError as e:
-                await vol.fail_plex(e.plex, e, off, n)  # and compare the rest again
+                if not await vol.fail_plex(e.plex, e, off, n):  # else compare the rest again
+                    raise VmdError(f"plex {e.plex.name}, the last in-sync plex of volume "
+                                   f"{vol.name}, cannot be read at offset {off}: {e}") from None
 
     async def _compare(self, plexes: list[Plex], off: int, n: int) -> None:
         allocated = await _each(plexes, lambda p: p.allocated(off, n))

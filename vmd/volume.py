@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
@@ -26,7 +27,7 @@ from .faults import split_write_fault
 from .nbdplex import RemoteWatch
 from .plex import Plex, PlexIOError
 from .rangelock import Gate, RangeLock
-from .sidecar import (DETACHED, IOFAIL, SNAPLINK, STALE, WRITABLE, PlexRecord,
+from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPLINK, STALE, WRITABLE, PlexRecord,
                       SidecarLog, VolumeState)
 from .errors import VmdError
 from . import events
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 
 class VolumeIOError(OSError):
     pass
+
+
+# How the reason of a plex kept ACTIVE after I/O errors begins (`fail_plex`).
+KEPT_NOTE = "I/O errors as the last in-sync plex since"
 
 
 class Zeros(int):
@@ -117,6 +122,8 @@ class Volume:
         self.stopped = False
         self._failures_pending = 0
         self._failures_done = trio.Event()
+        # Errors each plex kept as the last in-sync one had since the start.
+        self.kept_errors: dict[str, int] = {}
         self._fault = split_write_fault()
 
     # -- helpers -------------------------------------------------------------
@@ -273,21 +280,36 @@ class Volume:
             for p in self.plexes:
                 if p.state in WRITABLE and p.fd >= 0:
                     nursery.start_soon(one, p)
-        for e in failed:
-            await self.fail_plex(e.plex, e, 0, 0)
+        kept = [e for e in failed if not await self.fail_plex(e.plex, e, 0, 0)]
+        if kept:
+            # Invariant 9: an fsync is never acknowledged over a failed flush.
+            raise VolumeIOError(errno.EIO, f"volume {self.name}: flushing plex "
+                                f"{kept[0].plex.name}, its last in-sync plex, failed: {kept[0]}")
         if failed and not self._can_serve():
             raise VolumeIOError(errno.EIO, f"volume {self.name}: too few images could be "
                                 f"flushed to hold its data")
 
-    async def fail_plex(self, p: Plex, err: OSError, off: int, length: int) -> None:
+    def _is_last(self, p: Plex) -> bool:
+        """Failing `p` would leave the volume nothing to serve from: it is
+        kept instead (`fail_plex`). A layout that can lose no image says so."""
+        return False
+
+    async def fail_plex(self, p: Plex, err: OSError, off: int, length: int) -> bool:
         """Detach a plex after an I/O error (state IOFAIL), durably, before the
-        I/O that failed is answered."""
+        I/O that failed is answered. Returns False if the plex was kept
+        instead, as the volume's last in-sync one: the caller answers the
+        failed I/O with EIO (as Linux md does with its last raid1 member)."""
         rec = p.record
+        if rec.state == ACTIVE and self._is_last(p):
+            # Decided before any await: of two plexes failing at once, the
+            # first goes IOFAIL and the second stays.
+            await self._keep_last(p, err, off, length)
+            return False
         if rec.missing is not None and length:
             self._mark_missed(rec, off, length)
         if rec.state in (IOFAIL, DETACHED, STALE):
             await self.failures_durable()  # another task is recording it
-            return
+            return True
         was = rec.state
         rec.state = IOFAIL
         rec.reason = str(err)
@@ -311,6 +333,13 @@ class Volume:
                   self.name, p.name, p.path, err, was)
         events.emit(events.PLEX_STATE, self.name, p.name, state=IOFAIL, was=was, reason=str(err))
         self._update_recovering()
+        await self._record_failure(p)
+        self.resync.wake()
+        return True
+
+    async def _record_failure(self, p: Plex) -> None:
+        """Checkpoint what a plex failure changed; writes that skipped the plex
+        (or that others must redo) are answered only once it is durable."""
         if not self._failures_pending:
             self._failures_done = trio.Event()
         self._failures_pending += 1
@@ -325,7 +354,40 @@ class Volume:
             self._failures_pending -= 1
             if not self._failures_pending:
                 self._failures_done.set()
-        self.resync.wake()
+
+    async def _keep_last(self, p: Plex, err: OSError, off: int, length: int) -> None:
+        """`p`, the last in-sync plex, had an I/O error: it stays ACTIVE and
+        serves what it holds. A failed write left [off, off+length) undefined
+        on it; every other plex that took the write gets it in its map, so
+        that a resync makes it agree with `p` again (reads come from `p`
+        alone until then). The DRL region stays dirty as for any write."""
+        rec = p.record
+        marked = False
+        # A failed read changed nothing: only a change leaves bytes undefined.
+        changed = length and getattr(err, "op", "write") not in ("read", "seek")
+        for q in self.plexes:
+            if q is p or q.state not in WRITABLE or not changed:
+                continue
+            if q.record.missing is None:
+                q.record.missing = self.state.new_map()
+            self._mark_missed(q.record, off, length)
+            marked = True
+        self.kept_errors[p.name] = self.kept_errors.get(p.name, 0) + 1
+        first = not rec.reason.startswith(KEPT_NOTE)
+        if first:
+            # Durable and shown by status until the volume is redundant again;
+            # later errors only count (`errors` in status), logged once.
+            rec.reason = (f"{KEPT_NOTE} {time.strftime('%Y-%m-%d %H:%M:%S')}, the first: "
+                          f"{err} (at offset {off})")
+            log.error("volume %s: plex %s (%s) had an I/O error but is the last in-sync plex: "
+                      "kept ACTIVE, the I/O gets EIO: %s", self.name, p.name, p.path, err)
+            events.emit(events.PLEX_ERRORS, self.name, p.name, state=ACTIVE, reason=str(err))
+        if first or marked:
+            await self._record_failure(p)
+        elif self._failures_pending:
+            await self.failures_durable()
+        if marked:
+            self.resync.wake()
 
     async def failures_durable(self) -> None:
         """Until every plex failure seen so far is in the sidecar log: a write
@@ -391,6 +453,9 @@ class Volume:
             "log": str(self.sidecar.path),
             "log_bytes": self.sidecar.size,
             "resync": self.resync.status(),
+            # "failed": nothing in sync to serve from; "errors": the last
+            # in-sync plex had I/O errors; "problem" says which and what to do.
+            **self._health(),
             **self._layout_status(),
             **self._snapshot_status(),
         }
@@ -414,6 +479,21 @@ class Volume:
             out["snapshots"] = snaps
         return out
 
+    def _health(self) -> dict[str, str | None]:
+        states = ", ".join(f"{p.name} {p.state}" for p in self.plexes if p.state != SNAPLINK)
+        if not self._can_serve():
+            return {"health": "failed", "problem": (
+                f"too few images are in sync to serve the volume ({states}): every read "
+                f"and write fails; see `A volume with no in-sync plex` in docs/operations.md")}
+        kept = [p for p in self.plexes if p.record.reason.startswith(KEPT_NOTE)]
+        if kept:
+            p = kept[0]
+            return {"health": "errors", "problem": (
+                f"plex {p.name}, the last in-sync plex, had I/O errors "
+                f"({p.record.reason[len(KEPT_NOTE):].strip()}): the I/O that met them "
+                f"failed; see `When the last in-sync plex has errors` in docs/operations.md")}
+        return {"health": "ok", "problem": None}
+
     def _plex_status(self, p: Plex) -> dict[str, Any]:
         m = p.record.missing
         return {
@@ -426,6 +506,8 @@ class Volume:
             # Writes that stalled the event loop (> 2 ms): each moves the plex
             # off it for a while. Many of them: a slow or throttled disk.
             "slow_writes": p.slow_writes,
+            # I/O errors it had as the last in-sync plex (kept ACTIVE), since the start.
+            "errors": self.kept_errors.get(p.name, 0),
             **p.status_extra(),
         }
 

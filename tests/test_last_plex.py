@@ -1,0 +1,217 @@
+"""The last in-sync plex is never failed (as Linux md keeps its last raid1
+member): an I/O error on it is answered EIO and it keeps serving what it
+holds; and a volume none of whose in-sync images open at start is refused,
+nothing recorded, until they are back."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import MiB, SysResources, VmdDaemon, is_mounted
+from daemonkit import volume_spec
+from test_events import EventStream
+from vmd import events
+
+pytestmark = pytest.mark.mount
+
+SIZE = 64 * MiB
+
+
+@pytest.fixture
+def streams() -> Iterator[list[EventStream]]:
+    out: list[EventStream] = []
+    yield out
+    for s in out:
+        s.close()
+
+
+def _sha(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).digest()
+
+
+@pytest.mark.allow_log(r"plex p\d .* is now IOFAIL", r"No space left on device",
+                       r"is the last in-sync plex: kept ACTIVE", r"lazy clean failed")
+def test_enospc_on_both_plexes_keeps_one_active_and_attach_recovers(
+        vmd_factory: Callable[..., VmdDaemon], sysres: SysResources, tmp_path: Path,
+        streams: list[EventStream]) -> None:
+    small = tmp_path / "small"
+    sysres.make_ext4_image(tmp_path / "small.img", 40 * MiB, small)
+    assert is_mounted(small)
+    filler = small / "filler"
+    with open(filler, "wb") as f:  # what the administrator frees later
+        f.write(b"\xa5" * (8 * MiB))
+        os.fsync(f.fileno())
+    plexes = [str(small / "vol0-p0.img"), str(small / "vol0-p1.img")]
+    vmd = vmd_factory(volumes={"vol0": {"size": "64MiB", "plexes": plexes,
+                                        "log": "vol0.log"}}).start()
+    es = EventStream(vmd)
+    streams.append(es)
+
+    rng = random.Random(7)
+    ref = bytearray(SIZE)
+    path = vmd.volume_file()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        early = rng.randbytes(6 * MiB)
+        assert os.pwrite(fd, early, 0) == len(early)
+        ref[:len(early)] = early
+        os.fsync(fd)
+        # Fill both plexes' filesystem: both fail on the same write.
+        failed_at = None
+        for off in range(8 * MiB, SIZE, MiB):
+            data = rng.randbytes(MiB)
+            try:
+                n = os.pwrite(fd, data, off)
+            except OSError as e:
+                assert e.errno == errno.EIO, e
+                failed_at = off
+                break
+            # The kernel splits a request: the parts before the failed one
+            # are acknowledged as a short write.
+            ref[off:off + n] = data[:n]
+            if n < MiB:
+                failed_at = off + n
+                break
+        assert failed_at is not None, "the small filesystem never filled up"
+        states = vmd.plex_states()
+        assert sorted(states.values()) == ["ACTIVE", "IOFAIL"], states
+        (kept,) = [n for n, s in states.items() if s == "ACTIVE"]
+        (other,) = [n for n, s in states.items() if s == "IOFAIL"]
+        st = vmd.status("vol0")
+        assert st["health"] == "errors" and f"plex {kept}" in st["problem"], st
+        assert [p["errors"] for p in st["plexes"] if p["name"] == kept] != [0], st
+        assert es.wait(events.PLEX_ERRORS, kept)["details"]["state"] == "ACTIVE"
+        assert "ERRORS" in vmd.cli("status").stdout
+        # Another write into the full filesystem: EIO again, still one ACTIVE plex.
+        with pytest.raises(OSError) as ei:
+            os.pwrite(fd, rng.randbytes(MiB), failed_at + MiB)
+        assert ei.value.errno == errno.EIO
+        assert vmd.plex_states()[kept] == "ACTIVE"
+        # What was written before the error still reads (direct_io: from vmd).
+        assert os.pread(fd, failed_at, 0) == bytes(ref[:failed_at])
+    finally:
+        os.close(fd)
+
+    # Free space; bring the failed plex back from the kept one.
+    filler.unlink()
+    vmd.cli("plex", "attach", "vol0", other)
+    st = vmd.wait_resync()
+    assert {p["state"] for p in st["plexes"]} == {"ACTIVE"}, st
+    assert st["health"] == "ok" and st["problem"] is None, st
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert os.pread(fd, failed_at, 0) == bytes(ref[:failed_at])
+        # Writable again, on both plexes.
+        data = rng.randbytes(MiB)
+        assert os.pwrite(fd, data, failed_at) == MiB
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    vmd.stop()
+    # The failed writes left undefined bytes: the same undefined bytes on both.
+    p0, p1 = vmd.plex_paths()
+    assert _sha(p0) == _sha(p1), "the plexes disagree after the resync"
+
+
+@pytest.mark.allow_log(r"volume vol0 refused: none of its in-sync images can be opened")
+def test_no_image_opens_at_start_refuses_the_volume_and_records_nothing(
+        vmd_factory: Callable[..., VmdDaemon], tmp_path: Path,
+        streams: list[EventStream]) -> None:
+    spec = volume_spec("vol0", plexes=["disk/vol0-p0.img", "disk/vol0-p1.img"])
+    vmd = vmd_factory(volumes={"vol0": spec, "vol1": volume_spec("vol1")}).start()
+    data = random.Random(3).randbytes(3 * MiB)
+    with open(vmd.volume_file(), "r+b") as f:
+        f.seek(5 * MiB)
+        f.write(data)
+    vmd.stop()
+
+    # Their disk is not mounted yet at boot.
+    disk = vmd.plex_paths()[0].parent
+    os.rename(disk, tmp_path / "disk.away")
+    vmd.start()
+    st = vmd.status()
+    (refused,) = [r for r in st["refused"] if r["name"] == "vol0"]
+    for p in vmd.plex_paths():
+        assert str(p) in refused["error"], refused
+    assert [v["name"] for v in st["volumes"]] == ["vol1"], st  # the other volume serves
+    es = EventStream(vmd)
+    streams.append(es)
+    assert "can be opened" in es.wait(events.VOLUME_REFUSED)["details"]["error"]
+    vmd.stop()
+    assert {p.state for p in vmd.logged_state().plexes} == {"ACTIVE"}
+
+    os.rename(tmp_path / "disk.away", disk)
+    vmd.start()
+    assert vmd.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
+    assert vmd.status("vol0")["health"] == "ok"
+    with open(vmd.volume_file(), "rb") as f:
+        f.seek(5 * MiB)
+        assert f.read(len(data)) == data
+    vmd.stop()
+
+
+@pytest.mark.allow_log(r"is now IOFAIL", r"kept ACTIVE")
+async def test_failed_write_on_the_last_plex_is_eio_and_a_syncing_plex_will_copy_it(
+        tmp_path: Path) -> None:
+    """Engine: the failed write's range goes, durably, into the map of a plex
+    that took it (SYNCING here), so that the resync makes both agree on the
+    bytes the write left undefined; a failed flush of the last plex is EIO."""
+    from enginekit import running_volume, volume_config  # noqa: PLC0415
+    from test_engine import FaultyPlex  # noqa: PLC0415
+    from vmd.sidecar import read_log  # noqa: PLC0415
+
+    vc = volume_config(tmp_path, nplex=2)
+    async with running_volume(vc, plex_factory=FaultyPlex, shutdown=False) as vol:
+        await vol.detach_plex("p0")
+        await vol.pwrite(0, b"d" * 4096)  # p0 misses it: SYNCING once attached
+        async with vol.resync.paused():
+            await vol.attach_plex("p0")  # everything it lacks is copied from p1 later
+            p0 = vol.plex("p0")
+            p0.record.missing.bits.setall(0)  # as if copied: what follows must mark it again
+            FaultyPlex.fail_writes = True
+            try:
+                with pytest.raises(OSError) as e:
+                    await vol.pwrite(3 * MiB, b"x" * 8192)
+            finally:
+                FaultyPlex.fail_writes = False
+            assert e.value.errno == errno.EIO and "last in-sync plex" in str(e.value)
+            assert vol.plex("p1").state == "ACTIVE" and p0.state == "SYNCING"
+            assert p0.record.missing.any_in(3 * MiB, 8192)
+            logged = {p.name: p for p in read_log(vc.log)[0].state.plexes}
+            assert logged["p0"].missing.any_in(3 * MiB, 8192), "not durable"
+            assert logged["p1"].reason.startswith("I/O errors as the last in-sync plex")
+            assert vol.status()["health"] == "errors"
+            FaultyPlex.fail_flush = True
+            try:
+                with pytest.raises(OSError) as e:
+                    await vol.flush()
+            finally:
+                FaultyPlex.fail_flush = False
+            assert e.value.errno == errno.EIO and vol.plex("p1").state == "ACTIVE"
+        await vol.resync.wait_idle()
+        assert p0.state == "ACTIVE" and vol.status()["health"] == "ok"
+
+
+async def test_a_volume_with_no_in_sync_plex_does_not_look_clean(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """As a log written by an older vmd may hold it: every plex IOFAIL."""
+    from enginekit import running_volume, volume_config  # noqa: PLC0415
+    from vmd.cli import _print_status  # noqa: PLC0415
+
+    async with running_volume(volume_config(tmp_path, nplex=2), shutdown=False) as vol:
+        for p in vol.plexes:
+            p.record.state = "IOFAIL"
+        st = vol.status()
+        assert st["clean"] and st["health"] == "failed", st
+        assert "p0 IOFAIL, p1 IOFAIL" in st["problem"], st
+        _print_status({"volumes": [st]})
+        first, problem = capsys.readouterr().out.splitlines()[:2]
+        assert "FAILED" in first and problem.startswith("  problem: too few images"), first
