@@ -77,7 +77,7 @@ def tmpfs(sysres: SysResources, where: Path, size: str = "96m") -> Path:
 async def resync_onto(vc: Any, target: Path) -> dict[str, Any]:
     """Start vc's volume (its log rebuilt from plex p0), add `target` as a plex,
     wait for the copy; the resync status of that copy."""
-    async with running_volume(vc, recover_all=True) as vol:
+    async with running_volume(vc, recover_all=True, recover_from="p0") as vol:
         await vol.add_plex(str(target))
         await vol.resync.wait_idle()
         return vol.resync.status()
@@ -87,7 +87,7 @@ async def test_new_plex_gets_only_the_allocated_ranges(tmp_path: Path) -> None:
     size = 256 * MiB
     vc = volume_config(tmp_path, size=size, nplex=1)
     ref = write_scattered(vc.plexes[0], size, random.Random(1701), 40)
-    async with running_volume(vc, recover_all=True) as vol:
+    async with running_volume(vc, recover_all=True, recover_from="p0") as vol:
         new = tmp_path / "new.img"
         await vol.add_plex(str(new))
         await vol.resync.wait_idle()
@@ -106,7 +106,7 @@ async def test_snapshot_mirror_first_sync_skips_holes(tmp_path: Path) -> None:
     size = 64 * MiB
     vc = volume_config(tmp_path, size=size, nplex=1)
     ref = write_scattered(vc.plexes[0], size, random.Random(1702), 20)
-    async with running_volume(vc, recover_all=True) as vol:
+    async with running_volume(vc, recover_all=True, recover_from="p0") as vol:
         await snap_start(vol, str(tmp_path / "snap.img"))
         await vol.resync.wait_idle()
         assert vol.plexes[1].state == SNAPDONE
@@ -119,7 +119,7 @@ async def test_recover_all_punches_the_sources_holes_into_old_data(tmp_path: Pat
     vc = volume_config(tmp_path, size=size, nplex=2)
     ref = write_scattered(vc.plexes[0], size, random.Random(1703), 20)
     garbage(vc.plexes[1], size)
-    async with running_volume(vc, recover_all=True) as vol:
+    async with running_volume(vc, recover_all=True, recover_from="p0") as vol:
         await vol.resync.wait_idle()
         assert vol.resync.copied_bytes == data_bytes(vc.plexes[0])
     # Every hole of p0 reads as zeros on p1 (no garbage left), and is a hole.

@@ -61,7 +61,7 @@ async def test_full_resync_copies_in_the_kernel_and_keeps_holes(
     ref = write_scattered(vc.plexes[0], size, random.Random(1801), 30)
     garbage(vc.plexes[1], size)  # old data where p0 has holes: punched
     spy = CopySpy(monkeypatch)
-    async with running_volume(vc, recover_all=True) as vol:
+    async with running_volume(vc, recover_all=True, recover_from="p0") as vol:
         await vol.resync.wait_idle()
         assert [p.state for p in vol.plexes] == [ACTIVE, ACTIVE]
         copied = vol.resync.copied_bytes
@@ -81,7 +81,7 @@ async def test_kernel_copy_error_is_copied_again_through_the_buffer(
     ref = write_scattered(vc.plexes[0], size, random.Random(1802), 20)
     garbage(vc.plexes[1], size)
     spy = CopySpy(monkeypatch, fail=lambda call: call % 2 == 0)
-    async with running_volume(vc, recover_all=True) as vol:
+    async with running_volume(vc, recover_all=True, recover_from="p0") as vol:
         await vol.resync.wait_idle()
         assert [p.state for p in vol.plexes] == [ACTIVE, ACTIVE]
     assert spy.errors and set(spy.errors) == {errno.EIO}, spy.errors
@@ -107,7 +107,7 @@ async def test_target_out_of_space_mid_kernel_copy_fails_it_not_the_source(
     ref = Ref(size)
     ref.write(0, data)
     spy = CopySpy(monkeypatch)
-    async with running_volume(vc, recover_all=True) as vol:
+    async with running_volume(vc, recover_all=True, recover_from="p0") as vol:
         await vol.add_plex(str(small / "new.img"))
         await vol.resync.wait_idle()
         p0, p1 = vol.plexes
@@ -128,7 +128,7 @@ async def test_target_on_another_filesystem_is_copied_through_the_buffer(
     ref = write_scattered(vc.plexes[0], size, random.Random(1804), 10)
     spy = CopySpy(monkeypatch)
     target = fs / "copy.img"
-    async with running_volume(vc, recover_all=True) as vol:
+    async with running_volume(vc, recover_all=True, recover_from="p0") as vol:
         await vol.add_plex(str(target))
         await vol.resync.wait_idle()
         assert [p.state for p in vol.plexes] == [ACTIVE, ACTIVE]

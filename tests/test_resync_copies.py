@@ -37,7 +37,7 @@ async def test_full_resync_starts_writeback_of_its_targets_as_it_copies(
         await real(plexes)
 
     monkeypatch.setattr(resync, "start_writeback", spy)
-    async with running_volume(vc, recover_all=True) as vol:
+    async with running_volume(vc, recover_all=True, recover_from="p0") as vol:
         await vol.resync.wait_idle()
         assert vol.resync.copied_bytes == vc.size
     # Once per WRITEBACK_BYTES copied, less if a commit (every 2 s) came between.
@@ -67,7 +67,7 @@ async def test_chunks_are_copied_in_parallel_unless_rate_limited(
             now -= 1
 
     monkeypatch.setattr(Resync, "_copy_chunk", counted)
-    async with running_volume(vc, recover_all=True, rate_limit=rate_limit) as vol:
+    async with running_volume(vc, recover_all=True, recover_from="p0", rate_limit=rate_limit) as vol:
         await vol.resync.wait_idle()
     assert most == (1 if rate_limit else resync.COPIES), most
     p0, p1 = plex_bytes(vc.plexes)

@@ -39,7 +39,7 @@ async def test_replay_applies_records(tmp_path):
     await _log_with_records(tmp_path / "v.log")
     replay, _, seq = read_log(tmp_path / "v.log")
     st = replay.state
-    assert seq == 7 and replay.records == 8
+    assert seq == 8 and replay.records == 9  # the checkpoint is written twice
     assert list(st.drl.set_indices()) == [2, 3, 4, 5]
     assert not st.clean
     assert list(st.plex("p1").missing.set_indices()) == [0, 17]
@@ -51,11 +51,11 @@ async def test_torn_last_record_at_every_byte_offset(tmp_path):
     full = await _log_with_records(path)
     replay_full, end_full, _ = read_log(path)
     # Where the last record starts: replay without it.
-    last_start = len(full) - len(sc._frame(7, {"t": "clean", "r": [0, 1], "fmr": {"p1": [0, 17]}}))
+    last_start = len(full) - len(sc._frame(8, {"t": "clean", "r": [0, 1], "fmr": {"p1": [0, 17]}}))
     for cut in range(last_start, len(full)):
         path.write_bytes(full[:cut])
         replay, end, seq = read_log(path)
-        assert seq == 6 and end == last_start, cut
+        assert seq == 7 and end == last_start, cut
         assert list(replay.state.drl.set_indices()) == [0, 1, 2, 3, 4, 5]
         assert replay.torn_bytes == cut - last_start
     # Opening for append drops the tail, and appends then replay fine.
@@ -71,9 +71,9 @@ async def test_torn_tail_of_garbage_is_a_tail(tmp_path):
     path = tmp_path / "v.log"
     full = await _log_with_records(path)
     path.write_bytes(full + b"\0" * 3000)  # preallocated zeros after a crash
-    assert read_log(path)[2] == 7
+    assert read_log(path)[2] == 8
     path.write_bytes(full + os.urandom(100))
-    assert read_log(path)[2] == 7
+    assert read_log(path)[2] == 8
 
 
 async def test_bad_checksum_mid_log_is_refused(tmp_path):
@@ -88,6 +88,73 @@ async def test_bad_checksum_mid_log_is_refused(tmp_path):
     path.write_bytes(full)
     with pytest.raises(SidecarError, match=f"offset {off}.*valid records follow"):
         read_log(path)
+
+
+def _summary(st):
+    """What start-up needs from a state: plexes, their states and maps, the DRL."""
+    return (st.clean, list(st.drl.set_indices()), st.next_plex, st.config_plexes,
+            [(p.name, p.path, p.state, None if p.missing is None else list(p.missing.set_indices()),
+              p.identity) for p in st.plexes])
+
+
+@pytest.mark.parametrize("deltas", [False, True], ids=["compacted", "with-records-after"])
+async def test_one_damaged_byte_in_the_checkpoint_loses_nothing(tmp_path, deltas):
+    """A byte flipped at any offset of the checkpoint (the whole state of a
+    compacted log): start-up still reads the plex list, states and maps."""
+    path = tmp_path / "v.log"
+    st = _state()
+    st.plexes[1].missing.mark(3 * MiB, 1)
+    st.next_plex = 5
+    SidecarLog.create(path, st).close()
+    if deltas:
+        log, _ = SidecarLog.open(path)
+        await log.append(lambda: {"t": "dirty", "r": [4]}, sync=True)
+        log.close()
+    good = path.read_bytes()
+    want = _summary(read_log(path)[0].state)
+    c1 = sc.HEADER_SIZE
+    c2 = e1 = sc._unframe(good, c1)[1]
+    e2 = sc._unframe(good, c2)[1]
+    assert e2 - c2 == e1 - c1, "the two copies must be of one length"
+    for off in range(c1, e2):
+        bad = bytearray(good)
+        bad[off] ^= 0x5A
+        path.write_bytes(bad)
+        replay, _, seq = read_log(path)
+        assert _summary(replay.state) == want, off
+        assert replay.repairs and seq == (2 if deltas else 1), off
+        if off % 61 == 0:  # open rewrites it whole (slower: a sample of offsets)
+            log, again = SidecarLog.open(path)
+            log.close()
+            assert _summary(again.state) == want
+            fresh, _, _ = read_log(path)
+            assert not fresh.repairs and _summary(fresh.state) == want, off
+            kept = list(tmp_path.glob("v.log.damaged-*"))
+            assert len(kept) == 1 and kept[0].read_bytes() == bytes(bad), off
+            kept[0].unlink()
+    # Both copies damaged: refused, as before (never taken for clean).
+    bad = bytearray(good)
+    bad[c1 + 25] ^= 1
+    bad[c2 + 25] ^= 1
+    path.write_bytes(bad)
+    with pytest.raises(SidecarError, match="valid records follow" if deltas else "no checkpoint"):
+        read_log(path)
+
+
+async def test_old_log_with_one_checkpoint_still_replays(tmp_path):
+    """Logs written before the checkpoint was doubled: one `ckpt`, no `copy`."""
+    path = tmp_path / "v.log"
+    st = _state()
+    rec, blobs = st.encode()
+    path.write_bytes(sc._header_bytes(st) + sc._frame(0, rec, blobs)
+                     + sc._frame(1, {"t": "dirty", "r": [2]}))
+    log, replay = SidecarLog.open(path)
+    assert replay.records == 2 and not replay.repairs
+    assert list(replay.state.drl.set_indices()) == [2] and replay.state.plex("p1").state == sc.DETACHED
+    await log.append(lambda: {"t": "dirty", "r": [6]}, sync=True)
+    await log.checkpoint(lambda: replay.state)
+    log.close()
+    assert read_log(path)[2] == 4 and read_log(path)[0].records == 2
 
 
 async def test_bad_header_is_refused(tmp_path):
@@ -248,7 +315,8 @@ async def test_missing_sidecar_with_data_is_refused_and_recover_all_resyncs(tmp_
     os.unlink(vc.log)
     with pytest.raises(SidecarError, match=f"sidecar log {vc.log} is missing.*--recover-all vol0"):
         open_volume(vc, tmp_path / "x.yaml")
-    async with running_volume(vc, recover_all=True) as vol:
+    # Both plexes took the same writes, either may be newer: named, not guessed.
+    async with running_volume(vc, recover_all=True, recover_from="p0") as vol:
         await vol.resync.wait_idle()
         assert vol.resync.synced_bytes == vc.size  # a full resync (holes skipped)
     assert plex_bytes(vol) == [bytes(ref)] * 2
@@ -260,11 +328,14 @@ async def test_damaged_sidecar_is_refused_and_recover_all_keeps_it(tmp_path):
         for i in range(4):
             await vol.pwrite(i * MiB, b"z" * 100)
     data = bytearray(vc.log.read_bytes())
-    data[sc.HEADER_SIZE + 30] ^= 0x55  # inside the checkpoint, records follow
+    # Inside both copies of the checkpoint (one alone is read around), records follow.
+    _, length, _, _ = sc._REC.unpack_from(data, sc.HEADER_SIZE)
+    for off in (sc.HEADER_SIZE + 30, sc.HEADER_SIZE + sc._REC.size + length + 30):
+        data[off] ^= 0x55
     vc.log.write_bytes(data)
     with pytest.raises(SidecarError, match="cannot be trusted"):
         open_volume(vc, tmp_path / "x.yaml")
-    async with running_volume(vc, recover_all=True) as vol:
+    async with running_volume(vc, recover_all=True, recover_from="p0") as vol:
         await vol.resync.wait_idle()
         assert vol.resync.synced_bytes == vc.size  # a full resync (holes skipped)
     kept = [p for p in tmp_path.iterdir() if ".damaged-" in p.name]
@@ -299,7 +370,7 @@ async def test_log_is_compacted_while_running(tmp_path):
                 await trio.sleep(0.05)
         vol.released()
     assert os.path.getsize(vc.log) < 8 * KiB
-    assert read_log(vc.log)[0].records <= 3
+    assert read_log(vc.log)[0].records <= 4  # the checkpoint's two copies, and up to 2 more
 
 
 async def test_volume_not_recorded_clean_when_a_write_races_the_flush(tmp_path):

@@ -55,13 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     d = add_verb(sub, "daemon", "run the daemon in the foreground", (
         ("vmd daemon -c config/vmd.yaml", "run in the foreground (make run)"),
         ("vmd daemon --recover-all vol0", "vol0's sidecar log is missing or damaged"),
+        ("vmd daemon --recover-all vol0=/srv/disk2/vol0-p1.img",
+         "the same, resyncing every plex from that image"),
         ("vmd daemon --force-degraded r5", "RAID-5 r5 is dirty, degraded and has no log"),
         "vmd daemon --debug"))
     d.add_argument("-c", "--config", dest="config_sub", metavar="CONFIG",
                    help="config file (the same as `vmd -c CONFIG daemon`)")
-    d.add_argument("--recover-all", action="append", default=[], metavar="VOLUME",
-                   help="rebuild VOLUME's sidecar log and resync every plex from the first one "
-                        "(for a missing or damaged log); may be repeated")
+    d.add_argument("--recover-all", action="append", default=[], metavar="VOLUME[=IMAGE]",
+                   help="rebuild VOLUME's sidecar log and resync every plex from IMAGE (a plex's "
+                        "image path or name); without it, from the in-sync plex a damaged log's "
+                        "checkpoint records, else the config's first (refused if another image "
+                        "is newer); for a missing or damaged log; may be repeated")
     d.add_argument("--force-degraded", action="append", default=[], metavar="VOLUME",
                    help="serve RAID-5 VOLUME although it was not stopped cleanly, lacks a "
                         "column and has no RAID-5 log (the write hole); may be repeated")
@@ -280,12 +284,14 @@ def _run(args: argparse.Namespace) -> int:
 
         _setup_logging(args.debug)
         cfg = load_config(cfg_path)
-        for opt, names in (("--recover-all", args.recover_all),
+        # VOLUME=IMAGE: a volume name has no "=" (config.check_name).
+        recover = {v: src for v, _, src in (a.partition("=") for a in args.recover_all)}
+        for opt, names in (("--recover-all", recover),
                            ("--force-degraded", args.force_degraded)):
             unknown = [v for v in names if v not in cfg.volumes]
             if unknown:
                 raise VmdError(f"{opt}: no volume {unknown[0]!r} in {cfg.path}")
-        serve(cfg, set(args.recover_all), set(args.force_degraded))
+        serve(cfg, {v: src or None for v, src in recover.items()}, set(args.force_degraded))
         return EXIT_OK
 
     sock = Path(args.socket) if args.socket else load_config(cfg_path).socket

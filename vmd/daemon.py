@@ -89,10 +89,10 @@ class FuseSession(Task):
 
 
 class Daemon:
-    def __init__(self, cfg: Config, recover_all: set[str] | None = None,
+    def __init__(self, cfg: Config, recover_all: dict[str, str | None] | None = None,
                  force_degraded: set[str] | None = None):
         self.cfg = cfg
-        self.recover_all = recover_all or set()
+        self.recover_all = recover_all or {}  # volume → the plex to resync from (None: default)
         self.manager = VolumeManager(cfg)
         self.manager.force_degraded = force_degraded or set()
         self.fs: VolumeFS | None = None
@@ -213,7 +213,7 @@ class Daemon:
                 self.request_stop()
 
 
-def serve(cfg: Config, recover_all: set[str] | None = None,
+def serve(cfg: Config, recover_all: dict[str, str | None] | None = None,
           force_degraded: set[str] | None = None) -> None:
     try:
         trio.run(Daemon(cfg, recover_all, force_degraded).run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from .sidecar import (ACTIVE, IOFAIL, SNAPATT, SYNCING, WRITABLE, PlexRecord, Si
                       VolumeState, new_state)
 from .mirror import MirrorVolume
 from .raid5 import Raid5Volume, plan_raid5_recovery
+from .recover import (config_source, fill_all_but, prepare_salvaged, recovery_hint,
+                      refuse_named_for_raid5, salvage)
 from .tasks import Task
 from .spread import DeviceSlots
 from .volume import Volume, delete_if_created
@@ -41,9 +43,10 @@ def _holds_data(path: Path) -> bool:
 def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
                 clean_delay: float = 5.0, rate_limit: int = 0,
                 plex_factory: Callable[[PlexRecord, int], Plex] = Plex,
-                force_degraded: bool = False) -> Volume:
+                force_degraded: bool = False, recover_from: str | None = None) -> Volume:
     """Open one volume: replay (or create) its sidecar log, open its plexes,
-    and set up crash recovery. Raises VmdError if the volume must be refused."""
+    and set up crash recovery. Raises VmdError if the volume must be refused.
+    `recover_from` (with `recover_all`): the plex to resync every other from."""
     if vc.log.exists() and not recover_all:
         try:
             sidecar, replay = SidecarLog.open(vc.log)
@@ -52,8 +55,7 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         except SidecarError as e:
             raise SidecarError(
                 f"volume {vc.name}: {e}. vmd will not guess which regions the mirrors may "
-                f"disagree on. Restore the log, or start with `--recover-all {vc.name}` to rebuild "
-                f"it and resync every plex from {vc.plexes[0]}") from None
+                f"disagree on. {recovery_hint(vc)}") from None
         state = replay.state
         try:
             _check_against_config(state, vc, cfg_path)
@@ -70,9 +72,20 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
                 if _holds_data(p):
                     raise SidecarError(
                         f"volume {vc.name}: sidecar log {vc.log} is missing but plex image {p} "
-                        f"holds data; vmd will not guess that the mirrors agree. Restore the log, "
-                        f"or start with `--recover-all {vc.name}` to rebuild it and resync "
-                        f"every plex from {vc.plexes[0]}")
+                        f"holds data; vmd will not guess that the mirrors agree. "
+                        f"{recovery_hint(vc)}")
+        salvaged: VolumeState | None = None
+        source, why = 0, "the first plex in the config"
+        if recover_all:
+            # Decided before the log is set aside, so that a refusal leaves it in
+            # place; a readable checkpoint knows the plexes, the config may not.
+            refuse_named_for_raid5(vc, recover_from)
+            salvaged = salvage(vc) if vc.log.exists() else None
+            if salvaged is not None:
+                _check_against_config(salvaged, vc, cfg_path)
+                why = prepare_salvaged(salvaged, vc, recover_from)
+            elif vc.layout == "mirror":
+                source, why = config_source(vc, recover_from)
         if recover_all and vc.log.exists():
             held = open_locked(vc.log, os.O_RDONLY | os.O_CLOEXEC, "sidecar log")
             try:
@@ -83,21 +96,16 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
             log.warning("volume %s: --recover-all: old sidecar log kept as %s", vc.name, aside)
         for d in {vc.log.parent, *(p.parent for p in _images(vc))}:
             d.mkdir(parents=True, exist_ok=True)  # first start: var/ may not exist yet
-        state = new_state(vc.name, vc.size, vc.region_size, vc.fastresync_region)
-        state.fastresync = vc.fastresync
-        state.extra["config_fastresync"] = vc.fastresync
-        state.config_plexes = [str(p) for p in vc.plexes]
-        for i, p in enumerate(vc.plexes):
-            prefix = "p" if vc.layout == "mirror" else "c"
-            # An export may hold anything (vmd cannot tell "new" from "full"):
-            # it is copied from p0 like an added plex.
-            copy = i > 0 and not isinstance(p, Path)
-            state.plexes.append(PlexRecord(name=f"{prefix}{i}", path=str(p),
-                                           state=SYNCING if copy else ACTIVE,
-                                           missing=state.new_map(fill=copy),
-                                           created=isinstance(p, Path) and not p.exists()))
-        state.next_plex = len(vc.plexes)
-        if recover_all:
+        if salvaged is not None:
+            state = salvaged
+            finish_grow(state, vc.name)
+            log.warning("volume %s: --recover-all: rebuilding the sidecar log from the plexes "
+                        "and states its last readable checkpoint records (%s), not the config's; "
+                        "every plex is resynced from %s", vc.name,
+                        ", ".join(f"{p.name} {p.path} {p.state}" for p in state.plexes), why)
+        else:
+            state = _config_state(vc)
+        if recover_all and salvaged is None:
             state.clean = False
             if vc.layout == "raid5":
                 # No column is a source: each stripe's parity is regenerated
@@ -105,13 +113,12 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
                 log.warning("volume %s: --recover-all: rebuilding the sidecar log; the parity "
                             "of every stripe is regenerated", vc.name)
             else:
-                # p0 is the source; every other plex is recovered from it.
-                for rec in state.plexes[1:]:
-                    rec.missing = state.new_map(fill=True)  # type: ignore[union-attr]
-                log.warning("volume %s: --recover-all: rebuilding the sidecar log; every plex "
-                            "is resynced from %s", vc.name, vc.plexes[0])
+                fill_all_but(state, source)
+                log.warning("volume %s: --recover-all: rebuilding the sidecar log from the "
+                            "config (no readable checkpoint); every plex is resynced from %s "
+                            "(%s)", vc.name, vc.plexes[source], why)
         sidecar = SidecarLog.create(vc.log, state)
-        created = True
+        created = salvaged is None
 
     plex_factory = remote_aware(plex_factory, vc, state.clean)
     plexes: list[Plex] = []
@@ -180,6 +187,25 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         raise
     vol._update_recovering()
     return vol
+
+
+def _config_state(vc: VolumeConfig) -> VolumeState:
+    """A new volume's state: the config's plexes, p0 the source of any copy."""
+    state = new_state(vc.name, vc.size, vc.region_size, vc.fastresync_region)
+    state.fastresync = vc.fastresync
+    state.extra["config_fastresync"] = vc.fastresync
+    state.config_plexes = [str(p) for p in vc.plexes]
+    for i, p in enumerate(vc.plexes):
+        prefix = "p" if vc.layout == "mirror" else "c"
+        # An export may hold anything (vmd cannot tell "new" from "full"):
+        # it is copied from p0 like an added plex.
+        copy = i > 0 and not isinstance(p, Path)
+        state.plexes.append(PlexRecord(name=f"{prefix}{i}", path=str(p),
+                                       state=SYNCING if copy else ACTIVE,
+                                       missing=state.new_map(fill=copy),
+                                       created=isinstance(p, Path) and not p.exists()))
+    state.next_plex = len(vc.plexes)
+    return state
 
 
 def _images(vc: VolumeConfig) -> list[Path]:
@@ -328,10 +354,11 @@ class VolumeManager:
         # A volume's bytes changed behind its file (blocking: call in a thread).
         self.on_changed: Callable[[str], None] = lambda name: None
 
-    def _open(self, vc: VolumeConfig, recover_all: bool = False) -> None:
+    def _open(self, vc: VolumeConfig, recover_all: bool = False,
+              recover_from: str | None = None) -> None:
         try:
             self.volumes[vc.name] = open_volume(
-                vc, self.cfg.path, recover_all=recover_all,
+                vc, self.cfg.path, recover_all=recover_all, recover_from=recover_from,
                 clean_delay=self.cfg.clean_delay, rate_limit=self.cfg.resync.rate_limit,
                 force_degraded=vc.name in self.force_degraded)
         except InUseError:
@@ -341,9 +368,11 @@ class VolumeManager:
             log.error("volume %s refused: %s", vc.name, e)
             events.emit(events.VOLUME_REFUSED, vc.name, error=str(e))
 
-    def open_all(self, recover_all: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    def open_all(self, recover_all: Mapping[str, str | None] | None = None) -> None:
+        """`recover_all`: volume → the plex to resync every other from (None: default)."""
+        recover_all = recover_all or {}
         for name, vc in self.cfg.volumes.items():
-            self._open(vc, name in recover_all)
+            self._open(vc, name in recover_all, recover_all.get(name))
         # Snapshots broken off configured volumes are volumes of their own.
         for vol in list(self.volumes.values()):
             for name, info in vol.state.extra.get("snapshots", {}).items():

@@ -14,9 +14,11 @@ following records are small deltas:
 
 Replay takes every valid record up to the first bad one. A bad record that
 valid records follow is damage, not a torn tail: the volume is refused
-(invariant 4). Compaction writes a new file holding one checkpoint, fsyncs it,
-renames it over the log and fsyncs the directory, so a crash at any step leaves
-either the old log or the new one.
+(invariant 4). Compaction writes a new file holding the checkpoint twice
+(`copy` 1 and 2, identical but for that field), fsyncs it, renames it over the
+log and fsyncs the directory, so a crash at any step leaves either the old log
+or the new one; and one damaged checkpoint copy costs nothing: replay uses the
+other, and `SidecarLog.open` rewrites the log (the damaged one kept aside).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import logging
 import os
 import struct
+import time
 import uuid
 import zlib
 from collections.abc import Callable
@@ -232,15 +235,33 @@ def fsync_dir(path: Path) -> None:
 @dataclass
 class Replay:
     state: VolumeState
-    records: int  # records replayed, checkpoint included
+    records: int  # records replayed, checkpoint copies included
     torn_bytes: int  # bytes of torn tail dropped
+    # Damage replay read around (a damaged copy of the checkpoint): the log
+    # should be rewritten. With `upto_damage`, also the damage it stopped at.
+    repairs: list[str] = field(default_factory=list)
 
 
-def read_log(path: Path) -> tuple[Replay, int, int]:
+def _checkpoint_copy(data: bytes, off: int) -> int | None:
+    """The `copy` number of a valid checkpoint record at off (1 for an old
+    log's single checkpoint), else None."""
+    got = _unframe(data, off)
+    if got is None:
+        return None
+    try:
+        rec, _ = _decode(got[2])
+        return int(rec.get("copy", 1)) if rec.get("t") == "ckpt" else None
+    except (ValueError, TypeError, AttributeError, struct.error):
+        return None
+
+
+def read_log(path: Path, *, upto_damage: bool = False) -> tuple[Replay, int, int]:
     """Replay the log at `path`. Returns (replay, valid end offset, last seq).
 
     Raises SidecarError naming the file and offset on any damage other than a
-    torn tail.
+    torn tail or one damaged copy of the checkpoint; with `upto_damage`, damage
+    after a checkpoint ends the replay instead (what `--recover-all` salvages:
+    the plexes and their states, not which regions are dirty).
     """
     try:
         data = path.read_bytes()
@@ -262,15 +283,36 @@ def read_log(path: Path) -> tuple[Replay, int, int]:
     off = HEADER_SIZE
     seq = -1
     count = 0
+    copy_end = -1  # where the second copy of the checkpoint ends (a new log's)
+    repairs: list[str] = []
     while off < len(data):
         got = _unframe(data, off)
         if got is None or (seq >= 0 and got[0] != seq + 1):
+            if count == 0:
+                # The first checkpoint copy is damaged: its twin stands in.
+                later = _find_valid_after(data, off + 1, seq)
+                if later is not None and _checkpoint_copy(data, later) == 2:
+                    repairs.append(f"checkpoint at offset {off} is damaged; using its copy at "
+                                   f"offset {later}")
+                    off = later
+                    continue
+            elif count == 1 and off < copy_end <= len(data):
+                # The second copy is damaged; the first was whole, and the
+                # copies have one length, so the records after it are found.
+                repairs.append(f"the checkpoint's copy at offset {off} is damaged; the first "
+                               f"copy was read")
+                seq, off, count = seq + 1, copy_end, count + 1
+                continue
             # Torn tail, or damage? Damage if any valid later record exists.
             later = _find_valid_after(data, off + 1, seq)
             if later is not None:
-                raise SidecarError(
-                    f"{path}: record at offset {off} is damaged (bad checksum or framing) but "
-                    f"valid records follow at offset {later}: the log cannot be trusted")
+                msg = (f"{path}: record at offset {off} is damaged (bad checksum or framing) but "
+                       f"valid records follow at offset {later}: the log cannot be trusted")
+                if upto_damage and count:
+                    repairs.append(msg)
+                    return Replay(state=state, records=count, torn_bytes=0,
+                                  repairs=repairs), off, seq
+                raise SidecarError(msg)
             break
         rseq, end, payload = got
         try:
@@ -279,6 +321,10 @@ def read_log(path: Path) -> tuple[Replay, int, int]:
                 if rec.get("t") != "ckpt":
                     raise SidecarError(f"{path}: log does not start with a checkpoint")
                 state.load_checkpoint(rec, blobs)
+                if rec.get("copy") == 1:
+                    copy_end = end + (end - off)
+            elif count == 1 and rec.get("t") == "ckpt" and rec.get("copy") == 2:
+                pass  # the twin of the checkpoint just loaded
             else:
                 state.apply(rec, blobs)
         except (ValueError, KeyError, TypeError, IndexError, zlib.error) as e:
@@ -286,7 +332,7 @@ def read_log(path: Path) -> tuple[Replay, int, int]:
         seq, off, count = rseq, end, count + 1
     if count == 0:
         raise SidecarError(f"{path}: sidecar log holds no checkpoint (damaged or never finished)")
-    return Replay(state=state, records=count, torn_bytes=len(data) - off), off, seq
+    return Replay(state=state, records=count, torn_bytes=len(data) - off, repairs=repairs), off, seq
 
 
 def _find_valid_after(data: bytes, start: int, seq: int) -> int | None:
@@ -327,7 +373,10 @@ class SidecarLog:
                 log.warning("%s: removing unfinished compaction %s", path, tmp)
                 tmp.unlink()
             replay, end, seq = read_log(path)
-            if replay.torn_bytes:
+            if replay.repairs:
+                # Rewrite now, so that the log has two good copies again.
+                fd, end, seq = _rewrite_damaged(path, fd, replay, seq)
+            elif replay.torn_bytes:
                 log.info("%s: dropping %d bytes of torn tail", path, replay.torn_bytes)
                 os.ftruncate(fd, end)
                 os.fsync(fd)
@@ -346,7 +395,7 @@ class SidecarLog:
         except BaseException:
             close_locked(fd)
             raise
-        return cls(path, fd, len(data), 0)
+        return cls(path, fd, len(data), 1)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -405,15 +454,40 @@ class SidecarLog:
             # one (already locked, so the lock never lapses) even if the
             # directory fsync fails.
             close_locked(self._fd)
-            self._fd, self._seq, self._offset = fd, seq, len(data)
+            self._fd, self._seq, self._offset = fd, seq + 1, len(data)
             await trio.to_thread.run_sync(fsync_dir, self.path.parent)
             self.syncs += 1
             self.checkpoints += 1
 
 
 def _encode_file(state: VolumeState, seq: int) -> bytes:
+    """Header and the checkpoint twice (seq and seq + 1): one damaged copy
+    leaves the other. The copies differ only in `copy`, so they are of one
+    length and replay can step over a damaged second copy."""
     rec, blobs = state.encode()
-    return _header_bytes(state) + _frame(seq, rec, blobs)
+    return (_header_bytes(state) + _frame(seq, {**rec, "copy": 1}, blobs)
+            + _frame(seq + 1, {**rec, "copy": 2}, blobs))
+
+
+def _rewrite_damaged(path: Path, fd: int, replay: Replay, seq: int) -> tuple[int, int, int]:
+    """Replace a log that replay read around damage with a fresh one holding
+    its state; the damaged log is kept as `<log>.damaged-<time>`. Returns the
+    new (fd, end offset, last seq); `fd` (the old log's) is closed."""
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    for why in replay.repairs:
+        log.warning("%s: %s", path, why)
+    os.link(path, aside)
+    data = _encode_file(replay.state, seq + 1)
+    new_fd = _write_new(path, data, replace=True)
+    try:
+        fsync_dir(path.parent)
+    except BaseException:
+        close_locked(new_fd)  # the caller closes the old one
+        raise
+    close_locked(fd)
+    log.warning("%s: rewritten from the state it holds; the damaged log is kept as %s",
+                path, aside)
+    return new_fd, len(data), seq + 2
 
 
 def _write_new(path: Path, data: bytes, *, replace: bool) -> int:

@@ -1,0 +1,153 @@
+"""`--recover-all`: which plexes a rebuilt sidecar log holds, and which one
+is the source every other is resynced from.
+
+Two cases. A damaged log that still yields a checkpoint knows the plexes
+(after `vmd plex remove`/`add` they are not the config's) and which are in
+sync: they are kept, and only the regions are forgotten (every plex but the
+source is recovered whole). A missing log, or one without any readable
+checkpoint, leaves only the config: the source is its first plex unless the
+administrator names another, and a config image modified after the first
+(the first may be a plex removed since, holding old data) is refused until
+one is named (`--recover-all VOLUME=IMAGE`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from .config import VolumeConfig, format_size
+from .errors import SidecarError
+from .sidecar import ACTIVE, SNAPLINK, VolumeState, read_log
+
+
+def salvage(vc: VolumeConfig) -> VolumeState | None:
+    """The state the log's last readable checkpoint (and the records before
+    any damage) holds; None if the log is missing or has no checkpoint."""
+    try:
+        return read_log(vc.log, upto_damage=True)[0].state
+    except SidecarError:
+        return None
+
+
+def _image_line(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"{path} (missing)"
+    except OSError as e:
+        return f"{path} (cannot stat: {e.strerror})"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.st_mtime))
+    return (f"{path} ({format_size(st.st_size)}, modified {stamp}"
+            f".{st.st_mtime_ns % 1_000_000_000 // 1_000_000:03d})")
+
+
+def _mtime_ns(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _match(named: str, candidates: list[tuple[str, str]]) -> int | None:
+    """Index of the plex `named` names: its name (p1) or its image path
+    (relative to the current directory) or export."""
+    for i, (name, path) in enumerate(candidates):
+        if named in (name, path) or ("://" not in path
+                                     and os.path.realpath(named) == os.path.realpath(path)):
+            return i
+    return None
+
+
+def _config_candidates(vc: VolumeConfig) -> list[tuple[str, str]]:
+    prefix = "p" if vc.layout == "mirror" else "c"
+    return [(f"{prefix}{i}", str(p)) for i, p in enumerate(vc.plexes)]
+
+
+def config_source(vc: VolumeConfig, named: str | None) -> tuple[int, str]:
+    """(index, why) of the config plex to resync from, when the config is all
+    there is. Raises SidecarError if a config image is newer than the first
+    and none was named, or if `named` is not one of them."""
+    cands = _config_candidates(vc)
+    listing = "; ".join(_image_line(p) for _, p in cands)
+    if named is not None:
+        i = _match(named, cands)
+        if i is None:
+            raise SidecarError(f"volume {vc.name}: --recover-all {vc.name}={named}: not one of its "
+                               f"plexes in the config ({listing})")
+        return i, f"named by --recover-all {vc.name}={named}"
+    first = _mtime_ns(cands[0][1])
+    newer = [p for _, p in cands[1:] if first is not None and (_mtime_ns(p) or 0) > first]
+    if newer:
+        raise SidecarError(
+            f"volume {vc.name}: --recover-all without the sidecar log would resync every plex "
+            f"from {cands[0][1]}, the first plex in the config, but {', '.join(newer)} was "
+            f"modified after it (the first may be a plex removed since, with old data). "
+            f"Images: {listing}. Name the source: --recover-all {vc.name}=IMAGE")
+    return 0, "the first plex in the config"
+
+
+def recovery_hint(vc: VolumeConfig) -> str:
+    """What a refusal says about `--recover-all`: which plexes, which source, why."""
+    name = vc.name
+    state = salvage(vc) if vc.log.exists() else None
+    if state is not None:
+        plexes = [p for p in state.plexes if p.state != SNAPLINK]
+        src = next((p for p in plexes if p.state == ACTIVE and p.missing is not None
+                    and not p.missing.bits.any()), None)
+        return (f"Restore the log, or start with `--recover-all {name}`: it keeps the plexes and "
+                f"states of the log's last readable checkpoint ("
+                + ", ".join(f"{p.name} {p.path} {p.state}" for p in plexes)
+                + f") and resyncs every plex from {src.path if src else 'an in-sync plex'}, "
+                f"which that checkpoint records as in sync (or name one: "
+                f"`--recover-all {name}=IMAGE`)")
+    cands = _config_candidates(vc)
+    images = "; ".join(_image_line(p) for _, p in cands)
+    try:
+        i, why = config_source(vc, None)
+    except SidecarError:
+        return (f"Restore the log, or name the plex to resync every other from: "
+                f"`--recover-all {name}=IMAGE`. Without the log only the config's plexes are "
+                f"known (plexes added or removed with `vmd plex` since are not), and an image "
+                f"other than the first was modified after it. Images: {images}")
+    return (f"Restore the log, or start with `--recover-all {name}` to rebuild it and resync "
+            f"every plex from {cands[i][1]} ({why}; plexes added or removed with `vmd plex` "
+            f"since are not known without the log; another source: "
+            f"`--recover-all {name}=IMAGE`). Images: {images}")
+
+
+def prepare_salvaged(state: VolumeState, vc: VolumeConfig, named: str | None) -> str:
+    """Make a salvaged state recover everything: not clean, and with a named
+    source, that plex the only in-sync one. Returns the source's description."""
+    state.clean = False
+    if named is None:
+        return "the in-sync plex the log's checkpoint records"
+    plexes = [p for p in state.plexes if p.state != SNAPLINK]
+    i = _match(named, [(p.name, p.path) for p in plexes])
+    if i is None:
+        raise SidecarError(
+            f"volume {vc.name}: --recover-all {vc.name}={named}: not one of the plexes its sidecar "
+            f"log {vc.log} records (" + ", ".join(f"{p.name} {p.path}" for p in plexes) + ")")
+    for j, p in enumerate(plexes):
+        if j == i:
+            p.state, p.missing, p.reason = ACTIVE, state.new_map(), ""
+        elif p.missing is not None:
+            p.missing.fill()
+    return f"{plexes[i].name} ({plexes[i].path}), named by --recover-all {vc.name}={named}"
+
+
+def fill_all_but(state: VolumeState, source: int) -> None:
+    """Every config plex but `source` is recovered from it."""
+    for i, rec in enumerate(state.plexes):
+        if i == source:
+            rec.state, rec.missing = ACTIVE, state.new_map()
+        else:
+            rec.missing = state.new_map(fill=True)
+
+
+def refuse_named_for_raid5(vc: VolumeConfig, named: str | None) -> None:
+    if named is not None and vc.layout == "raid5":
+        raise SidecarError(f"volume {vc.name}: --recover-all {vc.name}={named}: a RAID-5 volume "
+                           f"has no source column (every stripe's parity is regenerated); use "
+                           f"--recover-all {vc.name}")
+
