@@ -101,12 +101,11 @@ class Request:
         ETIMEDOUT from the watchdog after the link's `timeout`)."""
         if not self.done:
             self.task = trio.lowlevel.current_task()
-
-            def abort(_: Any) -> trio.lowlevel.Abort:
-                self.task = None  # cancelled: the reply, when it comes, wakes nobody
-                return trio.lowlevel.Abort.SUCCEEDED
-
-            await trio.lowlevel.wait_task_rescheduled(abort)
+            # Not cancellable: a writer that left with its write still on the
+            # wire would let the DRL record the region clean and nobody would
+            # read the reply's error. The watchdog ends every wait within the
+            # link's timeout, so this never outlives a hung server.
+            await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
         if self.error is not None:
             raise self.error
 
