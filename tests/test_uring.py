@@ -13,7 +13,7 @@ import trio
 from vmd.config import KiB, MiB
 from vmd.plex import Plex, PlexIOError
 from vmd.sidecar import ACTIVE, PlexRecord
-from vmd.uring import Ring
+from vmd.uring import EndOfFile, Ring
 
 from enginekit import plex_bytes, random_writes, running_volume, volume_config
 
@@ -36,9 +36,11 @@ async def test_read_write_roundtrip(tmp_path):
         assert await ring.pwrite(fd, 100, memoryview(src)[10:60])  # a slice, no copy
         assert await ring.pread(fd, 4096, 8192) == b"a" * 8192
         assert await ring.pread(fd, 100, 50) == bytes(src[10:60])
-        # Past the end of the image reads as zeros, at full length.
-        tail = await ring.pread(fd, 1 * MiB - 10, 100)
-        assert len(tail) == 100 and tail == bytes(100)
+        # A read past the end of the file is an error (EIO) saying where the
+        # file ends, never zeros: a plex image cut short lost that data.
+        with pytest.raises(EndOfFile) as err:
+            await ring.pread(fd, 1 * MiB - 10, 100)
+        assert err.value.errno == errno.EIO and err.value.offset == 1 * MiB
         # A read-only view cannot be handed over without a copy: the caller's job.
         assert await ring.pwrite(fd, 0, memoryview(b"xyz")[1:]) is False
         assert await ring.pread(fd, 0, 3) == bytes(3)

@@ -405,17 +405,23 @@ def check_environment(cfg: Config, grown_from: dict[str, int] | None = None) -> 
     for vol in cfg.volumes.values():
         key = f"volumes.{vol.name}"
         images = "plexes" if vol.layout == "mirror" else "columns"
+        # A volume that exists (its log does) opens an image of another size
+        # as a failed plex (IOFAIL, naming both sizes) and serves the others:
+        # one image cut short must not keep every volume from starting.
+        exists = vol.log.exists()
         for i, p in enumerate(vol.plexes):
             if isinstance(p, Path):  # a remote export's size is checked when it is opened
                 check_image(p, vol.image_size, f"{cfg.path}: {key}.{images}[{i}]",
-                            (grown_from or {}).get(vol.name), what=vol.image_what)
+                            (grown_from or {}).get(vol.name), what=vol.image_what,
+                            any_size=exists)
         _check_dir_writable(ctx, vol.log.parent, f"{key}.log")
 
 
 def check_image(path: Path, size: int, where: str, or_size: int | None = None, *,
-                what: str = "the volume") -> None:
+                what: str = "the volume", any_size: bool = False) -> None:
     """An existing image must be a regular file (or block device) of exactly
-    `size` bytes, the size of `what` (the volume, or a RAID-5 column)."""
+    `size` bytes, the size of `what` (the volume, or a RAID-5 column), unless
+    `any_size` (opening it checks the size)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -434,7 +440,7 @@ def check_image(path: Path, size: int, where: str, or_size: int | None = None, *
             actual = f.seek(0, os.SEEK_END)
     else:
         raise ConfigError(f"{where}: {path} is not a regular file or block device")
-    if actual != size and actual != or_size:
+    if actual != size and actual != or_size and not any_size:
         raise ConfigError(
             f"{where}: existing image {path} is {actual} bytes, {what} is {size} bytes "
             f"(vmd never truncates or grows an image; fix the size or the path)")

@@ -22,7 +22,7 @@ from typing import Any
 from .exclusive import close_locked, lock_exclusive
 from .iopool import IOPool
 from .sidecar import PlexRecord
-from .uring import Ring
+from .uring import EndOfFile, Ring
 
 # Worker threads per plex (see iopool): enough for the requests FUSE has in
 # flight, few enough to cost nothing while idle.
@@ -218,18 +218,34 @@ class Plex:
         if into is None:
             data = os.pread(self.fd, size, off)
             if len(data) < size:
-                # Past the end of a short image: holes read as zeros anyway.
-                data += bytes(size - len(data))
+                if not data:
+                    raise self.end_of_image(off)
+                data += self._pread_sync(off + len(data), size - len(data))
             return data
         view = into[:size]
         done = 0
         while done < size:
             n = os.preadv(self.fd, [view[done:]], off + done)
             if n <= 0:
-                view[done:] = bytes(size - done)
-                break
+                raise self.end_of_image(off + done)
             done += n
         return view
+
+    def end_of_image(self, at: int, image_size: int | None = None) -> OSError:
+        """The error of a read that met the end of the image at `at`, inside
+        the volume. An image is always the volume's size (created so, grown
+        with it, refused at attach and start otherwise), so a shorter one was
+        cut while in use: what lay past its end is lost, not zeros, and
+        reading it as zeros would serve them, resync them and let verify
+        repair the good copies with them."""
+        if image_size is None:
+            try:
+                image_size = os.fstat(self.fd).st_size
+            except OSError:
+                image_size = at
+        # Raised inside a PlexIOError, which names the plex and its image.
+        return OSError(errno.EIO, f"the image ends at offset {image_size}, short of the "
+                                  f"{self.size} bytes it must have (truncated while in use?)")
 
     def _pwrite_sync(self, off: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -257,6 +273,11 @@ class Plex:
         if not self._seek_holes:
             return [(off, length)]
         end = off + length
+        # Past the end of a short image SEEK_DATA finds nothing: a hole to
+        # copy or compare as zeros, where the data was lost.
+        image_size = os.fstat(self.fd).st_size
+        if image_size < end:
+            raise self.end_of_image(off, image_size)
         out: list[tuple[int, int]] = []
         pos = off
         while pos < end:
@@ -321,6 +342,8 @@ class Plex:
         if ring is not None:
             try:
                 data: bytes | bytearray | None = await ring.pread(self.fd, off, size)
+            except EndOfFile as e:
+                raise PlexIOError(self, "read", off, self.end_of_image(e.offset)) from e
             except OSError as e:
                 raise PlexIOError(self, "read", off, e) from e
             self.reads += 1
@@ -430,7 +453,9 @@ class Plex:
         try:
             while done < length:
                 n = os.copy_file_range(self.fd, target.fd, length - done, off + done, off + done)
-                if n == 0:  # the source ends early: the buffered copy reads zeros
+                if n == 0:
+                    # The source ends early: the buffered copy's read fails
+                    # with the error that names this image.
                     return False
                 done += n
         except OSError as e:

@@ -93,6 +93,15 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
+class EndOfFile(OSError):
+    """A read met the end of the file at `offset`, short of what it asked:
+    an I/O error (EIO), never zeros (the caller names the file)."""
+
+    def __init__(self, offset: int):
+        super().__init__(errno.EIO, f"end of file at offset {offset}")
+        self.offset = offset
+
+
 class _Op:
     __slots__ = ("task", "res", "keep")
 
@@ -193,7 +202,7 @@ class Ring:
     # -- the block operations --------------------------------------------------
 
     async def pread(self, fd: int, off: int, size: int) -> bytearray:
-        """Read [off, off+size) of fd; past the end reads as zeros."""
+        """Read [off, off+size) of fd; EndOfFile if the file ends before."""
         buf = bytearray(size)
         view = memoryview(buf)
         done = 0
@@ -202,7 +211,7 @@ class Ring:
             addr, keep = _address(part)  # type: ignore[misc]  # a bytearray is writable
             n = await self._run(_OP_READ, fd, off + done, addr, size - done, keep)
             if n == 0:
-                break  # end of file: the rest stays zero, like a hole
+                raise EndOfFile(off + done)
             done += n
         return buf
 

@@ -55,15 +55,23 @@ T = TypeVar("T")
 
 
 async def _each(plexes: Sequence[Plex], fn: Callable[[Plex], Awaitable[T]]) -> list[T]:
-    """fn(p) for every plex at once (two disks are read in parallel)."""
+    """fn(p) for every plex at once (two disks are read in parallel). A plex's
+    error is raised as itself (the first), not wrapped in the nursery's
+    ExceptionGroup: the caller fails that plex and compares the rest again."""
     out: list[Any] = [None] * len(plexes)
+    errors: list[PlexIOError] = []
 
     async def one(i: int) -> None:
-        out[i] = await fn(plexes[i])
+        try:
+            out[i] = await fn(plexes[i])
+        except PlexIOError as e:
+            errors.append(e)
 
     async with trio.open_nursery() as nursery:
         for i in range(len(plexes)):
             nursery.start_soon(one, i)
+    if errors:
+        raise errors[0]
     return out
 
 
