@@ -157,6 +157,50 @@ async def test_hung_link_fails_the_plex_within_the_timeout(tmp_path: Path,
         proxy.close()
 
 
+async def test_a_cancelled_writer_waits_for_its_remote_half(tmp_path: Path,
+                                                            nbd_server: Make) -> None:
+    """A writer cancelled while its remote write is on the wire (a Remote Copy
+    apply or a repair being stopped) leaves only once the reply came: the
+    DRL cannot record the region clean before it, the plex is not counted in
+    flight for good, and an error in the reply would fail the plex."""
+    srv = nbd_server("qemu-nbd", tcp=True)
+    proxy = HoldProxy(srv.port)
+    vc = remote_vc(tmp_path, proxy.uri, remote_timeout=60.0, auto_attach=False)
+    try:
+        async with running_volume(vc) as vol:
+            await synced(vol)
+            p = remote(vol)
+            assert p.link is not None
+            proxy.hold()
+            data = os.urandom(64 * 1024)
+            scope = trio.CancelScope()
+            returned = trio.Event()
+
+            async def writer() -> None:
+                with scope:
+                    await vol.pwrite(MiB, data)
+                returned.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer)
+                with trio.fail_after(10):
+                    while not p.link._pending:
+                        await trio.sleep(0.01)
+                scope.cancel()
+                with trio.move_on_after(0.5):
+                    await returned.wait()
+                assert not returned.is_set(), "the writer left with its remote write unanswered"
+                assert p.inflight == 1 and vol.drl._inflight
+                proxy.release()
+                with trio.fail_after(30):
+                    await returned.wait()
+            assert p.inflight == 0 and not p.link._pending and not vol.drl._inflight
+            assert p.state == ACTIVE
+            assert await vol.pread(MiB, len(data)) == data
+    finally:
+        proxy.close()
+
+
 async def test_a_send_to_a_dead_server_fails_at_once(tmp_path: Path, nbd_server: Make) -> None:
     """libnbd finds the server gone inside the send, goes DEAD and closes its
     socket before the pump could hear of it: the write fails now, not after
