@@ -241,6 +241,25 @@ def test_relative_paths_are_relative_to_the_cli(vmd: VmdDaemon, tmp_path: Path) 
                 (daemon_cwd / f"{name}-{suffix}.img").unlink(missing_ok=True)
 
 
+def test_image_under_own_mountpoint_is_refused(vmd: VmdDaemon, tmp_path: Path) -> None:
+    """An image in the daemon's own mount would be served by the daemon: the
+    stat of it from the event loop deadlocked the daemon. Refused, by name,
+    without the daemon looking at anything under its mount."""
+    (tmp_path / "into-mount").symlink_to(vmd.mountpoint)
+    for args in (("plex", "add", "vol0", str(vmd.volume_file())),
+                 ("plex", "add", "vol0", str(vmd.mountpoint / "new-p2.img")),
+                 ("plex", "add", "vol0", str(tmp_path / "into-mount" / "vol0")),
+                 ("snap", "start", "vol0", "--path", str(vmd.mountpoint / "snap.img"))):
+        p = vmd.cli(*args, check=False, timeout=20)
+        assert p.returncode == EXIT_ERROR, p
+        msg = _one_error_line(p)
+        assert args[3 if args[0] == "plex" else 4] in msg and str(vmd.mountpoint) in msg, msg
+        assert "mountpoint" in msg, msg
+    _assert_alive(vmd)
+    assert vmd.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
+    vmd.stop()
+
+
 def test_cannot_detach_last_in_sync_plex(vmd: VmdDaemon) -> None:
     vmd.cli("plex", "detach", "vol0", "p1")
     p = vmd.cli("plex", "detach", "vol0", "p0", check=False)

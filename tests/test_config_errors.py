@@ -104,6 +104,11 @@ CASES = {
                                     ["volumes.vol0.plexes[1]", "nbd+unix:///x", "socket=PATH"]),
     "nbd-uri-without-host": (["volumes", "vol0", "plexes"], ["a.img", "nbd:///x"],
                              ["volumes.vol0.plexes[1]", "no host"]),
+    # An image or log in the daemon's own mount would be served by the daemon itself.
+    "plex-under-mountpoint": (["volumes", "vol0", "plexes"], ["mnt/p0.img", "p1.img"],
+                              ["volumes.vol0.plexes[0]", "mnt/p0.img", "mountpoint"]),
+    "log-under-mountpoint": (["volumes", "vol0", "log"], "mnt/sub/vol0.log",
+                             ["volumes.vol0.log", "mnt/sub/vol0.log", "mountpoint"]),
 }
 
 
@@ -121,6 +126,21 @@ def test_plex_path_shared_by_two_volumes(vmd_factory: Callable[..., VmdDaemon]) 
                              "vol1": {**volume_spec("vol1"), "plexes": ["vol1-p0.img", "vol0-p1.img"]}})
     msg = _expect_config_error(d, "volumes.vol1.plexes[1]", "volumes.vol0.plexes[1]")
     assert "vol0-p1.img" in msg
+
+
+def test_image_under_mountpoint_through_a_symlink(vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """A symlink outside the mount that leads into it is followed (and the
+    mount itself never looked at): columns and the RAID-5 log are checked too."""
+    d = vmd_factory(volumes={"r5": {**volume_spec("r5", size="64MiB", nplex=3), "layout": "raid5",
+                                    "raid5_log": "ln/r5.r5log"}})
+    d.config["volumes"]["r5"]["columns"] = d.config["volumes"]["r5"].pop("plexes")
+    d.write_config()
+    (d.base / "ln").symlink_to(d.base / "mnt")
+    _expect_config_error(d, "volumes.r5.raid5_log", "ln/r5.r5log", "mountpoint")
+    d.config["volumes"]["r5"]["raid5_log"] = "r5.r5log"
+    d.config["volumes"]["r5"]["columns"][2] = "ln/../mnt/./c2.img"
+    d.write_config()
+    _expect_config_error(d, "volumes.r5.columns[2]", "mountpoint")
 
 
 @pytest.mark.parametrize("text, needle", [

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .mountpath import mount_paths, outside_mount_error
 from .nbdlink import check_uri, is_remote
 
 KiB = 1024
@@ -342,7 +343,13 @@ def load_config(path: str | os.PathLike[str]) -> Config:
                                            f"{key}.remote_timeout"),
             auto_attach=ctx.boolean(v.get("auto_attach", True), f"{key}.auto_attach"), **r5)
 
-    return Config(path=cpath, mountpoint=ctx.filepath(raw["mountpoint"], "mountpoint"),
+    mountpoint = ctx.filepath(raw["mountpoint"], "mountpoint")
+    mounts = mount_paths(mountpoint)
+    for p, key in seen_paths.items():
+        bad = outside_mount_error(p, mountpoint, mounts) if isinstance(p, Path) else None
+        if bad:
+            raise ctx.err(key, bad)
+    return Config(path=cpath, mountpoint=mountpoint,
                   socket=ctx.filepath(raw["socket"], "socket"), volumes=volumes, resync=resync,
                   clean_delay=float(clean_delay), notify=_notify_command(ctx, raw.get("notify")),
                   writeback_cache=ctx.boolean(raw.get("writeback_cache", False), "writeback_cache"))
