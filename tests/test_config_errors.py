@@ -143,6 +143,27 @@ def test_image_under_mountpoint_through_a_symlink(vmd_factory: Callable[..., Vmd
     _expect_config_error(d, "volumes.r5.columns[2]", "mountpoint")
 
 
+_VOL = "    size: 64MiB\n    plexes: [{n}-p0.img, {n}-p1.img]\n    log: {n}.log\n"
+DUPLICATES = {
+    # id: (the volumes' YAML, what the message names)
+    "two-volume-blocks": ("  vol0:\n" + _VOL.format(n="a") + "  vol0:\n" + _VOL.format(n="b"),
+                          ["line 8,", "'vol0'", "first on line 4"]),
+    "key-twice-in-a-volume": ("  vol0:\n    size: 32MiB\n" + _VOL.format(n="a"),
+                              ["line 6,", "'size'", "first on line 5"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DUPLICATES))
+def test_duplicate_key_is_refused(vmd_factory: Callable[..., VmdDaemon], case: str) -> None:
+    """YAML keeps the last of two equal keys: a second volume block (or a
+    second `size:` in one) silently won. Refused, naming the line and key."""
+    volumes, needles = DUPLICATES[case]
+    d = vmd_factory()
+    d.write_config(f"mountpoint: mnt\nsocket: {d.config['socket']}\nvolumes:\n{volumes}")
+    msg = _expect_config_error(d, "given twice", *needles)
+    assert "not valid YAML" not in msg, msg
+
+
 @pytest.mark.parametrize("text, needle", [
     ("- just\n- a list\n", "mapping"),
     ("42\n", "mapping"),
