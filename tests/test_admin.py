@@ -8,10 +8,12 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -288,6 +290,32 @@ def test_cli_without_daemon_exits_4(tmp_path: Path, vmd_factory: Callable[..., V
     p = d.cli("--socket", str(stale), "status", check=False, config=False)
     assert p.returncode == EXIT_NO_DAEMON, p.stderr
     assert str(stale) in _one_error_line(p)
+
+
+def test_cli_times_out_on_a_stopped_daemon(vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """With the daemon stopped (SIGSTOP), `vmd status` hung for ever: it gives
+    up after --timeout, exit 4, naming the socket. A verb that waits by
+    design is not cut by the timeout while the daemon works."""
+    vmd = vmd_factory(rate_limit="16MiB").start()  # a full resync of 64 MiB: about 4 s
+    os.kill(vmd.proc.pid, signal.SIGSTOP)
+    try:
+        for args in (("status",), ("wait", "vol0"), ("verify", "vol0")):
+            t0 = time.monotonic()
+            p = vmd.cli("--timeout", "1.5", *args, check=False, timeout=30)
+            assert p.returncode == EXIT_NO_DAEMON, (args, p)
+            msg = _one_error_line(p)
+            assert f"daemon at {vmd.socket} did not answer in 1.5 s" in msg, msg
+            assert "may still carry the request out" in msg, msg
+            assert time.monotonic() - t0 < 15, args
+    finally:
+        os.kill(vmd.proc.pid, signal.SIGCONT)
+    _assert_alive(vmd)
+    vmd.cli("plex", "add", "vol0", str(vmd.path("vol0-p2.img")))
+    p = vmd.cli("--timeout", "1", "wait", "vol0", timeout=60)
+    assert "in sync" in p.stdout, p
+    assert vmd.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE", "p2": "ACTIVE"}
+    p = vmd.cli("--timeout", "-1", "status", check=False)
+    assert p.returncode == EXIT_USAGE and "--timeout" in p.stderr, p
 
 
 def test_cli_after_stop_exits_4(vmd: VmdDaemon) -> None:
