@@ -262,6 +262,33 @@ def test_image_under_own_mountpoint_is_refused(vmd: VmdDaemon, tmp_path: Path) -
     vmd.stop()
 
 
+@pytest.mark.allow_log(r"full rebuild: it is a new image", r"columns differs from")
+def test_raid5_status_text_start_warning_and_resize_refusal(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """A RAID-5 volume's text status shows layout, stripe_unit and degraded (as
+    the README says); the start warning names `columns`, its key; resize is
+    refused, as the README's resize row says."""
+    from raid5kit import raid5_spec  # noqa: PLC0415
+
+    vmd = vmd_factory(volumes={"r5": raid5_spec()}).start()
+    assert "  layout raid5  stripe_unit 64KiB  degraded no" in vmd.cli("status").stdout
+    vmd.cli("plex", "detach", "r5", "c1")
+    assert "degraded yes" in vmd.cli("status", "r5").stdout
+    p = vmd.cli("resize", "r5", "8MiB", check=False)
+    assert p.returncode == EXIT_ERROR and "mirrors only" in _one_error_line(p), p
+    readme = (REPO / "README.md").read_text()
+    row = next(ln for ln in readme.splitlines() if ln.startswith("| `vmd resize"))
+    assert "RAID-5" in row, row
+    vmd.cli("plex", "replace", "r5", "c1", str(vmd.path("r5-c1-new.img")))
+    vmd.cli("wait", "r5")
+    vmd.stop()
+    vmd.start()  # the config still lists the old c1
+    log = vmd.stderr()
+    assert "volumes.r5.columns differs from the columns sidecar log" in log, log
+    assert ".plexes" not in log, log
+    vmd.stop()
+
+
 def test_cannot_detach_last_in_sync_plex(vmd: VmdDaemon) -> None:
     vmd.cli("plex", "detach", "vol0", "p1")
     p = vmd.cli("plex", "detach", "vol0", "p0", check=False)

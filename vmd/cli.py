@@ -188,6 +188,9 @@ def _print_status(reply: dict[str, Any]) -> None:
         print(f"volume {v['name']}  {format_size(v['size'])}  {state}  "
               f"fastresync {'on' if v['fastresync'] else 'off'}  drl {'on' if v['drl'] else 'off'}"
               f"{'  open' if v.get('open') else ''}")
+        if v.get("layout", "mirror") != "mirror":
+            print(f"  layout {v['layout']}  stripe_unit {format_size(v['stripe_unit'])}  "
+                  f"degraded {'yes' if v['degraded'] else 'no'}")
         if rs.get("queued"):
             print(progress_line("  resync", rs))
         elif rs["running"]:
