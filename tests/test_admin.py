@@ -289,6 +289,23 @@ def test_raid5_status_text_start_warning_and_resize_refusal(
     vmd.stop()
 
 
+@pytest.mark.allow_log(r"gets a full resync: its image .* changed while it was away")
+def test_attach_of_an_image_of_another_size_is_one_clean_line(vmd: VmdDaemon) -> None:
+    """The refusal named the image and both sizes, after a raw "[Errno 22]"."""
+    vmd.cli("plex", "detach", "vol0", "p1")
+    image = vmd.plex_paths()[1]
+    os.truncate(image, SIZE // 2)
+    p = vmd.cli("plex", "attach", "vol0", "p1", check=False)
+    assert p.returncode == EXIT_ERROR, p
+    msg = _one_error_line(p)
+    assert "Errno" not in msg, msg
+    assert str(image) in msg and str(SIZE // 2) in msg and str(SIZE) in msg, msg
+    os.truncate(image, SIZE)
+    vmd.cli("plex", "attach", "vol0", "p1")
+    vmd.wait_resync()
+    vmd.stop()
+
+
 def test_cannot_detach_last_in_sync_plex(vmd: VmdDaemon) -> None:
     vmd.cli("plex", "detach", "vol0", "p1")
     p = vmd.cli("plex", "detach", "vol0", "p0", check=False)

@@ -152,7 +152,9 @@ class AdminServer:
         except (KeyError, TypeError, ValueError) as e:
             return {"ok": False, "error": f"{command_words(req['cmd'])}: bad argument: {e}"}
         except OSError as e:
-            return {"ok": False, "error": f"{command_words(req['cmd'])}: {e}"}
+            # Its text without the "[Errno N]" prefix: the messages name what failed.
+            what = f"{e.strerror}: {e.filename}" if e.filename else e.strerror or str(e)
+            return {"ok": False, "error": f"{command_words(req['cmd'])}: {what}"}
         return {"ok": True, **reply}
 
     @staticmethod
