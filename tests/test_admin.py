@@ -8,10 +8,12 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -241,6 +243,69 @@ def test_relative_paths_are_relative_to_the_cli(vmd: VmdDaemon, tmp_path: Path) 
                 (daemon_cwd / f"{name}-{suffix}.img").unlink(missing_ok=True)
 
 
+def test_image_under_own_mountpoint_is_refused(vmd: VmdDaemon, tmp_path: Path) -> None:
+    """An image in the daemon's own mount would be served by the daemon: the
+    stat of it from the event loop deadlocked the daemon. Refused, by name,
+    without the daemon looking at anything under its mount."""
+    (tmp_path / "into-mount").symlink_to(vmd.mountpoint)
+    for args in (("plex", "add", "vol0", str(vmd.volume_file())),
+                 ("plex", "add", "vol0", str(vmd.mountpoint / "new-p2.img")),
+                 ("plex", "add", "vol0", str(tmp_path / "into-mount" / "vol0")),
+                 ("snap", "start", "vol0", "--path", str(vmd.mountpoint / "snap.img"))):
+        p = vmd.cli(*args, check=False, timeout=20)
+        assert p.returncode == EXIT_ERROR, p
+        msg = _one_error_line(p)
+        assert args[3 if args[0] == "plex" else 4] in msg and str(vmd.mountpoint) in msg, msg
+        assert "mountpoint" in msg, msg
+    _assert_alive(vmd)
+    assert vmd.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
+    vmd.stop()
+
+
+@pytest.mark.allow_log(r"full rebuild: it is a new image", r"columns differs from")
+def test_raid5_status_text_start_warning_and_resize_refusal(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """A RAID-5 volume's text status shows layout, stripe_unit and degraded (as
+    the README says); the start warning names `columns`, its key; resize is
+    refused, as the README's resize row says."""
+    from raid5kit import raid5_spec  # noqa: PLC0415
+
+    vmd = vmd_factory(volumes={"r5": raid5_spec()}).start()
+    assert "  layout raid5  stripe_unit 64KiB  degraded no" in vmd.cli("status").stdout
+    vmd.cli("plex", "detach", "r5", "c1")
+    assert "degraded yes" in vmd.cli("status", "r5").stdout
+    p = vmd.cli("resize", "r5", "8MiB", check=False)
+    assert p.returncode == EXIT_ERROR and "mirrors only" in _one_error_line(p), p
+    readme = (REPO / "README.md").read_text()
+    row = next(ln for ln in readme.splitlines() if ln.startswith("| `vmd resize"))
+    assert "RAID-5" in row, row
+    vmd.cli("plex", "replace", "r5", "c1", str(vmd.path("r5-c1-new.img")))
+    vmd.cli("wait", "r5")
+    vmd.stop()
+    vmd.start()  # the config still lists the old c1
+    log = vmd.stderr()
+    assert "volumes.r5.columns differs from the columns sidecar log" in log, log
+    assert ".plexes" not in log, log
+    vmd.stop()
+
+
+@pytest.mark.allow_log(r"gets a full resync: its image .* changed while it was away")
+def test_attach_of_an_image_of_another_size_is_one_clean_line(vmd: VmdDaemon) -> None:
+    """The refusal named the image and both sizes, after a raw "[Errno 22]"."""
+    vmd.cli("plex", "detach", "vol0", "p1")
+    image = vmd.plex_paths()[1]
+    os.truncate(image, SIZE // 2)
+    p = vmd.cli("plex", "attach", "vol0", "p1", check=False)
+    assert p.returncode == EXIT_ERROR, p
+    msg = _one_error_line(p)
+    assert "Errno" not in msg, msg
+    assert str(image) in msg and str(SIZE // 2) in msg and str(SIZE) in msg, msg
+    os.truncate(image, SIZE)
+    vmd.cli("plex", "attach", "vol0", "p1")
+    vmd.wait_resync()
+    vmd.stop()
+
+
 def test_cannot_detach_last_in_sync_plex(vmd: VmdDaemon) -> None:
     vmd.cli("plex", "detach", "vol0", "p1")
     p = vmd.cli("plex", "detach", "vol0", "p0", check=False)
@@ -269,6 +334,32 @@ def test_cli_without_daemon_exits_4(tmp_path: Path, vmd_factory: Callable[..., V
     p = d.cli("--socket", str(stale), "status", check=False, config=False)
     assert p.returncode == EXIT_NO_DAEMON, p.stderr
     assert str(stale) in _one_error_line(p)
+
+
+def test_cli_times_out_on_a_stopped_daemon(vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """With the daemon stopped (SIGSTOP), `vmd status` hung for ever: it gives
+    up after --timeout, exit 4, naming the socket. A verb that waits by
+    design is not cut by the timeout while the daemon works."""
+    vmd = vmd_factory(rate_limit="16MiB").start()  # a full resync of 64 MiB: about 4 s
+    os.kill(vmd.proc.pid, signal.SIGSTOP)
+    try:
+        for args in (("status",), ("wait", "vol0"), ("verify", "vol0")):
+            t0 = time.monotonic()
+            p = vmd.cli("--timeout", "1.5", *args, check=False, timeout=30)
+            assert p.returncode == EXIT_NO_DAEMON, (args, p)
+            msg = _one_error_line(p)
+            assert f"daemon at {vmd.socket} did not answer in 1.5 s" in msg, msg
+            assert "may still carry the request out" in msg, msg
+            assert time.monotonic() - t0 < 15, args
+    finally:
+        os.kill(vmd.proc.pid, signal.SIGCONT)
+    _assert_alive(vmd)
+    vmd.cli("plex", "add", "vol0", str(vmd.path("vol0-p2.img")))
+    p = vmd.cli("--timeout", "1", "wait", "vol0", timeout=60)
+    assert "in sync" in p.stdout, p
+    assert vmd.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE", "p2": "ACTIVE"}
+    p = vmd.cli("--timeout", "-1", "status", check=False)
+    assert p.returncode == EXIT_USAGE and "--timeout" in p.stderr, p
 
 
 def test_cli_after_stop_exits_4(vmd: VmdDaemon) -> None:

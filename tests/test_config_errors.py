@@ -104,6 +104,11 @@ CASES = {
                                     ["volumes.vol0.plexes[1]", "nbd+unix:///x", "socket=PATH"]),
     "nbd-uri-without-host": (["volumes", "vol0", "plexes"], ["a.img", "nbd:///x"],
                              ["volumes.vol0.plexes[1]", "no host"]),
+    # An image or log in the daemon's own mount would be served by the daemon itself.
+    "plex-under-mountpoint": (["volumes", "vol0", "plexes"], ["mnt/p0.img", "p1.img"],
+                              ["volumes.vol0.plexes[0]", "mnt/p0.img", "mountpoint"]),
+    "log-under-mountpoint": (["volumes", "vol0", "log"], "mnt/sub/vol0.log",
+                             ["volumes.vol0.log", "mnt/sub/vol0.log", "mountpoint"]),
 }
 
 
@@ -121,6 +126,42 @@ def test_plex_path_shared_by_two_volumes(vmd_factory: Callable[..., VmdDaemon]) 
                              "vol1": {**volume_spec("vol1"), "plexes": ["vol1-p0.img", "vol0-p1.img"]}})
     msg = _expect_config_error(d, "volumes.vol1.plexes[1]", "volumes.vol0.plexes[1]")
     assert "vol0-p1.img" in msg
+
+
+def test_image_under_mountpoint_through_a_symlink(vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """A symlink outside the mount that leads into it is followed (and the
+    mount itself never looked at): columns and the RAID-5 log are checked too."""
+    d = vmd_factory(volumes={"r5": {**volume_spec("r5", size="64MiB", nplex=3), "layout": "raid5",
+                                    "raid5_log": "ln/r5.r5log"}})
+    d.config["volumes"]["r5"]["columns"] = d.config["volumes"]["r5"].pop("plexes")
+    d.write_config()
+    (d.base / "ln").symlink_to(d.base / "mnt")
+    _expect_config_error(d, "volumes.r5.raid5_log", "ln/r5.r5log", "mountpoint")
+    d.config["volumes"]["r5"]["raid5_log"] = "r5.r5log"
+    d.config["volumes"]["r5"]["columns"][2] = "ln/../mnt/./c2.img"
+    d.write_config()
+    _expect_config_error(d, "volumes.r5.columns[2]", "mountpoint")
+
+
+_VOL = "    size: 64MiB\n    plexes: [{n}-p0.img, {n}-p1.img]\n    log: {n}.log\n"
+DUPLICATES = {
+    # id: (the volumes' YAML, what the message names)
+    "two-volume-blocks": ("  vol0:\n" + _VOL.format(n="a") + "  vol0:\n" + _VOL.format(n="b"),
+                          ["line 8,", "'vol0'", "first on line 4"]),
+    "key-twice-in-a-volume": ("  vol0:\n    size: 32MiB\n" + _VOL.format(n="a"),
+                              ["line 6,", "'size'", "first on line 5"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DUPLICATES))
+def test_duplicate_key_is_refused(vmd_factory: Callable[..., VmdDaemon], case: str) -> None:
+    """YAML keeps the last of two equal keys: a second volume block (or a
+    second `size:` in one) silently won. Refused, naming the line and key."""
+    volumes, needles = DUPLICATES[case]
+    d = vmd_factory()
+    d.write_config(f"mountpoint: mnt\nsocket: {d.config['socket']}\nvolumes:\n{volumes}")
+    msg = _expect_config_error(d, "given twice", *needles)
+    assert "not valid YAML" not in msg, msg
 
 
 @pytest.mark.parametrize("text, needle", [

@@ -22,7 +22,7 @@ import trio
 from conftest import MiB, REPO, SysResources, VmdDaemon, volume_spec, wait_for
 from vmd import events
 from vmd.config import load_config
-from vmd.errors import ConfigError
+from vmd.errors import EXIT_NO_DAEMON, ConfigError
 
 SIZE = 64 * MiB
 
@@ -264,8 +264,8 @@ def test_snapshot_taken_and_merged(vmd_factory: Callable[..., VmdDaemon],
     assert merged["details"]["snapshot"] == "nightly", merged
     es.wait(events.PLEX_STATE, merged["plex"], state="SNAPDONE")
     vmd.stop()
-    # The daemon's stop ends `vmd events` quietly.
-    assert es.proc.wait(timeout=30) == 0, es.said
+    # The daemon's stop ends `vmd events`, non-zero: the events stopped coming.
+    assert es.proc.wait(timeout=30) == EXIT_NO_DAEMON, es.said
     wait_for(lambda: "vmd events: the daemon stopped\n" in es.said, what="the end of vmd events")
 
 

@@ -97,7 +97,7 @@ def test_verify_finds_flipped_bytes_and_repair_makes_plexes_identical(
     rc, out, r = verify(d, "--repair", "--from", "p1")
     assert rc == 0, out
     assert r["repaired_bytes"] == r["mismatched_bytes"] == sum(n for _, n in expected), r
-    assert r["source"] == "p1" and "now hold plex p1's bytes" in out, out
+    assert r["source"] == "p1" and "plex p0 now holds plex p1's bytes" in out, out
     rc, out, r = verify(d)
     assert rc == 0 and r["mismatched_bytes"] == 0, out
     # The volume file shows the repaired bytes (the kernel's cache was dropped).

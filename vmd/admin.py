@@ -15,7 +15,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import trio
 
@@ -152,7 +152,9 @@ class AdminServer:
         except (KeyError, TypeError, ValueError) as e:
             return {"ok": False, "error": f"{command_words(req['cmd'])}: bad argument: {e}"}
         except OSError as e:
-            return {"ok": False, "error": f"{command_words(req['cmd'])}: {e}"}
+            # Its text without the "[Errno N]" prefix: the messages name what failed.
+            what = f"{e.strerror}: {e.filename}" if e.filename else e.strerror or str(e)
+            return {"ok": False, "error": f"{command_words(req['cmd'])}: {what}"}
         return {"ok": True, **reply}
 
     @staticmethod
@@ -179,11 +181,26 @@ async def _receive_with_fds(stream: trio.SocketStream) -> tuple[bytes, list[int]
 
 
 class AdminClient:
-    """Blocking client used by the CLI."""
+    """Blocking client used by the CLI.
 
-    def __init__(self, path: Path, timeout: float | None = 30.0):
+    `timeout` (None: none) bounds the connect, and then as `bound` says:
+    "all": each line of the answer (a verb the daemon answers at once);
+    "first": its first line only (a verb that waits by design but says at
+    once that it has begun: `vmd wait`, `vmd verify`, `vmd events`), so that
+    it is not cut however long the daemon works on it; "connect": nothing
+    more (a long verb that says nothing until it is done)."""
+
+    def __init__(self, path: Path, timeout: float | None = 30.0,
+                 bound: Literal["all", "first", "connect"] = "all"):
         self.path = path
         self.timeout = timeout
+        self.bound = bound
+
+    def _no_answer(self, seconds: float | None, sent: bool) -> NotRunningError:
+        maybe = "; it may still carry the request out" if sent else ""
+        return NotRunningError(f"the daemon at {self.path} did not answer in {seconds:g} s "
+                               f"(stopped, or stuck?{maybe}); `vmd --timeout SECONDS` waits "
+                               f"longer")
 
     def request(self, req: dict[str, Any],
                 on_progress: Callable[[dict[str, Any]], None] | None = None,
@@ -195,28 +212,35 @@ class AdminClient:
         except (FileNotFoundError, ConnectionRefusedError) as e:
             s.close()
             raise NotRunningError(f"no vmd daemon answers on {self.path} ({e.strerror})") from None
+        except TimeoutError:
+            s.close()
+            raise self._no_answer(self.timeout, sent=False) from None
         except OSError as e:
             s.close()
             raise NotRunningError(f"cannot connect to {self.path}: {e.strerror}") from None
         with s:
-            data = json.dumps(req).encode() + b"\n"
-            if fds:
-                sent = socket.send_fds(s, [data], fds)
-                data = data[sent:]
-            s.sendall(data)
+            if self.bound == "connect":
+                s.settimeout(None)
             f = s.makefile("rb")
-            while True:
-                try:
+            try:
+                data = json.dumps(req).encode() + b"\n"
+                if fds:
+                    sent = socket.send_fds(s, [data], fds)
+                    data = data[sent:]
+                s.sendall(data)
+                while True:
                     line = f.readline()
-                except socket.timeout:
-                    raise VmdError(f"the daemon did not answer within {self.timeout} s") from None
-                if not line:
-                    raise VmdError("the daemon closed the connection without answering")
-                msg = json.loads(line)
-                if "progress" in msg:
-                    if on_progress is not None:
-                        on_progress(msg["progress"])
-                    continue
-                if not msg.get("ok"):
-                    raise VmdError(msg.get("error", "unknown error"))
-                return msg
+                    if not line:
+                        raise VmdError("the daemon closed the connection without answering")
+                    msg = json.loads(line)
+                    if self.bound == "first":
+                        s.settimeout(None)
+                    if "progress" in msg:
+                        if on_progress is not None:
+                            on_progress(msg["progress"])
+                        continue
+                    if not msg.get("ok"):
+                        raise VmdError(msg.get("error", "unknown error"))
+                    return msg
+            except TimeoutError:
+                raise self._no_answer(self.timeout, sent=True) from None

@@ -21,6 +21,12 @@ from .verify_cli import status_lines as verify_status_lines
 from .nbdlink import is_remote
 
 DEFAULT_CONFIG = "config/vmd.yaml"
+# Seconds an admin request may go unanswered: the daemon answers in milliseconds
+# unless it is stopped (SIGSTOP) or stuck, and a monitoring script must not hang.
+DEFAULT_TIMEOUT = 30.0
+# Verbs that wait by design (for a resync, a verify, events): the daemon says
+# at once that it has begun, and then takes as long as the work (AdminClient).
+_WAITING_VERBS = ("wait", "events", "verify")
 # `vmd --help` shows each verb's first example (vmd/cli_help.py gathers them).
 EXAMPLES_HEADING = "examples (the shipped config/vmd.yaml: volume vol0, plexes p0 and p1):"
 EXAMPLES_FOOTER = ("docs/commands.md has every verb's --help and the exit codes; "
@@ -50,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("-c", "--config", default=os.environ.get("VMD_CONFIG", DEFAULT_CONFIG),
                     help="config file (default: $VMD_CONFIG or %(default)s)")
     ap.add_argument("--socket", help="admin socket (default: the one named in the config)")
+    ap.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                    help="give up (exit 4) when the daemon has not answered in SECONDS; verbs "
+                         "that wait by design (wait, verify, events, snap, rcopy sync) are not "
+                         "cut once the daemon has taken them (default %(default)g; 0: no limit)")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = add_verb(sub, "daemon", "run the daemon in the foreground", (
@@ -184,6 +194,9 @@ def _print_status(reply: dict[str, Any]) -> None:
         print(f"volume {v['name']}  {format_size(v['size'])}  {state}  "
               f"fastresync {'on' if v['fastresync'] else 'off'}  drl {'on' if v['drl'] else 'off'}"
               f"{'  open' if v.get('open') else ''}")
+        if v.get("layout", "mirror") != "mirror":
+            print(f"  layout {v['layout']}  stripe_unit {format_size(v['stripe_unit'])}  "
+                  f"degraded {'yes' if v['degraded'] else 'no'}")
         if v.get("problem"):
             print(f"  problem: {v['problem']}")
         if rs.get("queued"):
@@ -233,6 +246,16 @@ def _inspect_log(path: str) -> int:
                    for p in st.plexes],
     }, indent=2))
     return EXIT_OK
+
+
+def _seconds(value: str) -> float | None:
+    try:
+        t = float(value)
+    except ValueError:
+        t = -1.0
+    if not t >= 0 or t == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0 (0: no limit), got {value!r}")
+    return t or None
 
 
 def _nonempty(value: str) -> str:
@@ -295,8 +318,10 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     sock = Path(args.socket) if args.socket else load_config(cfg_path).socket
-    client = AdminClient(sock, timeout=None if args.command in ("wait", "snap", "events", "verify")
-                         else 120.0)
+    waits = args.command in _WAITING_VERBS or getattr(args, "snap_cmd", None) == "wait"
+    # Other snapshot verbs may merge or copy before they answer.
+    client = AdminClient(sock, args.timeout, bound="first" if waits else
+                         "connect" if args.command == "snap" else "all")
     if args.command == "status":
         reply = client.request({"cmd": "status", "volume": args.volume})
         if args.json:

@@ -16,6 +16,7 @@ import trio
 from .admin import command_words
 from .config import check_image
 from .errors import VmdError
+from .mountpath import outside_mount_error
 from .nbdlink import check_uri, is_remote
 from .manager import VolumeManager
 from .sidecar import SYNCING
@@ -35,6 +36,21 @@ def req_str(req: dict[str, Any], key: str) -> str:
         raise VmdError(f"{command_words(req.get('cmd'))}: {key.upper()} must be given (a "
                        f"non-empty string)")
     return v
+
+
+def new_image_path(m: VolumeManager, path: str, verb: str) -> str:
+    """The absolute path of a new plex's image, refused if another plex uses it
+    or it lies under the daemon's own mount. The mount is checked first, and
+    without a stat under it: a stat there, from the event loop, would wait for
+    a FUSE reply only the event loop can give."""
+    path = os.path.abspath(path)
+    bad = outside_mount_error(path, m.cfg.mountpoint)
+    if bad:
+        raise VmdError(f"{verb}: {bad}")
+    used = m.plex_path_in_use(path)
+    if used:
+        raise VmdError(f"{path} is already {used}")
+    return path
 
 
 def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], None]) -> None:
@@ -65,10 +81,10 @@ def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], N
         remote = is_remote(path)
         if remote and check_uri(path):
             raise VmdError(f"plex add {vol.name}: {check_uri(path)}")
-        path = path if remote else os.path.abspath(path)
-        used = m.plex_path_in_use(path)
-        if used:
-            raise VmdError(f"{path} is already {used}")
+        if not remote:
+            path = new_image_path(m, path, f"plex add {vol.name}")
+        elif m.plex_path_in_use(path):
+            raise VmdError(f"{path} is already {m.plex_path_in_use(path)}")
         if hasattr(vol, "columns"):
             await vol.add_plex(path)  # RAID-5: refused with the reason, whatever the image
         if not remote:  # an export's size is checked when it is opened
@@ -78,10 +94,7 @@ def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], N
 
     async def plex_replace(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         vol = m.get(req_str(req, "volume"))
-        path = os.path.abspath(req_str(req, "path"))
-        used = m.plex_path_in_use(path)
-        if used:
-            raise VmdError(f"{path} is already {used}")
+        path = new_image_path(m, req_str(req, "path"), f"plex replace {vol.name}")
         if not hasattr(vol, "columns"):
             raise VmdError(f"volume {vol.name} is a mirror: `plex replace` is for RAID-5 "
                            f"columns; use `vmd plex remove` and `vmd plex add`")

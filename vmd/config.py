@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .mountpath import mount_paths, outside_mount_error
 from .nbdlink import check_uri, is_remote
 
 KiB = 1024
@@ -177,6 +178,35 @@ _RCOPY_KEYS = {"target", "period"}
 _RESYNC_KEYS = {"rate_limit", "per_device"}
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader, but a key given twice in one mapping is an error (the
+    plain loader keeps the last: a second `vol0:` block would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # Checked before the merge keys (<<) are flattened in: a key given
+        # both by a merge and in place is an override, not a duplicate.
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            try:
+                first = first_line.get(key)
+            except TypeError:
+                continue  # an unhashable key: the plain loader reports it
+            if first is not None:
+                raise _DuplicateKey(
+                    None, None, f"key {key!r} given twice (first on line {first}); "
+                    f"YAML keeps only the last, so vmd refuses both",
+                    key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)  # type: ignore[no-any-return]
+
+
 class _Ctx:
     """Builds error messages of the form 'FILE: key.path: problem'."""
 
@@ -252,7 +282,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except OSError as e:
         raise ConfigError(f"{cpath}: cannot read config: {e.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -260,6 +290,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         ctx, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
         if ctx and cmark is not None:  # where the unfinished construct began
             what += f" ({ctx} started at line {cmark.line + 1}, column {cmark.column + 1})"
+        if isinstance(e, _DuplicateKey):
+            raise ConfigError(f"{cpath}: {where}{what}") from None
         raise ConfigError(f"{cpath}: {where}not valid YAML: {what}") from None
     raw = ctx.mapping(raw if raw is not None else {}, "", _TOP_KEYS)
     for required in ("mountpoint", "socket", "volumes"):
@@ -342,7 +374,13 @@ def load_config(path: str | os.PathLike[str]) -> Config:
                                            f"{key}.remote_timeout"),
             auto_attach=ctx.boolean(v.get("auto_attach", True), f"{key}.auto_attach"), **r5)
 
-    return Config(path=cpath, mountpoint=ctx.filepath(raw["mountpoint"], "mountpoint"),
+    mountpoint = ctx.filepath(raw["mountpoint"], "mountpoint")
+    mounts = mount_paths(mountpoint)
+    for p, key in seen_paths.items():
+        bad = outside_mount_error(p, mountpoint, mounts) if isinstance(p, Path) else None
+        if bad:
+            raise ctx.err(key, bad)
+    return Config(path=cpath, mountpoint=mountpoint,
                   socket=ctx.filepath(raw["socket"], "socket"), volumes=volumes, resync=resync,
                   clean_delay=float(clean_delay), notify=_notify_command(ctx, raw.get("notify")),
                   writeback_cache=ctx.boolean(raw.get("writeback_cache", False), "writeback_cache"))

@@ -21,7 +21,8 @@ EXIT_MEANINGS: dict[int, str] = {
     EXIT_USAGE: "bad command line (argparse's usage message)",
     EXIT_CONFIG: "`vmd daemon`: bad configuration, or a file, socket or mountpoint another "
                  "daemon holds; nothing was mounted",
-    EXIT_NO_DAEMON: "no daemon answers on the admin socket",
+    EXIT_NO_DAEMON: "no daemon answers on the admin socket (none runs, or it did not answer "
+                    "within `vmd --timeout`)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C, 128 + SIGINT)",
     EXIT_BROKEN_PIPE: "output into a pipe whose reader has gone (`vmd inspect-log LOG | head -1` "
                       "when the output is longer than the pipe holds), ended quietly as SIGPIPE "

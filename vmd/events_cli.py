@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from .cli_help import add_verb
-from .errors import EXIT_OK, VmdError
+from .errors import EXIT_NO_DAEMON, EXIT_OK, VmdError
 from .events import format_event
 
 
@@ -39,5 +39,7 @@ def run_events_command(args: argparse.Namespace, client: Any) -> int:
     except VmdError as e:
         if "closed the connection" not in str(e):
             raise
+        # Non-zero: a script following events must see that they ended.
         print("vmd events: the daemon stopped", file=sys.stderr)
+        return EXIT_NO_DAEMON
     return EXIT_OK

@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import stat
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import pyfuse3
 
+from .mountpath import mount_device
 from .volume import Volume
 
 if TYPE_CHECKING:
@@ -35,27 +35,6 @@ _FIRST_INODE = ROOT + 1
 # MiB/s with 1 MiB, and twice the daemon CPU). Random reads are not read
 # ahead either way (the kernel reads a lone small read as is).
 READ_AHEAD_KB = 1024
-
-
-def mount_device(mountpoint: Path) -> str | None:
-    """The device number ("MAJOR:MINOR") of the mount at `mountpoint`, from
-    /proc/self/mountinfo (a stat would be a FUSE request to this daemon)."""
-    # Resolve the parent only: a stat of the mount itself would block until
-    # the FUSE loop runs.
-    mp = Path(os.path.abspath(mountpoint))
-    want = os.path.join(os.path.realpath(mp.parent), mp.name)
-    found = None
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                # The kernel escapes blanks and such in octal (\040).
-                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
-                if point == want:
-                    found = fields[2]  # the last one mounted there wins
-    except OSError:
-        return None
-    return found
 
 
 def tune_readahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:

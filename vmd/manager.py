@@ -265,7 +265,8 @@ def _check_against_config(state: VolumeState, vc: VolumeConfig, cfg_path: Path) 
         return
     lacks = [p for p in current if p not in cfg_plexes]
     extra = [p for p in cfg_plexes if p not in current]
-    differs = (f"{key}.plexes differs from the plexes sidecar log {vc.log} records "
+    images = "plexes" if vc.layout == "mirror" else "columns"
+    differs = (f"{key}.{images} differs from the {images} sidecar log {vc.log} records "
                f"({', '.join(current)}): " + "; ".join(
                    ([f"it lacks {', '.join(lacks)}"] if lacks else [])
                    + ([f"it lists {', '.join(extra)}, not recorded"] if extra else [])))

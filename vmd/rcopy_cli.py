@@ -68,13 +68,13 @@ def run_rcopy_command(args: Any, client: Any) -> int:
             req["period"] = args.period
     if c == "receive":
         # The stream is our stdin/stdout; the daemon reads and answers them itself.
-        client.timeout = None
+        client.bound = "connect"
         reply = client.request(req, fds=[sys.stdin.fileno(), sys.stdout.fileno()])
         print(f"{args.volume}: update {reply['seq']} committed ({format_size(reply['bytes'])})",
               file=sys.stderr)
         return 0
     if c in ("sync", "reverse"):
-        client.timeout = None
+        client.bound = "connect"
     reply = client.request(req)
     reply.pop("ok", None)
     if c == "status":

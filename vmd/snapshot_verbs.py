@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from .commands import CommandTable, req_str
-from .errors import VmdError
+from .commands import CommandTable, new_image_path, req_str
 from .manager import VolumeManager
 from .snapshot import snap_abort, snap_back, snap_clear, snap_start, snap_take, snap_wait
 from .volume import Volume
@@ -23,10 +21,7 @@ def register(table: CommandTable, m: VolumeManager) -> None:
     async def start(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         path = req.get("path")
         if path is not None:
-            path = os.path.abspath(path)
-            used = m.plex_path_in_use(path)
-            if used:
-                raise VmdError(f"{path} is already {used}")
+            path = new_image_path(m, path, f"snap start {req_str(req, 'volume')}")
         return {"plex": await snap_start(vol(req), path)}
 
     async def wait(req: dict[str, Any], progress: Any) -> dict[str, Any]:

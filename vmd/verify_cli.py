@@ -65,7 +65,7 @@ def describe(volume: str, r: dict[str, Any]) -> str:
     elif r["repaired_bytes"]:
         others = [p for p in r["plexes"] if p != r["source"]]
         lines.append(f"repaired {format_size(r['repaired_bytes'])}: plex{'es' if len(others) > 1 else ''} "
-                     f"{', '.join(others)} now hold plex {r['source']}'s bytes there")
+                     f"{', '.join(others)} now hold{'' if len(others) > 1 else 's'} plex {r['source']}'s bytes there")
     return "\n".join(lines)
 
 
