@@ -356,9 +356,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "4 GiB resync volume, and the remote-plex and RAID-5 sections at the "
                          "fio and loop sizes and runtimes")
     ap.add_argument("--side-size",
-                    help="volume size of the remote-plex and RAID-5 sections, and of the holes "
-                         "section without --full (env "
-                         "BENCH_SIDE_SIZE; default 256MiB; --full: the fio and loop sizes)")
+                    help="volume size of the remote-plex and RAID-5 sections (env "
+                         "BENCH_SIDE_SIZE; default 256MiB; --full: the fio and loop sizes; the "
+                         "holes section takes --recovery-size, at most 512 MiB without --full)")
     ap.add_argument("--side-runtime", type=float,
                     help="seconds per fio job in those sections (env BENCH_SIDE_RUNTIME; "
                          "default 1; --full: the fio and loop runtimes)")
