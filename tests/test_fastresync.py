@@ -102,6 +102,8 @@ def test_replaced_image_gets_full_resync_and_log_says_why(
     log_lines = [ln for ln in vmd.stderr().splitlines() if "full resync" in ln]
     assert any("changed while it was away" in ln for ln in log_lines), \
         f"daemon log does not say why p1 got a full resync:\n{vmd.stderr()}\n{out.stdout}"
+    # ... and so does the answer to the admin who asked for the attach.
+    assert "full resync: " in out.stdout and "changed while it was away" in out.stdout, out.stdout
     vmd.stop()
     assert_plexes_identical(vmd.plex_paths(), ref)
 

@@ -126,6 +126,19 @@ def sha_bytes(b: bytes | bytearray) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
+@pytest.mark.allow_log(r"is not empty: its 1 entries \(keep\.txt\) are hidden")
+def test_a_non_empty_mountpoint_is_served_with_a_warning_naming_what_it_hides(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    d = vmd_factory()
+    d.mountpoint.mkdir(parents=True, exist_ok=True)
+    (d.mountpoint / "keep.txt").write_text("mine")
+    d.start()
+    assert "keep.txt" not in os.listdir(d.mountpoint)
+    assert f"{d.mountpoint} is not empty: its 1 entries (keep.txt) are hidden" in d.stderr()
+    d.stop()
+    assert (d.mountpoint / "keep.txt").read_text() == "mine"  # there again after the unmount
+
+
 def test_concurrent_writers_disjoint_ranges(vmd: VmdDaemon) -> None:
     """Eight threads writing interleaved 64 KiB stripes at once: no write lost,
     plexes agree."""

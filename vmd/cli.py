@@ -342,7 +342,8 @@ def _run(args: argparse.Namespace) -> int:
         reply = client.request(req)
         if "plex" in reply:
             p = reply["plex"]
-            extra = f" (full resync: {reply['why']})" if reply.get("why") else ""
+            why = p.get("why")  # an attach that copies everything says why
+            extra = f" (full resync: {why})" if why else ""
             print(f"{args.volume}: plex {p['name']} is {p['state']}{extra}")
         else:
             print(f"{args.volume}: plex {reply['removed']} removed (image {reply['path']} kept)")

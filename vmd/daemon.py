@@ -19,7 +19,7 @@ from .admin import AdminServer
 from .config import Config, check_environment
 from .errors import VmdError
 from .exclusive import (check_socket_free, check_socket_path, clear_dead_mount, hold_mountpoint,
-                        release_mountpoint)
+                        release_mountpoint, warn_if_not_empty)
 from .fusefs import VolumeFS, tune_readahead
 from .manager import VolumeManager
 from .notify import Notifier
@@ -124,6 +124,7 @@ class Daemon:
             check_socket_path(cfg.socket, f"{cfg.path}: socket")
             check_socket_free(cfg.socket, f"{cfg.path}: socket")
             clear_dead_mount(cfg.mountpoint, f"{cfg.path}: mountpoint")
+            warn_if_not_empty(cfg.mountpoint, f"{cfg.path}: mountpoint")
             # After `vmd resize` the sidecar log's size wins over the config's.
             check_environment(cfg, adopt_logged_sizes(cfg))
             await self._run()

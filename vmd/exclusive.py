@@ -274,6 +274,19 @@ def release_mountpoint(lock: Path | None) -> None:
     close_locked(fd)
 
 
+def warn_if_not_empty(path: Path, key: str) -> None:
+    """Mounting over a directory hides what it holds, and mount(8) says
+    nothing: an administrator who put files there would think them lost."""
+    try:
+        names = sorted(os.listdir(path))
+    except OSError:
+        return  # missing or unreadable: check_environment says so
+    if names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        log.warning("%s: %s is not empty: its %d entries (%s) are hidden while vmd serves "
+                    "the volumes there", key, path, len(names), shown)
+
+
 def clear_dead_mount(path: Path, key: str) -> None:
     """Refuse a mountpoint something live is mounted on; lazily unmount the dead
     FUSE mount of a vmd that crashed, so that a restart needs no manual step."""
