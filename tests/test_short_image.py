@@ -143,8 +143,8 @@ def test_a_resync_whose_source_is_cut_short_fails_it_and_copies_from_another(
 
 
 @pytest.mark.mount
-@pytest.mark.allow_log(r"plex p1 is IOFAIL: cannot open image .* is 8388608 bytes, the volume "
-                       r"is 67108864 bytes")
+@pytest.mark.allow_log(r"plex p1 is IOFAIL: cannot open image .* is 8388608 bytes, it must "
+                       r"be 67108864 bytes")
 def test_an_image_cut_short_while_stopped_fails_its_plex_at_start(vmd: VmdDaemon) -> None:
     """Not the daemon: the other volumes and plexes are served."""
     ref = write_reference(vmd, "vol0", SIZE)

@@ -158,8 +158,9 @@ class Plex:
                     os.ftruncate(fd, self.size)
                     self.fresh = True
                 elif st.st_size != self.size:
+                    # (A mirror's image is the volume's size, a column a share of it.)
                     raise OSError(errno.EINVAL, f"image {self.path} is {st.st_size} bytes, "
-                                                f"the volume is {self.size} bytes")
+                                                f"it must be {self.size} bytes")
         except BaseException:
             close_locked(fd)
             raise
