@@ -55,7 +55,7 @@ uninstall:
 	if [ "$$(readlink $$link)" = "$(CURDIR)/$(VENV)/bin/vmd" ]; then rm -f $$link; \
 	elif [ -e $$link ] || [ -L $$link ]; then echo "$$link is not a link to $(CURDIR)/$(VENV)/bin/vmd; left alone" >&2; exit 1; fi
 
-# About 12 minutes; bench-full runs the long form (about 32).
+# About 13 minutes; bench-full runs the long form (about 32).
 bench: setup benchdeps
 	$(VPY) bench/run.py
 

@@ -367,7 +367,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "RAID-5 sections (env BENCH_SIDE_REPS; default 2; --full: --reps)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (debugging)")
     a = ap.parse_args(argv)
-    # `make bench` keeps the whole run near 12 minutes: every section but the
+    # `make bench` keeps the whole run near 12 minutes (13 measured idle): every section but the
     # loop devices' runs shorter than with `--full` (make bench-full, about 32).
     profile = "quick" if a.quick else "full" if a.full else "normal"
     #                 flag            env                     normal    --full    --quick
