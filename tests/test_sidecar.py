@@ -141,6 +141,59 @@ async def test_one_damaged_byte_in_the_checkpoint_loses_nothing(tmp_path, deltas
         read_log(path)
 
 
+async def test_one_damaged_byte_in_the_header_loses_nothing(tmp_path):
+    """The header (volume identity and geometry) is written twice: a byte
+    flipped anywhere in its first copy is read around, and the log rewritten;
+    both copies damaged is refused, naming the file."""
+    path = tmp_path / "v.log"
+    st = _state()
+    st.plexes[1].missing.mark(3 * MiB, 1)
+    SidecarLog.create(path, st).close()
+    good = path.read_bytes()
+    want = _summary(read_log(path)[0].state)
+    _, n, _ = sc._HDR.unpack_from(good, 0)
+    used = sc._HDR.size + n
+    assert good[sc.HEADER_COPY:sc.HEADER_COPY + used] == good[:used]
+    for off in range(used):
+        bad = bytearray(good)
+        bad[off] ^= 0x5A
+        path.write_bytes(bad)
+        replay, _, _ = read_log(path)
+        assert _summary(replay.state) == want, off
+        assert replay.state.uuid == st.uuid and replay.state.size == st.size, off
+        assert replay.repairs == [f"the header is damaged; its copy at offset "
+                                  f"{sc.HEADER_COPY} was read"], off
+        if off % 13 == 0:  # open rewrites it whole, the damaged file kept aside
+            log, again = SidecarLog.open(path)
+            log.close()
+            assert _summary(again.state) == want
+            assert path.read_bytes()[:sc.HEADER_SIZE] == good[:sc.HEADER_SIZE], off
+            kept = list(tmp_path.glob("v.log.damaged-*"))
+            assert len(kept) == 1 and kept[0].read_bytes() == bytes(bad), off
+            kept[0].unlink()
+    # Damage in the second copy alone is not even noticed: the first is read.
+    bad = bytearray(good)
+    bad[sc.HEADER_COPY + 20] ^= 1
+    path.write_bytes(bad)
+    assert not read_log(path)[0].repairs
+    bad[20] ^= 1
+    path.write_bytes(bad)
+    with pytest.raises(SidecarError, match=f"{path}: bad sidecar header"):
+        read_log(path)
+
+
+async def test_log_with_one_header_copy_still_replays(tmp_path):
+    """Logs written before the header was doubled: zeros where the copy is."""
+    path = tmp_path / "v.log"
+    st = _state()
+    SidecarLog.create(path, st).close()
+    old = bytearray(path.read_bytes())
+    old[sc.HEADER_COPY:sc.HEADER_SIZE] = bytes(sc.HEADER_SIZE - sc.HEADER_COPY)
+    path.write_bytes(old)
+    replay, _, _ = read_log(path)
+    assert not replay.repairs and _summary(replay.state) == _summary(st)
+
+
 async def test_old_log_with_one_checkpoint_still_replays(tmp_path):
     """Logs written before the checkpoint was doubled: one `ckpt`, no `copy`."""
     path = tmp_path / "v.log"
@@ -161,8 +214,12 @@ async def test_bad_header_is_refused(tmp_path):
     path = tmp_path / "v.log"
     full = bytearray(await _log_with_records(path))
     full[10] ^= 1
+    full[sc.HEADER_COPY + 10] ^= 1  # both copies (one alone: the test above)
     path.write_bytes(full)
     with pytest.raises(SidecarError, match="bad sidecar header"):
+        read_log(path)
+    path.write_bytes(b"volumes:\n  v: {size: 1GiB}\n".ljust(8192, b"\n"))  # not a log
+    with pytest.raises(SidecarError, match="not a vmd log"):
         read_log(path)
     path.write_bytes(b"")
     with pytest.raises(SidecarError, match="truncated"):

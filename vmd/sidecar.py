@@ -1,6 +1,7 @@
 """The sidecar log: one file per volume holding everything vmd must remember.
 
-Layout: a 4 KiB header (volume identity and geometry), then records. Each
+Layout: a 4 KiB header (volume identity and geometry, written twice: at 0 and
+at 2 KiB), then records. Each
 record is framed as (magic, length, seq, crc32) + payload; the payload is a JSON
 object followed by binary blobs (compressed bitmaps). The first record after
 the header is always a checkpoint (`ckpt`, the whole `VolumeState`); the
@@ -45,6 +46,7 @@ from .regionmap import RegionMap
 log = logging.getLogger(__name__)
 
 HEADER_SIZE = 4096
+HEADER_COPY = 2048  # offset of the header's second copy
 HEADER_MAGIC = b"VMDSIDE1"
 _HDR = struct.Struct("<8sII")  # magic, json length, crc32 of json
 REC_MAGIC = 0x52444D56  # "VMDR"
@@ -214,14 +216,49 @@ def _decode(payload: bytes) -> tuple[dict[str, Any], bytes]:
 
 
 def _header_bytes(state: VolumeState) -> bytes:
+    """The 4 KiB header: the volume's identity and geometry, twice (at 0 and at
+    HEADER_COPY), so that one damaged byte in it does not cost the log."""
     js = json.dumps({
         "version": 1, "uuid": state.uuid, "name": state.name, "size": state.size,
         "region_size": state.region_size, "fmr_region": state.fmr_region,
     }).encode()
     hdr = _HDR.pack(HEADER_MAGIC, len(js), zlib.crc32(js)) + js
-    if len(hdr) > HEADER_SIZE:
+    if len(hdr) > HEADER_COPY:
         raise SidecarError("sidecar header too large")
-    return hdr.ljust(HEADER_SIZE, b"\0")
+    return hdr.ljust(HEADER_COPY, b"\0") + hdr.ljust(HEADER_SIZE - HEADER_COPY, b"\0")
+
+
+def _header_at(data: bytes, off: int) -> dict[str, Any] | None:
+    """The header copy at `off` if it is whole (magic, length, crc), else None."""
+    if len(data) < off + _HDR.size:
+        return None
+    magic, n, crc = _HDR.unpack_from(data, off)
+    js = data[off + _HDR.size:off + _HDR.size + n]
+    if magic != HEADER_MAGIC or _HDR.size + n > HEADER_COPY or zlib.crc32(js) != crc:
+        return None
+    try:
+        h = json.loads(js)
+    except ValueError:
+        return None
+    return h if isinstance(h, dict) else None
+
+
+def _read_header(path: Path, data: bytes, repairs: list[str]) -> VolumeState:
+    """The state the header describes, from its first whole copy (logs written
+    before the header was doubled have only the first)."""
+    if len(data) < _HDR.size:
+        raise SidecarError(f"{path}: sidecar log is truncated ({len(data)} bytes, no header)")
+    h = _header_at(data, 0)
+    if h is None:
+        h = _header_at(data, HEADER_COPY)
+        if h is None:
+            raise SidecarError(f"{path}: bad sidecar header (not a vmd log, or damaged)")
+        repairs.append(f"the header is damaged; its copy at offset {HEADER_COPY} was read")
+    try:
+        return VolumeState(uuid=h["uuid"], name=h["name"], size=int(h["size"]),
+                           region_size=int(h["region_size"]), fmr_region=int(h["fmr_region"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise SidecarError(f"{path}: bad sidecar header: {e}") from None
 
 
 def fsync_dir(path: Path) -> None:
@@ -267,24 +304,12 @@ def read_log(path: Path, *, upto_damage: bool = False) -> tuple[Replay, int, int
         data = path.read_bytes()
     except OSError as e:
         raise SidecarError(f"{path}: cannot read sidecar log: {e.strerror}") from None
-    if len(data) < _HDR.size:
-        raise SidecarError(f"{path}: sidecar log is truncated ({len(data)} bytes, no header)")
-    magic, n, crc = _HDR.unpack_from(data, 0)
-    js = data[_HDR.size:_HDR.size + n]
-    if magic != HEADER_MAGIC or _HDR.size + n > HEADER_SIZE or zlib.crc32(js) != crc:
-        raise SidecarError(f"{path}: bad sidecar header (not a vmd log, or damaged)")
-    try:
-        h = json.loads(js)
-        state = VolumeState(uuid=h["uuid"], name=h["name"], size=int(h["size"]),
-                            region_size=int(h["region_size"]), fmr_region=int(h["fmr_region"]))
-    except (ValueError, KeyError, TypeError) as e:
-        raise SidecarError(f"{path}: bad sidecar header: {e}") from None
-
+    repairs: list[str] = []
+    state = _read_header(path, data, repairs)
     off = HEADER_SIZE
     seq = -1
     count = 0
     copy_end = -1  # where the second copy of the checkpoint ends (a new log's)
-    repairs: list[str] = []
     while off < len(data):
         got = _unframe(data, off)
         if got is None or (seq >= 0 and got[0] != seq + 1):
