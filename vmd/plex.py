@@ -118,9 +118,11 @@ class Plex:
         # since the last flush.
         self._kernel_copy = False
         self._kernel_copied = False
-        # The image was created empty by open(): what vmd has not written
-        # reads as zeros already, so resync need not punch holes into it.
-        # Only while it stays open and its first copy runs (resync clears it).
+        # The image was created empty by open() and nothing has been written
+        # to it since but its first resync's copies: where that copy's source
+        # has holes it reads as zeros already, so the copy need not punch
+        # them. Any other write (or punch) clears it, as does the end of that
+        # resync pass: a later copy may meet a hole where the image has data.
         self.fresh = False
         self._nowait_skip = 0
         self._nowait_backoff = 0
@@ -375,6 +377,7 @@ class Plex:
 
     def pwrite_inline(self, off: int, data: bytes | memoryview) -> None:
         """Write from the event loop (the caller checked write_inline())."""
+        self.fresh = False
         t0 = time.monotonic()
         slept = voluntary_switches()
         try:
@@ -414,6 +417,7 @@ class Plex:
 
     async def pwrite_async(self, off: int, data: bytes | memoryview) -> None:
         """Write without blocking the event loop: io_uring, or a worker thread."""
+        self.fresh = False
         with self._in_flight("write", off):
             ring = self._ring()
             if ring is None or not await ring.pwrite(self.fd, off, data):
@@ -423,6 +427,7 @@ class Plex:
 
     async def punch(self, off: int, size: int) -> None:
         """Make [off, off+size) read as zeros (`_punch_sync`), off the event loop."""
+        self.fresh = False
         with self._in_flight("punch", off):
             await self._pool.run(self._punch_sync, off, size)
         self.writes += 1

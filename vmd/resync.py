@@ -317,6 +317,8 @@ class Resync:
                 return False  # the volume has no in-sync plex left
         finally:
             self.last_seconds = time.monotonic() - started
+            for t in targets:
+                t.fresh = False  # this pass copied into it: a later one must punch
         self.copied_bytes = self.done_bytes
         self.synced_bytes = span
         await self._finish(targets)
@@ -444,7 +446,6 @@ class Resync:
             m = t.record.missing
             if m is None or m.bits.any():
                 continue
-            t.fresh = False  # it holds the volume's data now: later copies punch
             if t.state == SYNCING:
                 t.record.state, t.record.reason = ACTIVE, ""
                 changed = True
