@@ -18,7 +18,7 @@ CONFIG ?= config/vmd.yaml
 PREFIX ?= /usr/local
 SBINDIR ?= $(PREFIX)/sbin
 
-.PHONY: run test test-slow bench bench-full docs setup sysdeps testdeps benchdeps clean install uninstall
+.PHONY: run test test-slow bench bench-full docs setup venv-here sysdeps testdeps benchdeps clean install uninstall
 
 # $(call apt_install,WHAT,PACKAGES): install only what is missing, so that a
 # second `make` is instant and offline.
@@ -62,7 +62,16 @@ bench: setup benchdeps
 bench-full: setup benchdeps
 	$(VPY) bench/run.py --full
 
-setup: sysdeps $(STAMP) $(NBD_LINKED)
+setup: sysdeps venv-here $(STAMP) $(NBD_LINKED)
+
+# A .venv copied along with the checkout (`cp -a . /opt/vmd`) still runs the
+# old directory's python and imports the old checkout's vmd (its scripts'
+# shebangs and the editable install name it): make it again here.
+venv-here:
+	@if [ -e $(VENV)/bin/pip ] && ! head -2 $(VENV)/bin/pip | grep -qF -e "#!$(CURDIR)/$(VENV)/bin/python" -e "'$(CURDIR)/$(VENV)/bin/python'"; then \
+	  echo "$(VENV) was made for another directory; making it again in $(CURDIR)"; \
+	  rm -rf $(VENV); \
+	fi
 
 sysdeps:
 	$(call apt_install,system packages,$(APT_PKGS))

@@ -262,6 +262,23 @@ def test_image_under_own_mountpoint_is_refused(vmd: VmdDaemon, tmp_path: Path) -
     vmd.stop()
 
 
+def test_a_mistyped_nbd_uri_is_refused_as_such(vmd: VmdDaemon) -> None:
+    """`nbd:/host...` (one slash) or `NBD://...` is no URI: taken as a path it
+    was made absolute under the current directory and either created as a
+    local image or, beside a remote plex, reported as "already plex pN"."""
+    for uri in ("nbd:/127.0.0.1:10809/vol0", "NBD://127.0.0.1:10809/vol0",
+                "nbd+unix:/vol0?socket=/tmp/x.sock"):
+        p = vmd.cli("plex", "add", "vol0", uri, check=False, timeout=20)
+        assert p.returncode == EXIT_ERROR, p
+        msg = _one_error_line(p)
+        assert uri in msg and "starts like an NBD URI" in msg and "nbd://" in msg, msg
+        # The daemon refuses it too (a client that made it a path is not needed).
+        reply = vmd.request({"cmd": "plex.add", "volume": "vol0", "path": uri})
+        assert "starts like an NBD URI" in reply.get("error", ""), reply
+    assert vmd.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
+    vmd.stop()
+
+
 @pytest.mark.allow_log(r"full rebuild: it is a new image", r"columns differs from")
 def test_raid5_status_text_start_warning_and_resize_refusal(
         vmd_factory: Callable[..., VmdDaemon]) -> None:

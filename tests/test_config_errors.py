@@ -104,6 +104,11 @@ CASES = {
                                     ["volumes.vol0.plexes[1]", "nbd+unix:///x", "socket=PATH"]),
     "nbd-uri-without-host": (["volumes", "vol0", "plexes"], ["a.img", "nbd:///x"],
                              ["volumes.vol0.plexes[1]", "no host"]),
+    # A mistyped URI would be taken as an image path (a file named `nbd:/...`).
+    "nbd-uri-one-slash": (["volumes", "vol0", "plexes"], ["a.img", "nbd:/host:10809/x"],
+                          ["volumes.vol0.plexes[1]", "starts like an NBD URI"]),
+    "nbd-uri-upper-case": (["volumes", "vol0", "plexes"], ["a.img", "NBD://host/x"],
+                           ["volumes.vol0.plexes[1]", "starts like an NBD URI"]),
     # An image or log in the daemon's own mount would be served by the daemon itself.
     "plex-under-mountpoint": (["volumes", "vol0", "plexes"], ["mnt/p0.img", "p1.img"],
                               ["volumes.vol0.plexes[0]", "mnt/p0.img", "mountpoint"]),

@@ -41,3 +41,25 @@ def test_readme_calls_vmd_one_way() -> None:
     assert any(line.strip() == "make install" or "make setup install" in line for line in code)
     called = [line for line in code if re.search(r"\S*bin/vmd\b", line)]
     assert called == [], f"README calls vmd through a path; use the installed `vmd`: {called}"
+
+
+def test_setup_remakes_a_virtualenv_copied_from_another_directory(tmp_path: Path) -> None:
+    """`cp -a . /opt/vmd` copies .venv too: its scripts would run the old
+    directory's python and import the old checkout's vmd (README, "Running
+    under systemd"). `make setup` makes it again in place; one made here stays."""
+    copy = tmp_path / "opt vmd"  # a blank in the path, as a careless admin may have
+    copy.mkdir()
+    (copy / "Makefile").write_text((REPO / "Makefile").read_text())
+    pip = copy / ".venv/bin/pip"
+    pip.parent.mkdir(parents=True)
+    pip.write_text(f"#!{REPO}/.venv/bin/python\nimport pip\n")
+    p = run(["make", "-s", "-C", str(copy), "venv-here"])
+    assert "was made for another directory" in p.stdout and not (copy / ".venv").exists(), p
+    pip.parent.mkdir(parents=True)
+    pip.write_text(f"#!{copy}/.venv/bin/python\nimport pip\n")
+    p = run(["make", "-s", "-C", str(copy), "venv-here"])
+    assert p.stdout == "" and pip.exists(), p
+    # A long path's scripts start with /bin/sh and name python on line 2.
+    pip.write_text(f"#!/bin/sh\n'''exec' '{copy}/.venv/bin/python' \"$0\" \"$@\"\n' '''\n")
+    p = run(["make", "-s", "-C", str(copy), "venv-here"])
+    assert p.stdout == "" and pip.exists(), p

@@ -18,7 +18,7 @@ from .config import format_size, load_config
 from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, VmdError
 from .verify_cli import add_verify_parser, run_verify_command
 from .verify_cli import status_lines as verify_status_lines
-from .nbdlink import is_remote
+from .nbdlink import is_remote, uri_typo
 
 DEFAULT_CONFIG = "config/vmd.yaml"
 # Seconds an admin request may go unanswered: the daemon answers in milliseconds
@@ -338,6 +338,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.plex_cmd != "add":
             req["plex"] = args.plex
         if args.plex_cmd in ("add", "replace"):
+            if uri_typo(args.path):
+                raise VmdError(uri_typo(args.path))  # before abspath makes it a path
             req["path"] = args.path if is_remote(args.path) else os.path.abspath(args.path)
         reply = client.request(req)
         if "plex" in reply:

@@ -17,7 +17,7 @@ from .admin import command_words
 from .config import check_image
 from .errors import VmdError
 from .mountpath import outside_mount_error
-from .nbdlink import check_uri, is_remote
+from .nbdlink import check_uri, is_remote, uri_typo
 from .manager import VolumeManager
 from .sidecar import SYNCING
 
@@ -79,6 +79,8 @@ def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], N
         vol = m.get(req_str(req, "volume"))
         path = req_str(req, "path")
         remote = is_remote(path)
+        if uri_typo(path):
+            raise VmdError(f"plex add {vol.name}: {uri_typo(path)}")
         if remote and check_uri(path):
             raise VmdError(f"plex add {vol.name}: {check_uri(path)}")
         if not remote:

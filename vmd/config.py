@@ -18,7 +18,7 @@ import yaml
 
 from .errors import ConfigError
 from .mountpath import mount_paths, outside_mount_error
-from .nbdlink import check_uri, is_remote
+from .nbdlink import check_uri, is_remote, uri_typo
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -244,6 +244,8 @@ class _Ctx:
     def plex(self, value: Any, key: str) -> Path | str:
         """An image path, or an NBD URI kept as written."""
         if not is_remote(value):
+            if isinstance(value, str) and uri_typo(value):
+                raise self.err(key, uri_typo(value))
             return self.filepath(value, key)
         bad = check_uri(value)
         if bad:

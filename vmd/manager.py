@@ -15,6 +15,7 @@ from . import events
 from .config import Config, VolumeConfig, format_size
 from .errors import SidecarError, VmdError
 from .exclusive import InUseError, close_locked, lock_exclusive, open_locked
+from .nbdlink import is_remote
 from .nbdplex import map_after_open_error, remote_aware
 from .plex import Plex
 from .regionmap import RegionMap
@@ -447,8 +448,13 @@ class VolumeManager:
                 "refused": [{"name": n, "error": e} for n, e in self.refused.items()]}
 
     def plex_path_in_use(self, path: str) -> str | None:
+        def same(a: str) -> bool:
+            if is_remote(a) or is_remote(path):
+                return a == path  # a URI is no path: realpath would fold its "//"
+            return os.path.realpath(a) == os.path.realpath(path)
+
         for v in self.volumes.values():
             for p in v.plexes:
-                if os.path.realpath(p.record.path) == os.path.realpath(path):
+                if same(p.record.path):
                     return f"plex {p.name} of volume {v.name}"
         return None

@@ -17,6 +17,7 @@ deadline, so they never block longer than `timeout` either.
 from __future__ import annotations
 
 import errno
+import re
 import logging
 import select
 import socket
@@ -39,6 +40,18 @@ SEND_BUFFER = 4 * 1024 * 1024
 def is_remote(path: object) -> bool:
     """An NBD URI (a remote plex), not an image path."""
     return isinstance(path, str) and "://" in path and path.split(":", 1)[0] in SCHEMES
+
+
+_URI_LIKE = re.compile(r"(?i)nbds?(\+unix)?:")
+
+
+def uri_typo(path: str) -> str | None:
+    """Why `path`, which starts like an NBD URI but is none, is refused: taken
+    as an image path it would create a file named `nbd:/...` somewhere."""
+    if is_remote(path) or not _URI_LIKE.match(path):
+        return None
+    return (f"{path} starts like an NBD URI but is not one: write nbd://HOST[:PORT]/EXPORT "
+            f"or nbd+unix:///EXPORT?socket=PATH (lower case, two slashes)")
 
 
 def check_uri(uri: str) -> str | None:
