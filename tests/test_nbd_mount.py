@@ -3,6 +3,7 @@ NBD server is SIGKILLed and restarted; ext4 on a loop device, fsck -fn."""
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import SysResources, VmdDaemon, run, sha, wait_for
+from conftest import SysResources, VmdDaemon, pwrite_file, run, sha, wait_for
 from nbdservers import Make, nbd_server  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.mount
@@ -94,8 +95,14 @@ def test_ext4_on_a_volume_with_a_remote_plex(vmd_factory: Callable[..., VmdDaemo
     assert fsck.returncode == 0, f"the export alone is not a clean ext4:\n{fsck.stdout}"
 
 
+@pytest.mark.allow_log(r"the server closed the connection|Connection reset|is now IOFAIL|"
+                       r"not reattached")
 def test_plex_add_an_export_from_the_command_line(vmd_factory: Callable[..., VmdDaemon],
                                                   nbd_server: Make) -> None:
+    """Added while the daemon runs (no remote plex at start), the export is
+    watched as one listed in the config: a server that goes away fails it, and
+    when it is back `auto_attach` reattaches it with FastResync (it was never
+    reconnected until the next restart)."""
     size = 32 * MiB
     vmd = vmd_factory(volumes={"vol0": {"size": size, "plexes": ["vol0-p0.img"],
                                         "log": "vol0.log"}}).start()
@@ -107,5 +114,15 @@ def test_plex_add_an_export_from_the_command_line(vmd_factory: Callable[..., Vmd
     _wait_synced(vmd)
     text = vmd.cli("status", "vol0").stdout
     assert srv.uri in text and "connected" in text and "not connected" not in text, text
+    # Writes the export acknowledged: what tells the export that comes back apart.
+    pwrite_file(vmd.volume_file(), [(0, os.urandom(MiB))])
+    srv.kill()
+    pwrite_file(vmd.volume_file(), [(4 * MiB, os.urandom(MiB))])
+    wait_for(lambda: _remote(vmd)["state"] == "IOFAIL", 10, "the remote plex IOFAIL")
+    srv.start()
+    st = _wait_synced(vmd)
+    remote = _remote(vmd)
+    assert remote["connected"] and remote["reattached"] == "FastResync", remote
+    assert st["resync"]["synced_bytes"] < size, st["resync"]
     vmd.stop()
     assert sha(vmd.plex_paths()[0]) == sha(srv.image)

@@ -377,6 +377,7 @@ class MirrorVolume(Volume):
             p.drop_prepared()
         log.info("volume %s: plex %s added (%s), full resync", self.name, rec.name, path)
         self.resync.wake()
+        self.remote_watch.wake()  # a remote plex: watched from now on
         return p
 
     async def remove_plex(self, name: str, *, snapshot_ok: bool = False,

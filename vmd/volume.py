@@ -120,6 +120,9 @@ class Volume:
         self.reads = 0
         self.error: str | None = None  # set when the log cannot be written: writes refused
         self.stopped = False
+        # Fails and reconnects remote plexes; woken by `plex add` of one, which
+        # it would otherwise not look at until something else woke it.
+        self.remote_watch = RemoteWatch(self)
         self._failures_pending = 0
         self._failures_done = trio.Event()
         # Errors each plex kept as the last in-sync one had since the start.
@@ -410,7 +413,7 @@ class Volume:
             await nursery.start(self.drl.run_committer)
             await nursery.start(self.drl.run_cleaner, lambda: self.openers == 0)
             await nursery.start(self.resync.run)
-            await nursery.start(RemoteWatch(self).run)
+            await nursery.start(self.remote_watch.run)
             task_status.started()
 
     async def shutdown(self) -> None:
