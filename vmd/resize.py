@@ -253,7 +253,8 @@ def adopt_logged_sizes(cfg: Config) -> dict[str, int]:
             continue  # none yet, or damaged: opening the volume says so
         if state.size > vc.size:
             log.warning("volume %s: %s: volumes.%s.size is %s but the sidecar log %s says %s "
-                        "(grown by `vmd resize`): using %s; update the config", name, cfg.path,
+                        "(it was created that large or grown by `vmd resize`; it never "
+                        "shrinks): using %s; update the config", name, cfg.path,
                         name, format_size(vc.size), vc.log, format_size(state.size),
                         format_size(state.size))
             cfg.volumes[name] = dataclasses.replace(vc, size=state.size)
