@@ -527,3 +527,27 @@ def test_reverse_interrupted(vmd_factory: Callable[..., VmdDaemon], tmp_path: Pa
     st = rstatus(a)
     assert st["role"] == "target" and st["sequence"] == last["seq"] > seq, st
     assert not rstatus(b)["reverse_pending"]
+
+
+@pytest.mark.allow_log(*FAILED)
+def test_sync_to_a_new_target_sends_the_full_update_it_asks_for(
+        vmd_factory: Callable[..., VmdDaemon], tmp_path: Path) -> None:
+    """`rcopy.target` pointed at another (empty) volume: the first incremental
+    update is refused ("needs a full update"), and `vmd rcopy sync` sends the
+    full one at once instead of failing and leaving it to the next sync."""
+    a, b = make_pair(vmd_factory, tmp_path)
+    rng = random.Random(31)
+    pwrite_file(a.volume_file(), [(0, rng.randbytes(MiB)), (9 * MiB, rng.randbytes(MiB))])
+    assert sync(a)["full"]
+    pwrite_file(a.volume_file(), [(20 * MiB, rng.randbytes(MiB))])
+    c = vmd_factory("c", volumes={"vol0": volume_spec("vol0", size=SIZE)}).start()
+    a.config["volumes"]["vol0"]["rcopy"]["target"] = [
+        sys.executable, "-m", "vmd", "-c", str(c.config_path), "rcopy", "receive", "vol0"]
+    a.write_config()
+    a.restart()
+    p = a.cli("rcopy", "sync", "vol0", check=False, timeout=120)
+    assert p.returncode == EXIT_OK, p
+    last = rstatus(a)["last_update"]
+    assert last["full"] and last["state"] == "done", last
+    assert_b_equals(c, image(a))
+    assert "sending a full update, as the target asked" in a.stderr()

@@ -203,6 +203,16 @@ class Link:
 
     async def update(self, why: str = "") -> dict[str, Any]:
         async with self.lock:
+            try:
+                return await self._update(why)
+            except VmdError:
+                if not self.ext.get("need_full") or self.ext.get("reverse") is not None:
+                    raise
+            # The target refused an incremental update and asked for a full
+            # one (another target volume, or one that lost its consistent
+            # point): send it now, rather than fail a `vmd rcopy sync` that
+            # the next one would then have to repeat.
+            log.info("volume %s: sending a full update, as the target asked", self.vol.name)
             return await self._update(why)
 
     async def _take(self, extra: RegionMap | None = None) -> tuple[Transfer, float]:
