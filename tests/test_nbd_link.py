@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import select
+import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -176,3 +177,27 @@ async def test_a_handle_dead_after_the_send_fails_the_link(tmp_path: Path,
         assert link.error == "the server closed the connection"
         with trio.fail_after(5), pytest.raises(OSError):
             await req.wait()
+
+
+async def test_requests_do_not_keep_their_buffers(tmp_path: Path, nbd_server: Make) -> None:
+    """libnbd 1.14's binding keeps a reference to the object an `nbd.Buffer`
+    wraps, for good: the daemon grew by every byte written to a remote plex
+    (and every page of a new write buffer faulted in afresh). Once answered,
+    a request holds nothing of its data or of what it read."""
+    srv = nbd_server("qemu-nbd")
+    vc = remote_vc(tmp_path, srv.uri, auto_attach=False)
+    async with running_volume(vc) as vol:
+        await synced(vol)
+        link = remote(vol).link
+        assert link is not None
+        for data in (os.urandom(MiB), bytearray(os.urandom(MiB)),
+                     memoryview(os.urandom(2 * MiB))[MiB:]):
+            before = sys.getrefcount(data.obj if isinstance(data, memoryview) else data)
+            for i in range(3):
+                await link.pwrite(i * MiB, data)
+            after = sys.getrefcount(data.obj if isinstance(data, memoryview) else data)
+            assert after == before, f"{type(data).__name__}: {after - before} references kept"
+            read = await link.pread(MiB, MiB)
+            assert read == data
+            # Only this frame's name and getrefcount's argument.
+            assert sys.getrefcount(read) == 2, "the read's buffer is kept"

@@ -80,7 +80,13 @@ class Unreachable(OSError):
 
 class Request:
     """One request in flight: the buffer libnbd uses (kept alive until the
-    reply), its deadline, and the task waiting for it, woken once."""
+    reply), its deadline, and the task waiting for it, woken once.
+
+    The buffer is the caller's bytes, bytearray or memoryview itself, never an
+    `nbd.Buffer`: libnbd's binding (1.14) takes a view of any contiguous
+    buffer without a copy, but keeps a reference to the object an `nbd.Buffer`
+    wraps for good, so every byte written or read that way stayed in memory
+    (and every new 1 MiB write buffer was a fresh mmap to fault in)."""
 
     __slots__ = ("buf", "deadline", "what", "off", "done", "error", "task")
 
@@ -171,7 +177,7 @@ class NbdLink:
         if self.error is not None:
             raise OSError(errno.ENOTCONN, f"reading offset {off} of {self.uri}: {self.error}")
         try:
-            cookie = self.h.aio_pread(self._nbd.Buffer.from_buffer(buf), off)
+            cookie = self.h.aio_pread(buf, off)
             self._poll_until(lambda: self.h.aio_command_completed(cookie),
                              time.monotonic() + self.timeout, f"reading offset {off}")
         except self._nbd.Error as e:
@@ -217,16 +223,14 @@ class NbdLink:
 
     async def pread(self, off: int, n: int) -> bytearray:
         buf = bytearray(n)
-        await self.issue("read", off, lambda b: self.h.aio_pread(b, off),
-                         self._nbd.Buffer.from_buffer(buf)).wait()
+        await self.issue("read", off, lambda b: self.h.aio_pread(b, off), buf).wait()
         return buf
 
     def issue_write(self, off: int, data: bytes | memoryview | bytearray) -> Request:
         """Send a write and return at once (`Request.wait` for the reply): the caller
         writes its local plexes meanwhile, with no task for this one."""
         # Shared, not copied: the caller's buffer lives until the reply.
-        return self.issue("write", off, lambda b: self.h.aio_pwrite(b, off),
-                          self._nbd.Buffer.from_buffer(data))
+        return self.issue("write", off, lambda b: self.h.aio_pwrite(b, off), data)
 
     async def pwrite(self, off: int, data: bytes | memoryview | bytearray) -> None:
         await self.issue_write(off, data).wait()
