@@ -121,6 +121,7 @@ class NbdBench:
         size, root = self.size, self.root
         targets: dict[str, Target] = {}
         vmds: list[tuple[str, Vmd]] = []
+        daemons: dict[str, Vmd | Qsd] = {}  # for their peak memory at the end
         for kind in KINDS:
             for tree in ("vmd", "base") if self.base else ("vmd",):
                 name = f"{tree}-{kind}"
@@ -137,6 +138,7 @@ class NbdBench:
                                                           self.cleanup), self.cleanup)
             q.create()
             q.start()
+            daemons[f"qsd-{kind}"] = q
             targets[f"qsd-{kind}"] = Target(f"qsd-{kind}", q.file, q.pid)
         local = Vmd(root / "vmd-local", {"vol0": {"size": size, **self.vol_settings}}, self.cleanup)
         local.start()
@@ -161,6 +163,10 @@ class NbdBench:
                                                       self.runtime), wl)
                         log(f"nbd rep {rep + 1}/{self.reps} {wl.label:<17} nj={nj} {name:<10} "
                             f"{fmt_val(r.value, wl.unit):>8} {wl.unit}")
+        # Every daemon wrote each target's size about 5 times by now: a peak far
+        # above the others' is memory kept per write (libnbd's nbd.Buffer kept
+        # every write buffer: 1 MiB per 1 MiB written).
+        self.raw["hwm_kib"] = {name: d.hwm_kib() for name, d in {**dict(vmds), **daemons}.items()}
         for name, v in vmds:
             remote = [p for p in v.status("vol0")["plexes"] if p.get("remote")]
             self.raw[f"{name}_remote_plex"] = remote
@@ -194,5 +200,7 @@ class NbdBench:
                          *(fmt_ratio(s.ratio(row, wl.unit, a, b)) for a, b in ratios),
                          *(f"{s.cpu_us(row, t):.0f} µs" for t in cpu)]
                 md.append("| " + " | ".join(cells) + " |")
-        md.append("")
+        hwm = self.raw.get("hwm_kib") or {}
+        md += ["", "Peak memory (VmHWM) of each daemon at the end: " + ", ".join(
+            f"{name} {kib / 1024:.0f} MiB" for name, kib in hwm.items() if kib), ""]
         return md

@@ -93,7 +93,13 @@ class Unreachable(OSError):
 
 class Request:
     """One request in flight: the buffer libnbd uses (kept alive until the
-    reply), its deadline, and the task waiting for it, woken once."""
+    reply), its deadline, and the task waiting for it, woken once.
+
+    The buffer is the caller's bytes, bytearray or memoryview itself, never an
+    `nbd.Buffer`: libnbd's binding (1.14) takes a view of any contiguous
+    buffer without a copy, but keeps a reference to the object an `nbd.Buffer`
+    wraps for good, so every byte written or read that way stayed in memory
+    (and every new 1 MiB write buffer was a fresh mmap to fault in)."""
 
     __slots__ = ("buf", "deadline", "what", "off", "done", "error", "task")
 
@@ -140,6 +146,7 @@ class NbdLink:
         self._ep: Any = None  # the pump's epoll set (select.epoll), while it runs
         self._want = 0  # the events it watches on the socket
         self._pumping = False
+        self._watchdog_scope: trio.CancelScope | None = None
         self.on_lost: Callable[[str], None] | None = None
 
     # -- blocking (connect, identity checks) --------------------------------
@@ -180,8 +187,10 @@ class NbdLink:
     def pread_blocking(self, off: int, n: int) -> bytearray:
         """Read [off, off+n) outside trio (a check before a reattach)."""
         buf = bytearray(n)
+        if self.error is not None:
+            raise OSError(errno.ENOTCONN, f"reading offset {off} of {self.uri}: {self.error}")
         try:
-            cookie = self.h.aio_pread(self._nbd.Buffer.from_buffer(buf), off)
+            cookie = self.h.aio_pread(buf, off)
             self._poll_until(lambda: self.h.aio_command_completed(cookie),
                              time.monotonic() + self.timeout, f"reading offset {off}")
         except self._nbd.Error as e:
@@ -221,20 +230,20 @@ class NbdLink:
             self._ep.register(self.fd, select.EPOLLIN)
             self._want = select.EPOLLIN
             trio.lowlevel.spawn_system_task(self._pump, name=f"nbd-pump {self.uri}")
-            trio.lowlevel.spawn_system_task(self._watchdog, name=f"nbd-watchdog {self.uri}")
+            self._watchdog_scope = trio.CancelScope()
+            trio.lowlevel.spawn_system_task(self._watchdog, self._watchdog_scope,
+                                            name=f"nbd-watchdog {self.uri}")
 
     async def pread(self, off: int, n: int) -> bytearray:
         buf = bytearray(n)
-        await self.issue("read", off, lambda b: self.h.aio_pread(b, off),
-                         self._nbd.Buffer.from_buffer(buf)).wait()
+        await self.issue("read", off, lambda b: self.h.aio_pread(b, off), buf).wait()
         return buf
 
     def issue_write(self, off: int, data: bytes | memoryview | bytearray) -> Request:
         """Send a write and return at once (`Request.wait` for the reply): the caller
         writes its local plexes meanwhile, with no task for this one."""
         # Shared, not copied: the caller's buffer lives until the reply.
-        return self.issue("write", off, lambda b: self.h.aio_pwrite(b, off),
-                          self._nbd.Buffer.from_buffer(data))
+        return self.issue("write", off, lambda b: self.h.aio_pwrite(b, off), data)
 
     async def pwrite(self, off: int, data: bytes | memoryview | bytearray) -> None:
         await self.issue_write(off, data).wait()
@@ -260,14 +269,12 @@ class NbdLink:
         self.start()
         req = Request(buf, trio.current_time() + self.timeout, what, off)
         self._pending[cookie] = req
-        d = self.h.aio_get_direction()
-        if not d & READ:
-            # Connected, libnbd always reads: the send found the server gone,
-            # the handle is dead and has closed the socket, so the pump would
-            # never hear of it.
+        if self.h.aio_is_dead():
+            # The send found the server gone: the handle has closed its
+            # socket, so the pump would never hear of it.
             self._reap()
             self.lost("the server closed the connection")
-        elif d & WRITE and self._want == select.EPOLLIN:
+        elif self._want == select.EPOLLIN and self.h.aio_get_direction() & WRITE:
             self._watch(select.EPOLLIN | select.EPOLLOUT)  # the rest goes once writable
         return req
 
@@ -298,8 +305,12 @@ class NbdLink:
                 self._reap()
                 if h.aio_is_dead() or h.aio_is_closed():
                     self.lost("the server closed the connection")
-        except (trio.ClosedResourceError, ValueError):
-            pass  # lost() or close() let go of the socket (ValueError: a closed epoll)
+        except (trio.ClosedResourceError, ValueError) as e:
+            # After lost() or close(), the closed epoll set ends the pump. Before,
+            # the set failed under it: nothing would read the replies, so the
+            # link is dead now, not at the watchdog's deadline.
+            if self.error is None:
+                self.lost(f"connection failed: the pump's epoll set failed: {e!r}")
         except self._nbd.Error as e:
             self.lost(f"connection failed: {getattr(e, 'string', e)}")
         except Exception as e:  # a system task must not raise: that ends trio.run
@@ -308,22 +319,25 @@ class NbdLink:
         finally:
             self._pumping = False
 
-    async def _watchdog(self) -> None:
+    async def _watchdog(self, scope: trio.CancelScope) -> None:
         """Fail the connection when its oldest request has no reply by its
         deadline (a hung server or link). One timer for all requests: it
-        wakes once per `timeout` while replies come, not once per request."""
+        wakes once per `timeout` while replies come, not once per request.
+        `_release` cancels `scope`: the task, and so the link and its
+        handle, are gone at once, not after an idle `timeout`."""
         try:
-            while self.error is None:
-                oldest = next(iter(self._pending.values()), None)
-                if oldest is None:
-                    # Idle: a request sent meanwhile is at most `timeout` old
-                    # when this wakes, and waited for until its own deadline.
-                    await trio.sleep(self.timeout)
-                elif trio.current_time() < oldest.deadline:
-                    await trio.sleep_until(oldest.deadline)
-                else:
-                    self.lost(f"no reply to a {oldest.what} at offset {oldest.off} in "
-                              f"{self.timeout:g} s (remote_timeout)", errno.ETIMEDOUT)
+            with scope:
+                while self.error is None:
+                    oldest = next(iter(self._pending.values()), None)
+                    if oldest is None:
+                        # Idle: a request sent meanwhile is at most `timeout` old
+                        # when this wakes, and waited for until its own deadline.
+                        await trio.sleep(self.timeout)
+                    elif trio.current_time() < oldest.deadline:
+                        await trio.sleep_until(oldest.deadline)
+                    else:
+                        self.lost(f"no reply to a {oldest.what} at offset {oldest.off} in "
+                                  f"{self.timeout:g} s (remote_timeout)", errno.ETIMEDOUT)
         except Exception as e:  # a system task must not raise: that ends trio.run
             log.exception("nbd watchdog for %s failed", self.uri)
             self.lost(f"connection failed: {e}")
@@ -355,6 +369,12 @@ class NbdLink:
             self.on_lost(why)
 
     def _release(self) -> None:
+        """Let go of everything now: the pump ends on its closed epoll set,
+        the watchdog is cancelled, and the handle (its socket, its buffers)
+        is freed once the pump's frame lets go of it, a scheduler tick away."""
+        if self._watchdog_scope is not None:
+            self._watchdog_scope.cancel()
+            self._watchdog_scope = None
         if self._ep is not None:
             try:
                 trio.lowlevel.notify_closing(self._ep.fileno())
@@ -375,6 +395,9 @@ class NbdLink:
             except OSError:
                 pass
         self.fd = -1
+        # Freed by reference count (libnbd 1.14's binding has no close()): the
+        # handle closes its socket then. Everything after checks `error` first.
+        self.h = None
 
     def close(self) -> None:
         if self.error is None:
