@@ -124,5 +124,12 @@ def test_plex_add_an_export_from_the_command_line(vmd_factory: Callable[..., Vmd
     remote = _remote(vmd)
     assert remote["connected"] and remote["reattached"] == "FastResync", remote
     assert st["resync"]["synced_bytes"] < size, st["resync"]
+    # Gone again: status no longer says how the last reattach went.
+    srv.kill()
+    pwrite_file(vmd.volume_file(), [(8 * MiB, os.urandom(MiB))])
+    wait_for(lambda: _remote(vmd)["state"] == "IOFAIL", 10, "the remote plex IOFAIL again")
+    assert _remote(vmd)["reattached"] == "", _remote(vmd)
+    srv.start()
+    _wait_synced(vmd)
     vmd.stop()
     assert sha(vmd.plex_paths()[0]) == sha(srv.image)

@@ -152,6 +152,7 @@ class NbdPlex(Plex):
         (at most 2 × `timeout`: a hung server), before the attach takes the
         write gate: the volume, and every other, serves meanwhile. An export
         that cannot be reached or read fails the attach here, naming it."""
+        self.reattached = ""  # what an earlier reattach did says nothing of this one
 
         def connect_and_check() -> tuple[NbdLink, str]:
             link = self._connect()
@@ -323,7 +324,7 @@ class NbdPlex(Plex):
                 "last_error": self.last_error,
                 "last_reconnect_attempt": None if at is None else
                 time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(at)),
-                "reattached": self.reattached}
+                "reattached": "" if self.state == IOFAIL else self.reattached}
 
 
 def _samples(identity: list[int] | None, size: int) -> list[tuple[int, int, int]]:
