@@ -419,7 +419,10 @@ class Plex:
         """Write without blocking the event loop: io_uring, or a worker thread."""
         self.fresh = False
         with self._in_flight("write", off):
-            ring = self._ring()
+            # A big write goes to a worker thread: io_uring would copy it into
+            # the page cache inside the submit, on the event loop's thread,
+            # after the copy the loop makes into another plex (not beside it).
+            ring = None if len(data) >= PARALLEL_BYTES else self._ring()
             if ring is None or not await ring.pwrite(self.fd, off, data):
                 await self._pool.run(self._pwrite_sync, off, data)
         self.writes += 1
