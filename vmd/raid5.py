@@ -29,6 +29,7 @@ from .errors import VmdError
 from .plex import Plex, PlexIOError
 from .raid5_plan import Piece, WritePlan
 from .raid5_rebuild import Rebuild, xor_into
+from .raid5cache import lay_over
 from .raid5log import IN_USE as R5LOG_IN_USE, Raid5Log
 from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPLINK, STALE, SYNCING, WRITABLE,
                       PlexRecord, SidecarLog, VolumeState)
@@ -105,8 +106,18 @@ class Raid5Volume(Volume):
     # -- column I/O ----------------------------------------------------------
 
     async def _read_pieces(self, pieces: list[Piece]) -> list[bytes | bytearray]:
-        """Read the pieces in parallel, contiguous ones of a column as one read.
-        Raises PlexIOError (naming the column) on the first failure."""
+        """Read the pieces in parallel, contiguous ones of a column as one read,
+        with the write-back cache's newer bytes laid over them. Raises
+        PlexIOError (naming the column) on the first failure."""
+        cache = self.r5log.cache if self.r5log is not None else None
+        if not cache:
+            return await self._read_columns(pieces)
+        # Before the reads: a piece written back and dropped meanwhile applies.
+        over = [cache.over(c, off, n) for c, off, n in pieces]  # type: ignore[union-attr]
+        got = await self._read_columns(pieces)
+        return [lay_over(b, p[1], o) if o else b for b, p, o in zip(got, pieces, over)]
+
+    async def _read_columns(self, pieces: list[Piece]) -> list[bytes | bytearray]:
         if len(pieces) == 1:
             c, off, n = pieces[0]
             return [await self.columns[c].pread(off, n)]
@@ -183,6 +194,44 @@ class Raid5Volume(Volume):
                 except PlexIOError as e:
                     failed.append(e)
         return failed
+
+    async def flush(self) -> None:
+        """Every write acknowledged so far on the columns, and the columns
+        flushed: what the DRL, a retire, Remote Copy, verify and a stop
+        need (a user's fsync needs less: `sync`)."""
+        if self.r5log is not None:
+            await self.r5log.drain()
+        await super().flush()
+        if self.r5log is not None and self.r5log.lost:
+            raise VolumeIOError(errno.EIO, f"volume {self.name}: {self.r5log.lost} acknowledged "
+                                f"write(s) were lost: RAID-5 log {self.r5log.path} failed "
+                                f"({self.r5log.failed})")
+
+    async def flush_columns(self) -> None:
+        """fdatasync the columns, the write-back cache left as it is."""
+        await super().flush()
+
+    async def sync(self) -> None:
+        """An fsync (invariant 9): with a RAID-5 log, every acknowledged write
+        durable in the log, which a restart replays before serving; the
+        columns follow from the cache, and their flush from the retires."""
+        if self.r5log is None:
+            await self.flush()
+            return
+        await self.r5log.sync()
+        if not self._can_serve():
+            raise VolumeIOError(errno.EIO, f"volume {self.name}: too few columns are in to "
+                                f"hold its data")
+
+    async def drain(self, stripes: range | None = None) -> None:
+        """Before the columns are read or changed behind `_read_pieces` (the
+        rebuild, verify, membership): the cached pieces of `stripes` (all,
+        by default) written back. Under the stripes' range lock or the gate
+        held, so that no new piece comes in there meanwhile."""
+        if self.r5log is None or not self.r5log.cache:
+            return
+        if stripes is None or self.r5log.cache.holds_stripes(stripes.start, stripes.stop):
+            await self.r5log.drain()
 
     async def _fail_columns(self, errors: Iterable[PlexIOError], stripes: range) -> None:
         for e in errors:
@@ -262,17 +311,11 @@ class Raid5Volume(Volume):
 
     async def _put(self, writes: list[tuple[int, int, Any]], off: int, n: int,
                    stripes: range) -> None:
-        """Write the computed pieces (through the RAID-5 log if there is one);
-        answered once any column failure it met is durable."""
-        seq = await self.r5log.append(writes) if self.r5log is not None else 0
-        if self._fault is not None and self._fault.matches(self.name, off):
-            self._cut(writes)
-        try:
-            failed = await self._write_pieces(writes)
-        finally:
-            if self.r5log is not None:
-                self.r5log.written(seq)
-        await self._fail_columns(failed, stripes)
+        """Write the computed pieces: with a RAID-5 log, into its write-back
+        cache (answered before any column is written); without, to the
+        columns, answered once any column failure it met is durable."""
+        cut = self._fault is not None and self._fault.matches(self.name, off)
+        failed = await self.put_pieces(writes, stripes, cut=cut)
         if self.error is not None:
             raise VolumeIOError(errno.EIO, f"volume {self.name}: {self.error}")
         # A second column lost while this write was under way fails some
@@ -281,10 +324,74 @@ class Raid5Volume(Volume):
             raise VolumeIOError(errno.EIO, f"volume {self.name}: a write at {off} lost a "
                                 f"second column: the stripe cannot be recovered")
 
+    async def put_pieces(self, writes: list[tuple[int, int, Any]], stripes: range, *,
+                         cut: bool = False) -> list[PlexIOError]:
+        """The pieces to the RAID-5 log's cache, or (no log) to the columns;
+        returns the column failures (now durable) of the latter."""
+        if self.r5log is not None:
+            await self.r5log.append(writes, cut=cut)
+            return []
+        if cut:
+            self._cut(writes)
+        failed = await self._write_pieces(writes)
+        await self._fail_columns(failed, stripes)
+        return failed
+
+    async def write_back(self, entries: list[tuple[int, list[Any], bool]]) -> None:
+        """The RAID-5 log's committer, once `entries` are durable in the log:
+        write their pieces to the columns, in entry order (the newest bytes
+        win), and record any column that fails (its stripes in its map)."""
+        writes: list[tuple[int, int, Any]] = []
+        gone: dict[int, set[int]] = {}  # column → stripes it missed
+        for _, pieces, cut in entries:
+            if cut:
+                await self._write_rounds(writes)  # the entries before it, then the fault
+                self._cut(pieces)
+            for c, at, data in pieces:
+                if self._writable(c):
+                    writes.append((c, at, data))
+                else:  # failed or detached since: its map must say so
+                    gone.setdefault(c, set()).add(at // self.su)
+        failed = await self._write_rounds(writes)
+        for e in failed:
+            c = self.columns.index(e.plex)
+            gone.setdefault(c, set()).update(at // self.su for cc, at, _ in writes if cc == c)
+        for c, stripes in gone.items():
+            p = self.columns[c]
+            if p.record.missing is not None:
+                for s in stripes:
+                    self._mark_missed(p.record, s * self.width, self.width)
+        for e in failed:
+            s = min(gone[self.columns.index(e.plex)])
+            await self.fail_plex(e.plex, e, s * self.width, self.width)
+        if gone:
+            await self.checkpoint()  # the maps, also of a column already out
+        if self._failures_pending:
+            await self.failures_durable()
+
+    async def _write_rounds(self, writes: list[tuple[int, int, Any]]) -> list[PlexIOError]:
+        """Write pieces in their order: `_write_pieces` writes a column's
+        pieces at once, so two that overlap go in successive rounds."""
+        failed: list[PlexIOError] = []
+        rounds: list[list[tuple[int, int, Any]]] = [[]]
+        seen: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (column, stripe) → spans
+        for c, at, data in writes:
+            spans = seen.setdefault((c, at // self.su), [])
+            if any(a < at + len(data) and at < b for a, b in spans):
+                rounds.append([])
+                seen = {(c, at // self.su): []}
+                spans = seen[(c, at // self.su)]
+            rounds[-1].append((c, at, data))
+            spans.append((at, at + len(data)))
+        for r in rounds:
+            if r:
+                failed += await self._write_pieces(r)
+        return failed
+
     def _cut(self, writes: list[tuple[int, int, Any]]) -> None:
         """The test fault: only the data (or only the parity) reaches the columns."""
         want = self._fault.part == "parity"  # type: ignore[union-attr]
-        for c, at, data in writes:
+        for c, at, data in (writes if self._fault.part != "none" else []):  # type: ignore[union-attr]
             # A piece at column offset `at` is of stripe at // su.
             if (c == self.parity_col(at // self.su)) == want:
                 self.columns[c].pwrite_inline(at, data)
@@ -379,6 +486,8 @@ class Raid5Volume(Volume):
                     continue
                 for a, n in await p.allocated(stripes.start * self.su, len(stripes) * self.su):
                     data.update(range(a // self.su, -(-(a + n) // self.su)))
+            if self.r5log is not None:  # acknowledged, not yet on the columns
+                data.update(s for _, s in self.r5log.cache.units)
             keep = [s for s in stripes if s in data or len(self._bad(s)) > 1]
         finally:
             self.gate.exit()
@@ -441,6 +550,7 @@ class Raid5Volume(Volume):
         async with self.gate.hold(), self.resync.paused():
             i, p = self._column(name)
             rec = p.record
+            await self.drain()  # its cached pieces onto it before it closes
             if rec.state == DETACHED:
                 raise VmdError(f"column {name} of volume {self.name} is already DETACHED")
             if rec.state == ACTIVE and not all(q.state == ACTIVE for q in self.columns):
@@ -480,6 +590,7 @@ class Raid5Volume(Volume):
             if self.r5log is not None:
                 # No entry from before it left may be replayed onto what its
                 # rebuild writes (a write while it was away changed parity only).
+                await self.drain()
                 await self.r5log.retire()
             p.close()
             if path is not None:
