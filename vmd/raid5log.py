@@ -155,6 +155,7 @@ class Raid5Log:
         self.cache = StripeCache(vol.su)
         self._pending: list[Entry] = []  # the next batch
         self._pending_bytes = 0
+        self._taken: list[Entry] = []  # the batch the committer is on
         self.synced = 0  # every entry up to this one is durable in the log
         self.done = 0  # and up to this one on the columns (or dropped: the log failed)
         self.lost = 0  # acknowledged entries dropped because the log failed
@@ -304,6 +305,12 @@ class Raid5Log:
             # drain must hear that nothing more will be committed.
             self.failed = self.failed or "the volume's background tasks stopped"
             self._ended = True
+            left = self._taken + self._pending
+            for seq, pieces, _ in left:  # never to be written: not in flight
+                self.cache.drop(seq, pieces)
+                self.written(seq)
+            self.lost += len(left)
+            self._pending, self._taken = [], []
             self._progressed()
 
     async def _commit_batches(self) -> None:
@@ -318,6 +325,7 @@ class Raid5Log:
             if not self._pending:
                 continue
             entries, self._pending, self._pending_bytes = self._pending, [], 0
+            self._taken = entries
             error: OSError | None = None
             async with self._io:
                 at = self.end
@@ -345,6 +353,7 @@ class Raid5Log:
                 self.cache.drop(seq, pieces)
                 self.written(seq)
             self.done = entries[-1][0]
+            self._taken = []
             self._progressed()
             if self.end >= RETIRE_AT:
                 self._retire_due.set()
