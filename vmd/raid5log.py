@@ -23,8 +23,12 @@ File layout: a 4096-byte header, then entries from offset 4096.
 | 16-19 | crc32 of bytes 4-15 and the payload |
 | 20-20+L | payload: pieces of (u16 column, u64 column offset, u32 length, bytes) |
 
-Entries are appended by one committer task for every writer waiting at that
-moment (group commit: one pwrite and one fdatasync). They retire once their
+A write's entry goes into the next batch and its pieces into the write-back
+cache (vmd/raid5cache.py), and the write is answered. One committer task
+writes and fdatasyncs a batch (group commit: every writer of the last few
+ms), then writes its pieces to the columns and drops them from the cache:
+no column sees a piece whose entry is not durable. `sync` (an fsync) waits
+for the commit, `drain` for the column writes. Entries retire once their
 column writes are done and the columns flushed: the header's `retired` is
 rewritten, and when nothing is in flight the next entry starts at 4096
 again. A writer that finds the log full waits for a retire; no entry is
