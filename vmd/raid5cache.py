@@ -58,6 +58,10 @@ class StripeCache:
                 self.units.pop(key, None)
             self.bytes -= len(data)
 
+    def clear(self) -> None:
+        self.units.clear()
+        self.bytes = 0
+
     def holds_stripes(self, first: int, stop: int) -> bool:
         """Some piece lies in stripes [first, stop)."""
         return any(first <= s < stop for _, s in self.units)

@@ -40,6 +40,7 @@ before a rewind, ends it.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -159,7 +160,11 @@ class Raid5Log:
         self.cache = StripeCache(vol.su)
         self._pending: list[Entry] = []  # the next batch
         self._pending_bytes = 0
-        self._taken: list[Entry] = []  # the batch the committer is on
+        self._since = 0.0  # when the first entry of the next batch came
+        # Committed batches (and failed ones, to drop) for the write-back, in order.
+        self._queue: collections.deque[tuple[list[Entry], OSError | None]] = collections.deque()
+        self._queued = trio.Event()
+        self._failure_recorded = False
         self.synced = 0  # every entry up to this one is durable in the log
         self.done = 0  # and up to this one on the columns (or dropped: the log failed)
         self.lost = 0  # acknowledged entries dropped because the log failed
@@ -170,6 +175,7 @@ class Raid5Log:
         self._drained = trio.Event()  # set when no entry is in flight
         self._retired = trio.Event()  # set at the end of each retire
         self._retiring = False
+        self._holding = False  # a retire waits for the entries in flight: new ones wait
         # A batch's placement and write, and a rewind, one at a time: an
         # entry placed at the old end while the header says "rewound" would
         # be skipped by a replay, and so would every entry after it.
@@ -243,7 +249,9 @@ class Raid5Log:
         if size > CAPACITY - HEADER:
             raise OSError(27, f"RAID-5 log {self.path}: an entry of {size} bytes does not fit")
         while True:
-            if self.end + self._pending_bytes + size > CAPACITY:
+            if self._holding:
+                await self._retired.wait()
+            elif self.end + self._pending_bytes + size > CAPACITY:
                 self.waits += 1
                 await self._retire_wait()
             elif self.cache.bytes >= CACHE_BOUND:
@@ -256,6 +264,8 @@ class Raid5Log:
         seq = self.seq
         self._inflight.add(seq)
         kept = [(c, off, owned(d)) for c, off, d in pieces]
+        if not self._pending:
+            self._since = trio.current_time()
         self._pending.append((seq, kept, cut))
         self._pending_bytes += size
         self.cache.add(seq, kept)
@@ -303,33 +313,36 @@ class Raid5Log:
 
     async def _commit(self) -> None:
         try:
-            await self._commit_batches()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_back_batches)
+                await self._commit_batches()
         finally:
             # Cancelled (the volume's tasks end): whoever waits in sync or
-            # drain must hear that nothing more will be committed.
+            # drain must hear that nothing more will be committed, and what
+            # is left will never be written.
             self.failed = self.failed or "the volume's background tasks stopped"
             self._ended = True
-            left = self._taken + self._pending
-            for seq, pieces, _ in left:  # never to be written: not in flight
-                self.cache.drop(seq, pieces)
-                self.written(seq)
-            self.lost += len(left)
-            self._pending, self._taken = [], []
+            self.lost += len(self._inflight)
+            self._inflight.clear()
+            self._drained.set()
+            self.cache.clear()
+            self._pending, self._queue = [], collections.deque()
             self._progressed()
 
     async def _commit_batches(self) -> None:
         while True:
             await self._wake.wait()
-            if self._pending and not self._hurry.is_set() and self.cache.bytes < CACHE_BOUND:
+            wait = self._since + COMMIT_DELAY - trio.current_time()
+            if self._pending and wait > 0 and not self._hurry.is_set() \
+                    and self.cache.bytes < CACHE_BOUND:
                 # Writers arriving meanwhile share this batch's sync.
-                with trio.move_on_after(COMMIT_DELAY):
+                with trio.move_on_after(wait):
                     await self._hurry.wait()
             self._wake = trio.Event()
             self._hurry = trio.Event()
             if not self._pending:
                 continue
             entries, self._pending, self._pending_bytes = self._pending, [], 0
-            self._taken = entries
             error: OSError | None = None
             async with self._io:
                 at = self.end
@@ -343,21 +356,35 @@ class Raid5Log:
                     self.end = at + n
                     self.commits += 1
                     self.synced = entries[-1][0]
+            if error is not None and self.failed is None:
+                # At once: no later batch may be committed (and its fsync
+                # answered) past the entries this one loses.
+                self._mark_failed(f"write of {len(entries)} entries at {at} failed: {error}")
+            # Written back by the other task, in order, while the next batch
+            # is committed: the log's sync and the column writes overlap.
+            self._queue.append((entries, error))
+            self._queued.set()
+            self._progressed()  # fsyncs are answered before the columns are written
+
+    async def _write_back_batches(self) -> None:
+        while True:
+            while not self._queue:
+                self._queued = trio.Event()
+                await self._queued.wait()
+            entries, error = self._queue[0]
             if error is None:
-                self._progressed()  # fsyncs are answered before the columns are written
                 # Only now may the pieces reach the columns (the write hole).
                 await self.vol.write_back(entries)
-            elif self.failed is None:
-                await self._fail(f"write of {len(entries)} entries at {at} failed: {error}")
-            if error is not None:
+            else:
                 self.lost += len(entries)
                 log.critical("volume %s: %d acknowledged write(s) lost: RAID-5 log %s cannot "
                              "hold them (%s)", self.vol.name, len(entries), self.path, error)
+                await self._record_failed()  # every batch before it is on the columns
+            self._queue.popleft()
             for seq, pieces, _ in entries:
                 self.cache.drop(seq, pieces)
                 self.written(seq)
             self.done = entries[-1][0]
-            self._taken = []
             self._progressed()
             if self.end >= RETIRE_AT:
                 self._retire_due.set()
@@ -401,12 +428,23 @@ class Raid5Log:
         self._retiring = True
         done = self._retired = trio.Event()
         try:
-            while self._inflight:
-                self._drained = trio.Event()
-                await self._drained.wait()
+            if self._inflight:
+                # Writers never stop for long enough to leave nothing in
+                # flight: first the columns' flush of what they hold, while
+                # writers go on; then new entries wait for this retire, the
+                # ones in flight are written back, and the retire's own
+                # flush has only those to write.
+                try:
+                    await self.vol.flush_columns()
+                except OSError:
+                    pass  # the retire's flush meets it again and fails the log
+                self._holding = True
+                while self._inflight:
+                    self._drained = trio.Event()
+                    await self._drained.wait()
             await self.retire()
         finally:
-            self._retiring = False
+            self._retiring = self._holding = False
             done.set()
 
     async def retire(self) -> None:
@@ -439,11 +477,21 @@ class Raid5Log:
         restart regenerates the dirty stripes' parity instead of replaying it."""
         if self.failed is not None:
             return
+        self._mark_failed(why)
+        await self._record_failed()
+
+    def _mark_failed(self, why: str) -> None:
         self.failed = why
         vol = self.vol
         vol.error = vol.error or f"RAID-5 log {self.path} failed: {why}"
         log.critical("volume %s: RAID-5 log %s failed: %s; refusing writes (a restart "
                      "regenerates the parity of the dirty stripes)", vol.name, self.path, why)
+
+    async def _record_failed(self) -> None:
+        if self._failure_recorded:
+            return
+        self._failure_recorded = True
+        vol = self.vol
         try:
             # What this log made durable is on the columns (written back
             # already): flushed there before the restart stops replaying it.
