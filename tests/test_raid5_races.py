@@ -194,11 +194,12 @@ async def test_a_log_write_error_refuses_writes_without_a_hang_or_a_gap(tmp_path
     fail = [False]
     write = Raid5Log._write_sync
 
-    def failing_disk(self: Raid5Log, blob: bytes, at: int) -> None:
+    def failing_disk(self: Raid5Log, bufs: list, at: int) -> None:
         if fail[0]:
+            blob = b"".join(bufs)
             os.pwrite(self.fd, blob[:len(blob) // 2], at)  # half of it reached the disk
             raise OSError(errno.EIO, "injected: the log disk failed")
-        write(self, blob, at)
+        write(self, bufs, at)
 
     monkeypatch.setattr(Raid5Log, "_write_sync", failing_disk)
     monkeypatch.setattr("vmd.raid5log.RETIRE_SECONDS", 3600)

@@ -64,6 +64,7 @@ ENTRY_MAGIC = b"R5LE"
 HEADER = 4096
 _ENTRY = struct.Struct("<4sIQI")
 _PIECE = struct.Struct("<HQI")
+_IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
 CAPACITY = 64 * MiB  # the log file's size: writes beyond wait for a retire
 RETIRE_AT = CAPACITY // 2  # a retire starts once this much is used
 RETIRE_SECONDS = 2.0  # and after this long, so that a quiet volume's log is empty
@@ -79,11 +80,25 @@ CACHE_BOUND = 16 * MiB
 Piece = tuple[int, int, Any]  # column, offset in the column, bytes
 
 
+def entry_buffers(seq: int, pieces: list[Piece]) -> list[Any]:
+    """An entry as the buffers to write one after the other: the pieces'
+    bytes are not copied (at 1.5 MiB of entry per MiB written, four copies
+    cost more than the crc)."""
+    out: list[Any] = [b""]  # the entry's header, once its crc is known
+    n = 0
+    for c, off, d in pieces:
+        h = _PIECE.pack(c, off, len(d))
+        out += (h, d)
+        n += len(h) + len(d)
+    crc = zlib.crc32(struct.pack("<IQ", n, seq))
+    for b in out[1:]:
+        crc = zlib.crc32(b, crc)
+    out[0] = _ENTRY.pack(ENTRY_MAGIC, n, seq, crc)
+    return out
+
+
 def encode_entry(seq: int, pieces: list[Piece]) -> bytes:
-    body = b"".join(_PIECE.pack(c, off, len(d)) + bytes(d) for c, off, d in pieces)
-    head = struct.pack("<IQ", len(body), seq)
-    crc = zlib.crc32(body, zlib.crc32(head))
-    return _ENTRY.pack(ENTRY_MAGIC, len(body), seq, crc) + body
+    return b"".join(entry_buffers(seq, pieces))
 
 
 def _header(retired: int) -> bytes:
@@ -390,14 +405,26 @@ class Raid5Log:
                 self._retire_due.set()
 
     def _encode_and_write(self, entries: list[Entry], at: int) -> int:
-        # In the thread: crc32 and the copy of a batch of 1 MiB writes cost
+        # In the thread: the crc32 of a batch of 1 MiB writes costs
         # milliseconds the event loop need not spend.
-        blob = b"".join(encode_entry(seq, pieces) for seq, pieces, _ in entries)
-        self._write_sync(blob, at)
-        return len(blob)
+        bufs: list[Any] = []
+        for seq, pieces, _ in entries:
+            bufs += entry_buffers(seq, pieces)
+        self._write_sync(bufs, at)
+        return sum(map(len, bufs))
 
-    def _write_sync(self, blob: bytes, at: int) -> None:
-        os.pwrite(self.fd, blob, at)
+    def _write_sync(self, bufs: list[Any], at: int) -> None:
+        pos = at
+        for i in range(0, len(bufs), _IOV_MAX):
+            chunk = bufs[i:i + _IOV_MAX]
+            want = sum(map(len, chunk))
+            done = os.pwritev(self.fd, chunk, pos)
+            if done < want:  # short: the rest as one buffer
+                rest = memoryview(b"".join(chunk))[done:]
+                while rest:
+                    n = os.pwrite(self.fd, rest, pos + done)
+                    rest, done = rest[n:], done + n
+            pos += want
         os.fdatasync(self.fd)
 
     async def _retire_in_background(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
