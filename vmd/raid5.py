@@ -345,14 +345,14 @@ class Raid5Volume(Volume):
         gone: dict[int, set[int]] = {}  # column → stripes it missed
         for _, pieces, cut in entries:
             if cut:
-                await self._write_rounds(writes)  # the entries before it, then the fault
+                await self._write_batch(writes)  # the entries before it, then the fault
                 self._cut(pieces)
             for c, at, data in pieces:
                 if self._writable(c):
                     writes.append((c, at, data))
                 else:  # failed or detached since: its map must say so
                     gone.setdefault(c, set()).add(at // self.su)
-        failed = await self._write_rounds(writes)
+        failed = await self._write_batch(writes)
         for e in failed:
             c = self.columns.index(e.plex)
             gone.setdefault(c, set()).update(at // self.su for cc, at, _ in writes if cc == c)
@@ -369,23 +369,34 @@ class Raid5Volume(Volume):
         if self._failures_pending:
             await self.failures_durable()
 
-    async def _write_rounds(self, writes: list[tuple[int, int, Any]]) -> list[PlexIOError]:
-        """Write pieces in their order: `_write_pieces` writes a column's
-        pieces at once, so two that overlap go in successive rounds."""
-        failed: list[PlexIOError] = []
-        rounds: list[list[tuple[int, int, Any]]] = [[]]
-        seen: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (column, stripe) → spans
+    async def _write_batch(self, writes: list[tuple[int, int, Any]]) -> list[PlexIOError]:
+        """Write a batch's pieces: per column, one worker thread writes them
+        one after the other in entry order, so that of two that overlap the
+        newer lands last; one thread hop per column, not per piece."""
+        percol: dict[int, list[tuple[int, Any]]] = {}
         for c, at, data in writes:
-            spans = seen.setdefault((c, at // self.su), [])
-            if any(a < at + len(data) and at < b for a, b in spans):
-                rounds.append([])
-                seen = {(c, at // self.su): []}
-                spans = seen[(c, at // self.su)]
-            rounds[-1].append((c, at, data))
-            spans.append((at, at + len(data)))
-        for r in rounds:
-            if r:
-                failed += await self._write_pieces(r)
+            percol.setdefault(c, []).append((at, data))
+        failed: list[PlexIOError] = []
+
+        async def one(p: Plex, items: list[tuple[int, Any]]) -> None:
+            def run() -> None:
+                for at, data in items:
+                    try:
+                        p._pwrite_sync(at, data)
+                    except OSError as e:
+                        raise PlexIOError(p, "write", at, e) from e
+
+            try:
+                with p._in_flight("write", items[0][0]):
+                    await p._pool.run(run)
+            except PlexIOError as e:
+                failed.append(e)
+            p.writes += len(items)
+            p.bytes_written += sum(len(d) for _, d in items)
+
+        async with trio.open_nursery() as nursery:
+            for c, items in percol.items():
+                nursery.start_soon(one, self.columns[c], items)
         return failed
 
     def _cut(self, writes: list[tuple[int, int, Any]]) -> None:
