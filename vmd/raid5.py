@@ -29,7 +29,7 @@ from .errors import VmdError
 from .plex import Plex, PlexIOError
 from .raid5_plan import Piece, WritePlan
 from .raid5_rebuild import Rebuild, xor_into
-from .raid5cache import lay_over
+from .raid5cache import WriteBackCache
 from .raid5log import IN_USE as R5LOG_IN_USE, Raid5Log
 from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPLINK, STALE, SYNCING, WRITABLE,
                       PlexRecord, SidecarLog, VolumeState)
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 
-class Raid5Volume(Volume):
+class Raid5Volume(WriteBackCache, Volume):
     def __init__(self, cfg: VolumeConfig, state: VolumeState, sidecar: SidecarLog,
                  plexes: Iterable[Plex], *, clean_delay: float = 5.0, rate_limit: int = 0,
                  plex_factory: Callable[[PlexRecord, int], Plex] = Plex):
@@ -104,18 +104,6 @@ class Raid5Volume(Volume):
         return sum(1 for p in self.columns if p.state != ACTIVE) <= 1
 
     # -- column I/O ----------------------------------------------------------
-
-    async def _read_pieces(self, pieces: list[Piece]) -> list[bytes | bytearray]:
-        """Read the pieces in parallel, contiguous ones of a column as one read,
-        with the write-back cache's newer bytes laid over them. Raises
-        PlexIOError (naming the column) on the first failure."""
-        cache = self.r5log.cache if self.r5log is not None else None
-        if not cache:
-            return await self._read_columns(pieces)
-        # Before the reads: a piece written back and dropped meanwhile applies.
-        over = [cache.over(c, off, n) for c, off, n in pieces]  # type: ignore[union-attr]
-        got = await self._read_columns(pieces)
-        return [lay_over(b, p[1], o) if o else b for b, p, o in zip(got, pieces, over)]
 
     async def _read_columns(self, pieces: list[Piece]) -> list[bytes | bytearray]:
         if len(pieces) == 1:
@@ -194,44 +182,6 @@ class Raid5Volume(Volume):
                 except PlexIOError as e:
                     failed.append(e)
         return failed
-
-    async def flush(self) -> None:
-        """Every write acknowledged so far on the columns, and the columns
-        flushed: what the DRL, a retire, Remote Copy, verify and a stop
-        need (a user's fsync needs less: `sync`)."""
-        if self.r5log is not None:
-            await self.r5log.drain()
-        await super().flush()
-        if self.r5log is not None and self.r5log.lost:
-            raise VolumeIOError(errno.EIO, f"volume {self.name}: {self.r5log.lost} acknowledged "
-                                f"write(s) were lost: RAID-5 log {self.r5log.path} failed "
-                                f"({self.r5log.failed})")
-
-    async def flush_columns(self) -> None:
-        """fdatasync the columns, the write-back cache left as it is."""
-        await super().flush()
-
-    async def sync(self) -> None:
-        """An fsync (invariant 9): with a RAID-5 log, every acknowledged write
-        durable in the log, which a restart replays before serving; the
-        columns follow from the cache, and their flush from the retires."""
-        if self.r5log is None:
-            await self.flush()
-            return
-        await self.r5log.sync()
-        if not self._can_serve():
-            raise VolumeIOError(errno.EIO, f"volume {self.name}: too few columns are in to "
-                                f"hold its data")
-
-    async def drain(self, stripes: range | None = None) -> None:
-        """Before the columns are read or changed behind `_read_pieces` (the
-        rebuild, verify, membership): the cached pieces of `stripes` (all,
-        by default) written back. Under the stripes' range lock or the gate
-        held, so that no new piece comes in there meanwhile."""
-        if self.r5log is None or not self.r5log.cache:
-            return
-        if stripes is None or self.r5log.cache.holds_stripes(stripes.start, stripes.stop):
-            await self.r5log.drain()
 
     async def _fail_columns(self, errors: Iterable[PlexIOError], stripes: range) -> None:
         for e in errors:
@@ -335,68 +285,6 @@ class Raid5Volume(Volume):
             self._cut(writes)
         failed = await self._write_pieces(writes)
         await self._fail_columns(failed, stripes)
-        return failed
-
-    async def write_back(self, entries: list[tuple[int, list[Any], bool]]) -> None:
-        """The RAID-5 log's committer, once `entries` are durable in the log:
-        write their pieces to the columns, in entry order (the newest bytes
-        win), and record any column that fails (its stripes in its map)."""
-        writes: list[tuple[int, int, Any]] = []
-        gone: dict[int, set[int]] = {}  # column → stripes it missed
-        for _, pieces, cut in entries:
-            if cut:
-                await self._write_batch(writes)  # the entries before it, then the fault
-                self._cut(pieces)
-            for c, at, data in pieces:
-                if self._writable(c):
-                    writes.append((c, at, data))
-                else:  # failed or detached since: its map must say so
-                    gone.setdefault(c, set()).add(at // self.su)
-        failed = await self._write_batch(writes)
-        for e in failed:
-            c = self.columns.index(e.plex)
-            gone.setdefault(c, set()).update(at // self.su for cc, at, _ in writes if cc == c)
-        for c, stripes in gone.items():
-            p = self.columns[c]
-            if p.record.missing is not None:
-                for s in stripes:
-                    self._mark_missed(p.record, s * self.width, self.width)
-        for e in failed:
-            s = min(gone[self.columns.index(e.plex)])
-            await self.fail_plex(e.plex, e, s * self.width, self.width)
-        if gone:
-            await self.checkpoint()  # the maps, also of a column already out
-        if self._failures_pending:
-            await self.failures_durable()
-
-    async def _write_batch(self, writes: list[tuple[int, int, Any]]) -> list[PlexIOError]:
-        """Write a batch's pieces: per column, one worker thread writes them
-        one after the other in entry order, so that of two that overlap the
-        newer lands last; one thread hop per column, not per piece."""
-        percol: dict[int, list[tuple[int, Any]]] = {}
-        for c, at, data in writes:
-            percol.setdefault(c, []).append((at, data))
-        failed: list[PlexIOError] = []
-
-        async def one(p: Plex, items: list[tuple[int, Any]]) -> None:
-            def run() -> None:
-                for at, data in items:
-                    try:
-                        p._pwrite_sync(at, data)
-                    except OSError as e:
-                        raise PlexIOError(p, "write", at, e) from e
-
-            try:
-                with p._in_flight("write", items[0][0]):
-                    await p._pool.run(run)
-            except PlexIOError as e:
-                failed.append(e)
-            p.writes += len(items)
-            p.bytes_written += sum(len(d) for _, d in items)
-
-        async with trio.open_nursery() as nursery:
-            for c, items in percol.items():
-                nursery.start_soon(one, self.columns[c], items)
         return failed
 
     def _cut(self, writes: list[tuple[int, int, Any]]) -> None:
