@@ -197,3 +197,35 @@ def test_sigkill_loses_only_whole_unsynced_writes_and_nothing_an_fsync_covered(v
     cols = [d.path(f"r5-c{i}.img") for i in range(3)]
     assert xor_is_zero(cols), "parity does not match the data after the recoveries"
     assert decode([c.read_bytes() for c in cols], SU) == bytes(after)
+
+
+async def test_a_stop_after_the_log_failed_is_clean_and_the_lost_write_is_nowhere(
+        tmp_path, monkeypatch):
+    from vmd.raid5log import Raid5Log
+
+    fail = [False]
+    write = Raid5Log._write_sync
+
+    def failing_disk(self: Raid5Log, bufs: list, at: int) -> None:
+        if fail[0]:
+            raise OSError(errno.EIO, "injected: the log disk failed")
+        write(self, bufs, at)
+
+    monkeypatch.setattr(Raid5Log, "_write_sync", failing_disk)
+    cfg = raid5_config(tmp_path, size=2 * 8 * SU, raid5_log=tmp_path / "r5.r5log")
+    ref = os.urandom(cfg.size)
+    async with running_volume(cfg) as vol:  # and a clean stop at the end
+        await vol.pwrite(0, ref)
+        await vol.sync()
+        fail[0] = True
+        await vol.pwrite(vol.width + 100, b"lost" * 1000)  # answered from the cache
+        with pytest.raises(OSError, match="log disk failed"):
+            await vol.sync()
+        with trio.fail_after(30):
+            await vol.r5log.drain()
+        assert vol.status()["raid5_log"]["lost_entries"] == 1
+        assert await vol.pread(0, cfg.size) == ref  # dropped: never on a column
+    async with running_volume(cfg) as vol:
+        assert vol.replayed_entries == 0 and vol.recovered_regions == 0
+        assert await vol.pread(0, cfg.size) == ref
+    assert not any(xor_all(column_bytes(cfg)))
