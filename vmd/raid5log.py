@@ -26,8 +26,9 @@ File layout: a 4096-byte header, then entries from offset 4096.
 A write's entry goes into the next batch and its pieces into the write-back
 cache (vmd/raid5cache.py), and the write is answered. One committer task
 writes and fdatasyncs a batch (group commit: every writer of the last few
-ms), then writes its pieces to the columns and drops them from the cache:
-no column sees a piece whose entry is not durable. `sync` (an fsync) waits
+ms); only then does a second task write the batch's pieces to the columns
+(batch after batch, while the next one is committed) and drop them from
+the cache: no column sees a piece whose entry is not durable. `sync` (an fsync) waits
 for the commit, `drain` for the column writes. Entries retire once their
 column writes are done and the columns flushed: the header's `retired` is
 rewritten, and when nothing is in flight the next entry starts at 4096
