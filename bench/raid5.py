@@ -13,10 +13,16 @@ columns would compare a cache with a disk. So both sides of the degraded /
 healthy ratio are cold, whichever way they go.
 
 Run alone:  .venv/bin/python bench/run.py --skip-fio --skip-loop --skip-recovery --skip-holes
+
+`BENCH_RAID5_BASE=DIR` (another commit's tree: `git archive REV vmd | tar -x -C
+DIR` is enough) adds base-log: the RAID-5 with its log run from that tree, in
+the same run, rotating with the others in the healthy rows, to A/B a change;
+the report adds raid5-log / base-log.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import time
@@ -64,8 +70,16 @@ class Raid5Bench:
                              self.cleanup),
             "mirror": Vmd(self.root / "mirror", {VOL: {"size": self.size, **vol_settings}},
                           self.cleanup)}
+        self.names, self.daemons = NAMES, DAEMONS
+        base = os.environ.get("BENCH_RAID5_BASE")
+        if base:
+            self.vmds["base-log"] = Vmd(self.root / "base-log",
+                                        {VOL: {**r5, "raid5_log": f"{VOL}.r5log"}}, self.cleanup)
+            self.vmds["base-log"].repo = Path(base).resolve()
+            self.names, self.daemons = NAMES + ("base-log",), DAEMONS + ("base-log",)
         self.samples = Samples()
-        self.raw: dict[str, Any] = {"size": self.size, "records": self.samples.records}
+        self.raw: dict[str, Any] = {"size": self.size, "records": self.samples.records,
+                                    "base": base}
 
     # -- the run ---------------------------------------------------------------
 
@@ -78,7 +92,7 @@ class Raid5Bench:
             for rep in range(self.reps):
                 for where, targets in (("file", files), ("loop", loops)):
                     for wl in ROWS:
-                        for n in rotated(NAMES, rep):
+                        for n in rotated(self.names, rep):
                             self._fio((where, wl.key), targets[n], wl, direct=where == "loop")
             # Column c1 out: its units are rebuilt from the others on every read.
             for n in DAEMONS[:2]:
@@ -89,7 +103,7 @@ class Raid5Bench:
                     for n in rotated(DAEMONS[:2], rep):
                         self._fio((where, DEGRADED), targets[n], wl, direct=where == "loop")
             self._rebuild_vs_dd()
-            self.raw["status"] = {n: self.vmds[n].status(VOL) for n in DAEMONS}
+            self.raw["status"] = {n: self.vmds[n].status(VOL) for n in self.daemons}
         finally:
             self.cleanup.run()
             self.raw["seconds"] = round(time.monotonic() - t0, 1)
@@ -170,6 +184,8 @@ class Raid5Bench:
         if not self.samples.values:
             return []
         s = self.samples
+        names, daemons = self.names, self.daemons
+        ab = ["raid5-log / base-log"] if "base-log" in names else []
         md = ["## RAID-5 (3 columns) vs the 2-way mirror vs a raw file", "",
               f"One daemon per vmd target, {fmt_size(self.size)} volumes, 64 KiB stripe unit, "
               f"shipped volume settings otherwise; fio psync numjobs=1, end_fsync=1, runs of "
@@ -178,23 +194,26 @@ class Raid5Bench:
               f"volume file, fio direct=1 on the device, caches dropped before each read job "
               f"(not the writes): healthy and degraded reads are both cold. Median of {self.reps} repetition(s), "
               f"targets rotating. CPU/req: the daemon's CPU per fio request.", "",
-              "| through | fio job | unit | " + " | ".join(NAMES) +
-              " | raid5 / mirror | raid5-log / mirror | " +
-              " | ".join(f"{n} CPU/req" for n in DAEMONS) + " |",
-              "|---|---|---|" + "---:|" * (len(NAMES) + 2 + len(DAEMONS))]
+              "| through | fio job | unit | " + " | ".join(names) +
+              " | raid5 / mirror | raid5-log / mirror | " + "".join(f"{x} | " for x in ab) +
+              " | ".join(f"{n} CPU/req" for n in daemons) + " |",
+              "|---|---|---|" + "---:|" * (len(names) + 2 + len(ab) + len(daemons))]
         for where in ("file", "loop"):
             for wl in ROWS:
                 row = (where, wl.key)
                 m = s.value(row, "mirror")
                 md.append(f"| {where} | {wl.label} | {wl.unit} | " + " | ".join(
-                    fmt_val(s.value(row, n), wl.unit) for n in NAMES) + " | " +
+                    fmt_val(s.value(row, n), wl.unit) for n in names) + " | " +
                     " | ".join(f"{s.value(row, n) / m:.2f}" for n in DAEMONS[:2]) + " | " +
-                    " | ".join(fmt_us(s.cpu_us(row, n)) for n in DAEMONS) + " |")
+                    "".join(f"{s.value(row, 'raid5-log') / s.value(row, 'base-log'):.2f} | "
+                            for _ in ab) +
+                    " | ".join(fmt_us(s.cpu_us(row, n)) for n in daemons) + " |")
             row = (where, DEGRADED)
             md.append(f"| {where} | 4 KiB rand read, c1 out | IOPS | " + " | ".join(
-                fmt_val(s.value(row, n), "IOPS") if n in DAEMONS[:2] else "–" for n in NAMES)
-                + " | – | – | " + " | ".join(fmt_us(s.cpu_us(row, n)) if n in DAEMONS[:2]
-                                            else "–" for n in DAEMONS) + " |")
+                fmt_val(s.value(row, n), "IOPS") if n in DAEMONS[:2] else "–" for n in names)
+                + " | – | – | " + "– | " * len(ab) +
+                " | ".join(fmt_us(s.cpu_us(row, n)) if n in DAEMONS[:2] else "–"
+                           for n in daemons) + " |")
         md += ["", "| target (issue 13) | measured | met |", "|---|---:|---|"]
 
         def goal(what: str, ratio: float, want: float) -> None:

@@ -280,6 +280,7 @@ async def test_log_entries_replay_in_order_and_a_torn_last_entry_is_ignored(tmp_
     cfg = raid5_config(tmp_path, raid5_log=tmp_path / "r5.r5log")
     async with running_volume(cfg) as vol:
         await vol.pwrite(100, os.urandom(5000))
+        await vol.sync()  # answered before its entry is committed: an fsync waits for it
         assert vol.r5log.commits >= 1
         assert vol.status()["raid5_log"]["used_bytes"] > 0 or vol.r5log.retires
     # Two entries by hand after the clean stop's empty log: the second torn
@@ -306,6 +307,7 @@ async def test_crash_with_log_replays_before_serving_and_parity_matches(tmp_path
     ref = bytearray(cfg.size)
     async with running_volume(cfg, shutdown=False) as vol:
         await random_io(vol, ref, 40, seed=11)
+        await vol.drain()  # committed and on the columns (a crash before loses them)
         entries = vol.r5log.seq - vol.r5log.retired
         # Undo the column writes behind the log's back: only a replay brings them back.
         for p in vol.columns:
@@ -366,6 +368,7 @@ async def test_torn_last_log_entry_at_every_byte_offset_through_a_restart(tmp_pa
         after = bytearray(before)
         after[at] = before[at] ^ 0x5A
         await vol.pwrite(at, bytes(after[at:at + 1]))
+        await vol.sync()
         assert vol.r5log.retired == 0 and vol.r5log.seq == 5, "a retire ran: the test was slow"
         vol.r5log.close()
     log = (tmp_path / "r5.r5log").read_bytes()

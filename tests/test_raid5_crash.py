@@ -35,10 +35,12 @@ def read_direct(path, off: int, n: int) -> bytes:
         os.close(fd)
 
 
-@pytest.mark.parametrize("part", ["data", "parity"])
-@pytest.mark.parametrize("log", [True, False])
+@pytest.mark.parametrize("part,log", [("data", True), ("parity", True), ("none", True),
+                                      ("data", False), ("parity", False)])
 def test_write_hole_cut_between_data_and_parity_then_a_column_missing(vmd_factory, allow_log,
                                                                       part, log):
+    """With a RAID-5 log the cut falls in the write-back, after the entry's
+    sync: part of the pieces (or none: `split-logged`) reached the columns."""
     allow_log("not stopped cleanly", "IOFAIL", "RAID-5 log replayed", "refused",
               "write hole", "cannot open image")
     # Stripe 2: parity on column 0, data units on columns 1 and 2. The cut
@@ -46,7 +48,7 @@ def test_write_hole_cut_between_data_and_parity_then_a_column_missing(vmd_factor
     # so its unit is rebuilt from column 1 and the parity.
     stripe = 2
     off = stripe * 2 * SU + 8 * KiB
-    kind = "split-write" if part == "data" else "split-parity"
+    kind = {"data": "split-write", "parity": "split-parity", "none": "split-logged"}[part]
     d = vmd_factory(volumes={"r5": r5_spec(log)},
                     env={"VMD_TEST_FAULT": f"{kind}:r5:{off}"})
     d.start()
@@ -62,9 +64,13 @@ def test_write_hole_cut_between_data_and_parity_then_a_column_missing(vmd_factor
         os.fsync(fd)
         new = mmap.mmap(-1, 4 * KiB)
         new[:] = os.urandom(4 * KiB)
-        with pytest.raises(OSError) as ei:
+        try:
+            # With the log's write-back cache the write may be answered
+            # before the committer reaches the cut.
             os.pwritev(fd, [new], off)
-        assert ei.value.errno in DEAD
+            assert log, "answered without a log: the cut write reached the columns"
+        except OSError as e:
+            assert e.errno in DEAD
     finally:
         try:
             os.close(fd)

@@ -154,6 +154,7 @@ async def test_log_retire_racing_new_writes_keeps_them_for_replay(tmp_path, monk
     ref = bytearray(os.urandom(cfg.size))
     async with running_volume(cfg, shutdown=False) as vol:
         await vol.pwrite(0, bytes(ref))
+        await vol.drain()  # out of the write-back cache: nothing in flight, a retire can run
         async with trio.open_nursery() as nursery:
             nursery.start_soon(vol.r5log.retire)
             await blocked.until_entered()
@@ -170,6 +171,7 @@ async def test_log_retire_racing_new_writes_keeps_them_for_replay(tmp_path, monk
             blocked.go.set()
         d2 = os.urandom(4096)
         await vol.pwrite(2 * vol.width, d2)
+        await vol.drain()  # committed and written: the crash below cuts nothing more
         ref[2 * vol.width:2 * vol.width + 4096] = d2
         entries = vol.r5log.seq - vol.r5log.retired
         pcol = vol.parity_col(2)
@@ -192,11 +194,12 @@ async def test_a_log_write_error_refuses_writes_without_a_hang_or_a_gap(tmp_path
     fail = [False]
     write = Raid5Log._write_sync
 
-    def failing_disk(self: Raid5Log, blob: bytes, at: int) -> None:
+    def failing_disk(self: Raid5Log, bufs: list, at: int) -> None:
         if fail[0]:
+            blob = b"".join(bufs)
             os.pwrite(self.fd, blob[:len(blob) // 2], at)  # half of it reached the disk
             raise OSError(errno.EIO, "injected: the log disk failed")
-        write(self, blob, at)
+        write(self, bufs, at)
 
     monkeypatch.setattr(Raid5Log, "_write_sync", failing_disk)
     monkeypatch.setattr("vmd.raid5log.RETIRE_SECONDS", 3600)
@@ -204,9 +207,16 @@ async def test_a_log_write_error_refuses_writes_without_a_hang_or_a_gap(tmp_path
     ref = os.urandom(cfg.size)
     async with running_volume(cfg, shutdown=False) as vol:
         await vol.pwrite(0, ref)
+        await vol.sync()
         fail[0] = True
-        with pytest.raises(OSError, match="log disk failed"):
-            await vol.pwrite(vol.width, b"new" * 100)
+        # Answered from the write-back cache; the fsync learns that its entry
+        # never became durable, and it never reaches the columns.
+        await vol.pwrite(vol.width, b"new" * 100)
+        with pytest.raises(OSError, match="log disk failed") as ei:
+            await vol.sync()
+        assert ei.value.errno == errno.EIO
+        with pytest.raises(OSError, match="acknowledged write.* lost"):
+            await vol.flush()
         fail[0] = False  # the disk is back: entries after a gap would still be lost
         st = vol.status()["raid5_log"]
         assert st["in_flight"] == 0 and st["failed"], st  # a retire can still run
@@ -273,8 +283,8 @@ async def test_stop_waits_for_a_background_retire_before_closing(tmp_path, monke
 
 
 async def test_writers_waiting_on_the_log_are_answered_when_its_committer_ends(tmp_path):
-    # The wait for an entry's commit is shielded (a writer must learn its
-    # entry's fate), so the committer's end must answer it, not leave it hung.
+    # A writer's fsync waits for its entry's commit: the committer's end must
+    # answer it, not leave it hung.
     cfg = raid5_config(tmp_path, size=2 * 8 * SU, raid5_log=tmp_path / "r5.r5log")
     answer: list[BaseException] = []
     ended = trio.Event()
@@ -290,6 +300,7 @@ async def test_writers_waiting_on_the_log_are_answered_when_its_committer_ends(t
     async def writer(vol) -> None:
         try:
             await vol.pwrite(0, b"x" * 4096)
+            await vol.sync()
         except OSError as e:
             answer.append(e)
 
@@ -299,12 +310,14 @@ async def test_writers_waiting_on_the_log_are_answered_when_its_committer_ends(t
             async with vol.r5log._io:  # the committer cannot place the next batch
                 nursery.start_soon(writer, vol)
                 with trio.fail_after(30):
-                    while not vol.r5log._pending:  # past the DRL, its entry in the batch
+                    while not vol.r5log._inflight:  # past the DRL, its entry in the batch
                         await trio.sleep(0.01)
+                await trio.testing.wait_all_tasks_blocked(0.05)  # and it waits in sync
                 vol_scope.cancel()  # the volume's tasks end, the committer with them
                 await ended.wait()
             await trio.testing.wait_all_tasks_blocked()
             assert answer, "a writer waits for a committer that is gone"
         finally:
-            vol.r5log._batch.done.set()  # never hang the test itself
+            vol.r5log._ended = True  # never hang the test itself
+            vol.r5log._progressed()
     assert "stopped" in str(answer[0]) and not vol.r5log._inflight

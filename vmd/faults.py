@@ -4,7 +4,9 @@ VMD_TEST_FAULT=split-write:VOLUME:OFFSET  — the first write to VOLUME that
 starts at byte OFFSET reaches only the first writable plex, then the daemon
 SIGKILLs itself: the torn mirror write of a power cut, made repeatable. On
 a RAID-5 volume it reaches only the data units (after the RAID-5 log, if
-any); VMD_TEST_FAULT=split-parity:VOLUME:OFFSET reaches only the parity.
+any); VMD_TEST_FAULT=split-parity:VOLUME:OFFSET reaches only the parity;
+VMD_TEST_FAULT=split-logged:VOLUME:OFFSET (with a RAID-5 log) kills it once
+the write's entry is durable in the log, before any column is written.
 VMD_TEST_FAULT=rcopy-commit:VOLUME — the checkpoint that records a Remote
 Copy update's new consistent point on VOLUME fails with EIO, as a full or
 failing log disk would make it.
@@ -36,10 +38,11 @@ class SplitWrite:
 
 def split_write_fault() -> SplitWrite | None:
     spec = os.environ.get("VMD_TEST_FAULT", "")
-    if not spec.startswith(("split-write:", "split-parity:")):
+    if not spec.startswith(("split-write:", "split-parity:", "split-logged:")):
         return None
     kind, vol, off = spec.split(":", 2)
-    return SplitWrite(vol, int(off), "parity" if kind == "split-parity" else "data")
+    return SplitWrite(vol, int(off), {"split-parity": "parity",
+                                      "split-logged": "none"}.get(kind, "data"))
 
 
 def rcopy_commit_fault(volume: str) -> None:

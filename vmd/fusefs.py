@@ -76,7 +76,8 @@ class VolumeFS(pyfuse3.Operations):
       and waits for the replies to those FUSE_WRITEs (fuse_fsync:
       file_write_and_wait_range, then fuse_sync_writes), and only then sends
       FUSE_FSYNC; vmd answers it after every in-sync plex fdatasync'ed
-      (Volume.flush). So every write acknowledged before a completed fsync is
+      (Volume.sync; a RAID-5 volume with a log: after its log's sync, which
+      a restart replays onto the columns). So every write acknowledged before a completed fsync is
       on every in-sync plex: DESIGN invariant 9 holds, and the DRL rules are
       unchanged because vmd still marks a region dirty before the plex write
       that the writeback request causes.
@@ -276,7 +277,7 @@ class VolumeFS(pyfuse3.Operations):
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         try:
-            await self._handle(fh).flush()
+            await self._handle(fh).sync()
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
 

@@ -29,6 +29,7 @@ from .errors import VmdError
 from .plex import Plex, PlexIOError
 from .raid5_plan import Piece, WritePlan
 from .raid5_rebuild import Rebuild, xor_into
+from .raid5cache import WriteBackCache
 from .raid5log import IN_USE as R5LOG_IN_USE, Raid5Log
 from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPLINK, STALE, SYNCING, WRITABLE,
                       PlexRecord, SidecarLog, VolumeState)
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 
-class Raid5Volume(Volume):
+class Raid5Volume(WriteBackCache, Volume):
     def __init__(self, cfg: VolumeConfig, state: VolumeState, sidecar: SidecarLog,
                  plexes: Iterable[Plex], *, clean_delay: float = 5.0, rate_limit: int = 0,
                  plex_factory: Callable[[PlexRecord, int], Plex] = Plex):
@@ -104,9 +105,7 @@ class Raid5Volume(Volume):
 
     # -- column I/O ----------------------------------------------------------
 
-    async def _read_pieces(self, pieces: list[Piece]) -> list[bytes | bytearray]:
-        """Read the pieces in parallel, contiguous ones of a column as one read.
-        Raises PlexIOError (naming the column) on the first failure."""
+    async def _read_columns(self, pieces: list[Piece]) -> list[bytes | bytearray]:
         if len(pieces) == 1:
             c, off, n = pieces[0]
             return [await self.columns[c].pread(off, n)]
@@ -262,17 +261,11 @@ class Raid5Volume(Volume):
 
     async def _put(self, writes: list[tuple[int, int, Any]], off: int, n: int,
                    stripes: range) -> None:
-        """Write the computed pieces (through the RAID-5 log if there is one);
-        answered once any column failure it met is durable."""
-        seq = await self.r5log.append(writes) if self.r5log is not None else 0
-        if self._fault is not None and self._fault.matches(self.name, off):
-            self._cut(writes)
-        try:
-            failed = await self._write_pieces(writes)
-        finally:
-            if self.r5log is not None:
-                self.r5log.written(seq)
-        await self._fail_columns(failed, stripes)
+        """Write the computed pieces: with a RAID-5 log, into its write-back
+        cache (answered before any column is written); without, to the
+        columns, answered once any column failure it met is durable."""
+        cut = self._fault is not None and self._fault.matches(self.name, off)
+        failed = await self.put_pieces(writes, stripes, cut=cut)
         if self.error is not None:
             raise VolumeIOError(errno.EIO, f"volume {self.name}: {self.error}")
         # A second column lost while this write was under way fails some
@@ -281,10 +274,23 @@ class Raid5Volume(Volume):
             raise VolumeIOError(errno.EIO, f"volume {self.name}: a write at {off} lost a "
                                 f"second column: the stripe cannot be recovered")
 
+    async def put_pieces(self, writes: list[tuple[int, int, Any]], stripes: range, *,
+                         cut: bool = False) -> list[PlexIOError]:
+        """The pieces to the RAID-5 log's cache, or (no log) to the columns;
+        returns the column failures (now durable) of the latter."""
+        if self.r5log is not None:
+            await self.r5log.append(writes, cut=cut)
+            return []
+        if cut:
+            self._cut(writes)
+        failed = await self._write_pieces(writes)
+        await self._fail_columns(failed, stripes)
+        return failed
+
     def _cut(self, writes: list[tuple[int, int, Any]]) -> None:
         """The test fault: only the data (or only the parity) reaches the columns."""
         want = self._fault.part == "parity"  # type: ignore[union-attr]
-        for c, at, data in writes:
+        for c, at, data in (writes if self._fault.part != "none" else []):  # type: ignore[union-attr]
             # A piece at column offset `at` is of stripe at // su.
             if (c == self.parity_col(at // self.su)) == want:
                 self.columns[c].pwrite_inline(at, data)
@@ -379,6 +385,8 @@ class Raid5Volume(Volume):
                     continue
                 for a, n in await p.allocated(stripes.start * self.su, len(stripes) * self.su):
                     data.update(range(a // self.su, -(-(a + n) // self.su)))
+            if self.r5log is not None:  # acknowledged, not yet on the columns
+                data.update(s for _, s in self.r5log.cache.units)
             keep = [s for s in stripes if s in data or len(self._bad(s)) > 1]
         finally:
             self.gate.exit()
@@ -441,6 +449,7 @@ class Raid5Volume(Volume):
         async with self.gate.hold(), self.resync.paused():
             i, p = self._column(name)
             rec = p.record
+            await self.drain()  # its cached pieces onto it before it closes
             if rec.state == DETACHED:
                 raise VmdError(f"column {name} of volume {self.name} is already DETACHED")
             if rec.state == ACTIVE and not all(q.state == ACTIVE for q in self.columns):
@@ -480,6 +489,7 @@ class Raid5Volume(Volume):
             if self.r5log is not None:
                 # No entry from before it left may be replayed onto what its
                 # rebuild writes (a write while it was away changed parity only).
+                await self.drain()
                 await self.r5log.retire()
             p.close()
             if path is not None:

@@ -89,6 +89,9 @@ class Rebuild(Resync):
         vol = self.volume
         stripes = vol._stripes(off, length)
         async with vol.ranges.hold(stripes.start * vol.width, stripes.stop * vol.width):
+            # The runs read the columns directly: what the write-back cache
+            # holds for these stripes goes there first.
+            await vol.drain(stripes)
             done: list[str] = []
             for x, col in enumerate(vol.columns):
                 if col not in self.targets() or col.fd < 0:

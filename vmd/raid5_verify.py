@@ -72,6 +72,9 @@ class Raid5Verify(Verify):
     async def _check(self, off: int, n: int) -> None:
         vol = self.volume
         stripes = vol._stripes(off, n)
+        # The columns are read as they are (holes, the same range of each):
+        # what the write-back cache holds for these stripes goes there first.
+        await vol.drain(stripes)
         while True:
             # A stripe lacking a column has nothing to check its parity against.
             good = [s for s in stripes if not vol._bad(s)]
@@ -122,12 +125,8 @@ class Raid5Verify(Verify):
     async def _repair_parity(self, writes: list[tuple[int, int, bytearray]],
                              stripes: range) -> None:
         vol = self.volume
-        seq = await vol.r5log.append(writes) if vol.r5log is not None else 0
-        try:
-            failed = await vol._write_pieces(writes)  # type: ignore[arg-type]
-        finally:
-            if vol.r5log is not None:
-                vol.r5log.written(seq)
-        await vol._fail_columns(failed, stripes)
+        # As a user's write: logged first if there is a log (a replay must
+        # not put an older logged parity back), then written back.
+        failed = await vol.put_pieces(writes, stripes)
         self.repaired_bytes += sum(len(piece) for c, _, piece in writes
                                    if not any(e.plex is vol.columns[c] for e in failed))

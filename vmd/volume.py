@@ -292,6 +292,12 @@ class Volume:
             raise VolumeIOError(errno.EIO, f"volume {self.name}: too few images could be "
                                 f"flushed to hold its data")
 
+    async def sync(self) -> None:
+        """What an fsync of the volume file waits for (invariant 9): by
+        default every image flushed; a layout that keeps acknowledged writes
+        durable elsewhere (RAID-5's log) may wait for less."""
+        await self.flush()
+
     def _is_last(self, p: Plex) -> bool:
         """Failing `p` would leave the volume nothing to serve from: it is
         kept instead (`fail_plex`). A layout that can lose no image says so."""

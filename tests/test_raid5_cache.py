@@ -1,0 +1,231 @@
+"""The RAID-5 log's write-back stripe cache: reads served from it (healthy and
+degraded), the rebuild and verify racing cached writes (engine level), and
+SIGKILL of a real daemon with acknowledged writes still in the cache."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import random
+import threading
+
+import pytest
+import trio
+
+from vmd.config import KiB, MiB
+from vmd.sidecar import ACTIVE, IOFAIL
+
+from enginekit import running_volume
+from raid5kit import column_bytes, decode, raid5_config, raid5_spec, xor_all, xor_is_zero
+
+SU = 64 * KiB
+DEAD = {errno.ENOTCONN, errno.EIO, errno.ECONNABORTED, errno.ENODEV}
+
+
+async def _write(vol, ref: bytearray, rnd: random.Random, n: int, max_len: int = 200 * KiB
+                 ) -> None:
+    """n random writes (inside a unit, across units and stripes), mirrored in ref."""
+    for _ in range(n):
+        length = rnd.choice([4096, rnd.randint(1, 9000), rnd.randint(1, max_len)])
+        off = rnd.randrange(0, vol.size - length)
+        data = rnd.randbytes(length)
+        await vol.pwrite(off, data)
+        ref[off:off + length] = data
+
+
+async def test_reads_are_served_from_the_cache_also_with_a_column_failed_before_write_back(
+        tmp_path):
+    cfg = raid5_config(tmp_path, size=2 * 16 * SU, raid5_log=tmp_path / "r5.r5log")
+    ref = bytearray(os.urandom(cfg.size))
+    rnd = random.Random(5)
+    async with running_volume(cfg) as vol:
+        await vol.pwrite(0, bytes(ref))
+        await vol.flush()
+        before = bytes(ref)
+        async with vol.r5log._io:  # the committer cannot sync: nothing leaves the cache
+            await _write(vol, ref, rnd, 30)
+            s = 3
+            await vol.pwrite(s * vol.width + 100, b"u" * 5000)  # inside unit 0 of stripe 3
+            ref[s * vol.width + 100:s * vol.width + 5100] = b"u" * 5000
+            assert vol.r5log.cache.bytes > 0 and vol.r5log.synced < vol.r5log.seq
+            assert decode(column_bytes(cfg), SU) == before, "a column was written before the sync"
+            assert await vol.pread(0, cfg.size) == bytes(ref)
+            # The column of stripe 3's unit 0 fails before its pieces are
+            # written back: its units are rebuilt from the others' columns
+            # with their cached pieces laid over.
+            c = vol.data_col(s, 0)
+            await vol.fail_plex(vol.columns[c], OSError(errno.EIO, "injected"), 0, 0)
+            assert vol.columns[c].state == IOFAIL
+            assert await vol.pread(0, cfg.size) == bytes(ref)
+            await _write(vol, ref, rnd, 10)  # degraded writes into the cache too
+            assert await vol.pread(0, cfg.size) == bytes(ref)
+            assert vol.degraded_reads > 0
+        with trio.fail_after(30):
+            await vol.drain()
+        assert not vol.r5log.cache and await vol.pread(0, cfg.size) == bytes(ref)
+        assert vol.columns[c].record.missing.any_in(s * vol.width, vol.width)
+        await vol.attach_plex(vol.columns[c].name)  # rebuilt: what it missed from its map
+        with trio.fail_after(30):
+            await vol.resync.wait_idle()
+        assert vol.columns[c].state == ACTIVE
+        assert await vol.pread(0, cfg.size) == bytes(ref)
+    cols = column_bytes(cfg)
+    assert decode(cols, SU) == bytes(ref)
+    assert not any(xor_all(cols))
+
+
+async def test_a_rebuild_and_a_verify_racing_cached_writes(tmp_path):
+    from vmd.raid5_verify import Raid5Verify
+
+    cfg = raid5_config(tmp_path, size=2 * 64 * SU, raid5_log=tmp_path / "r5.r5log")
+    ref = bytearray(os.urandom(cfg.size))
+    rnd = random.Random(9)
+    async with running_volume(cfg, rate_limit=4 * MiB) as vol:
+        await vol.pwrite(0, bytes(ref))
+        await vol.detach_plex("c1")
+        await vol.attach_plex("c1", path=str(tmp_path / "new-c1.img"))  # a whole rebuild
+        rounds = 0
+        while vol.columns[1].state != ACTIVE:
+            await _write(vol, ref, rnd, 5)
+            assert await vol.pread(0, cfg.size) == bytes(ref)
+            rounds += 1
+        assert rounds > 2, "the rebuild ended before the writes raced it"
+        await vol.resync.wait_idle()
+        result: dict = {}
+
+        async def verify() -> None:
+            result.update(await Raid5Verify(vol).work())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(verify)
+            while not result:
+                await _write(vol, ref, rnd, 3)
+        assert result["complete"] and result["mismatched_bytes"] == 0, result
+        assert await vol.pread(0, cfg.size) == bytes(ref)
+    cols = [(tmp_path / "new-c1.img").read_bytes() if i == 1 else b
+            for i, b in enumerate(column_bytes(cfg))]
+    assert decode(cols, SU) == bytes(ref)
+    assert not any(xor_all(cols))
+
+
+def _odirect_write(path, off: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, len(data))
+        buf[:] = data
+        assert os.pwritev(fd, [buf], off) == len(data)
+    finally:
+        os.close(fd)
+
+
+def _read(path, off: int = 0, n: int | None = None) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        n = n if n is not None else os.fstat(fd).st_size
+        buf = mmap.mmap(-1, n)
+        os.preadv(fd, [buf], off)
+        return bytes(buf)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.allow_log("not stopped cleanly", "RAID-5 log replayed")
+def test_sigkill_loses_only_whole_unsynced_writes_and_nothing_an_fsync_covered(vmd_factory):
+    size = 8 * MiB
+    slot = 256 * KiB  # one write per slot: each is old or new on its own
+    d = vmd_factory(volumes={"r5": raid5_spec(size="8MiB")})
+    d.start()
+    vol = d.volume_file("r5")
+    old = os.urandom(size)
+    _odirect_write(vol, 0, old)
+    fd = os.open(vol, os.O_RDWR)
+    os.fsync(fd)
+    os.close(fd)
+    rnd = random.Random(3)
+    # (offset, bytes) per slot: 4 KiB up to two stripes and more, aligned for O_DIRECT.
+    writes = []
+    for i in range(size // slot):
+        n = rnd.choice([4, 16, 68, 132, 200]) * KiB
+        at = i * slot + rnd.randrange(0, (slot - n) // 4096 + 1) * 4096
+        writes.append((at, rnd.randbytes(n)))
+    acked: list[int] = []
+    kill_after = len(writes) // 2
+
+    def writer() -> None:
+        for i, (at, data) in enumerate(writes):
+            try:
+                _odirect_write(vol, at, data)
+            except OSError as e:
+                assert e.errno in DEAD, e
+                return
+            acked.append(i)
+            if i == kill_after:
+                d.proc.kill()  # SIGKILL, no fsync since the fill: the cache holds writes
+
+    t = threading.Thread(target=writer)
+    t.start()
+    t.join(120)
+    assert not t.is_alive()
+    d.kill()
+    d.start()
+    st = d.status("r5")
+    st = st["volumes"][0] if "volumes" in st else st
+    got = _read(vol)
+    new = 0
+    for i, (at, data) in enumerate(writes):
+        piece = got[at:at + len(data)]
+        assert piece in (data, old[at:at + len(data)]), \
+            f"write {i} ({len(data)} bytes at {at}) came back neither old nor new"
+        new += piece == data
+        if i > acked[-1]:
+            assert piece != data or i == acked[-1] + 1, f"write {i} was never sent"
+    assert new >= 1 and st["replayed_entries"] >= 1, (new, st)
+    # What an fsync covered survives a SIGKILL right after it.
+    after = bytearray(got)
+    for at, data in writes[:8]:
+        data = bytes(reversed(data))
+        _odirect_write(vol, at, data)
+        after[at:at + len(data)] = data
+    fd = os.open(vol, os.O_RDWR)
+    os.fsync(fd)
+    os.close(fd)
+    d.kill()
+    d.start()
+    assert _read(vol) == bytes(after)
+    d.stop()
+    cols = [d.path(f"r5-c{i}.img") for i in range(3)]
+    assert xor_is_zero(cols), "parity does not match the data after the recoveries"
+    assert decode([c.read_bytes() for c in cols], SU) == bytes(after)
+
+
+async def test_a_stop_after_the_log_failed_is_clean_and_the_lost_write_is_nowhere(
+        tmp_path, monkeypatch):
+    from vmd.raid5log import Raid5Log
+
+    fail = [False]
+    write = Raid5Log._write_sync
+
+    def failing_disk(self: Raid5Log, bufs: list, at: int) -> None:
+        if fail[0]:
+            raise OSError(errno.EIO, "injected: the log disk failed")
+        write(self, bufs, at)
+
+    monkeypatch.setattr(Raid5Log, "_write_sync", failing_disk)
+    cfg = raid5_config(tmp_path, size=2 * 8 * SU, raid5_log=tmp_path / "r5.r5log")
+    ref = os.urandom(cfg.size)
+    async with running_volume(cfg) as vol:  # and a clean stop at the end
+        await vol.pwrite(0, ref)
+        await vol.sync()
+        fail[0] = True
+        await vol.pwrite(vol.width + 100, b"lost" * 1000)  # answered from the cache
+        with pytest.raises(OSError, match="log disk failed"):
+            await vol.sync()
+        with trio.fail_after(30):
+            await vol.r5log.drain()
+        assert vol.status()["raid5_log"]["lost_entries"] == 1
+        assert await vol.pread(0, cfg.size) == ref  # dropped: never on a column
+    async with running_volume(cfg) as vol:
+        assert vol.replayed_entries == 0 and vol.recovered_regions == 0
+        assert await vol.pread(0, cfg.size) == ref
+    assert not any(xor_all(column_bytes(cfg)))
