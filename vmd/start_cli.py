@@ -1,0 +1,41 @@
+"""CLI for `vmd start`: bring up one volume the running daemon refused."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .cli_help import VOLUME_HELP, add_verb
+from .errors import EXIT_OK
+
+
+def add_start_parser(sub: Any) -> None:
+    s = add_verb(sub, "start", "bring up a volume the running daemon refused (or one added to "
+                               "the config since), the others serving on", (
+        ("vmd start vol0", "after mounting the disk its images are on"),
+        ("vmd start vol0 --recover-all", "its sidecar log is missing or damaged"),
+        ("vmd start vol0 --recover-all=/srv/disk2/vol0-p1.img",
+         "the same, resyncing every plex from that image"),
+        ("vmd start r5 --force-degraded", "RAID-5 r5 is dirty, degraded and has no log")))
+    s.add_argument("volume", help=f"{VOLUME_HELP}, or a volume added to the config")
+    s.add_argument("--recover-all", nargs="?", const="", default=None, metavar="IMAGE",
+                   help="as `vmd daemon --recover-all VOLUME[=IMAGE]`: rebuild the volume's "
+                        "sidecar log and resync every plex from IMAGE (a plex's image path or "
+                        "name; write it --recover-all=IMAGE), by default from the in-sync plex "
+                        "a damaged log's checkpoint records, else the config's first")
+    s.add_argument("--force-degraded", action="store_true",
+                   help="as `vmd daemon --force-degraded VOLUME`: serve a RAID-5 volume that "
+                        "was not stopped cleanly, lacks a column and has no RAID-5 log (the "
+                        "write hole)")
+
+
+def run_start_command(args: argparse.Namespace, client: Any) -> int:
+    reply = client.request({"cmd": "start", "volume": args.volume,
+                            "recover_all": args.recover_all is not None,
+                            "recover_from": args.recover_all or None,
+                            "force_degraded": args.force_degraded})
+    for name in reply["started"]:
+        print(f"{name}: started, served at {reply['mountpoint']}/{name}")
+    print(f"  recovery, if any, runs in the background: `vmd status {args.volume}`, "
+          f"`vmd wait {args.volume}`")
+    return EXIT_OK
