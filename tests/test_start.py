@@ -1,0 +1,165 @@
+"""`vmd start VOLUME`: a volume the daemon refused at its start is brought up
+in the running daemon, through the start's own open and recovery, while the
+other volume keeps serving a process that writes to it all along."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import MiB, VmdDaemon, sha, volume_spec
+from vmd.errors import EXIT_ERROR
+
+pytestmark = pytest.mark.mount
+
+SIZE = 16 * MiB
+CHUNK = 64 * 1024
+
+
+def _two_volumes(vmd_factory: Callable[..., VmdDaemon]) -> VmdDaemon:
+    """`good`, and `bad` whose images are in their own directory `disk/`."""
+    bad = {"size": "16MiB", "plexes": ["disk/bad-p0.img", "disk/bad-p1.img"], "log": "bad.log",
+           "region_size": "1MiB"}
+    return vmd_factory(volumes={"good": volume_spec("good", size="16MiB"), "bad": bad})
+
+
+def _fill(path: Path) -> str:
+    """Write recognizable data over the whole volume file; its sha256."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for off in range(0, SIZE, MiB):
+            os.pwrite(fd, (f"bad@{off:09d}:".encode() * 4096)[:MiB], off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return sha(path)
+
+
+class _Writer:
+    """Writes the good volume through one fd held open the whole test, and
+    records any error (there must be none): the other volume keeps serving."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDWR)
+        self.errors: list[OSError] = []
+        self.writes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            off = (self.writes * CHUNK) % SIZE
+            try:
+                os.pwrite(self.fd, self._block(off, self.writes), off)
+                if self.writes % 16 == 0:
+                    os.fsync(self.fd)
+            except OSError as e:
+                self.errors.append(e)
+                return
+            self.writes += 1
+
+    @staticmethod
+    def _block(off: int, n: int) -> bytes:
+        return (f"good {off} {n};".encode() * CHUNK)[:CHUNK]
+
+    def wait_writes(self, more: int) -> None:
+        """Until `more` further writes went through (the writer is running now)."""
+        target = self.writes + more
+        while self.writes < target and not self.errors and self._thread.is_alive():
+            self._stop.wait(0.01)
+        assert not self.errors, self.errors
+
+    def finish(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        assert not self.errors, f"the serving volume's fd got an error: {self.errors}"
+        # The last write of each offset is what the volume holds.
+        last = {}
+        for n in range(self.writes):
+            last[(n * CHUNK) % SIZE] = n
+        for off, n in list(last.items())[-64:]:
+            assert os.pread(self.fd, CHUNK, off) == self._block(off, n), off
+        os.close(self.fd)
+
+
+@contextmanager
+def _writing(d: VmdDaemon) -> Iterator[_Writer]:
+    w = _Writer(d.volume_file("good"))
+    try:
+        w.wait_writes(50)
+        yield w
+        w.wait_writes(50)  # still served after the start
+    finally:
+        w.finish()
+
+
+def _refused(d: VmdDaemon) -> dict[str, str]:
+    return {r["name"]: r["error"] for r in d.status().get("refused", [])}
+
+
+def _start_fails(d: VmdDaemon, *args: str) -> str:
+    p = d.cli("start", *args, check=False)
+    assert p.returncode == EXIT_ERROR, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    return p.stderr
+
+
+def test_start_a_refused_volume_while_the_other_is_written(
+        vmd_factory: Callable[..., VmdDaemon], allow_log: Callable[..., None]) -> None:
+    allow_log(r"volume bad refused: ", r"--recover-all", r"not stopped cleanly")
+    d = _two_volumes(vmd_factory)
+    d.start()
+    expect = _fill(d.volume_file("bad"))
+    d.stop()
+    disk, away = d.path("disk"), d.path("disk.away")
+    disk.rename(away)  # its disk is not mounted yet
+
+    d.start()
+    assert "none of its in-sync images can be opened" in _refused(d)["bad"]
+    bad = d.volume_file("bad")
+    with _writing(d) as w:
+        with pytest.raises(FileNotFoundError):
+            os.stat(bad)  # a failed lookup of the name, before the start
+        err = _start_fails(d, "bad")
+        assert "volume bad is still refused: none of its in-sync images can be opened" in err
+        assert "none of its in-sync images" in _refused(d)["bad"]
+        w.wait_writes(20)
+
+        # The disk is back, but the log was lost: refused again, for the new reason.
+        away.rename(disk)
+        d.log_path("bad").unlink()
+        err = _start_fails(d, "bad")
+        assert "sidecar log" in err and "is missing but plex image" in err, err
+        assert "is missing but plex image" in _refused(d)["bad"]
+        assert not d.log_path("bad").exists(), "a refused start wrote a log"
+        with pytest.raises(FileNotFoundError):
+            os.stat(bad)
+
+        p1 = d.plex_paths("bad")[1]
+        out = d.cli("start", "bad", f"--recover-all={p1}").stdout
+        assert f"bad: started, served at {d.mountpoint}/bad" in out, out
+        # At once: the name is found, the file opens, the data is the images'.
+        assert os.stat(bad).st_size == SIZE
+        assert "bad" in os.listdir(d.mountpoint)
+        assert sha(bad) == expect
+        st = d.status()
+        assert "bad" not in _refused(d) and {v["name"] for v in st["volumes"]} == {"good", "bad"}
+        d.wait_resync("bad")
+        assert sha(d.plex_paths("bad")[0]) == expect
+
+        err = _start_fails(d, "good")
+        assert "volume good is already serving" in err, err
+        err = _start_fails(d, "nosuch")
+        assert "volume nosuch is neither served nor refused" in err and "good, bad" in err, err
+    d.stop()
+    d.start()  # the new log is a log like any other
+    assert not _refused(d) and sha(d.volume_file("bad")) == expect
+    d.stop()
