@@ -12,10 +12,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import MiB, VmdDaemon, sha, volume_spec
-from vmd.errors import EXIT_ERROR
+from test_events import EventStream
+from vmd import events
+from vmd.errors import EXIT_CONFIG, EXIT_ERROR
 
 pytestmark = pytest.mark.mount
 
@@ -35,7 +36,7 @@ def _fill(path: Path) -> str:
     fd = os.open(path, os.O_RDWR)
     try:
         for off in range(0, SIZE, MiB):
-            os.pwrite(fd, (f"bad@{off:09d}:".encode() * 4096)[:MiB], off)
+            os.pwrite(fd, (f"bad@{off:09d}:".encode() * (MiB // 14 + 1))[:MiB], off)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -102,11 +103,13 @@ def _writing(d: VmdDaemon) -> Iterator[_Writer]:
 
 
 def _refused(d: VmdDaemon) -> dict[str, str]:
-    return {r["name"]: r["error"] for r in d.status().get("refused", [])}
+    """The refused volumes and why (over the socket: the config may not load)."""
+    return {r["name"]: r["error"] for r in d.request({"cmd": "status"}).get("refused", [])}
 
 
-def _start_fails(d: VmdDaemon, *args: str) -> str:
-    p = d.cli("start", *args, check=False)
+def _start_fails(d: VmdDaemon, *args: str, before: tuple[str, ...] = ()) -> str:
+    """`vmd [BEFORE] start ARGS` fails with one line on stderr; that line."""
+    p = d.cli(*before, "start", *args, check=False)
     assert p.returncode == EXIT_ERROR, (p.returncode, p.stdout, p.stderr)
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     return p.stderr
@@ -143,6 +146,10 @@ def test_start_a_refused_volume_while_the_other_is_written(
         with pytest.raises(FileNotFoundError):
             os.stat(bad)
 
+        err = _start_fails(d, "--recover-all", "bad=p7")  # `vmd daemon`'s spelling
+        assert "--recover-all bad=p7: not one of its plexes" in err, err
+        assert "not one of its plexes" in _refused(d)["bad"]
+
         p1 = d.plex_paths("bad")[1]
         out = d.cli("start", "bad", f"--recover-all={p1}").stdout
         assert f"bad: started, served at {d.mountpoint}/bad" in out, out
@@ -154,6 +161,12 @@ def test_start_a_refused_volume_while_the_other_is_written(
         assert "bad" not in _refused(d) and {v["name"] for v in st["volumes"]} == {"good", "bad"}
         d.wait_resync("bad")
         assert sha(d.plex_paths("bad")[0]) == expect
+        es = EventStream(d)
+        try:
+            ev = es.wait(events.VOLUME_STARTED)
+            assert ev["volume"] == "bad" and ev["details"]["recover_all"] is True, ev
+        finally:
+            es.close()
 
         err = _start_fails(d, "good")
         assert "volume good is already serving" in err, err
@@ -162,4 +175,102 @@ def test_start_a_refused_volume_while_the_other_is_written(
     d.stop()
     d.start()  # the new log is a log like any other
     assert not _refused(d) and sha(d.volume_file("bad")) == expect
+    d.stop()
+
+
+def test_start_reads_the_fixed_config_and_a_config_that_does_not_load_changes_nothing(
+        vmd_factory: Callable[..., VmdDaemon], allow_log: Callable[..., None]) -> None:
+    """The cause was in the config (its plexes differ from the log's): a config
+    that does not parse changes nothing; the fixed one is what `vmd start` uses."""
+    allow_log(r"volume bad refused: ")
+    d = _two_volumes(vmd_factory)
+    d.start()
+    expect = _fill(d.volume_file("bad"))
+    d.stop()
+    good_cfg = dict(d.config["volumes"]["bad"])
+    d.config["volumes"]["bad"]["plexes"] = ["disk/bad-p0.img", "disk/other.img"]
+    d.write_config()
+    d.start()
+    why = _refused(d)["bad"]
+    assert "volumes.bad.plexes differs" in why, why
+    with _writing(d):
+        text = d.config_path.read_text()
+        d.write_config(text + "volumes: [\n")  # a half-finished edit
+        p = d.cli("start", "bad", check=False)  # the CLI reads the socket's path there
+        assert p.returncode == EXIT_CONFIG and "not valid YAML" in p.stderr, p.stderr
+        err = _start_fails(d, "bad", before=("--socket", str(d.socket)))
+        assert "the config does not load, so nothing was changed" in err, err
+        assert str(d.config_path) in err and "line" in err, err
+        assert _refused(d)["bad"] == why
+
+        d.config["volumes"]["bad"] = good_cfg
+        d.write_config()
+        d.cli("--timeout", "60", "start", "bad")
+        assert sha(d.volume_file("bad")) == expect
+        assert not _refused(d)
+        assert not d.path("disk/other.img").exists()
+    d.stop()
+
+
+def test_start_brings_up_the_snapshots_of_the_volume_too(
+        vmd_factory: Callable[..., VmdDaemon], allow_log: Callable[..., None]) -> None:
+    """A refused volume's snapshot volumes are not even known to the daemon;
+    the start opens them after it, as the daemon's start does."""
+    allow_log(r"volume bad refused: ")
+    d = _two_volumes(vmd_factory)
+    d.start()
+    expect = _fill(d.volume_file("bad"))
+    d.cli("snap", "start", "bad", "--path", str(d.path("disk/bad-snap.img")))
+    d.cli("snap", "wait", "bad", timeout=120)
+    d.cli("snap", "take", "bad", "nightly")
+    d.stop()
+    d.path("disk").rename(d.path("disk.away"))
+    d.start()
+    assert set(_refused(d)) == {"bad"}
+    assert {v["name"] for v in d.status()["volumes"]} == {"good"}
+    with _writing(d):
+        with pytest.raises(FileNotFoundError):
+            os.stat(d.volume_file("nightly"))
+        d.path("disk.away").rename(d.path("disk"))
+        out = d.cli("start", "bad").stdout
+        assert "bad: started" in out and "nightly: started" in out, out
+        assert sha(d.volume_file("nightly")) == expect == sha(d.volume_file("bad"))
+        assert d.status("nightly")["snapshot"]["of"] == "bad"
+        assert not _refused(d)
+    d.stop()
+
+
+def test_start_a_volume_added_to_the_config_while_running(
+        vmd_factory: Callable[..., VmdDaemon], allow_log: Callable[..., None]) -> None:
+    allow_log(r"volume new refused: ")
+    d = _two_volumes(vmd_factory)
+    d.start()
+    with _writing(d):
+        # Its images' directory cannot be made (a file is in the way): refused, listed.
+        d.path("blocked").write_text("")
+        d.config["volumes"]["new"] = {"size": "8MiB", "plexes": ["blocked/new-p0.img"],
+                                      "log": "new.log"}
+        d.write_config()
+        err = _start_fails(d, "new")
+        assert "volume new is refused:" in err and "volumes.new.plexes[0]" in err, err
+        assert "blocked" in _refused(d)["new"]
+
+        d.config["volumes"]["new"]["plexes"] = ["new-p0.img", "new-p1.img"]
+        d.write_config()
+        d.cli("start", "new")
+        assert os.stat(d.volume_file("new")).st_size == 8 * MiB
+        assert not _refused(d)
+        fd = os.open(d.volume_file("new"), os.O_RDWR)
+        try:
+            os.pwrite(fd, b"new volume" * 100, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        err = _start_fails(d, "new")
+        assert "already serving" in err
+    d.stop()
+    d.start()
+    assert {v["name"] for v in d.status()["volumes"]} == {"good", "bad", "new"}
+    with open(d.volume_file("new"), "rb") as f:
+        assert f.read(1000) == b"new volume" * 100
     d.stop()
