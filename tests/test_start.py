@@ -274,3 +274,19 @@ def test_start_a_volume_added_to_the_config_while_running(
     with open(d.volume_file("new"), "rb") as f:
         assert f.read(1000) == b"new volume" * 100
     d.stop()
+
+
+@pytest.mark.parametrize("argv, volume, image", [
+    (["start", "vol0"], "vol0", None),
+    (["start", "vol0", "--recover-all"], "vol0", None),
+    (["start", "vol0", "--recover-all=p1"], "vol0", "p1"),
+    (["start", "vol0", "--recover-all=vol0=/srv/a=b.img"], "vol0", "/srv/a=b.img"),
+    (["start", "--recover-all", "vol0"], "vol0", None),
+    (["start", "--recover-all", "vol0=/srv/x.img"], "vol0", "/srv/x.img"),
+    (["start", "--force-degraded", "r5"], "r5", None),
+])
+def test_start_options_in_both_spellings(argv: list[str], volume: str, image: str | None) -> None:
+    from vmd import cli, start_cli
+
+    args = cli._parser().parse_args(argv)
+    assert start_cli._volume_and_source(args) == (volume, image)

@@ -20,7 +20,8 @@ def add_start_parser(sub: Any) -> None:
         ("vmd start r5 --force-degraded", "RAID-5 r5 is dirty, degraded and has no log")))
     s.add_argument("volume", nargs="?", metavar="VOLUME",
                    help=f"{VOLUME_HELP}, or a volume added to the config")
-    s.add_argument("--recover-all", nargs="?", const="", default=None, metavar="IMAGE",
+    # const True, not "": argparse passes a string const through the non-empty check.
+    s.add_argument("--recover-all", nargs="?", const=True, default=None, metavar="IMAGE",
                    help="as `vmd daemon --recover-all VOLUME[=IMAGE]`: rebuild the volume's "
                         "sidecar log and resync every plex from IMAGE (a plex's image path or "
                         "name; write it --recover-all=IMAGE), by default from the in-sync plex "
@@ -35,7 +36,7 @@ def add_start_parser(sub: Any) -> None:
 
 def _volume_and_source(args: argparse.Namespace) -> tuple[str, str | None]:
     """VOLUME and the IMAGE of --recover-all, in either spelling."""
-    image = args.recover_all or None
+    image = args.recover_all if isinstance(args.recover_all, str) else None
     if args.volume is None:
         if image is None:
             raise VmdError("start: VOLUME must be given (`vmd start VOLUME`)")
