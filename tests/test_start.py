@@ -215,16 +215,19 @@ def test_start_reads_the_fixed_config_and_a_config_that_does_not_load_changes_no
 def test_start_brings_up_the_snapshots_of_the_volume_too(
         vmd_factory: Callable[..., VmdDaemon], allow_log: Callable[..., None]) -> None:
     """A refused volume's snapshot volumes are not even known to the daemon;
-    the start opens them after it, as the daemon's start does."""
-    allow_log(r"volume bad refused: ")
+    the start opens them after it, as the daemon's start does; one refused on
+    its own account comes up with `vmd start` of its name."""
+    allow_log(r"volume (bad|nightly) refused: ")
     d = _two_volumes(vmd_factory)
     d.start()
     expect = _fill(d.volume_file("bad"))
-    d.cli("snap", "start", "bad", "--path", str(d.path("disk/bad-snap.img")))
+    d.path("snapdisk").mkdir()
+    d.cli("snap", "start", "bad", "--path", str(d.path("snapdisk/bad-snap.img")))
     d.cli("snap", "wait", "bad", timeout=120)
     d.cli("snap", "take", "bad", "nightly")
     d.stop()
     d.path("disk").rename(d.path("disk.away"))
+    d.path("snapdisk").rename(d.path("snapdisk.away"))
     d.start()
     assert set(_refused(d)) == {"bad"}
     assert {v["name"] for v in d.status()["volumes"]} == {"good"}
@@ -232,10 +235,26 @@ def test_start_brings_up_the_snapshots_of_the_volume_too(
         with pytest.raises(FileNotFoundError):
             os.stat(d.volume_file("nightly"))
         d.path("disk.away").rename(d.path("disk"))
+        # The origin comes up; its snapshot is refused on its own account.
         out = d.cli("start", "bad").stdout
+        assert "bad: started" in out and "nightly" not in out, out
+        assert sha(d.volume_file("bad")) == expect
+        assert "none of its in-sync images" in _refused(d)["nightly"]
+        d.path("snapdisk.away").rename(d.path("snapdisk"))
+        out = d.cli("start", "nightly").stdout
+        assert "nightly: started" in out, out
+        assert sha(d.volume_file("nightly")) == expect
+        assert d.status("nightly")["snapshot"]["of"] == "bad"
+        assert not _refused(d)
+    d.stop()
+    d.path("disk").rename(d.path("disk.away"))
+    d.start()
+    assert set(_refused(d)) == {"bad"}
+    with _writing(d):
+        d.path("disk.away").rename(d.path("disk"))
+        out = d.cli("start", "bad").stdout  # both at once
         assert "bad: started" in out and "nightly: started" in out, out
         assert sha(d.volume_file("nightly")) == expect == sha(d.volume_file("bad"))
-        assert d.status("nightly")["snapshot"]["of"] == "bad"
         assert not _refused(d)
     d.stop()
 

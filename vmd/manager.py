@@ -423,21 +423,22 @@ class VolumeManager:
         with the new reason (raised as a VmdError), and nothing else changed."""
         vol = self._open(vc, recover_all, recover_from, force_degraded=force_degraded,
                          in_use_fatal=False)
-        if vol is None or not await self._start_opened(vol):
+        if vol is None or not await self._start_opened(vol, recover_all=recover_all,
+                                                       force_degraded=force_degraded):
             raise VmdError(self.refused[vc.name])
-        self.cfg.volumes[vc.name] = vc
         started = [vc.name]
+        if "snapshot" in vol.state.extra:
+            return started  # as at start: a snapshot's own snapshots are not opened
+        self.cfg.volumes[vc.name] = vc
         for name, snap in self._open_snapshots(vol).items():
-            if await self._start_opened(snap):
+            if await self._start_opened(snap, snapshot_of=vc.name):
                 started.append(name)
-        for name in started:
-            events.emit(events.VOLUME_STARTED, name, recover_all=recover_all and name == vc.name,
-                        force_degraded=force_degraded and name == vc.name)
         return started
 
-    async def _start_opened(self, vol: Volume) -> bool:
+    async def _start_opened(self, vol: Volume, **details: Any) -> bool:
         """Start an opened volume at run time, run the start hooks, show its
-        file. False: refused (`refused` says why), its files closed."""
+        file; `details` go into its event. False: refused (`refused` says
+        why), its files closed."""
         try:
             await self._start(vol)
         except (OSError, VmdError) as e:
@@ -456,6 +457,7 @@ class VolumeManager:
             return False
         self.on_added(vol.name)
         log.info("volume %s started (`vmd start`)", vol.name)
+        events.emit(events.VOLUME_STARTED, vol.name, **details)
         return True
 
     async def start(self, nursery: trio.Nursery) -> None:

@@ -15,7 +15,7 @@ import trio
 from .commands import CommandTable, req_str
 from .config import VolumeConfig, check_volume_environment, load_config
 from .errors import VmdError
-from .manager import VolumeManager
+from .manager import VolumeManager, snapshot_config
 from .resize import adopt_logged_sizes
 
 
@@ -24,26 +24,34 @@ class _NoChange(VmdError):
     nothing is changed."""
 
 
-def _read_block(m: VolumeManager, name: str, refused: bool) -> VolumeConfig:
+def _read_block(m: VolumeManager, name: str) -> tuple[VolumeConfig | None, list[str]]:
     """The volume's block of the config as the file says now (the
     administrator may have fixed it), after the start's checks against the
-    disk. Raises _NoChange, or as the start would refuse the volume
-    (ConfigError). Blocking: in a thread."""
+    disk (None: not in it), and the volumes the file lists. Raises _NoChange,
+    or as the start would refuse the volume (ConfigError). Blocking: in a
+    thread."""
     try:
         cfg = load_config(m.cfg.path)
     except VmdError as e:
         raise _NoChange(f"the config does not load, so nothing was changed: {e}") from None
     if name not in cfg.volumes:
-        what = "was refused at start and" if refused else "is neither served nor refused, and it"
-        raise _NoChange(f"volume {name} {what} is not in {cfg.path} (volumes there now: "
-                        f"{', '.join(cfg.volumes)}); a snapshot volume comes up with the "
-                        f"volume it was taken of")
+        return None, list(cfg.volumes)
     # The start's checks, on this volume alone (a sidecar log's larger size wins).
     one = dataclasses.replace(cfg, volumes={name: cfg.volumes[name]})
     grown = adopt_logged_sizes(one)
     vc = one.volumes[name]
     check_volume_environment(cfg.path, vc, grown.get(name))
-    return vc
+    return vc, list(cfg.volumes)
+
+
+def _snapshot_block(m: VolumeManager, name: str) -> VolumeConfig | None:
+    """A snapshot volume broken off a serving volume (refused on its own, or
+    because a config volume had its name) is opened as the start opens it."""
+    for origin in list(m.volumes.values()):
+        info = origin.state.extra.get("snapshots", {}).get(name)
+        if info is not None and "snapshot" not in origin.state.extra:
+            return snapshot_config(origin, name, info)
+    return None
 
 
 def _in_use(m: VolumeManager, vc: VolumeConfig) -> str | None:
@@ -78,8 +86,17 @@ def register(table: CommandTable, m: VolumeManager, stopping: Callable[[], bool]
                                f"shows it as REFUSED)")
             was = "still " if name in m.refused else ""
             try:
-                vc = await trio.to_thread.run_sync(_read_block, m, name, bool(was))
-                used = _in_use(m, vc)
+                vc, listed = await trio.to_thread.run_sync(_read_block, m, name)
+                vc = vc or _snapshot_block(m, name)
+                if vc is None:
+                    what = ("was refused at start and" if was else
+                            "is neither served nor refused, and it")
+                    raise _NoChange(
+                        f"volume {name} {what} is not in {m.cfg.path} (volumes there now: "
+                        f"{', '.join(listed)}), nor a snapshot of a volume that serves (a "
+                        f"snapshot volume comes up with the volume it was taken of)")
+                # A snapshot's files are vmd's own (its origin records its image).
+                used = _in_use(m, vc) if name in listed else None
                 if used is not None:
                     raise VmdError(used)
             except _NoChange:
