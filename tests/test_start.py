@@ -309,3 +309,36 @@ def test_start_options_in_both_spellings(argv: list[str], volume: str, image: st
 
     args = cli._parser().parse_args(argv)
     assert start_cli._volume_and_source(args) == (volume, image)
+
+
+def test_start_force_degraded_raid5_while_the_other_is_written(
+        vmd_factory: Callable[..., VmdDaemon], allow_log: Callable[..., None]) -> None:
+    """A dirty RAID-5 volume that lost a column and has no RAID-5 log: refused
+    by `vmd start` as by the daemon's start, served with --force-degraded."""
+    allow_log(r"volume r5 refused: ", r"write hole", r"not stopped cleanly", r"IOFAIL",
+              r"cannot open image")
+    r5 = {"size": "4MiB", "layout": "raid5", "log": "r5.log", "stripe_unit": "64KiB",
+          "columns": [f"r5-c{i}.img" for i in range(3)]}
+    d = vmd_factory(volumes={"good": volume_spec("good", size="16MiB"), "r5": r5})
+    d.start()
+    data = os.urandom(4 * MiB)
+    fd = os.open(d.volume_file("r5"), os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    d.kill()  # dirty
+    c2 = d.path("r5-c2.img")
+    c2.rename(d.path("r5-c2.img.away"))
+    d.start()
+    assert "write hole" in _refused(d)["r5"]
+    with _writing(d):
+        err = _start_fails(d, "r5")
+        assert "volume r5 is still refused:" in err and "write hole" in err, err
+        out = d.cli("start", "r5", "--force-degraded").stdout
+        assert "r5: started" in out, out
+        assert d.status("r5")["degraded"] and not _refused(d)
+        with open(d.volume_file("r5"), "rb") as f:
+            assert f.read() == data
+    d.stop()
