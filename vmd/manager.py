@@ -400,15 +400,16 @@ class VolumeManager:
         for vol in list(self.volumes.values()):
             self.volumes.update(self._open_snapshots(vol))
 
-    def _open_snapshots(self, vol: Volume) -> dict[str, Volume]:
+    def _open_snapshots(self, vol: Volume, in_use_fatal: bool = True) -> dict[str, Volume]:
         """The snapshot volumes broken off `vol` (volumes of their own), opened."""
         out: dict[str, Volume] = {}
         for name, info in vol.state.extra.get("snapshots", {}).items():
             if name in self.cfg.volumes or name in self.volumes:
+                where = f"in {self.cfg.path}" if name in self.cfg.volumes else "that serves"
                 self.refuse(name, f"snapshot {name} of volume {vol.name} has the name of a "
-                                   f"volume in {self.cfg.path}")
+                                  f"volume {where}")
                 continue
-            snap = self._open(snapshot_config(vol, name, info))
+            snap = self._open(snapshot_config(vol, name, info), in_use_fatal=in_use_fatal)
             if snap is not None:
                 out[name] = snap
         return out
@@ -430,7 +431,7 @@ class VolumeManager:
         if "snapshot" in vol.state.extra:
             return started  # as at start: a snapshot's own snapshots are not opened
         self.cfg.volumes[vc.name] = vc
-        for name, snap in self._open_snapshots(vol).items():
+        for name, snap in self._open_snapshots(vol, in_use_fatal=False).items():
             if await self._start_opened(snap, snapshot_of=vc.name):
                 started.append(name)
         return started
