@@ -128,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
 
     add_resize_parser(sub)
 
+    from .start_cli import add_start_parser  # noqa: PLC0415
+
+    add_start_parser(sub)
     from .events_cli import add_events_parser  # noqa: PLC0415
 
     add_events_parser(sub)
@@ -363,6 +366,10 @@ def _run(args: argparse.Namespace) -> int:
         from .resize_cli import run_resize_command  # noqa: PLC0415
 
         return run_resize_command(args, client)
+    elif args.command == "start":
+        from .start_cli import run_start_command  # noqa: PLC0415
+
+        return run_start_command(args, client)
     elif args.command == "events":
         from .events_cli import run_events_command  # noqa: PLC0415
 

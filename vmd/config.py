@@ -443,18 +443,22 @@ def check_environment(cfg: Config, grown_from: dict[str, int] | None = None) -> 
         raise ctx.err("mountpoint", f"{cfg.mountpoint} exists and is not a directory")
     _check_dir_writable(ctx, cfg.socket.parent, "socket")
     for vol in cfg.volumes.values():
-        key = f"volumes.{vol.name}"
-        images = "plexes" if vol.layout == "mirror" else "columns"
-        # A volume that exists (its log does) opens an image of another size
-        # as a failed plex (IOFAIL, naming both sizes) and serves the others:
-        # one image cut short must not keep every volume from starting.
-        exists = vol.log.exists()
-        for i, p in enumerate(vol.plexes):
-            if isinstance(p, Path):  # a remote export's size is checked when it is opened
-                check_image(p, vol.image_size, f"{cfg.path}: {key}.{images}[{i}]",
-                            (grown_from or {}).get(vol.name), what=vol.image_what,
-                            any_size=exists)
-        _check_dir_writable(ctx, vol.log.parent, f"{key}.log")
+        check_volume_environment(cfg.path, vol, (grown_from or {}).get(vol.name))
+
+
+def check_volume_environment(cfg_path: Path, vol: VolumeConfig, grown_from: int | None) -> None:
+    """One volume's part of `check_environment` (also `vmd start VOLUME`'s)."""
+    key = f"volumes.{vol.name}"
+    images = "plexes" if vol.layout == "mirror" else "columns"
+    # A volume that exists (its log does) opens an image of another size
+    # as a failed plex (IOFAIL, naming both sizes) and serves the others:
+    # one image cut short must not keep every volume from starting.
+    exists = vol.log.exists()
+    for i, p in enumerate(vol.plexes):
+        if isinstance(p, Path):  # a remote export's size is checked when it is opened
+            check_image(p, vol.image_size, f"{cfg_path}: {key}.{images}[{i}]", grown_from,
+                        what=vol.image_what, any_size=exists)
+    _check_dir_writable(_Ctx(cfg_path), vol.log.parent, f"{key}.log")
 
 
 def check_image(path: Path, size: int, where: str, or_size: int | None = None, *,

@@ -14,7 +14,8 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import commands, events, rcopy_verbs, resize_verbs, snapshot_verbs, verify_verbs
+from . import (commands, events, rcopy_verbs, resize_verbs, snapshot_verbs, start_verbs,
+               verify_verbs)
 from .admin import AdminServer
 from .config import Config, check_environment
 from .errors import VmdError
@@ -105,6 +106,7 @@ class Daemon:
         self.rcopy = rcopy_verbs.register(self.commands, self.manager)
         events.register(self.commands)
         self.verifies = verify_verbs.register(self.commands, self.manager)
+        start_verbs.register(self.commands, self.manager, self._stop.is_set)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -168,6 +170,7 @@ class Daemon:
             self.manager.on_added = self.fs.add_volume
             self.manager.on_removed = self.fs.remove_volume
             self.manager.on_changed = self.fs.invalidate_volume
+            self.manager.on_shown = self.fs.show_volume
             fuse.open(self.fs, cfg.mountpoint)
             await nursery.start(fuse.run, name="fuse")
             with trio.move_on_after(READ_AHEAD_SECONDS):

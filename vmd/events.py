@@ -34,6 +34,7 @@ SNAPSHOT_MERGED = "snapshot-merged"
 RCOPY_COMMITTED = "rcopy-committed"
 RCOPY_FAILED = "rcopy-failed"
 VOLUME_REFUSED = "volume-refused"
+VOLUME_STARTED = "volume-started"  # `vmd start` of a refused volume
 DROPPED = "dropped"
 
 QUEUE_EVENTS = 1000  # per reader: far more than a burst of failures and resyncs makes

@@ -135,6 +135,18 @@ class VolumeFS(pyfuse3.Operations):
             except Exception:  # not mounted (tests of the adapter alone)
                 pass
 
+    def show_volume(self, name: str) -> None:
+        """A volume file added at run time (`vmd start`) must be found at once:
+        have the kernel drop any entry it holds for the name. (It caches no
+        negative entry from our ENOENT reply to a lookup, fuse_lookup
+        invalidates it; this is for whatever else may have cached the name.)
+        The directory listing is not cached (no cache_readdir). Blocks until
+        a lookup in progress is answered: call it in a thread."""
+        try:
+            pyfuse3.invalidate_entry(ROOT, name.encode())
+        except Exception:  # ENOENT: the kernel holds no entry; or not mounted
+            pass
+
     def invalidate_volume(self, name: str) -> None:
         """Make the kernel forget its cached pages of a volume whose bytes
         changed behind its file (snap back --from-snapshot): with keep_cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -180,14 +180,19 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
             _plan_recovery(vol, full=not vc.drl or recover_all)
     except BaseException:
         # Refused: nothing stays open or locked (a retry must be able to take it).
-        for p in plexes:
-            p.close()
-        if isinstance(vol, Raid5Volume) and vol.r5log is not None:
-            vol.r5log.close()
-        sidecar.close()
+        _close_files(plexes, sidecar, vol)
         raise
     vol._update_recovering()
     return vol
+
+
+def _close_files(plexes: list[Plex], sidecar: SidecarLog, vol: Volume | None) -> None:
+    """Close what opening a volume opened, so that a retry can take it."""
+    for p in plexes:
+        p.close()
+    if isinstance(vol, Raid5Volume) and vol.r5log is not None:
+        vol.r5log.close()
+    sidecar.close()
 
 
 def _config_state(vc: VolumeConfig) -> VolumeState:
@@ -348,6 +353,9 @@ class VolumeManager:
         self.volumes: dict[str, Volume] = {}
         self.refused: dict[str, str] = {}
         self.force_degraded: set[str] = set()  # `vmd daemon --force-degraded VOLUME`
+        # What the daemon's start does for every volume beyond opening and
+        # starting it (Remote Copy's roll-back and link), for one `vmd start` starts.
+        self.start_hooks: list[Callable[[Volume], Awaitable[None]]] = []
         self._nursery: trio.Nursery | None = None
         self._work: dict[str, VolumeWork] = {}
         self.slots = DeviceSlots(cfg.resync.per_device)  # resyncs and verifies per disk
@@ -355,36 +363,103 @@ class VolumeManager:
         self.on_removed: Callable[[str], None] = lambda name: None
         # A volume's bytes changed behind its file (blocking: call in a thread).
         self.on_changed: Callable[[str], None] = lambda name: None
+        # A volume file appeared at run time: the kernel must see it now (blocking).
+        self.on_shown: Callable[[str], None] = lambda name: None
 
     def _open(self, vc: VolumeConfig, recover_all: bool = False,
-              recover_from: str | None = None) -> None:
+              recover_from: str | None = None, *, force_degraded: bool = False,
+              in_use_fatal: bool = True) -> Volume | None:
+        """Open one volume as the daemon's start does; None: refused (in
+        `refused`, with why). `in_use_fatal`: another daemon holding one of
+        its files stops this daemon's start (at start) or only refuses it."""
         try:
-            self.volumes[vc.name] = open_volume(
+            vol = open_volume(
                 vc, self.cfg.path, recover_all=recover_all, recover_from=recover_from,
                 clean_delay=self.cfg.clean_delay, rate_limit=self.cfg.resync.rate_limit,
-                force_degraded=vc.name in self.force_degraded)
-        except InUseError:
-            raise  # another daemon serves it: this daemon must not start at all
+                force_degraded=force_degraded or vc.name in self.force_degraded)
         except (VmdError, OSError) as e:
-            self.refused[vc.name] = str(e)
-            log.error("volume %s refused: %s", vc.name, e)
-            events.emit(events.VOLUME_REFUSED, vc.name, error=str(e))
+            if isinstance(e, InUseError) and in_use_fatal:
+                raise  # another daemon serves it: this daemon must not start at all
+            self.refuse(vc.name, str(e))
+            return None
+        self.refused.pop(vc.name, None)
+        return vol
+
+    def refuse(self, name: str, why: str) -> None:
+        self.refused[name] = why
+        log.error("volume %s refused: %s", name, why)
+        events.emit(events.VOLUME_REFUSED, name, error=why)
 
     def open_all(self, recover_all: Mapping[str, str | None] | None = None) -> None:
         """`recover_all`: volume → the plex to resync every other from (None: default)."""
         recover_all = recover_all or {}
         for name, vc in self.cfg.volumes.items():
-            self._open(vc, name in recover_all, recover_all.get(name))
-        # Snapshots broken off configured volumes are volumes of their own.
+            vol = self._open(vc, name in recover_all, recover_all.get(name))
+            if vol is not None:
+                self.volumes[name] = vol
         for vol in list(self.volumes.values()):
-            for name, info in vol.state.extra.get("snapshots", {}).items():
-                if name in self.cfg.volumes:
-                    self.refused[name] = (f"snapshot {name} of volume {vol.name} has the name of a "
-                                          f"volume in {self.cfg.path}")
-                    log.error("volume %s refused: %s", name, self.refused[name])
-                    events.emit(events.VOLUME_REFUSED, name, error=self.refused[name])
-                    continue
-                self._open(snapshot_config(vol, name, info))
+            self.volumes.update(self._open_snapshots(vol))
+
+    def _open_snapshots(self, vol: Volume, in_use_fatal: bool = True) -> dict[str, Volume]:
+        """The snapshot volumes broken off `vol` (volumes of their own), opened."""
+        out: dict[str, Volume] = {}
+        for name, info in vol.state.extra.get("snapshots", {}).items():
+            if name in self.cfg.volumes or name in self.volumes:
+                where = f"in {self.cfg.path}" if name in self.cfg.volumes else "that serves"
+                self.refuse(name, f"snapshot {name} of volume {vol.name} has the name of a "
+                                  f"volume {where}")
+                continue
+            snap = self._open(snapshot_config(vol, name, info), in_use_fatal=in_use_fatal)
+            if snap is not None:
+                out[name] = snap
+        return out
+
+    async def start_one(self, vc: VolumeConfig, *, recover_all: bool = False,
+                        recover_from: str | None = None,
+                        force_degraded: bool = False) -> list[str]:
+        """`vmd start`: open a volume the daemon refused (or one added to the
+        config since) exactly as the daemon's start opens it, start it, then
+        the snapshot volumes broken off it; each is shown in the mount once it
+        runs. Returns the names started. Refused again: it stays in `refused`
+        with the new reason (raised as a VmdError), and nothing else changed."""
+        vol = self._open(vc, recover_all, recover_from, force_degraded=force_degraded,
+                         in_use_fatal=False)
+        if vol is None or not await self._start_opened(vol, recover_all=recover_all,
+                                                       force_degraded=force_degraded):
+            raise VmdError(self.refused[vc.name])
+        started = [vc.name]
+        if "snapshot" in vol.state.extra:
+            return started  # as at start: a snapshot's own snapshots are not opened
+        self.cfg.volumes[vc.name] = vc
+        for name, snap in self._open_snapshots(vol, in_use_fatal=False).items():
+            if await self._start_opened(snap, snapshot_of=vc.name):
+                started.append(name)
+        return started
+
+    async def _start_opened(self, vol: Volume, **details: Any) -> bool:
+        """Start an opened volume at run time, run the start hooks, show its
+        file; `details` go into its event. False: refused (`refused` says
+        why), its files closed."""
+        try:
+            await self._start(vol)
+        except (OSError, VmdError) as e:
+            # Its first checkpoint failed (the log's disk): nothing ran yet.
+            _close_files(vol.plexes, vol.sidecar, vol)
+            self.refuse(vol.name, f"cannot write its sidecar log {vol.cfg.log}: {e}")
+            return False
+        self.volumes[vol.name] = vol
+        try:
+            for hook in self.start_hooks:
+                await hook(vol)
+        except (OSError, VmdError) as e:
+            del self.volumes[vol.name]
+            await self._work.pop(vol.name).stop()
+            self.refuse(vol.name, str(e))
+            return False
+        self.on_added(vol.name)
+        log.info("volume %s started (`vmd start`)", vol.name)
+        events.emit(events.VOLUME_STARTED, vol.name, **details)
+        return True
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Start every open volume's background work in `nursery`."""

@@ -258,11 +258,11 @@ def _why(e: BaseException) -> str:
         f"the link failed ({type(e).__name__})"
 
 
-async def startup(m: "VolumeManager") -> None:
-    for vol in list(m.volumes.values()):
-        if journal_path(vol).exists():
-            await rollback(m, vol, "found at start")
-        set_access(vol)
+async def startup(m: "VolumeManager", vol: Volume) -> None:
+    """At the volume's start: roll back an update a crash left unfinished."""
+    if journal_path(vol).exists():
+        await rollback(m, vol, "found at start")
+    set_access(vol)
 
 
 async def receive(m: "VolumeManager", vol: Volume, rfd: int, wfd: int,

@@ -57,30 +57,43 @@ class Engine(TaskGroup):
 
     async def starting(self) -> None:
         m = self.manager
-        await rcopy_recv.startup(m)
         for vol in list(m.volumes.values()):
-            cfg = self.link_config(vol)
-            info = rcopy_recv.target_info(vol)
-            if cfg is not None:
-                link = Link(vol, cfg)
-                await link.setup()
-                await self.add(link)
-            elif info is not None:
-                if vol.cfg.rcopy is not None:
-                    log.info("volume %s: a remote copy target of %s since a reverse: the "
-                             "config's rcopy target is not used (`vmd rcopy promote` and "
-                             "`vmd rcopy reverse` restore this direction)", vol.name,
-                             info.get("source"))
-                if not info.get("promoted") and tracker(vol) is not None:
-                    drop_tracker(vol)
-                    await vol.checkpoint()
-                # promoted: the tracker holds its own changes since the promote
-            elif tracker(vol) is not None:
+            await rcopy_recv.startup(m, vol)
+        for vol in list(m.volumes.values()):
+            await self.start_volume(vol)
+        # A volume `vmd start` brings up later gets the same.
+        m.start_hooks.append(self.volume_started)
+
+    async def volume_started(self, vol: Volume) -> None:
+        """`vmd start` of one volume: what `starting` does for each."""
+        self.refuse_if_stopping()
+        await rcopy_recv.startup(self.manager, vol)
+        await self.start_volume(vol)
+
+    async def start_volume(self, vol: Volume) -> None:
+        """A started volume's link (a source) or its target rules."""
+        cfg = self.link_config(vol)
+        info = rcopy_recv.target_info(vol)
+        if cfg is not None:
+            link = Link(vol, cfg)
+            await link.setup()
+            await self.add(link)
+        elif info is not None:
+            if vol.cfg.rcopy is not None:
+                log.info("volume %s: a remote copy target of %s since a reverse: the "
+                         "config's rcopy target is not used (`vmd rcopy promote` and "
+                         "`vmd rcopy reverse` restore this direction)", vol.name,
+                         info.get("source"))
+            if not info.get("promoted") and tracker(vol) is not None:
                 drop_tracker(vol)
-                vol.state.extra.pop("rcopy", None)
                 await vol.checkpoint()
-                log.info("volume %s: no rcopy in the config any more: change map dropped",
-                         vol.name)
+            # promoted: the tracker holds its own changes since the promote
+        elif tracker(vol) is not None:
+            drop_tracker(vol)
+            vol.state.extra.pop("rcopy", None)
+            await vol.checkpoint()
+            log.info("volume %s: no rcopy in the config any more: change map dropped",
+                     vol.name)
 
     def link(self, name: str) -> Link:
         vol = self.manager.get(name)
