@@ -55,6 +55,8 @@ class MirrorVolume(Volume):
         # One attach at a time (an admin's and RemoteWatch's may meet): each
         # prepares the plex's connection, which the next must not replace.
         self._attaching = trio.Lock()
+        for p in self.plexes:
+            p.direct_reads = True
 
     def _update_recovering(self) -> None:
         self._recovering = any(p.state == ACTIVE and p.record.missing is not None
@@ -349,6 +351,7 @@ class MirrorVolume(Volume):
         rec = PlexRecord(name=f"p{self.state.next_plex}", path=path, state=state,
                          missing=None, role=role)
         p = self.plex_factory(rec, self.size)
+        p.direct_reads = True
         # Before the gate: a remote export's connection may take remote_timeout.
         try:
             await p.prepare_attach()
