@@ -91,14 +91,17 @@ async def test_a_filesystem_without_o_direct_reads_through_the_page_cache(tmp_pa
         p.close()
 
 
-async def test_mirror_plexes_read_direct_raid5_columns_do_not(tmp_path):
+@pytest.mark.parametrize("direct_io", [False, True])
+async def test_mirror_plexes_read_direct_without_direct_io_raid5_columns_never(
+        tmp_path, direct_io):
+    """Only where the volume file's page cache keeps what users read."""
     await ring_or_skip()
-    vc = volume_config(tmp_path, size=8 * MiB)
+    vc = volume_config(tmp_path, size=8 * MiB, direct_io=direct_io)
     async with running_volume(vc) as vol:
         await vol.pwrite(0, b"m" * (1 * MiB))
         for off in range(0, 1 * MiB, 64 * KiB):  # the round robin reaches both plexes
             assert await vol.pread(off, 64 * KiB) == b"m" * (64 * KiB)
-        assert all(reads_direct(p) for p in vol.plexes)
+        assert [reads_direct(p) for p in vol.plexes] == [not direct_io] * 2
     r5 = raid5_config(tmp_path)
     async with running_volume(r5) as vol:
         await vol.pwrite(0, b"c" * (1 * MiB))
