@@ -7,7 +7,7 @@
 set -u
 BASE=$1 NEW=$2 R=$3
 W=${W:-/tmp/dread/ab}
-PY=${PY:-/work/wt-dread/.venv/bin/python}
+PY=${PY:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}
 declare -A SRC=([base]=$BASE [new]=$NEW)
 T="base new"
 cleanup() { for t in $T; do d=$W/$t

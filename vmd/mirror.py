@@ -55,14 +55,6 @@ class MirrorVolume(Volume):
         # One attach at a time (an admin's and RemoteWatch's may meet): each
         # prepares the plex's connection, which the next must not replace.
         self._attaching = trio.Lock()
-        for p in self.plexes:
-            p.direct_reads = self._direct_reads()
-
-    def _direct_reads(self) -> bool:
-        """Plexes read direct (Plex.direct_reads) where the volume file's page
-        cache keeps what users read (direct_io: false); with direct_io every
-        re-read comes to vmd, and the images' page cache is the only cache."""
-        return not self.cfg.direct_io
 
     def _update_recovering(self) -> None:
         self._recovering = any(p.state == ACTIVE and p.record.missing is not None
@@ -357,7 +349,6 @@ class MirrorVolume(Volume):
         rec = PlexRecord(name=f"p{self.state.next_plex}", path=path, state=state,
                          missing=None, role=role)
         p = self.plex_factory(rec, self.size)
-        p.direct_reads = self._direct_reads()
         # Before the gate: a remote export's connection may take remote_timeout.
         try:
             await p.prepare_attach()

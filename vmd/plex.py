@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import logging
 import os
 import resource
 import stat
@@ -24,8 +23,6 @@ from .exclusive import close_locked, lock_exclusive
 from .iopool import IOPool
 from .sidecar import PlexRecord
 from .uring import EndOfFile, Ring
-
-log = logging.getLogger(__name__)
 
 # Worker threads per plex (see iopool): enough for the requests FUSE has in
 # flight, few enough to cost nothing while idle.
@@ -48,10 +45,6 @@ RECUR = 1.0  # a stall this soon after the last hold ended doubles the hold
 # From this size a copy into the page cache costs more than a thread hop, so
 # the plexes of a volume are written in parallel threads (one stays inline).
 PARALLEL_BYTES = 128 * 1024
-# Reads whose offset and size are multiples of this (every read FUSE makes
-# for the volume's page cache) may be direct (see Plex.direct_reads); so is
-# the buffer they land in. 4 KiB suits disks of 512-byte and 4 KiB sectors.
-DIRECT_ALIGN = 4096
 
 
 def voluntary_switches() -> int:
@@ -77,34 +70,6 @@ _fallocate.restype = ctypes.c_int
 # copy_file_range(2) errors that mean "not between these two files" (another
 # filesystem, a kernel or filesystem without it): copy through a buffer.
 NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
-
-
-class _CachestatRange(ctypes.Structure):
-    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-
-class _Cachestat(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_uint64) for n in
-                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
-
-
-_SYS_CACHESTAT = 451  # x86-64 (direct reads go through io_uring: x86-64 only too)
-_cachestat = _libc["syscall"]  # its own function object: own argtypes
-_cachestat.restype = ctypes.c_long
-_cachestat.argtypes = [ctypes.c_long] * 5
-# Reused (the event loop's thread only): a call costs ~1 µs, not ~10.
-_cs_range, _cs = _CachestatRange(), _Cachestat()
-_cs_range_addr, _cs_addr = ctypes.addressof(_cs_range), ctypes.addressof(_cs)
-
-
-def cached_pages(fd: int, off: int, length: int) -> int:
-    """Pages of [off, off+length) of fd in the page cache (cachestat(2), Linux
-    6.5; no side effect, unlike a RWF_NOWAIT read that misses); -1 where the
-    kernel cannot say. From the event loop's thread only."""
-    _cs_range.off, _cs_range.len = off, length
-    if _cachestat(_SYS_CACHESTAT, fd, _cs_range_addr, _cs_addr, 0) != 0:
-        return -1
-    return _cs.nr_cache  # type: ignore[no-any-return]
 
 
 def punch_hole(fd: int, off: int, length: int) -> None:
@@ -161,15 +126,6 @@ class Plex:
         self.fresh = False
         self._nowait_skip = 0
         self._nowait_backoff = 0
-        # Read with O_DIRECT through io_uring (the volume sets it: mirrors).
-        # The volume file's page cache (direct_io: false) keeps what users
-        # read already; a cold read into the image's page cache as well
-        # costs an io_uring punt to a kernel worker, its wake-up and a
-        # second cached copy, where a direct read is asynchronous in the
-        # kernel itself. Coherent with the buffered writes: the kernel
-        # writes back dirty cached pages of the range before it reads.
-        self.direct_reads = False
-        self._direct_fd = -2  # -1: opened at the first direct read; -2: never
         # A subclass that replaces the blocking calls (tests injecting delays
         # or faults) keeps them on every path: no io_uring, no kernel copy.
         cls = type(self)
@@ -199,7 +155,6 @@ class Plex:
             st = os.fstat(fd)
             if stat.S_ISREG(st.st_mode):
                 self._seek_holes = True
-                self._direct_fd = -1 if self._real_io else -2
                 self._kernel_copy = self._real_io
                 if st.st_size == 0 and create:
                     os.ftruncate(fd, self.size)
@@ -216,9 +171,6 @@ class Plex:
     def close(self) -> None:
         self.fresh = False  # reopened, it may hold anything
         self._pool.stop()
-        if self._direct_fd >= 0:
-            os.close(self._direct_fd)
-        self._direct_fd = -2
         if self.fd >= 0:
             close_locked(self.fd)
             self.fd = -1
@@ -388,50 +340,11 @@ class Plex:
         ring = Ring.get()
         return None if ring is None or ring.full else ring
 
-    def _direct_fd_for(self, off: int, size: int) -> int:
-        """The O_DIRECT file for a read of [off, off+size), or -1: buffered."""
-        if not self.direct_reads or (off | size) % DIRECT_ALIGN or self._direct_fd == -2:
-            return -1
-        if self._direct_fd == -1:
-            # /proc/self/fd: the very file open as self.fd, whatever its path is now.
-            try:
-                self._direct_fd = os.open(f"/proc/self/fd/{self.fd}",
-                                          os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-            except OSError as e:
-                self._no_direct(e)
-                return -1
-        return self._direct_fd
-
-    def _no_direct(self, e: OSError) -> None:
-        log.info("plex %s: reads through the page cache (%s refuses O_DIRECT: %s)",
-                 self.name, self.path, e.strerror or e)
-        if self._direct_fd >= 0:
-            os.close(self._direct_fd)
-        self._direct_fd = -2
-
-    async def _pread_direct(self, ring: Ring, off: int, size: int) -> bytearray | None:
-        """A direct read (see direct_reads), or None: read buffered."""
-        fd = self._direct_fd_for(off, size)
-        if fd < 0 or cached_pages(self.fd, off, size) > 0:
-            # Cached (a re-read the volume's cache lost, data just written
-            # and still dirty): the page cache answers at once, where a
-            # direct read would make the kernel write dirty pages back first.
-            return None
-        try:
-            return await ring.pread_direct(fd, off, size, DIRECT_ALIGN)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            self._no_direct(e)  # alignment the filesystem refuses, or no O_DIRECT after all
-            return None
-
     async def pread(self, off: int, size: int) -> bytes | bytearray:
         ring = self._ring()
         if ring is not None:
             try:
-                data: bytes | bytearray | None = await self._pread_direct(ring, off, size)
-                if data is None:
-                    data = await ring.pread(self.fd, off, size)
+                data: bytes | bytearray | None = await ring.pread(self.fd, off, size)
             except EndOfFile as e:
                 raise PlexIOError(self, "read", off, self.end_of_image(e.offset)) from e
             except OSError as e:

@@ -215,25 +215,6 @@ class Ring:
             done += n
         return buf
 
-    async def pread_direct(self, fd: int, off: int, size: int, align: int) -> bytearray | None:
-        """Read [off, off+size) of fd, an O_DIRECT file, into a buffer aligned
-        to `align` (off and size are multiples of it). None if the read came
-        back short (the end of a cut image): the caller reads buffered, which
-        names the error."""
-        buf = bytearray(size + align)
-        addr, keep = _address(buf)  # type: ignore[misc]  # a bytearray is writable
-        pad = -addr % align
-        n = await self._run(_OP_READ, fd, off, addr + pad, size, keep)
-        del keep  # the buffer's exports: a bytearray cannot be resized while exported
-        if n != size:
-            return None
-        # In place, no copy: the tail first (a small shrink keeps the
-        # allocation), then the head (a bytearray drops leading bytes by
-        # moving its start).
-        del buf[pad + size:]
-        del buf[:pad]
-        return buf
-
     async def pwrite(self, fd: int, off: int, data: bytes | bytearray | memoryview) -> bool:
         """Write all of data at off. False (nothing written) if the buffer
         cannot be passed to the kernel as is: the caller writes it another way."""
