@@ -148,8 +148,8 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         sidecar.close()
         raise VmdError("none of its in-sync images can be opened: " + "; ".join(
             f"{p.name} {p.path}: {e.strerror or e}" for p, e in unopened)
-            + ". Nothing was recorded: make the images available (mount their filesystem) "
-              "and start vmd again")
+            + ". Nothing was recorded: make the images available (mount their filesystem), "
+              f"then `vmd start {vc.name}`")
     for p, e in unopened:
         rec = p.record
         was = rec.state
@@ -387,7 +387,7 @@ class VolumeManager:
 
     def refuse(self, name: str, why: str) -> None:
         self.refused[name] = why
-        log.error("volume %s refused: %s", name, why)
+        log.error("volume %s refused: %s", name, why.removeprefix(f"volume {name}: "))
         events.emit(events.VOLUME_REFUSED, name, error=why)
 
     def open_all(self, recover_all: Mapping[str, str | None] | None = None) -> None:
