@@ -379,14 +379,17 @@ class Raid5Volume(WriteBackCache, Volume):
         stripes = self._stripes(off, size)
         await self.gate.enter()
         try:
+            # Taken before the columns are asked (as `_read_pieces` takes its
+            # overlay before the read): a stripe written back and dropped
+            # from the cache meanwhile is on its columns by then, or here.
             data: set[int] = set()
+            if self.r5log is not None:  # acknowledged, not yet on the columns
+                data.update(s for _, s in self.r5log.cache.units)
             for p in self.columns:
                 if p.fd < 0 or p.state not in (ACTIVE, SYNCING):
                     continue
                 for a, n in await p.allocated(stripes.start * self.su, len(stripes) * self.su):
                     data.update(range(a // self.su, -(-(a + n) // self.su)))
-            if self.r5log is not None:  # acknowledged, not yet on the columns
-                data.update(s for _, s in self.r5log.cache.units)
             keep = [s for s in stripes if s in data or len(self._bad(s)) > 1]
         finally:
             self.gate.exit()
