@@ -12,6 +12,10 @@ Copy update's new consistent point on VOLUME fails with EIO, as a full or
 failing log disk would make it.
 VMD_TEST_FAULT=resize:VOLUME:STEP — `vmd resize VOLUME` SIGKILLs the daemon at
 STEP (RESIZE_STEPS), to prove a crash leaves the old or the new size.
+VMD_TEST_FAULT=hold-write-back:VOLUME — the RAID-5 log of VOLUME writes no
+piece to the columns and never retires: every acknowledged write stays in
+the write-back cache (and the log) until a SIGKILL. hold-commit:VOLUME also
+commits a batch to the log only when someone waits for it (an fsync).
 Unset in production: the write path checks one attribute.
 """
 
@@ -61,3 +65,13 @@ def resize_fault(volume: str, step: str) -> None:
     """SIGKILL the daemon at `step` of a resize of `volume`, if configured."""
     if os.environ.get("VMD_TEST_FAULT", "") == f"resize:{volume}:{step}":
         SplitWrite.die()
+
+
+def raid5_hold(volume: str) -> str | None:
+    """"write-back" or "commit" if the RAID-5 log of `volume` is to hold its
+    pieces (and, for "commit", its batches until asked), else None."""
+    spec = os.environ.get("VMD_TEST_FAULT", "")
+    for kind in ("write-back", "commit"):
+        if spec == f"hold-{kind}:{volume}":
+            return kind
+    return None

@@ -109,6 +109,13 @@ class VolumeFS(pyfuse3.Operations):
         self._by_name: dict[str, int] = {}
         self._next_inode = _FIRST_INODE
         self._handles: dict[int, Volume] = {}
+        # Handles whose writes must be durable when answered (O_SYNC,
+        # O_DSYNC) and that the kernel sends no fsync for: with direct_io,
+        # fuse_direct_write_iter never calls generic_write_sync. Without
+        # direct_io the kernel does (fuse_cache_write_iter, and the page
+        # cache's generic_file_write_iter with writeback_cache): FUSE_FSYNC
+        # follows each such write, and a sync here would be a second one.
+        self._sync_writes: set[int] = set()
         self._next_fh = 1
         self._uid = os.getuid()
         self._gid = os.getgid()
@@ -262,6 +269,8 @@ class VolumeFS(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = vol
+        if flags & os.O_DSYNC and vol.cfg.direct_io:  # O_SYNC includes O_DSYNC
+            self._sync_writes.add(fh)
         vol.opened()
         # direct_io (the default): every read and write comes to vmd, with no
         # third copy of the data in the kernel's cache of this file. Without
@@ -283,21 +292,27 @@ class VolumeFS(pyfuse3.Operations):
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         try:
-            return await self._handle(fh).pwrite(off, buf)
+            vol = self._handle(fh)
+            n = await vol.pwrite(off, buf)
+            if fh in self._sync_writes:
+                await vol.user_sync()
+            return n
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         try:
-            await self._handle(fh).sync()
+            await self._handle(fh).user_sync()
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
 
     async def flush(self, fh: int) -> None:
-        # close(2): writes are already on the plexes; durability is fsync's job.
+        # close(2): durability is fsync's job (a RAID-5 volume's writes may
+        # still be in its write-back cache, a mirror's in the plexes' page cache).
         self._handle(fh)
 
     async def release(self, fh: int) -> None:
+        self._sync_writes.discard(fh)
         vol = self._handles.pop(fh, None)
         if vol is not None:
             vol.released()

@@ -55,6 +55,7 @@ import trio
 
 from .config import MiB
 from .exclusive import InUseError, close_locked, open_locked
+from .faults import raid5_hold
 from .raid5cache import StripeCache, owned
 from .sidecar import VolumeState
 
@@ -204,6 +205,7 @@ class Raid5Log:
         self.retires = 0
         self.waits = 0  # writers that found the log full
         self.cache_waits = 0  # writers that found the cache full
+        self._hold = raid5_hold(vol.name)  # test fault: vmd/faults.py
 
     # -- start-up --------------------------------------------------------------
 
@@ -349,7 +351,9 @@ class Raid5Log:
         while True:
             await self._wake.wait()
             wait = self._since + COMMIT_DELAY - trio.current_time()
-            if self._pending and wait > 0 and not self._hurry.is_set() \
+            if self._hold == "commit":
+                await self._hurry.wait()
+            elif self._pending and wait > 0 and not self._hurry.is_set() \
                     and self.cache.bytes < CACHE_BOUND:
                 # Writers arriving meanwhile share this batch's sync.
                 with trio.move_on_after(wait):
@@ -383,6 +387,8 @@ class Raid5Log:
             self._progressed()  # fsyncs are answered before the columns are written
 
     async def _write_back_batches(self) -> None:
+        if self._hold is not None:
+            await trio.sleep_forever()
         while True:
             while not self._queue:
                 self._queued = trio.Event()
@@ -435,6 +441,8 @@ class Raid5Log:
             with trio.CancelScope() as self._retirer:
                 task_status.started()
                 while True:
+                    if self._hold is not None:  # it would wait for the write-back
+                        await trio.sleep_forever()
                     with trio.move_on_after(RETIRE_SECONDS):
                         await self._retire_due.wait()
                     self._retire_due = trio.Event()

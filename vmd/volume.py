@@ -109,6 +109,7 @@ class Volume:
                                   flush_plexes=self.flush, fmr_bits=self._fmr_bits,
                                   checkpoint=self.checkpoint)
         self.openers = 0
+        self.syncs = 0  # a user's fsyncs (and O_SYNC writes' syncs) answered or failed
         self.recovered_regions = 0  # DRL regions recovered after the last unclean stop
         # Records removed at open whose images go once the start checkpoint
         # no longer names them (a crash before it must not leave a plex
@@ -298,6 +299,11 @@ class Volume:
         durable elsewhere (RAID-5's log) may wait for less."""
         await self.flush()
 
+    async def user_sync(self) -> None:
+        """An fsync of the volume file (or the sync an O_SYNC write owes): `sync`, counted."""
+        self.syncs += 1
+        await self.sync()
+
     def _is_last(self, p: Plex) -> bool:
         """Failing `p` would leave the volume nothing to serve from: it is
         kept instead (`fail_plex`). A layout that can lose no image says so."""
@@ -459,6 +465,7 @@ class Volume:
             "recovered_regions": self.recovered_regions,
             "max_write": self.max_write,
             "max_read": self.max_read,
+            "syncs": self.syncs,
             "log": str(self.sidecar.path),
             "log_bytes": self.sidecar.size,
             "resync": self.resync.status(),
