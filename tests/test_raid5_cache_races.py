@@ -55,3 +55,30 @@ async def test_data_ranges_reports_a_stripe_written_back_while_the_columns_are_a
         assert await vol.pread(s * vol.width + 100, 4096) == b"D" * 4096
         assert any(a <= s * vol.width < a + n for a, n in ranges), \
             f"stripe {s} holds an acknowledged write but data_ranges said {ranges}"
+
+
+@pytest.mark.allow_log("cannot record", "is now IOFAIL")
+async def test_a_sidecar_failure_during_write_back_fails_the_volume_not_the_daemon(tmp_path):
+    cfg = raid5_config(tmp_path, size=2 * 16 * SU, raid5_log=tmp_path / "r5.r5log")
+    ref = os.urandom(cfg.size)
+    async with running_volume(cfg, shutdown=False) as vol:
+        await vol.pwrite(0, ref)
+        await vol.flush()
+        async with vol.r5log._io:  # the committer cannot sync: the write stays cached
+            await vol.pwrite(3 * vol.width, b"w" * 4096)
+            c = vol.data_col(3, 0)
+            # Out before its piece is written back: the write-back records
+            # the stripe in its map, with a checkpoint the sidecar refuses.
+            await vol.fail_plex(vol.columns[c], OSError(errno.EIO, "injected"), 0, 0)
+
+            async def failing_checkpoint() -> None:
+                raise OSError(errno.EIO, "injected: the sidecar disk failed")
+
+            vol.checkpoint = failing_checkpoint
+        with trio.fail_after(30):
+            await vol.r5log.drain()
+        assert vol.error is not None and "sidecar disk failed" in vol.error, vol.error
+        with pytest.raises(OSError) as e:
+            await vol.pwrite(0, b"x")
+        assert e.value.errno == errno.EIO
+        assert await vol.pread(3 * vol.width, 4096) == b"w" * 4096  # reads still served

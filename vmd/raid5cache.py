@@ -19,12 +19,15 @@ order, the newest bytes win.
 from __future__ import annotations
 
 import errno
+import logging
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .plex import Plex, PlexIOError
 from .volume import Volume, VolumeIOError
+
+log = logging.getLogger(__name__)
 
 Piece = tuple[int, int, Any]  # column, offset in the column, bytes
 
@@ -194,7 +197,16 @@ class WriteBackCache(Volume):
             s = min(gone[self.columns.index(e.plex)])
             await self.fail_plex(e.plex, e, s * self.width, self.width)
         if gone:
-            await self.checkpoint()  # the maps, also of a column already out
+            try:
+                await self.checkpoint()  # the maps, also of a column already out
+            except OSError as e:
+                # The volume's failure, not the daemon's (this runs in the
+                # log's committer): writes are refused from now on, as when
+                # a plex failure cannot be recorded (Volume._record_failure).
+                names = ", ".join(self.columns[c].name for c in sorted(gone))
+                self.error = self.error or (f"cannot record in {self.sidecar.path} the "
+                                            f"stripes column {names} missed: {e}")
+                log.critical("volume %s: %s; refusing writes", self.name, self.error)
         if self._failures_pending:
             await self.failures_durable()
 
