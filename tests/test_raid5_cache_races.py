@@ -82,3 +82,45 @@ async def test_a_sidecar_failure_during_write_back_fails_the_volume_not_the_daem
             await vol.pwrite(0, b"x")
         assert e.value.errno == errno.EIO
         assert await vol.pread(3 * vol.width, 4096) == b"w" * 4096  # reads still served
+
+
+@pytest.mark.allow_log("RAID-5 log", "retire failed")
+async def test_a_stop_during_the_flush_after_the_log_failed_still_stops_naming_it_in_use(
+        tmp_path):
+    from trio.testing import wait_all_tasks_blocked
+
+    from vmd.raid5log import IN_USE
+
+    cfg = raid5_config(tmp_path, size=2 * 16 * SU, raid5_log=tmp_path / "r5.r5log")
+    async with running_volume(cfg) as vol:
+        r5log = vol.r5log
+        await vol.pwrite(0, b"a" * 4096)
+        await vol.drain()
+        assert vol.state.extra.get(IN_USE) == str(r5log.path)
+
+        def failing_rewind(seq: int) -> None:
+            raise OSError(errno.EIO, "injected: the log disk failed")
+
+        r5log._rewind_sync = failing_rewind
+        flush_columns = vol.flush_columns
+        entered, release = trio.Event(), trio.Event()
+
+        async def slow_flush_after_the_failure() -> None:
+            if r5log.failed is not None:
+                entered.set()
+                await release.wait()
+            await flush_columns()
+
+        vol.flush_columns = slow_flush_after_the_failure
+        r5log._retire_due.set()  # the retirer's rewind fails; it flushes the columns
+        with trio.fail_after(30):
+            await entered.wait()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(r5log.stop)  # `vmd stop` ends the retirer
+                await wait_all_tasks_blocked()
+                release.set()
+        assert IN_USE not in vol.state.extra, "a failed RAID-5 log is still named in use"
+    # Durably: the next start does not trust (replay) the failed log.
+    async with running_volume(cfg) as vol:
+        assert vol.replayed_entries == 0
+        assert await vol.pread(0, 4096) == b"a" * 4096

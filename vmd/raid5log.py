@@ -78,6 +78,9 @@ IN_USE = "raid5_log"
 # columns (memory, and what a crash can lose, stay bounded).
 COMMIT_DELAY = 0.002
 CACHE_BOUND = 16 * MiB
+# The columns' flush after the log failed goes on through a stop this long
+# (below the daemon's SHUTDOWN_SECONDS).
+FAILED_FLUSH_SECONDS = 30
 
 Piece = tuple[int, int, Any]  # column, offset in the column, bytes
 
@@ -528,13 +531,24 @@ class Raid5Log:
             return
         self._failure_recorded = True
         vol = self.vol
-        try:
-            # What this log made durable is on the columns (written back
-            # already): flushed there before the restart stops replaying it.
-            await vol.flush_columns()
-        except OSError as e:
-            log.critical("volume %s: flushing the columns after RAID-5 log %s failed: %s",
-                         vol.name, self.path, e)
+        # Shielded (bounded): a stop cancels the retirer that may be here,
+        # and a flush cut short would leave the failed log named in use.
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + FAILED_FLUSH_SECONDS
+            try:
+                # What this log made durable is on the columns (written back
+                # already): flushed there before the restart stops replaying it.
+                await vol.flush_columns()
+            except OSError as e:
+                log.critical("volume %s: flushing the columns after RAID-5 log %s failed: %s",
+                             vol.name, self.path, e)
+        if scope.cancelled_caught:
+            # Its entries may not be durable on the columns: the log stays
+            # named, and a restart replays what it can read of it.
+            log.critical("volume %s: the columns' flush after RAID-5 log %s failed took over "
+                         "%d s; the log is still recorded in use", vol.name, self.path,
+                         FAILED_FLUSH_SECONDS)
+            return
         vol.state.extra.pop(IN_USE, None)
         try:
             with trio.CancelScope(shield=True):
