@@ -124,3 +124,40 @@ async def test_a_stop_during_the_flush_after_the_log_failed_still_stops_naming_i
     async with running_volume(cfg) as vol:
         assert vol.replayed_entries == 0
         assert await vol.pread(0, 4096) == b"a" * 4096
+
+
+@pytest.mark.allow_log("RAID-5 log", "lost", "is now IOFAIL", "full rebuild")
+async def test_a_rebuild_finishes_after_the_log_lost_a_batch_and_an_fsync_still_reports_it(
+        tmp_path):
+    from vmd.sidecar import ACTIVE
+
+    cfg = raid5_config(tmp_path, size=2 * 16 * SU, raid5_log=tmp_path / "r5.r5log")
+    ref = os.urandom(cfg.size)
+    async with running_volume(cfg) as vol:
+        await vol.pwrite(0, ref)
+        await vol.sync()
+        r5log = vol.r5log
+        write = r5log._write_sync
+
+        def failing_disk(bufs: list, at: int) -> None:
+            raise OSError(errno.EIO, "injected: the log disk failed")
+
+        r5log._write_sync = failing_disk
+        await vol.pwrite(vol.width + 100, b"lost" * 1000)  # answered from the cache
+        with trio.fail_after(30):
+            await r5log.drain()
+        r5log._write_sync = write
+        assert r5log.lost == 1
+        # A column is replaced: its rebuild's commits flush the columns.
+        await vol.detach_plex("c1")
+        await vol.attach_plex("c1", path=str(tmp_path / "new-c1.img"))
+        with trio.fail_after(20):
+            while vol.columns[1].state != ACTIVE:
+                await vol.resync.wait_idle()
+        assert await vol.pread(0, cfg.size) == ref  # the lost write is nowhere
+        with pytest.raises(OSError, match="RAID-5 log .* failed"):  # an fsync reports it
+            await vol.sync()
+    cols = [(tmp_path / "new-c1.img").read_bytes() if i == 1 else b
+            for i, b in enumerate(column_bytes(cfg))]
+    assert decode(cols, SU) == ref
+    assert not any(xor_all(cols))

@@ -130,18 +130,16 @@ class WriteBackCache(Volume):
         return [lay_over(b, p[1], o) if o else b for b, p, o in zip(got, pieces, over)]
 
     async def flush(self) -> None:
-        """Every write acknowledged so far on the columns, and the columns
-        flushed: what the DRL, a retire, Remote Copy, verify and a stop
-        need (a user's fsync needs less: `sync`)."""
+        """Every write acknowledged so far on the columns (or dropped: the
+        log failed), and the columns flushed: what the DRL, a retire, Remote
+        Copy, the rebuild, verify and a stop need (a user's fsync needs less:
+        `sync`). Lost writes are not its failure: they never reached a
+        column, so the columns agree with their parity and a clean record,
+        a rebuild's progress or a verify stays true. The loss is reported
+        by `sync`, and by the writes the volume refuses from then on."""
         if self.r5log is not None:
             await self.r5log.drain()
         await super().flush()
-        # Not at the stop: the lost pieces never reached a column, so the
-        # columns agree and the clean record is true.
-        if self.r5log is not None and self.r5log.lost and not self.stopped:
-            raise VolumeIOError(errno.EIO, f"volume {self.name}: {self.r5log.lost} acknowledged "
-                                f"write(s) were lost: RAID-5 log {self.r5log.path} failed "
-                                f"({self.r5log.failed})")
 
     async def flush_columns(self) -> None:
         """fdatasync the columns, the write-back cache left as it is."""
@@ -155,6 +153,10 @@ class WriteBackCache(Volume):
             await self.flush()
             return
         await self.r5log.sync()
+        if self.r5log.lost:
+            raise VolumeIOError(errno.EIO, f"volume {self.name}: {self.r5log.lost} acknowledged "
+                                f"write(s) were lost: RAID-5 log {self.r5log.path} failed "
+                                f"({self.r5log.failed})")
         if not self._can_serve():
             raise VolumeIOError(errno.EIO, f"volume {self.name}: too few columns are in to "
                                 f"hold its data")
