@@ -161,3 +161,44 @@ async def test_a_rebuild_finishes_after_the_log_lost_a_batch_and_an_fsync_still_
             for i, b in enumerate(column_bytes(cfg))]
     assert decode(cols, SU) == ref
     assert not any(xor_all(cols))
+
+
+@pytest.mark.allow_log("RAID-5 log")
+async def test_a_stop_cut_short_closes_no_column_while_the_write_back_writes_to_it(tmp_path):
+    import threading
+
+    from trio.testing import wait_all_tasks_blocked
+
+    cfg = raid5_config(tmp_path, size=2 * 16 * SU, raid5_log=tmp_path / "r5.r5log")
+    async with running_volume(cfg, shutdown=False) as vol:
+        col = vol.columns[vol.data_col(2, 0)]
+        entered, release = threading.Event(), threading.Event()
+        pwrite = col._pwrite_sync
+
+        def slow_pwrite(off: int, data) -> None:
+            entered.set()
+            release.wait(60)
+            pwrite(off, data)
+
+        col._pwrite_sync = slow_pwrite
+        await vol.pwrite(2 * vol.width, b"w" * 4096)
+        with trio.fail_after(30):
+            await trio.to_thread.run_sync(entered.wait)  # the write-back is in its thread
+            async with trio.open_nursery() as nursery:
+                stopped = trio.CancelScope()
+
+                async def stop() -> None:
+                    with stopped:
+                        await vol.shutdown()
+
+                nursery.start_soon(stop)
+                await wait_all_tasks_blocked()
+                stopped.cancel()  # the daemon's SHUTDOWN_SECONDS ran out
+                await wait_all_tasks_blocked()
+                try:
+                    assert col.fd >= 0, "a column was closed while a write-back thread wrote to it"
+                finally:
+                    release.set()
+        assert col.fd < 0 and vol.r5log.fd < 0  # closed once the thread was done
+        with open(col.record.path, "rb") as f:
+            assert os.pread(f.fileno(), 4096, 2 * SU) == b"w" * 4096

@@ -37,6 +37,7 @@ from .volume import Volume, VolumeIOError, Zeros
 
 log = logging.getLogger(__name__)
 
+HALT_SECONDS = 20  # a stop waits this long for the RAID-5 log's column writes to end
 
 
 class Raid5Volume(WriteBackCache, Volume):
@@ -436,8 +437,20 @@ class Raid5Volume(WriteBackCache, Volume):
                 # The columns were flushed by the shutdown: nothing to replay.
                 self.r5log.reset()
         finally:
-            if self.r5log is not None:
+            if self.r5log is not None and self.r5log.halted():
                 self.r5log.close()
+
+    async def _quiesced(self) -> bool:
+        if self.r5log is None:
+            return True
+        # Shielded: reached also when the stop is cancelled (its timeout),
+        # with the committer's column writes in their threads.
+        with trio.CancelScope(shield=True), trio.move_on_after(HALT_SECONDS):
+            await self.r5log.halt()
+        if not self.r5log.halted():
+            log.critical("volume %s: the RAID-5 log's column writes did not end within %d s; "
+                         "its files are left open", self.name, HALT_SECONDS)
+        return self.r5log.halted()
 
     # -- membership (admin) --------------------------------------------------
 

@@ -203,6 +203,8 @@ class Raid5Log:
         self._retire_due = trio.Event()  # the committer found the log half full
         self._retirer: trio.CancelScope | None = None
         self._retirer_done = trio.Event()
+        self._tasks: trio.CancelScope | None = None  # all of them (`run`)
+        self._tasks_done = trio.Event()
         self.failed: str | None = None  # a write or rewind failed: no more entries
         self.commits = 0  # log flushes (each one group of writers)
         self.retires = 0
@@ -326,11 +328,26 @@ class Raid5Log:
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The committer, and the retires in the background (`stop` ends
-        those; the committer ends with the volume's tasks)."""
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self._retire_in_background)
-            task_status.started()
-            await self._commit()
+        those; the committer ends with the volume's tasks, or `halt`)."""
+        self._tasks = trio.CancelScope()
+        try:
+            with self._tasks:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self._retire_in_background)
+                    task_status.started()
+                    await self._commit()
+        finally:
+            self._tasks_done.set()
+
+    async def halt(self) -> None:
+        """Cancel every task of the log and wait until they ended: their
+        worker threads (column writes, the log's own) are done with the fds."""
+        if self._tasks is not None:
+            self._tasks.cancel()
+            await self._tasks_done.wait()
+
+    def halted(self) -> bool:
+        return self._tasks is None or self._tasks_done.is_set()
 
     async def _commit(self) -> None:
         try:

