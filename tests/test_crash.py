@@ -408,7 +408,9 @@ def test_damaged_log_refused_then_recover_all(
         hdr = log0.read_bytes()[:sc.HEADER_SIZE]
         assert hdr.startswith(sc.HEADER_MAGIC)
         json_len = int.from_bytes(hdr[8:12], "little")
-        flip_byte(log0, 16 + json_len // 2)  # inside the header's JSON
+        # Inside the header's JSON, in both its copies (one alone is read around).
+        flip_byte(log0, 16 + json_len // 2)
+        flip_byte(log0, sc.HEADER_COPY + 16 + json_len // 2)
     else:
         recs = record_offsets(log0)
         assert len(recs) >= 4, f"expected a checkpoint and several dirty records: {recs}"
