@@ -119,3 +119,80 @@ def test_lost_log_recover_all_refuses_a_stale_first_plex_until_the_source_is_nam
     d.wait_resync()
     assert _head(d.volume_file()) == NEW and _head(a) == NEW and _head(b) == NEW
     d.stop()
+
+
+def test_lost_log_and_a_missing_first_image_is_never_the_source(
+        vmd_factory: Callable[..., VmdDaemon], allow_log: Callable[..., None]) -> None:
+    """Log lost and p0's image missing (its disk not mounted): `--recover-all`
+    created p0 blank, made it the source, and copied its zeros over p1. Now
+    the missing image is refused as the source, the refusal says so, and
+    naming p1 recovers it (p0 created and copied from p1)."""
+    allow_log(r"volume vol0 refused: ", r"--recover-all", r"not stopped cleanly")
+    d = vmd_factory(volumes={"vol0": volume_spec("vol0", size="8MiB", region_size="1MiB")})
+    a, b = d.plex_paths()
+    d.start()
+    _write(d.volume_file(), NEW)
+    d.stop()
+    d.log_path().unlink()
+    a.rename(d.path("p0-elsewhere.img"))
+
+    d.start()
+    err = {r["name"]: r["error"] for r in d.status().get("refused", [])}["vol0"]
+    assert f"{a} (missing)" in err and "the first plex in the config is missing" in err, err
+    d.stop()
+    d.daemon_args = ("--recover-all", "vol0")
+    d.start()
+    err = {r["name"]: r["error"] for r in d.status().get("refused", [])}["vol0"]
+    assert f"from {a}, which is missing" in err and "--recover-all vol0=IMAGE" in err, err
+    assert not a.exists() and _head(b) == NEW
+    d.stop()
+    d.daemon_args = ("--recover-all", f"vol0={a}")  # named, but missing: the same
+    d.start()
+    assert "which is missing" in d.status()["refused"][0]["error"]
+    assert not a.exists() and _head(b) == NEW
+    d.stop()
+
+    d.daemon_args = ("--recover-all", "vol0=p1")
+    d.start()
+    assert not d.status().get("refused"), d.status()
+    d.wait_resync()
+    assert _head(d.volume_file()) == NEW and _head(a) == NEW and _head(b) == NEW
+    assert "image " + str(a) + " is missing: created empty" in d.stderr()
+    d.stop()
+
+
+def test_lost_log_and_a_missing_raid5_column_is_not_created_blank(
+        vmd_factory: Callable[..., VmdDaemon], allow_log: Callable[..., None]) -> None:
+    """A RAID-5 volume's log lost and column c1 missing: `--recover-all`
+    created c1 blank and regenerated every stripe's parity over it (a third
+    of the data gone). Now c1 is not created: the volume is dirty and
+    degraded without a log, refused unless --force-degraded, and then served
+    degraded with every byte reconstructed."""
+    from raid5kit import raid5_spec  # noqa: PLC0415
+
+    allow_log(r"volume r5 refused: ", r"--recover-all", r"not stopped cleanly", r"is IOFAIL",
+              r"--force-degraded", r"write hole")
+    d = vmd_factory(volumes={"r5": raid5_spec("r5", size="4MiB", r5log=False)})
+    d.start()
+    data = os.urandom(4 * 1024 * 1024)
+    _write(d.volume_file("r5"), data)
+    d.stop()
+    d.log_path("r5").unlink()
+    c1 = d.path("r5-c1.img")
+    c1.rename(d.path("c1-elsewhere.img"))
+
+    d.daemon_args = ("--recover-all", "r5")
+    d.start()
+    err = {r["name"]: r["error"] for r in d.status().get("refused", [])}["r5"]
+    assert "degraded" in err and "--force-degraded r5" in err, err
+    assert not c1.exists()
+    d.stop()
+
+    d.daemon_args = ("--recover-all", "r5", "--force-degraded", "r5")
+    d.start()
+    st = d.status("r5")
+    assert {c["name"]: c["state"] for c in st["columns"]}["c1"] == "IOFAIL", st["columns"]
+    assert not c1.exists()
+    with open(d.volume_file("r5"), "rb") as f:
+        assert f.read() == data
+    d.stop()

@@ -119,7 +119,18 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
                             "config (no readable checkpoint); every plex is resynced from %s "
                             "(%s)", vc.name, vc.plexes[source], why)
         sidecar = SidecarLog.create(vc.log, state)
-        created = salvaged is None
+        # A new volume's images are created. Under --recover-all a missing
+        # image is no source: a mirror's source was checked to exist
+        # (config_source), the others are created and copied whole; a RAID-5
+        # column created blank would be taken for data (its stripes' parity
+        # regenerated over zeros), so it stays unopened: the volume is then
+        # degraded and dirty, refused unless --force-degraded.
+        created = salvaged is None and not (recover_all and vc.layout == "raid5")
+        if recover_all and created:
+            for p in _images(vc):
+                if not p.exists():
+                    log.warning("volume %s: --recover-all: image %s is missing: created empty, "
+                                "it is copied whole from the source", vc.name, p)
 
     plex_factory = remote_aware(plex_factory, vc, state.clean)
     plexes: list[Plex] = []

@@ -64,6 +64,15 @@ def _config_candidates(vc: VolumeConfig) -> list[tuple[str, str]]:
     return [(f"{prefix}{i}", str(p)) for i, p in enumerate(vc.plexes)]
 
 
+def _missing_source(vc: VolumeConfig, path: str, listing: str) -> str:
+    """Why a missing image cannot be the source: vmd would create it blank
+    and copy its zeros over every other plex."""
+    return (f"volume {vc.name}: --recover-all would resync every plex from {path}, which is "
+            f"missing (is its filesystem mounted?); vmd never copies from an image it would "
+            f"have to create. Images: {listing}. Make it available, or name an existing one: "
+            f"--recover-all {vc.name}=IMAGE")
+
+
 def config_source(vc: VolumeConfig, named: str | None) -> tuple[int, str]:
     """(index, why) of the config plex to resync from, when the config is all
     there is. Raises SidecarError if a config image is newer than the first
@@ -75,8 +84,12 @@ def config_source(vc: VolumeConfig, named: str | None) -> tuple[int, str]:
         if i is None:
             raise SidecarError(f"volume {vc.name}: --recover-all {vc.name}={named}: not one of its "
                                f"plexes in the config ({listing})")
+        if _mtime_ns(cands[i][1]) is None and "://" not in cands[i][1]:
+            raise SidecarError(_missing_source(vc, cands[i][1], listing))
         return i, f"named by --recover-all {vc.name}={named}"
     first = _mtime_ns(cands[0][1])
+    if first is None and "://" not in cands[0][1]:
+        raise SidecarError(_missing_source(vc, cands[0][1], listing))
     newer = [p for _, p in cands[1:] if first is not None and (_mtime_ns(p) or 0) > first]
     if newer:
         raise SidecarError(
@@ -103,13 +116,21 @@ def recovery_hint(vc: VolumeConfig) -> str:
                 f"`--recover-all {name}=IMAGE`)")
     cands = _config_candidates(vc)
     images = "; ".join(_image_line(p) for _, p in cands)
+    if vc.layout != "mirror":
+        return (f"Restore the log, or start with `--recover-all {name}`: a new log, and the "
+                f"parity of every stripe regenerated from the data (a missing column is not "
+                f"created: the volume is then degraded, started only with --force-degraded). "
+                f"Images: {images}")
     try:
         i, why = config_source(vc, None)
     except SidecarError:
+        first_missing = _mtime_ns(cands[0][1]) is None
         return (f"Restore the log, or name the plex to resync every other from: "
                 f"`--recover-all {name}=IMAGE`. Without the log only the config's plexes are "
-                f"known (plexes added or removed with `vmd plex` since are not), and an image "
-                f"other than the first was modified after it. Images: {images}")
+                f"known (plexes added or removed with `vmd plex` since are not), and "
+                + ("the first plex in the config is missing" if first_missing else
+                   "an image other than the first was modified after it")
+                + f". Images: {images}")
     return (f"Restore the log, or start with `--recover-all {name}` to rebuild it and resync "
             f"every plex from {cands[i][1]} ({why}; plexes added or removed with `vmd plex` "
             f"since are not known without the log; another source: "
