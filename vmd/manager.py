@@ -106,6 +106,12 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
                         ", ".join(f"{p.name} {p.path} {p.state}" for p in state.plexes), why)
         else:
             state = _config_state(vc)
+            if not recover_all:
+                # Also what a disk holding the log and every image looks like
+                # when it is not mounted: say so where the admin will look.
+                log.info("volume %s: no sidecar log %s and no image holding data: a new, empty "
+                         "volume (images %s)", vc.name, vc.log,
+                         ", ".join(str(p) for p in vc.plexes))
         if recover_all and salvaged is None:
             state.clean = False
             if vc.layout == "raid5":
