@@ -69,6 +69,8 @@ def test_ext4_on_raid5_survives_a_column_enospc_and_its_replacement(
     st = vmd.status("r5")
     c1st = column(st, "c1")
     assert c1st["state"] == "IOFAIL" and "No space left" in c1st["reason"], c1st
+    # Named once: it read "write of plex c1 (…) at offset A: write of plex c1 (…) at offset B: …".
+    assert c1st["reason"].count("of plex c1") == 1, c1st["reason"]
     assert st["degraded"], st
     # The filesystem goes on, degraded: more files, all of them read back.
     (Path(mnt) / "after").mkdir()

@@ -83,9 +83,13 @@ class PlexIOError(OSError):
     """An I/O error on a plex, naming it."""
 
     def __init__(self, plex: "Plex", op: str, off: int, err: OSError):
+        # One that passed through another layer names the plex once, with
+        # the first (innermost) offset's cause, not "write of plex … : write
+        # of plex … : No space left on device".
+        self.reason: str = (err.reason if isinstance(err, PlexIOError)
+                            else str(err.strerror or err))
         super().__init__(err.errno or errno.EIO,
-                         f"{op} of plex {plex.name} ({plex.path}) at offset {off}: "
-                         f"{err.strerror or err}")
+                         f"{op} of plex {plex.name} ({plex.path}) at offset {off}: {self.reason}")
         self.plex = plex
         self.op = op
         self.off = off
