@@ -55,7 +55,8 @@ def plan_raid5_recovery(vol: Raid5Volume, *, full: bool, force: bool) -> None:
                f"nobody wrote (the RAID-5 write hole)")
         if not force:
             raise VmdError(f"{why}. Bring the column back if it holds its data, or start with "
-                           f"`vmd daemon --force-degraded {vol.name}` to serve it anyway")
+                           f"`vmd daemon --force-degraded {vol.name}` (or, while the daemon "
+                           f"runs, `vmd start {vol.name} --force-degraded`) to serve it anyway")
         log.critical("%s; started anyway (--force-degraded): those stripes of column %s may "
                      "read wrong", why, names)
     for s in sorted(stripes):
