@@ -23,7 +23,8 @@ from .resize import finish_grow
 from .sidecar import (ACTIVE, IOFAIL, SNAPATT, SYNCING, WRITABLE, PlexRecord, SidecarLog,
                       VolumeState, new_state)
 from .mirror import MirrorVolume
-from .raid5 import Raid5Volume, plan_raid5_recovery
+from .raid5 import Raid5Volume
+from .raid5_recovery import plan_raid5_recovery
 from .recover import (config_source, fill_all_but, prepare_salvaged, recovery_hint,
                       refuse_named_for_raid5, salvage)
 from .tasks import Task
