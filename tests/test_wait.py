@@ -20,7 +20,7 @@ from vmd.errors import EXIT_ERROR
 
 pytestmark = pytest.mark.mount
 
-ENOSPC_LOG = (r"plex \w+ .* is now IOFAIL", r"No space left on device", r"rebuild of column",
+ENOSPC_LOG = (r"plex \w+ .* is now IOFAIL", r"gets a full rebuild", r"No space left on device", r"rebuild of column",
               r"resync of .* failed")
 
 
