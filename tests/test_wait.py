@@ -6,6 +6,7 @@ real reason (`start --force-degraded` of a mirror, `plex replace` onto a URI).""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from collections.abc import Callable
@@ -110,3 +111,40 @@ def test_raid5_replace_onto_a_uri_says_remote_columns_are_not_supported(
     p = vmd.cli("plex", "replace", "r5", "c2", "nbd://127.0.0.1:10963/m1r", check=False)
     assert p.returncode == EXIT_ERROR, (p.returncode, p.stdout, p.stderr)
     assert "remote" in p.stderr and "nbd:/127" not in p.stderr, p.stderr
+
+
+@pytest.mark.allow_log(r"column c2 .* is now IOFAIL", r"gets a full rebuild", r"No space left")
+async def test_a_rebuild_stops_once_its_only_target_failed(tmp_path: Path, monkeypatch) -> None:
+    # Engine level: the new column's write fails at its second run; the
+    # rebuild must not go on through the other 30 runs of the volume.
+    from enginekit import running_volume
+    from raid5kit import raid5_config
+    from vmd.plex import PlexIOError
+    from vmd.raid5_rebuild import Rebuild
+    from vmd.sidecar import IOFAIL
+
+    calls = {"copy": 0}
+    copy_chunk, rebuild_run = Rebuild._copy_chunk, Rebuild._rebuild_run
+
+    async def counted(self, off, length):  # type: ignore[no-untyped-def]
+        calls["copy"] += 1
+        return await copy_chunk(self, off, length)
+
+    async def full(self, target, sources, at, n):  # type: ignore[no-untyped-def]
+        if at >= 2 * MiB:
+            raise PlexIOError(target, "write", at, OSError(errno.ENOSPC, "No space left on device"))
+        await rebuild_run(self, target, sources, at, n)
+
+    monkeypatch.setattr(Rebuild, "_copy_chunk", counted)
+    monkeypatch.setattr(Rebuild, "_rebuild_run", full)
+    cfg = raid5_config(tmp_path, size=128 * MiB)
+    async with running_volume(cfg) as vol:
+        await vol.detach_plex("c2")
+        calls["copy"] = 0
+        await vol.attach_plex("c2", path=str(tmp_path / "new-c2.img"))
+        await vol.resync.wait_idle()
+        assert vol.columns[2].state == IOFAIL
+        rs = vol.resync.status()
+    assert list(rs["failed"]) == ["c2"] and rs["copied_bytes"] == 0, rs
+    # 32 runs of 4 MiB; the failure comes at the second, 8 are copied at once.
+    assert calls["copy"] <= 2 + 2 * vol.resync.copies, calls
