@@ -104,8 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("path", metavar="PATH", help="the new image file (created sparse if "
                     "missing); relative to the current directory")
 
-    w = add_verb(sub, "wait", "wait until no resync runs on VOLUME", (
-        ("vmd wait vol0", "until no resync runs"),))
+    w = add_verb(sub, "wait", "wait until no resync runs on VOLUME; exit 1, naming the plex "
+                              "and the error, if a target of the last resync failed", (
+        ("vmd wait vol0", "until no resync runs"),
+        ("vmd wait r5", "after `vmd plex replace r5 c1 PATH`: exits 0 only once c1 is rebuilt")))
     w.add_argument("volume", help=VOLUME_HELP)
 
     f = add_verb(sub, "fastresync", "turn FastResync on or off for VOLUME", (
