@@ -104,8 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("path", metavar="PATH", help="the new image file (created sparse if "
                     "missing); relative to the current directory")
 
-    w = add_verb(sub, "wait", "wait until no resync runs on VOLUME", (
-        ("vmd wait vol0", "until no resync runs"),))
+    w = add_verb(sub, "wait", "wait until no resync runs on VOLUME; exit 1, naming the plex "
+                              "and the error, if a target of the last resync failed", (
+        ("vmd wait vol0", "until no resync runs"),
+        ("vmd wait r5", "after `vmd plex replace r5 c1 PATH`: exits 0 only once c1 is rebuilt")))
     w.add_argument("volume", help=VOLUME_HELP)
 
     f = add_verb(sub, "fastresync", "turn FastResync on or off for VOLUME", (
@@ -357,8 +359,7 @@ def _run(args: argparse.Namespace) -> int:
                                _progress_printer(f"{args.volume} resync"))
         if sys.stderr.isatty():
             sys.stderr.write("\n")
-        rs = reply["resync"]
-        print(f"{args.volume}: in sync (last resync copied {format_size(rs['copied_bytes'])})")
+        _report_wait(args.volume, reply)
     elif args.command == "fastresync":
         client.request({"cmd": "fastresync", "volume": args.volume, "on": args.state == "on"})
         print(f"{args.volume}: FastResync {args.state}")
@@ -385,6 +386,22 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_snapshot_command(args, client, _progress_printer)
     return EXIT_OK
+
+
+def _report_wait(volume: str, reply: dict[str, Any]) -> None:
+    """`vmd wait`'s answer: failed if a target of the last resync failed (and
+    still is), else in sync, with the figures of a pass only if one ran
+    while this wait waited."""
+    what = "rebuild" if reply.get("rebuild") else "resync"
+    failed = reply.get("failed", [])
+    if failed:
+        after = ("the volume is still degraded" if what == "rebuild" else
+                 "it holds no complete copy of the volume")
+        raise VmdError("; ".join(f"{volume}: {what} of {f['plex']} failed, {f['plex']} is "
+                                 f"{f['state']} ({f['reason']}); {after}" for f in failed))
+    rs = reply["resync"]
+    ran = f" ({what} copied {format_size(rs['copied_bytes'])})" if reply.get("ran") else ""
+    print(f"{volume}: in sync{ran}")
 
 
 def _wait_gone(sock: Path, timeout: float = 120.0) -> None:

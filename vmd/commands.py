@@ -19,7 +19,7 @@ from .errors import VmdError
 from .mountpath import outside_mount_error
 from .nbdlink import check_uri, is_remote, uri_typo
 from .manager import VolumeManager
-from .sidecar import SYNCING
+from .sidecar import RESYNC_TARGETS, SYNCING
 
 PROGRESS_SECONDS = 0.5
 
@@ -96,6 +96,9 @@ def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], N
 
     async def plex_replace(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         vol = m.get(req_str(req, "volume"))
+        if is_remote(req_str(req, "path")):  # not made a path relative to the daemon's cwd
+            raise VmdError(f"plex replace {vol.name}: {req['path']} is a remote image; a RAID-5 "
+                           f"column must be a local image file (remote columns are not supported)")
         path = new_image_path(m, req_str(req, "path"), f"plex replace {vol.name}")
         if not hasattr(vol, "columns"):
             raise VmdError(f"volume {vol.name} is a mirror: `plex replace` is for RAID-5 "
@@ -118,11 +121,20 @@ def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], N
 
     async def wait(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         vol = m.get(req_str(req, "volume"))
+        passes = vol.resync.passes
         while True:
             st = vol.resync.status()
             syncing = any(p.state == SYNCING for p in vol.plexes)
             if not vol.resync.targets() and not st["running"] and not syncing:
-                return {"resync": st}
+                # The last pass's failed targets, whenever it ran (`plex
+                # replace ... && vmd wait` may connect after it ended), while
+                # they are still failed: the redundancy it was to restore is not.
+                by_name = {p.name: p for p in vol.plexes}
+                failed = [{"plex": n, "state": by_name[n].state, "reason": why}
+                          for n, why in st["failed"].items()
+                          if n in by_name and by_name[n].state not in RESYNC_TARGETS]
+                return {"resync": st, "ran": vol.resync.passes != passes, "failed": failed,
+                        "rebuild": hasattr(vol, "columns")}
             await progress({"volume": vol.name, **st})
             with trio.move_on_after(PROGRESS_SECONDS):
                 await vol.resync.wait_idle()

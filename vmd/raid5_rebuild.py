@@ -116,7 +116,8 @@ class Rebuild(Resync):
                         break  # the target failed: it keeps its map
                 else:
                     done.append(col.name)
-            return done, length
+            # A run whose every target failed rebuilt nothing.
+            return done, length if done else 0
 
     async def _rebuild_run(self, target: Plex, sources: list[Plex], at: int, n: int) -> None:
         """[at, at+n) of `target` := the XOR of that range of every source.

@@ -144,7 +144,10 @@ class Resync:
         self.sparse = os.environ.get(DENSE_ENV, "") != "1"
         self.last_seconds = 0.0
         self.last_targets: list[str] = []
-        self.passes = 0
+        # Targets of the last pass that failed during it (name → reason): its
+        # copy into them is lost, and `vmd wait` must not call that in sync.
+        self.failed: dict[str, str] = {}
+        self.passes = 0  # finished passes: `vmd wait` tells whether one ran meanwhile
         self._bufs: list[bytearray] = []  # copy buffers, one per chunk in flight, reused
         # One job at a time per disk (the manager sets the daemon's slots).
         self.slots: DeviceSlots | None = None
@@ -169,6 +172,7 @@ class Resync:
             "synced_bytes": self.synced_bytes, "span_bytes": self.span_bytes,
             "skips_holes": self.sparse,
             "seconds": round(self.last_seconds, 3), "targets": self.last_targets,
+            "failed": self.failed,
             "rate_limit": self.rate_limit,
             "queued": bool(self.queue.behind), "queued_behind": self.queue.behind,
         }
@@ -254,6 +258,7 @@ class Resync:
         self.total_bytes = span
         self.done_bytes = 0
         self.last_targets = [t.name for t in targets]
+        self.failed = {}
         started = time.monotonic()
         runs = list(union.runs(max(1, CHUNK // fmr)))
         self.total_bytes = await self._allocated(runs)
@@ -265,6 +270,9 @@ class Resync:
         # a commit, taken before its flush (invariant 2: recorded once durable).
         pending: dict[str, list[list[int]]] = {}
         pending_bytes = 0
+        # Bytes copied per set of targets reached: what went only into targets
+        # that failed later is not reported as copied.
+        reached: dict[tuple[str, ...], int] = {}
         unflushed = 0  # copied since writeback was last started
         no_source = False
         failure: OSError | None = None
@@ -287,6 +295,9 @@ class Resync:
             copied_to, copied = result
             for name in copied_to:
                 pending.setdefault(name, []).append([first, count])
+            if copied_to:
+                key = tuple(copied_to)
+                reached[key] = reached.get(key, 0) + copied
             pending_bytes += length
             unflushed += copied
             self.done_bytes += copied
@@ -299,8 +310,8 @@ class Resync:
                 for first, count, off, length in self._read_ahead(iter(runs)):
                     await in_flight.acquire()
                     await self._throttle(started)  # counts the copies that have returned
-                    if no_source or failure is not None:
-                        break
+                    if no_source or failure is not None or not _live(targets):
+                        break  # nothing to copy from, or nothing left to copy into
                     nursery.start_soon(copy, first, count, off, length)
                     if unflushed >= WRITEBACK_BYTES:
                         await start_writeback([p for p in vol.plexes if p.name in pending])
@@ -319,8 +330,10 @@ class Resync:
             self.last_seconds = time.monotonic() - started
             for t in targets:
                 t.fresh = False  # this pass copied into it: a later one must punch
-        self.copied_bytes = self.done_bytes
-        self.synced_bytes = span
+        self.failed = {t.name: t.record.reason or t.state for t in targets if not _live([t])}
+        self.copied_bytes = sum(n for names, n in reached.items()
+                                if any(name not in self.failed for name in names))
+        self.synced_bytes = span if len(self.failed) < len(targets) else 0
         await self._finish(targets)
         return True
 
@@ -465,12 +478,20 @@ class Resync:
         if changed:
             await vol.checkpoint()
         vol._update_recovering()
-        log.info("volume %s: resync finished: %s copied in %.2f s", vol.name,
-                 format_size(self.copied_bytes), self.last_seconds)
+        self.passes += 1
+        lost = "".join(f"; plex {n} failed: {why}" for n, why in self.failed.items())
+        log.info("volume %s: resync finished: %s copied in %.2f s%s", vol.name,
+                 format_size(self.copied_bytes), self.last_seconds, lost)
         for p in vol.plexes:
             if p.state != was.get(p.name, p.state):
                 events.emit(events.PLEX_STATE, vol.name, p.name, state=p.state, was=was[p.name],
                             reason="resync finished")
         events.emit(events.RESYNC_FINISHED, vol.name, targets=[t.name for t in targets],
                     copied_bytes=self.copied_bytes, synced_bytes=self.synced_bytes,
-                    seconds=round(self.last_seconds, 3))
+                    seconds=round(self.last_seconds, 3), failed=self.failed)
+
+
+def _live(targets: list[Plex]) -> bool:
+    """Some of a pass's targets can still take its copy (none has failed,
+    been detached or gone stale since: those leave RESYNC_TARGETS)."""
+    return any(t.state in RESYNC_TARGETS for t in targets)

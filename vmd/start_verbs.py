@@ -95,6 +95,9 @@ def register(table: CommandTable, m: VolumeManager, stopping: Callable[[], bool]
                         f"volume {name} {what} is not in {m.cfg.path} (volumes there now: "
                         f"{', '.join(listed)}), nor a snapshot of a volume that serves (a "
                         f"snapshot volume comes up with the volume it was taken of)")
+                if req.get("force_degraded") and vc.layout != "raid5":
+                    raise _NoChange(f"--force-degraded applies to RAID-5 volumes only; volume "
+                                    f"{name} is a {vc.layout}, so nothing was changed")
                 # A snapshot's files are vmd's own (its origin records its image).
                 used = _in_use(m, vc) if name in listed else None
                 if used is not None:
