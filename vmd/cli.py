@@ -243,7 +243,10 @@ def _raid5_log_line(v: dict[str, Any]) -> str:
             f"{format_size(r['capacity'])}  cached {format_size(r['cached_bytes'])}  "
             f"replayed {v['replayed_entries']} at start")
     if r.get("failed"):
-        line += f"  FAILED: {r['failed']}; {r['lost_entries']} acknowledged write(s) lost"
+        # The problem line says why, unless another problem comes first there.
+        said = (v.get("problem") or "").startswith(f"RAID-5 log {r['path']} failed")
+        line += "  FAILED" + ("" if said else f": {r['failed']}; {r['lost_entries']} "
+                                              f"acknowledged write(s) lost")
     return line
 
 
