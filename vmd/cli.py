@@ -202,6 +202,8 @@ def _print_status(reply: dict[str, Any]) -> None:
         if v.get("layout", "mirror") != "mirror":
             print(f"  layout {v['layout']}  stripe_unit {format_size(v['stripe_unit'])}  "
                   f"degraded {'yes' if v['degraded'] else 'no'}")
+        if v.get("raid5_log"):
+            print(_raid5_log_line(v))
         if v.get("problem"):
             print(f"  problem: {v['problem']}")
         if rs.get("queued"):
@@ -234,6 +236,20 @@ def _print_status(reply: dict[str, Any]) -> None:
                                                   ("reattached:", "reattached")) if p.get(f)]))
     for r in reply.get("refused", []):
         print(f"volume {r['name']}  REFUSED: {r['error']}")
+
+
+def _raid5_log_line(v: dict[str, Any]) -> str:
+    """A RAID-5 volume's log and write-back cache: what they hold, and FAILED."""
+    r = v["raid5_log"]
+    line = (f"  raid5_log {r['path']}  {format_size(r['used_bytes'])} / "
+            f"{format_size(r['capacity'])}  cached {format_size(r['cached_bytes'])}  "
+            f"replayed {v['replayed_entries']} at start")
+    if r.get("failed"):
+        # The problem line says why, unless another problem comes first there.
+        said = (v.get("problem") or "").startswith(f"RAID-5 log {r['path']} failed")
+        line += "  FAILED" + ("" if said else f": {r['failed']}; {r['lost_entries']} "
+                                              f"acknowledged write(s) lost")
+    return line
 
 
 def _inspect_log(path: str) -> int:

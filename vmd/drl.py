@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 # Regions dirtied ahead of a sequential writer (see begin_write): at most this
 # many more regions to recover after a crash, per stream.
 LOOKAHEAD = 8
+# A lazy clean that keeps failing (a failed RAID-5 log fails every flush
+# until a restart) is logged once, then once per this many seconds.
+CLEAN_FAILURE_LOG_SECONDS = 600.0
 
 
 class _Batch:
@@ -203,16 +206,30 @@ class DirtyRegionLog:
                           task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         period = max(0.2, min(self.clean_delay / 2, 2.0))
+        failures = 0  # in a row
+        logged = 0.0  # when the last of them was logged
         while True:
             await trio.sleep(period)
             try:
-                await self.clean_idle()
+                cleaned = await self.clean_idle()
                 if self._checkpoint is not None and self.sidecar.needs_compaction():
                     await self._checkpoint()  # keeps the log bounded
                 if is_closed() and not self.state.clean and self.idle:
                     quiet = trio.current_time() - max(self._last_write.values(), default=0.0)
                     if quiet >= min(self.clean_delay, 1.0):
                         await self.mark_clean()
+                        cleaned += 1
             except OSError as e:
                 # Leaving regions dirty is always safe; try again next period.
-                log.warning("volume %s: lazy clean failed: %s", self.state.name, e)
+                failures += 1
+                now = trio.current_time()
+                if failures == 1 or now - logged >= CLEAN_FAILURE_LOG_SECONDS:
+                    logged = now
+                    log.warning("volume %s: lazy clean failed: %s (%d time(s) in a row; retried "
+                                "every %g s, logged again every %d s while it fails)",
+                                self.state.name, e, failures, period, CLEAN_FAILURE_LOG_SECONDS)
+            else:
+                if failures and cleaned:  # (a period with nothing to clean proves nothing)
+                    log.info("volume %s: lazy clean works again after %d failure(s)",
+                             self.state.name, failures)
+                    failures = 0

@@ -35,6 +35,7 @@ RCOPY_COMMITTED = "rcopy-committed"
 RCOPY_FAILED = "rcopy-failed"
 VOLUME_REFUSED = "volume-refused"
 VOLUME_STARTED = "volume-started"  # `vmd start` of a refused volume
+RAID5_LOG_FAILED = "raid5-log-failed"  # the volume refuses writes until a restart
 DROPPED = "dropped"
 
 QUEUE_EVENTS = 1000  # per reader: far more than a burst of failures and resyncs makes

@@ -405,6 +405,15 @@ class Raid5Volume(WriteBackCache, Volume):
 
     # -- status --------------------------------------------------------------
 
+    def _health(self) -> dict[str, str | None]:
+        # A failed RAID-5 log refuses every write: as much an outage as no
+        # column to serve from, which is said first (reads fail too then).
+        health = super()._health()
+        problem = None if self.r5log is None else self.r5log.problem()
+        if problem is None or health["health"] == "failed":
+            return health
+        return {"health": "failed", "problem": problem}
+
     def _layout_status(self) -> dict[str, Any]:
         stripes = self.size // self.width
         bad = sum(1 for s in range(stripes) if self._bad(s)) if stripes <= 1 << 16 else None

@@ -53,6 +53,7 @@ from typing import Any, Protocol
 
 import trio
 
+from . import events
 from .config import MiB
 from .exclusive import InUseError, close_locked, open_locked
 from .faults import raid5_hold
@@ -188,6 +189,9 @@ class Raid5Log:
         self.synced = 0  # every entry up to this one is durable in the log
         self.done = 0  # and up to this one on the columns (or dropped: the log failed)
         self.lost = 0  # acknowledged entries dropped because the log failed
+        # Set by a failure (not by a stop's end of the committer): every
+        # entry not yet durable then, which the write-back drops.
+        self._losing: int | None = None
         self._ended = False  # the committer is gone: nothing more is synced
         self._wake = trio.Event()  # the batch has entries
         self._hurry = trio.Event()  # someone waits for the batch: no grouping delay
@@ -538,10 +542,26 @@ class Raid5Log:
 
     def _mark_failed(self, why: str) -> None:
         self.failed = why
+        # Appends are refused from now on: every entry past the last durable
+        # one is dropped by the write-back (counted in `lost` as it goes).
+        self._losing = self.seq - self.synced
         vol = self.vol
         vol.error = vol.error or f"RAID-5 log {self.path} failed: {why}"
         log.critical("volume %s: RAID-5 log %s failed: %s; refusing writes (a restart "
                      "regenerates the parity of the dirty stripes)", vol.name, self.path, why)
+        events.emit(events.RAID5_LOG_FAILED, vol.name, path=str(self.path), error=why,
+                    lost_entries=self._losing)
+
+    def lost_entries(self) -> int:
+        return max(self.lost, self._losing or 0)
+
+    def problem(self) -> str | None:
+        """The volume's status `problem` once the log failed."""
+        if self._losing is None:
+            return None
+        return (f"RAID-5 log {self.path} failed: {self.failed}; writes refused; "
+                f"{self.lost_entries()} acknowledged write(s) lost; see `When the RAID-5 log "
+                f"fails` in docs/operations.md")
 
     async def _record_failed(self) -> None:
         if self._failure_recorded:
@@ -579,7 +599,7 @@ class Raid5Log:
                 "in_flight": len(self._inflight), "commits": self.commits,
                 "retires": self.retires, "full_waits": self.waits, "failed": self.failed,
                 "cached_bytes": self.cache.bytes, "cache_waits": self.cache_waits,
-                "lost_entries": self.lost}
+                "lost_entries": self.lost_entries()}
 
     def close(self) -> None:
         if self.fd >= 0:
