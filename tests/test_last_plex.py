@@ -215,3 +215,42 @@ async def test_a_volume_with_no_in_sync_plex_does_not_look_clean(
         _print_status({"volumes": [st]})
         first, problem = capsys.readouterr().out.splitlines()[:2]
         assert "FAILED" in first and problem.startswith("  problem: too few images"), first
+
+
+@pytest.mark.allow_log(r"writing the dirty-region log failed", r"No space left on device",
+                       r"lazy clean failed")
+def test_a_sidecar_log_that_cannot_be_written_shows_in_status(
+        vmd_factory: Callable[..., VmdDaemon], sysres: SysResources, tmp_path: Path) -> None:
+    """The sidecar log's filesystem full: writes to regions not yet dirty fail
+    (EIO) and status said `ok`. It says why now, and `ok` again once the log
+    can be written."""
+    small = tmp_path / "small"
+    sysres.mount("tmpfs", small, "-t", "tmpfs", "-o", "size=256k")
+    vmd = vmd_factory(volumes={"vol0": {"size": "256MiB",
+                                        "plexes": ["vol0-p0.img", "vol0-p1.img"],
+                                        "log": str(small / "vol0.log"),
+                                        "region_size": "1MiB"}}).start()
+    filler = small / "filler"
+    free = os.statvfs(small).f_bavail * os.statvfs(small).f_frsize
+    filler.write_bytes(b"\xa5" * free)
+    fd = os.open(vmd.volume_file(), os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as ei:
+            # A record per region (shuffled: no sequential look-ahead); the
+            # log's last page fills up somewhere in here.
+            for r in random.Random(5).sample(range(256), 256):
+                failed_at = r * MiB
+                os.pwrite(fd, b"x" * 4096, failed_at)
+                os.fsync(fd)  # (through the kernel's cache, the write reaches vmd here)
+        assert ei.value.errno == errno.EIO
+        st = vmd.status("vol0")
+        assert st["health"] == "errors" and "dirty-region log cannot be written" in st["problem"], st
+        assert str(small / "vol0.log") in st["problem"], st
+        assert "problem: the dirty-region log" in vmd.cli("status", "vol0").stdout
+        filler.unlink()
+        os.pwrite(fd, b"y" * 4096, failed_at)  # its region is still to be marked dirty
+        os.fsync(fd)
+        assert vmd.status("vol0")["health"] == "ok"
+    finally:
+        os.close(fd)
+    vmd.stop()

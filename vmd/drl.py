@@ -58,6 +58,9 @@ class DirtyRegionLog:
         self._batch = _Batch()
         self._wake = trio.Event()
         self.commits = 0  # dirty records written (each one log flush)
+        # The last `dirty` record could not be written: writes to regions not
+        # yet dirty fail (EIO) until one can.
+        self.failing: OSError | None = None
         self.writes = 0  # writes begun (mark_clean checks none began meanwhile)
 
     # -- write path ----------------------------------------------------------
@@ -124,7 +127,9 @@ class DirtyRegionLog:
             except OSError as e:
                 log.error("volume %s: writing the dirty-region log failed: %s", self.state.name, e)
                 batch.error = e
+                self.failing = e  # status says so until a commit works again
             else:
+                self.failing = None
                 # Only now may writers skip the log for these regions.
                 bits = self.state.drl.bits
                 for r in regs:

@@ -508,6 +508,15 @@ class Volume:
             return {"health": "failed", "problem": (
                 f"too few images are in sync to serve the volume ({states}): every read "
                 f"and write fails; see `A volume with no in-sync plex` in docs/operations.md")}
+        if self.error is not None and not self.stopped:
+            return {"health": "failed", "problem": (
+                f"{self.error}: every write is refused (EIO) until the daemon is restarted; "
+                f"see `Errors and what to do` in docs/operations.md")}
+        if self.drl.failing is not None:
+            return {"health": "errors", "problem": (
+                f"the dirty-region log cannot be written ({self.drl.failing}): writes to "
+                f"regions not yet marked dirty fail (EIO) until it can (room on the disk of "
+                f"{self.sidecar.path})")}
         kept = [p for p in self.plexes if p.record.reason.startswith(KEPT_NOTE)]
         if kept:
             p = kept[0]
