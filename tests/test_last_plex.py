@@ -254,3 +254,37 @@ def test_a_sidecar_log_that_cannot_be_written_shows_in_status(
     finally:
         os.close(fd)
     vmd.stop()
+
+
+@pytest.mark.allow_log(r"volume vol0 refused: .*not mounted")
+def test_a_volume_on_a_disk_fstab_lists_but_not_mounted_is_refused_not_created(
+        vmd_factory: Callable[..., VmdDaemon], sysres: SysResources, tmp_path: Path) -> None:
+    """The disk holding a volume's log and images, listed in fstab, is not
+    mounted: with no log and no image there it looked like a first start,
+    and vmd served a new, empty volume in the empty mount-point directory.
+    It is refused, nothing created; mounted, `vmd start` serves the data."""
+    disk = tmp_path / "disk"
+    dev = sysres.make_ext4_image(tmp_path / "disk.img", 40 * MiB, disk)
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"# test fstab\n{dev} {disk} ext4 defaults,nofail 0 2\n"
+                     f"tmpfs /tmp tmpfs defaults 0 0\n")
+    spec = {"size": "16MiB", "plexes": [str(disk / "p0.img"), str(disk / "p1.img")],
+            "log": str(disk / "vol0.log")}
+    vmd = vmd_factory(volumes={"vol0": spec}, env={"VMD_FSTAB": str(fstab)}).start()
+    data = os.urandom(MiB)
+    with open(vmd.volume_file(), "r+b") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    vmd.stop()
+    sysres.umount(disk)
+    assert list(disk.iterdir()) == []  # the empty mount-point directory
+
+    vmd.start()
+    err = {r["name"]: r["error"] for r in vmd.status().get("refused", [])}["vol0"]
+    assert f"lies under {disk}, which /etc/fstab lists but is not mounted" in err, err
+    assert list(disk.iterdir()) == [], "files were created in the mount-point directory"
+    sysres.mount(dev, disk)
+    vmd.cli("start", "vol0")
+    with open(vmd.volume_file(), "rb") as f:
+        assert f.read(len(data)) == data
+    vmd.stop()

@@ -15,6 +15,7 @@ from . import events
 from .config import Config, VolumeConfig, format_size
 from .errors import SidecarError, VmdError
 from .exclusive import InUseError, close_locked, lock_exclusive, open_locked
+from .mountpath import unmounted_fstab_point
 from .nbdlink import is_remote
 from .nbdplex import map_after_open_error, remote_aware
 from .plex import Plex
@@ -70,6 +71,15 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         # A new log must not be written for plexes another daemon serves.
         _check_not_in_use(vc)
         if not recover_all:
+            # A disk that should hold the volume but is not mounted looks like
+            # a first start (no log, no data): never create the volume there.
+            for f in (vc.log, *_images(vc)):
+                point = unmounted_fstab_point(f)
+                if point is not None:
+                    raise SidecarError(
+                        f"volume {vc.name}: {f} lies under {point}, which /etc/fstab lists "
+                        f"but is not mounted: vmd will not create a new, empty volume in its "
+                        f"place. Mount it, then `vmd start {vc.name}`")
             for p in _images(vc):
                 if _holds_data(p):
                     raise SidecarError(

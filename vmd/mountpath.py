@@ -109,3 +109,34 @@ def outside_mount_error(path: str | os.PathLike[str], mountpoint: Path,
     seen = f" (mounted again at {mp})" if mp != resolved_mountpoint(mountpoint) else ""
     return (f"{path} lies under the daemon's mountpoint {mountpoint}{seen}: the daemon would "
             f"serve its own image or log; put it on a filesystem outside the mount")
+
+
+FSTAB_ENV = "VMD_FSTAB"  # another fstab to read (tests)
+
+
+def _fstab_points() -> list[str]:
+    """Mount points /etc/fstab lists (not swap), unescaped."""
+    try:
+        with open(os.environ.get(FSTAB_ENV, "/etc/fstab")) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 3 and fields[1].startswith("/") and fields[2] != "swap":
+            out.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[1]))
+    return out
+
+
+def unmounted_fstab_point(path: str | os.PathLike[str]) -> str | None:
+    """The deepest mount point /etc/fstab lists above `path` if it is not
+    mounted now: a disk that should hold the path but does not (yet)."""
+    real = os.path.realpath(path)
+    above = [p for p in _fstab_points() if p != "/" and
+             (real == p or real.startswith(p.rstrip("/") + "/"))]
+    if not above:
+        return None
+    deepest = max(above, key=len)
+    mounted = {point for _, point in _mountinfo()}
+    return None if deepest in mounted else deepest
