@@ -144,7 +144,7 @@ def test_a_resync_whose_source_is_cut_short_fails_it_and_copies_from_another(
 
 @pytest.mark.mount
 @pytest.mark.allow_log(r"plex p1 is IOFAIL: cannot open image .* is 8388608 bytes, it must "
-                       r"be 67108864 bytes")
+                       r"be 67108864 bytes", r"plex p1 gets a full resync: its image could not")
 def test_an_image_cut_short_while_stopped_fails_its_plex_at_start(vmd: VmdDaemon) -> None:
     """Not the daemon: the other volumes and plexes are served."""
     ref = write_reference(vmd, "vol0", SIZE)
@@ -156,4 +156,11 @@ def test_an_image_cut_short_while_stopped_fails_its_plex_at_start(vmd: VmdDaemon
     assert rec["state"] == "IOFAIL", rec
     assert str(p1) in rec["reason"] and f"{SHORT} bytes" in rec["reason"], rec
     assert f"{SIZE} bytes" in rec["reason"], rec
+    assert read_volume(vmd, "vol0") == ref
+    # Put right and attached: copied whole, and the reason says why (it read
+    # "FastResync was off, or it was never tracked").
+    os.truncate(p1, SIZE)
+    out = vmd.cli("plex", "attach", "vol0", "p1").stdout
+    assert "its image could not be opened at start" in out, out
+    vmd.wait_resync()
     assert read_volume(vmd, "vol0") == ref

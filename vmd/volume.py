@@ -546,6 +546,9 @@ class Volume:
     def _why_full_resync(self, p: Plex) -> str:
         rec = p.record
         if rec.missing is None:
+            if rec.reason.startswith("cannot open image"):
+                return (f"its image could not be opened at start ({rec.reason}): what it "
+                        f"holds is unknown")
             return "no FastResync map for it (FastResync was off, or it was never tracked)"
         if not self.state.fastresync:
             return "FastResync is off for this volume"
