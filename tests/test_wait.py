@@ -102,6 +102,12 @@ def test_start_force_degraded_of_a_mirror_is_refused(vmd_factory: Callable[..., 
     assert "--force-degraded applies to RAID-5 volumes only" in p.stderr, p.stderr
     assert "m1" not in {v["name"] for v in vmd.status()["volumes"]}  # nothing changed
     vmd.cli("start", "m1")
+    vmd.stop()
+    # The daemon's own option too (it was ignored there).
+    vmd.daemon_args = ("--force-degraded", "vol0")
+    p = vmd.cli("daemon", *vmd.daemon_args, check=False, timeout=30)
+    assert p.returncode == EXIT_ERROR, (p.returncode, p.stdout, p.stderr)
+    assert "--force-degraded applies to RAID-5 volumes only; volume vol0 is a mirror" in p.stderr
 
 
 def test_raid5_replace_onto_a_uri_says_remote_columns_are_not_supported(

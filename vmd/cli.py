@@ -335,6 +335,10 @@ def _run(args: argparse.Namespace) -> int:
             unknown = [v for v in names if v not in cfg.volumes]
             if unknown:
                 raise VmdError(f"{opt}: no volume {unknown[0]!r} in {cfg.path}")
+        mirrors = [v for v in args.force_degraded if cfg.volumes[v].layout != "raid5"]
+        if mirrors:
+            raise VmdError(f"--force-degraded applies to RAID-5 volumes only; volume "
+                           f"{mirrors[0]} is a mirror (it serves from any in-sync plex)")
         serve(cfg, {v: src or None for v, src in recover.items()}, set(args.force_degraded))
         return EXIT_OK
 
