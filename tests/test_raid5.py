@@ -440,3 +440,25 @@ async def test_a_refused_raid5_volume_leaves_no_file_open(tmp_path):
     with pytest.raises(VmdError, match=r"RAID-5 log .*r5\.r5log: bad header"):
         open_volume(cfg, tmp_path / "test.yaml")
     assert open_fds() == [], "a refused volume left files open"
+
+
+async def test_whole_stripe_writes_with_a_column_out_take_the_degraded_path(tmp_path):
+    """The whole-stripe fast path (no plan, no reads) is for every column in:
+    with one detached, whole stripes are written degraded (its map marked)
+    and come back right after the attach's rebuild."""
+    cfg = raid5_config(tmp_path, size=2 * 16 * SU)
+    ref = bytearray(cfg.size)
+    async with running_volume(cfg) as vol:
+        await vol.detach_plex("c1")
+        data = os.urandom(4 * vol.width)
+        full_before = vol.method_counts["full"]
+        assert await vol.pwrite(2 * vol.width, data) == len(data)
+        ref[2 * vol.width:6 * vol.width] = data
+        assert vol.method_counts["full"] == full_before, "the fast path wrote a degraded stripe"
+        assert await vol.pread(0, cfg.size) == bytes(ref)
+        await vol.attach_plex("c1")
+        await vol.resync.wait_idle()
+        assert await vol.pread(0, cfg.size) == bytes(ref)
+    cols = column_bytes(cfg)
+    assert decode(cols, SU) == bytes(ref)
+    assert not any(xor_all(cols))

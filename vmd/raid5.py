@@ -27,7 +27,7 @@ import trio
 from .config import VolumeConfig
 from .errors import VmdError
 from .plex import Plex, PlexIOError
-from .raid5_plan import Piece, WritePlan
+from .raid5_plan import Piece, WritePlan, full_stripes
 from .raid5_rebuild import Rebuild, xor_into
 from .raid5cache import WriteBackCache
 from .raid5log import Raid5Log
@@ -146,9 +146,10 @@ class Raid5Volume(WriteBackCache, Volume):
         percol: dict[int, list[tuple[int, Any]]] = {}
         for c, off, data in writes:
             percol.setdefault(c, []).append((off, data))
-        merged: list[tuple[Plex, int, Any]] = []
+        # Per column, runs of contiguous pieces: (plex, offset, the pieces).
+        merged: list[tuple[Plex, int, list[Any]]] = []
         if len(percol) == len(writes):  # one piece per column (a small write): as it is
-            merged = [(self.columns[c], off, data) for c, off, data in writes]
+            merged = [(self.columns[c], off, [data]) for c, off, data in writes]
             percol = {}
         for c, items in percol.items():
             items.sort(key=lambda t: t[0])
@@ -158,28 +159,29 @@ class Raid5Volume(WriteBackCache, Volume):
                 if off == end:
                     parts.append(data)
                 else:
-                    merged.append((self.columns[c], start, _join(parts)))
+                    merged.append((self.columns[c], start, parts))
                     start, parts = off, [data]
                 end = off + len(data)
-            merged.append((self.columns[c], start, _join(parts)))
+            merged.append((self.columns[c], start, parts))
         failed: list[PlexIOError] = []
 
-        async def one(p: Plex, off: int, data: Any) -> None:
+        async def one(p: Plex, off: int, parts: list[Any]) -> None:
             try:
-                await p.pwrite_async(off, data)
+                await p.pwritev_async(off, parts)  # no join: the thread writes them in turn
             except PlexIOError as e:
                 failed.append(e)
 
         inline = [m for m in merged if m[0].write_inline()]
-        if len(inline) < len(merged) or sum(len(m[2]) for m in merged) >= 256 * 1024:
+        if len(inline) < len(merged) or \
+                sum(len(d) for m in merged for d in m[2]) >= 256 * 1024:
             async with trio.open_nursery() as nursery:
-                for p, off, data in merged:
-                    nursery.start_soon(one, p, off, data)
+                for p, off, parts in merged:
+                    nursery.start_soon(one, p, off, parts)
         else:
             # Small writes into the page cache: done before a thread hop would be.
-            for p, off, data in merged:
+            for p, off, parts in merged:
                 try:
-                    p.pwrite_inline(off, data)
+                    p.pwrite_inline(off, _join(parts))
                 except PlexIOError as e:
                     failed.append(e)
         return failed
@@ -207,6 +209,10 @@ class Raid5Volume(WriteBackCache, Volume):
             if writes is not None:
                 await self._put(writes, off, n, stripes)
                 return
+        if off % self.width == 0 and n % self.width == 0 and self._all_in() \
+                and not any(self._bad(s) for s in stripes):
+            await self._put(full_stripes(self, off, data), off, n, stripes)
+            return
         for attempt in range(self.ncol + 1):
             plan = self._plan_writes(off, data, stripes)
             try:
@@ -408,11 +414,10 @@ class Raid5Volume(WriteBackCache, Volume):
     def _health(self) -> dict[str, str | None]:
         # A failed RAID-5 log refuses every write: as much an outage as no
         # column to serve from, which is said first (reads fail too then).
-        health = super()._health()
         problem = None if self.r5log is None else self.r5log.problem()
-        if problem is None or health["health"] == "failed":
-            return health
-        return {"health": "failed", "problem": problem}
+        if problem is None or not self._can_serve():
+            return super()._health()
+        return {"health": "failed", "problem": problem}  # (it also set `error`: said better)
 
     def _layout_status(self) -> dict[str, Any]:
         stripes = self.size // self.width
