@@ -13,6 +13,7 @@ import pytest
 from vmd import sidecar as sc
 
 from conftest import VmdDaemon, volume_spec
+from test_crash import flip_byte
 
 OLD = b"OLD-DATA" * 512  # 4 KiB
 NEW = b"NEW-DATA" * 512
@@ -30,15 +31,6 @@ def _write(path: Path, data: bytes) -> None:
 def _head(path: Path) -> bytes:
     with open(path, "rb") as f:
         return f.read(len(OLD))
-
-
-def _flip(path: Path, off: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(off)
-        b = f.read(1)
-        f.seek(off)
-        f.write(bytes([b[0] ^ 0x5A]))
-        os.fsync(f.fileno())
 
 
 def _removed_then_added(vmd_factory: Callable[..., VmdDaemon]) -> tuple[VmdDaemon, list[Path]]:
@@ -75,7 +67,7 @@ def test_one_damaged_byte_after_plex_remove_and_add_keeps_the_logged_plexes(
     data = log0.read_bytes()
     first_end = sc._unframe(data, sc.HEADER_SIZE)[1]
     # 4300: the tester's `dd seek=4300`, inside the (first) checkpoint.
-    _flip(log0, 4300 if where == "first-copy" else first_end + 200)
+    flip_byte(log0, 4300 if where == "first-copy" else first_end + 200)
 
     d.start()
     st = d.status()
