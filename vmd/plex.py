@@ -45,7 +45,7 @@ RECUR = 1.0  # a stall this soon after the last hold ended doubles the hold
 # From this size a copy into the page cache costs more than a thread hop, so
 # the plexes of a volume are written in parallel threads (one stays inline).
 PARALLEL_BYTES = 128 * 1024
-_IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
+IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
 
 
 def voluntary_switches() -> int:
@@ -268,7 +268,7 @@ class Plex:
         """The buffers one after the other from `off`, with no copy into one."""
         views = [memoryview(b) for b in bufs if len(b)]
         while views:
-            n = os.pwritev(self.fd, views[:_IOV_MAX], off)
+            n = os.pwritev(self.fd, views[:IOV_MAX], off)
             if n <= 0:
                 raise OSError(errno.EIO, "short write")
             off += n

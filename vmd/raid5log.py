@@ -57,6 +57,7 @@ from . import events
 from .config import MiB
 from .exclusive import InUseError, close_locked, open_locked
 from .faults import raid5_hold
+from .plex import IOV_MAX
 from .raid5cache import StripeCache, owned
 from .sidecar import VolumeState
 
@@ -67,7 +68,6 @@ ENTRY_MAGIC = b"R5LE"
 HEADER = 4096
 _ENTRY = struct.Struct("<4sIQI")
 _PIECE = struct.Struct("<HQI")
-_IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
 CAPACITY = 64 * MiB  # the log file's size: writes beyond wait for a retire
 RETIRE_AT = CAPACITY // 2  # a retire starts once this much is used
 RETIRE_SECONDS = 2.0  # and after this long, so that a quiet volume's log is empty
@@ -446,8 +446,8 @@ class Raid5Log:
 
     def _write_sync(self, bufs: list[Any], at: int) -> None:
         pos = at
-        for i in range(0, len(bufs), _IOV_MAX):
-            chunk = bufs[i:i + _IOV_MAX]
+        for i in range(0, len(bufs), IOV_MAX):
+            chunk = bufs[i:i + IOV_MAX]
             want = sum(map(len, chunk))
             done = os.pwritev(self.fd, chunk, pos)
             if done < want:  # short: the rest as one buffer
