@@ -15,6 +15,7 @@ from . import events
 from .config import Config, VolumeConfig, format_size
 from .errors import SidecarError, VmdError
 from .exclusive import InUseError, close_locked, lock_exclusive, open_locked
+from .layout_check import check_layout, record_layout
 from .mountpath import unmounted_fstab_point
 from .nbdlink import is_remote
 from .nbdplex import map_after_open_error, remote_aware
@@ -26,8 +27,8 @@ from .sidecar import (ACTIVE, IOFAIL, SNAPATT, SYNCING, WRITABLE, PlexRecord, Si
 from .mirror import MirrorVolume
 from .raid5 import Raid5Volume
 from .raid5_recovery import plan_raid5_recovery
-from .recover import (config_source, fill_all_but, prepare_salvaged, recovery_hint,
-                      refuse_named_for_raid5, salvage)
+from .recover import (config_source, fill_all_but, logged_uuid, prepare_salvaged,
+                      recovery_hint, refuse_named_for_raid5, salvage)
 from .tasks import Task
 from .spread import DeviceSlots
 from .volume import Volume, delete_if_created
@@ -87,12 +88,14 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
                         f"holds data; vmd will not guess that the mirrors agree. "
                         f"{recovery_hint(vc)}")
         salvaged: VolumeState | None = None
+        known_uuid: str | None = None
         source, why = 0, "the first plex in the config"
         if recover_all:
             # Decided before the log is set aside, so that a refusal leaves it in
             # place; a readable checkpoint knows the plexes, the config may not.
             refuse_named_for_raid5(vc, recover_from)
             salvaged = salvage(vc) if vc.log.exists() else None
+            known_uuid = logged_uuid(vc.log)
             if salvaged is not None:
                 _check_against_config(salvaged, vc, cfg_path)
                 why = prepare_salvaged(salvaged, vc, recover_from)
@@ -117,6 +120,8 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
                         ", ".join(f"{p.name} {p.path} {p.state}" for p in state.plexes), why)
         else:
             state = _config_state(vc)
+            if recover_all and known_uuid is not None:
+                state.uuid = known_uuid  # the same volume: its RAID-5 log stays its own
             if not recover_all:
                 # Also what a disk holding the log and every image looks like
                 # when it is not mounted: say so where the admin will look.
@@ -229,6 +234,7 @@ def _config_state(vc: VolumeConfig) -> VolumeState:
     state.fastresync = vc.fastresync
     state.extra["config_fastresync"] = vc.fastresync
     state.config_plexes = [str(p) for p in vc.plexes]
+    record_layout(state, vc, len(vc.plexes))
     for i, p in enumerate(vc.plexes):
         prefix = "p" if vc.layout == "mirror" else "c"
         # An export may hold anything (vmd cannot tell "new" from "full"):
@@ -274,6 +280,11 @@ def snapshot_config(origin: Volume, name: str, info: dict[str, Any]) -> VolumeCo
 def _check_against_config(state: VolumeState, vc: VolumeConfig, cfg_path: Path) -> None:
     # No "volume NAME:" prefix: the refusal is logged and shown under the volume's name.
     key = f"volumes.{vc.name}"
+    if state.name != vc.name:
+        raise VmdError(f"{cfg_path}: {key}.log: sidecar log {vc.log} belongs to volume "
+                       f"{state.name!r}")
+    # Before the size: a layout change shows as a size change too.
+    check_layout(state, vc, cfg_path)
     # A snapshot's config is made from its origin's (`snapshot_config`): its
     # log alone says its size, which differs once either side grew after
     # `snap clear`.
@@ -281,9 +292,6 @@ def _check_against_config(state: VolumeState, vc: VolumeConfig, cfg_path: Path) 
         raise VmdError(f"{cfg_path}: {key}.size is {vc.size} ({format_size(vc.size)}) but "
                        f"sidecar log {vc.log} says {state.size} ({format_size(state.size)}); "
                        f"a volume grows only with `vmd resize`, and never shrinks")
-    if state.name != vc.name:
-        raise VmdError(f"{cfg_path}: {key}.log: sidecar log {vc.log} belongs to volume "
-                       f"{state.name!r}")
     for sub, ours, theirs in (("region_size", vc.region_size, state.region_size),
                               ("fastresync_region", vc.fastresync_region, state.fmr_region)):
         if ours != theirs:

@@ -26,7 +26,7 @@ def plan_raid5_recovery(vol: Raid5Volume, *, full: bool, force: bool) -> None:
     RAID-5 log is refused unless forced: a lost column's units would be
     rebuilt from parity that may not match (the write hole)."""
     st = vol.state
-    trusted = vol.r5log is not None and vol.r5log.trusted()
+    trusted = _replays_log(vol)
     if vol.r5log is not None:
         replay_raid5_log(vol, trusted)
     else:
@@ -69,6 +69,44 @@ def plan_raid5_recovery(vol: Raid5Volume, *, full: bool, force: bool) -> None:
     log.warning("volume %s was not stopped cleanly: regenerating the parity of %d stripe(s) "
                 "(%s)", vol.name, len(stripes_parity) if not out else 0,
                 "whole volume, no DRL" if full else f"{dirty.count()} dirty regions")
+
+
+def _replays_log(vol: Raid5Volume) -> bool:
+    """Whether the config's RAID-5 log is replayed (else it is emptied unread).
+    Refused (VmdError): a log whose header names another volume, and, after
+    an unclean stop, the config naming another log than the one the sidecar
+    log records in use (or none), unless the config's names this volume: the
+    recorded one may hold acknowledged writes the columns lack."""
+    st, r5 = vol.state, vol.r5log
+    key = f"volumes.{vol.name}.raid5_log"
+    owner = None
+    if r5 is not None:
+        try:
+            owner = r5.owner()
+        except ValueError:
+            pass  # not a log, or damaged: replay or discard says so
+    if owner is not None and owner != st.uuid:
+        raise VmdError(f"volume {vol.name}: {r5.path} ({key}) is the RAID-5 log of another "
+                       f"volume (uuid {owner}; this volume's is {st.uuid}): vmd neither "
+                       f"replays nor empties it. Make {key} name this volume's own RAID-5 "
+                       f"log, or a new file")
+    recorded = st.extra.get(R5LOG_IN_USE)
+    here = None if r5 is None else str(r5.path)
+    if st.clean or recorded is None or recorded == here:
+        return r5 is not None and r5.trusted()
+    if r5 is not None and owner == st.uuid:
+        log.warning("volume %s: RAID-5 log %s is recorded in use, the config names %s, whose "
+                    "header names this volume: the log moved with the config; replaying it",
+                    vol.name, recorded, here)
+        return True
+    what = ("the config has no raid5_log" if r5 is None else
+            f"the config names {here}, " + ("a new, empty file" if r5.was_empty else
+                                            "whose header does not name this volume"))
+    raise VmdError(f"volume {vol.name} was not stopped cleanly and its RAID-5 log {recorded} "
+                   f"may hold acknowledged writes its columns lack, but {what}; vmd will not "
+                   f"discard them. Make {key} name {recorded} again (move the file back there "
+                   f"if it was moved) and start the volume: the log is replayed. Once the "
+                   f"volume stopped cleanly, {key} can be changed")
 
 
 def replay_raid5_log(vol: Raid5Volume, trusted: bool) -> None:

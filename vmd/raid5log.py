@@ -14,6 +14,8 @@ File layout: a 4096-byte header, then entries from offset 4096.
 | 0-7 | magic `VMDR5LOG` |
 | 8-15 | `retired`: u64 LE, every entry with a sequence number up to it is on the columns |
 | 16-19 | crc32 of bytes 0-15 |
+| 20-35 | the volume's uuid (its sidecar log's), raw; zeros in a log written before vmd recorded it |
+| 36-39 | crc32 of bytes 0-35 |
 
 | bytes | entry |
 | --- | --- |
@@ -46,6 +48,7 @@ import errno
 import logging
 import os
 import struct
+import uuid
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -107,9 +110,28 @@ def encode_entry(seq: int, pieces: list[Piece]) -> bytes:
     return b"".join(entry_buffers(seq, pieces))
 
 
-def _header(retired: int) -> bytes:
+def _header(retired: int, owner: str | None = None) -> bytes:
     h = MAGIC + struct.pack("<Q", retired)
-    return (h + struct.pack("<I", zlib.crc32(h))).ljust(HEADER, b"\0")
+    h += struct.pack("<I", zlib.crc32(h))
+    if owner is not None:
+        # Which volume the log belongs to: one moved with the config can be
+        # replayed, another volume's is never replayed nor emptied.
+        h += uuid.UUID(owner).bytes
+        h += struct.pack("<I", zlib.crc32(h))
+    return h.ljust(HEADER, b"\0")
+
+
+def read_owner(data: bytes) -> str | None:
+    """The uuid of the volume whose log this is, None if the header names
+    none (a log from before vmd recorded it). Raises ValueError if it is
+    not a RAID-5 log or its owner is damaged."""
+    if len(data) < 20 or data[:8] != MAGIC:
+        raise ValueError("not a RAID-5 log (bad magic)")
+    if len(data) < 40 or not any(data[20:40]):
+        return None
+    if struct.unpack_from("<I", data, 36)[0] != zlib.crc32(data[:36]):
+        raise ValueError("bad header (the crc of its volume uuid)")
+    return str(uuid.UUID(bytes=bytes(data[20:36])))
 
 
 def read_entries(data: bytes) -> tuple[int, list[tuple[int, list[Piece]]]]:
@@ -224,6 +246,11 @@ class Raid5Log:
         there. Otherwise parity after a crash must come from regeneration."""
         return self.vol.state.extra.get(IN_USE) == str(self.path) and not self.was_empty
 
+    def owner(self) -> str | None:
+        """The uuid of the volume its header names (None: a new file, or a
+        log from before vmd recorded it); ValueError: not a RAID-5 log."""
+        return None if self.was_empty else read_owner(os.pread(self.fd, 40, 0))
+
     def replay(self, write: Callable[[int, int, bytes], None]) -> int:
         """Call `write(column, offset, bytes)` for every piece of every entry
         not retired, in order; returns how many entries. The caller flushes
@@ -254,7 +281,7 @@ class Raid5Log:
 
     def reset(self) -> None:
         """Everything so far is on the (flushed) columns: start the log empty."""
-        os.pwrite(self.fd, _header(self.seq), 0)
+        os.pwrite(self.fd, _header(self.seq, self.vol.state.uuid), 0)
         os.fdatasync(self.fd)
         self.retired, self.end = self.seq, HEADER
         self.synced = self.done = self.seq
@@ -527,7 +554,7 @@ class Raid5Log:
         self.retires += 1
 
     def _rewind_sync(self, seq: int) -> None:
-        os.pwrite(self.fd, _header(seq), 0)
+        os.pwrite(self.fd, _header(seq, self.vol.state.uuid), 0)
         os.fdatasync(self.fd)
         self.retired, self.end = seq, HEADER
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from .config import VolumeConfig, format_size
 from .errors import SidecarError
-from .sidecar import ACTIVE, SNAPLINK, VolumeState, read_log
+from .sidecar import ACTIVE, SNAPLINK, VolumeState, read_log, read_log_header
 
 
 def salvage(vc: VolumeConfig) -> VolumeState | None:
@@ -27,6 +28,15 @@ def salvage(vc: VolumeConfig) -> VolumeState | None:
     try:
         return read_log(vc.log, upto_damage=True)[0].state
     except SidecarError:
+        return None
+
+
+def logged_uuid(path: Path) -> str | None:
+    """The volume uuid the header of the sidecar log at `path` names, if
+    it can be read (the records after it may be damaged)."""
+    try:
+        return read_log_header(path).uuid
+    except (OSError, SidecarError):
         return None
 
 

@@ -105,6 +105,11 @@ class VolumeState:
     config_plexes: list[str] = field(default_factory=list)
     next_plex: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # snapshot relationships etc.
+    # The data layout (None: a log from before vmd recorded it). A RAID-5
+    # volume's stripe unit and column count place every byte: never changed.
+    layout: str | None = None
+    stripe_unit: int | None = None
+    columns: int | None = None
 
     def __post_init__(self) -> None:
         if self.drl is None:
@@ -221,6 +226,8 @@ def _header_bytes(state: VolumeState) -> bytes:
     js = json.dumps({
         "version": 1, "uuid": state.uuid, "name": state.name, "size": state.size,
         "region_size": state.region_size, "fmr_region": state.fmr_region,
+        **{k: v for k, v in (("layout", state.layout), ("stripe_unit", state.stripe_unit),
+                              ("columns", state.columns)) if v is not None},
     }).encode()
     hdr = _HDR.pack(HEADER_MAGIC, len(js), zlib.crc32(js)) + js
     if len(hdr) > HEADER_COPY:
@@ -256,9 +263,21 @@ def _read_header(path: Path, data: bytes, repairs: list[str]) -> VolumeState:
         repairs.append(f"the header is damaged; its copy at offset {HEADER_COPY} was read")
     try:
         return VolumeState(uuid=h["uuid"], name=h["name"], size=int(h["size"]),
-                           region_size=int(h["region_size"]), fmr_region=int(h["fmr_region"]))
+                           region_size=int(h["region_size"]), fmr_region=int(h["fmr_region"]),
+                           layout=h.get("layout"), stripe_unit=_int_or_none(h.get("stripe_unit")),
+                           columns=_int_or_none(h.get("columns")))
     except (ValueError, KeyError, TypeError) as e:
         raise SidecarError(f"{path}: bad sidecar header: {e}") from None
+
+
+def _int_or_none(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+def read_log_header(path: Path) -> VolumeState:
+    """The identity and geometry the header of the log at `path` holds."""
+    with open(path, "rb") as f:
+        return _read_header(path, f.read(HEADER_SIZE), [])
 
 
 def fsync_dir(path: Path) -> None:
