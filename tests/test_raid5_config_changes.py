@@ -223,3 +223,33 @@ async def test_raid5_log_moved_or_removed_after_a_clean_stop_is_fine(tmp_path, h
         os.rename(cfg.raid5_log, moved)
     changed = dataclasses.replace(cfg, raid5_log=moved if how == "moved" else None)
     await _still_serves(changed, data)
+
+
+# -- the daemon --------------------------------------------------------------
+
+def test_daemon_refuses_a_changed_stripe_unit_and_serves_once_it_is_put_back(
+        vmd_factory, allow_log):
+    import json
+
+    from conftest import sha
+    from raid5kit import raid5_spec
+
+    allow_log(r"volume r5 refused: ")
+    d = vmd_factory(volumes={"r5": raid5_spec("r5", size="4MiB")})
+    d.start()
+    with open(d.volume_file("r5"), "r+b") as f:
+        f.write(os.urandom(1 * MiB))
+    expect = sha(d.volume_file("r5"))
+    d.stop()
+    info = json.loads(d.cli("inspect-log", str(d.log_path("r5")), config=False).stdout)
+    assert (info["layout"], info["stripe_unit"], info["columns"]) == ("raid5", 64 * KiB, 3)
+    d.config["volumes"]["r5"]["stripe_unit"] = "128KiB"
+    d.write_config()
+    d.start()
+    refused = {r["name"]: r["error"] for r in d.request({"cmd": "status"})["refused"]}
+    assert "volumes.r5.stripe_unit is 131072 (128KiB)" in refused["r5"], refused
+    d.config["volumes"]["r5"]["stripe_unit"] = "64KiB"
+    d.write_config()
+    d.cli("--timeout", "60", "start", "r5")
+    assert sha(d.volume_file("r5")) == expect
+    d.stop()

@@ -262,6 +262,8 @@ def _inspect_log(path: str) -> int:
         "region_size": st.region_size, "fastresync_region": st.fmr_region,
         "dirty_regions": st.drl.count(), "records": replay.records, "last_seq": seq,
         "torn_bytes": replay.torn_bytes, "fastresync": st.fastresync,
+        "layout": st.layout, "stripe_unit": st.stripe_unit, "columns": st.columns,
+        "raid5_log": st.extra.get("raid5_log"),
         "plexes": [{"name": p.name, "path": p.path, "state": p.state,
                     "missing_bytes": None if p.missing is None else p.missing.bytes_covered()}
                    for p in st.plexes],
