@@ -253,3 +253,14 @@ def test_daemon_refuses_a_changed_stripe_unit_and_serves_once_it_is_put_back(
     d.cli("--timeout", "60", "start", "r5")
     assert sha(d.volume_file("r5")) == expect
     d.stop()
+
+
+async def test_recover_all_without_a_checkpoint_keeps_its_raid5_log_as_its_own(tmp_path,
+                                                                              monkeypatch):
+    # The rebuilt sidecar log keeps the volume's uuid (its header is whole):
+    # its RAID-5 log is not taken for another volume's.
+    cfg, _ = await _crash_with_writes_only_in_the_raid5_log(tmp_path, monkeypatch)
+    uuid = read_log_header(cfg.log).uuid
+    os.truncate(cfg.log, 4096)  # the header only: no checkpoint to salvage
+    async with running_volume(cfg, recover_all=True) as vol:
+        assert vol.state.uuid == uuid
