@@ -288,3 +288,26 @@ def test_a_volume_on_a_disk_fstab_lists_but_not_mounted_is_refused_not_created(
     with open(vmd.volume_file(), "rb") as f:
         assert f.read(len(data)) == data
     vmd.stop()
+
+
+def test_fstab_mount_points_are_compared_as_the_kernel_lists_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fstab's mount points as written: `/proc/` (a trailing slash) looked
+    unmounted while mounted, so new volumes under it were refused with "mount
+    it"; a mount point written through a symlink was never matched, so an
+    unmounted disk there went unnoticed."""
+    from vmd.mountpath import FSTAB_ENV, unmounted_fstab_point  # noqa: PLC0415
+
+    fstab = tmp_path / "fstab"
+    monkeypatch.setenv(FSTAB_ENV, str(fstab))
+    fstab.write_text("proc /proc/ proc defaults 0 0\n")
+    assert unmounted_fstab_point("/proc/vol0.log") is None
+    disk = tmp_path / "disk"  # a mount point with nothing mounted on it
+    disk.mkdir()
+    link = tmp_path / "data"
+    link.symlink_to(disk)
+    fstab.write_text(f"/dev/vmd-test-none {link} ext4 defaults,nofail 0 2\n")
+    assert unmounted_fstab_point(disk / "vol0.log") == str(disk)
+    assert unmounted_fstab_point(link / "vol0.log") == str(disk)
+    fstab.write_text(f"/dev/vmd-test-none {disk}/ ext4 defaults,nofail 0 2\n")
+    assert unmounted_fstab_point(disk / "vol0.log") == str(disk)

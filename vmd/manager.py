@@ -140,6 +140,13 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
                 log.warning("volume %s: --recover-all: rebuilding the sidecar log from the "
                             "config (no readable checkpoint); every plex is resynced from %s "
                             "(%s)", vc.name, vc.plexes[source], why)
+        if recover_all:
+            # The plan goes into the new log itself, not only into memory: a
+            # refusal further down (a column or every image unopenable), or a
+            # crash before the first checkpoint, leaves this log behind, and
+            # the plain start that follows must still recover everything, not
+            # trust a "not clean" log whose DRL names no region.
+            state.drl.fill()
         sidecar = SidecarLog.create(vc.log, state)
         # A new volume's images are created. Under --recover-all a missing
         # image is no source: a mirror's source was checked to exist
@@ -181,8 +188,9 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         sidecar.close()
         raise VmdError("none of its in-sync images can be opened: " + "; ".join(
             f"{p.name} {p.path}: {e.strerror or e}" for p, e in unopened)
-            + ". Nothing was recorded: make the images available (mount their filesystem), "
-              f"then `vmd start {vc.name}`")
+            + (". The rebuilt sidecar log records the whole recovery --recover-all asked "
+               "for" if recover_all else ". Nothing was recorded")
+            + f": make the images available (mount their filesystem), then `vmd start {vc.name}`")
     for p, e in unopened:
         rec = p.record
         was = rec.state

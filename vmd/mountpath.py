@@ -125,7 +125,10 @@ def _fstab_points() -> list[str]:
     for line in lines:
         fields = line.split("#", 1)[0].split()
         if len(fields) >= 3 and fields[1].startswith("/") and fields[2] != "swap":
-            out.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[1]))
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[1])
+            # As the kernel lists it in mountinfo: `/srv/` or a path through a
+            # symlink must not look unmounted while its disk is mounted.
+            out.append(os.path.realpath(point))
     return out
 
 

@@ -159,6 +159,11 @@ def prepare_salvaged(state: VolumeState, vc: VolumeConfig, named: str | None) ->
         raise SidecarError(
             f"volume {vc.name}: --recover-all {vc.name}={named}: not one of the plexes its sidecar "
             f"log {vc.log} records (" + ", ".join(f"{p.name} {p.path}" for p in plexes) + ")")
+    if _mtime_ns(plexes[i].path) is None and "://" not in plexes[i].path:
+        # As config_source: the source must be there, or every other plex is
+        # failed over to nothing and every read of the volume is EIO.
+        raise SidecarError(_missing_source(
+            vc, plexes[i].path, "; ".join(_image_line(p.path) for p in plexes)))
     for j, p in enumerate(plexes):
         if j == i:
             p.state, p.missing, p.reason = ACTIVE, state.new_map(), ""
