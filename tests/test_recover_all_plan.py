@@ -176,3 +176,45 @@ def test_recover_all_naming_a_missing_image_of_a_readable_checkpoint_is_refused(
     with open(d.volume_file(), "rb") as f:
         assert f.read(len(NEW)) == NEW
     d.stop()
+
+
+@pytest.mark.parametrize("lost", ["log-gone", "header-only"])
+def test_recover_all_replays_the_raid5_log_that_names_the_volume(
+        vmd_factory: Callable[..., VmdDaemon], allow_log: Callable[..., None], lost: str) -> None:
+    """The sidecar log lost (or all of it but its header), the RAID-5 log
+    intact: the writes an fsync made durable only in the RAID-5 log (the
+    write-back cache had written none of them to the columns) were emptied
+    unread by --recover-all, or refused as another volume's log."""
+    allow_log(r"--recover-all", r"not stopped cleanly", r"regenerat", r"RAID-5 log replayed")
+    d = vmd_factory(volumes={"r5": raid5_spec("r5", size="4MiB")})
+    d.start()
+    _write(d.volume_file("r5"), bytes(4 * MiB))
+    d.stop()
+    d.env["VMD_TEST_FAULT"] = "hold-write-back:r5"  # nothing leaves the cache
+    d.start()
+    data = os.urandom(300 * 1024)
+    fd = os.open(d.volume_file("r5"), os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 1000)
+        os.fsync(fd)  # durable in the RAID-5 log only
+    finally:
+        os.close(fd)
+    d.kill()
+    cols = [d.path(f"r5-c{i}.img") for i in range(3)]
+    assert not any(any(c.read_bytes()) for c in cols), "a write reached the columns"
+    log0 = d.log_path("r5")
+    if lost == "log-gone":
+        log0.unlink()
+    else:
+        with open(log0, "r+b") as f:
+            f.truncate(sc.HEADER_SIZE)  # the header, no checkpoint
+    d.env.pop("VMD_TEST_FAULT")
+    d.daemon_args = ("--recover-all", "r5")
+    d.start()
+    assert not d.status().get("refused"), d.status()
+    d.wait_resync("r5")
+    with open(d.volume_file("r5"), "rb") as f:
+        f.seek(1000)
+        assert f.read(len(data)) == data, "the writes the RAID-5 log held were lost"
+    d.stop()
+    assert xor_is_zero(cols)

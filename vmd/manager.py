@@ -27,8 +27,8 @@ from .sidecar import (ACTIVE, IOFAIL, SNAPATT, SYNCING, WRITABLE, PlexRecord, Si
 from .mirror import MirrorVolume
 from .raid5 import Raid5Volume
 from .raid5_recovery import plan_raid5_recovery
-from .recover import (config_source, fill_all_but, logged_uuid, prepare_salvaged,
-                      recovery_hint, refuse_named_for_raid5, salvage)
+from .recover import (adopt_raid5_log, config_source, fill_all_but, logged_uuid,
+                      prepare_salvaged, recovery_hint, refuse_named_for_raid5, salvage)
 from .tasks import Task
 from .spread import DeviceSlots
 from .volume import Volume, delete_if_created
@@ -122,6 +122,8 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
             state = _config_state(vc)
             if recover_all and known_uuid is not None:
                 state.uuid = known_uuid  # the same volume: its RAID-5 log stays its own
+            if recover_all:
+                adopt_raid5_log(state, vc, known_uuid)
             if not recover_all:
                 # Also what a disk holding the log and every image looks like
                 # when it is not mounted: say so where the admin will look.

@@ -13,13 +13,17 @@ one is named (`--recover-all VOLUME=IMAGE`).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
 
 from .config import VolumeConfig, format_size
 from .errors import SidecarError
+from .raid5log import IN_USE as R5LOG_IN_USE, read_owner
 from .sidecar import ACTIVE, SNAPLINK, VolumeState, read_log, read_log_header
+
+log = logging.getLogger(__name__)
 
 
 def salvage(vc: VolumeConfig) -> VolumeState | None:
@@ -38,6 +42,31 @@ def logged_uuid(path: Path) -> str | None:
         return read_log_header(path).uuid
     except (OSError, SidecarError):
         return None
+
+
+def adopt_raid5_log(state: VolumeState, vc: VolumeConfig, known_uuid: str | None) -> None:
+    """--recover-all without a readable checkpoint, RAID-5 with a log: the
+    log's entries not retired may be acknowledged writes the columns lack
+    (the write-back cache had not written them). Emptied unread they were
+    lost. If its header names this volume (the uuid of the old sidecar log's
+    header), or the sidecar log is gone altogether and the config names this
+    log for this volume (the best evidence left), it is recorded in use, so
+    that it is replayed before every stripe's parity is regenerated."""
+    path = vc.raid5_log
+    if vc.layout != "raid5" or path is None:
+        return
+    try:
+        with open(path, "rb") as f:
+            owner = read_owner(f.read(40))
+    except (OSError, ValueError):
+        return  # missing, empty or not a log: nothing to replay (the open says why)
+    if owner is None or (known_uuid is not None and owner != known_uuid):
+        return  # a log from before vmd named owners, or another volume's (refused at open)
+    if known_uuid is None:
+        state.uuid = owner
+    state.extra[R5LOG_IN_USE] = str(path)
+    log.warning("volume %s: --recover-all: RAID-5 log %s names this volume: its entries are "
+                "replayed before the parity of every stripe is regenerated", vc.name, path)
 
 
 def _image_line(path: str) -> str:
