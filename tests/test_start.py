@@ -5,8 +5,11 @@ other volume keeps serving a process that writes to it all along."""
 from __future__ import annotations
 
 import errno
+import mmap
 import os
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MiB, VmdDaemon, sha, volume_spec
+from nbdservers import Make, nbd_server  # noqa: F401 (a fixture)
 from test_events import EventStream
 from vmd import events
 from vmd.errors import EXIT_CONFIG, EXIT_ERROR
@@ -342,3 +346,73 @@ def test_start_force_degraded_raid5_while_the_other_is_written(
         with open(d.volume_file("r5"), "rb") as f:
             assert f.read() == data
     d.stop()
+
+
+def test_start_a_volume_with_a_remote_plex_serves_it(
+        vmd_factory: Callable[..., VmdDaemon], nbd_server: Make) -> None:
+    """`vmd start` opens the volume in a worker thread: the remote plex's link
+    is started on the event loop afterwards, and writes reach the export."""
+    srv = nbd_server("qemu-nbd", size=SIZE)
+    vmd = vmd_factory(volumes={"good": volume_spec("good", size="16MiB")}).start()
+    vmd.config["volumes"]["new"] = {"size": "16MiB", "log": "new.log", "remote_timeout": "5s",
+                                    "plexes": ["new-p0.img", srv.uri]}
+    vmd.write_config()
+    vmd.cli("start", "new")
+    vmd.cli("wait", "new")
+    data = os.urandom(MiB)
+    fd = os.open(vmd.volume_file("new"), os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 3 * MiB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    st = vmd.status("new")
+    assert [p["state"] for p in st["plexes"]] == ["ACTIVE", "ACTIVE"], st
+    with open(srv.image, "rb") as f:
+        f.seek(3 * MiB)
+        assert f.read(MiB) == data, "the write did not reach the export"
+    vmd.stop()
+
+
+@pytest.mark.allow_log(r"volume new: plex p1 is IOFAIL|cannot connect|timed out|Unreachable|"
+                       r"not connected|unreachable")
+def test_start_of_a_volume_whose_export_never_answers_does_not_stall_the_others(
+        vmd_factory: Callable[..., VmdDaemon], tmp_path: Path) -> None:
+    """An NBD server that accepts and never answers: the handshake of `vmd
+    start new` takes remote_timeout. It ran on the event loop, and every
+    read of `good` waited for it (6 s)."""
+    sock_path = f"/tmp/vmd-silent-{os.getpid()}.sock"  # short: sun_path holds 108 bytes
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(sock_path)
+    srv.listen(8)
+    try:
+        vmd = vmd_factory(volumes={"good": volume_spec("good", size="16MiB")}).start()
+        vmd.config["volumes"]["new"] = {
+            "size": "16MiB", "log": "new.log", "remote_timeout": "4s",
+            "plexes": ["new-p0.img", f"nbd+unix:///x?socket={sock_path}"]}
+        vmd.write_config()
+        worst, done = [0.0], threading.Event()
+
+        def reader() -> None:
+            fd = os.open(vmd.volume_file("good"), os.O_RDONLY | os.O_DIRECT)
+            buf = mmap.mmap(-1, 4096)
+            try:
+                while not done.is_set():
+                    t0 = time.monotonic()
+                    os.preadv(fd, [buf], 0)
+                    worst[0] = max(worst[0], time.monotonic() - t0)
+            finally:
+                os.close(fd)
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        try:
+            vmd.cli("start", "new", check=False, timeout=60)
+        finally:
+            done.set()
+            t.join(30)
+        assert worst[0] < 2.0, f"reads of good waited {worst[0]:.1f} s during `vmd start new`"
+        vmd.stop()
+    finally:
+        srv.close()
+        os.unlink(sock_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -227,6 +228,11 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         raise
     vol._update_recovering()
     return vol
+
+
+def _start_on_loop(vol: Volume) -> None:
+    for p in vol.plexes:
+        p.start_on_loop()
 
 
 def _close_files(plexes: list[Plex], sidecar: SidecarLog, vol: Volume | None) -> None:
@@ -468,8 +474,14 @@ class VolumeManager:
         the snapshot volumes broken off it; each is shown in the mount once it
         runs. Returns the names started. Refused again: it stays in `refused`
         with the new reason (raised as a VmdError), and nothing else changed."""
-        vol = self._open(vc, recover_all, recover_from, force_degraded=force_degraded,
-                         in_use_fatal=False)
+        # Off the event loop, which serves every other volume meanwhile: an
+        # open may block for long (an NBD handshake up to remote_timeout, the
+        # fsyncs of a rebuilt log, a RAID-5 log's replay, a hung disk).
+        vol = await trio.to_thread.run_sync(functools.partial(
+            self._open, vc, recover_all, recover_from, force_degraded=force_degraded,
+            in_use_fatal=False))
+        if vol is not None:
+            _start_on_loop(vol)
         if vol is None or not await self._start_opened(vol, recover_all=recover_all,
                                                        force_degraded=force_degraded):
             raise VmdError(self.refused[vc.name])
@@ -477,7 +489,10 @@ class VolumeManager:
         if "snapshot" in vol.state.extra:
             return started  # as at start: a snapshot's own snapshots are not opened
         self.cfg.volumes[vc.name] = vc
-        for name, snap in self._open_snapshots(vol, in_use_fatal=False).items():
+        snaps = await trio.to_thread.run_sync(
+            functools.partial(self._open_snapshots, vol, in_use_fatal=False))
+        for name, snap in snaps.items():
+            _start_on_loop(snap)
             if await self._start_opened(snap, snapshot_of=vc.name):
                 started.append(name)
         return started

@@ -110,6 +110,11 @@ class NbdPlex(Plex):
             link.start()
         self.last_error = ""
 
+    def start_on_loop(self) -> None:
+        if self.link is not None and self._token is None:
+            self._token = trio.lowlevel.current_trio_token()
+            self.link.start()
+
     def _fail_open(self, e: OSError) -> OSError:
         self.last_error = str(e)
         return e

@@ -196,6 +196,11 @@ class Plex:
     def drop_prepared(self) -> None:
         """Forget what `prepare_attach` got, if the attach did not use it."""
 
+    def start_on_loop(self) -> None:
+        """In trio, after `open` ran in a worker thread (`vmd start` opens a
+        volume off the event loop): start what needs the loop. An image
+        file needs nothing."""
+
     def why_changed(self) -> str:
         """Why this image is not the one that left (so its FastResync map
         cannot be trusted); "" if it is."""
