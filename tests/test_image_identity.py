@@ -71,6 +71,22 @@ async def test_raid5_column_replaced_while_stopped_is_rebuilt(tmp_path: Path) ->
     assert c1.read_bytes() == before[1], "the rebuilt column differs from the one replaced"
 
 
+@pytest.mark.trio
+async def test_raid5_two_columns_replaced_are_served_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two columns out could not be rebuilt: taking them out would leave the
+    volume unreadable for what may be a move that lost the marks."""
+    cfg = raid5_config(tmp_path, size=8 * MiB)
+    async with running_volume(cfg):
+        pass
+    for c in cfg.plexes[1:]:
+        shutil.copyfile(c, c.with_suffix(".tmp"))
+        os.replace(c.with_suffix(".tmp"), c)
+    async with running_volume(cfg) as vol:
+        assert all(p.state == "ACTIVE" for p in vol.columns)
+    assert "2 column(s) would be out: a RAID-5 volume rebuilds one at most" in caplog.text
+
+
 def _fill(d: VmdDaemon, seed: int) -> bytes:
     data = os.urandom(4 * MiB) + bytes([seed]) * (SIZE - 4 * MiB)
     with open(d.volume_file(), "r+b") as f:

@@ -122,13 +122,17 @@ def _unrecognised_why(state: VolumeState, p: Plex) -> str:
             f"({mark.decode(errors='replace')}): another image was put in its place")
 
 
-def check_images(state: VolumeState, plexes: list[Plex], volume: str) -> None:
+def check_images(state: VolumeState, plexes: list[Plex], volume: str, *,
+                 columns: bool = False) -> None:
     """At open (not under --recover-all, whose source the admin chose):
-    an unrecognised in-sync image is copied whole from a recognised one."""
+    an unrecognised in-sync image is copied whole from a recognised one.
+    `columns`: RAID-5, where one column at most can be rebuilt from the others."""
     why = {p.name: w for p in plexes if p.state in WRITABLE
            for w in [_unrecognised_why(state, p)] if w}
     if not why:
         return
+    listing = "; ".join(f"{p.name} {p.record.path}: {why[p.name]}" for p in plexes
+                        if p.name in why)
     trusted = [p for p in plexes if p.state == ACTIVE and p.fd >= 0 and p.name not in why]
     if not trusted:
         log.warning(
@@ -136,8 +140,16 @@ def check_images(state: VolumeState, plexes: list[Plex], volume: str) -> None:
             "tell a move of them all (cp without -a, which drops the %s mark) from other files "
             "put in their place: serving them as they are and recording them. If they were "
             "not moved, stop the volume and check that each path holds this volume's image",
-            volume, "; ".join(f"{p.name} {p.record.path}: {why[p.name]}" for p in plexes
-                               if p.name in why), XATTR)
+            volume, listing, XATTR)
+        return
+    if columns and len(plexes) - len(trusted) > 1:
+        # Taking them out would leave stripes nothing can rebuild: the
+        # volume unreadable for what may be a move without the marks.
+        log.warning(
+            "volume %s: columns not recognised (%s), and %d column(s) would be out: a RAID-5 "
+            "volume rebuilds one at most, so they are served as they are and recorded. If "
+            "they were not moved, stop the volume and check that each path holds this "
+            "volume's column", volume, listing, len(plexes) - len(trusted))
         return
     for p in plexes:
         if p.name not in why:

@@ -189,7 +189,7 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
                     reason=rec.reason)
 
     if not recover_all:  # (its source the administrator chose)
-        imageid.check_images(state, plexes, vc.name)
+        imageid.check_images(state, plexes, vc.name, columns=vc.layout == "raid5")
 
     if state.extra.get("config_fastresync") != vc.fastresync:
         # The config changed since: it wins, as `vmd fastresync` would.
