@@ -66,10 +66,14 @@ def _generation(fd: int) -> int:
 
 
 def _local_inode(p: Plex) -> list[int] | None:
-    """(dev, ino, generation) of an open local image file; None for anything else."""
+    """(dev, ino, generation) of an open local image file; None for anything
+    else, or if it cannot be read (a checkpoint must not fail for it)."""
     if p.remote or p.fd < 0:
         return None
-    st = os.fstat(p.fd)
+    try:
+        st = os.fstat(p.fd)
+    except OSError:
+        return None
     if not stat.S_ISREG(st.st_mode):
         return None
     return [st.st_dev, st.st_ino, _generation(p.fd)]
@@ -78,10 +82,8 @@ def _local_inode(p: Plex) -> list[int] | None:
 def _read_mark(fd: int) -> bytes | None:
     try:
         return os.getxattr(fd, XATTR)
-    except OSError as e:
-        if e.errno in _NO_XATTRS or e.errno == errno.ENODATA:
-            return None
-        raise
+    except OSError:
+        return None  # none, none allowed here, or unreadable: the inode decides
 
 
 def record(state: VolumeState, plexes: list[Plex]) -> None:
@@ -91,11 +93,9 @@ def record(state: VolumeState, plexes: list[Plex]) -> None:
     checkpoint: one fstat per plex, a write only when something changed."""
     for p in plexes:
         rec = p.record
-        if rec.state in WRITABLE and p.fd < 0:
-            continue  # not open now (a remote one reconnecting): keep what is known
         now = _local_inode(p) if rec.state in WRITABLE else None
-        if now == rec.inode:
-            continue
+        if now == rec.inode or (now is None and rec.state in WRITABLE):
+            continue  # unchanged; or nothing to learn now (remote, closed): keep it
         rec.inode = now
         if now is not None:
             try:
