@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from . import events
+from . import events, imageid
 from .config import Config, VolumeConfig, format_size
 from .errors import SidecarError, VmdError
 from .exclusive import InUseError, close_locked, lock_exclusive, open_locked
@@ -203,6 +203,9 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         log.error("volume %s: plex %s is IOFAIL: %s", vc.name, rec.name, rec.reason)
         events.emit(events.PLEX_STATE, vc.name, rec.name, state=IOFAIL, was=was,
                     reason=rec.reason)
+
+    if not recover_all:  # (its source the administrator chose)
+        imageid.check_images(state, plexes, vc.name, columns=vc.layout == "raid5")
 
     if state.extra.get("config_fastresync") != vc.fastresync:
         # The config changed since: it wins, as `vmd fastresync` would.

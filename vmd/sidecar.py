@@ -86,6 +86,10 @@ class PlexRecord:
     missing: RegionMap | None
     # (st_dev, st_ino, st_size, st_mtime_ns) when it left, to trust `missing`.
     identity: list[int] | None = None
+    # (st_dev, st_ino, generation) of an in-sync local image, to recognise it at open
+    # (imageid.py); None: not recorded (away, remote, a block device, or a
+    # log written before it was kept).
+    inode: list[int] | None = None
     created: bool = False  # vmd created the image (deleted on snapshot abort)
     reason: str = ""  # why it is in its state (shown by status)
     role: str = ""  # "" or "snapshot"
@@ -167,7 +171,7 @@ class VolumeState:
             "plexes": [{
                 "name": p.name, "path": p.path, "state": p.state,
                 "missing": None if p.missing is None else blob(p.missing),
-                "identity": p.identity, "created": p.created, "reason": p.reason,
+                "identity": p.identity, "inode": p.inode, "created": p.created, "reason": p.reason,
                 "role": p.role,
             } for p in self.plexes],
         }
@@ -191,7 +195,7 @@ class VolumeState:
             self.plexes.append(PlexRecord(
                 name=p["name"], path=p["path"], state=p["state"],
                 missing=None if p["missing"] is None else unblob(p["missing"], self.fmr_region),
-                identity=p.get("identity"), created=bool(p.get("created")),
+                identity=p.get("identity"), inode=p.get("inode"), created=bool(p.get("created")),
                 reason=p.get("reason", ""), role=p.get("role", "")))
 
 

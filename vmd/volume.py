@@ -30,7 +30,7 @@ from .rangelock import Gate, RangeLock
 from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPLINK, STALE, WRITABLE, PlexRecord,
                       SidecarLog, VolumeState)
 from .errors import VmdError
-from . import events
+from . import events, imageid
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,8 @@ class Volume:
 
     async def checkpoint(self) -> None:
         """Make the whole in-memory state durable (membership and states)."""
+        # With the identity of each in-sync image (checked at the next open).
+        imageid.record(self.state, self.plexes)
         await self.sidecar.checkpoint(lambda: self.state)
 
     # -- I/O -----------------------------------------------------------------

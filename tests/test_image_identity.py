@@ -1,0 +1,210 @@
+"""An in-sync plex's image replaced while vmd was stopped is recognised as
+foreign and copied whole from the others, while images moved with their
+`user.vmd.image` mark (cp -a) and a plain restart are served as they are
+(vmd/imageid.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import MiB, VmdDaemon, volume_spec
+from enginekit import running_volume, volume_config
+from raid5kit import raid5_config
+from test_events import EventStream, streams  # noqa: F401 (a fixture)
+from vmd import events
+from vmd.config import KiB
+from vmd.imageid import XATTR
+
+SIZE = 16 * MiB
+REPLACED = r"is not the one it had: its inode changed and it carries no vmd mark"
+
+
+@pytest.mark.trio
+async def test_active_plex_image_replaced_while_stopped_is_not_served_as_in_sync(
+        tmp_path: Path) -> None:
+    """Reviewer 4, F3 (engine): p1 replaced by an empty file of the same size."""
+    cfg = volume_config(tmp_path)
+    data = os.urandom(64 * KiB)
+    async with running_volume(cfg) as vol:
+        await vol.pwrite(0, data)
+    # While the daemon is stopped, p1's image is replaced by another file of
+    # the same size (an old backup restored, another volume's image copied).
+    p1 = cfg.plexes[1]
+    os.unlink(p1)
+    with open(p1, "wb") as f:
+        f.truncate(cfg.size)
+    async with running_volume(cfg) as vol:
+        reads = {bytes(await vol.pread(0, len(data))) for _ in range(4)}
+        states = {p.name: p.state for p in vol.plexes}
+        await vol.resync.wait_idle()
+    assert reads == {data}, (f"a replaced ACTIVE image is served as in sync ({states}): "
+                             f"{len(reads)} different answers to the same read")
+    assert states["p1"] == "SYNCING", states
+    assert cfg.plexes[1].read_bytes() == cfg.plexes[0].read_bytes()
+
+
+@pytest.mark.trio
+async def test_raid5_column_replaced_while_stopped_is_rebuilt(tmp_path: Path) -> None:
+    """A column put in place while stopped is rebuilt from the others, never
+    read as data (nor used to compute parity)."""
+    cfg = raid5_config(tmp_path, size=8 * MiB)
+    data = os.urandom(1 * MiB)
+    async with running_volume(cfg) as vol:
+        await vol.pwrite(0, data)
+        before = [Path(p.record.path).read_bytes() for p in vol.columns]
+    c1 = cfg.plexes[1]
+    os.unlink(c1)
+    with open(c1, "wb") as f:
+        f.truncate(len(before[1]))
+    async with running_volume(cfg) as vol:
+        assert {p.name: p.state for p in vol.columns}["c1"] == "SYNCING"
+        assert bytes(await vol.pread(0, len(data))) == data
+        await vol.resync.wait_idle()
+        states = {p.name: p.state for p in vol.columns}
+    assert states == {"c0": "ACTIVE", "c1": "ACTIVE", "c2": "ACTIVE"}, states
+    assert c1.read_bytes() == before[1], "the rebuilt column differs from the one replaced"
+
+
+@pytest.mark.trio
+async def test_raid5_two_columns_replaced_are_served_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two columns out could not be rebuilt: taking them out would leave the
+    volume unreadable for what may be a move that lost the marks."""
+    cfg = raid5_config(tmp_path, size=8 * MiB)
+    async with running_volume(cfg):
+        pass
+    for c in cfg.plexes[1:]:
+        shutil.copyfile(c, c.with_suffix(".tmp"))
+        os.replace(c.with_suffix(".tmp"), c)
+    async with running_volume(cfg) as vol:
+        assert all(p.state == "ACTIVE" for p in vol.columns)
+    assert "2 column(s) would be out: a RAID-5 volume rebuilds one at most" in caplog.text
+
+
+def _fill(d: VmdDaemon, seed: int) -> bytes:
+    data = os.urandom(4 * MiB) + bytes([seed]) * (SIZE - 4 * MiB)
+    with open(d.volume_file(), "r+b") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    return data
+
+
+def _check_served(d: VmdDaemon, data: bytes) -> None:
+    d.wait_resync()
+    for _ in range(4):  # round-robin reads: each plex answers some
+        assert d.volume_file().read_bytes() == data
+    p0, p1 = d.plex_paths()
+    assert p0.read_bytes() == p1.read_bytes() == data
+
+
+def _resyncs(d: VmdDaemon) -> int:
+    return d.stderr().count("is copied whole from")
+
+
+@pytest.mark.mount
+@pytest.mark.allow_log(REPLACED)
+def test_image_recreated_empty_while_stopped_is_resynced(
+        vmd_factory: Callable[..., VmdDaemon], streams: list[EventStream]) -> None:  # noqa: F811
+    """A disk swapped, the image recreated with `truncate -s` at its path."""
+    d = vmd_factory(volumes={"vol0": volume_spec("vol0", size="16MiB")}).start()
+    data = _fill(d, 1)
+    d.stop()
+    p1 = d.plex_paths()[1]
+    p1.unlink()
+    subprocess.run(["truncate", "-s", str(SIZE), str(p1)], check=True)
+    d.start()
+    _check_served(d, data)
+    line = next(x for x in d.stderr().splitlines() if "is not the one it had" in x)
+    assert "volume vol0: plex p1 image" in line and str(p1) in line, line
+    es = EventStream(d)
+    streams.append(es)
+    ev = es.wait(events.PLEX_STATE, "p1", state="SYNCING", was="ACTIVE")
+    assert "another file was put in its place" in ev["details"]["reason"], ev
+    d.stop()
+
+
+@pytest.mark.mount
+@pytest.mark.allow_log(REPLACED)
+def test_old_copy_of_image_restored_while_stopped_is_resynced(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    d = vmd_factory(volumes={"vol0": volume_spec("vol0", size="16MiB")}).start()
+    _fill(d, 1)
+    d.stop()
+    p1 = d.plex_paths()[1]
+    backup = p1.with_name("p1.backup")
+    shutil.copyfile(p1, backup)  # a plain cp: a new file, no xattrs
+    d.start()
+    data = _fill(d, 2)
+    d.stop()
+    os.replace(backup, p1)
+    d.start()
+    _check_served(d, data)
+    assert _resyncs(d) == 1
+    d.stop()
+
+
+@pytest.mark.mount
+def test_images_moved_with_cp_a_are_served_without_resync(
+        vmd_factory: Callable[..., VmdDaemon], tmp_path: Path) -> None:
+    """Another disk mounted where the images were, filled with `cp -a`:
+    every inode is new, the marks came along."""
+    d = vmd_factory(volumes={"vol0": volume_spec(
+        "vol0", size="16MiB", plexes=["disk/p0.img", "disk/p1.img"])}).start()
+    data = _fill(d, 1)
+    d.stop()
+    disk = d.path("disk")
+    for p in d.plex_paths():
+        assert os.getxattr(p, XATTR).endswith(b":" + p.stem.encode()), "not marked"
+    subprocess.run(["cp", "-a", str(disk), str(disk) + ".new"], check=True)
+    os.rename(disk, d.path("disk.old"))
+    os.rename(d.path("disk.new"), disk)
+    d.start()
+    assert d.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
+    _check_served(d, data)
+    assert _resyncs(d) == 0
+    recorded = {p.name: p.inode[:2] for p in d.logged_state().plexes}
+    assert recorded == {p.stem: [os.stat(p).st_dev, os.stat(p).st_ino]
+                        for p in d.plex_paths()}, "the new inodes are not recorded"
+    d.stop()
+
+
+@pytest.mark.mount
+@pytest.mark.allow_log(r"no in-sync image is the one the sidecar log recorded")
+def test_all_images_copied_without_marks_are_served_with_a_warning(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """Every image replaced by a plain copy: a move cannot be told from a
+    swap, so they are served as they are, with a warning, and recorded (the
+    next start is quiet)."""
+    d = vmd_factory(volumes={"vol0": volume_spec("vol0", size="16MiB")}).start()
+    data = _fill(d, 1)
+    d.stop()
+    for p in d.plex_paths():
+        shutil.copyfile(p, p.with_suffix(".tmp"))
+        os.replace(p.with_suffix(".tmp"), p)
+    d.start()
+    assert d.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
+    assert "no in-sync image is the one the sidecar log recorded" in d.stderr()
+    _check_served(d, data)
+    d.restart()
+    assert "WARNING" not in d.stderr(), d.stderr()
+    d.stop()
+
+
+@pytest.mark.mount
+def test_clean_restart_is_quiet_and_records_the_inodes(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    d = vmd_factory(volumes={"vol0": volume_spec("vol0", size="16MiB")}).start()
+    data = _fill(d, 1)
+    d.restart()
+    assert d.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
+    _check_served(d, data)
+    assert "WARNING" not in d.stderr(whole=True)
+    assert all(p.inode[:2] == [os.stat(p.path).st_dev, os.stat(p.path).st_ino]
+               for p in d.logged_state().plexes)
+    d.stop()
