@@ -218,3 +218,36 @@ def test_recover_all_replays_the_raid5_log_that_names_the_volume(
         assert f.read(len(data)) == data, "the writes the RAID-5 log held were lost"
     d.stop()
     assert xor_is_zero(cols)
+
+
+def test_a_raid5_log_with_a_damaged_magic_names_the_way_out(
+        vmd_factory: Callable[..., VmdDaemon], allow_log: Callable[..., None]) -> None:
+    """After an unclean stop, a RAID-5 log whose first bytes are damaged is
+    refused (vmd cannot tell which stripes were being written), and so was
+    --recover-all (it will not overwrite a file that is not a RAID-5 log);
+    the refusal now says what to do, and doing it serves the volume."""
+    allow_log(r"volume r5 refused: ", r"--recover-all", r"not stopped cleanly", r"regenerat")
+    d = vmd_factory(volumes={"r5": raid5_spec("r5", size="4MiB")})
+    d.start()
+    data = os.urandom(4 * MiB)
+    _write(d.volume_file("r5"), data)
+    d.stop()
+    d.start()
+    small = os.urandom(4096)
+    _write(d.volume_file("r5"), small)  # dirty again, perhaps only in the log
+    d.kill()
+    r5log = d.path("r5.r5log")
+    with open(r5log, "r+b") as f:
+        f.write(b"XXXXXXXX")
+    d.start()
+    err = {r["name"]: r["error"] for r in d.status().get("refused", [])}["r5"]
+    assert f"mv {r5log} {r5log}.damaged" in err and "vmd start r5 --recover-all" in err, err
+    r5log.rename(f"{r5log}.damaged")
+    d.cli("start", "r5", "--recover-all")
+    d.wait_resync("r5")
+    with open(d.volume_file("r5"), "rb") as f:
+        got = f.read()
+    # The small write may have been in the damaged log only: old or new.
+    assert got[4096:] == data[4096:] and got[:4096] in (data[:4096], small)
+    d.stop()
+    assert xor_is_zero([d.path(f"r5-c{i}.img") for i in range(3)])

@@ -171,11 +171,20 @@ async def test_one_damaged_byte_in_the_header_loses_nothing(tmp_path):
             kept = list(tmp_path.glob("v.log.damaged-*"))
             assert len(kept) == 1 and kept[0].read_bytes() == bytes(bad), off
             kept[0].unlink()
-    # Damage in the second copy alone is not even noticed: the first is read.
+    # Damage in the second copy alone: the first is read, and the log is
+    # rewritten so that both copies are whole again.
     bad = bytearray(good)
     bad[sc.HEADER_COPY + 20] ^= 1
     path.write_bytes(bad)
-    assert not read_log(path)[0].repairs
+    replay, _, _ = read_log(path)
+    assert _summary(replay.state) == want
+    assert replay.repairs == [f"the header's copy at offset {sc.HEADER_COPY} is damaged"]
+    log, _ = SidecarLog.open(path)
+    log.close()
+    assert path.read_bytes()[:sc.HEADER_SIZE] == good[:sc.HEADER_SIZE]
+    for kept in tmp_path.glob("v.log.damaged-*"):
+        kept.unlink()
+    path.write_bytes(bad)
     bad[20] ^= 1
     path.write_bytes(bad)
     with pytest.raises(SidecarError, match=f"{path}: bad sidecar header"):
@@ -466,3 +475,15 @@ async def test_io_on_a_stopped_volume_fails_at_once(tmp_path):
                 with pytest.raises(OSError) as e:
                     await op
                 assert e.value.errno == errno.EIO
+
+
+def test_damaged_logs_kept_aside_twice_in_one_second_do_not_refuse(tmp_path, monkeypatch):
+    """The damaged copy's name has a seconds stamp: a second repair within
+    the same second (a retry after a failed rewrite) failed with EEXIST and
+    refused a volume whose log had replayed fine."""
+    path = tmp_path / "v.log"
+    path.write_bytes(b"damaged log")
+    monkeypatch.setattr(sc.time, "strftime", lambda fmt, *a: "20261130-120000")
+    first = sc._keep_aside(path)
+    second = sc._keep_aside(path)
+    assert first != second and first.read_bytes() == second.read_bytes() == b"damaged log"

@@ -124,9 +124,14 @@ def replay_raid5_log(vol: Raid5Volume, trusted: bool) -> None:
             vol.r5log.discard()
         n = vol.r5log.replay(write)
     except ValueError as e:
+        path = vol.r5log.path
         then = ("vmd cannot tell which stripes were being written" if trusted else
                 f"check raid5_log of volume {vol.name} in the config")
-        raise VmdError(f"volume {vol.name}: RAID-5 log {vol.r5log.path}: {e}; {then}") from None
+        raise VmdError(
+            f"volume {vol.name}: RAID-5 log {path}: {e}; {then}. If it is this volume's log, "
+            f"damaged: move it aside (`mv {path} {path}.damaged`) and `vmd start {vol.name} "
+            f"--recover-all`, which regenerates the parity of every stripe from the data "
+            f"(writes only this log held are lost)") from None
     for c in range(vol.ncol):
         if vol._writable(c):
             os.fsync(vol.columns[c].fd)

@@ -24,9 +24,11 @@ other, and `SidecarLog.open` rewrites the log (the damaged one kept aside).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shutil
 import struct
 import time
 import uuid
@@ -265,6 +267,11 @@ def _read_header(path: Path, data: bytes, repairs: list[str]) -> VolumeState:
         if h is None:
             raise SidecarError(f"{path}: bad sidecar header (not a vmd log, or damaged)")
         repairs.append(f"the header is damaged; its copy at offset {HEADER_COPY} was read")
+    elif any(data[HEADER_COPY:HEADER_SIZE]) and _header_at(data, HEADER_COPY) != h:
+        # Rewritten now, while the first copy is whole: left alone, one more
+        # damaged byte in the first copy would refuse the volume. (Zeros
+        # there: a log from before the header was doubled.)
+        repairs.append(f"the header's copy at offset {HEADER_COPY} is damaged")
     try:
         return VolumeState(uuid=h["uuid"], name=h["name"], size=int(h["size"]),
                            region_size=int(h["region_size"]), fmr_region=int(h["fmr_region"]),
@@ -521,10 +528,9 @@ def _rewrite_damaged(path: Path, fd: int, replay: Replay, seq: int) -> tuple[int
     """Replace a log that replay read around damage with a fresh one holding
     its state; the damaged log is kept as `<log>.damaged-<time>`. Returns the
     new (fd, end offset, last seq); `fd` (the old log's) is closed."""
-    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
     for why in replay.repairs:
         log.warning("%s: %s", path, why)
-    os.link(path, aside)
+    aside = _keep_aside(path)
     data = _encode_file(replay.state, seq + 1)
     new_fd = _write_new(path, data, replace=True)
     try:
@@ -536,6 +542,26 @@ def _rewrite_damaged(path: Path, fd: int, replay: Replay, seq: int) -> tuple[int
     log.warning("%s: rewritten from the state it holds; the damaged log is kept as %s",
                 path, aside)
     return new_fd, len(data), seq + 2
+
+
+def _keep_aside(path: Path) -> Path:
+    """A copy of the damaged log at `<log>.damaged-<time>[.N]`: a hard link,
+    or a copy where the filesystem has none. Its state replayed fine, so
+    nothing here may refuse the volume but a failure to keep that copy."""
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    for n in range(100):
+        aside = path.with_name(f"{path.name}.damaged-{stamp}" + (f".{n}" if n else ""))
+        try:
+            os.link(path, aside)
+            return aside
+        except FileExistsError:
+            continue  # a second repair within the second
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            shutil.copy2(path, aside)  # no hard links here
+            return aside
+    raise OSError(errno.EEXIST, f"{path}: too many damaged copies kept this second")
 
 
 def _write_new(path: Path, data: bytes, *, replace: bool) -> int:
