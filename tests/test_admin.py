@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from conftest import (REPO, MiB, SysResources, VmdDaemon, admin_raw, admin_request, is_mounted,
-                      sha, volume_spec, wait_for)
+                      pwrite_file, sha, volume_spec, wait_for)
 from vmd.errors import EXIT_BROKEN_PIPE, EXIT_ERROR, EXIT_NO_DAEMON, EXIT_USAGE
 
 pytestmark = pytest.mark.mount
@@ -644,4 +644,28 @@ def test_config_edited_to_a_subset_of_recorded_plexes_is_refused(
     (line,) = _refusal_lines(vmd)
     assert ref["error"] in line
     assert not vmd.volume_file().exists()
+    vmd.stop()
+
+
+@pytest.mark.allow_log(r"does not load, nothing changed")
+def test_sighup_rereads_the_rate_limit_and_never_kills_the_daemon(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """SIGHUP's default action killed the daemon on the spot, with no stop
+    and no log line (every filesystem above its volumes lost its disk). It
+    re-reads `resync.rate_limit`, which otherwise needed a restart."""
+    vmd = vmd_factory(rate_limit="1MiB").start()
+    pwrite_file(vmd.volume_file(), [(0, os.urandom(32 * MiB))])  # half a minute to copy
+    vmd.cli("plex", "add", "vol0", str(vmd.path("vol0-p2.img")))
+    wait_for(lambda: vmd.status("vol0")["resync"]["done_bytes"] > 0, 30, "the resync copying")
+    vmd.write_config("volumes: [")  # a config that does not load: nothing changes
+    os.kill(vmd.proc.pid, signal.SIGHUP)
+    wait_for(lambda: "does not load, nothing changed" in vmd.stderr(), 30, "the SIGHUP logged")
+    vmd.write_config()  # (the CLI reads the socket's path there)
+    assert vmd.status("vol0")["resync"]["rate_limit"] == MiB
+    vmd.set_rate_limit(0)
+    os.kill(vmd.proc.pid, signal.SIGHUP)
+    wait_for(lambda: "resync.rate_limit is unlimited" in vmd.stderr(), 30, "the reload logged")
+    p = vmd.cli("wait", "vol0", timeout=60)
+    assert "in sync" in p.stdout, p
+    _assert_alive(vmd)
     vmd.stop()

@@ -3,6 +3,7 @@ and systemd readiness. `run()` is the async main; `serve()` blocks."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -17,7 +18,7 @@ import trio
 from . import (commands, events, rcopy_verbs, resize_verbs, snapshot_verbs, start_verbs,
                verify_verbs)
 from .admin import AdminServer
-from .config import Config, check_environment
+from .config import Config, check_environment, format_size, load_config
 from .errors import VmdError
 from .exclusive import (check_socket_free, check_socket_path, clear_dead_mount, hold_mountpoint,
                         release_mountpoint, warn_if_not_empty)
@@ -209,12 +210,38 @@ class Daemon:
                               "failed: %s", vol.name, e)
 
     async def _signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        # SIGHUP too: its default action killed the daemon on the spot (a
+        # "reload" reflex, logrotate's postrotate, a terminal closed), every
+        # filesystem above its volumes then lost its disk.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                    continue
                 busy = [v.name for v in self.manager.volumes.values() if v.openers]
                 log.info("got %s: stopping%s", signal.Signals(signum).name,
                          f" (volumes still open: {', '.join(busy)})" if busy else "")
                 self.request_stop()
+
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config for what applies at once,
+        `resync.rate_limit`. The rest is read when a volume starts (`vmd start`
+        for a new one); a config that does not load changes nothing."""
+        try:
+            cfg = await trio.to_thread.run_sync(load_config, self.cfg.path)
+        except VmdError as e:
+            log.error("got SIGHUP: %s does not load, nothing changed: %s", self.cfg.path, e)
+            return
+        rate = cfg.resync.rate_limit
+        # For the volumes started from now on too (the manager's is the same
+        # object); the config's other fields stay as this run read them.
+        self.cfg = self.manager.cfg = dataclasses.replace(
+            self.cfg, resync=dataclasses.replace(self.cfg.resync, rate_limit=rate))
+        for vol in self.manager.volumes.values():
+            vol.resync.rate_limit = rate
+        log.info("got SIGHUP: re-read %s: resync.rate_limit is %s (other settings apply when a "
+                 "volume starts)", self.cfg.path, f"{format_size(rate)}/s" if rate else "unlimited")
 
 
 def serve(cfg: Config, recover_all: dict[str, str | None] | None = None,
