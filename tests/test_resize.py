@@ -269,3 +269,32 @@ async def test_engine_grow_grows_every_map(tmp_path: Path) -> None:
 
     st = read_log(vc.log)[0].state
     assert st.size == NEW and "grow" not in st.extra
+
+
+async def test_plex_added_during_a_grow_has_the_new_size(tmp_path: Path) -> None:
+    """`plex add` overlapping a grow waits at the write gate behind it; the
+    plex it adds must be of the size the volume has once it gets through,
+    or it becomes ACTIVE short and fails the reads past the old end
+    (reviewer 4, F4)."""
+    import trio
+    import trio.testing
+
+    from vmd.sidecar import ACTIVE
+
+    vc = volume_config(tmp_path, size=OLD)
+    async with running_volume(vc) as vol:
+        await vol.pwrite(0, b"a" * 4096)
+        await vol.gate.enter()  # an I/O in flight: the grow waits at the gate
+        async with trio.open_nursery() as n:
+            n.start_soon(grow, vol, NEW)
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(vol.add_plex, str(tmp_path / "added.img"))  # arrives meanwhile
+            await trio.testing.wait_all_tasks_blocked()
+            vol.gate.exit()
+        assert vol.size == NEW
+        with trio.fail_after(30):
+            await vol.resync.wait_idle()
+        added = vol.plexes[-1]
+        assert added.state == ACTIVE, added.record
+        assert (added.size, os.stat(added.path).st_size) == (NEW, NEW)
+        assert await added.pread(NEW - 4096, 4096) == bytes(4096)
