@@ -200,11 +200,11 @@ class SysResources:
         return self.mount("tmpfs", target, "-t", "tmpfs", "-o", "ro,size=1m")
 
     def make_ext4_image(self, path: str | os.PathLike[str], size: int,
-                        mountpoint: str | os.PathLike[str]) -> str:
+                        mountpoint: str | os.PathLike[str], *mkfs_opts: str) -> str:
         """A small ext4 filesystem of its own, loop-mounted at `mountpoint`."""
         with open(path, "wb") as f:
             f.truncate(size)
-        run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard", str(path)])
+        run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard", *mkfs_opts, str(path)])
         dev = self.losetup(path)
         self.mount(dev, mountpoint)
         return dev

@@ -269,3 +269,68 @@ async def test_engine_grow_grows_every_map(tmp_path: Path) -> None:
 
     st = read_log(vc.log)[0].state
     assert st.size == NEW and "grow" not in st.extra
+
+
+async def test_plex_added_during_a_grow_has_the_new_size(tmp_path: Path) -> None:
+    """`plex add` overlapping a grow waits at the write gate behind it; the
+    plex it adds must be of the size the volume has once it gets through,
+    or it becomes ACTIVE short and fails the reads past the old end
+    (reviewer 4, F4)."""
+    import trio
+    import trio.testing
+
+    from vmd.sidecar import ACTIVE
+
+    vc = volume_config(tmp_path, size=OLD)
+    async with running_volume(vc) as vol:
+        await vol.pwrite(0, b"a" * 4096)
+        await vol.gate.enter()  # an I/O in flight: the grow waits at the gate
+        async with trio.open_nursery() as n:
+            n.start_soon(grow, vol, NEW)
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(vol.add_plex, str(tmp_path / "added.img"))  # arrives meanwhile
+            await trio.testing.wait_all_tasks_blocked()
+            vol.gate.exit()
+        assert vol.size == NEW
+        with trio.fail_after(30):
+            await vol.resync.wait_idle()
+        added = vol.plexes[-1]
+        assert added.state == ACTIVE, added.record
+        assert (added.size, os.stat(added.path).st_size) == (NEW, NEW)
+        assert await added.pread(NEW - 4096, 4096) == bytes(4096)
+
+
+async def test_grow_no_in_sync_image_can_take_is_taken_back(
+        tmp_path: Path, sysres: SysResources) -> None:
+    """A real EFBIG: both in-sync images are on a filesystem without extents
+    (1 KiB blocks: no file beyond 16 GiB). The grow is refused naming the
+    images and the error, the old size stays in the log, the SYNCING plex it
+    had extended is shrunk back, and the volume starts again (reviewer 4, F5:
+    it kept the new size, and then would not start)."""
+    import dataclasses
+
+    from vmd.sidecar import ACTIVE, SYNCING, read_log
+
+    small = tmp_path / "small"
+    small.mkdir()
+    sysres.make_ext4_image(tmp_path / "small.img", 32 * MiB, small,
+                           "-b", "1024", "-O", "^extent,^64bit,^huge_file")
+    size, huge = 4 * MiB, 17 * 1024 * MiB
+    vc = dataclasses.replace(volume_config(tmp_path, size=size),
+                             plexes=(small / "p0.img", small / "p1.img"))
+    async with running_volume(vc) as vol:
+        await vol.pwrite(0, b"a" * 4096)
+        async with vol.resync.paused():  # the added plex stays SYNCING through the grow
+            p2 = await vol.add_plex(str(tmp_path / "p2.img"))
+            with pytest.raises(VmdError) as refused:
+                await grow(vol, huge)
+            assert p2.state == SYNCING
+        assert "File too large" in str(refused.value), refused.value
+        assert str(small / "p0.img") in str(refused.value), refused.value
+        assert vol.size == size and {p.state for p in vol.plexes} == {ACTIVE, SYNCING}
+        assert [os.stat(p.path).st_size for p in vol.plexes] == [size] * 3
+        assert read_log(vc.log)[0].state.size == size
+        await vol.resync.wait_idle()
+    async with running_volume(vc) as vol:  # starts again, whole
+        assert vol.size == size and await vol.pread(0, 4096) == b"a" * 4096
+        assert {p.state for p in vol.plexes} == {ACTIVE}, [p.record for p in vol.plexes]

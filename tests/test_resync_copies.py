@@ -2,21 +2,28 @@
 chunks at once (one at a time under a rate limit), and starts its targets'
 writeback as it copies, so that a progress commit's fdatasync has little left
 to write; the commit still makes the copy durable before it is recorded
-(tests/test_crash.py)."""
+(tests/test_crash.py). A resync whose targets failed while it waited its turn
+on the disk (vmd/spread.py) skips its pass, and an unexpected error in one
+volume's resync is that resync's failure, not the daemon's."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
 from enginekit import plex_bytes, running_volume, volume_config
 from vmd import resync
 from vmd.config import MiB
-from vmd.plex import Plex
+from vmd.plex import Plex, PlexIOError
 from vmd.resync import Resync
+from vmd.sidecar import IOFAIL
+from vmd.spread import DeviceSlots, devices_of
 
 
 def test_libc_has_sync_file_range() -> None:
@@ -72,3 +79,59 @@ async def test_chunks_are_copied_in_parallel_unless_rate_limited(
     assert most == (1 if rate_limit else resync.COPIES), most
     p0, p1 = plex_bytes(vc.plexes)
     assert p0 == p1 == data
+
+
+async def _other_job(slots: DeviceSlots, plexes: list[Plex], done: trio.Event,
+                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Another volume's resync (or a verify) holding the disk of `plexes`."""
+    async with slots.turn(devices_of(plexes), "resync of volume other"):
+        task_status.started()
+        await done.wait()
+
+
+@pytest.mark.allow_log(r"plex p2 .* is now IOFAIL")
+async def test_target_failing_while_the_resync_is_queued_skips_the_pass(tmp_path: Path) -> None:
+    async with running_volume(volume_config(tmp_path)) as vol:
+        await vol.pwrite(0, b"a" * 4096)
+        slots = vol.resync.slots = DeviceSlots(1)
+        other_done = trio.Event()
+        async with trio.open_nursery() as n:
+            await n.start(_other_job, slots, vol.plexes, other_done)
+            p2 = await vol.add_plex(str(tmp_path / "p2.img"))
+            await trio.testing.wait_all_tasks_blocked()
+            assert vol.resync.queue.behind, "the resync should be queued behind the other job"
+            # Its only target fails meanwhile (a user write's EIO): a failure
+            # does not cancel the queued turn as a detach would.
+            await vol.fail_plex(p2, PlexIOError(p2, "write", 0, OSError(errno.EIO, "EIO")),
+                                0, 4096)
+            assert p2.state == IOFAIL
+            other_done.set()  # the turn comes, with nothing left to copy into
+            await trio.testing.wait_all_tasks_blocked()
+        await vol.pwrite(4096, b"b" * 4096)  # the volume still serves
+        rs = vol.resync.status()
+    assert list(rs["failed"]) == ["p2"], rs  # `vmd wait` says the add failed
+    assert rs["error"] is None, rs
+
+
+async def test_unexpected_error_in_one_resync_leaves_the_other_volumes_serving(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fault injected into the pass (a bug's stand-in): the volumes' work runs
+    # in one nursery as in the daemon (manager.VolumeWork), so an error that
+    # left a volume's resync would cancel the other volume too.
+    async def broken(self: Resync) -> bool:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(Resync, "_pass", broken)
+    a_cfg, b_cfg = volume_config(tmp_path, name="a"), volume_config(tmp_path, name="b")
+    async with running_volume(a_cfg) as a, running_volume(b_cfg) as b:
+        await a.add_plex(str(tmp_path / "a-p2.img"))
+        with trio.fail_after(10):
+            while a.resync.error is None:
+                await trio.sleep(0.01)
+        await a.resync.wait_idle()  # returns: a failed resync is not one still due
+        await b.pwrite(0, b"b" * 4096)
+        assert bytes(await b.pread(0, 4096)) == b"b" * 4096
+        await a.pwrite(0, b"a" * 4096)  # the volume itself serves on, degraded
+        rs, st = a.resync.status(), a.status()
+    assert "RuntimeError: injected fault" in rs["error"], rs
+    assert st["health"] == "errors" and "resync" in st["problem"], st

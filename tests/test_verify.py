@@ -432,3 +432,36 @@ async def test_repair_dirties_its_regions_before_writing(tmp_path: Path) -> None
         assert result["mismatched_bytes"] == 4096 and result["repaired_bytes"] == 4096
         assert dirty_at_write == [True], "the repair wrote before its region was dirty"
         assert os.pread(p1.fd, 4096, 5 * MiB) == b"a" * 4096
+
+
+async def test_repair_reaches_a_syncing_plex_the_resync_already_copied_there(
+        tmp_path: Path) -> None:
+    """A SYNCING plex takes writes but is not compared: where its resync has
+    already copied the source's wrong bytes, the repair writes the good ones
+    there too, or it becomes ACTIVE holding bytes no other plex has and reads
+    alternate (reviewer 4, F7)."""
+    from enginekit import running_volume, volume_config
+    from vmd.sidecar import ACTIVE, SYNCING
+    from vmd.verify import Verify
+
+    vc = volume_config(tmp_path, size=16 * MiB, region_size=1 * MiB)
+    # Rate-limited: one chunk at a time, and time to see offset 0 copied.
+    async with running_volume(vc, rate_limit=2 * MiB) as vol:
+        await vol.pwrite(0, b"a" * 4096)
+        await vol.pwrite(4 * MiB, os.urandom(8 * MiB))  # ~4 s of copy after offset 0
+        await vol.flush()
+        os.pwrite(vol.plex("p1").fd, b"b" * 4096, 0)  # p1 holds the good copy at 0
+        p2 = await vol.add_plex(str(tmp_path / "p2.img"))
+        with trio.fail_after(20):  # its resync copied offset 0 from p0 (the wrong bytes)
+            while p2.record.missing.bits[0]:
+                await trio.sleep(0.01)
+        with trio.fail_after(30):
+            async with vol.resync.paused():  # it resumes where it stopped, after the repair
+                vol.resync.rate_limit = 0  # (a verify is throttled by it too)
+                assert p2.state == SYNCING and not p2.record.missing.bits[0]
+                result = await Verify(vol, repair=True, source="p1").work()
+            assert result["repaired_bytes"] == 4096, result
+            while p2.state != ACTIVE:
+                await trio.sleep(0.05)
+        copies = {p.name: os.pread(p.fd, 4096, 0) for p in vol.plexes}
+    assert set(copies.values()) == {b"b" * 4096}, {n: c[:1] for n, c in copies.items()}

@@ -124,6 +124,9 @@ def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], N
         passes = vol.resync.passes
         while True:
             st = vol.resync.status()
+            if st["error"] is not None:  # it will not go on by itself: do not wait for it
+                raise VmdError(f"{vol.name}: the resync stopped on an unexpected error "
+                               f"({st['error']}); the daemon's log has its traceback")
             syncing = any(p.state == SYNCING for p in vol.plexes)
             if not vol.resync.targets() and not st["running"] and not syncing:
                 # The last pass's failed targets, whenever it ran (`plex

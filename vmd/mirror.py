@@ -342,6 +342,20 @@ class MirrorVolume(Volume):
         return {**self._plex_status(p), "full_resync": bool(why), "why": why}
 
 
+    def _resized_meanwhile(self, p: Plex) -> None:
+        """Under the gate: a plex built before it (its size taken then) gets
+        the size the volume has now. A `vmd resize` that held the gate first
+        grew the volume, and only the plexes already in it; a plex opened
+        at the old size would become ACTIVE short (reads past the old end
+        fail). A remote export's size was checked at its connection."""
+        if p.size == self.size:
+            return
+        if p.remote:
+            raise VmdError(f"volume {self.name} was resized to {self.size} bytes while the add "
+                           f"connected to {p.path} ({p.size} bytes): the export must be the "
+                           f"volume's size")
+        p.size = self.size
+
     async def add_plex(self, path: str, *, state: str = SYNCING, role: str = "",
                        named: bool = False) -> Plex:
         """`named`: the administrator chose `path`, so the image is theirs even
@@ -360,6 +374,7 @@ class MirrorVolume(Volume):
                     raise VmdError(f"volume {self.name} has no in-sync plex to copy from")
                 existed = os.path.exists(path)
                 rec.name = f"p{self.state.next_plex}"  # another add may have come first
+                self._resized_meanwhile(p)
                 rec.missing = self.state.new_map(fill=True)
                 rec.created = not existed and not named
                 try:

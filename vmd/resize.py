@@ -8,7 +8,9 @@ resync paused:
    with `extra.grow = {from, to}`. A crash before its rename leaves the old
    size everywhere; after it, the new size, with images that may be short.
 2. Every image is extended (`ftruncate`: sparse) and fsynced: the open
-   plexes', then the detached plexes' (closed) ones.
+   plexes', then the detached plexes' (closed) ones. If no in-sync image
+   could be extended (EFBIG, EDQUOT, EROFS), the grow is taken back instead
+   (`_undo_grow`) and refused: kept, the volume would not start again.
 3. A checkpoint without `grow`.
 
 At start, `finish_grow` extends the images a crash left at the `from` size,
@@ -24,6 +26,7 @@ import dataclasses
 import logging
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +97,8 @@ def why_not_growable(vol: Volume) -> str | None:
 
 def _extend(fd: int, size: int, mtime_ns: int | None = None) -> None:
     """Grow an image to `size` (sparse: the new bytes are holes reading as
-    zeros), restore its mtime if asked, and make both durable."""
+    zeros), restore its mtime if asked, and make both durable. (Also shrinks
+    one back when a grow is taken back.)"""
     os.ftruncate(fd, size)
     if mtime_ns is not None:
         os.utime(fd, ns=(os.fstat(fd).st_atime_ns, mtime_ns))
@@ -169,26 +173,42 @@ async def grow(vol: Volume, size: int) -> dict[str, Any]:
                 assert ident is not None
                 p.record.identity = [*ident[:2], size, mtime]
         vol.state.extra["grow"] = {"from": old, "to": size}
-        try:
-            await vol.checkpoint()
-        except BaseException:
-            # Not recorded: nothing else changed yet, so put memory back too.
+
+        def undo_in_memory() -> None:
             del vol.state.extra["grow"]
             _set_size(vol, old)
             for p, _ in closed:
                 p.record.identity = identities[p.name]
+
+        try:
+            await vol.checkpoint()
+        except BaseException:
+            # Not recorded: nothing else changed yet, so put memory back too.
+            undo_in_memory()
             raise
         resize_fault(vol.name, "logged")
         # Step 2: the images.
+        in_sync = vol._in_sync()  # type: ignore[attr-defined]  # (a mirror: why_not_growable)
+        failed: list[tuple[Plex, OSError]] = []
         for p in [p for p in vol.plexes if p.fd >= 0]:
             try:
                 await trio.to_thread.run_sync(_extend, p.fd, size)
             except OSError as e:
-                reply["not_extended"].append(p.name)
-                await vol.fail_plex(p, PlexIOError(p, "extension", old, e), old, size - old)
+                failed.append((p, e))
                 continue
             reply["extended"].append(p.name)
             resize_fault(vol.name, "one-extended")
+        if not any(p.name in reply["extended"] for p in in_sync):
+            await _undo_grow(vol, old, [p for p in vol.plexes if p.name in reply["extended"]],
+                             undo_in_memory)
+            why = "; ".join(f"plex {p.name}, image {p.path}: {e.strerror or e}"
+                            for p, e in failed if p in in_sync) or "it has no in-sync plex"
+            raise VmdError(f"cannot resize volume {vol.name}: no in-sync image could be "
+                           f"extended to {size} bytes ({why}); the volume stays "
+                           f"{format_size(old)} ({old} bytes)")
+        for p, e in failed:
+            reply["not_extended"].append(p.name)
+            await vol.fail_plex(p, PlexIOError(p, "extension", old, e), old, size - old)
         for p, mtime in closed:
             try:
                 await trio.to_thread.run_sync(_extend_image, p.path, size, mtime)
@@ -206,6 +226,23 @@ async def grow(vol: Volume, size: int) -> dict[str, Any]:
     log.info("volume %s grown from %s to %s (images extended: %s)", vol.name, format_size(old),
              format_size(size), ", ".join(reply["extended"]) or "none")
     return reply
+
+
+async def _undo_grow(vol: Volume, old: int, extended: list[Plex],
+                     undo_in_memory: Callable[[], None]) -> None:
+    """No in-sync image took the new size: the volume would start refused
+    (its only complete copies short). Nothing was written past `old` (the
+    gate is still held), so the grow is taken back: the images it extended
+    (plexes not in sync) shrink first, then the log says the old size. A
+    crash between the two leaves the log's `grow`, which the start finishes
+    as any interrupted grow."""
+    for p in extended:
+        try:
+            await trio.to_thread.run_sync(_extend, p.fd, old)
+        except OSError as e:  # its image is not the volume's size: it needs a full resync
+            await vol.fail_plex(p, PlexIOError(p, "shrink back", old, e), old, 0)
+    undo_in_memory()
+    await vol.checkpoint()
 
 
 def finish_grow(state: VolumeState, name: str) -> None:

@@ -148,6 +148,9 @@ class Resync:
         # copy into them is lost, and `vmd wait` must not call that in sync.
         self.failed: dict[str, str] = {}
         self.passes = 0  # finished passes: `vmd wait` tells whether one ran meanwhile
+        # An unexpected error (a bug) that stopped this resync: the volume
+        # serves on without it, its targets stay out of sync (status, health).
+        self.error: str | None = None
         self._bufs: list[bytearray] = []  # copy buffers, one per chunk in flight, reused
         # One job at a time per disk (the manager sets the daemon's slots).
         self.slots: DeviceSlots | None = None
@@ -172,7 +175,7 @@ class Resync:
             "synced_bytes": self.synced_bytes, "span_bytes": self.span_bytes,
             "skips_holes": self.sparse,
             "seconds": round(self.last_seconds, 3), "targets": self.last_targets,
-            "failed": self.failed,
+            "failed": self.failed, "error": self.error,
             "rate_limit": self.rate_limit,
             "queued": bool(self.queue.behind), "queued_behind": self.queue.behind,
         }
@@ -181,7 +184,7 @@ class Resync:
         """Until no resync runs or is due."""
         while True:
             await self._idle.wait()
-            if not self.targets() or self._paused:
+            if not self.targets() or self._paused or self.error is not None:
                 return
             await trio.sleep(0.05)
 
@@ -215,10 +218,19 @@ class Resync:
                 continue
             self._idle = trio.Event()
             stuck = False
+            due = self.targets()
             try:
                 with trio.CancelScope() as self._cancel:
                     async with self._turn():
-                        stuck = not await self._pass()
+                        # The turn may have been waited for (vmd/spread.py): the
+                        # targets may have failed meanwhile (a failure, unlike a
+                        # detach, does not cancel a queued turn). No await
+                        # between this look and the pass's own.
+                        if self.targets():
+                            stuck = not await self._pass()
+                        else:
+                            self._lost_while_queued(due)
+                        self.error = None
             except OSError as e:
                 # The log or a flush failed: leave the maps as they are (copying
                 # again is always safe) and retry later, instead of taking the
@@ -227,16 +239,41 @@ class Resync:
                           self.volume.name, e, RETRY_SECONDS)
                 events.emit(events.RESYNC_INTERRUPTED, self.volume.name, error=str(e))
                 stuck = True
+            except Exception as e:
+                # A bug. This task runs in the volume's nursery, under the
+                # daemon's (manager.VolumeWork): let it out and every volume
+                # goes down uncleanly. Stopping only this resync is safe: the
+                # maps keep what is not yet copied (nothing is recorded copied
+                # before it is durable) and writes still reach every target.
+                self.error = f"{type(e).__name__}: {e}"
+                log.critical("volume %s: resync failed unexpectedly (%s); the volume serves on "
+                             "but its plexes %s stay out of sync until the daemon is restarted "
+                             "(or a plex is added, attached or detached)", self.volume.name,
+                             self.error, ", ".join(t.name for t in due), exc_info=True)
+                events.emit(events.RESYNC_INTERRUPTED, self.volume.name, error=self.error)
             finally:
                 self._cancel = None
                 self.running = False
                 self._idle.set()
-            if stuck:
+            if self.error is not None:
+                # Retrying a bug would only repeat it: wait for a change.
+                await self._wake.wait()
+                self._wake = trio.Event()
+            elif stuck:
                 # No in-sync source (or an error): wait for a change (attach,
                 # add, wake) or the retry period, never spin.
                 with trio.move_on_after(RETRY_SECONDS):
                     await self._wake.wait()
                 self._wake = trio.Event()
+
+    def _lost_while_queued(self, due: list[Plex]) -> None:
+        """Every target failed or left while the resync waited for its turn:
+        no pass. Those that failed are its failed targets (`vmd wait`)."""
+        self.last_targets = [t.name for t in due]
+        self.failed = {t.name: t.record.reason or t.state for t in due if not _live([t])}
+        log.info("volume %s: resync skipped: its targets left or failed while it was queued "
+                 "(%s)", self.volume.name, ", ".join(f"{n}: {why}" for n, why in
+                                                     self.failed.items()) or "none failed")
 
     def _turn(self) -> AbstractAsyncContextManager[None]:
         """This volume's turn on the devices of its open plexes (vmd/spread.py)."""

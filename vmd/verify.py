@@ -7,7 +7,8 @@ flight is never reported as a mismatch. A chunk that no plex has allocated
 (SEEK_DATA/SEEK_HOLE) is equal without being read. Plexes are compared in
 512-byte sectors (md counts them too): a mismatched range is a run of
 sectors in which some plex differs from the reference. `repair` writes the
-source plex's sectors over the others, still under the lock.
+source plex's sectors over the others, still under the lock: over every
+plex that takes writes, also a SYNCING or SNAPATT one not compared.
 
 A verify is a `Job` (vmd/tasks.py) of the daemon's verify task group
 (`vmd/verify_verbs.py:Verifies`): the verb waits for it with `group.call`,
@@ -315,7 +316,16 @@ class Verify(Job[dict[str, Any]]):
         for start, length in bad:
             self._note(start, length)
         if self.repair:
-            await self._repair([p for i, p in enumerate(plexes) if i != ref_at], ref, off, bad)
+            # Every plex that takes writes, not only those compared: a SYNCING
+            # or SNAPATT plex whose copy already passed here holds the old
+            # bytes and its map says so no more. Written as a user's write
+            # is (invariant 6: under the range lock this chunk holds). Not by
+            # marking its map instead: a copy of this range that returned
+            # before the lock was taken and is not yet committed would clear
+            # the mark when its `copied` record is written.
+            source = plexes[ref_at]
+            targets = [p for p in self.volume.plexes if p.state in WRITABLE and p is not source]
+            await self._repair(targets, ref, off, bad)
 
     def _note(self, start: int, length: int, *, joins: bool = True) -> None:
         """Count a mismatched range; one that `joins` the last continues it."""
@@ -357,7 +367,7 @@ class Verify(Job[dict[str, Any]]):
             regions = await vol.drl.begin_write(start, length)
             try:
                 for t in targets:
-                    if t.state not in COMPARED:
+                    if t.state not in WRITABLE:
                         continue  # failed on an earlier range
                     try:
                         await t.pwrite(start, piece)

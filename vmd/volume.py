@@ -71,6 +71,8 @@ class Background(Protocol):
     """A layout's background copy (mirror resync, RAID-5 rebuild), as the
     front drives it: started by `run`, held off during membership changes."""
 
+    error: str | None  # an unexpected error stopped it (status, health)
+
     def wake(self) -> None: ...
 
     def status(self) -> dict[str, Any]: ...
@@ -526,6 +528,11 @@ class Volume:
                 f"plex {p.name}, the last in-sync plex, had I/O errors "
                 f"({p.record.reason[len(KEPT_NOTE):].strip()}): the I/O that met them "
                 f"failed; see `When the last in-sync plex has errors` in docs/operations.md")}
+        if self.resync.error is not None:
+            return {"health": "errors", "problem": (
+                f"the resync stopped on an unexpected error ({self.resync.error}; the daemon's "
+                f"log has its traceback): the plexes it was copying stay out of sync until the "
+                f"daemon is restarted")}
         return {"health": "ok", "problem": None}
 
     def _plex_status(self, p: Plex) -> dict[str, Any]:
