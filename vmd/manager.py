@@ -221,16 +221,24 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         vol = layout(vc, state, sidecar, plexes, clean_delay=clean_delay,
                      rate_limit=rate_limit, plex_factory=plex_factory)
         _abort_interrupted_snapshot_mirrors(vol)
+        # The DRL says which regions may differ only if the run that wrote the
+        # log kept one: a crash of a run without (drl turned on in the config
+        # since) leaves every region suspect, whatever the config says now.
+        full = not vc.drl or not state.extra.get(DRL_KEPT, vc.drl) or recover_all
         if isinstance(vol, Raid5Volume):
-            plan_raid5_recovery(vol, full=not vc.drl or recover_all, force=force_degraded)
+            plan_raid5_recovery(vol, full=full, force=force_degraded)
         elif not state.clean:
-            _plan_recovery(vol, full=not vc.drl or recover_all)
+            _plan_recovery(vol, full=full)
+        state.extra[DRL_KEPT] = vc.drl  # this run's, in the start's checkpoint
     except BaseException:
         # Refused: nothing stays open or locked (a retry must be able to take it).
         _close_files(plexes, sidecar, vol)
         raise
     vol._update_recovering()
     return vol
+
+
+DRL_KEPT = "drl"  # in VolumeState.extra: whether the run that wrote the log kept a DRL
 
 
 def _start_on_loop(vol: Volume) -> None:
