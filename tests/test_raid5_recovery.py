@@ -37,9 +37,14 @@ async def _crash_with_torn_parity(cfg, s: int = 3) -> bytes:
 
 @pytest.mark.parametrize("how", ["added", "missing", "empty"])
 async def test_a_raid5_log_not_in_use_before_the_crash_is_not_trusted(tmp_path, how):
-    # A log added to the config after the crash, or one deleted or emptied
-    # since, holds nothing of the crashed run: an empty replay proves
-    # nothing, so the dirty stripes' parity is regenerated as without a log.
+    # A log added to the config after the crash holds nothing of the crashed
+    # run: an empty replay proves nothing, so the dirty stripes' parity is
+    # regenerated as without a log. One deleted (its disk not mounted) or
+    # emptied since may have held acknowledged writes: refused, never
+    # started afresh in silence; --recover-all goes on without it.
+    from vmd.errors import VmdError
+    from vmd.manager import open_volume
+
     r5log = tmp_path / "r5.r5log"
     cfg = raid5_config(tmp_path, size=2 * 8 * SU, raid5_log=None if how == "added" else r5log)
     ref = await _crash_with_torn_parity(cfg)
@@ -48,9 +53,13 @@ async def test_a_raid5_log_not_in_use_before_the_crash_is_not_trusted(tmp_path, 
     elif how == "empty":
         os.truncate(r5log, 0)
     cfg = dataclasses.replace(cfg, raid5_log=r5log)
-    async with running_volume(cfg) as vol:
+    if how != "added":
+        with pytest.raises(VmdError, match=f"its RAID-5 log {r5log} is {how}"):
+            open_volume(cfg, tmp_path / "test.yaml")
+        assert r5log.exists() == (how == "empty"), "the refusal left a file it made"
+    async with running_volume(cfg, recover_all=how != "added") as vol:
         assert vol.replayed_entries == 0
-        assert vol.recovered_regions == 1
+        assert vol.recovered_regions == (1 if how == "added" else cfg.size // cfg.region_size)
         await vol.resync.wait_idle()
         assert await vol.pread(0, cfg.size) == ref
         in_use = vol.state.extra.get("raid5_log")
@@ -152,8 +161,9 @@ async def test_a_refused_raid5_volume_leaves_no_file_open(tmp_path, why):
             open_volume(bad, tmp_path / "test.yaml")
     assert _open_fds() == before, "a refused volume left files open"
     if why == "bad log header":
-        r5log.unlink()  # the administrator's way out: the parity is regenerated
-    async with running_volume(cfg) as vol:  # no lock left behind on its images or log
+        r5log.unlink()  # the administrator's way out (the refusal says so):
+    # --recover-all, which regenerates every stripe's parity
+    async with running_volume(cfg, recover_all=why == "bad log header") as vol:  # no lock left
         await vol.resync.wait_idle()
         assert await vol.pread(0, 100) == b"x" * 100
 

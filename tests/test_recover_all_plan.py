@@ -251,3 +251,42 @@ def test_a_raid5_log_with_a_damaged_magic_names_the_way_out(
     assert got[4096:] == data[4096:] and got[:4096] in (data[:4096], small)
     d.stop()
     assert xor_is_zero([d.path(f"r5-c{i}.img") for i in range(3)])
+
+
+def test_a_missing_raid5_log_after_a_crash_is_refused_until_it_is_back(
+        vmd_factory: Callable[..., VmdDaemon], allow_log: Callable[..., None]) -> None:
+    """The RAID-5 log's disk not mounted at the restart after a crash: the
+    log was created anew, empty, and the fsync'd writes it held were lost
+    with no word. Refused; back in place, `vmd start` replays it."""
+    allow_log(r"volume r5 refused: ", r"not stopped cleanly", r"RAID-5 log replayed",
+              r"regenerat", r"--recover-all")
+    d = vmd_factory(volumes={"r5": raid5_spec("r5", size="4MiB")})
+    d.start()
+    _write(d.volume_file("r5"), bytes(4 * MiB))
+    d.stop()
+    d.env["VMD_TEST_FAULT"] = "hold-write-back:r5"  # nothing leaves the cache
+    d.start()
+    data = os.urandom(200 * 1024)
+    fd = os.open(d.volume_file("r5"), os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 8192)
+        os.fsync(fd)  # durable in the RAID-5 log only
+    finally:
+        os.close(fd)
+    d.kill()
+    d.env.pop("VMD_TEST_FAULT")
+    r5log = d.path("r5.r5log")
+    away = d.path("r5.r5log.offline")
+    r5log.rename(away)
+    d.start()
+    err = {r["name"]: r["error"] for r in d.status().get("refused", [])}["r5"]
+    assert f"its RAID-5 log {r5log} is missing" in err, err
+    assert not r5log.exists(), "an empty log was left where the real one belongs"
+    away.rename(r5log)
+    d.cli("start", "r5")
+    d.wait_resync("r5")
+    with open(d.volume_file("r5"), "rb") as f:
+        f.seek(8192)
+        assert f.read(len(data)) == data, "the fsync'd writes the RAID-5 log held were lost"
+    d.stop()
+    assert xor_is_zero([d.path(f"r5-c{i}.img") for i in range(3)])

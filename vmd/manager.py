@@ -123,14 +123,14 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
             state = _config_state(vc)
             if recover_all and known_uuid is not None:
                 state.uuid = known_uuid  # the same volume: its RAID-5 log stays its own
-            if recover_all:
-                adopt_raid5_log(state, vc, known_uuid)
             if not recover_all:
                 # Also what a disk holding the log and every image looks like
                 # when it is not mounted: say so where the admin will look.
                 log.info("volume %s: no sidecar log %s and no image holding data: a new, empty "
                          "volume (images %s)", vc.name, vc.log,
                          ", ".join(str(p) for p in vc.plexes))
+        if recover_all:
+            adopt_raid5_log(state, vc, state.uuid if salvaged is not None else known_uuid)
         if recover_all and salvaged is None:
             state.clean = False
             if vc.layout == "raid5":

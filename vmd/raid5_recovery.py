@@ -92,6 +92,18 @@ def _replays_log(vol: Raid5Volume) -> bool:
                        f"log, or a new file")
     recorded = st.extra.get(R5LOG_IN_USE)
     here = None if r5 is None else str(r5.path)
+    if not st.clean and r5 is not None and recorded == here and r5.was_empty:
+        # The crashed run's log is missing (its disk not mounted yet) or was
+        # emptied: started afresh, the acknowledged writes it held were lost.
+        if r5.created:
+            os.unlink(r5.path)  # made by this open: leave the mount point as it was
+        raise VmdError(
+            f"volume {vol.name} was not stopped cleanly and its RAID-5 log {here} is "
+            f"{'missing' if r5.created else 'empty'}: it may have held acknowledged writes "
+            f"the columns lack. Make it available (mount its filesystem) and `vmd start "
+            f"{vol.name}`: it is replayed. To go on without it: `vmd start {vol.name} "
+            f"--recover-all` regenerates the parity of every stripe from the data, and the "
+            f"writes only that log held are lost")
     if st.clean or recorded is None or recorded == here:
         return r5 is not None and r5.trusted()
     if r5 is not None and owner == st.uuid:

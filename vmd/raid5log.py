@@ -186,6 +186,7 @@ class Raid5Log:
         self.vol = vol
         try:
             path.parent.mkdir(parents=True, exist_ok=True)  # a first start, as for plexes
+            self.created = not path.exists()  # removed again if the start is refused for it
             # Held like every sidecar log and image: a second daemon (another
             # config naming this file) must not replay or rewind it under us.
             self.fd = open_locked(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, "RAID-5 log")

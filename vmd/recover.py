@@ -45,23 +45,30 @@ def logged_uuid(path: Path) -> str | None:
 
 
 def adopt_raid5_log(state: VolumeState, vc: VolumeConfig, known_uuid: str | None) -> None:
-    """--recover-all without a readable checkpoint, RAID-5 with a log: the
+    """--recover-all of a RAID-5 volume with a RAID-5 log: the
     log's entries not retired may be acknowledged writes the columns lack
     (the write-back cache had not written them). Emptied unread they were
     lost. If its header names this volume (the uuid of the old sidecar log's
     header), or the sidecar log is gone altogether and the config names this
     log for this volume (the best evidence left), it is recorded in use, so
-    that it is replayed before every stripe's parity is regenerated."""
+    that it is replayed before every stripe's parity is regenerated. Any
+    other log a checkpoint records in use is not (missing, emptied, another
+    file): the regeneration stands in for it, as --recover-all asked."""
     path = vc.raid5_log
-    if vc.layout != "raid5" or path is None:
+    if vc.layout != "raid5":
+        return
+    recorded = state.extra.pop(R5LOG_IN_USE, None)
+    if path is None:
         return
     try:
         with open(path, "rb") as f:
             owner = read_owner(f.read(40))
     except (OSError, ValueError):
         return  # missing, empty or not a log: nothing to replay (the open says why)
+    if owner is None and recorded == str(path):
+        owner = known_uuid  # from before logs named their volume: the checkpoint vouches
     if owner is None or (known_uuid is not None and owner != known_uuid):
-        return  # a log from before vmd named owners, or another volume's (refused at open)
+        return  # unknown, or another volume's (refused at open)
     if known_uuid is None:
         state.uuid = owner
     state.extra[R5LOG_IN_USE] = str(path)
