@@ -93,6 +93,19 @@ def test_wait_that_saw_no_pass_does_not_repeat_the_last(
     assert out == "vol0: in sync\n", out
 
 
+def test_wait_names_a_plex_that_is_out_instead_of_saying_in_sync(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """A detached plex (an attach refused, or not tried yet): `vmd wait` said
+    "in sync", which an administrator reads as redundant again."""
+    vmd = vmd_factory(volumes={"vol0": volume_spec(size="16MiB")}).start()
+    vmd.cli("plex", "detach", "vol0", "p1")
+    out = vmd.cli("wait", "vol0").stdout
+    assert "in sync" not in out and "not redundant in full: p1 is DETACHED" in out, out
+    vmd.cli("plex", "attach", "vol0", "p1")
+    vmd.wait_resync()
+    assert vmd.cli("wait", "vol0").stdout == "vol0: in sync\n"
+
+
 def test_start_force_degraded_of_a_mirror_is_refused(vmd_factory: Callable[..., VmdDaemon]) -> None:
     vmd = vmd_factory(volumes={"vol0": volume_spec(size="16MiB")}).start()
     vmd.config["volumes"]["m1"] = volume_spec("m1", size="16MiB")  # added to the config since

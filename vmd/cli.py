@@ -423,7 +423,14 @@ def _report_wait(volume: str, reply: dict[str, Any]) -> None:
                                  f"{f['state']} ({f['reason']}); {after}" for f in failed))
     rs = reply["resync"]
     ran = f" ({what} copied {format_size(rs['copied_bytes'])})" if reply.get("ran") else ""
-    print(f"{volume}: in sync{ran}")
+    out = reply.get("out", [])
+    if not out:
+        print(f"{volume}: in sync{ran}")
+        return
+    # Nothing left to wait for, but not every plex is in: say which, and why.
+    print(f"{volume}: nothing to {what}{ran}, but not redundant in full: " + "; ".join(
+        f"{o['plex']} is {o['state']}" + (f" ({o['reason']})" if o.get("reason") else "")
+        for o in out))
 
 
 def _wait_gone(sock: Path, timeout: float = 120.0) -> None:

@@ -19,7 +19,7 @@ from .errors import VmdError
 from .mountpath import outside_mount_error
 from .nbdlink import check_uri, is_remote, uri_typo
 from .manager import VolumeManager
-from .sidecar import RESYNC_TARGETS, SYNCING
+from .sidecar import ACTIVE, RESYNC_TARGETS, SYNCING
 
 PROGRESS_SECONDS = 0.5
 
@@ -136,8 +136,13 @@ def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], N
                 failed = [{"plex": n, "state": by_name[n].state, "reason": why}
                           for n, why in st["failed"].items()
                           if n in by_name and by_name[n].state not in RESYNC_TARGETS]
+                # Plexes out for another reason (detached, failed before this
+                # pass): nothing to wait for, but "in sync" alone would hide them.
+                out = [{"plex": p.name, "state": p.state, "reason": p.record.reason}
+                       for p in vol.plexes if p.state != ACTIVE and p.record.role != "snapshot"
+                       and not any(f["plex"] == p.name for f in failed)]
                 return {"resync": st, "ran": vol.resync.passes != passes, "failed": failed,
-                        "rebuild": hasattr(vol, "columns")}
+                        "rebuild": hasattr(vol, "columns"), "out": out}
             await progress({"volume": vol.name, **st})
             with trio.move_on_after(PROGRESS_SECONDS):
                 await vol.resync.wait_idle()

@@ -348,8 +348,8 @@ def _check_against_config(state: VolumeState, vc: VolumeConfig, cfg_path: Path) 
                     "exactly them", vc.name, cfg_path, differs)
         return
     raise VmdError(f"{cfg_path}: {differs}. The config was edited since vmd last used it, so "
-                   f"vmd will not guess which is meant: make {key}.plexes list exactly the "
-                   f"recorded plexes")
+                   f"vmd will not guess which is meant: make {key}.{images} list exactly the "
+                   f"recorded {images}")
 
 
 def _abort_interrupted_snapshot_mirrors(vol: Volume) -> None:
