@@ -135,3 +135,24 @@ async def test_unexpected_error_in_one_resync_leaves_the_other_volumes_serving(
         rs, st = a.resync.status(), a.status()
     assert "RuntimeError: injected fault" in rs["error"], rs
     assert st["health"] == "errors" and "resync" in st["problem"], st
+
+
+async def test_a_lower_rate_limit_paces_the_copy_from_the_change(
+        autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGHUP may lower resync.rate_limit in the middle of a pass: paced from
+    the pass's start, 100 MiB copied at 100 MiB/s then a limit of 1 MiB/s
+    held the copy for 99 s before its next chunk."""
+    monkeypatch.setattr(resync.time, "monotonic", trio.current_time)  # the test's clock
+    r = Resync(None, rate_limit=100 * MiB)  # type: ignore[arg-type]
+    started = trio.current_time()
+    await r._throttle(started)
+    r.done_bytes = 100 * MiB
+    await trio.sleep(1.0)  # copied at the limit
+    await r._throttle(started)
+    assert trio.current_time() - started == pytest.approx(1.0, abs=0.01)
+    r.rate_limit = MiB
+    t = trio.current_time()
+    await r._throttle(started)  # nothing copied since the change: no wait
+    r.done_bytes += 2 * MiB
+    await r._throttle(started)  # 2 MiB at 1 MiB/s since the change
+    assert trio.current_time() - t == pytest.approx(2.0, abs=0.3)

@@ -129,6 +129,7 @@ class Resync:
     def __init__(self, volume: Mirror, *, rate_limit: int = 0):
         self.volume = volume
         self.rate_limit = rate_limit
+        self._pace = (0.0, 0, rate_limit)  # (since, bytes done then, limit then): _throttle
         self._wake = trio.Event()
         self._cancel: trio.CancelScope | None = None
         self._paused = 0
@@ -481,9 +482,19 @@ class Resync:
 
     async def _throttle(self, started: float) -> None:
         await trio.sleep(0)  # let writes in between chunks
-        # Re-read the limit in short steps: it may be changed while we wait.
-        while self.rate_limit > 0:
-            delay = started + self.done_bytes / self.rate_limit - time.monotonic()
+        # Re-read the limit in short steps: it may be changed while we wait
+        # (SIGHUP). Paced from the pass's start, or from the change: a lower
+        # limit measured from the start would stop the copy for as long as
+        # the bytes already copied take at the new rate.
+        if self._pace[0] < started:
+            self._pace = (started, 0, self.rate_limit)
+        while (rate := self.rate_limit) > 0:
+            now = time.monotonic()
+            t0, b0, r0 = self._pace
+            if rate != r0:
+                t0, b0 = now, self.done_bytes
+                self._pace = (t0, b0, rate)
+            delay = t0 + (self.done_bytes - b0) / rate - now
             if delay <= 0:
                 return
             await trio.sleep(min(delay, 0.25))
