@@ -144,7 +144,7 @@ def test_grown_volume_whose_log_is_lost_is_refused_alone(
     g0 = d.plex_paths("g")[0]
     for needle in (f"volumes.g.plexes[0]: existing image {g0} is {32 * MiB} bytes",
                    f"the volume is {16 * MiB} bytes", "`vmd resize g`",
-                   "Set `size: 32MiB` for volumes.g", "`vmd start g --recover-all`"):
+                   "Set `size: 32MiB` for volumes.g", "`vmd start g --recover-all[=IMAGE]`"):
         assert needle in why, (needle, why)
     assert sha(d.volume_file("other")) == other
     assert [v["name"] for v in d.status()["volumes"]] == ["other"]
@@ -154,6 +154,8 @@ def test_grown_volume_whose_log_is_lost_is_refused_alone(
     assert "Set `size: 32MiB`" in err, err
     d.config["volumes"]["g"]["size"] = "32MiB"
     d.write_config()
+    err = _fails(d, "start", "g")  # the size is right now: what the missing log requires
+    assert "is missing but plex image" in err and "--recover-all" in err, err
     d.cli("start", "g", f"--recover-all={g0}")
     assert os.path.getsize(d.volume_file("g")) == 32 * MiB
     assert sha(d.volume_file("g")) == expect

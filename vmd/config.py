@@ -487,8 +487,8 @@ def check_volume_environment(cfg_path: Path, vol: VolumeConfig, grown_from: int 
                 f"{e}. The image is bigger than the config says: most likely an earlier `vmd "
                 f"resize {vol.name}` grew it, which only its sidecar log {vol.log} (missing) "
                 f"recorded. Set `size: {format_size(size)}` for volumes.{vol.name} in "
-                f"{cfg_path}, then `vmd start {vol.name} --recover-all` (the log is "
-                f"missing; `vmd start {vol.name}` alone says which plex it resyncs from)") from None
+                f"{cfg_path}, then `vmd start {vol.name} --recover-all[=IMAGE]` (the log is "
+                f"missing: `vmd start {vol.name}` alone says which image to resync from)") from None
     _check_dir_writable(_Ctx(cfg_path), vol.log.parent, f"{key}.log")
 
 
