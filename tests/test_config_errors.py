@@ -241,21 +241,31 @@ def test_unwritable_parent_of_missing_directory(vmd_factory: Callable[..., VmdDa
 
 @pytest.mark.parametrize("actual", [1 * MiB, 64 * MiB + 512, 0])
 def test_existing_image_of_wrong_size_is_untouched(vmd_factory: Callable[..., VmdDaemon],
+                                                   allow_log: Callable[..., None],
                                                    actual: int) -> None:
-    d = vmd_factory()
+    """A volume's own files, not the config: that volume is refused, the
+    daemon serves the others (an image it did not expect touches nothing)."""
+    allow_log(r"volume vol0 refused: ")
+    d = vmd_factory(volumes={"vol0": volume_spec("vol0"), "vol1": volume_spec("vol1", size="8MiB")})
     img = d.plex_paths()[1]
     with open(img, "wb") as f:
         f.write(os.urandom(min(actual, 4096)))
         f.truncate(actual)
     before_sha, before_st = sha(img), os.stat(img)
-    msg = _expect_config_error(d, "volumes.vol0.plexes[1]", str(img), str(actual))
+    d.start()
+    refused = {r["name"]: r["error"] for r in d.status()["refused"]}
+    msg = refused["vol0"]
+    for needle in (str(d.config_path), "volumes.vol0.plexes[1]", str(img), f"{actual} bytes"):
+        assert needle in msg, (needle, msg)
+    assert ("`vmd resize vol0`" in msg) == (actual > 64 * MiB), msg
+    assert [v["name"] for v in d.status()["volumes"]] == ["vol1"]
+    d.stop()
     after = os.stat(img)
     assert (after.st_size, after.st_mtime_ns, after.st_ino) == \
         (before_st.st_size, before_st.st_mtime_ns, before_st.st_ino), "image was modified"
     assert sha(img) == before_sha
     assert not d.plex_paths()[0].exists(), "the other plex was created despite the error"
     assert not d.log_path().exists()
-    assert "bytes" in msg
 
 
 def test_image_is_a_directory(vmd_factory: Callable[..., VmdDaemon]) -> None:

@@ -19,6 +19,7 @@ import yaml
 from .errors import ConfigError
 from .mountpath import mount_paths, outside_mount_error
 from .nbdlink import check_uri, is_remote, uri_typo
+from .samefile import shared_in_config
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -433,17 +434,34 @@ def _rcopy_config(ctx: _Ctx, raw: Any, key: str) -> RcopyConfig | None:
     return RcopyConfig(target=argv, period=period)
 
 
-def check_environment(cfg: Config, grown_from: dict[str, int] | None = None) -> None:
+class VolumeRefused(ConfigError):
+    """What the start's checks find wrong with one volume's files (not with
+    the config): the daemon refuses that volume and serves the others."""
+
+
+class ImageSizeError(VolumeRefused):
+    def __init__(self, message: str, actual: int):
+        super().__init__(message)
+        self.actual = actual
+
+
+def check_environment(cfg: Config, grown_from: dict[str, int] | None = None) -> dict[str, str]:
     """Checks against the disk, before anything is mounted or created.
     `grown_from`: per volume, the other size its images may have (the size
-    before a `vmd resize` a crash interrupted, which the start completes)."""
+    before a `vmd resize` a crash interrupted, which the start completes).
+    Returns the volumes to refuse, with why (VolumeRefused)."""
     ctx = _Ctx(cfg.path)
     _check_dir_writable(ctx, cfg.mountpoint.parent, "mountpoint")
     if cfg.mountpoint.exists() and not cfg.mountpoint.is_dir():
         raise ctx.err("mountpoint", f"{cfg.mountpoint} exists and is not a directory")
     _check_dir_writable(ctx, cfg.socket.parent, "socket")
+    refused = shared_in_config(cfg)
     for vol in cfg.volumes.values():
-        check_volume_environment(cfg.path, vol, (grown_from or {}).get(vol.name))
+        try:
+            check_volume_environment(cfg.path, vol, (grown_from or {}).get(vol.name))
+        except VolumeRefused as e:
+            refused.setdefault(vol.name, str(e))
+    return refused
 
 
 def check_volume_environment(cfg_path: Path, vol: VolumeConfig, grown_from: int | None) -> None:
@@ -455,9 +473,22 @@ def check_volume_environment(cfg_path: Path, vol: VolumeConfig, grown_from: int 
     # one image cut short must not keep every volume from starting.
     exists = vol.log.exists()
     for i, p in enumerate(vol.plexes):
-        if isinstance(p, Path):  # a remote export's size is checked when it is opened
+        if not isinstance(p, Path):
+            continue  # a remote export's size is checked when it is opened
+        try:
             check_image(p, vol.image_size, f"{cfg_path}: {key}.{images}[{i}]", grown_from,
                         what=vol.image_what, any_size=exists)
+        except ImageSizeError as e:
+            if e.actual <= vol.image_size:
+                raise
+            # Only the lost log knew: say what most likely happened.
+            size = e.actual * (1 if vol.layout == "mirror" else len(vol.plexes) - 1)
+            raise VolumeRefused(
+                f"{e}. The image is bigger than the config says: most likely an earlier `vmd "
+                f"resize {vol.name}` grew it, which only its sidecar log {vol.log} (missing) "
+                f"recorded. Set `size: {format_size(size)}` for volumes.{vol.name} in "
+                f"{cfg_path}, then `vmd start {vol.name} --recover-all[=IMAGE]` (the log is "
+                f"missing: `vmd start {vol.name}` alone says which image to resync from)") from None
     _check_dir_writable(_Ctx(cfg_path), vol.log.parent, f"{key}.log")
 
 
@@ -485,9 +516,9 @@ def check_image(path: Path, size: int, where: str, or_size: int | None = None, *
     else:
         raise ConfigError(f"{where}: {path} is not a regular file or block device")
     if actual != size and actual != or_size and not any_size:
-        raise ConfigError(
+        raise ImageSizeError(
             f"{where}: existing image {path} is {actual} bytes, {what} is {size} bytes "
-            f"(vmd never truncates or grows an image; fix the size or the path)")
+            f"(vmd never truncates or grows an image; fix the size or the path)", actual)
     if not os.access(path, os.R_OK | os.W_OK):
         raise ConfigError(f"{where}: {path} is not readable and writable")
 

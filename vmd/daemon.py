@@ -98,6 +98,7 @@ class Daemon:
         self.manager = VolumeManager(cfg)
         self.manager.force_degraded = force_degraded or set()
         self.fs: VolumeFS | None = None
+        self._refused: dict[str, str] = {}  # by the start's checks of the disk
         self._stop = trio.Event()
         # The admin verbs: each feature adds its own (Remote Copy wraps `status`).
         self.commands: commands.CommandTable = {}
@@ -129,7 +130,7 @@ class Daemon:
             clear_dead_mount(cfg.mountpoint, f"{cfg.path}: mountpoint")
             warn_if_not_empty(cfg.mountpoint, f"{cfg.path}: mountpoint")
             # After `vmd resize` the sidecar log's size wins over the config's.
-            check_environment(cfg, adopt_logged_sizes(cfg))
+            self._refused = check_environment(cfg, adopt_logged_sizes(cfg))
             await self._run()
         finally:
             release_mountpoint(mount_lock)
@@ -137,7 +138,7 @@ class Daemon:
     async def _run(self) -> None:
         cfg = self.cfg
         notifier = Notifier(cfg.notify) if cfg.notify else None  # queues the start's events
-        self.manager.open_all(self.recover_all)
+        self.manager.open_all(self.recover_all, self._refused)
         cfg.mountpoint.mkdir(parents=True, exist_ok=True)
         async with AsyncExitStack() as stack:
             fuse = FuseSession(self)

@@ -12,13 +12,12 @@ from typing import Any
 
 import trio
 
-from . import events, imageid
+from . import events, imageid, samefile
 from .config import Config, VolumeConfig, format_size
 from .errors import SidecarError, VmdError
 from .exclusive import InUseError, close_locked, lock_exclusive, open_locked
 from .layout_check import check_layout, record_layout
 from .mountpath import unmounted_fstab_point
-from .nbdlink import is_remote
 from .nbdplex import map_after_open_error, remote_aware
 from .plex import Plex
 from .regionmap import RegionMap
@@ -453,10 +452,15 @@ class VolumeManager:
         log.error("volume %s refused: %s", name, why.removeprefix(f"volume {name}: "))
         events.emit(events.VOLUME_REFUSED, name, error=why)
 
-    def open_all(self, recover_all: Mapping[str, str | None] | None = None) -> None:
-        """`recover_all`: volume → the plex to resync every other from (None: default)."""
-        recover_all = recover_all or {}
+    def open_all(self, recover_all: Mapping[str, str | None] | None = None,
+                 refused: Mapping[str, str] | None = None) -> None:
+        """`recover_all`: volume → the plex to resync every other from (None: default).
+        `refused`: volume → why the start's checks refuse it."""
+        recover_all, refused = recover_all or {}, refused or {}
         for name, vc in self.cfg.volumes.items():
+            if name in refused:
+                self.refuse(name, refused[name])
+                continue
             vol = self._open(vc, name in recover_all, recover_all.get(name))
             if vol is not None:
                 self.volumes[name] = vol
@@ -595,13 +599,5 @@ class VolumeManager:
                 "refused": [{"name": n, "error": e} for n, e in self.refused.items()]}
 
     def plex_path_in_use(self, path: str) -> str | None:
-        def same(a: str) -> bool:
-            if is_remote(a) or is_remote(path):
-                return a == path  # a URI is no path: realpath would fold its "//"
-            return os.path.realpath(a) == os.path.realpath(path)
-
-        for v in self.volumes.values():
-            for p in v.plexes:
-                if same(p.record.path):
-                    return f"plex {p.name} of volume {v.name}"
-        return None
+        """What file of a serving volume `path` is, under that name or another."""
+        return samefile.in_use(self.volumes.values(), path)

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import trio
 
+from . import samefile
 from .commands import CommandTable, req_str
-from .config import VolumeConfig, check_volume_environment, load_config
+from .config import VolumeConfig, VolumeRefused, check_volume_environment, load_config
 from .errors import VmdError
 from .manager import VolumeManager, snapshot_config
 from .resize import adopt_logged_sizes
+from .samefile import shared_in_config
 
 
 class _NoChange(VmdError):
@@ -40,6 +41,9 @@ def _read_block(m: VolumeManager, name: str) -> tuple[VolumeConfig | None, list[
     one = dataclasses.replace(cfg, volumes={name: cfg.volumes[name]})
     grown = adopt_logged_sizes(one)
     vc = one.volumes[name]
+    shared = shared_in_config(cfg).get(name)  # with a volume refused, or not started yet
+    if shared is not None:
+        raise VolumeRefused(shared)
     check_volume_environment(cfg.path, vc, grown.get(name))
     return vc, list(cfg.volumes)
 
@@ -51,21 +55,6 @@ def _snapshot_block(m: VolumeManager, name: str) -> VolumeConfig | None:
         info = origin.state.extra.get("snapshots", {}).get(name)
         if info is not None and "snapshot" not in origin.state.extra:
             return snapshot_config(origin, name, info)
-    return None
-
-
-def _in_use(m: VolumeManager, vc: VolumeConfig) -> str | None:
-    """A file of `vc` that a serving volume uses (its plexes are in the config
-    with no other volume's, but `vmd plex add` and snapshots add files)."""
-    for p in (*vc.plexes, vc.log, vc.raid5_log):
-        if p is None:
-            continue
-        used = m.plex_path_in_use(str(p))
-        if used is None and isinstance(p, Path):
-            used = next((f"the sidecar or RAID-5 log of volume {v.name}" for v in m.volumes.values()
-                         if p in (v.cfg.log, v.cfg.raid5_log)), None)
-        if used is not None:
-            return f"{p} is {used}"
     return None
 
 
@@ -99,7 +88,7 @@ def register(table: CommandTable, m: VolumeManager, stopping: Callable[[], bool]
                     raise _NoChange(f"--force-degraded applies to RAID-5 volumes only; volume "
                                     f"{name} is a {vc.layout}, so nothing was changed")
                 # A snapshot's files are vmd's own (its origin records its image).
-                used = _in_use(m, vc) if name in listed else None
+                used = samefile.config_in_use(m.volumes.values(), vc) if name in listed else None
                 if used is not None:
                     raise VmdError(used)
             except _NoChange:
