@@ -1,0 +1,71 @@
+"""Which bytes a repair writes, and which a crash during it keeps: the repair's
+source survives a SIGKILL midway (its regions are recovered from it, not from
+the plex being repaired), and without --from the plexes that agree win where a
+strict majority does. Real daemon, real images, real SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+
+from conftest import REPO, MiB, VmdDaemon, pwrite_file, sha, volume_spec, wait_for
+from test_verify import MISMATCH_LOG, flip, read_at, verify
+
+DATA = 32 * MiB
+
+
+def _read(path: os.PathLike[str], n: int = DATA) -> bytes:
+    return read_at(path, 0, n)  # type: ignore[arg-type]
+
+
+@pytest.mark.mount
+@pytest.mark.allow_log(MISMATCH_LOG, r"was not stopped cleanly: recovering",
+                       r"verify.* (stopped|finished)")
+def test_crash_during_repair_is_recovered_from_the_repairs_source(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """p0 is damaged, the admin repairs from p1; the daemon is SIGKILLed midway.
+    The regions the repair dirtied are recovered from p1: p1, the only good
+    copy, must not take p0's damaged bytes (the DRL's "one copy wins")."""
+    # The rate limit slows the repair so that the kill lands midway; a long
+    # clean delay keeps every repaired region dirty in the DRL until the kill.
+    d = vmd_factory(rate_limit="4MiB", clean_delay=3600).start()
+    ref = os.urandom(DATA)
+    pwrite_file(d.volume_file(), [(0, ref)])
+    d.stop()
+    p0, p1 = d.plex_paths()
+    pwrite_file(p0, [(4 * MiB, os.urandom(DATA - 4 * MiB))])  # p0 damaged: the admin knows
+
+    d.start()
+    job = subprocess.Popen([sys.executable, "-m", "vmd", "-c", str(d.config_path), "verify",
+                            "vol0", "--repair", "--from", "p1"],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def repairing() -> bool:
+            v = d.status("vol0").get("verify_running") or {}
+            return v.get("done_bytes", 0) >= 12 * MiB and v.get("mismatched_bytes", 0) > 0
+
+        wait_for(repairing, what="the repair to have repaired 8MiB")
+        d.kill()  # a crash (OOM, power loss) in the middle of the repair
+        job.communicate(timeout=30)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert "finished" not in d.stderr(), "the kill came after the repair"
+
+    d.set_rate_limit(None)
+    d.start()
+    d.wait_resync()
+    assert _read(p1) == ref, "the repair's source took the damaged plex's bytes"
+    assert "from plex p1 (the source of the repair the crash interrupted)" in d.stderr(), \
+        d.stderr()
+    # Run again, as the docs say of an interrupted verify: it completes.
+    rc, out, r = verify(d, "--repair", "--from", "p1")
+    assert rc == 0 and r["complete"] and r["source"] == "p1", out
+    assert "repair" not in d.logged_state().extra, "the repair's record outlived it"
+    d.stop()
+    assert _read(p0) == _read(p1) == ref
