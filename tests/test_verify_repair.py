@@ -69,3 +69,44 @@ def test_crash_during_repair_is_recovered_from_the_repairs_source(
     assert "repair" not in d.logged_state().extra, "the repair's record outlived it"
     d.stop()
     assert _read(p0) == _read(p1) == ref
+
+
+@pytest.mark.mount
+@pytest.mark.allow_log(MISMATCH_LOG)
+def test_verify_names_the_plexes_that_agree_and_repair_keeps_the_majority(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """Three plexes: a range where p0 alone differs, one where p2 alone does,
+    one where all three differ. verify says which agree; --repair without
+    --from keeps the majority's bytes (not p0's over two good copies), and
+    p0's, the documented default, where there is no majority, and says so."""
+    d = vmd_factory(volumes={"vol0": volume_spec("vol0", nplex=3)}).start()
+    pwrite_file(d.volume_file(), [(0, os.urandom(8 * MiB))])
+    d.stop()
+    p0, p1, p2 = d.plex_paths()
+    good = read_at(p0, 0, 8 * MiB)
+    flip(p0, 2 * MiB, 4096)  # p0 the lone dissenter
+    flip(p2, 5 * MiB + 512, 512)  # p2 the lone dissenter
+    flip(p1, 6 * MiB, 512)  # three versions: no majority
+    pwrite_file(p2, [(6 * MiB, b"\1" * 512)])
+
+    d.start()
+    rc, out, r = verify(d)
+    assert rc == 1, out
+    assert r["ranges"] == [[2 * MiB, 4096], [5 * MiB + 512, 512], [6 * MiB, 512]], r
+    assert r["range_versions"] == [[["p1", "p2"], ["p0"]], [["p0", "p1"], ["p2"]],
+                                   [["p0"], ["p1"], ["p2"]]], r
+    assert f"offset {2 * MiB} (2MiB), 4096 bytes: p1, p2 agree; p0 differs" in out, out
+    assert "p0, p1 agree; p2 differs" in out and "p0, p1, p2 all differ" in out, out
+
+    rc, out, r = verify(d, "--repair")
+    assert rc == 0, out
+    assert r["range_sources"] == ["p1", "p1", "p0"], r
+    assert r["repaired_from"] == {"p1": 4096 + 512, "p0": 512} and r["no_majority_bytes"] == 512
+    assert "p1, p2 agree; p0 differs; repaired from p1" in out, out
+    assert ("no strict majority of the plexes agreed on 512B: repaired there from plex p0, "
+            "the first ACTIVE plex") in out, out
+    d.stop()
+    assert sha(p0) == sha(p1) == sha(p2)
+    now = read_at(p0, 0, 8 * MiB)
+    assert now[:6 * MiB] == good[:6 * MiB] and now[6 * MiB + 512:] == good[6 * MiB + 512:]
+    assert now[6 * MiB:6 * MiB + 512] == good[6 * MiB:6 * MiB + 512]  # p0's, the default

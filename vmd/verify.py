@@ -311,7 +311,8 @@ class Verify(Job[dict[str, Any]]):
         assert self.source is not None
         return {"source": self.source.name, "range_versions": self.range_versions,
                 **({"range_sources": self.range_sources, "repaired_from": self.repaired_from,
-                    "no_majority_bytes": self.no_majority_bytes} if self.repair else {})}
+                    "no_majority_bytes": self.no_majority_bytes, "from_given": self.chosen}
+                   if self.repair else {})}
 
     def _repaired_from(self) -> str:
         """Where a repair's bytes come from, for the daemon's log."""
