@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -114,43 +114,10 @@ def repair_source(vol: Volume, candidates: Sequence[Plex]) -> Plex | None:
     return source
 
 
-def version_runs(data: Sequence[bytes | bytearray], base: int) -> list[tuple[int, int, Versions]]:
-    """(offset, length, versions) runs of the sectors where the plexes' `data`
-    (all read at volume offset `base`) differ; `versions` are the indices of
-    the plexes holding each version of the run's bytes, the version most plexes
-    hold first (a tie: the one of the earliest plex). A run is cut where the
-    versions change."""
-    out: list[tuple[int, int, Versions]] = []
-    ref, rest = data[0], data[1:]
-    n = len(ref)
-    for b in range(0, n, BLOCK):
-        be = min(n, b + BLOCK)
-        block = ref[b:be]
-        if all(o[b:be] == block for o in rest):
-            continue
-        for s in range(b, be, SECTOR):
-            e = min(be, s + SECTOR)
-            sector = ref[s:e]
-            if all(o[s:e] == sector for o in rest):
-                continue
-            groups: dict[bytes, list[int]] = {}
-            for i, d in enumerate(data):
-                groups.setdefault(bytes(d[s:e]), []).append(i)
-            versions = tuple(sorted((tuple(g) for g in groups.values()),
-                                    key=lambda g: (-len(g), g[0])))
-            last = out[-1] if out else None
-            if last is not None and last[0] + last[1] == base + s and last[2] == versions:
-                out[-1] = (last[0], last[1] + e - s, versions)
-            else:
-                out.append((base + s, e - s, versions))
-    return out
-
-
-def mismatched_sectors(ref: bytes | bytearray, others: Sequence[bytes | bytearray],
-                       base: int) -> list[tuple[int, int]]:
-    """(offset, length) runs of the sectors where any of `others` differs from
-    `ref` (all read at volume offset `base`)."""
-    out: list[tuple[int, int]] = []
+def _differing_sectors(ref: bytes | bytearray, others: Sequence[bytes | bytearray]
+                       ) -> Iterator[tuple[int, int]]:
+    """[start, end) of each sector where any of `others` differs from `ref`
+    (whole blocks compared first: most of a differing chunk is equal)."""
     n = len(ref)
     for b in range(0, n, BLOCK):
         be = min(n, b + BLOCK)
@@ -160,10 +127,40 @@ def mismatched_sectors(ref: bytes | bytearray, others: Sequence[bytes | bytearra
         for s in range(b, be, SECTOR):
             e = min(be, s + SECTOR)
             if any(o[s:e] != ref[s:e] for o in others):
-                if out and out[-1][0] + out[-1][1] == base + s:
-                    out[-1] = (out[-1][0], out[-1][1] + e - s)
-                else:
-                    out.append((base + s, e - s))
+                yield s, e
+
+
+def version_runs(data: Sequence[bytes | bytearray], base: int) -> list[tuple[int, int, Versions]]:
+    """(offset, length, versions) runs of the sectors where the plexes' `data`
+    (all read at volume offset `base`) differ; `versions` are the indices of
+    the plexes holding each version of the run's bytes, the version most plexes
+    hold first (a tie: the one of the earliest plex). A run is cut where the
+    versions change."""
+    out: list[tuple[int, int, Versions]] = []
+    for s, e in _differing_sectors(data[0], data[1:]):
+        groups: dict[bytes, list[int]] = {}
+        for i, d in enumerate(data):
+            groups.setdefault(bytes(d[s:e]), []).append(i)
+        versions = tuple(sorted((tuple(g) for g in groups.values()),
+                                key=lambda g: (-len(g), g[0])))
+        last = out[-1] if out else None
+        if last is not None and last[0] + last[1] == base + s and last[2] == versions:
+            out[-1] = (last[0], last[1] + e - s, versions)
+        else:
+            out.append((base + s, e - s, versions))
+    return out
+
+
+def mismatched_sectors(ref: bytes | bytearray, others: Sequence[bytes | bytearray],
+                       base: int) -> list[tuple[int, int]]:
+    """(offset, length) runs of the sectors where any of `others` differs from
+    `ref` (all read at volume offset `base`)."""
+    out: list[tuple[int, int]] = []
+    for s, e in _differing_sectors(ref, others):
+        if out and out[-1][0] + out[-1][1] == base + s:
+            out[-1] = (out[-1][0], out[-1][1] + e - s)
+        else:
+            out.append((base + s, e - s))
     return out
 
 
