@@ -9,11 +9,14 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import REPO, MiB, VmdDaemon, pwrite_file, sha, volume_spec, wait_for
 from test_verify import MISMATCH_LOG, flip, read_at, verify
+from vmd.verify import Verify
 
 DATA = 32 * MiB
 
@@ -110,3 +113,48 @@ def test_verify_names_the_plexes_that_agree_and_repair_keeps_the_majority(
     now = read_at(p0, 0, 8 * MiB)
     assert now[:6 * MiB] == good[:6 * MiB] and now[6 * MiB + 512:] == good[6 * MiB + 512:]
     assert now[6 * MiB:6 * MiB + 512] == good[6 * MiB:6 * MiB + 512]  # p0's, the default
+
+
+async def test_repair_names_each_source_in_the_log_before_writing_from_it(tmp_path: Path) -> None:
+    """The majority changes between two ranges (p1, p2 agree; then p0, p2):
+    every repair write finds its own source named in the log on disk (what a
+    crash recovery would copy from), the first source's repairs are flushed
+    before the second is named, and the name is gone once the repair is."""
+    from enginekit import running_volume, volume_config
+    from vmd.sidecar import read_log
+
+    vc = volume_config(tmp_path, size=8 * MiB, nplex=3)
+    async with running_volume(vc, clean_delay=3600) as vol:
+        await vol.pwrite(0, os.urandom(4 * MiB))
+        await vol.flush()
+        p0, p1, p2 = (vol.plex(f"p{i}") for i in range(3))
+        os.pwrite(p0.fd, b"x" * 4096, 1 * MiB)  # p0 alone differs: from p1
+        os.pwrite(p1.fd, b"y" * 4096, 3 * MiB)  # p1 alone differs: from p0 (p2 agrees)
+        events: list[tuple[str, ...]] = []
+
+        def watch(p: Any) -> None:
+            write, flush = p.pwrite, p.flush
+
+            async def pwrite(off: int, data: Any) -> None:
+                logged = read_log(vc.log)[0].state.extra.get("repair", {}).get("source")
+                events.append(("write", p.name, off // MiB, logged))
+                await write(off, data)
+
+            async def flushed() -> None:
+                events.append(("flush", p.name))
+                await flush()
+
+            p.pwrite, p.flush = pwrite, flushed
+
+        for p in (p0, p1, p2):
+            watch(p)
+        result = await Verify(vol, repair=True).work()
+        assert result["range_sources"] == ["p1", "p0"], result
+        writes = [e for e in events if e[0] == "write"]
+        assert writes == [("write", "p0", 1, "p1"), ("write", "p2", 1, "p1"),
+                          ("write", "p1", 3, "p0"), ("write", "p2", 3, "p0")], events
+        between = events[events.index(writes[1]) + 1:events.index(writes[2])]
+        assert {e[1] for e in between if e[0] == "flush"} == {"p0", "p1", "p2"}, events
+        assert "repair" not in read_log(vc.log)[0].state.extra
+        assert os.pread(p0.fd, 4096, 1 * MiB) == os.pread(p1.fd, 4096, 1 * MiB) != b"x" * 4096
+        assert os.pread(p1.fd, 4096, 3 * MiB) == os.pread(p0.fd, 4096, 3 * MiB) != b"y" * 4096
