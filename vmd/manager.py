@@ -32,6 +32,7 @@ from .recover import (adopt_raid5_log, config_source, fill_all_but, logged_uuid,
 from .tasks import Task
 from .spread import DeviceSlots
 from .volume import Volume, delete_if_created
+from .verify import repair_source
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +374,7 @@ def _plan_recovery(vol: Volume, *, full: bool) -> None:
     in_sync = [p for p in vol.plexes if p.state == ACTIVE and p.fd >= 0 and
                (p.record.missing is None or not p.record.missing.bits.any())]
     active = in_sync or [p for p in vol.plexes if p.state == ACTIVE and p.fd >= 0]
-    source = active[0] if active else None
+    source = repair_source(vol, active) or (active[0] if active else None)
     if n:
         for p in vol.plexes:
             if p is source or p.record.missing is None:

@@ -6,9 +6,20 @@ range lock, so no write can fall between the reads of two plexes: a write in
 flight is never reported as a mismatch. A chunk that no plex has allocated
 (SEEK_DATA/SEEK_HOLE) is equal without being read. Plexes are compared in
 512-byte sectors (md counts them too): a mismatched range is a run of
-sectors in which some plex differs from the reference. `repair` writes the
-source plex's sectors over the others, still under the lock: over every
-plex that takes writes, also a SYNCING or SNAPATT one not compared.
+sectors in which the plexes hold the same versions (which plexes agree,
+which differ: `range_versions`). `repair` writes the source plex's sectors
+over the others, still under the lock: over every plex that takes writes,
+also a SYNCING or SNAPATT one not compared. The source is `--from`'s plex;
+without it, per range, a plex of a strict majority of the compared plexes
+where there is one, else the first ACTIVE plex (two plexes never have one).
+
+A crash during a repair must not undo it the wrong way round: the repair
+dirties its regions in the DRL before writing, and a crash recovery copies
+one plex over the others there. So before its first write from a source the
+repair names that source in the log (`extra.repair`), and recovery copies
+from it (`repair_source`); before it writes from another source, everything
+written so far is flushed (equal on every plex: any source recovers those
+regions right). The name is dropped once the repairs are flushed.
 
 A verify is a `Job` (vmd/tasks.py) of the daemon's verify task group
 (`vmd/verify_verbs.py:Verifies`): the verb waits for it with `group.call`,
@@ -25,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -48,6 +59,7 @@ CHUNK = 1 * MiB  # compared per range-lock hold: short enough not to stall write
 BLOCK = 64 * 1024  # a differing chunk is narrowed down in blocks, then sectors
 SECTOR = 512
 MAX_RANGES = 16  # mismatched ranges kept (reported, logged) per verify
+REPAIR = "repair"  # key of the log's `extra`: the running repair's source
 # The result's fields a `verify-finished` event carries (docs/operations.md#events).
 EVENT_FIELDS = ("checked_bytes", "mismatched_bytes", "repaired_bytes", "ranges", "complete")
 COMPARED = frozenset({ACTIVE, SNAPDONE})  # in-sync states (a snapshot mirror is a copy too)
@@ -76,11 +88,36 @@ async def _each(plexes: Sequence[Plex], fn: Callable[[Plex], Awaitable[T]]) -> l
     return out
 
 
-def mismatched_sectors(ref: bytes | bytearray, others: Sequence[bytes | bytearray],
-                       base: int) -> list[tuple[int, int]]:
-    """(offset, length) runs of the sectors where any of `others` differs from
-    `ref` (all read at volume offset `base`)."""
-    out: list[tuple[int, int]] = []
+Versions = tuple[tuple[int, ...], ...]
+
+
+def repair_source(vol: Volume, candidates: Sequence[Plex]) -> Plex | None:
+    """At a start after a crash: the plex a repair the crash interrupted was
+    copying from, if the log names one and it is among `candidates` (the
+    plexes crash recovery may copy from). Where the repair had written, the
+    plexes differ and only its source holds the bytes the administrator chose
+    (or the majority held): the first plex may be the one being repaired. The
+    name is dropped from the state: the checkpoint written at start clears it."""
+    rec = vol.state.extra.pop(REPAIR, None)
+    if not isinstance(rec, dict):
+        return None
+    source = next((p for p in candidates if p.record.path == rec.get("path")), None)
+    if source is None:
+        log.warning("volume %s: a repair from plex %s (%s) was running at the crash, but that "
+                    "plex is no longer an ACTIVE plex in sync: the regions it repaired are "
+                    "recovered from another; run `vmd verify %s` once the volume is in sync",
+                    vol.name, rec.get("source"), rec.get("path"), vol.name)
+    else:
+        log.info("volume %s: a repair from plex %s was running at the crash: recovering from "
+                 "plex %s (the source of the repair the crash interrupted)", vol.name,
+                 source.name, source.name)
+    return source
+
+
+def _differing_sectors(ref: bytes | bytearray, others: Sequence[bytes | bytearray]
+                       ) -> Iterator[tuple[int, int]]:
+    """[start, end) of each sector where any of `others` differs from `ref`
+    (whole blocks compared first: most of a differing chunk is equal)."""
     n = len(ref)
     for b in range(0, n, BLOCK):
         be = min(n, b + BLOCK)
@@ -90,10 +127,40 @@ def mismatched_sectors(ref: bytes | bytearray, others: Sequence[bytes | bytearra
         for s in range(b, be, SECTOR):
             e = min(be, s + SECTOR)
             if any(o[s:e] != ref[s:e] for o in others):
-                if out and out[-1][0] + out[-1][1] == base + s:
-                    out[-1] = (out[-1][0], out[-1][1] + e - s)
-                else:
-                    out.append((base + s, e - s))
+                yield s, e
+
+
+def version_runs(data: Sequence[bytes | bytearray], base: int) -> list[tuple[int, int, Versions]]:
+    """(offset, length, versions) runs of the sectors where the plexes' `data`
+    (all read at volume offset `base`) differ; `versions` are the indices of
+    the plexes holding each version of the run's bytes, the version most plexes
+    hold first (a tie: the one of the earliest plex). A run is cut where the
+    versions change."""
+    out: list[tuple[int, int, Versions]] = []
+    for s, e in _differing_sectors(data[0], data[1:]):
+        groups: dict[bytes, list[int]] = {}
+        for i, d in enumerate(data):
+            groups.setdefault(bytes(d[s:e]), []).append(i)
+        versions = tuple(sorted((tuple(g) for g in groups.values()),
+                                key=lambda g: (-len(g), g[0])))
+        last = out[-1] if out else None
+        if last is not None and last[0] + last[1] == base + s and last[2] == versions:
+            out[-1] = (last[0], last[1] + e - s, versions)
+        else:
+            out.append((base + s, e - s, versions))
+    return out
+
+
+def mismatched_sectors(ref: bytes | bytearray, others: Sequence[bytes | bytearray],
+                       base: int) -> list[tuple[int, int]]:
+    """(offset, length) runs of the sectors where any of `others` differs from
+    `ref` (all read at volume offset `base`)."""
+    out: list[tuple[int, int]] = []
+    for s, e in _differing_sectors(ref, others):
+        if out and out[-1][0] + out[-1][1] == base + s:
+            out[-1] = (out[-1][0], out[-1][1] + e - s)
+        else:
+            out.append((base + s, e - s))
     return out
 
 
@@ -117,6 +184,7 @@ class Verify(Job[dict[str, Any]]):
         self.repair = repair
         self.slots = slots
         self.source: Plex | None = None  # the repair's source, if there is one
+        self.chosen = source is not None  # --from: the source of every range
         self.plex_names = self._choose(source)
         self.queue = Queued()
         self.running = False
@@ -130,7 +198,13 @@ class Verify(Job[dict[str, Any]]):
         self.repaired_bytes = 0
         self.range_count = 0
         self.ranges: list[list[int]] = []  # the first MAX_RANGES [offset, length]
+        self.range_versions: list[list[list[str]]] = []  # per range of `ranges` (a mirror's)
+        self.range_sources: list[str] = []  # per range of `ranges`: what a repair wrote
+        self.repaired_from: dict[str, int] = {}  # bytes repaired from each source plex
+        self.no_majority_bytes = 0  # mismatched where no strict majority chose the source
         self._last_end = -1  # of the last mismatched range seen
+        self._last_key: tuple[Any, Any] = (None, None)  # its versions and source
+        self._logged: Plex | None = None  # the source the log names (`REPAIR`)
 
     def _choose(self, source: str | None) -> list[str]:
         """Check that there is something to compare, set the repair's source;
@@ -202,11 +276,15 @@ class Verify(Job[dict[str, Any]]):
         finally:
             self.running = False
             with trio.CancelScope(shield=True):
-                if self.repaired_bytes:
+                if self.repaired_bytes or self._logged is not None:
                     # The repairs are durable before they are reported, also
                     # those of a verify that was stopped or failed midway.
                     try:
                         await vol.flush()
+                        # Every plex holds them: a crash may recover from any
+                        # (the checkpoint of the result makes this durable).
+                        if self._logged is not None:
+                            vol.state.extra.pop(REPAIR, None)
                     except OSError as e:
                         error = error or f"flushing the repaired plexes failed: {e}"
                 result = self._result(time.monotonic() - started, error)
@@ -228,12 +306,18 @@ class Verify(Job[dict[str, Any]]):
 
     def _layout_result(self) -> dict[str, Any]:
         assert self.source is not None
-        return {"source": self.source.name}
+        return {"source": self.source.name, "range_versions": self.range_versions,
+                **({"range_sources": self.range_sources, "repaired_from": self.repaired_from,
+                    "no_majority_bytes": self.no_majority_bytes, "from_given": self.chosen}
+                   if self.repair else {})}
 
     def _repaired_from(self) -> str:
         """Where a repair's bytes come from, for the daemon's log."""
         assert self.source is not None
-        return f"from plex {self.source.name}"
+        if self.chosen or not self.repaired_from:
+            return f"from plex {self.source.name}"
+        return "from " + ", ".join(f"plex {p} ({format_size(n)})"
+                                   for p, n in self.repaired_from.items())
 
     async def _record(self, result: dict[str, Any]) -> None:
         """The result into the log (kept across restarts) and the daemon's log."""
@@ -307,30 +391,45 @@ class Verify(Job[dict[str, Any]]):
         data = await _each(plexes, lambda p: p.pread(off, n))
         self.read_bytes += n
         self.checked_bytes += n
-        ref_at = plexes.index(self.source) if self.source in plexes else 0
-        ref = data[ref_at]
-        others = [d for i, d in enumerate(data) if i != ref_at]
-        if all(o == ref for o in others):
+        if all(d == data[0] for d in data[1:]):
             return
-        bad = mismatched_sectors(ref, others, off)
-        for start, length in bad:
-            self._note(start, length)
-        if self.repair:
-            # Every plex that takes writes, not only those compared: a SYNCING
-            # or SNAPATT plex whose copy already passed here holds the old
-            # bytes and its map says so no more. Written as a user's write
-            # is (invariant 6: under the range lock this chunk holds). Not by
-            # marking its map instead: a copy of this range that returned
-            # before the lock was taken and is not yet committed would clear
-            # the mark when its `copied` record is written.
-            source = plexes[ref_at]
-            targets = [p for p in self.volume.plexes if p.state in WRITABLE and p is not source]
-            await self._repair(targets, ref, off, bad)
+        by_source: dict[Plex, list[tuple[int, int]]] = {}
+        for start, length, versions in version_runs(data, off):
+            groups = [[plexes[i] for i in g] for g in versions]
+            source = None
+            if self.repair:
+                source, majority = self._source_of(groups, len(plexes))
+                if not majority and not self.chosen:
+                    self.no_majority_bytes += length
+            self._note(start, length, versions=[[p.name for p in g] for g in groups],
+                       source=source.name if source is not None else None)
+            if source is not None:
+                by_source.setdefault(source, []).append((start, length))
+        for source, bad in by_source.items():
+            await self._repair(source, data[plexes.index(source)], off, bad)
 
-    def _note(self, start: int, length: int, *, joins: bool = True) -> None:
-        """Count a mismatched range; one that `joins` the last continues it."""
+    def _source_of(self, groups: list[list[Plex]], compared: int) -> tuple[Plex, bool]:
+        """A range's repair source, and whether a majority chose it: --from's
+        plex; else an ACTIVE plex of a strict majority of the `compared`
+        plexes (`groups` holds the plexes of each version, the most held
+        first), the one the log names already if it is one; else the first
+        ACTIVE plex (the documented default)."""
+        assert self.source is not None
+        if self.chosen:
+            return self.source, False
+        if len(groups[0]) * 2 > compared:
+            active = [p for p in groups[0] if p.state == ACTIVE]
+            if active:
+                return (self._logged if self._logged in active else active[0]), True
+        return self.source, False
+
+    def _note(self, start: int, length: int, *, joins: bool = True,
+              versions: list[list[str]] | None = None, source: str | None = None) -> None:
+        """Count a mismatched range; one that `joins` the last (with the same
+        `versions` and repair `source`) continues it."""
         self.mismatched_bytes += length
-        if joins and start == self._last_end:  # a run that goes on across chunks
+        key = (versions, source)
+        if joins and start == self._last_end and key == self._last_key:  # across chunks
             last = self.ranges[-1] if self.ranges else None
             if last is not None and last[0] + last[1] == start:
                 last[1] += length
@@ -338,16 +437,39 @@ class Verify(Job[dict[str, Any]]):
             self.range_count += 1
             if len(self.ranges) < MAX_RANGES:
                 self.ranges.append([start, length])
+                if versions is not None:
+                    self.range_versions.append(versions)
+                if source is not None:
+                    self.range_sources.append(source)
         self._last_end = start + length
+        self._last_key = key
 
-    async def _repair(self, targets: list[Plex], ref: bytes | bytearray, off: int,
+    async def _repair(self, source: Plex, ref: bytes | bytearray, off: int,
                       bad: list[tuple[int, int]]) -> None:
-        """Write the source's sectors over the others. What the volume returns
-        there may change, so first every map of a plex or link that misses
-        writes gets the ranges, durably (invariant 3), and Remote Copy saves
-        what it must (`before_write`), as for a user's write."""
+        """Write the source's sectors (`ref`, read at `off`) over the others.
+        What the volume returns there may change, so first every map of a
+        plex or link that misses writes gets the ranges, durably (invariant
+        3), and Remote Copy saves what it must (`before_write`), as for a
+        user's write. The log names the source first (a crash recovers from
+        it)."""
         vol = self.volume
+        # Every plex that takes writes, not only those compared: a SYNCING or
+        # SNAPATT plex whose copy already passed here holds the old bytes and
+        # its map says so no more. Written as a user's write is (invariant 6:
+        # under the range lock this chunk holds). Not by marking its map
+        # instead: a copy of this range that returned before the lock was
+        # taken and is not yet committed would clear the mark when its
+        # `copied` record is written.
+        targets = [p for p in vol.plexes if p.state in WRITABLE and p is not source]
         marked = False
+        if self._logged is not source:
+            if self._logged is not None:
+                # The repairs from the other source equal on every plex first:
+                # a crash recovers their regions right from the new one too.
+                await vol.flush()
+            vol.state.extra[REPAIR] = {"source": source.name, "path": source.record.path}
+            self._logged = source
+            marked = True
         for p in vol.plexes:
             m = p.record.missing
             if p.state not in WRITABLE and m is not None:
@@ -376,3 +498,4 @@ class Verify(Job[dict[str, Any]]):
             finally:
                 vol.drl.end_write(regions)
             self.repaired_bytes += length
+            self.repaired_from[source.name] = self.repaired_from.get(source.name, 0) + length
