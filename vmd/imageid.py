@@ -89,10 +89,6 @@ def generation(state: VolumeState) -> int:
     return int(state.extra.get(GENERATION, 0))
 
 
-def mark_of(state: VolumeState, name: str) -> bytes:
-    return f"{state.uuid}:{name}:{generation(state)}".encode()
-
-
 def _marked_by(state: VolumeState, name: str, mark: bytes | None) -> tuple[bool, int | None]:
     """(whether `mark` names plex `name` of this volume, the generation it
     names: None for a mark of the previous format, which had none)."""
