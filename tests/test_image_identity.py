@@ -160,7 +160,8 @@ def test_images_moved_with_cp_a_are_served_without_resync(
     d.stop()
     disk = d.path("disk")
     for p in d.plex_paths():
-        assert os.getxattr(p, XATTR).endswith(b":" + p.stem.encode()), "not marked"
+        uuid = d.logged_state().uuid
+        assert os.getxattr(p, XATTR) == f"{uuid}:{p.stem}:{_run(d)}".encode(), "not marked"
     subprocess.run(["cp", "-a", str(disk), str(disk) + ".new"], check=True)
     os.rename(disk, d.path("disk.old"))
     os.rename(d.path("disk.new"), disk)
@@ -207,4 +208,140 @@ def test_clean_restart_is_quiet_and_records_the_inodes(
     assert "WARNING" not in d.stderr(whole=True)
     assert all(p.inode[:2] == [os.stat(p.path).st_dev, os.stat(p.path).st_ino]
                for p in d.logged_state().plexes)
+    d.stop()
+
+
+def _run(d: VmdDaemon) -> int:
+    """The run generation the volume's sidecar log records."""
+    return int(d.logged_state().extra.get("generation", 0))
+
+
+OLD_COPY = r"is not the one it had: its inode changed and its mark .* is from run"
+
+
+@pytest.mark.mount
+@pytest.mark.allow_log(OLD_COPY)
+@pytest.mark.parametrize("later", ["same run", "next run"])
+def test_old_copy_with_its_mark_restored_while_stopped_is_resynced(
+        vmd_factory: Callable[..., VmdDaemon], later: str) -> None:
+    """Reviewer 4, F1 with `cp -a`: the copy keeps the xattr mark, so only
+    the run generation in it tells it is older than the data its log
+    describes. The writes it lacks came later in the run it was taken in, or
+    in a later run."""
+    d = vmd_factory(volumes={"vol0": volume_spec("vol0", size="16MiB")}).start()
+    _fill(d, 1)
+    p1 = d.plex_paths()[1]
+    backup = p1.with_name("p1.bak")
+    subprocess.run(["cp", "-a", str(p1), str(backup)], check=True)  # during the run
+    if later == "next run":
+        d.restart()
+    data = _fill(d, 2)
+    d.stop()
+    os.replace(backup, p1)  # put back while stopped, xattrs and all
+    d.start()
+    _check_served(d, data)
+    assert _resyncs(d) == 1
+    line = next(x for x in d.stderr().splitlines() if "is not the one it had" in x)
+    assert "plex p1 image" in line and "an old copy of it was put in its place" in line, line
+    d.stop()
+
+
+REFUSED_OLD_LOG = r"volume vol0 refused: sidecar log .* is older than the images"
+
+
+@pytest.mark.mount
+@pytest.mark.allow_log(REFUSED_OLD_LOG, r"--recover-all", r"was not stopped cleanly")
+def test_sidecar_log_restored_from_an_older_backup_is_refused(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """Reviewer 4, F8: the backup says p1 ACTIVE although p1 was detached
+    since and missed writes; its inodes match (the same files)."""
+    d = vmd_factory(volumes={"vol0": volume_spec("vol0", size="16MiB")}).start()
+    _fill(d, 1)
+    d.stop()
+    log_path = d.log_path()
+    backup = log_path.with_name("vol0.log.backup")
+    shutil.copy2(log_path, backup)
+    backed_up = _run(d)
+    d.start()
+    d.cli("plex", "detach", "vol0", "p1")
+    data = _fill(d, 2)
+    d.stop()
+    os.unlink(log_path)
+    shutil.copy2(backup, log_path)  # as the refusal for a lost log advises
+    d.start()
+    (refused,) = d.status()["refused"]
+    why = refused["error"]
+    p0, p1 = d.plex_paths()
+    for s in (str(log_path), f"records run {backed_up} ", str(p0), str(p1),
+              f"marked by run {backed_up + 1}", "vmd start vol0 --recover-all=IMAGE",
+              "Put back the sidecar log that is current"):
+        assert s in why, (s, why)
+    d.cli("start", "vol0", f"--recover-all={p0}")
+    _check_served(d, data)
+    d.restart()  # the rebuilt log is current: a quiet start
+    assert d.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
+    assert "WARNING" not in d.stderr() and "ERROR" not in d.stderr(), d.stderr()
+    d.stop()
+
+
+@pytest.mark.mount
+@pytest.mark.allow_log(r"was not stopped cleanly")
+def test_restart_crash_and_move_keep_every_image_recognised(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """A clean restart, a SIGKILL and restart, then all images moved with
+    `cp -a` to a new directory at the same path: each run moves the
+    generation on, and none costs a resync or a warning about the images."""
+    d = vmd_factory(volumes={"vol0": volume_spec(
+        "vol0", size="16MiB", plexes=["disk/p0.img", "disk/p1.img"])}).start()
+    data = _fill(d, 1)
+    runs = [_run(d)]
+    d.restart()
+    runs.append(_run(d))
+    _fill(d, 2)
+    data = _fill(d, 3)
+    d.restart(kill=True)
+    runs.append(_run(d))
+    d.stop()
+    disk = d.path("disk")
+    subprocess.run(["cp", "-a", str(disk), str(disk) + ".new"], check=True)
+    os.rename(disk, d.path("disk.old"))
+    os.rename(d.path("disk.new"), disk)
+    d.start()
+    runs.append(_run(d))
+    assert runs == sorted(set(runs)), f"the run generation did not move on: {runs}"
+    assert d.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
+    _check_served(d, data)
+    whole = d.stderr(whole=True)
+    assert _resyncs(d) == 0 and "copied whole" not in whole, whole
+    assert [x for x in whole.splitlines() if "WARNING" in x and "not stopped cleanly" not in x
+            or "ERROR" in x] == [], whole
+    d.stop()
+
+
+@pytest.mark.mount
+def test_crash_before_the_marks_follow_the_start_checkpoint(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """Killed once the start's checkpoint made the new generation durable,
+    before any image's mark moved on to it: the images are one generation
+    behind their log, their inodes unchanged. Neither refused (their marks
+    are not newer) nor resynced (the inodes recognise them)."""
+    d = vmd_factory(volumes={"vol0": volume_spec("vol0", size="16MiB")}).start()
+    data = _fill(d, 1)
+    d.stop()
+    before = _run(d)
+    d.env["VMD_TEST_FAULT"] = "mark:vol0"
+    assert d.run_foreground().returncode < 0  # SIGKILLed by the fault hook
+    d.kill()
+    assert _run(d) == before + 1
+    uuid = d.logged_state().uuid
+    for i, p in enumerate(d.plex_paths()):
+        assert os.getxattr(p, XATTR) == f"{uuid}:p{i}:{before}".encode()
+    d.env.clear()
+    d.start()
+    assert d.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
+    assert d.status()["refused"] == []
+    _check_served(d, data)
+    assert "WARNING" not in d.stderr() and _resyncs(d) == 0, d.stderr()
+    for i, p in enumerate(d.plex_paths()):
+        assert os.getxattr(p, XATTR) == f"{uuid}:p{i}:{_run(d)}".encode()
     d.stop()

@@ -16,6 +16,8 @@ VMD_TEST_FAULT=hold-write-back:VOLUME — the RAID-5 log of VOLUME writes no
 piece to the columns and never retires: every acknowledged write stays in
 the write-back cache (and the log) until a SIGKILL. hold-commit:VOLUME also
 commits a batch to the log only when someone waits for it (an fsync).
+VMD_TEST_FAULT=mark:VOLUME — SIGKILL once a checkpoint of VOLUME with a new
+run generation is durable, before the first image's mark is moved on to it.
 Unset in production: the write path checks one attribute.
 """
 
@@ -75,3 +77,10 @@ def raid5_hold(volume: str) -> str | None:
         if spec == f"hold-{kind}:{volume}":
             return kind
     return None
+
+
+def mark_fault(volume: str) -> None:
+    """SIGKILL the daemon before it moves an image's mark (vmd/imageid.py) on
+    to the generation just checkpointed, if VMD_TEST_FAULT=mark:VOLUME."""
+    if os.environ.get("VMD_TEST_FAULT", "") == f"mark:{volume}":
+        SplitWrite.die()

@@ -17,13 +17,35 @@ Two marks from outside the bytes:
   matters: ext4 hands a file created just after the image was deleted the
   same inode number, with another generation; where the ioctl is not
   supported it is 0;
-- an extended attribute `user.vmd.image` = "<volume uuid>:<plex name>",
-  written with the inode, so that a legitimate move (`cp -a`, `rsync -X`
-  to another disk; device numbers that change across reboots) keeps the
-  image recognised. Filesystems without user xattrs fall back to the inode.
+- an extended attribute `user.vmd.image` = "<volume uuid>:<plex name>:<run
+  generation>", so that a legitimate move (`cp -a`, `rsync -X` to another
+  disk; device numbers that change across reboots) keeps the image
+  recognised. Filesystems without user xattrs fall back to the inode.
 
-At open an image is recognised if either matches (or nothing was recorded:
-a log written before this). In a mirror, an unrecognised image next to a
+The run generation (md's event counter) is in the sidecar state
+(`extra.generation`): one more at each open of the volume and at each clean
+stop, written by that run's first (or the stop's) checkpoint; the in-sync
+images are marked with it only once that checkpoint is durable, so a mark
+never names a generation its log does not hold. Two things an inode and a
+bare mark cannot tell then are told:
+
+- an old copy restored with its xattrs (`cp -a` one day, put back later):
+  its inode differs and its mark names an older generation than the log's:
+  not recognised;
+- an old sidecar log restored from a backup: an image marked by a later run
+  than the log records. The log's plex states are stale (a plex it calls in
+  sync may have been detached since and missed writes): the volume is
+  refused, and the administrator names the image in sync last
+  (`--recover-all`) or puts back the current log.
+
+A crash between that checkpoint and the marks leaves images one generation
+behind their log with their inodes unchanged: recognised by the inode, and
+marked again by the next run. Marks of the previous format (no generation)
+are taken as before.
+
+At open an image is recognised if its inode matches, or its mark names it
+and the log's generation (or no generation), or nothing was recorded (a log
+written before this). In a mirror, an unrecognised image next to a
 recognised in-sync one is not trusted: it is copied whole from the others
 (SYNCING, full map), as a reattached image that changed while away is. If
 no in-sync image is recognised, vmd cannot tell a move of them all (a plain
@@ -41,21 +63,43 @@ import logging
 import os
 import stat
 import struct
+import weakref
+from pathlib import Path
 
 from . import events
+from .errors import VmdError
+from .faults import mark_fault
 from .plex import Plex
 from .sidecar import ACTIVE, SNAPATT, SNAPDONE, SYNCING, WRITABLE, VolumeState
 
 log = logging.getLogger(__name__)
 
 XATTR = "user.vmd.image"
+GENERATION = "generation"  # in VolumeState.extra: the run generation (none: 0)
 # No user xattrs on this filesystem (or not allowed): the inode alone decides.
 _NO_XATTRS = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES})
 FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long); the kernel writes an int
+# Per open image, the (inode, mark) last written or found on it this run:
+# a checkpoint then costs no xattr call for an image already marked.
+_marked: "weakref.WeakKeyDictionary[Plex, tuple[list[int], bytes]]" = \
+    weakref.WeakKeyDictionary()
 
 
-def mark_of(state: VolumeState, name: str) -> bytes:
-    return f"{state.uuid}:{name}".encode()
+def generation(state: VolumeState) -> int:
+    return int(state.extra.get(GENERATION, 0))
+
+
+def _marked_by(state: VolumeState, name: str, mark: bytes | None) -> tuple[bool, int | None]:
+    """(whether `mark` names plex `name` of this volume, the generation it
+    names: None for a mark of the previous format, which had none)."""
+    prefix = f"{state.uuid}:{name}".encode()
+    if mark == prefix:
+        return True, None
+    if mark is not None and mark.startswith(prefix + b":"):
+        gen = mark[len(prefix) + 1:]
+        if gen.isdigit():
+            return True, int(gen)
+    return False, None
 
 
 def _generation(fd: int) -> int:
@@ -87,24 +131,61 @@ def _read_mark(fd: int) -> bytes | None:
 
 
 def record(state: VolumeState, plexes: list[Plex]) -> None:
-    """Record (and mark) the identity of every open in-sync local image
-    whose recorded one differs; forget it for the others (an image that
-    comes back in sync is recorded and marked again then). Called before each
-    checkpoint: one fstat per plex, a write only when something changed."""
+    """Record the identity of every open in-sync local image whose recorded
+    one differs; forget it for the others (an image that comes back in sync
+    is recorded again then). Called before each checkpoint: one fstat per
+    plex; `mark` follows once the checkpoint is durable."""
     for p in plexes:
         rec = p.record
         now = _local_inode(p) if rec.state in WRITABLE else None
         if now == rec.inode or (now is None and rec.state in WRITABLE):
             continue  # unchanged; or nothing to learn now (remote, closed): keep it
         rec.inode = now
-        if now is not None:
-            try:
-                os.setxattr(p.fd, XATTR, mark_of(state, rec.name))
-            except OSError as e:
-                if e.errno not in _NO_XATTRS:
-                    # Only the move-proof mark is lost: the inode still recognises it.
-                    log.warning("could not mark plex image %s (%s): %s", rec.path, XATTR,
-                                e.strerror or e)
+
+
+def mark(state: VolumeState, plexes: list[Plex], gen: int) -> None:
+    """Mark every open in-sync local image with this volume, its plex and
+    `gen`, the generation of the checkpoint just made durable. Never before
+    it: an image marked with a generation its log does not hold yet would,
+    after a crash, look newer than its log (a log restored from a backup)
+    and the volume would be refused."""
+    for p in plexes:
+        rec = p.record
+        if rec.state not in WRITABLE or rec.inode is None or p.fd < 0:
+            continue
+        want = f"{state.uuid}:{rec.name}:{gen}".encode()
+        if _marked.get(p) == (rec.inode, want):
+            continue
+        _marked[p] = (rec.inode, want)
+        was = _read_mark(p.fd)
+        if was == want:
+            continue
+        if was is not None:
+            mark_fault(state.name)  # test fault: a crash before the marks move on
+        try:
+            os.setxattr(p.fd, XATTR, want)
+        except OSError as e:
+            if e.errno not in _NO_XATTRS:
+                # Only the move-proof mark is lost: the inode still recognises it.
+                log.warning("could not mark plex image %s (%s): %s", rec.path, XATTR,
+                            e.strerror or e)
+
+
+def begin_run(state: VolumeState, plexes: list[Plex]) -> None:
+    """At open, after the images were checked: this run's generation, past
+    the log's and past any this volume's images carry (--recover-all may
+    rebuild the log from an older checkpoint, or from none)."""
+    marks = [gen for p in plexes if p.fd >= 0 and not p.remote
+             for ours, gen in [_marked_by(state, p.name, _read_mark(p.fd))]
+             if ours and gen is not None]
+    state.extra[GENERATION] = max([generation(state), *marks]) + 1
+
+
+def end_run(state: VolumeState) -> None:
+    """At a clean stop, before its checkpoint: a copy of an image taken
+    during this run (cp -a keeps its mark) is older than what the next run
+    finds."""
+    state.extra[GENERATION] = generation(state) + 1
 
 
 def _unrecognised_why(state: VolumeState, p: Plex) -> str:
@@ -114,19 +195,48 @@ def _unrecognised_why(state: VolumeState, p: Plex) -> str:
     if now is None or rec.inode is None or now == rec.inode:
         return ""
     mark = _read_mark(p.fd)
-    if mark == mark_of(state, rec.name):
+    ours, gen = _marked_by(state, rec.name, mark)
+    if ours and (gen is None or gen >= generation(state)):
         return ""  # moved with its xattrs (cp -a, rsync -X): the same image
+    if ours:
+        return (f"its inode changed and its mark ({XATTR}) is from run {gen} of the volume, "
+                f"older than the sidecar log's run {generation(state)}: an old copy of it "
+                f"was put in its place")
     if mark is None:
         return "its inode changed and it carries no vmd mark: another file was put in its place"
     return (f"its inode changed and it carries the mark of another image "
             f"({mark.decode(errors='replace')}): another image was put in its place")
 
 
-def check_images(state: VolumeState, plexes: list[Plex], volume: str, *,
+def _check_log_not_older(state: VolumeState, plexes: list[Plex], volume: str,
+                         log_path: Path) -> None:
+    """Refuse (VmdError) if an image was marked by a later run than the log
+    records: the log is an older copy, and its plex states may be stale."""
+    logged = generation(state)
+    newer = [(p, gen) for p in plexes if p.state in WRITABLE and p.fd >= 0 and not p.remote
+             for ours, gen in [_marked_by(state, p.name, _read_mark(p.fd))]
+             if ours and gen is not None and gen > logged]
+    if not newer:
+        return
+    images = "; ".join(f"plex {p.name} image {p.record.path} is marked by run {gen}"
+                       for p, gen in newer)
+    raise VmdError(
+        f"volume {volume}: sidecar log {log_path} is older than the images it describes: it "
+        f"records run {logged} of the volume, but {images}. The log was put back from a "
+        f"backup (or an older copy): the plex states it holds may be stale (a plex it calls "
+        f"in sync may have been detached since and missed writes), and vmd will not guess "
+        f"which image is current. Put back the sidecar log that is current, or name the "
+        f"image that was in sync last: `vmd start {volume} --recover-all=IMAGE` (every "
+        f"other plex is copied whole from it)")
+
+
+def check_images(state: VolumeState, plexes: list[Plex], volume: str, log_path: Path, *,
                  columns: bool = False) -> None:
     """At open (not under --recover-all, whose source the admin chose):
-    an unrecognised in-sync image is copied whole from a recognised one.
-    `columns`: RAID-5, where one column at most can be rebuilt from the others."""
+    refused (VmdError) if the log is older than its images; an unrecognised
+    in-sync image is copied whole from a recognised one. `columns`: RAID-5,
+    where one column at most can be rebuilt from the others."""
+    _check_log_not_older(state, plexes, volume, log_path)
     why = {p.name: w for p in plexes if p.state in WRITABLE
            for w in [_unrecognised_why(state, p)] if w}
     if not why:

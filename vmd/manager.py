@@ -204,8 +204,13 @@ def open_volume(vc: VolumeConfig, cfg_path: Path, *, recover_all: bool = False,
         events.emit(events.PLEX_STATE, vc.name, rec.name, state=IOFAIL, was=was,
                     reason=rec.reason)
 
-    if not recover_all:  # (its source the administrator chose)
-        imageid.check_images(state, plexes, vc.name, columns=vc.layout == "raid5")
+    try:
+        if not recover_all:  # (its source the administrator chose)
+            imageid.check_images(state, plexes, vc.name, vc.log, columns=vc.layout == "raid5")
+        imageid.begin_run(state, plexes)  # written by the start's checkpoint
+    except BaseException:
+        _close_files(plexes, sidecar, None)
+        raise
 
     if state.extra.get("config_fastresync") != vc.fastresync:
         # The config changed since: it wins, as `vmd fastresync` would.

@@ -170,9 +170,18 @@ class Volume:
 
     async def checkpoint(self) -> None:
         """Make the whole in-memory state durable (membership and states)."""
-        # With the identity of each in-sync image (checked at the next open).
+        # With the identity of each in-sync image (checked at the next open),
+        # marked with the generation this checkpoint holds once it is durable.
         imageid.record(self.state, self.plexes)
-        await self.sidecar.checkpoint(lambda: self.state)
+        gen = 0
+
+        def build() -> VolumeState:
+            nonlocal gen
+            gen = imageid.generation(self.state)
+            return self.state
+
+        await self.sidecar.checkpoint(build)
+        imageid.mark(self.state, self.plexes, gen)
 
     # -- I/O -----------------------------------------------------------------
 
@@ -444,6 +453,7 @@ class Volume:
                 await self.flush()
                 if not await self.drl.mark_clean():
                     log.warning("volume %s: could not record a clean stop", self.name)
+                imageid.end_run(self.state)
                 await self.checkpoint()
             finally:
                 if await self._quiesced():
