@@ -311,3 +311,37 @@ def test_fstab_mount_points_are_compared_as_the_kernel_lists_them(
     assert unmounted_fstab_point(link / "vol0.log") == str(disk)
     fstab.write_text(f"/dev/vmd-test-none {disk}/ ext4 defaults,nofail 0 2\n")
     assert unmounted_fstab_point(disk / "vol0.log") == str(disk)
+
+
+@pytest.mark.allow_log(r"plex p1 is IOFAIL: cannot open image .*Read-only file system",
+                       r"plex p1 gets a full resync: its image could not be opened")
+def test_a_plex_on_a_filesystem_gone_read_only_fails_alone_at_start(
+        vmd_factory: Callable[..., VmdDaemon], sysres: SysResources, tmp_path: Path) -> None:
+    """One plex's filesystem remounted read-only (ext4 errors=remount-ro)
+    while the daemon was stopped: the start exited 3 ("not readable and
+    writable"), every volume down. It is what a mirror is for: that plex
+    opens IOFAIL, its volume and the others serve; writable again, attached."""
+    disk = tmp_path / "disk2"
+    sysres.make_ext4_image(tmp_path / "disk2.img", 40 * MiB, disk)
+    spec = {"size": "16MiB", "plexes": ["vol0-p0.img", str(disk / "vol0-p1.img")],
+            "log": "vol0.log"}
+    vmd = vmd_factory(volumes={"vol0": spec, "other": volume_spec("other", size="16MiB")})
+    vmd.start()
+    data = os.urandom(MiB)
+    with open(vmd.volume_file(), "r+b") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    vmd.stop()
+    sysres.mount("none", disk, "-o", "remount,ro")
+    vmd.start()
+    st = vmd.status("vol0")
+    assert [p["state"] for p in st["plexes"]] == ["ACTIVE", "IOFAIL"], st
+    assert "Read-only file system" in st["plexes"][1]["reason"], st
+    with open(vmd.volume_file(), "rb") as f:
+        assert f.read(len(data)) == data
+    assert vmd.status("other")["plexes"][0]["state"] == "ACTIVE"
+    sysres.mount("none", disk, "-o", "remount,rw")
+    vmd.cli("plex", "attach", "vol0", "p1")
+    vmd.wait_resync()
+    vmd.stop()
+    assert (disk / "vol0-p1.img").read_bytes()[:len(data)] == data

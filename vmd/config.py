@@ -507,6 +507,8 @@ def check_image(path: Path, size: int, where: str, or_size: int | None = None, *
             raise ConfigError(f"{where}: directory {parent} is not writable") from None
         return
     except OSError as e:
+        if any_size:
+            return  # an existing volume's: opened IOFAIL, naming why; the others serve
         raise ConfigError(f"{where}: cannot stat {path}: {e.strerror}") from None
     if stat.S_ISREG(st.st_mode):
         actual = st.st_size
@@ -519,7 +521,9 @@ def check_image(path: Path, size: int, where: str, or_size: int | None = None, *
         raise ImageSizeError(
             f"{where}: existing image {path} is {actual} bytes, {what} is {size} bytes "
             f"(vmd never truncates or grows an image; fix the size or the path)", actual)
-    if not os.access(path, os.R_OK | os.W_OK):
+    if not os.access(path, os.R_OK | os.W_OK) and not any_size:
+        # (An existing volume's image on a filesystem gone read-only is what
+        # a mirror is for: its plex opens IOFAIL and the volume serves.)
         raise ConfigError(f"{where}: {path} is not readable and writable")
 
 
