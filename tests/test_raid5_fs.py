@@ -279,3 +279,29 @@ def test_column_verbs_and_sizes_are_refused_with_the_column_size(
     c1 = next(c for c in vmd.status("r5")["columns"] if c["name"] == "c1")
     assert c1["state"] == "IOFAIL" and f"is {4 * MiB} bytes, it must be {2 * MiB} bytes" in \
         c1["reason"], c1
+
+
+@pytest.mark.allow_log(r"column c1 gets a full rebuild", r"is IOFAIL|is DETACHED")
+def test_a_new_disk_mounted_where_the_column_was_takes_its_place_under_the_same_path(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """The column's disk died; a new one is mounted at the same place. `plex
+    replace r5 c1 SAME-PATH` was refused ("is already plex c1") and `plex
+    attach` said "No such file": only an undocumented truncate worked."""
+    d = vmd_factory(volumes={"r5": raid5_spec("r5", size="8MiB")})
+    d.start()
+    data = os.urandom(8 * MiB)
+    with open(d.volume_file("r5"), "r+b") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    c1 = d.path("r5-c1.img")
+    p = d.cli("plex", "replace", "r5", "c1", str(c1), check=False)
+    assert p.returncode != 0 and "not detached or failed" in p.stderr, p  # while it is in
+    d.cli("plex", "detach", "r5", "c1")
+    c1.unlink()  # the disk is gone; the new one, empty, is mounted there
+    d.cli("plex", "replace", "r5", "c1", str(c1))
+    d.cli("wait", "r5")
+    assert column(d.status("r5"), "c1")["state"] == "ACTIVE"
+    with open(d.volume_file("r5"), "rb") as f:
+        assert f.read() == data
+    d.stop()
+    assert xor_is_zero([d.path(f"r5-c{i}.img") for i in range(3)])

@@ -53,6 +53,20 @@ def new_image_path(m: VolumeManager, path: str, verb: str) -> str:
     return path
 
 
+def _own_column_path(m: VolumeManager, vol: Any, name: str, path: str) -> str | None:
+    """`path` if it is column `name`'s own image path: a new disk mounted
+    where the failed one was (as md adds a replacement under the old name).
+    The column must be out (attach_plex says so otherwise); whatever the
+    file holds is not trusted: it is rebuilt whole, created if missing."""
+    path = os.path.abspath(path)
+    if outside_mount_error(path, m.cfg.mountpoint):
+        return None  # refused by new_image_path, without a stat under the mount
+    for p in getattr(vol, "columns", []):
+        if p.name == name and os.path.realpath(p.record.path) == os.path.realpath(path):
+            return path
+    return None
+
+
 def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], None]) -> None:
 
     async def status(req: dict[str, Any], progress: Any) -> dict[str, Any]:
@@ -99,7 +113,8 @@ def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], N
         if is_remote(req_str(req, "path")):  # not made a path relative to the daemon's cwd
             raise VmdError(f"plex replace {vol.name}: {req['path']} is a remote image; a RAID-5 "
                            f"column must be a local image file (remote columns are not supported)")
-        path = new_image_path(m, req_str(req, "path"), f"plex replace {vol.name}")
+        path = (_own_column_path(m, vol, req_str(req, "plex"), req_str(req, "path"))
+                or new_image_path(m, req_str(req, "path"), f"plex replace {vol.name}"))
         if not hasattr(vol, "columns"):
             raise VmdError(f"volume {vol.name} is a mirror: `plex replace` is for RAID-5 "
                            f"columns; use `vmd plex remove` and `vmd plex add`")
