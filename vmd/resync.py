@@ -34,7 +34,7 @@ import os
 import time
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 
 import trio
@@ -123,13 +123,35 @@ class Mirror(Protocol):
     async def checkpoint(self) -> None: ...
 
 
+class Pace:
+    """Holds a copy (a resync, a verify) to `resync.rate_limit`, re-read in
+    short steps: SIGHUP may change it while the copy waits. Paced from the
+    copy's start, or from the last change: a lower limit measured from the
+    start would stop the copy for as long as the bytes already done take at
+    the new rate."""
+
+    def __init__(self, since: float, rate: int):
+        self.since, self._done, self._rate = since, 0, rate
+
+    async def wait(self, rate_of: Callable[[], int], done_of: Callable[[], int]) -> None:
+        await trio.sleep(0)  # let writes in between chunks
+        while (rate := rate_of()) > 0:
+            now = time.monotonic()
+            if rate != self._rate:
+                self.since, self._done, self._rate = now, done_of(), rate
+            delay = self.since + (done_of() - self._done) / rate - now
+            if delay <= 0:
+                return
+            await trio.sleep(min(delay, 0.25))
+
+
 class Resync:
     copies = COPIES  # chunks copied at once (a layout's copy may want more)
 
     def __init__(self, volume: Mirror, *, rate_limit: int = 0):
         self.volume = volume
         self.rate_limit = rate_limit
-        self._pace = (0.0, 0, rate_limit)  # (since, bytes done then, limit then): _throttle
+        self._pace = Pace(0.0, rate_limit)  # the running pass's (_throttle)
         self._wake = trio.Event()
         self._cancel: trio.CancelScope | None = None
         self._paused = 0
@@ -481,23 +503,9 @@ class Resync:
         vol._update_recovering()
 
     async def _throttle(self, started: float) -> None:
-        await trio.sleep(0)  # let writes in between chunks
-        # Re-read the limit in short steps: it may be changed while we wait
-        # (SIGHUP). Paced from the pass's start, or from the change: a lower
-        # limit measured from the start would stop the copy for as long as
-        # the bytes already copied take at the new rate.
-        if self._pace[0] < started:
-            self._pace = (started, 0, self.rate_limit)
-        while (rate := self.rate_limit) > 0:
-            now = time.monotonic()
-            t0, b0, r0 = self._pace
-            if rate != r0:
-                t0, b0 = now, self.done_bytes
-                self._pace = (t0, b0, rate)
-            delay = t0 + (self.done_bytes - b0) / rate - now
-            if delay <= 0:
-                return
-            await trio.sleep(min(delay, 0.25))
+        if self._pace.since < started:  # a new pass
+            self._pace = Pace(started, self.rate_limit)
+        await self._pace.wait(lambda: self.rate_limit, lambda: self.done_bytes)
 
     async def _finish(self, targets: list[Plex]) -> None:
         vol = self.volume

@@ -46,6 +46,7 @@ from . import events
 from .config import MiB, format_size
 from .errors import VmdError
 from .plex import Plex, PlexIOError
+from .resync import Pace
 from .sidecar import ACTIVE, SNAPDONE, WRITABLE
 from .spread import DeviceSlots, Queued, devices_of
 from .tasks import STOPPING, Job
@@ -261,6 +262,7 @@ class Verify(Job[dict[str, Any]]):
             async with self._turn():
                 self.running = True
                 started = time.monotonic()
+                pace = Pace(started, vol.resync.rate_limit)
                 log.info("volume %s: verify%s of %s %s started%s", vol.name,
                          " and repair" if self.repair else "", self.images,
                          ", ".join(self.plex_names),
@@ -269,7 +271,7 @@ class Verify(Job[dict[str, Any]]):
                     n = min(self.chunk, vol.size - self.done_bytes)
                     await self._chunk(self.done_bytes, n)
                     self.done_bytes += n
-                    await self._throttle(started)
+                    await self._throttle(pace)
         except VmdError as e:
             error = str(e)
             raise
@@ -343,13 +345,8 @@ class Verify(Job[dict[str, Any]]):
             log.error("volume %s: cannot record the verify result in %s: %s", vol.name,
                       vol.sidecar.path, e)
 
-    async def _throttle(self, started: float) -> None:
-        await trio.sleep(0)  # let writes in between chunks
-        while (rate := self.volume.resync.rate_limit) > 0:  # re-read: it may change
-            delay = started + self.read_bytes / rate - time.monotonic()
-            if delay <= 0:
-                return
-            await trio.sleep(min(delay, 0.25))
+    async def _throttle(self, pace: Pace) -> None:
+        await pace.wait(lambda: self.volume.resync.rate_limit, lambda: self.read_bytes)
 
     async def _chunk(self, off: int, n: int) -> None:
         vol = self.volume
