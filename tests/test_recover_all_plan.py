@@ -178,6 +178,28 @@ def test_recover_all_naming_a_missing_image_of_a_readable_checkpoint_is_refused(
     d.stop()
 
 
+def _killed_with_writes_in_the_raid5_log_only(vmd_factory: Callable[..., VmdDaemon],
+                                              at: int) -> tuple[VmdDaemon, bytes]:
+    """A RAID-5 volume with a log, SIGKILLed right after an fsync'd write the
+    write-back cache held back: the write is durable in the RAID-5 log only."""
+    d = vmd_factory(volumes={"r5": raid5_spec("r5", size="4MiB")})
+    d.start()
+    _write(d.volume_file("r5"), bytes(4 * MiB))
+    d.stop()
+    d.env["VMD_TEST_FAULT"] = "hold-write-back:r5"  # nothing leaves the cache
+    d.start()
+    data = os.urandom(200 * 1024)
+    fd = os.open(d.volume_file("r5"), os.O_RDWR)
+    try:
+        os.pwrite(fd, data, at)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    d.kill()
+    d.env.pop("VMD_TEST_FAULT")
+    return d, data
+
+
 @pytest.mark.parametrize("lost", ["log-gone", "header-only"])
 def test_recover_all_replays_the_raid5_log_that_names_the_volume(
         vmd_factory: Callable[..., VmdDaemon], allow_log: Callable[..., None], lost: str) -> None:
@@ -186,20 +208,7 @@ def test_recover_all_replays_the_raid5_log_that_names_the_volume(
     write-back cache had written none of them to the columns) were emptied
     unread by --recover-all, or refused as another volume's log."""
     allow_log(r"--recover-all", r"not stopped cleanly", r"regenerat", r"RAID-5 log replayed")
-    d = vmd_factory(volumes={"r5": raid5_spec("r5", size="4MiB")})
-    d.start()
-    _write(d.volume_file("r5"), bytes(4 * MiB))
-    d.stop()
-    d.env["VMD_TEST_FAULT"] = "hold-write-back:r5"  # nothing leaves the cache
-    d.start()
-    data = os.urandom(300 * 1024)
-    fd = os.open(d.volume_file("r5"), os.O_RDWR)
-    try:
-        os.pwrite(fd, data, 1000)
-        os.fsync(fd)  # durable in the RAID-5 log only
-    finally:
-        os.close(fd)
-    d.kill()
+    d, data = _killed_with_writes_in_the_raid5_log_only(vmd_factory, 1000)
     cols = [d.path(f"r5-c{i}.img") for i in range(3)]
     assert not any(any(c.read_bytes()) for c in cols), "a write reached the columns"
     log0 = d.log_path("r5")
@@ -208,7 +217,6 @@ def test_recover_all_replays_the_raid5_log_that_names_the_volume(
     else:
         with open(log0, "r+b") as f:
             f.truncate(sc.HEADER_SIZE)  # the header, no checkpoint
-    d.env.pop("VMD_TEST_FAULT")
     d.daemon_args = ("--recover-all", "r5")
     d.start()
     assert not d.status().get("refused"), d.status()
@@ -260,21 +268,7 @@ def test_a_missing_raid5_log_after_a_crash_is_refused_until_it_is_back(
     with no word. Refused; back in place, `vmd start` replays it."""
     allow_log(r"volume r5 refused: ", r"not stopped cleanly", r"RAID-5 log replayed",
               r"regenerat", r"--recover-all")
-    d = vmd_factory(volumes={"r5": raid5_spec("r5", size="4MiB")})
-    d.start()
-    _write(d.volume_file("r5"), bytes(4 * MiB))
-    d.stop()
-    d.env["VMD_TEST_FAULT"] = "hold-write-back:r5"  # nothing leaves the cache
-    d.start()
-    data = os.urandom(200 * 1024)
-    fd = os.open(d.volume_file("r5"), os.O_RDWR)
-    try:
-        os.pwrite(fd, data, 8192)
-        os.fsync(fd)  # durable in the RAID-5 log only
-    finally:
-        os.close(fd)
-    d.kill()
-    d.env.pop("VMD_TEST_FAULT")
+    d, data = _killed_with_writes_in_the_raid5_log_only(vmd_factory, 8192)
     r5log = d.path("r5.r5log")
     away = d.path("r5.r5log.offline")
     r5log.rename(away)
