@@ -148,6 +148,18 @@ def test_image_under_mountpoint_through_a_symlink(vmd_factory: Callable[..., Vmd
     _expect_config_error(d, "volumes.r5.columns[2]", "mountpoint")
 
 
+def test_an_image_or_log_at_the_socket_path_is_refused(vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """Accepted, the daemon created the RAID-5 log at the socket's path, then
+    refused to start ("exists and is not a socket") and left the file."""
+    d = vmd_factory(volumes={"r5": {**volume_spec("r5", size="64MiB", nplex=3), "layout": "raid5",
+                                    "raid5_log": "vmd.sock"}})
+    d.config["volumes"]["r5"]["columns"] = d.config["volumes"]["r5"].pop("plexes")
+    d.config["socket"] = "vmd.sock"
+    d.write_config()
+    _expect_config_error(d, "volumes.r5.raid5_log", "is already used by socket")
+    assert not (d.base / "vmd.sock").exists()
+
+
 _VOL = "    size: 64MiB\n    plexes: [{n}-p0.img, {n}-p1.img]\n    log: {n}.log\n"
 DUPLICATES = {
     # id: (the volumes' YAML, what the message names)

@@ -316,7 +316,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     if not isinstance(vols_raw, dict) or not vols_raw:
         raise ctx.err("volumes", "expected a mapping of volume names to volume settings")
     volumes: dict[str, VolumeConfig] = {}
-    seen_paths: dict[Path, str] = {}
+    # The socket too: an image or log there is created, then the start refuses
+    # to remove "a file that is not a socket" and the file stays.
+    seen_paths: dict[Path, str] = {ctx.filepath(raw["socket"], "socket"): "socket"}
     for name, vraw in vols_raw.items():
         key = f"volumes.{name}"
         try:
@@ -380,6 +382,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     mountpoint = ctx.filepath(raw["mountpoint"], "mountpoint")
     mounts = mount_paths(mountpoint)
     for p, key in seen_paths.items():
+        if key == "socket":
+            continue
         bad = outside_mount_error(p, mountpoint, mounts) if isinstance(p, Path) else None
         if bad:
             raise ctx.err(key, bad)
