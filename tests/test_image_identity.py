@@ -345,3 +345,51 @@ def test_crash_before_the_marks_follow_the_start_checkpoint(
     for i, p in enumerate(d.plex_paths()):
         assert os.getxattr(p, XATTR) == f"{uuid}:p{i}:{_run(d)}".encode()
     d.stop()
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("how", ["cp -a", "mv"])
+@pytest.mark.allow_log(r"its images were moved while vmd was stopped",
+                       r"differs from the plexes sidecar log")
+def test_images_and_log_moved_to_another_directory_are_found_there(
+        vmd_factory: Callable[..., VmdDaemon], how: str) -> None:
+    """Every file of a volume moved to another disk while stopped, the config
+    pointed there: refused as "the config was edited" (and --recover-all
+    too), and the only way out was a new log and a whole-volume copy. The
+    images are found at their new paths by their mark or inode."""
+    d = vmd_factory(volumes={"vol0": volume_spec(
+        "vol0", size="16MiB", plexes=["disk/p0.img", "disk/p1.img"], log="disk/vol0.log")})
+    d.start()
+    data = _fill(d, 7)
+    d.stop()
+    cmd = ["cp", "-a"] if how == "cp -a" else ["mv"]
+    subprocess.run([*cmd, str(d.path("disk")), str(d.path("disk2"))], check=True)
+    vol = d.config["volumes"]["vol0"]
+    vol["plexes"] = ["disk2/p0.img", "disk2/p1.img"]
+    vol["log"] = "disk2/vol0.log"
+    d.write_config()
+    d.start()
+    assert "its images were moved while vmd was stopped" in d.stderr(), d.stderr()
+    assert d.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
+    d.wait_resync()
+    for _ in range(4):
+        assert d.volume_file().read_bytes() == data
+    assert _resyncs(d) == 0
+    d.stop()
+    assert [p.path for p in d.logged_state().plexes] == [
+        str(d.path("disk2/p0.img")), str(d.path("disk2/p1.img"))]
+    # A plain copy carries no mark and a new inode: vmd cannot tell it from
+    # other files, and refuses rather than guess.
+    subprocess.run(["cp", "-r", str(d.path("disk2")), str(d.path("disk3"))], check=True)
+    for f in d.path("disk3").iterdir():
+        try:
+            os.removexattr(f, XATTR)
+        except OSError:
+            pass
+    vol["plexes"] = ["disk3/p0.img", "disk3/p1.img"]
+    vol["log"] = "disk3/vol0.log"
+    d.write_config()
+    d.start()
+    err = {r["name"]: r["error"] for r in d.status().get("refused", [])}["vol0"]
+    assert "move them with `cp -a`" in err, err
+    d.stop()

@@ -188,6 +188,43 @@ def end_run(state: VolumeState) -> None:
     state.extra[GENERATION] = generation(state) + 1
 
 
+def find_moved(state: VolumeState, old_paths: list[str], new_paths: list[str]
+               ) -> dict[str, str] | None:
+    """The config lists `new_paths` where the log records `old_paths`: if the
+    images were moved while vmd was stopped (to another disk, another
+    directory), each is found at one new path by its mark (this volume, that
+    plex; an in-sync one with the log's generation or later, as at open) or
+    by its inode (a `mv` within one filesystem). Returns old → new only if
+    every old path is found at exactly one new path and every new path is
+    one of them: vmd does not guess."""
+    recs = {r.path: r for r in state.plexes if not r.role}
+    found: dict[str, list[str]] = {}
+    for new in new_paths:
+        try:
+            fd = os.open(new, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # missing, a remote URI, unreadable: not a moved image
+        try:
+            st = os.fstat(fd)
+            inode = [st.st_dev, st.st_ino, _generation(fd)]
+            mark = _read_mark(fd)
+        finally:
+            os.close(fd)
+        for old in old_paths:
+            rec = recs.get(old)
+            if rec is None:
+                continue
+            ours, gen = _marked_by(state, rec.name, mark)
+            if ((ours and (gen is None or rec.state not in WRITABLE or gen >= generation(state)))
+                    or (rec.inode is not None and inode == rec.inode)):
+                found.setdefault(old, []).append(new)
+    chosen = {old: news[0] for old, news in found.items() if len(news) == 1}
+    if (set(chosen) != set(old_paths) or len(set(chosen.values())) != len(chosen)
+            or set(chosen.values()) != set(new_paths)):
+        return None
+    return chosen
+
+
 def _unrecognised_why(state: VolumeState, p: Plex) -> str:
     """"" if `p`'s open image is the one recorded; else why not."""
     rec = p.record

@@ -344,6 +344,19 @@ def _check_against_config(state: VolumeState, vc: VolumeConfig, cfg_path: Path) 
                f"({', '.join(current)}): " + "; ".join(
                    ([f"it lacks {', '.join(lacks)}"] if lacks else [])
                    + ([f"it lists {', '.join(extra)}, not recorded"] if extra else [])))
+    moved = imageid.find_moved(state, lacks, extra)
+    if moved is not None:
+        for rec in state.plexes:
+            rec.path = moved.get(rec.path, rec.path)
+        if vc.layout != "mirror" and [p.path for p in state.plexes if not p.role] != cfg_plexes:
+            raise VmdError(f"{cfg_path}: {key}.columns lists the moved columns in another "
+                           f"order; list them as " + ", ".join(
+                               p.path for p in state.plexes if not p.role))
+        state.config_plexes = cfg_plexes
+        log.warning("volume %s: its images were moved while vmd was stopped (found by their "
+                    "vmd mark or inode): %s; recorded at their new paths", vc.name,
+                    ", ".join(f"{old} -> {new}" for old, new in moved.items()))
+        return
     if cfg_plexes == state.config_plexes:
         # The config is as it was when vmd last agreed with it: the plexes changed
         # since with `vmd plex` stand, so that a restart (after a crash, at boot)
@@ -354,7 +367,8 @@ def _check_against_config(state: VolumeState, vc: VolumeConfig, cfg_path: Path) 
         return
     raise VmdError(f"{cfg_path}: {differs}. The config was edited since vmd last used it, so "
                    f"vmd will not guess which is meant: make {key}.{images} list exactly the "
-                   f"recorded {images}")
+                   f"recorded {images}. (Images moved while vmd was stopped are found at their "
+                   f"new paths by their vmd mark: move them with `cp -a`, `rsync -X` or `mv`)")
 
 
 def _abort_interrupted_snapshot_mirrors(vol: Volume) -> None:
