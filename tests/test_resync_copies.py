@@ -156,3 +156,34 @@ async def test_a_lower_rate_limit_paces_the_copy_from_the_change(
     r.done_bytes += 2 * MiB
     await r._throttle(started)  # 2 MiB at 1 MiB/s since the change
     assert trio.current_time() - t == pytest.approx(2.0, abs=0.3)
+
+
+async def test_a_mid_pass_commit_that_fails_is_retried(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OSError from the pass's progress commit (the sidecar log's disk full
+    a moment) reaches run() wrapped in the pass nursery's ExceptionGroup: it
+    was taken for a bug, and the resync stopped for good instead of retrying."""
+    monkeypatch.setattr(resync, "RETRY_SECONDS", 1)
+    monkeypatch.setattr(resync, "COMMIT_SECONDS", 0.3)
+    cfg = volume_config(tmp_path, size=16 * MiB)
+    async with running_volume(cfg, rate_limit=4 * MiB) as vol:
+        await vol.detach_plex("p1")
+        await vol.pwrite(0, os.urandom(8 * MiB))
+        real = vol.sidecar.append
+        failed: list[Any] = []
+
+        async def append(build: Any, **kw: Any) -> Any:
+            rec = build()
+            if rec is not None and rec.get("t") == "copied" and not failed:
+                failed.append(rec)
+                raise OSError(errno.ENOSPC, "No space left on device (injected)")
+            return await real(lambda: rec, **kw)
+
+        vol.sidecar.append = append  # type: ignore[method-assign]
+        await vol.attach_plex("p1")
+        with trio.move_on_after(30):  # a bound, not a guess: it ends when ACTIVE
+            while vol.plexes[1].state != "ACTIVE" and vol.resync.error is None:
+                await trio.sleep(0.1)
+        assert failed, "the injected failure was not reached"
+        assert vol.resync.error is None, f"an OSError taken for a bug: {vol.resync.error}"
+        assert vol.plexes[1].state == "ACTIVE"

@@ -254,26 +254,18 @@ class Resync:
                         else:
                             self._lost_while_queued(due)
                         self.error = None
-            except OSError as e:
-                # The log or a flush failed: leave the maps as they are (copying
-                # again is always safe) and retry later, instead of taking the
-                # daemon down.
-                log.error("volume %s: resync interrupted: %s; retrying in %d s",
-                          self.volume.name, e, RETRY_SECONDS)
-                events.emit(events.RESYNC_INTERRUPTED, self.volume.name, error=str(e))
-                stuck = True
-            except Exception as e:
-                # A bug. This task runs in the volume's nursery, under the
-                # daemon's (manager.VolumeWork): let it out and every volume
-                # goes down uncleanly. Stopping only this resync is safe: the
-                # maps keep what is not yet copied (nothing is recorded copied
-                # before it is durable) and writes still reach every target.
-                self.error = f"{type(e).__name__}: {e}"
-                log.critical("volume %s: resync failed unexpectedly (%s); the volume serves on "
-                             "but its plexes %s stay out of sync until the daemon is restarted "
-                             "(or a plex is added, attached or detached)", self.volume.name,
-                             self.error, ", ".join(t.name for t in due), exc_info=True)
-                events.emit(events.RESYNC_INTERRUPTED, self.volume.name, error=self.error)
+            except Exception as caught:
+                e = _only_os_errors(caught)
+                if e is not None:
+                    # The log or a flush failed (raised in the pass's nursery,
+                    # it comes wrapped in an ExceptionGroup): leave the maps as
+                    # they are (copying again is always safe) and retry later.
+                    log.error("volume %s: resync interrupted: %s; retrying in %d s",
+                              self.volume.name, e, RETRY_SECONDS)
+                    events.emit(events.RESYNC_INTERRUPTED, self.volume.name, error=str(e))
+                    stuck = True
+                else:
+                    self._failed_unexpectedly(caught, due)
             finally:
                 self._cancel = None
                 self.running = False
@@ -288,6 +280,19 @@ class Resync:
                 with trio.move_on_after(RETRY_SECONDS):
                     await self._wake.wait()
                 self._wake = trio.Event()
+
+    def _failed_unexpectedly(self, e: Exception, due: list[Plex]) -> None:
+        """A bug. This task runs in the volume's nursery, under the daemon's
+        (manager.VolumeWork): let out, it takes every volume down uncleanly.
+        Stopping only this resync is safe: the maps keep what is not yet
+        copied (nothing is recorded copied before it is durable) and writes
+        still reach every target."""
+        self.error = f"{type(e).__name__}: {e}"
+        log.critical("volume %s: resync failed unexpectedly (%s); the volume serves on "
+                     "but its plexes %s stay out of sync until the daemon is restarted "
+                     "(or a plex is added, attached or detached)", self.volume.name,
+                     self.error, ", ".join(t.name for t in due), exc_info=e)
+        events.emit(events.RESYNC_INTERRUPTED, self.volume.name, error=self.error)
 
     def _lost_while_queued(self, due: list[Plex]) -> None:
         """Every target failed or left while the resync waited for its turn:
@@ -545,6 +550,18 @@ class Resync:
         events.emit(events.RESYNC_FINISHED, vol.name, targets=[t.name for t in targets],
                     copied_bytes=self.copied_bytes, synced_bytes=self.synced_bytes,
                     seconds=round(self.last_seconds, 3), failed=self.failed)
+
+
+def _only_os_errors(e: BaseException) -> OSError | None:
+    """The first OSError if `e` is one, or a group of nothing else (a
+    failure of the disk or the log); None if anything else is in it."""
+    if isinstance(e, OSError):
+        return e
+    if isinstance(e, BaseExceptionGroup):
+        leaves = [_only_os_errors(x) for x in e.exceptions]
+        if leaves and all(x is not None for x in leaves):
+            return leaves[0]
+    return None
 
 
 def _live(targets: list[Plex]) -> bool:
