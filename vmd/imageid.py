@@ -246,7 +246,7 @@ def _unrecognised_why(state: VolumeState, p: Plex) -> str:
 
 
 def _check_log_not_older(state: VolumeState, plexes: list[Plex], volume: str,
-                         log_path: Path) -> None:
+                         log_path: Path, columns: bool = False) -> None:
     """Refuse (VmdError) if an image was marked by a later run than the log
     records: the log is an older copy, and its plex states may be stale."""
     logged = generation(state)
@@ -262,9 +262,14 @@ def _check_log_not_older(state: VolumeState, plexes: list[Plex], volume: str,
         f"records run {logged} of the volume, but {images}. The log was put back from a "
         f"backup (or an older copy): the plex states it holds may be stale (a plex it calls "
         f"in sync may have been detached since and missed writes), and vmd will not guess "
-        f"which image is current. Put back the sidecar log that is current, or name the "
-        f"image that was in sync last: `vmd start {volume} --recover-all=IMAGE` (every "
-        f"other plex is copied whole from it)")
+        f"which image is current. Put back the sidecar log that is current" + (
+            # RAID-5 has no source to name: --recover-all would trust every
+            # column, a stale one included.
+            f"; if it is lost, move aside the image of a column that was out since (it "
+            f"is stale), `vmd start {volume} --recover-all --force-degraded`, then `vmd "
+            f"plex replace` that column" if columns else
+            f", or name the image that was in sync last: `vmd start {volume} "
+            f"--recover-all=IMAGE` (every other plex is copied whole from it)"))
 
 
 def check_images(state: VolumeState, plexes: list[Plex], volume: str, log_path: Path, *,
@@ -273,7 +278,7 @@ def check_images(state: VolumeState, plexes: list[Plex], volume: str, log_path: 
     refused (VmdError) if the log is older than its images; an unrecognised
     in-sync image is copied whole from a recognised one. `columns`: RAID-5,
     where one column at most can be rebuilt from the others."""
-    _check_log_not_older(state, plexes, volume, log_path)
+    _check_log_not_older(state, plexes, volume, log_path, columns)
     why = {p.name: w for p in plexes if p.state in WRITABLE
            for w in [_unrecognised_why(state, p)] if w}
     if not why:
