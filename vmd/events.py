@@ -80,9 +80,15 @@ class Subscription:
         except RuntimeError:
             # Not the trio thread (an emit from a worker thread): trio's
             # Event may be set only from there.
+            # The event set is the one current when this runs there: the
+            # reader may have made a new one since (a bound `.set` of the old
+            # one would be lost, and the event left waiting in the queue).
             if self._token is not None:
-                self._token.run_sync_soon(self._wakeup.set)
+                self._token.run_sync_soon(self._set)
             return
+        self._wakeup.set()
+
+    def _set(self) -> None:
         self._wakeup.set()
 
     def get_nowait(self) -> Event | None:
@@ -118,7 +124,7 @@ class EventBus:
              **details: Any) -> None:
         ev = make_event(kind, volume, plex, **details)
         self.history.append(ev)
-        for sub in self.subscribers:
+        for sub in list(self.subscribers):  # a worker thread may emit (vmd start)
             sub.put(ev)
 
     def subscribe(self, name: str, *, maxlen: int = QUEUE_EVENTS,
