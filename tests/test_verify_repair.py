@@ -75,6 +75,56 @@ def test_crash_during_repair_is_recovered_from_the_repairs_source(
 
 
 @pytest.mark.mount
+@pytest.mark.allow_log(MISMATCH_LOG, r"was not stopped cleanly: recovering",
+                       r"verify.* (stopped|finished)")
+def test_crash_during_a_majority_repair_never_undoes_a_majority(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """Three plexes, in every 4 MiB region p0 wrong at +0.5 MiB and p1 wrong at
+    +2.5 MiB: each range has a majority, and the majorities differ inside one
+    DRL region. A SIGKILL during `verify --repair` (no --from) recovered each
+    dirty region from the repair's current source, overwriting the ranges
+    not yet repaired where that plex was the lone dissenter: the good bytes
+    were gone from all three plexes, and verify saw nothing there."""
+    d = vmd_factory(volumes={"vol0": volume_spec("vol0", size="32MiB", nplex=3)},
+                    rate_limit="4MiB", clean_delay=3600).start()
+    ref = os.urandom(DATA)
+    pwrite_file(d.volume_file(), [(0, ref)])
+    d.stop()
+    p0, p1, p2 = d.plex_paths()
+    for r in range(0, DATA, 4 * MiB):
+        pwrite_file(p0, [(r + MiB // 2, os.urandom(64 * 1024))])
+        pwrite_file(p1, [(r + 5 * MiB // 2, os.urandom(64 * 1024))])
+    d.start()
+    job = subprocess.Popen([sys.executable, "-m", "vmd", "-c", str(d.config_path), "verify",
+                            "vol0", "--repair"],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def repairing() -> bool:
+            v = d.status("vol0").get("verify_running") or {}
+            return v.get("done_bytes", 0) >= 10 * MiB and v.get("mismatched_bytes", 0) > 0
+
+        wait_for(repairing, what="the repair to be under way")
+        d.kill()
+        job.communicate(timeout=30)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert "finished" not in d.stderr(), "the kill came after the repair"
+    d.set_rate_limit(None)
+    d.start()
+    d.wait_resync()
+    images = [_read(p) for p in (p0, p1, p2)]
+    for off in range(0, DATA, 64 * 1024):
+        agree = sum(img[off:off + 64 * 1024] == ref[off:off + 64 * 1024] for img in images)
+        assert agree >= 2, f"at {off}: the majority's bytes were lost ({agree} of 3 plexes)"
+    rc, out, r = verify(d, "--repair")  # the rest of the repair, as the docs say
+    assert rc == 0 and r["complete"], out
+    d.stop()
+    assert _read(p0) == _read(p1) == _read(p2) == ref
+
+
+@pytest.mark.mount
 @pytest.mark.allow_log(MISMATCH_LOG)
 def test_verify_names_the_plexes_that_agree_and_repair_keeps_the_majority(
         vmd_factory: Callable[..., VmdDaemon]) -> None:
@@ -103,8 +153,8 @@ def test_verify_names_the_plexes_that_agree_and_repair_keeps_the_majority(
 
     rc, out, r = verify(d, "--repair")
     assert rc == 0, out
-    assert r["range_sources"] == ["p1", "p1", "p0"], r
-    assert r["repaired_from"] == {"p1": 4096 + 512, "p0": 512} and r["no_majority_bytes"] == 512
+    assert r["range_sources"] == ["p1", "p0", "p0"], r
+    assert r["repaired_from"] == {"p1": 4096, "p0": 512 + 512} and r["no_majority_bytes"] == 512
     assert "p1, p2 agree; p0 differs; repaired from p1" in out, out
     assert ("no strict majority of the plexes agreed on 512B: repaired there from plex p0, "
             "the first ACTIVE plex") in out, out
@@ -115,11 +165,13 @@ def test_verify_names_the_plexes_that_agree_and_repair_keeps_the_majority(
     assert now[6 * MiB:6 * MiB + 512] == good[6 * MiB:6 * MiB + 512]  # p0's, the default
 
 
-async def test_repair_names_each_source_in_the_log_before_writing_from_it(tmp_path: Path) -> None:
-    """The majority changes between two ranges (p1, p2 agree; then p0, p2):
-    every repair write finds its own source named in the log on disk (what a
-    crash recovery would copy from), the first source's repairs are flushed
-    before the second is named, and the name is gone once the repair is."""
+async def test_only_a_repair_from_a_named_plex_names_it_in_the_log(tmp_path: Path) -> None:
+    """--from p1: every repair write finds its source named in the log on
+    disk (what a crash recovery copies from), and the name is gone once the
+    repair is. Without --from each range keeps its own majority (p1, p2
+    agree; then p0, p2): nothing is named and no region marked dirty, so a
+    crash leaves the repair partial instead of copying one plex over ranges
+    whose majority is another."""
     from enginekit import running_volume, volume_config
     from vmd.sidecar import read_log
 
@@ -128,33 +180,39 @@ async def test_repair_names_each_source_in_the_log_before_writing_from_it(tmp_pa
         await vol.pwrite(0, os.urandom(4 * MiB))
         await vol.flush()
         p0, p1, p2 = (vol.plex(f"p{i}") for i in range(3))
-        os.pwrite(p0.fd, b"x" * 4096, 1 * MiB)  # p0 alone differs: from p1
-        os.pwrite(p1.fd, b"y" * 4096, 3 * MiB)  # p1 alone differs: from p0 (p2 agrees)
         events: list[tuple[str, ...]] = []
 
         def watch(p: Any) -> None:
-            write, flush = p.pwrite, p.flush
+            write = p.pwrite
 
             async def pwrite(off: int, data: Any) -> None:
-                logged = read_log(vc.log)[0].state.extra.get("repair", {}).get("source")
-                events.append(("write", p.name, off // MiB, logged))
+                st = read_log(vc.log)[0].state
+                events.append((p.name, str(off // MiB), st.extra.get("repair", {}).get("source"),
+                               str(st.drl.count())))
                 await write(off, data)
 
-            async def flushed() -> None:
-                events.append(("flush", p.name))
-                await flush()
-
-            p.pwrite, p.flush = pwrite, flushed
+            p.pwrite = pwrite
 
         for p in (p0, p1, p2):
             watch(p)
+
+        def damage() -> None:
+            os.pwrite(p0.fd, b"x" * 4096, 1 * MiB)  # p0 alone differs: from p1
+            os.pwrite(p1.fd, b"y" * 4096, 3 * MiB)  # p1 alone differs: from p0 (p2 agrees)
+
+        damage()
+        dirty = str(read_log(vc.log)[0].state.drl.count())  # the writes' above, not yet clean
         result = await Verify(vol, repair=True).work()
         assert result["range_sources"] == ["p1", "p0"], result
-        writes = [e for e in events if e[0] == "write"]
-        assert writes == [("write", "p0", 1, "p1"), ("write", "p2", 1, "p1"),
-                          ("write", "p1", 3, "p0"), ("write", "p2", 3, "p0")], events
-        between = events[events.index(writes[1]) + 1:events.index(writes[2])]
-        assert {e[1] for e in between if e[0] == "flush"} == {"p0", "p1", "p2"}, events
-        assert "repair" not in read_log(vc.log)[0].state.extra
+        assert [e[:3] for e in events] == [("p0", "1", None), ("p2", "1", None),
+                                           ("p1", "3", None), ("p2", "3", None)], events
+        assert all(e[3] == dirty for e in events), (dirty, events)  # none dirtied by the repair
         assert os.pread(p0.fd, 4096, 1 * MiB) == os.pread(p1.fd, 4096, 1 * MiB) != b"x" * 4096
         assert os.pread(p1.fd, 4096, 3 * MiB) == os.pread(p0.fd, 4096, 3 * MiB) != b"y" * 4096
+
+        events.clear()
+        damage()
+        result = await Verify(vol, repair=True, source="p1").work()
+        assert result["range_sources"] == ["p1", "p1"], result
+        assert all(e[2] == "p1" for e in events) and len(events) == 4, events
+        assert "repair" not in read_log(vc.log)[0].state.extra

@@ -409,15 +409,14 @@ class Verify(Job[dict[str, Any]]):
         """A range's repair source, and whether a majority chose it: --from's
         plex; else an ACTIVE plex of a strict majority of the `compared`
         plexes (`groups` holds the plexes of each version, the most held
-        first), the one the log names already if it is one; else the first
-        ACTIVE plex (the documented default)."""
+        first); else the first ACTIVE plex (the documented default)."""
         assert self.source is not None
         if self.chosen:
             return self.source, False
         if len(groups[0]) * 2 > compared:
             active = [p for p in groups[0] if p.state == ACTIVE]
             if active:
-                return (self._logged if self._logged in active else active[0]), True
+                return active[0], True
         return self.source, False
 
     def _note(self, start: int, length: int, *, joins: bool = True,
@@ -459,11 +458,14 @@ class Verify(Job[dict[str, Any]]):
         # `copied` record is written.
         targets = [p for p in vol.plexes if p.state in WRITABLE and p is not source]
         marked = False
-        if self._logged is not source:
-            if self._logged is not None:
-                # The repairs from the other source equal on every plex first:
-                # a crash recovers their regions right from the new one too.
-                await vol.flush()
+        # Without --from each range keeps its own majority, and a DRL region
+        # may hold ranges whose majorities differ, some not repaired yet: a
+        # crash recovering the region from any one plex would overwrite the
+        # majority of those (found by a trial). So no DRL mark and no source
+        # in the log: a crash leaves the repair partial, never undoes a
+        # majority (its plexes are rewritten with the bytes they hold), and
+        # the next verify finds and repairs what remains.
+        if self.chosen and self._logged is not source:  # (its only source: --from's)
             vol.state.extra[REPAIR] = {"source": source.name, "path": source.record.path}
             self._logged = source
             marked = True
@@ -479,11 +481,11 @@ class Verify(Job[dict[str, Any]]):
             if vol.before_write is not None:
                 await vol.before_write(start, length)
             piece = ref[start - off:start - off + length]
-            # Dirty in the DRL first, as a user's write: a crash before the
-            # repair is flushed leaves plexes that disagree where reads were
-            # already answered from the source, and only a dirty region is
-            # recovered (one copy wins everywhere) instead of read-alternating.
-            regions = await vol.drl.begin_write(start, length)
+            # With --from, dirty in the DRL first, as a user's write: a crash
+            # before the repair is flushed leaves plexes that disagree where
+            # reads were already answered from the source, and a dirty region
+            # is recovered from the source the log names (one copy wins).
+            regions = await vol.drl.begin_write(start, length) if self.chosen else range(0)
             try:
                 for t in targets:
                     if t.state not in WRITABLE:
