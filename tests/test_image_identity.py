@@ -393,3 +393,26 @@ def test_images_and_log_moved_to_another_directory_are_found_there(
     err = {r["name"]: r["error"] for r in d.status().get("refused", [])}["vol0"]
     assert "move them with `cp -a`" in err, err
     d.stop()
+
+
+@pytest.mark.mount
+@pytest.mark.allow_log(r"its images were moved while vmd was stopped")
+def test_the_same_images_spelled_through_a_symlink_are_served(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """The config names the same files through a symlinked directory (/srv ->
+    /data): refused as "the config was edited". They are the same inodes."""
+    d = vmd_factory(volumes={"vol0": volume_spec(
+        "vol0", size="16MiB", plexes=["disk/p0.img", "disk/p1.img"], log="disk/vol0.log")})
+    d.start()
+    data = _fill(d, 9)
+    d.stop()
+    d.path("link").symlink_to(d.path("disk"))
+    vol = d.config["volumes"]["vol0"]
+    vol["plexes"] = ["link/p0.img", "link/p1.img"]
+    vol["log"] = "link/vol0.log"
+    d.write_config()
+    d.start()
+    assert d.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}
+    assert d.volume_file().read_bytes() == data
+    assert _resyncs(d) == 0
+    d.stop()
