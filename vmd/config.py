@@ -10,6 +10,7 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,6 @@ import yaml
 from .errors import ConfigError
 from .mountpath import mount_paths, outside_mount_error
 from .nbdlink import check_uri, is_remote, uri_typo
-from .samefile import shared_in_config
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -447,6 +447,52 @@ class ImageSizeError(VolumeRefused):
     def __init__(self, message: str, actual: int):
         super().__init__(message)
         self.actual = actual
+
+
+# One file under two names (vmd/samefile.py compares serving volumes' files too).
+Ident = tuple[int, int]
+
+ALIAS = "the same file under another name (a hard link, a symlink or a bind mount)"
+
+
+def ident(path: str | os.PathLike[str]) -> Ident | None:
+    """The (st_dev, st_ino) of an existing file; None if it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _local_files(vc: VolumeConfig) -> Iterator[tuple[str, Path]]:
+    """(config key, path) of each file of `vc` on this host."""
+    key = f"volumes.{vc.name}"
+    images = "plexes" if vc.layout == "mirror" else "columns"
+    for i, p in enumerate(vc.plexes):
+        if isinstance(p, Path):
+            yield f"{key}.{images}[{i}]", p
+    yield f"{key}.log", vc.log
+    if vc.raid5_log is not None:
+        yield f"{key}.raid5_log", vc.raid5_log
+
+
+def shared_in_config(cfg: Config) -> dict[str, str]:
+    """The volumes of `cfg` with an existing file that is another file of the
+    config under another name, each with why (the config check compares paths
+    as written). Both volumes are refused: which one the file is, only the
+    administrator knows, and opening either may resync over the other."""
+    owner: dict[Ident, tuple[str, str, Path]] = {}
+    out: dict[str, str] = {}
+    for vc in cfg.volumes.values():
+        for key, p in _local_files(vc):
+            i = ident(p)
+            if i is None:
+                continue
+            name, okey, op = owner.setdefault(i, (vc.name, key, p))
+            if okey != key:
+                out.setdefault(vc.name, f"{cfg.path}: {key}: {p} is {okey} ({op}): {ALIAS}")
+                out.setdefault(name, f"{cfg.path}: {okey}: {op} is {key} ({p}): {ALIAS}")
+    return out
 
 
 def check_environment(cfg: Config, grown_from: dict[str, int] | None = None) -> dict[str, str]:

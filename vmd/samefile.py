@@ -11,27 +11,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .config import ALIAS, Ident, VolumeConfig, ident
 from .nbdlink import is_remote
 
-if TYPE_CHECKING:  # config.py imports this module
-    from .config import Config, VolumeConfig
+if TYPE_CHECKING:
     from .volume import Volume
-
-Ident = tuple[int, int]
-
-ALIAS = "the same file under another name (a hard link, a symlink or a bind mount)"
-
-
-def ident(path: str | os.PathLike[str]) -> Ident | None:
-    """The (st_dev, st_ino) of an existing file; None if it cannot be stat'ed."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _fd_ident(fd: int) -> Ident | None:
@@ -85,34 +71,3 @@ def config_in_use(volumes: Iterable[Volume], vc: VolumeConfig) -> str | None:
         if used is not None:
             return f"{p} is {used}"
     return None
-
-
-def _local_files(vc: VolumeConfig) -> Iterator[tuple[str, Path]]:
-    """(config key, path) of each file of `vc` on this host."""
-    key = f"volumes.{vc.name}"
-    images = "plexes" if vc.layout == "mirror" else "columns"
-    for i, p in enumerate(vc.plexes):
-        if isinstance(p, Path):
-            yield f"{key}.{images}[{i}]", p
-    yield f"{key}.log", vc.log
-    if vc.raid5_log is not None:
-        yield f"{key}.raid5_log", vc.raid5_log
-
-
-def shared_in_config(cfg: Config) -> dict[str, str]:
-    """The volumes of `cfg` with an existing file that is another file of the
-    config under another name, each with why (the config check compares paths
-    as written). Both volumes are refused: which one the file is, only the
-    administrator knows, and opening either may resync over the other."""
-    owner: dict[Ident, tuple[str, str, Path]] = {}
-    out: dict[str, str] = {}
-    for vc in cfg.volumes.values():
-        for key, p in _local_files(vc):
-            i = ident(p)
-            if i is None:
-                continue
-            name, okey, op = owner.setdefault(i, (vc.name, key, p))
-            if okey != key:
-                out.setdefault(vc.name, f"{cfg.path}: {key}: {p} is {okey} ({op}): {ALIAS}")
-                out.setdefault(name, f"{cfg.path}: {okey}: {op} is {key} ({p}): {ALIAS}")
-    return out

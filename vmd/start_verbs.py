@@ -13,11 +13,12 @@ import trio
 
 from . import samefile
 from .commands import CommandTable, req_str
-from .config import VolumeConfig, VolumeRefused, check_volume_environment, load_config
+from .config import (VolumeConfig, VolumeRefused, check_volume_environment, load_config,
+                     shared_in_config)
 from .errors import VmdError
 from .manager import VolumeManager, snapshot_config
 from .resize import adopt_logged_sizes
-from .samefile import shared_in_config
+
 
 
 class _NoChange(VmdError):
