@@ -159,6 +159,8 @@ def test_snap_back_with_nothing_to_copy_completes(vmd_factory: Callable[..., Vmd
     vmd.cli("snap", "take", "vol0", "nightly")
     vol = h(read_direct(vmd.volume_file()))
     assert h(read_direct(vmd.volume_file("nightly"))) == vol
+    # The snapshot's link is no plex that is out (it said "not redundant").
+    assert vmd.cli("wait", "vol0").stdout == "vol0: in sync\n"
     vmd.stop()
 
 

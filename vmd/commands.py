@@ -19,7 +19,7 @@ from .errors import VmdError
 from .mountpath import outside_mount_error
 from .nbdlink import check_uri, is_remote, uri_typo
 from .manager import VolumeManager
-from .sidecar import ACTIVE, RESYNC_TARGETS, SYNCING
+from .sidecar import ACTIVE, RESYNC_TARGETS, SNAPLINK, SYNCING
 
 PROGRESS_SECONDS = 0.5
 
@@ -154,7 +154,8 @@ def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], N
                 # Plexes out for another reason (detached, failed before this
                 # pass): nothing to wait for, but "in sync" alone would hide them.
                 out = [{"plex": p.name, "state": p.state, "reason": p.record.reason}
-                       for p in vol.plexes if p.state != ACTIVE and p.record.role != "snapshot"
+                       for p in vol.plexes if p.state not in (ACTIVE, SNAPLINK)
+                       and p.record.role != "snapshot"
                        and not any(f["plex"] == p.name for f in failed)]
                 return {"resync": st, "ran": vol.resync.passes != passes, "failed": failed,
                         "rebuild": hasattr(vol, "columns"), "out": out}
