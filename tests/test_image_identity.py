@@ -416,30 +416,3 @@ def test_the_same_images_spelled_through_a_symlink_are_served(
     assert d.volume_file().read_bytes() == data
     assert _resyncs(d) == 0
     d.stop()
-
-
-@pytest.mark.mount
-@pytest.mark.allow_log(r"is not the one it had: it was written while vmd was stopped")
-def test_old_copy_written_over_the_image_itself_while_stopped_is_resynced(
-        vmd_factory: Callable[..., VmdDaemon]) -> None:
-    """`cp -a backup p1.img` onto the existing file keeps its inode, and the
-    copy's mark is only one run behind (as after a crash between the start's
-    checkpoint and the marks): p1 was served in sync with its old data. Its
-    mtime, recorded at the clean stop, moved."""
-    d = vmd_factory(volumes={"vol0": volume_spec("vol0", size="16MiB")}).start()
-    _fill(d, 1)
-    p1 = d.plex_paths()[1]
-    backup = p1.with_name("p1.bak")
-    subprocess.run(["cp", "-a", str(p1), str(backup)], check=True)
-    data = _fill(d, 2)
-    d.stop()
-    ino = os.stat(p1).st_ino
-    subprocess.run(["cp", "-a", str(backup), str(p1)], check=True)  # over it, in place
-    assert os.stat(p1).st_ino == ino
-    d.start()
-    _check_served(d, data)
-    assert _resyncs(d) == 1
-    d.stop()
-    d.start()  # a clean restart after it: quiet
-    assert _resyncs(d) == 0 and "WARNING" not in d.stderr(), d.stderr()
-    d.stop()

@@ -63,7 +63,6 @@ import logging
 import os
 import stat
 import struct
-import time
 import weakref
 from pathlib import Path
 
@@ -77,7 +76,6 @@ log = logging.getLogger(__name__)
 
 XATTR = "user.vmd.image"
 GENERATION = "generation"  # in VolumeState.extra: the run generation (none: 0)
-STOPPED_MTIMES = "stopped_mtimes"  # in extra after a clean stop: each in-sync image's mtime
 # No user xattrs on this filesystem (or not allowed): the inode alone decides.
 _NO_XATTRS = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES})
 FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long); the kernel writes an int
@@ -181,25 +179,13 @@ def begin_run(state: VolumeState, plexes: list[Plex]) -> None:
              for ours, gen in [_marked_by(state, p.name, _read_mark(p.fd))]
              if ours and gen is not None]
     state.extra[GENERATION] = max([generation(state), *marks]) + 1
-    state.extra.pop(STOPPED_MTIMES, None)  # this run writes: a crash leaves none to compare
 
 
-def end_run(state: VolumeState, plexes: list[Plex]) -> None:
+def end_run(state: VolumeState) -> None:
     """At a clean stop, before its checkpoint: a copy of an image taken
     during this run (cp -a keeps its mark) is older than what the next run
-    finds. And each in-sync image's mtime, final now: an old copy written
-    over the image itself while vmd is stopped (`cp -a backup p1.img` keeps
-    the inode, and its mark is only one run behind, as after a crash between
-    the start's checkpoint and the marks) moves it."""
+    finds."""
     state.extra[GENERATION] = generation(state) + 1
-    mtimes = {}
-    for p in plexes:
-        if p.record.state in WRITABLE and p.fd >= 0 and not p.remote:
-            try:
-                mtimes[p.name] = os.fstat(p.fd).st_mtime_ns
-            except OSError:
-                pass
-    state.extra[STOPPED_MTIMES] = mtimes
 
 
 def find_moved(state: VolumeState, old_paths: list[str], new_paths: list[str]
@@ -239,24 +225,12 @@ def find_moved(state: VolumeState, old_paths: list[str], new_paths: list[str]
     return chosen
 
 
-def _when(ns: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9)) + f".{ns % 10**9:09d}"
-
-
 def _unrecognised_why(state: VolumeState, p: Plex) -> str:
     """"" if `p`'s open image is the one recorded; else why not."""
     rec = p.record
     now = _local_inode(p)
-    if now is None or rec.inode is None:
+    if now is None or rec.inode is None or now == rec.inode:
         return ""
-    if now == rec.inode:
-        was = state.extra.get(STOPPED_MTIMES, {}).get(rec.name) if state.clean else None
-        mtime = os.fstat(p.fd).st_mtime_ns
-        if was is None or mtime == was:
-            return ""
-        return (f"it was written while vmd was stopped (its mtime is {_when(mtime)}, "
-                f"{_when(was)} at the clean stop): an old copy put over it, or another "
-                f"program wrote to it")
     mark = _read_mark(p.fd)
     ours, gen = _marked_by(state, rec.name, mark)
     if ours and (gen is None or gen >= generation(state)):

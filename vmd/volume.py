@@ -453,7 +453,7 @@ class Volume:
                 await self.flush()
                 if not await self.drl.mark_clean():
                     log.warning("volume %s: could not record a clean stop", self.name)
-                imageid.end_run(self.state, self.plexes)
+                imageid.end_run(self.state)
                 await self.checkpoint()
             finally:
                 if await self._quiesced():
