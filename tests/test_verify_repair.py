@@ -25,6 +25,29 @@ def _read(path: os.PathLike[str], n: int = DATA) -> bytes:
     return read_at(path, 0, n)  # type: ignore[arg-type]
 
 
+def _kill_during_repair(d: VmdDaemon, *args: str) -> None:
+    """Start the daemon, run `vmd verify vol0 --repair ARGS`, and SIGKILL the
+    daemon once the repair is under way (its rate limit slows it down so the
+    kill lands midway: waited for in status, not guessed)."""
+    d.start()
+    job = subprocess.Popen([sys.executable, "-m", "vmd", "-c", str(d.config_path), "verify",
+                            "vol0", "--repair", *args],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def repairing() -> bool:
+            v = d.status("vol0").get("verify_running") or {}
+            return v.get("done_bytes", 0) >= 10 * MiB and v.get("mismatched_bytes", 0) > 0
+
+        wait_for(repairing, what="the repair to be under way")
+        d.kill()  # a crash (OOM, power loss) in the middle of the repair
+        job.communicate(timeout=30)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert "finished" not in d.stderr(), "the kill came after the repair"
+
+
 @pytest.mark.mount
 @pytest.mark.allow_log(MISMATCH_LOG, r"was not stopped cleanly: recovering",
                        r"verify.* (stopped|finished)")
@@ -42,23 +65,7 @@ def test_crash_during_repair_is_recovered_from_the_repairs_source(
     p0, p1 = d.plex_paths()
     pwrite_file(p0, [(4 * MiB, os.urandom(DATA - 4 * MiB))])  # p0 damaged: the admin knows
 
-    d.start()
-    job = subprocess.Popen([sys.executable, "-m", "vmd", "-c", str(d.config_path), "verify",
-                            "vol0", "--repair", "--from", "p1"],
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        def repairing() -> bool:
-            v = d.status("vol0").get("verify_running") or {}
-            return v.get("done_bytes", 0) >= 12 * MiB and v.get("mismatched_bytes", 0) > 0
-
-        wait_for(repairing, what="the repair to have repaired 8MiB")
-        d.kill()  # a crash (OOM, power loss) in the middle of the repair
-        job.communicate(timeout=30)
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
-    assert "finished" not in d.stderr(), "the kill came after the repair"
+    _kill_during_repair(d, "--from", "p1")
 
     d.set_rate_limit(None)
     d.start()
@@ -94,23 +101,7 @@ def test_crash_during_a_majority_repair_never_undoes_a_majority(
     for r in range(0, DATA, 4 * MiB):
         pwrite_file(p0, [(r + MiB // 2, os.urandom(64 * 1024))])
         pwrite_file(p1, [(r + 5 * MiB // 2, os.urandom(64 * 1024))])
-    d.start()
-    job = subprocess.Popen([sys.executable, "-m", "vmd", "-c", str(d.config_path), "verify",
-                            "vol0", "--repair"],
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        def repairing() -> bool:
-            v = d.status("vol0").get("verify_running") or {}
-            return v.get("done_bytes", 0) >= 10 * MiB and v.get("mismatched_bytes", 0) > 0
-
-        wait_for(repairing, what="the repair to be under way")
-        d.kill()
-        job.communicate(timeout=30)
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
-    assert "finished" not in d.stderr(), "the kill came after the repair"
+    _kill_during_repair(d)
     d.set_rate_limit(None)
     d.start()
     d.wait_resync()
