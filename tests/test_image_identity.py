@@ -416,3 +416,57 @@ def test_the_same_images_spelled_through_a_symlink_are_served(
     assert d.volume_file().read_bytes() == data
     assert _resyncs(d) == 0
     d.stop()
+
+
+OVERWRITTEN = r"is not the one it had: its mark .* is from run \d+ of the volume, older than"
+
+
+@pytest.mark.mount
+@pytest.mark.allow_log(OVERWRITTEN)
+@pytest.mark.parametrize("backup_when", ["running", "stopped"])
+def test_old_copy_written_over_the_image_itself_while_stopped_is_resynced(
+        vmd_factory: Callable[..., VmdDaemon], backup_when: str) -> None:
+    """`cp -a backup p1.img` onto the existing file keeps its inode and
+    brings the copy's mark: p1 was served in sync holding its old data
+    (new-user trial T5-6). The copy's mark is older than the clean stop's
+    generation, whether it was taken while vmd ran (one run behind, as a
+    crash at start leaves marks) or while it was stopped before a run."""
+    d = vmd_factory(volumes={"vol0": volume_spec("vol0", size="16MiB")}).start()
+    _fill(d, 1)
+    p1 = d.plex_paths()[1]
+    backup = p1.with_name("p1.bak")
+    if backup_when == "stopped":
+        d.stop()
+        subprocess.run(["cp", "-a", str(p1), str(backup)], check=True)
+        d.start()
+    else:
+        subprocess.run(["cp", "-a", str(p1), str(backup)], check=True)
+    data = _fill(d, 2)
+    d.stop()
+    ino = os.stat(p1).st_ino
+    subprocess.run(["cp", "-a", str(backup), str(p1)], check=True)  # over it, in place
+    assert os.stat(p1).st_ino == ino
+    d.start()
+    _check_served(d, data)
+    assert _resyncs(d) == 1
+    d.stop()
+    d.start()  # a clean restart after it: quiet
+    assert _resyncs(d) == 0 and "WARNING" not in d.stderr(), d.stderr()
+    d.stop()
+
+
+@pytest.mark.mount
+def test_bytes_changed_in_place_while_stopped_are_not_taken_for_an_old_copy(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """dd into the image (or a disk's bit rot) keeps its mark: it is served
+    as in sync and left for verify to find (issue 15), not copied whole."""
+    d = vmd_factory(volumes={"vol0": volume_spec("vol0", size="16MiB")}).start()
+    _fill(d, 1)
+    d.stop()
+    p1 = d.plex_paths()[1]
+    with open(p1, "r+b") as f:
+        f.seek(5 * MiB)
+        f.write(b"\xff" * 4096)
+    d.start()
+    assert _resyncs(d) == 0 and "WARNING" not in d.stderr(), d.stderr()
+    d.stop()

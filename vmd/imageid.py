@@ -38,9 +38,14 @@ bare mark cannot tell then are told:
   refused, and the administrator names the image in sync last
   (`--recover-all`) or puts back the current log.
 
-A crash between that checkpoint and the marks leaves images one generation
-behind their log with their inodes unchanged: recognised by the inode, and
-marked again by the next run. Marks of the previous format (no generation)
+- an old copy written over the image itself (`cp -a backup p1.img` keeps
+  the inode and brings the copy's mark): after a clean stop every in-sync
+  image carries the stop's generation (`extra.stopped` says it was one), so
+  an older mark on the recorded inode is such a copy: not recognised.
+
+A crash between a run's first checkpoint and the marks leaves images one
+generation behind their log with their inodes unchanged: recognised by the
+inode, and marked again by the next run. Marks of the previous format (no generation)
 are taken as before.
 
 At open an image is recognised if its inode matches, or its mark names it
@@ -76,6 +81,7 @@ log = logging.getLogger(__name__)
 
 XATTR = "user.vmd.image"
 GENERATION = "generation"  # in VolumeState.extra: the run generation (none: 0)
+STOPPED = "stopped"  # in extra: the generation of the clean stop that wrote it
 # No user xattrs on this filesystem (or not allowed): the inode alone decides.
 _NO_XATTRS = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES})
 FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long); the kernel writes an int
@@ -179,13 +185,15 @@ def begin_run(state: VolumeState, plexes: list[Plex]) -> None:
              for ours, gen in [_marked_by(state, p.name, _read_mark(p.fd))]
              if ours and gen is not None]
     state.extra[GENERATION] = max([generation(state), *marks]) + 1
+    state.extra.pop(STOPPED, None)  # this run may crash: its marks may lag one behind
 
 
 def end_run(state: VolumeState) -> None:
     """At a clean stop, before its checkpoint: a copy of an image taken
     during this run (cp -a keeps its mark) is older than what the next run
-    finds."""
+    finds, even where the copy is written over the image itself."""
     state.extra[GENERATION] = generation(state) + 1
+    state.extra[STOPPED] = generation(state)
 
 
 def find_moved(state: VolumeState, old_paths: list[str], new_paths: list[str]
@@ -229,10 +237,12 @@ def _unrecognised_why(state: VolumeState, p: Plex) -> str:
     """"" if `p`'s open image is the one recorded; else why not."""
     rec = p.record
     now = _local_inode(p)
-    if now is None or rec.inode is None or now == rec.inode:
+    if now is None or rec.inode is None:
         return ""
     mark = _read_mark(p.fd)
     ours, gen = _marked_by(state, rec.name, mark)
+    if now == rec.inode:
+        return _overwritten_why(state, gen) if ours and gen is not None else ""
     if ours and (gen is None or gen >= generation(state)):
         return ""  # moved with its xattrs (cp -a, rsync -X): the same image
     if ours:
@@ -243,6 +253,26 @@ def _unrecognised_why(state: VolumeState, p: Plex) -> str:
         return "its inode changed and it carries no vmd mark: another file was put in its place"
     return (f"its inode changed and it carries the mark of another image "
             f"({mark.decode(errors='replace')}): another image was put in its place")
+
+
+def _overwritten_why(state: VolumeState, gen: int) -> str:
+    """"" unless the image's own inode carries a mark (`gen`) older than its
+    log allows: an old copy written over the image itself while vmd was
+    stopped (`cp -a backup p1.img` keeps the inode and brings the copy's
+    mark). Bytes changed in place (dd, a disk's bit rot) keep the current
+    mark: those are verify's to find. After a clean stop every in-sync image
+    carries the stop's generation; after a crash one behind is a crash
+    between the run's first checkpoint and its marks. A crash between the
+    clean stop's checkpoint and its marks makes them look overwritten too:
+    copied whole, or served with a warning if none is recognised (a resync
+    too many, never a stale image trusted)."""
+    logged = generation(state)
+    stopped = state.extra.get(STOPPED) == logged
+    if gen >= (logged if stopped else logged - 1):
+        return ""
+    return (f"its mark ({XATTR}) is from run {gen} of the volume, older than the sidecar "
+            f"log's run {logged}{' (its clean stop)' if stopped else ''}: an old copy of it "
+            f"was written over it (cp -a onto the image keeps its inode)")
 
 
 def _check_log_not_older(state: VolumeState, plexes: list[Plex], volume: str,
