@@ -6,8 +6,9 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_PKGS := fuse3 libfuse3-dev pkg-config e2fsprogs util-linux python3-libnbd
-# The NBD servers the remote-plex tests start (tests/test_nbd.py).
-TEST_PKGS := qemu-utils nbdkit
+# The NBD servers the remote-plex tests start (tests/test_nbd.py), and fio, which
+# the tests under load run (verify under writes, crashes under fio verify=crc32c).
+TEST_PKGS := fio qemu-utils nbdkit
 BENCH_PKGS := fio qemu-system-common qemu-utils nbdkit
 # libnbd's Python binding, as Debian installs it (python3-libnbd).
 NBD_PY := /usr/lib/python3/dist-packages
