@@ -70,6 +70,7 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 _fallocate.restype = ctypes.c_int
 # copy_file_range(2) errors that mean "not between these two files" (another
 # filesystem, a kernel or filesystem without it): copy through a buffer.
+DIRECT_ALIGN = 4096  # O_DIRECT offsets and lengths: the largest logical block size
 NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
 
@@ -123,6 +124,10 @@ class Plex:
         # since the last flush.
         self._kernel_copy = False
         self._kernel_copied = False
+        # The same image opened again with O_DIRECT, for resync copies into
+        # it (`_direct_for_copies`); -1 until the first, or if refused.
+        self._direct_fd = -1
+        self._direct_ok = True
         # The image was created empty by open() and nothing has been written
         # to it since but its first resync's copies: where that copy's source
         # has holes it reads as zeros already, so the copy need not punch
@@ -176,6 +181,9 @@ class Plex:
     def close(self) -> None:
         self.fresh = False  # reopened, it may hold anything
         self._pool.stop()
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
         if self.fd >= 0:
             close_locked(self.fd)
             self.fd = -1
@@ -496,9 +504,17 @@ class Plex:
         one's errno cannot say whether the read or the write did). Where the
         kernel cannot copy between the two files, never tried for `target` again."""
         done = 0
+        out = target._direct_fd if (off | length) % DIRECT_ALIGN == 0 else -1
         try:
             while done < length:
-                n = os.copy_file_range(self.fd, target.fd, length - done, off + done, off + done)
+                try:
+                    n = os.copy_file_range(self.fd, target.fd if out < 0 else out,
+                                           length - done, off + done, off + done)
+                except OSError as e:
+                    if out < 0 or e.errno != errno.EINVAL:
+                        raise
+                    out = -1  # O_DIRECT refused here after all: through the page cache
+                    continue
                 if n == 0:
                     # The source ends early: the buffered copy's read fails
                     # with the error that names this image.
@@ -512,16 +528,42 @@ class Plex:
             target._kernel_copied = target._kernel_copied or done > 0
         return True
 
-    async def copy_to(self, targets: list["Plex"], off: int, size: int, buf: bytearray,
-                      *, sparse: bool = False) -> tuple[dict[str, PlexIOError], int]:
+    def _direct_for_copies(self) -> None:
+        """Open this image a second time with O_DIRECT for resync copies into
+        it (once; on the event loop, so no two copies race to open it). A
+        copy through the page cache leaves every byte dirty for writeback:
+        a lone resync then waited on writeback throttling of its one target
+        file, at a third of the speed of four resyncs at once (4 x 1 GiB
+        copied with copy_file_range here: 3.4-9.3 s one file at a time, 2.0-3.4
+        s four at once; with O_DIRECT 2.6-2.8 s either way, and no dirty pages
+        left for the commit's fdatasync). The fdatasync on `fd` still makes
+        the direct writes durable (it flushes the disk's cache). The data
+        stays coherent: a direct write first writes back and then drops the
+        cached pages of its range, and the range lock keeps other I/O out."""
+        if self._direct_fd >= 0 or not self._direct_ok or not self._kernel_copy or self.fd < 0:
+            return
+        try:
+            self._direct_fd = os.open(f"/proc/self/fd/{self.fd}",
+                                      os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:
+            self._direct_ok = False  # tmpfs, some FUSE filesystems: the page cache
+
+    async def copy_to(self, targets: list["Plex"], off: int, size: int, buf: bytearray | None,
+                      *, sparse: bool = False, pool: IOPool | None = None
+                      ) -> tuple[dict[str, PlexIOError], int]:
         """Resync: copy [off, off+size) of this plex to every target, all in one
-        worker thread: in the kernel where both are image files
-        (`_kernel_copy_sync`), else read into `buf` and written. `sparse`: copy
+        worker thread (of `pool`, else this plex's): in the kernel where both
+        are image files (`_kernel_copy_sync`), else read into `buf` (None:
+        one made for it) and written. `sparse`: copy
         only the ranges allocated here and make the rest read as zeros on the
         targets (punched, except on a `fresh` target, whose unwritten ranges
         are holes already). Returns the write (or punch) errors per target, and
         the bytes copied; a read error raises. Reading ahead is the caller's
         job (`will_read`)."""
+
+        if self._kernel_copy:
+            for t in targets:
+                t._direct_for_copies()
 
         def copy() -> tuple[dict[str, PlexIOError], int]:
             errors: dict[str, PlexIOError] = {}
@@ -553,7 +595,8 @@ class Plex:
                         and self._kernel_copy_sync(t, start, length))]
                     if rest:
                         try:
-                            view = self._pread_sync(start, length, memoryview(buf))
+                            view = self._pread_sync(start, length, memoryview(
+                                buf if buf is not None else bytearray(length)))
                         except OSError as e:
                             raise PlexIOError(self, "read", start, e) from e
                         each("write", start, "_pwrite_sync", start, view, to=rest)
@@ -561,7 +604,7 @@ class Plex:
                 pos = start + length
             return errors, copied
 
-        errors, copied = await self._pool.run(copy)
+        errors, copied = await (pool or self._pool).run(copy)
         self.reads += 1
         for t in targets:
             if t.name not in errors:

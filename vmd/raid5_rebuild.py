@@ -81,6 +81,9 @@ class Rebuild(Resync):
                     stack.enter_context(_sequential(col))
             return await super()._pass()
 
+    def _copies(self, targets: list[Plex]) -> int:
+        return self.copies  # each run holds buffers: no kernel copy here
+
     async def _allocated(self, runs: list[tuple[int, int]]) -> int:
         fmr = self.volume.state.fmr_region
         return sum(min(count * fmr, self.volume.size - first * fmr) for first, count in runs)
