@@ -68,11 +68,14 @@ DENSE_ENV = "VMD_RESYNC_DENSE"
 # read-ahead measured no faster (docs/performance.md).
 COPIES = 4
 # Chunks copied at once where every target takes the kernel copy (no buffer
-# each), in the resync's own threads (the source plex's pool serves reads):
-# with the targets written O_DIRECT (Plex._direct_for_copies), one file
-# copied 16 chunks at a time took as long as four copied at once with 4 each
-# (4 x 1 GiB: 2.59 s against 2.61; 4 at a time 3.08, 8 at a time 2.79 s).
-KERNEL_COPIES = 16
+# each), in the resync's own threads (the source plex's pool serves reads).
+# With the targets written O_DIRECT (Plex._direct_for_copies), one file
+# copied 16 chunks at a time took as long as four files at once with 4 each
+# (4 x 1 GiB, bench/kernel_copy.py: 2.59 s against 2.61; 4 at a time 3.08,
+# 8 at a time 2.79 s); through the daemon (bench spread, 6 paired rounds
+# each) 32 made four volumes one at a time 4 % faster again (median 3.20 s
+# against 3.35 s with 16).
+KERNEL_COPIES = 32
 WRITEBACK_BYTES = 16 * MiB  # copied between two starts of the targets' writeback
 SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>; Python's os has no sync_file_range
 
