@@ -34,7 +34,7 @@ async def test_full_resync_starts_writeback_of_its_targets_as_it_copies(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where a target cannot be written O_DIRECT (a filesystem without it),
     its copies go through the page cache: their writeback is started early."""
-    monkeypatch.setattr(Plex, "_direct_for_copies", lambda self: None)
+    monkeypatch.setattr(Plex, "open_direct_for_copies", lambda self: None)
     monkeypatch.setattr(resync, "KERNEL_COPIES", resync.COPIES)
     vc = volume_config(tmp_path, size=64 * MiB)
     data = os.urandom(vc.size)
@@ -61,29 +61,9 @@ async def test_full_resync_starts_writeback_of_its_targets_as_it_copies(
 @pytest.mark.parametrize("rate_limit", [0, 64 * MiB])
 async def test_chunks_are_copied_in_parallel_unless_rate_limited(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rate_limit: int) -> None:
-    vc = volume_config(tmp_path, size=64 * MiB)
-    data = os.urandom(vc.size)
-    vc.plexes[0].write_bytes(data)
-    vc.plexes[1].write_bytes(bytes(vc.size))
-    now = most = 0
-    real = Resync._copy_chunk
-
-    async def counted(self: Resync, off: int, length: int) -> Any:
-        nonlocal now, most
-        now += 1
-        most = max(most, now)
-        try:
-            return await real(self, off, length)
-        finally:
-            now -= 1
-
-    monkeypatch.setattr(Resync, "_copy_chunk", counted)
-    async with running_volume(vc, recover_all=True, recover_from="p0", rate_limit=rate_limit) as vol:
-        await vol.resync.wait_idle()
-    chunks = vc.size // resync.CHUNK
+    most = await _most_copies_at_once(tmp_path, monkeypatch, rate_limit=rate_limit)
+    chunks = 64 * MiB // resync.CHUNK
     assert most == (1 if rate_limit else min(resync.KERNEL_COPIES, chunks)), most
-    p0, p1 = plex_bytes(vc.plexes)
-    assert p0 == p1 == data
 
 
 async def _other_job(slots: DeviceSlots, plexes: list[Plex], done: trio.Event,
@@ -192,3 +172,64 @@ async def test_a_mid_pass_commit_that_fails_is_retried(tmp_path: Path,
         assert failed, "the injected failure was not reached"
         assert vol.resync.error is None, f"an OSError taken for a bug: {vol.resync.error}"
         assert vol.plexes[1].state == "ACTIVE"
+
+
+async def _most_copies_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                               buffered_only: bool = False, rate_limit: int = 0) -> int:
+    """A full resync of 64 MiB from p0 to p1: the most copies (through a
+    buffer only, if asked) in flight at once; the plexes end equal."""
+    vc = volume_config(tmp_path, size=64 * MiB)
+    data = os.urandom(vc.size)
+    vc.plexes[0].write_bytes(data)
+    vc.plexes[1].write_bytes(bytes(vc.size))
+    now = most = 0
+    real = Plex.copy_to
+
+    async def counted(self: Plex, *args: Any, pool: Any = None, **kw: Any) -> Any:
+        nonlocal now, most
+        counts = pool is None or not buffered_only
+        now += counts
+        most = max(most, now)
+        try:
+            return await real(self, *args, pool=pool, **kw)
+        finally:
+            now -= counts
+
+    monkeypatch.setattr(Plex, "copy_to", counted)
+    async with running_volume(vc, recover_all=True, recover_from="p0",
+                              rate_limit=rate_limit) as vol:
+        await vol.resync.wait_idle()
+    p0, p1 = plex_bytes(vc.plexes)
+    assert p0 == p1 == data
+    return most
+
+
+async def test_a_source_that_cannot_copy_in_the_kernel_keeps_few_copies_in_flight(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remote (NBD) source: 32 reads of 4 MiB in flight on its one link
+    would pass its request timeout on a slow line (review R1)."""
+    real_open = Plex.open
+
+    def open_(self: Plex, **kw: Any) -> None:
+        real_open(self, **kw)
+        if self.name == "p0":
+            self._kernel_copy = False  # as for an NBD plex
+
+    monkeypatch.setattr(Plex, "open", open_)
+    assert await _most_copies_at_once(tmp_path, monkeypatch) == resync.COPIES
+
+
+async def test_copies_through_a_buffer_stay_few_when_the_kernel_refuses_mid_pass(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A target on another filesystem is found by the pass's first copies
+    (EXDEV): the later ones go through buffers, COPIES at a time, not one
+    4 MiB buffer per kernel copy the pass was sized for (review R2)."""
+
+    def refuse(self: Plex, target: Plex, off: int, length: int) -> bool:
+        target._kernel_copy = False  # what EXDEV does
+        return False
+
+    monkeypatch.setattr(Plex, "_kernel_copy_sync", refuse)
+    monkeypatch.setattr(resync, "CHUNK", MiB)  # 64 chunks: more than the first wave
+    most = await _most_copies_at_once(tmp_path, monkeypatch, buffered_only=True)
+    assert 1 <= most <= resync.COPIES, most

@@ -39,13 +39,18 @@ bare mark cannot tell then are told:
   (`--recover-all`) or puts back the current log.
 
 - an old copy written over the image itself (`cp -a backup p1.img` keeps
-  the inode and brings the copy's mark): after a clean stop every in-sync
-  image carries the stop's generation (`extra.stopped` says it was one), so
-  an older mark on the recorded inode is such a copy: not recognised.
+  the inode and brings the copy's mark): once the marks of a generation are
+  durable (fsync of each image), a second checkpoint records it
+  (`extra.marked`); from then every in-sync image carries that generation,
+  so an older mark on the recorded inode is such a copy: not recognised.
 
-A crash between a run's first checkpoint and the marks leaves images one
-generation behind their log with their inodes unchanged: recognised by the
-inode, and marked again by the next run. Marks of the previous format (no generation)
+A crash between a checkpoint that moves the generation on and the marks
+(before `extra.marked` names it) leaves images one generation behind their
+log with their inodes unchanged: recognised by the inode, and marked again
+by the next run. Not caught: a copy taken during the run that then
+crashed, put back before the next start (it names the log's generation);
+and bytes changed in place, which keep the mark (dd, bit rot, a `cp`
+without `-a` over the image): `vmd verify` finds those. Marks of the previous format (no generation)
 are taken as before.
 
 At open an image is recognised if its inode matches, or its mark names it
@@ -71,6 +76,8 @@ import struct
 import weakref
 from pathlib import Path
 
+import trio
+
 from . import events
 from .errors import VmdError
 from .faults import mark_fault
@@ -81,7 +88,7 @@ log = logging.getLogger(__name__)
 
 XATTR = "user.vmd.image"
 GENERATION = "generation"  # in VolumeState.extra: the run generation (none: 0)
-STOPPED = "stopped"  # in extra: the generation of the clean stop that wrote it
+MARKED = "marked"  # in extra: the generation every in-sync image's mark durably names
 # No user xattrs on this filesystem (or not allowed): the inode alone decides.
 _NO_XATTRS = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES})
 FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long); the kernel writes an int
@@ -149,12 +156,15 @@ def record(state: VolumeState, plexes: list[Plex]) -> None:
         rec.inode = now
 
 
-def mark(state: VolumeState, plexes: list[Plex], gen: int) -> None:
+def mark(state: VolumeState, plexes: list[Plex], gen: int) -> list[Plex] | None:
     """Mark every open in-sync local image with this volume, its plex and
     `gen`, the generation of the checkpoint just made durable. Never before
     it: an image marked with a generation its log does not hold yet would,
     after a crash, look newer than its log (a log restored from a backup)
-    and the volume would be refused."""
+    and the volume would be refused. Returns the images marked now (to be
+    made durable before the log says so: `sync_marks`), or None if a mark
+    could not be written."""
+    fresh: list[Plex] | None = []
     for p in plexes:
         rec = p.record
         if rec.state not in WRITABLE or rec.inode is None or p.fd < 0:
@@ -170,11 +180,44 @@ def mark(state: VolumeState, plexes: list[Plex], gen: int) -> None:
             mark_fault(state.name)  # test fault: a crash before the marks move on
         try:
             os.setxattr(p.fd, XATTR, want)
+            if fresh is not None:
+                fresh.append(p)
         except OSError as e:
             if e.errno not in _NO_XATTRS:
                 # Only the move-proof mark is lost: the inode still recognises it.
                 log.warning("could not mark plex image %s (%s): %s", rec.path, XATTR,
                             e.strerror or e)
+                _marked.pop(p, None)
+                fresh = None
+    return fresh
+
+
+async def sync_marks(state: VolumeState, marked: list[Plex], gen: int) -> bool:
+    """Make the marks just written durable (an fsync of each image, in a
+    thread); True if the log may now record `gen` as marked (`MARKED`),
+    which it does not hold yet."""
+    if state.extra.get(MARKED) == gen:
+        return False
+    fds = []
+    try:
+        for p in marked:
+            if p.fd >= 0:
+                fds.append(os.dup(p.fd))  # a plex failed meanwhile may close its fd
+
+        def sync() -> None:
+            for fd in fds:
+                os.fsync(fd)
+
+        await trio.to_thread.run_sync(sync)
+    except OSError as e:
+        log.warning("volume %s: could not make the image marks durable: %s", state.name,
+                    e.strerror or e)
+        return False
+    finally:
+        for fd in fds:
+            os.close(fd)
+    state.extra[MARKED] = gen
+    return True
 
 
 def begin_run(state: VolumeState, plexes: list[Plex]) -> None:
@@ -185,7 +228,6 @@ def begin_run(state: VolumeState, plexes: list[Plex]) -> None:
              for ours, gen in [_marked_by(state, p.name, _read_mark(p.fd))]
              if ours and gen is not None]
     state.extra[GENERATION] = max([generation(state), *marks]) + 1
-    state.extra.pop(STOPPED, None)  # this run may crash: its marks may lag one behind
 
 
 def end_run(state: VolumeState) -> None:
@@ -193,7 +235,6 @@ def end_run(state: VolumeState) -> None:
     during this run (cp -a keeps its mark) is older than what the next run
     finds, even where the copy is written over the image itself."""
     state.extra[GENERATION] = generation(state) + 1
-    state.extra[STOPPED] = generation(state)
 
 
 def find_moved(state: VolumeState, old_paths: list[str], new_paths: list[str]
@@ -260,19 +301,17 @@ def _overwritten_why(state: VolumeState, gen: int) -> str:
     log allows: an old copy written over the image itself while vmd was
     stopped (`cp -a backup p1.img` keeps the inode and brings the copy's
     mark). Bytes changed in place (dd, a disk's bit rot) keep the current
-    mark: those are verify's to find. After a clean stop every in-sync image
-    carries the stop's generation; after a crash one behind is a crash
-    between the run's first checkpoint and its marks. A crash between the
-    clean stop's checkpoint and its marks makes them look overwritten too:
-    copied whole, or served with a warning if none is recognised (a resync
-    too many, never a stale image trusted)."""
+    mark: those are verify's to find. Once the log records that the marks
+    of its generation are durable (`extra.marked`, written after them), every
+    in-sync image carries that generation; before, one behind is a crash
+    between the checkpoint and the marks."""
     logged = generation(state)
-    stopped = state.extra.get(STOPPED) == logged
-    if gen >= (logged if stopped else logged - 1):
+    marked = state.extra.get(MARKED) == logged
+    if gen >= (logged if marked else logged - 1):
         return ""
     return (f"its mark ({XATTR}) is from run {gen} of the volume, older than the sidecar "
-            f"log's run {logged}{' (its clean stop)' if stopped else ''}: an old copy of it "
-            f"was written over it (cp -a onto the image keeps its inode)")
+            f"log's run {logged}: an old copy of it was written over it (cp -a onto the "
+            f"image keeps its inode)")
 
 
 def _check_log_not_older(state: VolumeState, plexes: list[Plex], volume: str,

@@ -124,8 +124,8 @@ class Plex:
         # since the last flush.
         self._kernel_copy = False
         self._kernel_copied = False
-        # The same image opened again with O_DIRECT, for resync copies into
-        # it (`_direct_for_copies`); -1 until the first, or if refused.
+        # The same image opened again with O_DIRECT, for a resync pass's
+        # copies into it (`open_direct_for_copies`); -1 outside a pass.
         self._direct_fd = -1
         self._direct_ok = True
         # The image was created empty by open() and nothing has been written
@@ -181,9 +181,7 @@ class Plex:
     def close(self) -> None:
         self.fresh = False  # reopened, it may hold anything
         self._pool.stop()
-        if self._direct_fd >= 0:
-            os.close(self._direct_fd)
-            self._direct_fd = -1
+        self.close_direct_for_copies()
         if self.fd >= 0:
             close_locked(self.fd)
             self.fd = -1
@@ -528,25 +526,33 @@ class Plex:
             target._kernel_copied = target._kernel_copied or done > 0
         return True
 
-    def _direct_for_copies(self) -> None:
-        """Open this image a second time with O_DIRECT for resync copies into
-        it (once; on the event loop, so no two copies race to open it). A
+    def open_direct_for_copies(self) -> None:
+        """Open this image a second time with O_DIRECT for a resync pass's
+        copies into it (a worker thread of the pass calls this before its
+        copies start; `close_direct_for_copies` at its end). A
         copy through the page cache leaves every byte dirty for writeback:
         a lone resync then waited on writeback throttling of its one target
         file, at a third of the speed of four resyncs at once (4 x 1 GiB
         copied with copy_file_range here: 3.4-9.3 s one file at a time, 2.0-3.4
         s four at once; with O_DIRECT 2.6-2.8 s either way, and no dirty pages
-        left for the commit's fdatasync). The fdatasync on `fd` still makes
-        the direct writes durable (it flushes the disk's cache). The data
-        stays coherent: a direct write first writes back and then drops the
-        cached pages of its range, and the range lock keeps other I/O out."""
+        left for the commit's fdatasync). The fsync on `fd` still makes the
+        direct writes durable (it flushes the disk's cache). The data stays
+        coherent: under the inode lock a direct write first writes back and
+        then drops the cached pages of its range, and the range lock keeps
+        the volume's other I/O of the range out meanwhile."""
         if self._direct_fd >= 0 or not self._direct_ok or not self._kernel_copy or self.fd < 0:
             return
         try:
             self._direct_fd = os.open(f"/proc/self/fd/{self.fd}",
                                       os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
         except OSError:
-            self._direct_ok = False  # tmpfs, some FUSE filesystems: the page cache
+            self._direct_ok = False  # some FUSE filesystems, NFS options: the page cache
+
+    def close_direct_for_copies(self) -> None:
+        """After a pass (no copy runs): the O_DIRECT file is not kept open."""
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
 
     async def copy_to(self, targets: list["Plex"], off: int, size: int, buf: bytearray | None,
                       *, sparse: bool = False, pool: IOPool | None = None
@@ -560,10 +566,6 @@ class Plex:
         are holes already). Returns the write (or punch) errors per target, and
         the bytes copied; a read error raises. Reading ahead is the caller's
         job (`will_read`)."""
-
-        if self._kernel_copy:
-            for t in targets:
-                t._direct_for_copies()
 
         def copy() -> tuple[dict[str, PlexIOError], int]:
             errors: dict[str, PlexIOError] = {}

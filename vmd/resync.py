@@ -69,7 +69,7 @@ DENSE_ENV = "VMD_RESYNC_DENSE"
 COPIES = 4
 # Chunks copied at once where every target takes the kernel copy (no buffer
 # each), in the resync's own threads (the source plex's pool serves reads).
-# With the targets written O_DIRECT (Plex._direct_for_copies), one file
+# With the targets written O_DIRECT (Plex.open_direct_for_copies), one file
 # copied 16 chunks at a time took as long as four files at once with 4 each
 # (4 x 1 GiB, bench/kernel_copy.py: 2.59 s against 2.61; 4 at a time 3.08,
 # 8 at a time 2.79 s); through the daemon (bench spread, 6 paired rounds
@@ -191,6 +191,7 @@ class Resync:
         self.error: str | None = None
         self._bufs: list[bytearray] = []  # copy buffers, one per chunk in flight, reused
         self._copy_pool: IOPool | None = None  # kernel copies' threads, made by the pass
+        self._buffered = trio.Semaphore(COPIES)  # copies through a buffer at once
         # One job at a time per disk (the manager sets the daemon's slots).
         self.slots: DeviceSlots | None = None
         self.queue = Queued()
@@ -362,6 +363,7 @@ class Resync:
         in_flight = trio.Semaphore(1 if self.rate_limit > 0 else self._copies(targets))
         if self._copy_pool is None:
             self._copy_pool = IOPool(f"resync-{vol.name}", KERNEL_COPIES)
+        pool = self._copy_pool
 
         async def copy(first: int, count: int, off: int, length: int) -> None:
             nonlocal pending_bytes, unflushed, no_source, failure
@@ -389,6 +391,9 @@ class Resync:
 
         last_commit = time.monotonic()
         try:
+            for t in targets:
+                if t._kernel_copy:  # off the event loop: an open may wait on a server
+                    await pool.run(t.open_direct_for_copies)
             async with trio.open_nursery() as nursery:
                 for first, count, off, length in self._read_ahead(iter(runs)):
                     await in_flight.acquire()
@@ -398,8 +403,9 @@ class Resync:
                     nursery.start_soon(copy, first, count, off, length)
                     if unflushed >= WRITEBACK_BYTES:
                         # (Direct copies leave nothing dirty to start.)
-                        await start_writeback([p for p in vol.plexes
-                                               if p.name in pending and p._direct_fd < 0])
+                        await start_writeback([
+                            p for p in vol.plexes if p.name in pending
+                            and (p._direct_fd < 0 or not p._kernel_copy)])
                         unflushed = 0
                     if (pending_bytes >= COMMIT_BYTES
                             or time.monotonic() - last_commit > COMMIT_SECONDS):
@@ -412,7 +418,9 @@ class Resync:
             if no_source:
                 return False  # the volume has no in-sync plex left
         finally:
-            self._copy_pool.stop()  # its threads end with the pass (made again by the next)
+            pool.stop()  # its threads end with the pass (made again by the next)
+            for t in targets:
+                t.close_direct_for_copies()  # every copy has returned
             self.last_seconds = time.monotonic() - started
             for t in targets:
                 t.fresh = False  # this pass copied into it: a later one must punch
@@ -424,10 +432,13 @@ class Resync:
         return True
 
     def _copies(self, targets: list[Plex]) -> int:
-        """Chunks copied at once: more where each is a kernel copy into local
-        images, which needs no buffer (a lone resync then keeps its disk as
-        busy as several at once)."""
-        return KERNEL_COPIES if all(t._kernel_copy for t in targets) else self.copies
+        """Chunks copied at once: more where each is a kernel copy between
+        local images, which needs no buffer (a lone resync then keeps its
+        disk as busy as several at once). Not from a remote source: 32 reads
+        of 4 MiB in flight on one link would pass its request timeout."""
+        sources = [p for p in self.volume.plexes if p.state == ACTIVE and p not in targets]
+        kernel = all(p._kernel_copy for p in targets + sources)
+        return KERNEL_COPIES if kernel else self.copies
 
     async def _allocated(self, runs: list[tuple[int, int]]) -> int:
         """Bytes of the runs their sources have allocated: what the copy will
@@ -488,9 +499,7 @@ class Resync:
             if not targets:
                 # Recovered since the pass began (read-writeback): nothing to copy.
                 return [], 0
-            # A kernel copy needs no buffer (one is made if it falls back).
-            kernel = all(t._kernel_copy for t in targets)
-            buf = None if kernel else self._bufs.pop() if self._bufs else bytearray(CHUNK)
+            buf: bytearray | None = None
             try:
                 while True:
                     sources = vol._readable(off, length, rotate=False)
@@ -498,10 +507,18 @@ class Resync:
                         log.error("volume %s: resync stopped: no in-sync plex to copy offset %d "
                                   "from", vol.name, off)
                         return None
+                    # In the kernel: no buffer (one is made if it falls back),
+                    # the pass's threads. Else through a buffer in the source's
+                    # threads, COPIES at a time even in a pass sized for kernel
+                    # copies (a target on another filesystem is found mid-pass).
+                    kernel = sources[0]._kernel_copy and all(t._kernel_copy for t in targets)
+                    if not kernel and buf is None:
+                        buf = self._bufs.pop() if self._bufs else bytearray(CHUNK)
                     try:
-                        errors, copied = await sources[0].copy_to(
-                            targets, off, length, buf, sparse=self.sparse,
-                            pool=self._copy_pool if kernel else None)
+                        async with nullcontext() if kernel else self._buffered:
+                            errors, copied = await sources[0].copy_to(
+                                targets, off, length, buf, sparse=self.sparse,
+                                pool=self._copy_pool if kernel else None)
                         break
                     except PlexIOError as e:
                         if not await vol.fail_plex(sources[0], e, off, length):

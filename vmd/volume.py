@@ -181,7 +181,11 @@ class Volume:
             return self.state
 
         await self.sidecar.checkpoint(build)
-        imageid.mark(self.state, self.plexes, gen)
+        marked = imageid.mark(self.state, self.plexes, gen)
+        # Then the log says they are durable: from there an older mark on a
+        # recorded inode is an old copy put over it, not a crash before the marks.
+        if marked is not None and await imageid.sync_marks(self.state, marked, gen):
+            await self.sidecar.checkpoint(build)
 
     # -- I/O -----------------------------------------------------------------
 
