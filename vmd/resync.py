@@ -37,7 +37,7 @@ import os
 import time
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Protocol
 
 import trio
@@ -45,6 +45,7 @@ import trio
 from . import events
 from .config import MiB, format_size
 from .iopool import IOPool
+from .pace import Pace
 from .plex import Plex, PlexIOError
 from .rangelock import RangeLock
 from .volume import KEPT_NOTE
@@ -136,28 +137,6 @@ class Mirror(Protocol):
     async def flush(self) -> None: ...
 
     async def checkpoint(self) -> None: ...
-
-
-class Pace:
-    """Holds a copy (a resync, a verify) to `resync.rate_limit`, re-read in
-    short steps: SIGHUP may change it while the copy waits. Paced from the
-    copy's start, or from the last change: a lower limit measured from the
-    start would stop the copy for as long as the bytes already done take at
-    the new rate."""
-
-    def __init__(self, since: float, rate: int):
-        self.since, self._done, self._rate = since, 0, rate
-
-    async def wait(self, rate_of: Callable[[], int], done_of: Callable[[], int]) -> None:
-        await trio.sleep(0)  # let writes in between chunks
-        while (rate := rate_of()) > 0:
-            now = time.monotonic()
-            if rate != self._rate:
-                self.since, self._done, self._rate = now, done_of(), rate
-            delay = self.since + (done_of() - self._done) / rate - now
-            if delay <= 0:
-                return
-            await trio.sleep(min(delay, 0.25))
 
 
 class Resync:

@@ -46,7 +46,7 @@ from . import events
 from .config import MiB, format_size
 from .errors import VmdError
 from .plex import Plex, PlexIOError
-from .resync import Pace
+from .pace import Pace
 from .sidecar import ACTIVE, SNAPDONE, WRITABLE
 from .spread import DeviceSlots, Queued, devices_of
 from .tasks import STOPPING, Job
