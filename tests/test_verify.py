@@ -285,6 +285,33 @@ def test_per_device_zero_runs_resyncs_at_once(vmd_factory: Callable[..., VmdDaem
 # -- DeviceSlots alone (no mount) -------------------------------------------------
 
 
+def test_a_queued_job_names_what_it_waits_behind_now() -> None:
+    """The third job in line waited behind the first long after the first
+    ended and the second took the disk: status said so (new-user trial 8)."""
+
+    async def main() -> None:
+        slots = DeviceSlots(1)
+        gates = {n: trio.Event() for n in ("j1", "j2", "j3")}
+        queues = {n: Queued() for n in gates}
+
+        async def job(name: str) -> None:
+            async with slots.turn(frozenset({1}), name, queues[name]):
+                await gates[name].wait()
+
+        async with trio.open_nursery() as n:
+            for name in gates:
+                n.start_soon(job, name)
+                await trio.testing.wait_all_tasks_blocked()
+            assert queues["j2"].behind == queues["j3"].behind == ["j1"]
+            gates["j1"].set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert queues["j2"].behind == [] and queues["j3"].behind == ["j2"]
+            gates["j2"].set()
+            gates["j3"].set()
+
+    trio.run(main)
+
+
 def test_device_slots_order_independence_and_cancel() -> None:
     events: list[str] = []
 
@@ -329,15 +356,26 @@ def test_device_slots_order_independence_and_cancel() -> None:
     assert events.index("start a3") > events.index("end a2")
 
 
-def _verify_under_way(vmd_factory: Callable[..., VmdDaemon]
+def _verify_under_way(vmd_factory: Callable[..., VmdDaemon], *, found_before: bool = False
                       ) -> tuple[VmdDaemon, int, subprocess.Popen[str]]:
     """A daemon whose data a `vmd verify` client is checking, slowed by the
     rate limit, once it has made progress. Every byte is data: the pace
     counts bytes read, and a hole is not read (with half the volume holes the
-    verify ended before a slow CI machine's status poll saw it midway)."""
-    d = vmd_factory(rate_limit="2MiB").start()
+    verify ended before a slow CI machine's status poll saw it midway).
+    `found_before`: a whole verify first found 512 bytes of p1 changed."""
+    d = vmd_factory().start()
     size = d.volume_size()
     pwrite_file(d.volume_file(), [(0, os.urandom(size))])
+    d.stop()
+    if found_before:
+        with open(d.plex_paths()[1], "r+b") as f:
+            f.seek(MiB)
+            f.write(bytes(512))
+        d.start()
+        assert d.cli("verify", "vol0", check=False).returncode == 1
+        d.stop()
+    d.set_rate_limit("2MiB")
+    d.start()
     job = subprocess.Popen([sys.executable, "-m", "vmd", "-c", str(d.config_path), "verify", "vol0"],
                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -350,9 +388,12 @@ def _verify_under_way(vmd_factory: Callable[..., VmdDaemon]
 
 
 @pytest.mark.mount
+@pytest.mark.allow_log(r"verify finished: .* mismatched in 1 range")
 def test_interrupted_verify_stops_and_its_partial_result_says_so(
         vmd_factory: Callable[..., VmdDaemon]) -> None:
-    d, size, job = _verify_under_way(vmd_factory)
+    """...and keeps the last complete result beside it: the mismatch a whole
+    verify had found vanished from status (new-user trial 8)."""
+    d, size, job = _verify_under_way(vmd_factory, found_before=True)
     try:
         job.send_signal(signal.SIGINT)  # Ctrl-C: the verify stops with its client
         assert job.wait(timeout=30) == 130
@@ -362,8 +403,11 @@ def test_interrupted_verify_stops_and_its_partial_result_says_so(
     r = wait_for(lambda: "verify_running" not in (s := d.status("vol0")) and s.get("verify"),
                  what="the verify to stop")
     assert r["complete"] is False and 0 < r["stopped_at"] < size, r
+    assert r["last_complete"]["mismatched_bytes"] == 512, r
     assert "verify stopped" in d.stderr()
-    assert "(stopped before the end)" in d.cli("status").stdout
+    text = d.cli("status").stdout
+    assert "(stopped before the end)" in text, text
+    assert re.search(r"last complete verify .*: 512B? mismatched in 1 range", text), text
 
 
 @pytest.mark.mount

@@ -81,6 +81,13 @@ class DeviceSlots:
         """Labels of the running jobs that hold one of `devices` (status)."""
         return [j.label for j in self._running if j.devices & devices]
 
+    def behind(self, job: _Job) -> list[str]:
+        """What the waiting `job` waits behind now: the running jobs on its
+        devices, else the jobs queued before it that share one."""
+        ahead = self._waiting[:self._waiting.index(job)] if job in self._waiting else []
+        return self.waiting_for(job.devices) or [j.label for j in ahead
+                                                  if j.devices & job.devices]
+
     @asynccontextmanager
     async def turn(self, devices: frozenset[int], label: str,
                    queued: "Queued | None" = None) -> AsyncIterator[None]:
@@ -91,13 +98,11 @@ class DeviceSlots:
             self._waiting.append(job)
             self._grant()
             if not job.granted.is_set():
-                behind = self.waiting_for(devices) or [
-                    j.label for j in self._waiting if j is not job and j.devices & devices]
                 log.info("%s queued behind %s (resync.per_device: %d on device %s)", label,
-                         ", ".join(behind), self.per_device,
+                         ", ".join(self.behind(job)), self.per_device,
                          ", ".join(device_name(d) for d in sorted(devices)))
                 if queued is not None:
-                    queued.behind = behind
+                    queued._waiting = (self, job)
                 try:
                     await job.granted.wait()
                 except BaseException:
@@ -109,7 +114,7 @@ class DeviceSlots:
                     raise
                 finally:
                     if queued is not None:
-                        queued.behind = []
+                        queued._waiting = None
         else:
             self._running.append(job)
         try:
@@ -121,7 +126,15 @@ class DeviceSlots:
 
 
 class Queued:
-    """What a job waits behind while queued (empty: not queued)."""
+    """What a job waits behind while queued (empty: not queued), asked when
+    status is: the job holding its disk changes while it waits."""
 
     def __init__(self) -> None:
-        self.behind: list[str] = []
+        self._waiting: tuple[DeviceSlots, _Job] | None = None
+
+    @property
+    def behind(self) -> list[str]:
+        if self._waiting is None:
+            return []
+        slots, job = self._waiting
+        return slots.behind(job)

@@ -338,6 +338,13 @@ class Verify(Job[dict[str, Any]]):
         events.emit(events.VERIFY_FINISHED, vol.name, **{k: result[k] for k in EVENT_FIELDS})
         if vol.stopped:
             return  # the log is closed: the result is in the daemon's log only
+        before = vol.state.extra.get("verify")
+        if not result["complete"] and before is not None:
+            # A verify stopped early (Ctrl-C) does not hide what the last
+            # whole one found: a mismatch it reported would vanish from status.
+            kept = before if before.get("complete") else before.get("last_complete")
+            if kept is not None:
+                result["last_complete"] = kept
         vol.state.extra["verify"] = result
         try:
             await vol.checkpoint()

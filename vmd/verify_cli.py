@@ -122,10 +122,16 @@ def status_lines(v: dict[str, Any]) -> list[str]:
                        f"{format_size(job['mismatched_bytes'])} mismatched so far")
     r = v.get("verify")
     if r is not None:
-        found = (f"{format_size(r['mismatched_bytes'])} mismatched in {r['range_count']} "
-                 f"range{'' if r['range_count'] == 1 else 's'}"
-                 if r["mismatched_bytes"] else "no mismatches")
-        repaired = f", {format_size(r['repaired_bytes'])} repaired" if r["repaired_bytes"] else ""
-        out.append(f"  last verify {r['time']}: {found}{repaired}"
-                   f"{'' if r['complete'] else ' (stopped before the end)'}")
+        out.append(f"  last verify {_found(r)}")
+        if r.get("last_complete") is not None:
+            out.append(f"  last complete verify {_found(r['last_complete'])}")
     return out
+
+
+def _found(r: dict[str, Any]) -> str:
+    found = (f"{format_size(r['mismatched_bytes'])} mismatched in {r['range_count']} "
+             f"range{'' if r['range_count'] == 1 else 's'}"
+             if r["mismatched_bytes"] else "no mismatches")
+    repaired = f", {format_size(r['repaired_bytes'])} repaired" if r["repaired_bytes"] else ""
+    return (f"{r['time']}: {found}{repaired}"
+            f"{'' if r['complete'] else ' (stopped before the end)'}")
