@@ -321,7 +321,14 @@ class Resync:
         self.last_targets = [t.name for t in targets]
         self.failed = {}
         started = time.monotonic()
-        runs = list(union.runs(max(1, CHUNK // fmr)))
+        copies = 1 if self.rate_limit > 0 else self._copies(targets)
+        step = CHUNK
+        if copies == KERNEL_COPIES:
+            # A small pass (a crash's few dirty regions) in smaller runs, so
+            # that it keeps as many copies in flight as a big one: 8 dirty
+            # 4 MiB regions would be 8 copies.
+            step = max(fmr, min(CHUNK, span // copies))
+        runs = list(union.runs(max(1, step // fmr)))
         self.total_bytes = await self._allocated(runs)
         log.info("volume %s: resync of %s (%s allocated) to plex %s started", vol.name,
                  format_size(span), format_size(self.total_bytes), ", ".join(self.last_targets))
@@ -339,7 +346,7 @@ class Resync:
         failure: OSError | None = None
         # A rate-limited copy needs no parallel chunks, and with them its first
         # ones would all start before the limit counted any.
-        in_flight = trio.Semaphore(1 if self.rate_limit > 0 else self._copies(targets))
+        in_flight = trio.Semaphore(copies)
         if self._copy_pool is None:
             self._copy_pool = IOPool(f"resync-{vol.name}", KERNEL_COPIES)
         pool = self._copy_pool
