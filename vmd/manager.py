@@ -609,7 +609,8 @@ class VolumeManager:
         if v is None:
             if name in self.refused:
                 raise VmdError(f"volume {name} was refused at start: {self.refused[name]}")
-            raise VmdError(f"no volume named {name!r} (volumes: {', '.join(self.volumes) or 'none'})")
+            names = [*self.volumes, *(f"{n} (refused)" for n in self.refused)]
+            raise VmdError(f"no volume named {name!r} (volumes: {', '.join(names) or 'none'})")
         return v
 
     def status(self, name: str | None = None) -> dict[str, Any]:

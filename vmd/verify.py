@@ -308,8 +308,10 @@ class Verify(Job[dict[str, Any]]):
 
     def _layout_result(self) -> dict[str, Any]:
         assert self.source is not None
-        return {"source": self.source.name, "range_versions": self.range_versions,
-                **({"range_sources": self.range_sources, "repaired_from": self.repaired_from,
+        # `source` only for a repair: a verify alone takes no side (trial 8).
+        return {"range_versions": self.range_versions,
+                **({"source": self.source.name, "range_sources": self.range_sources,
+                    "repaired_from": self.repaired_from,
                     "no_majority_bytes": self.no_majority_bytes, "from_given": self.chosen}
                    if self.repair else {})}
 
