@@ -99,6 +99,29 @@ async def test_target_failing_while_the_resync_is_queued_skips_the_pass(tmp_path
     assert rs["error"] is None, rs
 
 
+async def test_a_queued_resync_shows_its_own_size_not_the_last_pass(tmp_path: Path) -> None:
+    """While it waited for its turn, `status --json` showed the previous
+    pass's done/total (80/80 MiB; new-user trial 8)."""
+    async with running_volume(volume_config(tmp_path)) as vol:
+        await vol.pwrite(0, os.urandom(MiB))
+        await vol.add_plex(str(tmp_path / "p2.img"))
+        await vol.resync.wait_idle()
+        assert vol.resync.status()["done_bytes"] >= MiB
+        await vol.detach_plex("p2")
+        await vol.pwrite(0, b"a" * 4096)  # p2 misses one FastResync region
+        slots = vol.resync.slots = DeviceSlots(1)
+        other_done = trio.Event()
+        async with trio.open_nursery() as n:
+            await n.start(_other_job, slots, vol.plexes, other_done)
+            await vol.attach_plex("p2")
+            await trio.testing.wait_all_tasks_blocked()
+            rs = vol.resync.status()
+            assert rs["queued"] and rs["done_bytes"] == 0, rs
+            assert rs["total_bytes"] == rs["span_bytes"] == vol.state.fmr_region, rs
+            other_done.set()
+        await vol.resync.wait_idle()
+
+
 async def test_unexpected_error_in_one_resync_leaves_the_other_volumes_serving(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A fault injected into the pass (a bug's stand-in): the volumes' work runs

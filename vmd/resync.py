@@ -48,6 +48,7 @@ from .iopool import IOPool
 from .pace import Pace
 from .plex import Plex, PlexIOError
 from .rangelock import RangeLock
+from .regionmap import RegionMap
 from .volume import KEPT_NOTE
 from .sidecar import ACTIVE, RESYNC_TARGETS, SNAPATT, SNAPDONE, SYNCING, SidecarLog, VolumeState
 from .spread import DeviceSlots, Queued, devices_of
@@ -238,6 +239,10 @@ class Resync:
             self._idle = trio.Event()
             stuck = False
             due = self.targets()
+            # While queued for its turn, status shows this pass's size, not
+            # the progress of the last one.
+            self.done_bytes = 0
+            self.total_bytes = self.span_bytes = self._missing(due).bytes_covered()
             try:
                 with trio.CancelScope() as self._cancel:
                     async with self._turn():
@@ -311,9 +316,7 @@ class Resync:
         vol = self.volume
         targets = self.targets()
         fmr = vol.state.fmr_region
-        union = targets[0].record.missing.copy()  # type: ignore[union-attr]
-        for t in targets[1:]:
-            union.union(t.record.missing)  # type: ignore[arg-type]
+        union = self._missing(targets)
         self.running = True
         span = self.span_bytes = union.bytes_covered()
         self.total_bytes = span
@@ -416,6 +419,14 @@ class Resync:
         self.synced_bytes = span if len(self.failed) < len(targets) else 0
         await self._finish(targets)
         return True
+
+    @staticmethod
+    def _missing(targets: list[Plex]) -> RegionMap:
+        """What any of the targets lacks."""
+        union = targets[0].record.missing.copy()  # type: ignore[union-attr]
+        for t in targets[1:]:
+            union.union(t.record.missing)  # type: ignore[arg-type]
+        return union
 
     def _copies(self, targets: list[Plex]) -> int:
         """Chunks copied at once: more where each is a kernel copy between
