@@ -5,6 +5,7 @@ foreign and copied whole from the others, while images moved with their
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -19,6 +20,8 @@ from raid5kit import raid5_config
 from test_events import EventStream, streams  # noqa: F401 (a fixture)
 from vmd import events
 from vmd.config import KiB
+from vmd.plex import Plex
+from vmd import imageid
 from vmd.imageid import XATTR
 
 SIZE = 16 * MiB
@@ -85,6 +88,30 @@ async def test_raid5_two_columns_replaced_are_served_with_a_warning(
     async with running_volume(cfg) as vol:
         assert all(p.state == "ACTIVE" for p in vol.columns)
     assert "2 column(s) would be out: a RAID-5 volume rebuilds one at most" in caplog.text
+
+
+@pytest.mark.trio
+@pytest.mark.allow_log(r"plex p1 .* is now IOFAIL")
+async def test_a_mark_that_cannot_be_made_durable_fails_its_plex(tmp_path: Path) -> None:
+    """The fsync that makes a new mark durable fails (EIO): the plex fails,
+    as on any flush. It was logged and swallowed (review 8): the kernel
+    reports a writeback error once per open file, so the plex's next flush
+    succeeded and it went on serving what the disk had lost."""
+
+    class FailingSync(Plex):
+        def _flush_sync(self, fd: int | None = None) -> None:
+            if self._mark_unsynced and self.name == "p1":
+                raise OSError(errno.EIO, "Input/output error (injected)")
+            super()._flush_sync(fd)
+
+    cfg = volume_config(tmp_path)
+    async with running_volume(cfg) as vol:  # the first start records the inodes
+        await vol.pwrite(0, b"a" * 4096)
+    async with running_volume(cfg, plex_factory=FailingSync) as vol:
+        states = {p.name: p.state for p in vol.plexes}
+        marked, gen = vol.state.extra.get(imageid.MARKED), imageid.generation(vol.state)
+    assert states == {"p0": "ACTIVE", "p1": "IOFAIL"}, states
+    assert marked == gen, (marked, gen)  # p0's mark durable: recorded all the same
 
 
 def _fill(d: VmdDaemon, seed: int) -> bytes:

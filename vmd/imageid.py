@@ -76,8 +76,6 @@ import struct
 import weakref
 from pathlib import Path
 
-import trio
-
 from . import events
 from .errors import VmdError
 from .faults import mark_fault
@@ -156,15 +154,14 @@ def record(state: VolumeState, plexes: list[Plex]) -> None:
         rec.inode = now
 
 
-def mark(state: VolumeState, plexes: list[Plex], gen: int) -> list[Plex] | None:
+def mark(state: VolumeState, plexes: list[Plex], gen: int) -> bool:
     """Mark every open in-sync local image with this volume, its plex and
     `gen`, the generation of the checkpoint just made durable. Never before
     it: an image marked with a generation its log does not hold yet would,
     after a crash, look newer than its log (a log restored from a backup)
-    and the volume would be refused. Returns the images marked now (to be
-    made durable before the log says so: `sync_marks`), or None if a mark
-    could not be written."""
-    fresh: list[Plex] | None = []
+    and the volume would be refused. An image marked now is fsynced at its
+    next flush (`Plex._mark_unsynced`). False if a mark could not be written."""
+    ok = True
     for p in plexes:
         rec = p.record
         if rec.state not in WRITABLE or rec.inode is None or p.fd < 0:
@@ -180,44 +177,15 @@ def mark(state: VolumeState, plexes: list[Plex], gen: int) -> list[Plex] | None:
             mark_fault(state.name)  # test fault: a crash before the marks move on
         try:
             os.setxattr(p.fd, XATTR, want)
-            if fresh is not None:
-                fresh.append(p)
+            p._mark_unsynced = True
         except OSError as e:
             if e.errno not in _NO_XATTRS:
                 # Only the move-proof mark is lost: the inode still recognises it.
                 log.warning("could not mark plex image %s (%s): %s", rec.path, XATTR,
                             e.strerror or e)
                 _marked.pop(p, None)
-                fresh = None
-    return fresh
-
-
-async def sync_marks(state: VolumeState, marked: list[Plex], gen: int) -> bool:
-    """Make the marks just written durable (an fsync of each image, in a
-    thread); True if the log may now record `gen` as marked (`MARKED`),
-    which it does not hold yet."""
-    if state.extra.get(MARKED) == gen:
-        return False
-    fds = []
-    try:
-        for p in marked:
-            if p.fd >= 0:
-                fds.append(os.dup(p.fd))  # a plex failed meanwhile may close its fd
-
-        def sync() -> None:
-            for fd in fds:
-                os.fsync(fd)
-
-        await trio.to_thread.run_sync(sync)
-    except OSError as e:
-        log.warning("volume %s: could not make the image marks durable: %s", state.name,
-                    e.strerror or e)
-        return False
-    finally:
-        for fd in fds:
-            os.close(fd)
-    state.extra[MARKED] = gen
-    return True
+                ok = False
+    return ok
 
 
 def begin_run(state: VolumeState, plexes: list[Plex]) -> None:

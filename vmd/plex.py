@@ -119,6 +119,7 @@ class Plex:
         self._seek_holes = False
         self._punch_ok = True  # False once the filesystem refused to punch
         self._punched = False  # a hole punched since the last flush
+        self._mark_unsynced = False  # its identity mark set since (imageid.mark)
         # Resync may copy to and from this image in the kernel (open() sets it
         # for a regular file whose blocking calls are the real ones), and did
         # since the last flush.
@@ -289,11 +290,12 @@ class Plex:
                 views[0] = views[0][n:]
 
     def _flush_sync(self, fd: int | None = None) -> None:
-        if self._punched or self._kernel_copied:
+        if self._punched or self._kernel_copied or self._mark_unsynced:
             # Not every filesystem counts a punched hole as data that
             # fdatasync must make durable (it is a metadata change), nor the
-            # extents a kernel copy may share with its source (reflink).
-            self._punched = self._kernel_copied = False
+            # extents a kernel copy may share with its source (reflink), nor
+            # an extended attribute.
+            self._punched = self._kernel_copied = self._mark_unsynced = False
             os.fsync(self.fd if fd is None else fd)
         else:
             os.fdatasync(self.fd if fd is None else fd)

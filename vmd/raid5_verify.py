@@ -63,7 +63,7 @@ class Raid5Verify(Verify):
         return [p.name for p in vol.columns]
 
     def _layout_result(self) -> dict[str, Any]:
-        return {"source": None, "layout": "raid5", "ranges_in": "column",
+        return {"layout": "raid5", "ranges_in": "column",
                 "stripe_unit": self.volume.su, "parity_columns": self.parity_columns}
 
     def _repaired_from(self) -> str:

@@ -458,6 +458,10 @@ class SidecarLog:
             self._fd = -1
 
     @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    @property
     def size(self) -> int:
         return self._offset
 

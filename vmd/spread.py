@@ -84,7 +84,9 @@ class DeviceSlots:
     def behind(self, job: _Job) -> list[str]:
         """What the waiting `job` waits behind now: the running jobs on its
         devices, else the jobs queued before it that share one."""
-        ahead = self._waiting[:self._waiting.index(job)] if job in self._waiting else []
+        if job not in self._waiting:
+            return []  # granted (not yet out of its wait): behind nothing
+        ahead = self._waiting[:self._waiting.index(job)]
         return self.waiting_for(job.devices) or [j.label for j in ahead
                                                   if j.devices & job.devices]
 

@@ -181,10 +181,22 @@ class Volume:
             return self.state
 
         await self.sidecar.checkpoint(build)
-        marked = imageid.mark(self.state, self.plexes, gen)
-        # Then the log says they are durable: from there an older mark on a
-        # recorded inode is an old copy put over it, not a crash before the marks.
-        if marked is not None and await imageid.sync_marks(self.state, marked, gen):
+        if not imageid.mark(self.state, self.plexes, gen) or (
+                self.state.extra.get(imageid.MARKED) == gen):
+            return
+        # The new marks durable (an fsync of each image marked now, by its own
+        # flush: an error fails the plex, as any flush's does), then the log
+        # says so: from there an older mark on a recorded inode is an old
+        # copy put over it, not a crash between a checkpoint and its marks.
+        for p in list(self.plexes):
+            if p._mark_unsynced and p.state in WRITABLE and p.fd >= 0:
+                try:
+                    await p.flush()
+                except PlexIOError as e:
+                    await self.fail_plex(p, e, 0, 0)
+                    return
+        if not self.sidecar.closed:  # (a stop may have closed it meanwhile)
+            self.state.extra[imageid.MARKED] = gen
             await self.sidecar.checkpoint(build)
 
     # -- I/O -----------------------------------------------------------------
