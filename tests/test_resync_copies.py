@@ -63,8 +63,10 @@ async def test_chunks_are_copied_in_parallel_unless_rate_limited(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rate_limit: int) -> None:
     """A full resync of 64 MiB: 16 chunks of 4 MiB, cut smaller so that
     KERNEL_COPIES are in flight (one at a time under a rate limit)."""
-    most = await _most_copies_at_once(tmp_path, monkeypatch, rate_limit=rate_limit)
-    assert most == (1 if rate_limit else resync.KERNEL_COPIES), most
+    cap = 1 if rate_limit else resync.KERNEL_COPIES
+    most = await _most_copies_at_once(tmp_path, monkeypatch, rate_limit=rate_limit,
+                                      hold_until=cap)
+    assert most == cap, most
 
 
 async def _other_job(slots: DeviceSlots, plexes: list[Plex], done: trio.Event,
@@ -199,22 +201,30 @@ async def test_a_mid_pass_commit_that_fails_is_retried(tmp_path: Path,
 
 
 async def _most_copies_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                               buffered_only: bool = False, rate_limit: int = 0) -> int:
+                               buffered_only: bool = False, rate_limit: int = 0,
+                               hold_until: int = 0) -> int:
     """A full resync of 64 MiB from p0 to p1: the most copies (through a
-    buffer only, if asked) in flight at once; the plexes end equal."""
+    buffer only, if asked) in flight at once; the plexes end equal. Copies
+    wait (10 s at most) until `hold_until` are in flight: on a busy machine
+    the first could end before the last began."""
     vc = volume_config(tmp_path, size=64 * MiB)
     data = os.urandom(vc.size)
     vc.plexes[0].write_bytes(data)
     vc.plexes[1].write_bytes(bytes(vc.size))
     now = most = 0
     real = Plex.copy_to
+    enough = trio.Event()
 
     async def counted(self: Plex, *args: Any, pool: Any = None, **kw: Any) -> Any:
         nonlocal now, most
         counts = pool is None or not buffered_only
         now += counts
         most = max(most, now)
+        if most >= hold_until:
+            enough.set()
         try:
+            with trio.move_on_after(10):
+                await enough.wait()
             return await real(self, *args, pool=pool, **kw)
         finally:
             now -= counts
@@ -240,7 +250,8 @@ async def test_a_source_that_cannot_copy_in_the_kernel_keeps_few_copies_in_fligh
             self._kernel_copy = False  # as for an NBD plex
 
     monkeypatch.setattr(Plex, "open", open_)
-    assert await _most_copies_at_once(tmp_path, monkeypatch) == resync.COPIES
+    most = await _most_copies_at_once(tmp_path, monkeypatch, hold_until=resync.COPIES)
+    assert most == resync.COPIES, most
 
 
 async def test_copies_through_a_buffer_stay_few_when_the_kernel_refuses_mid_pass(
