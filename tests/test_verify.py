@@ -396,7 +396,9 @@ def test_interrupted_verify_stops_and_its_partial_result_says_so(
     d, size, job = _verify_under_way(vmd_factory, found_before=True)
     try:
         job.send_signal(signal.SIGINT)  # Ctrl-C: the verify stops with its client
-        assert job.wait(timeout=30) == 130
+        _, err = job.communicate(timeout=30)
+        assert job.returncode == 130, err
+        assert "interrupted: the verify of volume vol0 stops" in err, err
     finally:
         if job.poll() is None:
             job.kill()

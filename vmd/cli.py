@@ -318,6 +318,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vmd: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        if args.command == "verify":
+            # The daemon stops the verify with its client: say so, and where
+            # its partial result is (new-user trial 8: Ctrl-C printed nothing).
+            print(f"vmd: interrupted: the verify of volume {args.volume} stops; what it "
+                  f"found so far is in `vmd status {args.volume}`", file=sys.stderr)
+        elif args.command != "daemon":
+            print("vmd: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
