@@ -50,8 +50,8 @@ log with their inodes unchanged: recognised by the inode, and marked again
 by the next run. Not caught: a copy taken during the run that then
 crashed, put back before the next start (it names the log's generation);
 and bytes changed in place, which keep the mark (dd, bit rot, a `cp`
-without `-a` over the image): `vmd verify` finds those. Marks of the previous format (no generation)
-are taken as before.
+without `-a` over the image): `vmd verify` finds those. Marks of the
+previous format (no generation) are taken as before.
 
 At open an image is recognised if its inode matches, or its mark names it
 and the log's generation (or no generation), or nothing was recorded (a log

@@ -68,9 +68,9 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+DIRECT_ALIGN = 4096  # O_DIRECT offsets and lengths: the largest logical block size
 # copy_file_range(2) errors that mean "not between these two files" (another
 # filesystem, a kernel or filesystem without it): copy through a buffer.
-DIRECT_ALIGN = 4096  # O_DIRECT offsets and lengths: the largest logical block size
 NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
 
@@ -497,9 +497,10 @@ class Plex:
 
     def _kernel_copy_sync(self, target: "Plex", off: int, length: int) -> bool:
         """Copy [off, off+length) of this image to the same range of `target`
-        with copy_file_range: one page-cache copy in the kernel, where a pread
-        and a pwrite through a buffer make two (a lone resync is CPU-bound on
-        them). False if it did not copy it all: the caller copies the range
+        with copy_file_range: at most one copy in the kernel (none into the
+        target's O_DIRECT file, for aligned ranges), where a pread and a pwrite
+        through a buffer make two (a lone resync is CPU-bound on them). False
+        if it did not copy it all: the caller copies the range
         through a buffer again, where an error says which plex failed (this
         one's errno cannot say whether the read or the write did). Where the
         kernel cannot copy between the two files, never tried for `target` again."""
@@ -531,13 +532,12 @@ class Plex:
     def open_direct_for_copies(self) -> None:
         """Open this image a second time with O_DIRECT for a resync pass's
         copies into it (a worker thread of the pass calls this before its
-        copies start; `close_direct_for_copies` at its end). A
-        copy through the page cache leaves every byte dirty for writeback:
-        a lone resync then waited on writeback throttling of its one target
-        file, at a third of the speed of four resyncs at once (4 x 1 GiB
-        copied with copy_file_range here: 3.4-9.3 s one file at a time, 2.0-3.4
-        s four at once; with O_DIRECT 2.6-2.8 s either way, and no dirty pages
-        left for the commit's fdatasync). The fsync on `fd` still makes the
+        copies start; `close_direct_for_copies` at its end). A copy through
+        the page cache leaves every byte dirty for writeback, and a lone
+        resync then waited on writeback throttling of its one target file,
+        far slower than four resyncs at once; with O_DIRECT both take the
+        same time (bench/kernel_copy.py, docs/performance.md "Recoveries
+        spread per disk"). The fsync on `fd` still makes the
         direct writes durable (it flushes the disk's cache). The data stays
         coherent: under the inode lock a direct write first writes back and
         then drops the cached pages of its range, and the range lock keeps

@@ -95,9 +95,7 @@ _sync_file_range = _libc_sync_file_range()
 async def start_writeback(plexes: list[Plex]) -> None:
     """Start writing the plexes' dirty pages back, whole files, without
     waiting for it (a hint: errors are the next fdatasync's to report)."""
-    if _sync_file_range is None:
-        return
-    if not plexes:
+    if _sync_file_range is None or not plexes:
         return
     fds = []
     for p in plexes:
