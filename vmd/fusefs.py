@@ -117,6 +117,7 @@ class VolumeFS(pyfuse3.Operations):
         # follows each such write, and a sync here would be a second one.
         self._sync_writes: set[int] = set()
         self._next_fh = 1
+        self._busy = 0  # reads, writes and fsyncs in progress
         self._uid = os.getuid()
         self._gid = os.getgid()
         self._t0 = time.time_ns()
@@ -285,12 +286,20 @@ class VolumeFS(pyfuse3.Operations):
         return vol
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        self._busy += 1
         try:
-            return await self._handle(fh).pread(off, size)
+            # Alone: no other read, write or fsync is in progress, so a plex
+            # read may block the event loop for the one disk read it waits
+            # for anyway (Plex.pread), rather than pay a wake-up to learn
+            # that it completed.
+            return await self._handle(fh).pread(off, size, alone=self._busy == 1)
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        finally:
+            self._busy -= 1
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self._busy += 1
         try:
             vol = self._handle(fh)
             n = await vol.pwrite(off, buf)
@@ -299,12 +308,17 @@ class VolumeFS(pyfuse3.Operations):
             return n
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        finally:
+            self._busy -= 1
 
     async def fsync(self, fh: int, datasync: bool) -> None:
+        self._busy += 1
         try:
             await self._handle(fh).user_sync()
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        finally:
+            self._busy -= 1
 
     async def flush(self, fh: int) -> None:
         # close(2): durability is fsync's job (a RAID-5 volume's writes may

@@ -168,13 +168,13 @@ class MirrorVolume(Volume):
 
     # -- reads ---------------------------------------------------------------
 
-    async def _read(self, off: int, size: int) -> bytes:
+    async def _read(self, off: int, size: int, alone: bool = False) -> bytes:
         if self._recovering:
             lacking = [p for p in self.plexes if p.state == ACTIVE
                        and p.record.missing is not None and p.record.missing.any_in(off, size)]
             if lacking:
                 return await self._read_writeback(off, size)
-        return await self._read_any(off, size)
+        return await self._read_any(off, size, alone)
 
     def _readable(self, off: int, size: int, *, rotate: bool = True) -> list[Plex]:
         """ACTIVE plexes holding [off, off+size) in sync, in round-robin order
@@ -191,12 +191,12 @@ class MirrorVolume(Volume):
             ps.sort(key=_is_remote)
         return ps
 
-    async def _read_any(self, off: int, size: int) -> bytes:
+    async def _read_any(self, off: int, size: int, alone: bool = False) -> bytes:
         for p in self._readable(off, size):
             if p.state != ACTIVE:  # failed while we tried another
                 continue
             try:
-                return await p.pread(off, size)
+                return await p.pread(off, size, alone=alone)
             except PlexIOError as e:
                 await self.fail_plex(p, e, off, size)
         raise VolumeIOError(errno.EIO, f"volume {self.name}: no plex could read offset {off}")

@@ -209,7 +209,8 @@ class NbdPlex(Plex):
             raise OSError(errno.ENOTCONN, f"not connected to {self.path}")
         return self.link
 
-    async def pread(self, off: int, size: int) -> bytearray:  # type: ignore[override]
+    async def pread(self, off: int, size: int, *,  # type: ignore[override]
+                    alone: bool = False) -> bytearray:
         try:
             data = await self._live().pread(off, size)
         except OSError as e:

@@ -113,6 +113,7 @@ class Plex:
         self._threads_until = 0.0
         self._hold = 0.0  # the last hold off the event loop, seconds
         self.slow_writes = 0  # inline writes over INLINE_BUDGET (status shows them)
+        self.slow_reads = 0  # inline reads over INLINE_BUDGET
         self._nowait_reads = True
         # SEEK_DATA/SEEK_HOLE answers for a regular image file only; a block
         # device (or a filesystem refusing them) is all data.
@@ -371,7 +372,11 @@ class Plex:
         ring = Ring.get()
         return None if ring is None or ring.full else ring
 
-    async def pread(self, off: int, size: int) -> bytes | bytearray:
+    async def pread(self, off: int, size: int, *, alone: bool = False) -> bytes | bytearray:
+        """Read [off, off+size). `alone`: no other request is in progress (the
+        FUSE adapter knows), so the event loop may wait for this one."""
+        if alone and size < PARALLEL_BYTES and self.write_inline():
+            return self._pread_inline(off, size)
         ring = self._ring()
         if ring is not None:
             try:
@@ -404,7 +409,42 @@ class Plex:
         return data
 
     def write_inline(self) -> bool:
+        """Fast lately: reads and writes may be made on the event loop."""
         return self.inline and (not self._threads_until or time.monotonic() >= self._threads_until)
+
+    def _stalled(self, t0: float, t1: float) -> None:
+        """An inline read or write from t0 to t1 slept past INLINE_BUDGET:
+        keep this plex off the event loop for a while."""
+        # From t0, not t1: a call that blocked for longer than RECUR is the
+        # worst kind of stall, not a lone one.
+        again = self._threads_until and t0 < self._threads_until + RECUR
+        self._hold = min(SLOW_HOLD, 2 * self._hold) if again else FIRST_HOLD
+        self._threads_until = t1 + self._hold
+
+    def _pread_inline(self, off: int, size: int) -> bytes:
+        """A small read alone, made right here, blocking the event loop for
+        the one disk read that the only request in progress waits for anyway.
+        Through io_uring the same cold 4 KiB read costs the loop a wake-up,
+        a trip through trio's scheduler and the kernel's asynchronous
+        buffered-read path: through a loop device, 5.5k against 7.3k reads a
+        second with numjobs 1 (docs/performance.md). A read that took over
+        INLINE_BUDGET moves the plex's I/O off the loop for a while, as a
+        slow inline write does. What it cannot bound: a disk that stops
+        answering holds the loop until it answers or fails (as a page-cache
+        write throttled behind it can)."""
+        t0 = time.monotonic()
+        try:
+            data = self._pread_sync(off, size)
+        except OSError as e:
+            self._hold = SLOW_HOLD
+            self._threads_until = t0 + SLOW_HOLD
+            raise PlexIOError(self, "read", off, e) from e
+        t1 = time.monotonic()
+        if t1 - t0 > INLINE_BUDGET:  # a cold read always sleeps: the time is the test
+            self.slow_reads += 1
+            self._stalled(t0, t1)
+        self.reads += 1
+        return data  # type: ignore[return-value]
 
     def pwrite_inline(self, off: int, data: bytes | memoryview) -> None:
         """Write from the event loop (the caller checked write_inline())."""
@@ -420,11 +460,7 @@ class Plex:
         t1 = time.monotonic()
         if t1 - t0 > INLINE_BUDGET and voluntary_switches() != slept:
             self.slow_writes += 1
-            # From t0, not t1: a write that blocked for longer than RECUR
-            # is the worst kind of stall, not a lone one.
-            again = self._threads_until and t0 < self._threads_until + RECUR
-            self._hold = min(SLOW_HOLD, 2 * self._hold) if again else FIRST_HOLD
-            self._threads_until = t1 + self._hold
+            self._stalled(t0, t1)
         self.writes += 1
         self.bytes_written += len(data)
 

@@ -316,7 +316,7 @@ class Raid5Volume(WriteBackCache, Volume):
 
     # -- reads ---------------------------------------------------------------
 
-    async def _read(self, off: int, size: int) -> bytes:
+    async def _read(self, off: int, size: int, alone: bool = False) -> bytes:
         try:
             return await self._read_any(off, size, held=False)
         except _Reconstruct:

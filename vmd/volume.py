@@ -236,16 +236,18 @@ class Volume:
             self.max_write = n
         return n
 
-    def pread(self, off: int, size: int) -> Coroutine[Any, Any, bytes]:
+    def pread(self, off: int, size: int, *, alone: bool = False) -> Coroutine[Any, Any, bytes]:
         """A user's read (the FUSE adapter's): refused if the access rules say
-        so; hands back the engine's coroutine, as pwrite does."""
+        so; hands back the engine's coroutine, as pwrite does. `alone`: no
+        other request waits for the event loop, so a plex may read it
+        blocking (Plex.pread)."""
         refused = self.access.refuse_read()
         if refused is not None:
             raise VolumeIOError(*refused)
-        return self.pread_unguarded(off, size)
+        return self.pread_unguarded(off, size, alone=alone)
 
 
-    async def pread_unguarded(self, off: int, size: int) -> bytes:
+    async def pread_unguarded(self, off: int, size: int, *, alone: bool = False) -> bytes:
         """The engine's read, past the access rules: for the feature that set them."""
         if self.stopped:
             raise VolumeIOError(errno.EIO, f"volume {self.name} is stopped")
@@ -257,7 +259,7 @@ class Volume:
             self.max_read = size
         await self.gate.enter()
         try:
-            return await self._read(off, size)
+            return await self._read(off, size, alone)
         finally:
             self.gate.exit()
             self.reads += 1
@@ -274,8 +276,9 @@ class Volume:
         dirty; answered only once any image failure it met is durable."""
         raise NotImplementedError
 
-    async def _read(self, off: int, size: int) -> bytes:
-        """Read a range inside the volume, with the gate entered."""
+    async def _read(self, off: int, size: int, alone: bool = False) -> bytes:
+        """Read a range inside the volume, with the gate entered (`alone`:
+        see pread)."""
         raise NotImplementedError
 
     async def _read_any(self, off: int, size: int) -> bytes:
@@ -573,6 +576,7 @@ class Volume:
             # Writes that stalled the event loop (> 2 ms): each moves the plex
             # off it for a while. Many of them: a slow or throttled disk.
             "slow_writes": p.slow_writes,
+            "slow_reads": p.slow_reads,  # the same, for reads made on the event loop
             # I/O errors it had as the last in-sync plex (kept ACTIVE), since the start.
             "errors": self.kept_errors.get(p.name, 0),
             **p.status_extra(),

@@ -1,0 +1,97 @@
+"""A small read with no other request in progress (`alone`, which the FUSE
+adapter tells the engine) is made on the event loop, blocking, instead of
+through io_uring or a worker thread; a slow one moves the plex off the loop
+for a while, as a slow inline write does; a failing one fails its plex as any
+read error does. Real image files; the plexes record the thread of each read."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+
+from vmd.config import MiB
+from vmd.plex import PARALLEL_BYTES, Plex
+from vmd.sidecar import ACTIVE, IOFAIL
+
+from enginekit import plex_bytes, running_volume, volume_config
+
+
+class WatchedPlex(Plex):
+    """Records whether each blocking read of this image ran on the event
+    loop's thread; p1 can be told to sleep in its next reads or fail them."""
+
+    on_loop: list[tuple[str, bool]] = []
+    sleep = 0.0
+    fail = False
+
+    def _pread_sync(self, off: int, size: int, into=None):
+        WatchedPlex.on_loop.append((self.name, threading.current_thread() is threading.main_thread()))
+        if self.name == "p1" and WatchedPlex.sleep:
+            time.sleep(WatchedPlex.sleep)
+        if self.name == "p1" and WatchedPlex.fail:
+            raise OSError(errno.EIO, "injected read error")
+        return super()._pread_sync(off, size, into)
+
+
+def _reset() -> None:
+    WatchedPlex.on_loop = []
+    WatchedPlex.sleep = 0.0
+    WatchedPlex.fail = False
+
+
+async def test_a_small_read_alone_is_made_on_the_event_loop(tmp_path):
+    _reset()
+    vc = volume_config(tmp_path, nplex=2, size=4 * MiB)
+    async with running_volume(vc, plex_factory=WatchedPlex) as vol:
+        data = bytes(range(256)) * (4 * MiB // 256)
+        await vol.pwrite(0, data)
+        WatchedPlex.on_loop.clear()
+        for i in range(8):  # round-robin: both plexes
+            assert await vol.pread(i * 4096, 4096, alone=True) == data[i * 4096:(i + 1) * 4096]
+        assert len(WatchedPlex.on_loop) == 8 and all(main for _, main in WatchedPlex.on_loop)
+        assert {name for name, _ in WatchedPlex.on_loop} == {"p0", "p1"}
+        # Not alone, or big: never on the loop (io_uring reads without calling
+        # _pread_sync; the worker threads call it elsewhere).
+        WatchedPlex.on_loop.clear()
+        assert await vol.pread(0, 4096) == data[:4096]
+        assert await vol.pread(0, PARALLEL_BYTES, alone=True) == data[:PARALLEL_BYTES]
+        assert not any(main for _, main in WatchedPlex.on_loop)
+        assert [p["slow_reads"] for p in vol.status()["plexes"]] == [0, 0]
+
+
+async def test_a_slow_read_alone_moves_its_plex_off_the_event_loop(tmp_path):
+    _reset()
+    vc = volume_config(tmp_path, nplex=2, size=4 * MiB)
+    async with running_volume(vc, plex_factory=WatchedPlex) as vol:
+        p0, p1 = vol.plexes
+        await vol.pwrite(0, b"r" * (1 * MiB))
+        WatchedPlex.sleep = 0.01  # five times INLINE_BUDGET: a disk that stalls
+        for i in range(2):  # one of them lands on p1
+            assert await vol.pread(i * 4096, 4096, alone=True) == b"r" * 4096
+        assert p1.slow_reads == 1 and p0.slow_reads == 0
+        assert not p1.write_inline() and p0.write_inline()
+        assert vol.status()["plexes"][1]["slow_reads"] == 1
+        # Held off the loop: p1's reads go elsewhere even when alone (and
+        # its writes too); p0's stay on the loop.
+        WatchedPlex.on_loop.clear()
+        for i in range(4):
+            assert await vol.pread(i * 4096, 4096, alone=True) == b"r" * 4096
+        assert ("p1", True) not in WatchedPlex.on_loop and ("p0", True) in WatchedPlex.on_loop
+        assert p1.slow_reads == 1  # off the loop it is no stall of the loop
+
+
+async def test_a_failing_read_alone_fails_its_plex_and_is_served_by_another(tmp_path):
+    _reset()
+    vc = volume_config(tmp_path, nplex=2, size=4 * MiB)
+    async with running_volume(vc, plex_factory=WatchedPlex) as vol:
+        p0, p1 = vol.plexes
+        await vol.pwrite(0, b"s" * (1 * MiB))
+        WatchedPlex.fail = True
+        for i in range(2):  # one of them is tried on p1 first
+            assert await vol.pread(i * 4096, 4096, alone=True) == b"s" * 4096
+        assert ("p1", True) in WatchedPlex.on_loop
+        assert p1.state == IOFAIL and p0.state == ACTIVE
+        assert "injected read error" in (p1.record.reason or "")
+        await vol.pwrite(0, b"t" * 4096)  # the volume goes on, on p0
+        assert plex_bytes(vol)[0][:4096] == b"t" * 4096
