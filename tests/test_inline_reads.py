@@ -7,14 +7,18 @@ read error does. Real image files; the plexes record the thread of each read."""
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 
-from vmd.config import MiB
+from vmd.config import KiB, MiB
 from vmd.plex import PARALLEL_BYTES, Plex
 from vmd.sidecar import ACTIVE, IOFAIL
 
 from enginekit import plex_bytes, running_volume, volume_config
+from raid5kit import raid5_config
+
+SU = 64 * KiB  # raid5_config's stripe unit
 
 
 class WatchedPlex(Plex):
@@ -95,3 +99,23 @@ async def test_a_failing_read_alone_fails_its_plex_and_is_served_by_another(tmp_
         assert "injected read error" in (p1.record.reason or "")
         await vol.pwrite(0, b"t" * 4096)  # the volume goes on, on p0
         assert plex_bytes(vol)[0][:4096] == b"t" * 4096
+
+
+async def test_a_raid5_read_of_one_column_alone_is_made_on_the_event_loop(tmp_path):
+    """A read within one data unit is one column's read: alone, it is made on
+    the loop; a degraded read of the same unit reads the other columns in
+    parallel, off the loop."""
+    _reset()
+    cfg = raid5_config(tmp_path, size=2 * 16 * SU)
+    ref = os.urandom(cfg.size)
+    async with running_volume(cfg, plex_factory=WatchedPlex) as vol:
+        await vol.pwrite(0, ref)
+        WatchedPlex.on_loop.clear()
+        assert await vol.pread(SU + 4096, 4096, alone=True) == ref[SU + 4096:SU + 8192]
+        assert len(WatchedPlex.on_loop) == 1 and WatchedPlex.on_loop[0][1]
+        column = WatchedPlex.on_loop[0][0]
+        await vol.detach_plex(column)
+        WatchedPlex.on_loop.clear()
+        assert await vol.pread(SU + 4096, 4096, alone=True) == ref[SU + 4096:SU + 8192]
+        assert vol.degraded_reads == 1
+        assert not any(main for _, main in WatchedPlex.on_loop)

@@ -106,10 +106,11 @@ class Raid5Volume(WriteBackCache, Volume):
 
     # -- column I/O ----------------------------------------------------------
 
-    async def _read_columns(self, pieces: list[Piece]) -> list[bytes | bytearray]:
-        if len(pieces) == 1:
+    async def _read_columns(self, pieces: list[Piece], alone: bool = False
+                            ) -> list[bytes | bytearray]:
+        if len(pieces) == 1:  # `alone`: it may be read on the event loop (Plex.pread)
             c, off, n = pieces[0]
-            return [await self.columns[c].pread(off, n)]
+            return [await self.columns[c].pread(off, n, alone=alone)]
         runs: list[list[Any]] = []  # [column, off, end, [piece indices]]
         for i in sorted(range(len(pieces)), key=lambda i: pieces[i][:2]):
             c, off, n = pieces[i]
@@ -318,14 +319,15 @@ class Raid5Volume(WriteBackCache, Volume):
 
     async def _read(self, off: int, size: int, alone: bool = False) -> bytes:
         try:
-            return await self._read_any(off, size, held=False)
+            return await self._read_any(off, size, held=False, alone=alone)
         except _Reconstruct:
             # Rebuilt from the other columns: no write may change them between
             # the reads (nor the stripe's parity), so hold the whole stripes.
             async with self.ranges.hold(*self._lock_span(off, size)):
                 return await self._read_any(off, size)
 
-    async def _read_any(self, off: int, size: int, held: bool = True) -> bytes:
+    async def _read_any(self, off: int, size: int, held: bool = True,
+                        alone: bool = False) -> bytes:
         for attempt in range(self.ncol + 1):
             pieces: list[Piece] = []
             recipe: list[tuple[int, int]] = []  # per output piece: (first read, count)
@@ -353,7 +355,7 @@ class Raid5Volume(WriteBackCache, Volume):
                     self.degraded_reads += 1
                 pos += n
             try:
-                got = await self._read_pieces(pieces)
+                got = await self._read_pieces(pieces, alone)
             except PlexIOError as e:
                 await self._fail_columns([e], self._stripes(off, size))
                 continue
