@@ -288,15 +288,17 @@ class VolumeFS(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         self._busy += 1
         try:
-            # Alone: no other read, write or fsync is in progress, so a plex
-            # read may block the event loop for the one disk read it waits
-            # for anyway (Plex.pread), rather than pay a wake-up to learn
-            # that it completed.
-            return await self._handle(fh).pread(off, size, alone=self._busy == 1)
+            return await self._handle(fh).pread(off, size, alone=self._alone)
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         finally:
             self._busy -= 1
+
+    def _alone(self) -> bool:
+        """No other read, write or fsync is in progress: a plex read may block
+        the event loop for the one disk read that the only request waits for
+        anyway (Plex.pread), rather than pay a wake-up to learn it completed."""
+        return self._busy == 1
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self._busy += 1

@@ -25,7 +25,7 @@ from .config import VolumeConfig, format_size
 from .errors import VmdError
 from .nbdlink import Request
 from .nbdplex import NbdPlex
-from .plex import PARALLEL_BYTES, Plex, PlexIOError
+from .plex import PARALLEL_BYTES, Alone, Plex, PlexIOError
 from .resync import Resync
 from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPATT, SNAPDONE, SNAPLINK, STALE, SYNCING,
                       WRITABLE, PlexRecord, SidecarLog, VolumeState)
@@ -168,7 +168,7 @@ class MirrorVolume(Volume):
 
     # -- reads ---------------------------------------------------------------
 
-    async def _read(self, off: int, size: int, alone: bool = False) -> bytes:
+    async def _read(self, off: int, size: int, alone: Alone = None) -> bytes:
         if self._recovering:
             lacking = [p for p in self.plexes if p.state == ACTIVE
                        and p.record.missing is not None and p.record.missing.any_in(off, size)]
@@ -191,7 +191,7 @@ class MirrorVolume(Volume):
             ps.sort(key=_is_remote)
         return ps
 
-    async def _read_any(self, off: int, size: int, alone: bool = False) -> bytes:
+    async def _read_any(self, off: int, size: int, alone: Alone = None) -> bytes:
         for p in self._readable(off, size):
             if p.state != ACTIVE:  # failed while we tried another
                 continue

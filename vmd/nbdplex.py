@@ -38,7 +38,7 @@ import trio
 
 from .errors import VmdError
 from .nbdlink import NbdLink, Request, Unreachable, is_remote
-from .plex import Plex, PlexIOError
+from .plex import Alone, Plex, PlexIOError
 from .regionmap import RegionMap
 from .sidecar import ACTIVE, IOFAIL, WRITABLE, PlexRecord, VolumeState
 
@@ -210,7 +210,7 @@ class NbdPlex(Plex):
         return self.link
 
     async def pread(self, off: int, size: int, *,  # type: ignore[override]
-                    alone: bool = False) -> bytearray:
+                    alone: Alone = None) -> bytearray:
         try:
             data = await self._live().pread(off, size)
         except OSError as e:

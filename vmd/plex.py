@@ -14,7 +14,7 @@ import os
 import resource
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,19 @@ INLINE_BUDGET = 0.002
 FIRST_HOLD = 0.1
 SLOW_HOLD = 5.0
 RECUR = 1.0  # a stall this soon after the last hold ended doubles the hold
+
+# Says, when asked, whether the read asking is the only request in progress
+# (the FUSE adapter's count): then a fast plex may read it on the event loop.
+Alone = Callable[[], bool] | None
+
+
+def next_hold(until: float, hold: float, t0: float, t1: float) -> tuple[float, float]:
+    """(until, hold) after a stall from t0 to t1, the last hold being `hold`
+    up to `until`: it starts short and doubles while stalls keep coming back
+    soon after it ends. From t0, not t1: a call that blocked for longer than
+    RECUR is the worst kind of stall, not a lone one."""
+    hold = min(SLOW_HOLD, 2 * hold) if until and t0 < until + RECUR else FIRST_HOLD
+    return t1 + hold, hold
 # From this size a copy into the page cache costs more than a thread hop, so
 # the plexes of a volume are written in parallel threads (one stays inline).
 PARALLEL_BYTES = 128 * 1024
@@ -114,6 +127,10 @@ class Plex:
         self._hold = 0.0  # the last hold off the event loop, seconds
         self.slow_writes = 0  # inline writes over INLINE_BUDGET (status shows them)
         self.slow_reads = 0  # inline reads over INLINE_BUDGET
+        # The same hold for inline reads, apart: a disk slow to read (a cold
+        # read on a spinning disk) still takes page-cache writes at once.
+        self._reads_until = 0.0
+        self._read_hold = 0.0
         self._nowait_reads = True
         # SEEK_DATA/SEEK_HOLE answers for a regular image file only; a block
         # device (or a filesystem refusing them) is all data.
@@ -372,10 +389,11 @@ class Plex:
         ring = Ring.get()
         return None if ring is None or ring.full else ring
 
-    async def pread(self, off: int, size: int, *, alone: bool = False) -> bytes | bytearray:
-        """Read [off, off+size). `alone`: no other request is in progress (the
-        FUSE adapter knows), so the event loop may wait for this one."""
-        if alone and size < PARALLEL_BYTES and self.write_inline():
+    async def pread(self, off: int, size: int, *, alone: Alone = None) -> bytes | bytearray:
+        """Read [off, off+size). `alone` (see Alone): asked right before the
+        read, so that a read that waited (a gate, a failed plex's record)
+        counts who came meanwhile."""
+        if alone is not None and size < PARALLEL_BYTES and self.read_inline() and alone():
             return self._pread_inline(off, size)
         ring = self._ring()
         if ring is not None:
@@ -409,17 +427,10 @@ class Plex:
         return data
 
     def write_inline(self) -> bool:
-        """Fast lately: reads and writes may be made on the event loop."""
         return self.inline and (not self._threads_until or time.monotonic() >= self._threads_until)
 
-    def _stalled(self, t0: float, t1: float) -> None:
-        """An inline read or write from t0 to t1 slept past INLINE_BUDGET:
-        keep this plex off the event loop for a while."""
-        # From t0, not t1: a call that blocked for longer than RECUR is the
-        # worst kind of stall, not a lone one.
-        again = self._threads_until and t0 < self._threads_until + RECUR
-        self._hold = min(SLOW_HOLD, 2 * self._hold) if again else FIRST_HOLD
-        self._threads_until = t1 + self._hold
+    def read_inline(self) -> bool:
+        return self.inline and (not self._reads_until or time.monotonic() >= self._reads_until)
 
     def _pread_inline(self, off: int, size: int) -> bytes:
         """A small read alone, made right here, blocking the event loop for
@@ -427,22 +438,26 @@ class Plex:
         Through io_uring the same cold 4 KiB read costs the loop a wake-up,
         a trip through trio's scheduler and the kernel's asynchronous
         buffered-read path: through a loop device, 5.5k against 7.3k reads a
-        second with numjobs 1 (docs/performance.md). A read that took over
-        INLINE_BUDGET moves the plex's I/O off the loop for a while, as a
-        slow inline write does. What it cannot bound: a disk that stops
+        second with numjobs 1 (docs/performance.md). A read that slept for
+        over INLINE_BUDGET moves this plex's reads off the loop for a while,
+        as a slow inline write does its writes. What it cannot bound: a disk that stops
         answering holds the loop until it answers or fails (as a page-cache
         write throttled behind it can)."""
         t0 = time.monotonic()
+        slept = voluntary_switches()
         try:
             data = self._pread_sync(off, size)
         except OSError as e:
-            self._hold = SLOW_HOLD
-            self._threads_until = t0 + SLOW_HOLD
+            self._read_hold = SLOW_HOLD
+            self._reads_until = t0 + SLOW_HOLD
             raise PlexIOError(self, "read", off, e) from e
         t1 = time.monotonic()
-        if t1 - t0 > INLINE_BUDGET:  # a cold read always sleeps: the time is the test
+        # Slept: a preempted page-cache hit is no slow disk (a cold read
+        # always sleeps, so for it only the time tells).
+        if t1 - t0 > INLINE_BUDGET and voluntary_switches() != slept:
             self.slow_reads += 1
-            self._stalled(t0, t1)
+            self._reads_until, self._read_hold = next_hold(self._reads_until, self._read_hold,
+                                                           t0, t1)
         self.reads += 1
         return data  # type: ignore[return-value]
 
@@ -460,7 +475,7 @@ class Plex:
         t1 = time.monotonic()
         if t1 - t0 > INLINE_BUDGET and voluntary_switches() != slept:
             self.slow_writes += 1
-            self._stalled(t0, t1)
+            self._threads_until, self._hold = next_hold(self._threads_until, self._hold, t0, t1)
         self.writes += 1
         self.bytes_written += len(data)
 

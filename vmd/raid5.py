@@ -26,7 +26,7 @@ import trio
 
 from .config import VolumeConfig
 from .errors import VmdError
-from .plex import Plex, PlexIOError
+from .plex import Alone, Plex, PlexIOError
 from .raid5_plan import Piece, WritePlan, full_stripes
 from .raid5_rebuild import Rebuild, xor_into
 from .raid5cache import WriteBackCache
@@ -106,7 +106,7 @@ class Raid5Volume(WriteBackCache, Volume):
 
     # -- column I/O ----------------------------------------------------------
 
-    async def _read_columns(self, pieces: list[Piece], alone: bool = False
+    async def _read_columns(self, pieces: list[Piece], alone: Alone = None
                             ) -> list[bytes | bytearray]:
         if len(pieces) == 1:  # `alone`: it may be read on the event loop (Plex.pread)
             c, off, n = pieces[0]
@@ -317,7 +317,7 @@ class Raid5Volume(WriteBackCache, Volume):
 
     # -- reads ---------------------------------------------------------------
 
-    async def _read(self, off: int, size: int, alone: bool = False) -> bytes:
+    async def _read(self, off: int, size: int, alone: Alone = None) -> bytes:
         try:
             return await self._read_any(off, size, held=False, alone=alone)
         except _Reconstruct:
@@ -327,7 +327,7 @@ class Raid5Volume(WriteBackCache, Volume):
                 return await self._read_any(off, size)
 
     async def _read_any(self, off: int, size: int, held: bool = True,
-                        alone: bool = False) -> bytes:
+                        alone: Alone = None) -> bytes:
         for attempt in range(self.ncol + 1):
             pieces: list[Piece] = []
             recipe: list[tuple[int, int]] = []  # per output piece: (first read, count)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .plex import Plex, PlexIOError
+from .plex import Alone, Plex, PlexIOError
 from .volume import Volume, VolumeIOError
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,10 @@ class WriteBackCache(Volume):
 
         def _cut(self, writes: list[Piece]) -> None: ...
 
-        async def _read_columns(self, pieces: list[tuple[int, int, int]], alone: bool = False
+        async def _read_columns(self, pieces: list[tuple[int, int, int]], alone: Alone = None
                                 ) -> list[bytes | bytearray]: ...
 
-    async def _read_pieces(self, pieces: list[tuple[int, int, int]], alone: bool = False
+    async def _read_pieces(self, pieces: list[tuple[int, int, int]], alone: Alone = None
                            ) -> list[bytes | bytearray]:
         """Read the pieces in parallel, contiguous ones of a column as one read,
         with the write-back cache's newer bytes laid over them. Raises

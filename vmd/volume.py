@@ -25,7 +25,7 @@ from .config import VolumeConfig
 from .drl import DirtyRegionLog
 from .faults import split_write_fault
 from .nbdplex import RemoteWatch
-from .plex import Plex, PlexIOError
+from .plex import Alone, Plex, PlexIOError
 from .rangelock import Gate, RangeLock
 from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPLINK, STALE, WRITABLE, PlexRecord,
                       SidecarLog, VolumeState)
@@ -236,18 +236,17 @@ class Volume:
             self.max_write = n
         return n
 
-    def pread(self, off: int, size: int, *, alone: bool = False) -> Coroutine[Any, Any, bytes]:
+    def pread(self, off: int, size: int, *, alone: Alone = None) -> Coroutine[Any, Any, bytes]:
         """A user's read (the FUSE adapter's): refused if the access rules say
-        so; hands back the engine's coroutine, as pwrite does. `alone`: no
-        other request waits for the event loop, so a plex may read it
-        blocking (Plex.pread)."""
+        so; hands back the engine's coroutine, as pwrite does. `alone`: see
+        plex.Alone."""
         refused = self.access.refuse_read()
         if refused is not None:
             raise VolumeIOError(*refused)
         return self.pread_unguarded(off, size, alone=alone)
 
 
-    async def pread_unguarded(self, off: int, size: int, *, alone: bool = False) -> bytes:
+    async def pread_unguarded(self, off: int, size: int, *, alone: Alone = None) -> bytes:
         """The engine's read, past the access rules: for the feature that set them."""
         if self.stopped:
             raise VolumeIOError(errno.EIO, f"volume {self.name} is stopped")
@@ -276,7 +275,7 @@ class Volume:
         dirty; answered only once any image failure it met is durable."""
         raise NotImplementedError
 
-    async def _read(self, off: int, size: int, alone: bool = False) -> bytes:
+    async def _read(self, off: int, size: int, alone: Alone = None) -> bytes:
         """Read a range inside the volume, with the gate entered (`alone`:
         see pread)."""
         raise NotImplementedError
