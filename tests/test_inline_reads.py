@@ -12,8 +12,10 @@ import threading
 import time
 
 import pytest
+import trio
 
 from vmd.config import KiB, MiB
+from vmd.loopwatch import WATCH
 from vmd.plex import PARALLEL_BYTES, Plex
 from vmd.sidecar import ACTIVE, IOFAIL
 from vmd.uring import Ring
@@ -150,3 +152,30 @@ async def test_with_io_uring_only_reads_not_alone_go_through_the_ring(tmp_path):
         for i in range(8):
             assert await vol.pread(i * 4096, 4096) == data[i * 4096:(i + 1) * 4096]
         assert ring.submitted == before + 8
+
+
+async def test_a_read_that_holds_the_event_loop_is_named_in_the_log(tmp_path, caplog, monkeypatch):
+    """A disk that stops answering holds a lone read, and the event loop with
+    it: the watch thread says which plex and what call, and again when it
+    returned. A 1 s 'hang' against a watch of 0.2 s."""
+    _reset()
+    monkeypatch.setattr(WATCH, "after", 0.2)
+    WATCH.start()
+    try:
+        vc = volume_config(tmp_path, nplex=2, size=4 * MiB)
+        async with running_volume(vc, plex_factory=WatchedPlex) as vol:
+            await vol.pwrite(0, b"h" * (1 * MiB))
+            WatchedPlex.sleep = 1.0
+            for i in range(2):  # one of them lands on p1
+                assert await vol.pread(i * 4096, 4096, alone=always_alone) == b"h" * 4096
+            WatchedPlex.sleep = 0.0
+            deadline = time.monotonic() + 10
+            while "returned after" not in caplog.text and time.monotonic() < deadline:
+                await trio.sleep(0.05)
+    finally:
+        WATCH.stop()
+    held = [r for r in caplog.records if "has held the event loop" in r.getMessage()]
+    assert len(held) == 1 and held[0].levelname == "ERROR"
+    assert "plex p1" in held[0].getMessage() and "a read at offset" in held[0].getMessage()
+    assert str(vc.plexes[1]) in held[0].getMessage()
+    assert "the read at offset" in caplog.text and "returned after" in caplog.text

@@ -23,6 +23,7 @@ from .errors import VmdError
 from .exclusive import (check_socket_free, check_socket_path, clear_dead_mount, hold_mountpoint,
                         release_mountpoint, warn_if_not_empty)
 from .fusefs import VolumeFS, tune_readahead
+from .loopwatch import WATCH
 from .manager import VolumeManager
 from .notify import Notifier
 from .resize import adopt_logged_sizes
@@ -141,6 +142,8 @@ class Daemon:
         self.manager.open_all(self.recover_all, self._refused)
         cfg.mountpoint.mkdir(parents=True, exist_ok=True)
         async with AsyncExitStack() as stack:
+            WATCH.start()  # names a plex call that holds the event loop (a hung disk)
+            stack.callback(WATCH.stop)
             fuse = FuseSession(self)
             # Registered before the nursery, so it runs after the nursery has
             # ended: closing the session under a running pyfuse3.main (when a

@@ -21,6 +21,7 @@ from typing import Any
 
 from .exclusive import close_locked, lock_exclusive
 from .iopool import IOPool
+from .loopwatch import WATCH
 from .sidecar import PlexRecord
 from .uring import EndOfFile, Ring
 
@@ -442,15 +443,19 @@ class Plex:
         over INLINE_BUDGET moves this plex's reads off the loop for a while,
         as a slow inline write does its writes. What it cannot bound: a disk that stops
         answering holds the loop until it answers or fails (as a page-cache
-        write throttled behind it can)."""
+        write throttled behind it can); vmd/loopwatch.py then names the plex
+        in the log."""
         t0 = time.monotonic()
         slept = voluntary_switches()
+        WATCH.call = (self, "read", off, t0)
         try:
             data = self._pread_sync(off, size)
         except OSError as e:
             self._read_hold = SLOW_HOLD
             self._reads_until = t0 + SLOW_HOLD
             raise PlexIOError(self, "read", off, e) from e
+        finally:
+            WATCH.call = None
         t1 = time.monotonic()
         # Slept: a preempted page-cache hit is no slow disk (a cold read
         # always sleeps, so for it only the time tells).
@@ -466,12 +471,15 @@ class Plex:
         self.fresh = False
         t0 = time.monotonic()
         slept = voluntary_switches()
+        WATCH.call = (self, "write", off, t0)
         try:
             self._pwrite_sync(off, data)
         except OSError as e:
             self._hold = SLOW_HOLD
             self._threads_until = t0 + SLOW_HOLD
             raise PlexIOError(self, "write", off, e) from e
+        finally:
+            WATCH.call = None
         t1 = time.monotonic()
         if t1 - t0 > INLINE_BUDGET and voluntary_switches() != slept:
             self.slow_writes += 1
