@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from vmd.config import KiB, MiB
-from vmd import plex as plexmod
+from vmd import onloop, plex as plexmod
 from vmd.plex import Plex
 from vmd.sidecar import ACTIVE, IOFAIL, SYNCING
 
@@ -467,25 +467,25 @@ async def test_write_stalls_move_a_plex_off_the_event_loop_for_a_growing_while(
             assert p1.slow_writes == i + 1
             clock[0] += p1._hold + 0.01  # the hold ends; the next stall comes soon
             assert p1.write_inline()
-        assert holds == [plexmod.FIRST_HOLD * 2 ** k for k in range(4)]
+        assert holds == [onloop.FIRST_HOLD * 2 ** k for k in range(4)]
         assert p0.slow_writes == 0
         assert vol.status()["plexes"][1]["slow_writes"] == 4
         for _ in range(4):  # no further than SLOW_HOLD
             StallingPlex.stall = 1
             await vol.pwrite(0, b"v" * 4096)
             clock[0] += p1._hold + 0.01
-        assert p1._hold == plexmod.SLOW_HOLD
-        clock[0] += plexmod.RECUR  # quiet for a while: the next stall starts over
+        assert p1._hold == onloop.SLOW_HOLD
+        clock[0] += onloop.RECUR  # quiet for a while: the next stall starts over
         StallingPlex.stall = 1
         await vol.pwrite(0, b"w" * 4096)
-        assert p1._hold == plexmod.FIRST_HOLD
+        assert p1._hold == onloop.FIRST_HOLD
         # A write that blocks for longer than RECUR right after a hold is no
         # lone stall: the hold still doubles.
         clock[0] += p1._hold + 0.01
-        monkeypatch.setattr(StallingPlex, "seconds", 2 * plexmod.RECUR)
+        monkeypatch.setattr(StallingPlex, "seconds", 2 * onloop.RECUR)
         StallingPlex.stall = 1
         await vol.pwrite(0, b"u" * 4096)
-        assert p1._hold == 2 * plexmod.FIRST_HOLD
+        assert p1._hold == 2 * onloop.FIRST_HOLD
         a, b = plex_bytes(vol)
         assert a == b and a[4096 * 9:4096 * 10] == b"z" * 4096
 

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from vmd.config import KiB, MiB
-from vmd.loopwatch import WATCH
+from vmd.onloop import WATCH
 from vmd.plex import PARALLEL_BYTES, Plex
 from vmd.sidecar import ACTIVE, IOFAIL
 from vmd.uring import Ring

@@ -23,7 +23,7 @@ from .errors import VmdError
 from .exclusive import (check_socket_free, check_socket_path, clear_dead_mount, hold_mountpoint,
                         release_mountpoint, warn_if_not_empty)
 from .fusefs import VolumeFS, tune_readahead
-from .loopwatch import WATCH
+from .onloop import WATCH
 from .manager import VolumeManager
 from .notify import Notifier
 from .resize import adopt_logged_sizes

@@ -11,17 +11,17 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import resource
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .exclusive import close_locked, lock_exclusive
 from .iopool import IOPool
-from .loopwatch import WATCH
+from .onloop import (FIRST_HOLD, INLINE_BUDGET, SLOW_HOLD, WATCH, Alone, next_hold,
+                     voluntary_switches)
 from .sidecar import PlexRecord
 from .uring import EndOfFile, Ring
 
@@ -29,48 +29,10 @@ from .uring import EndOfFile, Ring
 # flight, few enough to cost nothing while idle.
 IO_THREADS = 8
 
-# A write into the page cache takes microseconds; any hop off the event loop
-# costs tens (measured per 4 KiB: ~2 µs inline, ~80 µs through a worker
-# thread, ~70 µs through io_uring, which ext4 hands to a kernel worker for
-# buffered writes). So plexes are written inline while they are fast, and a
-# plex whose write took longer than INLINE_BUDGET is written off the event
-# loop for a while, where it cannot hold up the loop or the other plexes. The
-# hold starts short and doubles while stalls keep coming back soon after it
-# ends (dirty-page throttling, a slow or failing disk), up to SLOW_HOLD: a
-# lone stall (a journal commit forced by another file's fsync) costs 0.1 s of
-# slow writes, not 5 s.
-INLINE_BUDGET = 0.002
-FIRST_HOLD = 0.1
-SLOW_HOLD = 5.0
-RECUR = 1.0  # a stall this soon after the last hold ended doubles the hold
-
-# Says, when asked, whether the read asking is the only request in progress
-# (the FUSE adapter's count): then a fast plex may read it on the event loop.
-Alone = Callable[[], bool] | None
-
-
-def next_hold(until: float, hold: float, t0: float, t1: float) -> tuple[float, float]:
-    """(until, hold) after a stall from t0 to t1, the last hold being `hold`
-    up to `until`: it starts short and doubles while stalls keep coming back
-    soon after it ends. From t0, not t1: a call that blocked for longer than
-    RECUR is the worst kind of stall, not a lone one."""
-    hold = min(SLOW_HOLD, 2 * hold) if until and t0 < until + RECUR else FIRST_HOLD
-    return t1 + hold, hold
 # From this size a copy into the page cache costs more than a thread hop, so
 # the plexes of a volume are written in parallel threads (one stays inline).
 PARALLEL_BYTES = 128 * 1024
 IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
-
-
-def voluntary_switches() -> int:
-    """This thread's voluntary context switches so far. A write that slept
-    (on the disk, dirty-page throttling, a journal or inode lock) adds at
-    least one; a write that was only preempted because the machine is busy
-    adds none. Without this test a busy machine's preemptions look like
-    stalls, and move healthy plexes off the event loop, where each write costs
-    tens of µs more: 4 KiB random writes through a loop device ran at half
-    the IOPS under load."""
-    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
 
 
 # fallocate(2) mode FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: os has no
@@ -443,7 +405,7 @@ class Plex:
         over INLINE_BUDGET moves this plex's reads off the loop for a while,
         as a slow inline write does its writes. What it cannot bound: a disk that stops
         answering holds the loop until it answers or fails (as a page-cache
-        write throttled behind it can); vmd/loopwatch.py then names the plex
+        write throttled behind it can); vmd/onloop.py then names the plex
         in the log."""
         t0 = time.monotonic()
         slept = voluntary_switches()
