@@ -15,11 +15,13 @@ import pytest
 import trio
 
 from vmd.config import KiB, MiB
+from vmd.fusefs import LONE_STREAK
 from vmd.onloop import WATCH
 from vmd.plex import PARALLEL_BYTES, Plex
 from vmd.sidecar import ACTIVE, IOFAIL
 from vmd.uring import Ring
 
+from conftest import pwrite_file
 from enginekit import plex_bytes, running_volume, volume_config
 from raid5kit import raid5_config
 
@@ -179,3 +181,40 @@ async def test_a_read_that_holds_the_event_loop_is_named_in_the_log(tmp_path, ca
     assert "plex p1" in held[0].getMessage() and "a read at offset" in held[0].getMessage()
     assert str(vc.plexes[1]) in held[0].getMessage()
     assert "the read at offset" in caplog.text and "returned after" in caplog.text
+
+
+@pytest.mark.mount
+def test_through_a_mount_reads_one_at_a_time_are_made_on_the_event_loop(vmd_factory) -> None:
+    """The FUSE adapter's count of requests in progress, through a real
+    mount (direct_io: every read reaches vmd): reads one at a time are alone
+    once LONE_STREAK requests in a row were, also after writes, an fsync and
+    a write the volume refuses (the count comes back to zero whatever a
+    handler ends in)."""
+    d = vmd_factory().start()
+    f = d.volume_file("vol0")
+    data = os.urandom(1 * MiB)
+    pwrite_file(f, [(0, data)])  # fsyncs
+    fd = os.open(f, os.O_RDWR)
+    try:
+        os.pwrite(fd, data[:4096], 0)
+        os.fsync(fd)
+        with pytest.raises(OSError):
+            os.pwrite(fd, b"x" * 4096, os.fstat(fd).st_size)  # past the end: refused
+        for i in range(LONE_STREAK):
+            assert os.pread(fd, 4096, i * 4096) == data[i * 4096:(i + 1) * 4096]
+        before = counts(d)
+        for i in range(32):
+            assert os.pread(fd, 4096, i * 4096) == data[i * 4096:(i + 1) * 4096]
+    finally:
+        os.close(fd)
+    after = counts(d)
+    # Each read inline, unless one slept for over 2 ms (a busy machine) and
+    # held that plex's reads off the loop for a while.
+    assert after[0] - before[0] == 32 or (after[1] > before[1] and after[0] > before[0]), \
+        (before, after)
+
+
+def counts(d) -> tuple[int, int]:
+    """(inline_reads, slow_reads) of vol0's plexes, summed."""
+    plexes = d.status("vol0")["plexes"]
+    return sum(p["inline_reads"] for p in plexes), sum(p["slow_reads"] for p in plexes)

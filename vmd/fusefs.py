@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import stat
 import time
 from pathlib import Path
@@ -35,6 +36,22 @@ _FIRST_INODE = ROOT + 1
 # MiB/s with 1 MiB, and twice the daemon CPU). Random reads are not read
 # ahead either way (the kernel reads a lone small read as is).
 READ_AHEAD_KB = 1024
+
+# Reads in a row that found nothing else in progress or waiting before one
+# may be made on the event loop (VolumeFS._alone).
+LONE_STREAK = 16
+
+
+def fuse_device_fd() -> int | None:
+    """The descriptor of /dev/fuse that libfuse opened for this process's
+    session, which pyfuse3 does not give out; None if there is none."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                return int(name)
+        except OSError:  # closed meanwhile (the listing's own fd)
+            continue
+    return None
 
 
 def tune_readahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
@@ -118,6 +135,8 @@ class VolumeFS(pyfuse3.Operations):
         self._sync_writes: set[int] = set()
         self._next_fh = 1
         self._busy = 0  # reads, writes and fsyncs in progress
+        self._lone = 0  # reads in a row that found no other request in progress or waiting
+        self._queue: select.poll | None = None  # the session's /dev/fuse (watch_queue)
         self._uid = os.getuid()
         self._gid = os.getgid()
         self._t0 = time.time_ns()
@@ -286,7 +305,7 @@ class VolumeFS(pyfuse3.Operations):
         return vol
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        self._busy += 1
+        self._begin()
         try:
             return await self._handle(fh).pread(off, size, alone=self._alone)
         except OSError as e:
@@ -294,14 +313,35 @@ class VolumeFS(pyfuse3.Operations):
         finally:
             self._busy -= 1
 
+    def _begin(self) -> None:
+        self._busy += 1
+
+    def watch_queue(self, fd: int | None) -> None:
+        """The session's /dev/fuse: readable while the kernel holds requests
+        that vmd has not read yet. Without it no read is made inline."""
+        if fd is not None:
+            self._queue = select.poll()
+            self._queue.register(fd, select.POLLIN)
+
     def _alone(self) -> bool:
-        """No other read, write or fsync is in progress: a plex read may block
-        the event loop for the one disk read that the only request waits for
-        anyway (Plex.pread), rather than pay a wake-up to learn it completed."""
-        return self._busy == 1
+        """No other read, write or fsync is in progress or waiting in the
+        kernel, nor was when each of the last LONE_STREAK reads asked: a plex
+        read may block the event loop for the one disk read that the only
+        request waits for anyway (Plex.pread), rather than pay a wake-up to
+        learn it completed. Readers that overlap are kept off it: a read
+        blocking the loop holds up those that arrive meanwhile, where through
+        io_uring the disk gets them all at once (4 KiB random reads with 4
+        fio jobs on the volume file: 0.72-0.78 of qsd with the count in
+        progress alone, 0.97 before). The handlers of inline reads never
+        yield, so the count in progress alone cannot see them overlap."""
+        if self._busy > 1 or self._queue is None or self._queue.poll(0):
+            self._lone = 0
+            return False
+        self._lone += 1
+        return self._lone > LONE_STREAK
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        self._busy += 1
+        self._begin()
         try:
             vol = self._handle(fh)
             n = await vol.pwrite(off, buf)
@@ -314,7 +354,7 @@ class VolumeFS(pyfuse3.Operations):
             self._busy -= 1
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        self._busy += 1
+        self._begin()
         try:
             await self._handle(fh).user_sync()
         except OSError as e:

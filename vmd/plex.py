@@ -90,6 +90,7 @@ class Plex:
         self._hold = 0.0  # the last hold off the event loop, seconds
         self.slow_writes = 0  # inline writes over INLINE_BUDGET (status shows them)
         self.slow_reads = 0  # inline reads over INLINE_BUDGET
+        self.inline_reads = 0  # reads made on the event loop (alone: Plex.pread)
         # The same hold for inline reads, apart: a disk slow to read (a cold
         # read on a spinning disk) still takes page-cache writes at once.
         self._reads_until = 0.0
@@ -426,6 +427,7 @@ class Plex:
             self._reads_until, self._read_hold = next_hold(self._reads_until, self._read_hold,
                                                            t0, t1)
         self.reads += 1
+        self.inline_reads += 1
         return data  # type: ignore[return-value]
 
     def pwrite_inline(self, off: int, data: bytes | memoryview) -> None:

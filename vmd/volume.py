@@ -576,6 +576,7 @@ class Volume:
             # off it for a while. Many of them: a slow or throttled disk.
             "slow_writes": p.slow_writes,
             "slow_reads": p.slow_reads,  # the same, for reads made on the event loop
+            "inline_reads": p.inline_reads,  # reads made there: nothing else was in progress
             # I/O errors it had as the last in-sync plex (kept ACTIVE), since the start.
             "errors": self.kept_errors.get(p.name, 0),
             **p.status_extra(),
