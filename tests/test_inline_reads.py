@@ -159,7 +159,7 @@ async def test_with_io_uring_only_reads_not_alone_go_through_the_ring(tmp_path):
 async def test_a_read_that_holds_the_event_loop_is_named_in_the_log(tmp_path, caplog, monkeypatch):
     """A disk that stops answering holds a lone read, and the event loop with
     it: the watch thread says which plex and what call, and again when it
-    returned. A 1 s 'hang' against a watch of 0.2 s."""
+    returned. A 2 s 'hang' against a watch of 0.2 s."""
     _reset()
     monkeypatch.setattr(WATCH, "after", 0.2)
     WATCH.start()
@@ -167,7 +167,7 @@ async def test_a_read_that_holds_the_event_loop_is_named_in_the_log(tmp_path, ca
         vc = volume_config(tmp_path, nplex=2, size=4 * MiB)
         async with running_volume(vc, plex_factory=WatchedPlex) as vol:
             await vol.pwrite(0, b"h" * (1 * MiB))
-            WatchedPlex.sleep = 1.0
+            WatchedPlex.sleep = 2.0
             for i in range(2):  # one of them lands on p1
                 assert await vol.pread(i * 4096, 4096, alone=always_alone) == b"h" * 4096
             WatchedPlex.sleep = 0.0
@@ -176,9 +176,11 @@ async def test_a_read_that_holds_the_event_loop_is_named_in_the_log(tmp_path, ca
                 await trio.sleep(0.05)
     finally:
         WATCH.stop()
-    held = [r for r in caplog.records if "has held the event loop" in r.getMessage()]
+    # p1's: p0's fast read, preempted for 0.2 s on a busy machine, may be named too.
+    held = [r for r in caplog.records if "has held the event loop" in r.getMessage()
+            and "plex p1" in r.getMessage()]
     assert len(held) == 1 and held[0].levelname == "ERROR"
-    assert "plex p1" in held[0].getMessage() and "a read at offset" in held[0].getMessage()
+    assert "a read at offset" in held[0].getMessage()
     assert str(vc.plexes[1]) in held[0].getMessage()
     assert "the read at offset" in caplog.text and "returned after" in caplog.text
 

@@ -22,7 +22,7 @@ from .config import Config, check_environment, format_size, load_config
 from .errors import VmdError
 from .exclusive import (check_socket_free, check_socket_path, clear_dead_mount, hold_mountpoint,
                         release_mountpoint, warn_if_not_empty)
-from .fusefs import VolumeFS, fuse_device_fd, tune_readahead
+from .fusefs import VolumeFS, fuse_device_fds, tune_readahead
 from .onloop import WATCH
 from .manager import VolumeManager
 from .notify import Notifier
@@ -68,9 +68,10 @@ class FuseSession(Task):
         options = set(pyfuse3.default_options)
         options.add("fsname=vmd")
         options.add("subtype=vmd")
+        before = fuse_device_fds()
         pyfuse3.init(fs, str(mountpoint), options)
         self.is_open = True
-        fs.watch_queue(fuse_device_fd())
+        fs.watch_queue(fuse_device_fds() - before)
 
     def close(self) -> None:
         if self.is_open:

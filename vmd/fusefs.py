@@ -42,16 +42,18 @@ READ_AHEAD_KB = 1024
 LONE_STREAK = 16
 
 
-def fuse_device_fd() -> int | None:
-    """The descriptor of /dev/fuse that libfuse opened for this process's
-    session, which pyfuse3 does not give out; None if there is none."""
+def fuse_device_fds() -> set[int]:
+    """This process's descriptors of /dev/fuse. pyfuse3 does not give out its
+    session's: the one that appears across pyfuse3.init is it (one inherited
+    from the parent, of no session, is not)."""
+    fds = set()
     for name in os.listdir("/proc/self/fd"):
         try:
             if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
-                return int(name)
+                fds.add(int(name))
         except OSError:  # closed meanwhile (the listing's own fd)
             continue
-    return None
+    return fds
 
 
 def tune_readahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
@@ -316,12 +318,15 @@ class VolumeFS(pyfuse3.Operations):
     def _begin(self) -> None:
         self._busy += 1
 
-    def watch_queue(self, fd: int | None) -> None:
+    def watch_queue(self, fds: set[int]) -> None:
         """The session's /dev/fuse: readable while the kernel holds requests
         that vmd has not read yet. Without it no read is made inline."""
-        if fd is not None:
-            self._queue = select.poll()
-            self._queue.register(fd, select.POLLIN)
+        if len(fds) != 1:
+            log.info("no read is made on the event loop: the FUSE session's /dev/fuse is "
+                     "not known (%d new descriptors of it)", len(fds))
+            return
+        self._queue = select.poll()
+        self._queue.register(fds.pop(), select.POLLIN)
 
     def _alone(self) -> bool:
         """No other read, write or fsync is in progress or waiting in the
