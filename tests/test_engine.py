@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from vmd.config import KiB, MiB
-from vmd import onloop, plex as plexmod
+from vmd import onloop
 from vmd.plex import Plex
 from vmd.sidecar import ACTIVE, IOFAIL, SYNCING
 
@@ -450,8 +450,8 @@ async def test_write_stalls_move_a_plex_off_the_event_loop_for_a_growing_while(
     failing disk) double it, up to SLOW_HOLD; a stall long after starts over.
     The plexes read a fake clock: real write times would make this flaky."""
     clock = StallingPlex.clock
-    monkeypatch.setattr(plexmod, "time", SimpleNamespace(monotonic=lambda: clock[0]))
-    monkeypatch.setattr(plexmod, "voluntary_switches", lambda: StallingPlex.slept[0])
+    monkeypatch.setattr(onloop, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(onloop, "voluntary_switches", lambda: StallingPlex.slept[0])
     vc = volume_config(tmp_path, nplex=2)
     async with running_volume(vc, plex_factory=StallingPlex) as vol:
         p0, p1 = vol.plexes
@@ -461,11 +461,11 @@ async def test_write_stalls_move_a_plex_off_the_event_loop_for_a_growing_while(
             StallingPlex.stall = 1
             await vol.pwrite(4096 * i, b"y" * 4096)  # inline: stalls
             assert not p1.write_inline() and p0.write_inline()
-            holds.append(p1._hold)
+            holds.append(p1.write_hold.hold)
             # Written off the loop meanwhile, and still to both plexes.
             await vol.pwrite(4096 * (i + 8), b"z" * 4096)
             assert p1.slow_writes == i + 1
-            clock[0] += p1._hold + 0.01  # the hold ends; the next stall comes soon
+            clock[0] += p1.write_hold.hold + 0.01  # the hold ends; the next stall comes soon
             assert p1.write_inline()
         assert holds == [onloop.FIRST_HOLD * 2 ** k for k in range(4)]
         assert p0.slow_writes == 0
@@ -473,19 +473,19 @@ async def test_write_stalls_move_a_plex_off_the_event_loop_for_a_growing_while(
         for _ in range(4):  # no further than SLOW_HOLD
             StallingPlex.stall = 1
             await vol.pwrite(0, b"v" * 4096)
-            clock[0] += p1._hold + 0.01
-        assert p1._hold == onloop.SLOW_HOLD
+            clock[0] += p1.write_hold.hold + 0.01
+        assert p1.write_hold.hold == onloop.SLOW_HOLD
         clock[0] += onloop.RECUR  # quiet for a while: the next stall starts over
         StallingPlex.stall = 1
         await vol.pwrite(0, b"w" * 4096)
-        assert p1._hold == onloop.FIRST_HOLD
+        assert p1.write_hold.hold == onloop.FIRST_HOLD
         # A write that blocks for longer than RECUR right after a hold is no
         # lone stall: the hold still doubles.
-        clock[0] += p1._hold + 0.01
+        clock[0] += p1.write_hold.hold + 0.01
         monkeypatch.setattr(StallingPlex, "seconds", 2 * onloop.RECUR)
         StallingPlex.stall = 1
         await vol.pwrite(0, b"u" * 4096)
-        assert p1._hold == 2 * onloop.FIRST_HOLD
+        assert p1.write_hold.hold == 2 * onloop.FIRST_HOLD
         a, b = plex_bytes(vol)
         assert a == b and a[4096 * 9:4096 * 10] == b"z" * 4096
 

@@ -39,13 +39,48 @@ RECUR = 1.0  # a stall this soon after the last hold ended doubles the hold
 Alone = Callable[[], bool] | None
 
 
-def next_hold(until: float, hold: float, t0: float, t1: float) -> tuple[float, float]:
-    """(until, hold) after a stall from t0 to t1, the last hold being `hold`
-    up to `until`: it starts short and doubles while stalls keep coming back
-    soon after it ends. From t0, not t1: a call that blocked for longer than
-    RECUR is the worst kind of stall, not a lone one."""
-    hold = min(SLOW_HOLD, 2 * hold) if until and t0 < until + RECUR else FIRST_HOLD
-    return t1 + hold, hold
+class Hold:
+    """One plex's inline calls of one kind (its reads, or its writes): each
+    made through `call`, which times it, names it to the watch, and keeps
+    the plex's calls of that kind off the event loop for a while after one
+    that slept past INLINE_BUDGET (`stalls` counts them) or failed. Reads
+    and writes are held apart: a disk slow to read cold still takes
+    page-cache writes at once."""
+
+    __slots__ = ("until", "hold", "stalls")
+
+    def __init__(self) -> None:
+        self.until = 0.0  # off the loop until then
+        self.hold = 0.0  # the last hold, seconds
+        self.stalls = 0
+
+    def open(self) -> bool:
+        return not self.until or time.monotonic() >= self.until
+
+    def call(self, plex: Any, what: str, off: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on the event loop's thread; OSError passes through."""
+        t0 = time.monotonic()
+        slept = voluntary_switches()
+        WATCH.call = (plex, what, off, t0)
+        try:
+            result = fn(*args)
+        except OSError:
+            self.hold = SLOW_HOLD
+            self.until = t0 + SLOW_HOLD
+            raise
+        finally:
+            WATCH.call = None
+        t1 = time.monotonic()
+        # Slept: a preempted call (a busy machine) is no slow disk.
+        if t1 - t0 > INLINE_BUDGET and voluntary_switches() != slept:
+            self.stalls += 1
+            # The hold starts short and doubles while stalls keep coming back
+            # soon after it ends. From t0, not t1: a call that blocked for
+            # longer than RECUR is the worst kind of stall, not a lone one.
+            again = self.until and t0 < self.until + RECUR
+            self.hold = min(SLOW_HOLD, 2 * self.hold) if again else FIRST_HOLD
+            self.until = t1 + self.hold
+        return result
 
 
 def voluntary_switches() -> int:

@@ -12,7 +12,6 @@ import ctypes.util
 import errno
 import os
 import stat
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,8 +19,7 @@ from typing import Any
 
 from .exclusive import close_locked, lock_exclusive
 from .iopool import IOPool
-from .onloop import (FIRST_HOLD, INLINE_BUDGET, SLOW_HOLD, WATCH, Alone, next_hold,
-                     voluntary_switches)
+from .onloop import Alone, Hold
 from .sidecar import PlexRecord
 from .uring import EndOfFile, Ring
 
@@ -86,15 +84,9 @@ class Plex:
         self.inflight = 0
         self._pool = IOPool(f"plex-{record.name}", IO_THREADS)
         self.inline = True  # may write inline while fast (tests of slow disks turn it off)
-        self._threads_until = 0.0
-        self._hold = 0.0  # the last hold off the event loop, seconds
-        self.slow_writes = 0  # inline writes over INLINE_BUDGET (status shows them)
-        self.slow_reads = 0  # inline reads over INLINE_BUDGET
+        self.write_hold = Hold()  # inline writes (status: slow_writes)
+        self.read_hold = Hold()  # inline reads (status: slow_reads)
         self.inline_reads = 0  # reads made on the event loop (alone: Plex.pread)
-        # The same hold for inline reads, apart: a disk slow to read (a cold
-        # read on a spinning disk) still takes page-cache writes at once.
-        self._reads_until = 0.0
-        self._read_hold = 0.0
         self._nowait_reads = True
         # SEEK_DATA/SEEK_HOLE answers for a regular image file only; a block
         # device (or a filesystem refusing them) is all data.
@@ -391,10 +383,18 @@ class Plex:
         return data
 
     def write_inline(self) -> bool:
-        return self.inline and (not self._threads_until or time.monotonic() >= self._threads_until)
+        return self.inline and self.write_hold.open()
 
     def read_inline(self) -> bool:
-        return self.inline and (not self._reads_until or time.monotonic() >= self._reads_until)
+        return self.inline and self.read_hold.open()
+
+    @property
+    def slow_writes(self) -> int:
+        return self.write_hold.stalls
+
+    @property
+    def slow_reads(self) -> int:
+        return self.read_hold.stalls
 
     def _pread_inline(self, off: int, size: int) -> bytes:
         """A small read alone, made right here, blocking the event loop for
@@ -403,29 +403,15 @@ class Plex:
         a trip through trio's scheduler and the kernel's asynchronous
         buffered-read path: through a loop device, 5.5k against 7.3k reads a
         second with numjobs 1 (docs/performance.md). A read that slept for
-        over INLINE_BUDGET moves this plex's reads off the loop for a while,
-        as a slow inline write does its writes. What it cannot bound: a disk that stops
-        answering holds the loop until it answers or fails (as a page-cache
-        write throttled behind it can); vmd/onloop.py then names the plex
-        in the log."""
-        t0 = time.monotonic()
-        slept = voluntary_switches()
-        WATCH.call = (self, "read", off, t0)
+        over INLINE_BUDGET moves this plex's reads off the loop for a while
+        (onloop.Hold). What it cannot bound: a disk that stops answering
+        holds the loop until it answers or fails (as a page-cache write
+        throttled behind it can); vmd/onloop.py then names the plex in the
+        log."""
         try:
-            data = self._pread_sync(off, size)
+            data = self.read_hold.call(self, "read", off, self._pread_sync, off, size)
         except OSError as e:
-            self._read_hold = SLOW_HOLD
-            self._reads_until = t0 + SLOW_HOLD
             raise PlexIOError(self, "read", off, e) from e
-        finally:
-            WATCH.call = None
-        t1 = time.monotonic()
-        # Slept: a preempted page-cache hit is no slow disk (a cold read
-        # always sleeps, so for it only the time tells).
-        if t1 - t0 > INLINE_BUDGET and voluntary_switches() != slept:
-            self.slow_reads += 1
-            self._reads_until, self._read_hold = next_hold(self._reads_until, self._read_hold,
-                                                           t0, t1)
         self.reads += 1
         self.inline_reads += 1
         return data  # type: ignore[return-value]
@@ -433,21 +419,10 @@ class Plex:
     def pwrite_inline(self, off: int, data: bytes | memoryview) -> None:
         """Write from the event loop (the caller checked write_inline())."""
         self.fresh = False
-        t0 = time.monotonic()
-        slept = voluntary_switches()
-        WATCH.call = (self, "write", off, t0)
         try:
-            self._pwrite_sync(off, data)
+            self.write_hold.call(self, "write", off, self._pwrite_sync, off, data)
         except OSError as e:
-            self._hold = SLOW_HOLD
-            self._threads_until = t0 + SLOW_HOLD
             raise PlexIOError(self, "write", off, e) from e
-        finally:
-            WATCH.call = None
-        t1 = time.monotonic()
-        if t1 - t0 > INLINE_BUDGET and voluntary_switches() != slept:
-            self.slow_writes += 1
-            self._threads_until, self._hold = next_hold(self._threads_until, self._hold, t0, t1)
         self.writes += 1
         self.bytes_written += len(data)
 
