@@ -307,16 +307,13 @@ class VolumeFS(pyfuse3.Operations):
         return vol
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        self._begin()
+        self._busy += 1
         try:
             return await self._handle(fh).pread(off, size, alone=self._alone)
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         finally:
             self._busy -= 1
-
-    def _begin(self) -> None:
-        self._busy += 1
 
     def watch_queue(self, fds: set[int]) -> None:
         """The session's /dev/fuse: readable while the kernel holds requests
@@ -346,7 +343,7 @@ class VolumeFS(pyfuse3.Operations):
         return self._lone > LONE_STREAK
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        self._begin()
+        self._busy += 1
         try:
             vol = self._handle(fh)
             n = await vol.pwrite(off, buf)
@@ -359,7 +356,7 @@ class VolumeFS(pyfuse3.Operations):
             self._busy -= 1
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        self._begin()
+        self._busy += 1
         try:
             await self._handle(fh).user_sync()
         except OSError as e:
