@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,39 @@ async def running_volume(vc: VolumeConfig, *, clean_delay: float = 0.2, rate_lim
                 for p in vol.plexes:
                     p.close()
                 vol.sidecar.close()
+
+
+def evict_page_cache(paths: Iterable[Any]) -> None:
+    """Drop the files' clean pages from the page cache (write them first)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def in_page_cache(path: Any, off: int, n: int) -> bool:
+    """All of [off, off+n) of the file is in the page cache, by mincore(2)
+    of a mapping of it: a probe that reads (RWF_NOWAIT) would start the
+    read-ahead of what it misses, and change what it looks at."""
+    page = mmap.PAGESIZE
+    start = off // page * page
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), off + n - start, access=mmap.ACCESS_COPY, offset=start)
+    try:
+        pages = -(-len(mm) // page)
+        vec = (ctypes.c_ubyte * pages)()
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        if _libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(len(mm)), vec) != 0:
+            raise OSError(ctypes.get_errno(), f"mincore of {path}")
+        return all(v & 1 for v in vec)
+    finally:
+        del addr
+        mm.close()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def plex_bytes(vol_or_paths: Any) -> list[bytes]:

@@ -345,41 +345,63 @@ class Plex:
         ring = Ring.get()
         return None if ring is None or ring.full else ring
 
-    async def pread(self, off: int, size: int, *, alone: Alone = None) -> bytes | bytearray:
+    async def pread(self, off: int, size: int, *, alone: Alone = None,
+                    span: tuple[int, int] | None = None) -> bytes | bytearray:
         """Read [off, off+size). `alone` (see Alone): asked right before the
         read, so that a read that waited (a gate, a failed plex's record)
-        counts who came meanwhile."""
+        counts who came meanwhile. `span` (start, length), around the range:
+        what to read instead if the page cache lacks the range, so that the
+        next reads near it find it there (a RAID-5 stripe unit)."""
         if alone is not None and size < PARALLEL_BYTES and self.read_inline() and alone():
             return self._pread_inline(off, size)
+        try:
+            data = self._probe_cache(off, size)
+        except OSError as e:
+            raise PlexIOError(self, "read", off, e) from e
+        if data is not None:
+            self.reads += 1
+            return data
+        if span is not None:
+            start = span[0]
+            got = await self._pread_async(start, span[1])
+            return got[off - start:off - start + size]
+        return await self._pread_async(off, size)
+
+    async def _pread_async(self, off: int, size: int) -> bytes | bytearray:
         ring = self._ring()
         if ring is not None:
             try:
-                data: bytes | bytearray | None = await ring.pread(self.fd, off, size)
+                data = await ring.pread(self.fd, off, size)
             except EndOfFile as e:
                 raise PlexIOError(self, "read", off, self.end_of_image(e.offset)) from e
             except OSError as e:
                 raise PlexIOError(self, "read", off, e) from e
-            self.reads += 1
-            return data  # type: ignore[return-value]
-        try:
-            data = None
-            if self._nowait_skip:
-                self._nowait_skip -= 1
-            elif self._nowait_reads:
-                # A miss is not free: the kernel starts the read before it
-                # answers EAGAIN. After misses, skip the probe for a while
-                # (doubling), so that cold random reads go straight to a thread.
-                data = self._pread_cached(off, size)
-                if data is None:
-                    self._nowait_backoff = min(256, self._nowait_backoff * 2 or 1)
-                    self._nowait_skip = self._nowait_backoff
-                else:
-                    self._nowait_backoff = 0
-            if data is None:
+        else:
+            try:
                 data = await self._pool.run(self._pread_sync, off, size)
-        except OSError as e:
-            raise PlexIOError(self, "read", off, e) from e
+            except OSError as e:
+                raise PlexIOError(self, "read", off, e) from e
         self.reads += 1
+        return data
+
+    def _probe_cache(self, off: int, size: int) -> bytearray | None:
+        """The range from the page cache, if all of it is there (RWF_NOWAIT):
+        one system call, where io_uring's submit and reap of a hit cost the
+        loop several µs of Python. A miss costs a call, not the read: the
+        kernel has started it, and the ring's read waits for it. After
+        misses, skip the probe for a while (doubling), so that cold random
+        reads pay little for it."""
+        if self._nowait_skip:
+            self._nowait_skip -= 1
+            return None
+        if not self._nowait_reads or size >= PARALLEL_BYTES:
+            return None
+        data = self._pread_cached(off, size)
+        if data is None:
+            self._nowait_backoff = min(256, self._nowait_backoff * 2 or 1)
+            self._nowait_skip = self._nowait_backoff
+        else:
+            self._nowait_backoff = 0
         return data
 
     def write_inline(self) -> bool:
