@@ -13,8 +13,9 @@ from vmd.config import KiB, MiB
 from vmd.errors import VmdError
 from vmd.plex import Plex
 from vmd.sidecar import ACTIVE, DETACHED, IOFAIL, SYNCING
+from vmd.uring import Ring
 
-from enginekit import running_volume
+from enginekit import evict_page_cache, in_page_cache, running_volume
 from raid5kit import column_bytes, decode, raid5_config, xor_all
 
 SU = 64 * KiB
@@ -66,6 +67,43 @@ async def test_small_write_is_read_modify_write_of_two_columns(tmp_path):
         got = [p.reads - b for p, b in zip(vol.columns, before)]
         assert sum(got) == 2, got  # old data and old parity, not the other 3 units
         assert vol.method_counts["rmw"] == 1
+
+
+@pytest.mark.parametrize("ncol", [3, 5])
+async def test_a_small_write_on_a_cold_stripe_reads_whole_units(tmp_path, ncol):
+    """A small write reads what it needs of the other columns (reconstruct-
+    or read-modify-write); where the page cache lacks it, the whole unit
+    around it: the stripe's next small writes read from the cache."""
+    cfg = raid5_config(tmp_path, ncol=ncol, size=(ncol - 1) * 16 * SU)
+    ref = bytearray(os.urandom(cfg.size))
+    async with running_volume(cfg) as vol:
+        ring = Ring.get()
+        await vol.pwrite(0, bytes(ref))
+        await vol.flush()
+        paths = [p.record.path for p in vol.columns]
+        evict_page_cache(paths)
+        s = 5
+        read = ([vol.data_col(s, 1)] if ncol == 3  # reconstruct-write: the other unit
+                else [vol.data_col(s, 0), vol.parity_col(s)])  # the old data and parity
+        assert not any(in_page_cache(paths[c], s * SU, SU) for c in read), \
+            "the columns are still in the page cache: the test would say nothing"
+        def waited() -> int:  # reads that waited for the disk
+            return ring.submitted - ring.completed_at_submit if ring is not None else 0
+
+        for i, at in enumerate((8 * KiB, 20 * KiB, 0, SU - 4 * KiB)):
+            before = waited()
+            off = s * vol.width + at
+            data = os.urandom(4096)
+            await vol.pwrite(off, data)
+            ref[off:off + 4096] = data
+            assert all(in_page_cache(paths[c], s * SU, SU) for c in read)
+            if i:
+                assert waited() == before, "a write in the stripe waited for a disk read"
+        assert vol.method_counts["rcw" if ncol == 3 else "rmw"] == 4
+        assert await vol.pread(0, cfg.size) == bytes(ref)
+    cols = column_bytes(cfg)
+    assert decode(cols, SU) == bytes(ref)
+    assert not any(xor_all(cols))
 
 
 @pytest.mark.parametrize("ncol", [3, 4, 5])

@@ -106,11 +106,17 @@ class Raid5Volume(WriteBackCache, Volume):
 
     # -- column I/O ----------------------------------------------------------
 
-    async def _read_columns(self, pieces: list[Piece], alone: Alone = None
-                            ) -> list[bytes | bytearray]:
+    async def _read_columns(self, pieces: list[Piece], alone: Alone = None,
+                            units: bool = False) -> list[bytes | bytearray]:
+        su = self.su
+
+        def span(off: int, end: int) -> tuple[int, int] | None:
+            """`units`: what to read if the cache lacks [off, end) (Plex.pread)."""
+            return (off // su * su, su) if units and (end - 1) // su == off // su else None
+
         if len(pieces) == 1:  # `alone`: it may be read on the event loop (Plex.pread)
             c, off, n = pieces[0]
-            return [await self.columns[c].pread(off, n, alone=alone)]
+            return [await self.columns[c].pread(off, n, alone=alone, span=span(off, off + n))]
         runs: list[list[Any]] = []  # [column, off, end, [piece indices]]
         for i in sorted(range(len(pieces)), key=lambda i: pieces[i][:2]):
             c, off, n = pieces[i]
@@ -125,7 +131,8 @@ class Raid5Volume(WriteBackCache, Volume):
         async def one(run: list[Any]) -> None:
             c, start, end, idx = run
             try:
-                buf = memoryview(await self.columns[c].pread(start, end - start))
+                buf = memoryview(await self.columns[c].pread(start, end - start,
+                                                             span=span(start, end)))
             except PlexIOError as e:
                 errors.append(e)
                 return
@@ -256,7 +263,9 @@ class Raid5Volume(WriteBackCache, Volume):
             method = "rmw"
             pieces = [(dc, at, n), (pc, at, n)]
         try:
-            got = await self._read_pieces(pieces)
+            # A cold piece is read with the rest of its unit: the stripe's
+            # next small writes find the units they read in the page cache.
+            got = await self._read_pieces(pieces, units=True)
         except PlexIOError as e:
             await self._fail_columns([e], self._stripes(off, n))
             return None  # the general path writes it degraded
