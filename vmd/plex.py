@@ -389,8 +389,8 @@ class Plex:
         one system call, where io_uring's submit and reap of a hit cost the
         loop several µs of Python. A miss costs a call, not the read: the
         kernel has started it, and the ring's read waits for it. After
-        misses, skip the probe for a while (doubling), so that cold random
-        reads pay little for it."""
+        misses, skip the probe for a while (doubling; a hit halves it), so
+        that cold random reads, with a hit now and then, pay little for it."""
         if self._nowait_skip:
             self._nowait_skip -= 1
             return None
@@ -401,7 +401,7 @@ class Plex:
             self._nowait_backoff = min(256, self._nowait_backoff * 2 or 1)
             self._nowait_skip = self._nowait_backoff
         else:
-            self._nowait_backoff = 0
+            self._nowait_backoff //= 2
         return data
 
     def write_inline(self) -> bool:
