@@ -8,6 +8,7 @@ import random
 
 import pytest
 import trio
+from trio.testing import wait_all_tasks_blocked
 
 from vmd.config import KiB, MiB
 from vmd.errors import VmdError
@@ -100,6 +101,42 @@ async def test_a_small_write_on_a_cold_stripe_reads_whole_units(tmp_path, ncol):
             if i:
                 assert waited() == before, "a write in the stripe waited for a disk read"
         assert vol.method_counts["rcw" if ncol == 3 else "rmw"] == 4
+        assert await vol.pread(0, cfg.size) == bytes(ref)
+    cols = column_bytes(cfg)
+    assert decode(cols, SU) == bytes(ref)
+    assert not any(xor_all(cols))
+
+
+async def test_a_write_waiting_for_its_stripes_reads_its_partial_edges_ahead(tmp_path):
+    """A write over several stripes that starts and ends inside one, and
+    must wait for the range lock (the write before it holds its first
+    stripe): what its edge stripes will read is in the page cache by the
+    time it may go on (Raid5Volume._prefetch), and the write is right."""
+    cfg = raid5_config(tmp_path, size=2 * 16 * SU)
+    ref = bytearray(os.urandom(cfg.size))
+    async with running_volume(cfg) as vol:
+        await vol.pwrite(0, bytes(ref))
+        await vol.flush()
+        paths = [p.record.path for p in vol.columns]
+        evict_page_cache(paths)
+        w = vol.width
+        off, n = 3 * w + 96 * KiB, 4 * w  # stripes 3 (its last 32 KiB) to 7 (its first 96 KiB)
+        # Reconstruct-write of the edges: stripe 3's unit 0 over [32, 64) KiB,
+        # stripe 7's unit 1 over [32, 64) KiB.
+        ahead = [(vol.data_col(3, 0), 3 * SU + 32 * KiB), (vol.data_col(7, 1), 7 * SU + 32 * KiB)]
+        assert not any(in_page_cache(paths[c], at, 32 * KiB) for c, at in ahead)
+        data = os.urandom(n)
+        held = await vol.ranges.acquire(3 * w, 4 * w)  # "the write before it"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vol.pwrite, off, data)
+            await wait_all_tasks_blocked()
+            assert vol.ranges.busy(3 * w, 4 * w) and vol.method_counts["rcw"] == 0
+            with trio.fail_after(30):
+                while not all(in_page_cache(paths[c], at, 32 * KiB) for c, at in ahead):
+                    await trio.sleep(0.01)
+            vol.ranges.release(held)
+        ref[off:off + n] = data
+        assert vol.method_counts["rcw"] == 2
         assert await vol.pread(0, cfg.size) == bytes(ref)
     cols = column_bytes(cfg)
     assert decode(cols, SU) == bytes(ref)

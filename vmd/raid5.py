@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -67,6 +68,34 @@ class Raid5Volume(WriteBackCache, Volume):
 
     def _stripes(self, off: int, n: int) -> range:
         return range(off // self.width, -(-(off + n) // self.width))
+
+    def _prefetch(self, off: int, data: bytes | memoryview | Zeros) -> None:
+        """The reads of the write's partial stripes at its edges, started
+        (POSIX_FADV_WILLNEED) while it waits for its range lock. A
+        sequential writer's writes, cut by the kernel's writeback where the
+        writer was and not at stripe boundaries, share a partial stripe
+        with the next one: each waits for the one before, then reads the
+        rest of its last stripe cold, which the next write will overwrite.
+        Read ahead, that read finds the page cache filled."""
+        n = len(data)
+        w = self.width
+        if n <= w or isinstance(data, Zeros) or not self._all_in():
+            return
+        edges = {s for s in (off // w, (off + n - 1) // w)
+                 if off > s * w or off + n < (s + 1) * w}
+        if not edges:
+            return
+        plan = WritePlan(self, count=False)
+        view = memoryview(data)
+        for s in sorted(edges):
+            plan.add_stripe(s, off, view, None)
+        for c, at, length in plan.reads:
+            p = self.columns[c]
+            if p.fd >= 0 and p._real_io:
+                try:
+                    os.posix_fadvise(p.fd, at, length, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    pass  # a hint only: the read itself reports any error
 
     def _lock_span(self, off: int, n: int) -> tuple[int, int]:
         # Whole stripes: a write reads and rewrites its stripes' parity.

@@ -26,8 +26,9 @@ class WritePlan:
     The cheaper of the two in bytes read is taken when all columns are in.
     """
 
-    def __init__(self, vol: Any):
+    def __init__(self, vol: Any, *, count: bool = True):
         self.vol = vol
+        self.count = count  # in the volume's method_counts (not a prefetch's look ahead)
         self.reads: list[Piece] = []
         self.stripes: list[dict[str, Any]] = []
 
@@ -69,7 +70,8 @@ class WritePlan:
             st["method"] = "rcw"
             st["cols"] = [vol.data_col(s, k) for k in range(ndata) if k not in covering]
             self.reads.extend((c, col_at, span) for c in st["cols"])
-        vol.method_counts[st["method"]] += 1
+        if self.count:
+            vol.method_counts[st["method"]] += 1
         self.stripes.append(st)
 
     def compute(self, got: list[Any]) -> list[tuple[int, int, Any]]:

@@ -46,6 +46,10 @@ class RangeLock:
                 return w
         return None
 
+    def busy(self, start: int, end: int) -> bool:
+        """An acquire of [start, end) now would wait."""
+        return self._blocker(start, end, None) is not None
+
     async def acquire(self, start: int, end: int) -> _Held:
         me = _Held(start, end)
         if self._blocker(start, end, None) is None:

@@ -221,7 +221,10 @@ class Volume:
             return 0
         await self.gate.enter()
         try:
-            async with self.ranges.hold(*self._lock_span(off, n)):
+            span = self._lock_span(off, n)
+            if self.ranges.busy(*span):
+                self._prefetch(off, data)
+            async with self.ranges.hold(*span):
                 if self.before_write is not None:
                     await self.before_write(off, n)
                 regions = await self.drl.begin_write(off, n)
@@ -264,6 +267,10 @@ class Volume:
             self.reads += 1
 
     # -- the layout's part ---------------------------------------------------
+
+    def _prefetch(self, off: int, data: bytes | memoryview | Zeros) -> None:
+        """A write is about to wait for its range lock: start reading now
+        what it will read once it holds it (RAID-5: see Raid5Volume)."""
 
     def _lock_span(self, off: int, n: int) -> tuple[int, int]:
         """The range a write of [off, off+n) locks: what else it reads or
