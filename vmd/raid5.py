@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -71,12 +70,12 @@ class Raid5Volume(WriteBackCache, Volume):
 
     def _prefetch(self, off: int, data: bytes | memoryview | Zeros) -> None:
         """The reads of the write's partial stripes at its edges, started
-        (POSIX_FADV_WILLNEED) while it waits for its range lock. A
-        sequential writer's writes, cut by the kernel's writeback where the
-        writer was and not at stripe boundaries, share a partial stripe
-        with the next one: each waits for the one before, then reads the
-        rest of its last stripe cold, which the next write will overwrite.
-        Read ahead, that read finds the page cache filled."""
+        while it waits for its range lock. A sequential writer's writes, cut
+        by the kernel's writeback where the writer was and not at stripe
+        boundaries, share a partial stripe with the next one: each waits for
+        the one before, then reads the rest of its last stripe cold, which
+        the next write will overwrite. Read ahead (POSIX_FADV_WILLNEED),
+        that read finds the page cache filled."""
         n = len(data)
         w = self.width
         if n <= w or isinstance(data, Zeros) or not self._all_in():
@@ -90,12 +89,7 @@ class Raid5Volume(WriteBackCache, Volume):
         for s in sorted(edges):
             plan.add_stripe(s, off, view, None)
         for c, at, length in plan.reads:
-            p = self.columns[c]
-            if p.fd >= 0 and p._real_io:
-                try:
-                    os.posix_fadvise(p.fd, at, length, os.POSIX_FADV_WILLNEED)
-                except OSError:
-                    pass  # a hint only: the read itself reports any error
+            self.columns[c].will_read(at, length)  # a hint: the read reports any error
 
     def _lock_span(self, off: int, n: int) -> tuple[int, int]:
         # Whole stripes: a write reads and rewrites its stripes' parity.
