@@ -70,12 +70,14 @@ async def test_small_write_is_read_modify_write_of_two_columns(tmp_path):
         assert vol.method_counts["rmw"] == 1
 
 
-@pytest.mark.parametrize("ncol", [3, 5])
-async def test_a_small_write_on_a_cold_stripe_reads_whole_units(tmp_path, ncol):
+@pytest.mark.parametrize("ncol, su", [(3, SU), (5, SU), (3, 1 * MiB)])
+async def test_a_small_write_on_a_cold_stripe_reads_its_unit_ahead(tmp_path, ncol, su):
     """A small write reads what it needs of the other columns (reconstruct-
-    or read-modify-write); where the page cache lacks it, the whole unit
-    around it: the stripe's next small writes read from the cache."""
-    cfg = raid5_config(tmp_path, ncol=ncol, size=(ncol - 1) * 16 * SU)
+    or read-modify-write). In a stripe that had a small write lately, where
+    the page cache lacks it, the unit around it is read ahead (64 KiB of it
+    at most), so that the stripe's next small writes read from the cache; a
+    stripe's first small write reads only what it needs."""
+    cfg = raid5_config(tmp_path, ncol=ncol, size=(ncol - 1) * 16 * su, stripe_unit=su)
     ref = bytearray(os.urandom(cfg.size))
     async with running_volume(cfg) as vol:
         ring = Ring.get()
@@ -86,22 +88,59 @@ async def test_a_small_write_on_a_cold_stripe_reads_whole_units(tmp_path, ncol):
         s = 5
         read = ([vol.data_col(s, 1)] if ncol == 3  # reconstruct-write: the other unit
                 else [vol.data_col(s, 0), vol.parity_col(s)])  # the old data and parity
-        assert not any(in_page_cache(paths[c], s * SU, SU) for c in read), \
+        window = 64 * KiB
+        assert not any(in_page_cache(paths[c], s * su, window) for c in read), \
             "the columns are still in the page cache: the test would say nothing"
-        def waited() -> int:  # reads that waited for the disk
-            return ring.submitted - ring.completed_at_submit if ring is not None else 0
-
-        for i, at in enumerate((8 * KiB, 20 * KiB, 0, SU - 4 * KiB)):
-            before = waited()
+        for i, at in enumerate((8 * KiB, 20 * KiB, 0, window - 4 * KiB)):
+            waited = ring.reads_waited if ring is not None else 0
             off = s * vol.width + at
             data = os.urandom(4096)
             await vol.pwrite(off, data)
             ref[off:off + 4096] = data
-            assert all(in_page_cache(paths[c], s * SU, SU) for c in read)
-            if i:
-                assert waited() == before, "a write in the stripe waited for a disk read"
+            if i == 0:
+                assert not any(in_page_cache(paths[c], s * su + 32 * KiB, 32 * KiB)
+                               for c in read), "a stripe's first small write read ahead"
+            elif i == 1:
+                with trio.fail_after(30):  # the read ahead is the kernel's, asynchronous
+                    while not all(in_page_cache(paths[c], s * su, window) for c in read):
+                        await trio.sleep(0.01)
+            elif ring is not None:
+                assert ring.reads_waited == waited, "a write in the stripe waited for a disk read"
+        if su > window:
+            assert not any(in_page_cache(paths[c], s * su + su // 2, window) for c in read), \
+                "read ahead more than its window of a big unit"
         assert vol.method_counts["rcw" if ncol == 3 else "rmw"] == 4
         assert await vol.pread(0, cfg.size) == bytes(ref)
+    cols = column_bytes(cfg)
+    assert decode(cols, su) == bytes(ref)
+    assert not any(xor_all(cols))
+
+
+async def test_a_failing_read_ahead_of_the_edges_fails_no_write(tmp_path, monkeypatch):
+    """Raid5Volume._prefetch is a hint: whatever goes wrong in it, the
+    write it was for is made as without it."""
+    cfg = raid5_config(tmp_path, size=2 * 16 * SU)
+    ref = bytearray(os.urandom(cfg.size))
+    async with running_volume(cfg) as vol:
+        await vol.pwrite(0, bytes(ref))
+
+        def broken(*a: object) -> None:
+            raise RuntimeError("a bug in the read-ahead")
+
+        monkeypatch.setattr(vol.columns[0], "will_read", broken)
+        monkeypatch.setattr(vol.columns[1], "will_read", broken)
+        monkeypatch.setattr(vol.columns[2], "will_read", broken)
+        w = vol.width
+        off, n = 3 * w + 96 * KiB, 4 * w
+        data = os.urandom(n)
+        held = await vol.ranges.acquire(3 * w, 4 * w)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vol.pwrite, off, data)
+            await wait_all_tasks_blocked()
+            vol.ranges.release(held)
+        ref[off:off + n] = data
+        assert await vol.pread(0, cfg.size) == bytes(ref)
+        assert all(p.state == ACTIVE for p in vol.columns)
     cols = column_bytes(cfg)
     assert decode(cols, SU) == bytes(ref)
     assert not any(xor_all(cols))

@@ -210,8 +210,8 @@ class NbdPlex(Plex):
         return self.link
 
     async def pread(self, off: int, size: int, *,  # type: ignore[override]
-                    alone: Alone = None, span: tuple[int, int] | None = None) -> bytearray:
-        # `alone` and `span` are about a local page cache: not here.
+                    alone: Alone = None, ahead: tuple[int, int] | None = None) -> bytearray:
+        # `alone` and `ahead` are about a local page cache: not here.
         try:
             data = await self._live().pread(off, size)
         except OSError as e:

@@ -346,12 +346,13 @@ class Plex:
         return None if ring is None or ring.full else ring
 
     async def pread(self, off: int, size: int, *, alone: Alone = None,
-                    span: tuple[int, int] | None = None) -> bytes | bytearray:
+                    ahead: tuple[int, int] | None = None) -> bytes | bytearray:
         """Read [off, off+size). `alone` (see Alone): asked right before the
         read, so that a read that waited (a gate, a failed plex's record)
-        counts who came meanwhile. `span` (start, length), around the range:
-        what to read instead if the page cache lacks the range, so that the
-        next reads near it find it there (a RAID-5 stripe unit)."""
+        counts who came meanwhile. `ahead` (start, length), around the range:
+        if the page cache was not found to hold the range, start reading
+        that too (a hint: this read waits only for its own range), so that
+        the next reads near it find it there (RAID-5's small writes)."""
         if alone is not None and size < PARALLEL_BYTES and self.read_inline() and alone():
             return self._pread_inline(off, size)
         try:
@@ -361,10 +362,8 @@ class Plex:
         if data is not None:
             self.reads += 1
             return data
-        if span is not None:
-            start = span[0]
-            got = await self._pread_async(start, span[1])
-            return got[off - start:off - start + size]
+        if ahead is not None:
+            self.will_read(*ahead)  # one disk read for the range and around it
         return await self._pread_async(off, size)
 
     async def _pread_async(self, off: int, size: int) -> bytes | bytearray:
@@ -394,8 +393,8 @@ class Plex:
         if self._nowait_skip:
             self._nowait_skip -= 1
             return None
-        if not self._nowait_reads or size >= PARALLEL_BYTES:
-            return None
+        if not self._nowait_reads or size >= PARALLEL_BYTES or not self.read_hold.open():
+            return None  # (a plex held for slow reads: nothing of it on the loop)
         data = self._pread_cached(off, size)
         if data is None:
             self._nowait_backoff = min(256, self._nowait_backoff * 2 or 1)

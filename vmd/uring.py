@@ -194,6 +194,7 @@ class Ring:
         self._ids = itertools.count(1)
         self.submitted = 0
         self.completed_at_submit = 0
+        self.reads_waited = 0  # reads not done at submit: the page cache lacked them
 
     @property
     def full(self) -> bool:
@@ -253,6 +254,7 @@ class Ring:
         self.submitted += 1
         self._reap()  # a page-cache hit is done already: no wake-up needed
         if op.res is None:
+            self.reads_waited += opcode == _OP_READ
             op.task = trio.lowlevel.current_task()
             # Not cancellable: the kernel may be writing into the buffer.
             res = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)

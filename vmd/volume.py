@@ -222,7 +222,7 @@ class Volume:
         await self.gate.enter()
         try:
             span = self._lock_span(off, n)
-            if self.ranges.busy(*span):
+            if self.prefetches and self.ranges.busy(*span):
                 self._prefetch(off, data)
             async with self.ranges.hold(*span):
                 if self.before_write is not None:
@@ -267,6 +267,8 @@ class Volume:
             self.reads += 1
 
     # -- the layout's part ---------------------------------------------------
+
+    prefetches = False  # the layout has a _prefetch
 
     def _prefetch(self, off: int, data: bytes | memoryview | Zeros) -> None:
         """A write is about to wait for its range lock: start reading now
