@@ -47,6 +47,8 @@ HALT_SECONDS = 20  # a stop waits this long for the RAID-5 log's column writes t
 
 
 class Raid5Volume(WriteBackCache, Volume):
+    prefetches = True  # Volume.pwrite_unguarded calls _prefetch before a wait
+
     def __init__(self, cfg: VolumeConfig, state: VolumeState, sidecar: SidecarLog,
                  plexes: Iterable[Plex], *, clean_delay: float = 5.0, rate_limit: int = 0,
                  plex_factory: Callable[[PlexRecord, int], Plex] = Plex):
@@ -74,8 +76,6 @@ class Raid5Volume(WriteBackCache, Volume):
 
     def _stripes(self, off: int, n: int) -> range:
         return range(off // self.width, -(-(off + n) // self.width))
-
-    prefetches = True
 
     def _prefetch(self, off: int, data: bytes | memoryview | Zeros) -> None:
         """The reads of the write's partial stripes at its edges, started
@@ -143,11 +143,11 @@ class Raid5Volume(WriteBackCache, Volume):
     # -- column I/O ----------------------------------------------------------
 
     async def _read_columns(self, pieces: list[Piece], alone: Alone = None,
-                            units: bool = False) -> list[bytes | bytearray]:
+                            read_ahead: bool = False) -> list[bytes | bytearray]:
         if len(pieces) == 1:  # `alone`: it may be read on the event loop (Plex.pread)
             c, off, n = pieces[0]
             return [await self.columns[c].pread(
-                off, n, alone=alone, ahead=self._ahead(off, off + n) if units else None)]
+                off, n, alone=alone, ahead=self._ahead(off, off + n) if read_ahead else None)]
         runs: list[list[Any]] = []  # [column, off, end, [piece indices]]
         for i in sorted(range(len(pieces)), key=lambda i: pieces[i][:2]):
             c, off, n = pieces[i]
@@ -163,7 +163,7 @@ class Raid5Volume(WriteBackCache, Volume):
             c, start, end, idx = run
             try:
                 buf = memoryview(await self.columns[c].pread(
-                    start, end - start, ahead=self._ahead(start, end) if units else None))
+                    start, end - start, ahead=self._ahead(start, end) if read_ahead else None))
             except PlexIOError as e:
                 errors.append(e)
                 return
@@ -301,7 +301,7 @@ class Raid5Volume(WriteBackCache, Volume):
             method = "rmw"
             pieces = [(dc, at, n), (pc, at, n)]
         try:
-            got = await self._read_pieces(pieces, units=self._small_write_again(s))
+            got = await self._read_pieces(pieces, read_ahead=self._small_write_again(s))
         except PlexIOError as e:
             await self._fail_columns([e], self._stripes(off, n))
             return None  # the general path writes it degraded

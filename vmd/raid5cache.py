@@ -114,22 +114,22 @@ class WriteBackCache(Volume):
         def _cut(self, writes: list[Piece]) -> None: ...
 
         async def _read_columns(self, pieces: list[tuple[int, int, int]], alone: Alone = None,
-                                units: bool = False) -> list[bytes | bytearray]: ...
+                                read_ahead: bool = False) -> list[bytes | bytearray]: ...
 
     async def _read_pieces(self, pieces: list[tuple[int, int, int]], alone: Alone = None,
-                           units: bool = False) -> list[bytes | bytearray]:
+                           read_ahead: bool = False) -> list[bytes | bytearray]:
         """Read the pieces in parallel, contiguous ones of a column as one read,
         with the write-back cache's newer bytes laid over them. Raises
         PlexIOError (naming the column) on the first failure. `alone`: a
-        single piece may be read on the event loop (Volume.pread). `units`:
-        small pieces, each inside a stripe unit, a cold one read with the rest
-        of its unit."""
+        single piece may be read on the event loop (Volume.pread).
+        `read_ahead`: around a piece the page cache lacks, start reading its
+        stripe unit too (Raid5Volume._ahead)."""
         cache = self.r5log.cache if self.r5log is not None else None
         if not cache:
-            return await self._read_columns(pieces, alone, units)
+            return await self._read_columns(pieces, alone, read_ahead)
         # Before the reads: a piece written back and dropped meanwhile applies.
         over = [cache.over(c, off, n) for c, off, n in pieces]  # type: ignore[union-attr]
-        got = await self._read_columns(pieces, alone, units)
+        got = await self._read_columns(pieces, alone, read_ahead)
         return [lay_over(b, p[1], o) if o else b for b, p, o in zip(got, pieces, over)]
 
     async def flush(self) -> None:
