@@ -117,7 +117,7 @@ async def test_a_small_write_on_a_cold_stripe_reads_its_unit_ahead(tmp_path, nco
 
 
 async def test_a_failing_read_ahead_of_the_edges_fails_no_write(tmp_path, monkeypatch):
-    """Raid5Volume._prefetch is a hint: whatever goes wrong in it, the
+    """ReadAhead._prefetch (vmd/raid5_ahead.py) is a hint: whatever goes wrong in it, the
     write it was for is made as without it."""
     cfg = raid5_config(tmp_path, size=2 * 16 * SU)
     ref = bytearray(os.urandom(cfg.size))
@@ -150,7 +150,7 @@ async def test_a_write_waiting_for_its_stripes_reads_its_partial_edges_ahead(tmp
     """A write over several stripes that starts and ends inside one, and
     must wait for the range lock (the write before it holds its first
     stripe): what its edge stripes will read is in the page cache by the
-    time it may go on (Raid5Volume._prefetch), and the write is right."""
+    time it may go on (ReadAhead._prefetch), and the write is right."""
     cfg = raid5_config(tmp_path, size=2 * 16 * SU)
     ref = bytearray(os.urandom(cfg.size))
     async with running_volume(cfg) as vol:

@@ -16,7 +16,6 @@ parity to regenerate after an unclean stop (the parity column's stripes).
 
 from __future__ import annotations
 
-import collections
 import errno
 import logging
 import time
@@ -28,6 +27,7 @@ import trio
 from .config import VolumeConfig
 from .errors import VmdError
 from .plex import Alone, Plex, PlexIOError
+from .raid5_ahead import ReadAhead
 from .raid5_plan import Piece, WritePlan, full_stripes
 from .raid5_rebuild import Rebuild, xor_into
 from .raid5cache import WriteBackCache
@@ -38,17 +38,10 @@ from .volume import Volume, VolumeIOError, Zeros
 
 log = logging.getLogger(__name__)
 
-# A small write's read ahead around a cold piece, in a stripe with another
-# small write among the last RECENT (Raid5Volume._small_write_again): its
-# stripe unit, at most AHEAD bytes of it (a stripe unit may be MiBs).
-AHEAD = 64 * 1024
-RECENT = 4096
 HALT_SECONDS = 20  # a stop waits this long for the RAID-5 log's column writes to end
 
 
-class Raid5Volume(WriteBackCache, Volume):
-    prefetches = True  # Volume.pwrite_unguarded calls _prefetch before a wait
-
+class Raid5Volume(ReadAhead, WriteBackCache, Volume):
     def __init__(self, cfg: VolumeConfig, state: VolumeState, sidecar: SidecarLog,
                  plexes: Iterable[Plex], *, clean_delay: float = 5.0, rate_limit: int = 0,
                  plex_factory: Callable[[PlexRecord, int], Plex] = Plex):
@@ -63,7 +56,6 @@ class Raid5Volume(WriteBackCache, Volume):
         self.method_counts = {"full": 0, "rmw": 0, "rcw": 0, "degraded": 0}
         self.r5log = None if cfg.raid5_log is None else Raid5Log(cfg.raid5_log, self)
         self.degraded_reads = 0
-        self._recent_small: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.replayed_entries = 0  # RAID-5 log entries replayed at start
 
     # -- geometry ------------------------------------------------------------
@@ -76,33 +68,6 @@ class Raid5Volume(WriteBackCache, Volume):
 
     def _stripes(self, off: int, n: int) -> range:
         return range(off // self.width, -(-(off + n) // self.width))
-
-    def _prefetch(self, off: int, data: bytes | memoryview | Zeros) -> None:
-        """The reads of the write's partial stripes at its edges, started
-        while it waits for its range lock. A sequential writer's writes, cut
-        by the kernel's writeback where the writer was and not at stripe
-        boundaries, share a partial stripe with the next one: each waits for
-        the one before, then reads the rest of its last stripe cold, which
-        the next write will overwrite. Read ahead (POSIX_FADV_WILLNEED),
-        that read finds the page cache filled."""
-        n = len(data)
-        w = self.width
-        if n <= w or isinstance(data, Zeros) or not self._all_in():
-            return
-        edges = {s for s in (off // w, (off + n - 1) // w)
-                 if off > s * w or off + n < (s + 1) * w}
-        if not edges:
-            return
-        try:
-            plan = WritePlan(self, count=False)
-            view = memoryview(data)
-            for s in sorted(edges):
-                plan.add_stripe(s, off, view, None)
-            for c, at, length in plan.reads:
-                self.columns[c].will_read(at, length)
-        except Exception:  # noqa: BLE001 -- a hint never fails a write: the reads report
-            log.debug("volume %s: no read-ahead for the write at %d", self.name, off,
-                      exc_info=True)
 
     def _lock_span(self, off: int, n: int) -> tuple[int, int]:
         # Whole stripes: a write reads and rewrites its stripes' parity.
@@ -177,13 +142,6 @@ class Raid5Volume(WriteBackCache, Volume):
         if errors:
             raise errors[0]
         return out
-
-    def _ahead(self, off: int, end: int) -> tuple[int, int]:
-        """What to read ahead around [off, end) of a column if the page cache
-        lacks it (Plex.pread): its stripe unit, at most AHEAD bytes of it."""
-        unit = off // self.su * self.su
-        start = max(unit, off // AHEAD * AHEAD)
-        return start, min(unit + self.su, max(start + AHEAD, end)) - start
 
     async def _write_pieces(self, writes: list[tuple[int, int, bytes | bytearray | memoryview]]
                             ) -> list[PlexIOError]:
@@ -311,22 +269,6 @@ class Raid5Volume(WriteBackCache, Volume):
         xor_into(parity, data)
         self.method_counts[method] += 1
         return [(dc, at, data), (pc, at, parity)]
-
-    def _small_write_again(self, s: int) -> bool:
-        """Stripe s had a small write among the last RECENT ones: read ahead
-        around what this one reads, if the page cache lacks it (its unit, at
-        most AHEAD bytes), so that the stripe's next small writes find what
-        they read there. A stripe written once is not: where random writes
-        seldom come back (a volume much bigger than the page cache), the
-        read ahead cost a third of the writes a second (64 KiB units, 2 000
-        writes to distinct stripes), and more with bigger units."""
-        recent = self._recent_small
-        if s in recent:
-            return True
-        recent[s] = None
-        if len(recent) > RECENT:
-            recent.popitem(last=False)
-        return False
 
     async def _put(self, writes: list[tuple[int, int, Any]], off: int, n: int,
                    stripes: range) -> None:

@@ -123,7 +123,7 @@ class WriteBackCache(Volume):
         PlexIOError (naming the column) on the first failure. `alone`: a
         single piece may be read on the event loop (Volume.pread).
         `read_ahead`: around a piece the page cache lacks, start reading its
-        stripe unit too (Raid5Volume._ahead)."""
+        stripe unit too (ReadAhead._ahead)."""
         cache = self.r5log.cache if self.r5log is not None else None
         if not cache:
             return await self._read_columns(pieces, alone, read_ahead)
