@@ -164,6 +164,32 @@ async def test_with_io_uring_only_cold_reads_not_alone_go_through_the_ring(tmp_p
         assert ring.submitted == before + 8
 
 
+async def test_a_plex_held_for_slow_reads_gets_nothing_of_its_reads_on_the_loop(
+        tmp_path, monkeypatch):
+    """While a plex is held for slow reads, neither the page-cache probe nor
+    a read-ahead hint (both system calls on the event loop) is made on it;
+    once the hold ends, both are again."""
+    vc = volume_config(tmp_path, nplex=2, size=4 * MiB)
+    async with running_volume(vc) as vol:
+        data = os.urandom(1 * MiB)
+        await vol.pwrite(0, data)
+        p = vol.plexes[0]
+        calls: list[str] = []
+        real_probe, real_advise = p._pread_cached, os.posix_fadvise
+        monkeypatch.setattr(p, "_pread_cached",
+                            lambda *a: calls.append("probe") or real_probe(*a))
+        monkeypatch.setattr(os, "posix_fadvise",
+                            lambda *a: calls.append("hint") or real_advise(*a))
+        p.read_hold.until = time.monotonic() + 3600  # as after a slow read
+        assert await p.pread(8192, 4096, ahead=(0, 65536)) == data[8192:12288]
+        p.will_read(0, 65536)
+        assert calls == []
+        p.read_hold.until = 0.0
+        assert await p.pread(8192, 4096, ahead=(0, 65536)) == data[8192:12288]
+        p.will_read(0, 65536)
+        assert calls == ["probe", "hint"]
+
+
 async def test_a_read_that_holds_the_event_loop_is_named_in_the_log(tmp_path, caplog, monkeypatch):
     """A disk that stops answering holds a lone read, and the event loop with
     it: the watch thread says which plex and what call, and again when it

@@ -507,8 +507,10 @@ class Plex:
             return [(off, size)]  # copying (or keeping) everything is always safe
 
     def will_read(self, off: int, size: int) -> None:
-        """Start reading [off, off+size) into the page cache; a hint only."""
-        if self.fd >= 0:
+        """Start reading [off, off+size) into the page cache; a hint only,
+        given on the event loop: none while the plex is held for slow reads
+        (its bio submission could wait there, unnamed by the watch)."""
+        if self.fd >= 0 and self.read_hold.open():
             try:
                 os.posix_fadvise(self.fd, off, size, os.POSIX_FADV_WILLNEED)
             except OSError:
