@@ -134,6 +134,36 @@ def admin_request(sock: str | os.PathLike[str], req: dict[str, Any], **kw: Any) 
     return replies[0]
 
 
+def where_stuck(pid: int) -> str:
+    """Where a process and its children wait (their threads' wchan and
+    kernel stack): for the message of a test whose subprocess did not end."""
+    pids = [pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        pids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    out = []
+    for p in pids:
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                base = f"/proc/{p}/task/{tid}"
+                parts = []
+                for name in ("wchan", "stack"):
+                    try:
+                        with open(f"{base}/{name}") as f:
+                            parts.append(f.read().strip())
+                    except OSError as e:
+                        parts.append(f"({name}: {e.strerror})")
+                out.append(f"pid {p} thread {tid}: " + " | ".join(parts))
+        except OSError:
+            out.append(f"pid {p}: gone")
+    return "\n".join(out)
+
+
 def wait_for(cond: Callable[[], Any], timeout: float = 30.0, what: str = "the condition") -> Any:
     """Poll cond() until it returns something true, and return that; fail the test
     naming `what` if it has not within `timeout` s (a bound on a wait for an event,
