@@ -134,18 +134,42 @@ def admin_request(sock: str | os.PathLike[str], req: dict[str, Any], **kw: Any) 
     return replies[0]
 
 
-def where_stuck(pid: int) -> str:
-    """Where a process and its children wait (their threads' wchan and
-    kernel stack): for the message of a test whose subprocess did not end."""
-    pids = [pid]
+def _children(pid: int) -> list[int]:
+    out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
                     if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        pids.append(int(entry))
+                        out.append(int(entry))
             except (OSError, ValueError, IndexError):
                 pass
+    return out
+
+
+def processes_with_open(pid: int, path: str | os.PathLike[str]) -> int:
+    """How many of a process and its children have `path` open."""
+    want = os.path.realpath(path)
+    n = 0
+    for p in [pid, *_children(pid)]:
+        try:
+            fds = os.listdir(f"/proc/{p}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{p}/fd/{fd}") == want:
+                    n += 1
+                    break
+            except OSError:
+                pass
+    return n
+
+
+def where_stuck(pid: int) -> str:
+    """Where a process and its children wait (their threads' wchan and
+    kernel stack): for the message of a test whose subprocess did not end."""
+    pids = [pid, *_children(pid)]
     out = []
     for p in pids:
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MiB, SysResources, VmdDaemon, is_mounted, run, wait_for
-from syskit import where_stuck
+from syskit import processes_with_open, where_stuck
 from raid5kit import decoded_sha256, raid5_spec, xor_is_zero
 from test_ext4 import _check_tree, _write_tree
 
@@ -224,19 +224,24 @@ def test_raid5_log_replay_after_sigkill_under_fio_load(
             ["fio", "--name=r5load", f"--filename={vf}", "--direct=1", "--ioengine=psync",
              "--rw=randwrite", "--bssplit=4k/50:12k/20:64k/20:1m/10", "--numjobs=2",
              f"--size={size - tail}", "--time_based=1", "--runtime=120s",
+             # A job that opens the file only after the kill must fail, not
+             # create a file in the bare mountpoint and write it for 120 s.
+             "--allow_file_create=0",
              f"--randseed={rnd}", "--output=/dev/null"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             w = AckedWriter(vf, size - tail, tail // AckedWriter.SLOT, seed=rnd)
             start = r5log_commits(vmd)
-            wait_for(lambda: r5log_commits(vmd) > start + 100 and w.count > 20, 60,
-                     "fio and the writer to get going")
+            # Both of fio's jobs writing, not only the first: on a busy
+            # machine the second one was still starting when the RAID-5
+            # log had its 100 commits (CI, 2026-12-01).
+            wait_for(lambda: r5log_commits(vmd) > start + 100 and w.count > 20
+                     and processes_with_open(fio.pid, vf) >= 2, 60,
+                     "fio's two jobs and the writer to get going")
             vmd.kill()
             try:
                 fio.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                # Seen once in CI (2026-12-01): fio still running 60 s after
-                # the daemon's death; killable, so not in the kernel for good.
                 raise AssertionError(f"round {rnd}: fio did not end after the daemon was "
                                      f"killed; where it waits:\n{where_stuck(fio.pid)}\n"
                                      f"mounted: {is_mounted(str(vmd.mountpoint))}") from None
