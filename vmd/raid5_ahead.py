@@ -27,7 +27,6 @@ class ReadAhead(Volume):
     """Raid5Volume's read-ahead: its columns, geometry and membership are
     the volume's."""
 
-    prefetches = True  # Volume.pwrite_unguarded calls _prefetch before a wait
     columns: list[Plex]
     su: int
     width: int
@@ -40,7 +39,8 @@ class ReadAhead(Volume):
     if TYPE_CHECKING:  # Raid5Volume's
         def _all_in(self) -> bool: ...
 
-    def _prefetch(self, off: int, data: bytes | memoryview | Zeros) -> None:
+    def _prefetch(  # type: ignore[override]
+            self, off: int, data: bytes | memoryview | Zeros) -> None:
         """The reads of the write's partial stripes at its edges, started
         while it waits for its range lock. A sequential writer's writes, cut
         by the kernel's writeback where the writer was and not at stripe
@@ -89,4 +89,3 @@ class ReadAhead(Volume):
         if len(recent) > RECENT:
             recent.popitem(last=False)
         return False
-

@@ -222,7 +222,7 @@ class Volume:
         await self.gate.enter()
         try:
             span = self._lock_span(off, n)
-            if self.prefetches and self.ranges.busy(*span):
+            if self._prefetch is not None and self.ranges.busy(*span):
                 self._prefetch(off, data)
             async with self.ranges.hold(*span):
                 if self.before_write is not None:
@@ -268,11 +268,10 @@ class Volume:
 
     # -- the layout's part ---------------------------------------------------
 
-    prefetches = False  # the layout has a _prefetch
-
-    def _prefetch(self, off: int, data: bytes | memoryview | Zeros) -> None:
-        """A write is about to wait for its range lock: start reading now
-        what it will read once it holds it (RAID-5: see Raid5Volume)."""
+    # A layout's `_prefetch(off, data)`: called when a write is about to wait
+    # for its range lock, to start reading now what it will read once it
+    # holds it (RAID-5: vmd/raid5_ahead.py). None: the layout reads nothing.
+    _prefetch: Callable[[int, bytes | memoryview | Zeros], None] | None = None
 
     def _lock_span(self, off: int, n: int) -> tuple[int, int]:
         """The range a write of [off, off+n) locks: what else it reads or
