@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from vmd.config import KiB, MiB
+from vmd.plex import PARALLEL_BYTES, Plex
 from vmd.sidecar import ACTIVE, IOFAIL
 
 from enginekit import running_volume
@@ -235,3 +236,99 @@ async def test_a_stop_after_the_log_failed_is_clean_and_the_lost_write_is_nowher
         assert vol.replayed_entries == 0 and vol.recovered_regions == 0
         assert await vol.pread(0, cfg.size) == ref
     assert not any(xor_all(column_bytes(cfg)))
+
+
+class WhereWritten(Plex):
+    """Records, per column write, whether it was made on the event loop's
+    thread; column `fail_name` fails its writes with ENOSPC once told to."""
+
+    fail_name: str | None = None
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.on_loop: list[bool] = []
+
+    def _pwrite_sync(self, off, data):
+        self.on_loop.append(threading.current_thread() is threading.main_thread())
+        if WhereWritten.fail_name == self.name:
+            raise OSError(errno.ENOSPC, "injected: no space left")
+        super()._pwrite_sync(off, data)
+
+
+async def _writes_back(vol, ref: bytearray, rnd: random.Random, n: int, length: int) -> None:
+    """n writes of `length` at random offsets, then all of them written back."""
+    for _ in range(n):
+        off = rnd.randrange(0, vol.size - length) // 4096 * 4096
+        data = rnd.randbytes(length)
+        await vol.pwrite(off, data)
+        ref[off:off + length] = data
+    with trio.fail_after(30):
+        await vol.drain()
+
+
+@pytest.mark.parametrize("su", [SU, 256 * KiB])
+async def test_the_write_back_writes_small_pieces_from_the_event_loop(tmp_path, monkeypatch, su):
+    # A batch of small pieces (4 KiB random writes) goes into the columns'
+    # page cache from the event loop: the hop to a column's thread and back
+    # cost more CPU than the writes (docs/performance.md). A column held off
+    # the loop (a slow disk) and big pieces still go to the threads.
+    monkeypatch.setattr(WhereWritten, "fail_name", None)
+    cfg = raid5_config(tmp_path, size=2 * 8 * su, stripe_unit=su, raid5_log=tmp_path / "r5.r5log")
+    ref = bytearray(cfg.size)
+    rnd = random.Random(7)
+    async with running_volume(cfg, plex_factory=WhereWritten) as vol:
+        cols = vol.columns
+
+        def taken() -> list[tuple[int, int]]:  # per column: (on the loop, in a thread)
+            got = [(sum(c.on_loop), len(c.on_loop) - sum(c.on_loop)) for c in cols]
+            for c in cols:
+                c.on_loop.clear()
+            return got
+
+        await _writes_back(vol, ref, rnd, 120, 4096)
+        assert all(loop > 0 and thread == 0 for loop, thread in taken())
+        cols[1].inline = False  # as a column held for slow writes
+        await _writes_back(vol, ref, rnd, 120, 4096)
+        got = taken()
+        assert got[1][0] == 0 and got[1][1] > 0, got
+        assert all(loop > 0 and thread == 0 for loop, thread in (got[0], got[2])), got
+        cols[1].inline = True
+        # Whole stripes: every piece is a unit; from 128 KiB a thread's copy
+        # runs beside the event loop's work.
+        await _writes_back(vol, ref, rnd, 6, 2 * vol.width)
+        big = su >= PARALLEL_BYTES
+        assert all((thread > 0) == big and (loop > 0) != big for loop, thread in taken())
+        assert await vol.pread(0, cfg.size) == bytes(ref)
+    cols_now = column_bytes(cfg)
+    assert decode(cols_now, su) == bytes(ref)
+    assert not any(xor_all(cols_now))
+
+
+@pytest.mark.allow_log(r"plex c1 .* is now IOFAIL", r"injected: no space left")
+async def test_a_column_failing_in_the_write_back_from_the_event_loop_is_failed_and_rebuilt(
+        tmp_path, monkeypatch):
+    # The pieces a failed column did not take are in its map (the write-back
+    # marks every stripe of the batch it had pieces in), it goes IOFAIL, the
+    # volume reads right from the others, and a reattach rebuilds it.
+    monkeypatch.setattr(WhereWritten, "fail_name", None)
+    cfg = raid5_config(tmp_path, size=2 * 16 * SU, raid5_log=tmp_path / "r5.r5log")
+    ref = bytearray(os.urandom(cfg.size))
+    rnd = random.Random(11)
+    async with running_volume(cfg, plex_factory=WhereWritten) as vol:
+        await vol.pwrite(0, bytes(ref))
+        await _writes_back(vol, ref, rnd, 40, 4096)
+        WhereWritten.fail_name = "c1"
+        await _writes_back(vol, ref, rnd, 40, 4096)
+        c1 = vol.columns[1]
+        assert c1.state == IOFAIL and c1.on_loop[-1], "the failed write was not made on the loop"
+        assert await vol.pread(0, cfg.size) == bytes(ref)
+        WhereWritten.fail_name = None
+        await _writes_back(vol, ref, rnd, 40, 4096)  # degraded, still through the log
+        await vol.attach_plex("c1")
+        with trio.fail_after(30):
+            await vol.resync.wait_idle()
+        assert c1.state == ACTIVE
+        assert await vol.pread(0, cfg.size) == bytes(ref)
+    cols = column_bytes(cfg)
+    assert decode(cols, SU) == bytes(ref)
+    assert not any(xor_all(cols))

@@ -181,6 +181,7 @@ async def test_a_stop_cut_short_closes_no_column_while_the_write_back_writes_to_
             pwrite(off, data)
 
         col._pwrite_sync = slow_pwrite
+        col.inline = False  # a slow disk's: written back in its thread, not from the loop
         await vol.pwrite(2 * vol.width, b"w" * 4096)
         with trio.fail_after(30):
             await trio.to_thread.run_sync(entered.wait)  # the write-back is in its thread

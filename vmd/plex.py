@@ -30,6 +30,9 @@ IO_THREADS = 8
 # From this size a copy into the page cache costs more than a thread hop, so
 # the plexes of a volume are written in parallel threads (one stays inline).
 PARALLEL_BYTES = 128 * 1024
+# A RAID-5 write's pieces (or a batch of the RAID-5 log's) under this, every
+# column fast, go into the page cache from the event loop, in turn.
+INLINE_BYTES = 256 * 1024
 IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
 
 

@@ -26,7 +26,7 @@ import trio
 
 from .config import VolumeConfig
 from .errors import VmdError
-from .plex import Alone, Plex, PlexIOError
+from .plex import INLINE_BYTES, Alone, Plex, PlexIOError
 from .raid5_ahead import ReadAhead
 from .raid5_plan import Piece, WritePlan, full_stripes
 from .raid5_rebuild import Rebuild, xor_into
@@ -177,7 +177,7 @@ class Raid5Volume(ReadAhead, WriteBackCache, Volume):
 
         inline = [m for m in merged if m[0].write_inline()]
         if len(inline) < len(merged) or \
-                sum(len(d) for m in merged for d in m[2]) >= 256 * 1024:
+                sum(len(d) for m in merged for d in m[2]) >= INLINE_BYTES:
             async with trio.open_nursery() as nursery:
                 for p, off, parts in merged:
                     nursery.start_soon(one, p, off, parts)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .plex import Alone, Plex, PlexIOError
+from .plex import INLINE_BYTES, PARALLEL_BYTES, Alone, Plex, PlexIOError
 from .volume import Volume, VolumeIOError
 
 log = logging.getLogger(__name__)
@@ -216,9 +216,10 @@ class WriteBackCache(Volume):
             await self.failures_durable()
 
     async def _write_batch(self, writes: list[tuple[int, int, Any]]) -> list[PlexIOError]:
-        """Write a batch's pieces: per column, one worker thread writes them
-        one after the other in entry order, so that of two that overlap the
-        newer lands last; one thread hop per column, not per piece."""
+        """Write a batch's pieces, per column one after the other in entry
+        order, so that of two that overlap the newer lands last: from the
+        event loop where the column is fast and every piece small, else in
+        one of its worker threads (one hop per column, not per piece)."""
         percol: dict[int, list[tuple[int, Any]]] = {}
         for c, at, data in writes:
             percol.setdefault(c, []).append((at, data))
@@ -240,8 +241,33 @@ class WriteBackCache(Volume):
             p.writes += len(items)
             p.bytes_written += sum(len(d) for _, d in items)
 
+        async def inline(p: Plex, items: list[tuple[int, Any]]) -> None:
+            # Small pieces into the page cache, right here: with 4 KiB random
+            # writes the hop to the column's thread and back (and the GIL
+            # passed between them) cost the daemon more CPU than the writes.
+            # A batch holds what arrived during the log's last sync: other
+            # requests get the loop after every INLINE_BYTES of it.
+            done = 0
+            for i, (at, data) in enumerate(items):
+                if done >= INLINE_BYTES:
+                    await trio.lowlevel.checkpoint()
+                    done = 0
+                    if not p.write_inline():  # it stalled: the rest in its thread
+                        await one(p, items[i:])
+                        return
+                try:
+                    p.pwrite_inline(at, data)
+                except PlexIOError as e:
+                    failed.append(e)  # its later pieces: in its map
+                    return
+                done += len(data)
+
         async with trio.open_nursery() as nursery:
             for c, items in percol.items():
-                nursery.start_soon(one, self.columns[c], items)
+                p = self.columns[c]
+                if p.write_inline() and all(len(d) < PARALLEL_BYTES for _, d in items):
+                    nursery.start_soon(inline, p, items)
+                else:
+                    nursery.start_soon(one, p, items)
         return failed
 
