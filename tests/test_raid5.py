@@ -12,7 +12,7 @@ from trio.testing import wait_all_tasks_blocked
 
 from vmd.config import KiB, MiB
 from vmd.errors import VmdError
-from vmd.plex import Plex
+from vmd.plex import Plex, PlexIOError
 from vmd.sidecar import ACTIVE, DETACHED, IOFAIL, SYNCING
 from vmd.uring import Ring
 
@@ -58,6 +58,59 @@ async def test_full_stripe_write_reads_nothing(tmp_path):
         await vol.pwrite(vol.width, os.urandom(4 * vol.width))
         assert [p.reads for p in vol.columns] == before
         assert vol.method_counts == {"full": 4, "rmw": 0, "rcw": 0, "degraded": 0}
+
+
+async def test_a_write_off_the_stripes_plans_only_its_partial_edge_stripes(tmp_path):
+    # As the kernel's writeback cuts a sequential writer's 1 MiB writes: the
+    # whole stripes between the edges are written as full stripes (no reads),
+    # and each edge stripe reads only what its parity needs.
+    cfg = raid5_config(tmp_path, size=2 * 32 * SU)
+    ref = bytearray(os.urandom(cfg.size))
+    async with running_volume(cfg) as vol:
+        await vol.pwrite(0, bytes(ref))
+        counts = dict(vol.method_counts)
+        off, n = 3 * vol.width + 3 * SU // 2, 5 * vol.width
+        data = os.urandom(n)
+        await vol.pwrite(off, data)
+        ref[off:off + n] = data
+        got = {k: v - counts[k] for k, v in vol.method_counts.items()}
+        assert got == {"full": 4, "rmw": 0, "rcw": 2, "degraded": 0}, got
+        assert await vol.pread(0, cfg.size) == bytes(ref)
+    cols = column_bytes(cfg)
+    assert decode(cols, SU) == bytes(ref)
+    assert not any(xor_all(cols))
+
+
+@pytest.mark.allow_log(r"plex c\d .* is now IOFAIL", r"injected read error")
+async def test_an_edge_read_failing_under_a_write_of_whole_stripes_writes_it_degraded(
+        tmp_path, monkeypatch):
+    # The whole-stripe path reads the edge stripes first; a column failing
+    # there is failed and the write planned again without it (degraded), so
+    # nothing was half written and everything reads back after the rebuild.
+    monkeypatch.setattr(FailingColumn, "fail", None)
+    cfg = raid5_config(tmp_path, size=2 * 32 * SU)
+    ref = bytearray(os.urandom(cfg.size))
+    async with running_volume(cfg, plex_factory=FailingColumn) as vol:
+        await vol.pwrite(0, bytes(ref))
+        off, n = 2 * vol.width + SU // 2, 3 * vol.width
+        # Reconstruct-write of the head stripe reads its other data unit.
+        head = off // vol.width
+        other = vol.data_col(head, 0)  # unit 1 is all new: unit 0's rest is read
+        FailingColumn.fail = (vol.columns[other].name, "read")
+        data = os.urandom(n)
+        await vol.pwrite(off, data)
+        ref[off:off + n] = data
+        FailingColumn.fail = None
+        assert vol.columns[other].state == IOFAIL
+        assert vol.method_counts["degraded"] > 0
+        assert await vol.pread(0, cfg.size) == bytes(ref)
+        await vol.attach_plex(vol.columns[other].name)
+        with trio.fail_after(30):
+            await vol.resync.wait_idle()
+        assert await vol.pread(0, cfg.size) == bytes(ref)
+    cols = column_bytes(cfg)
+    assert decode(cols, SU) == bytes(ref)
+    assert not any(xor_all(cols))
 
 
 async def test_small_write_is_read_modify_write_of_two_columns(tmp_path):
@@ -324,6 +377,12 @@ class FailingColumn(Plex):
         if FailingColumn.fail == (self.name, "read"):
             raise OSError(errno.EIO, "injected read error")
         return super()._pread_sync(off, size, into)
+
+    async def pread(self, off, size, **kw):
+        # The volume's reads (the page cache probe, io_uring) too.
+        if FailingColumn.fail == (self.name, "read"):
+            raise PlexIOError(self, "read", off, OSError(errno.EIO, "injected read error"))
+        return await super().pread(off, size, **kw)
 
     def _pwrite_sync(self, off, data):
         if FailingColumn.fail == (self.name, "write"):
