@@ -90,3 +90,11 @@ def decoded_sha256(paths: list[Path], stripe_unit: int, chunk_stripes: int = 64)
         for f in files:
             f.close()
     return h.hexdigest()
+
+
+def assert_columns_hold(cfg: VolumeConfig, ref: bytes | bytearray) -> None:
+    """After a clean stop: the column images decode (left-symmetric) to
+    `ref`, and every stripe's parity matches its data."""
+    cols = column_bytes(cfg)
+    assert decode(cols, cfg.stripe_unit) == bytes(ref)
+    assert not any(xor_all(cols)), "the XOR of the columns is not zero: parity does not match"

@@ -17,7 +17,7 @@ from vmd.sidecar import ACTIVE, DETACHED, IOFAIL, SYNCING
 from vmd.uring import Ring
 
 from enginekit import evict_page_cache, in_page_cache, running_volume
-from raid5kit import column_bytes, decode, raid5_config, xor_all
+from raid5kit import assert_columns_hold, column_bytes, decode, raid5_config, xor_all
 
 SU = 64 * KiB
 
@@ -76,9 +76,7 @@ async def test_a_write_off_the_stripes_plans_only_its_partial_edge_stripes(tmp_p
         got = {k: v - counts[k] for k, v in vol.method_counts.items()}
         assert got == {"full": 4, "rmw": 0, "rcw": 2, "degraded": 0}, got
         assert await vol.pread(0, cfg.size) == bytes(ref)
-    cols = column_bytes(cfg)
-    assert decode(cols, SU) == bytes(ref)
-    assert not any(xor_all(cols))
+    assert_columns_hold(cfg, ref)
 
 
 @pytest.mark.allow_log(r"plex c\d .* is now IOFAIL", r"injected read error")
@@ -108,9 +106,7 @@ async def test_an_edge_read_failing_under_a_write_of_whole_stripes_writes_it_deg
         with trio.fail_after(30):
             await vol.resync.wait_idle()
         assert await vol.pread(0, cfg.size) == bytes(ref)
-    cols = column_bytes(cfg)
-    assert decode(cols, SU) == bytes(ref)
-    assert not any(xor_all(cols))
+    assert_columns_hold(cfg, ref)
 
 
 async def test_small_write_is_read_modify_write_of_two_columns(tmp_path):
@@ -164,9 +160,7 @@ async def test_a_small_write_on_a_cold_stripe_reads_its_unit_ahead(tmp_path, nco
                 "read ahead more than its window of a big unit"
         assert vol.method_counts["rcw" if ncol == 3 else "rmw"] == 4
         assert await vol.pread(0, cfg.size) == bytes(ref)
-    cols = column_bytes(cfg)
-    assert decode(cols, su) == bytes(ref)
-    assert not any(xor_all(cols))
+    assert_columns_hold(cfg, ref)
 
 
 async def test_a_failing_read_ahead_of_the_edges_fails_no_write(tmp_path, monkeypatch):
@@ -194,9 +188,7 @@ async def test_a_failing_read_ahead_of_the_edges_fails_no_write(tmp_path, monkey
         ref[off:off + n] = data
         assert await vol.pread(0, cfg.size) == bytes(ref)
         assert all(p.state == ACTIVE for p in vol.columns)
-    cols = column_bytes(cfg)
-    assert decode(cols, SU) == bytes(ref)
-    assert not any(xor_all(cols))
+    assert_columns_hold(cfg, ref)
 
 
 async def test_a_write_waiting_for_its_stripes_reads_its_partial_edges_ahead(tmp_path):
@@ -230,9 +222,7 @@ async def test_a_write_waiting_for_its_stripes_reads_its_partial_edges_ahead(tmp
         ref[off:off + n] = data
         assert vol.method_counts["rcw"] == 2
         assert await vol.pread(0, cfg.size) == bytes(ref)
-    cols = column_bytes(cfg)
-    assert decode(cols, SU) == bytes(ref)
-    assert not any(xor_all(cols))
+    assert_columns_hold(cfg, ref)
 
 
 @pytest.mark.parametrize("ncol", [3, 4, 5])
@@ -262,9 +252,7 @@ async def test_writes_inside_one_unit_read_the_fewer_pieces_and_write_two(tmp_pa
         assert await vol.pread(0, cfg.size) == bytes(ref)
         await vol.attach_plex("c1")
         await vol.resync.wait_idle()
-    cols = column_bytes(cfg)
-    assert decode(cols, SU) == bytes(ref)
-    assert not any(xor_all(cols))
+    assert_columns_hold(cfg, ref)
 
 
 async def test_degraded_reads_and_writes_then_rebuild_of_missed_stripes(tmp_path):
@@ -293,9 +281,7 @@ async def test_degraded_reads_and_writes_then_rebuild_of_missed_stripes(tmp_path
         assert vol.columns[1].state == ACTIVE
         assert vol.resync.status()["copied_bytes"] == 3 * vol.width
         assert await vol.pread(0, cfg.size) == bytes(ref)
-    cols = column_bytes(cfg)
-    assert decode(cols, SU) == bytes(ref)
-    assert not any(xor_all(cols))
+    assert_columns_hold(cfg, ref)
 
 
 async def test_replaced_column_is_rebuilt_whole(tmp_path):
@@ -490,9 +476,7 @@ async def test_crash_with_log_replays_before_serving_and_parity_matches(tmp_path
         assert vol.replayed_entries == entries > 0
         assert await vol.pread(0, cfg.size) == bytes(ref)
         assert not vol.columns[0].record.missing.bits.any()  # no parity regeneration needed
-    cols = column_bytes(cfg)
-    assert decode(cols, SU) == bytes(ref)
-    assert not any(xor_all(cols))
+    assert_columns_hold(cfg, ref)
 
 
 async def test_crash_without_log_regenerates_parity_and_dirty_degraded_is_refused(tmp_path):
@@ -632,6 +616,4 @@ async def test_whole_stripe_writes_with_a_column_out_take_the_degraded_path(tmp_
         await vol.attach_plex("c1")
         await vol.resync.wait_idle()
         assert await vol.pread(0, cfg.size) == bytes(ref)
-    cols = column_bytes(cfg)
-    assert decode(cols, SU) == bytes(ref)
-    assert not any(xor_all(cols))
+    assert_columns_hold(cfg, ref)

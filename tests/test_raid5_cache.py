@@ -18,7 +18,8 @@ from vmd.plex import PARALLEL_BYTES, Plex
 from vmd.sidecar import ACTIVE, IOFAIL
 
 from enginekit import running_volume
-from raid5kit import column_bytes, decode, raid5_config, raid5_spec, xor_all, xor_is_zero
+from raid5kit import (assert_columns_hold, column_bytes, decode, raid5_config, raid5_spec,
+                      xor_all, xor_is_zero)
 
 SU = 64 * KiB
 DEAD = {errno.ENOTCONN, errno.EIO, errno.ECONNABORTED, errno.ENODEV}
@@ -71,9 +72,7 @@ async def test_reads_are_served_from_the_cache_also_with_a_column_failed_before_
             await vol.resync.wait_idle()
         assert vol.columns[c].state == ACTIVE
         assert await vol.pread(0, cfg.size) == bytes(ref)
-    cols = column_bytes(cfg)
-    assert decode(cols, SU) == bytes(ref)
-    assert not any(xor_all(cols))
+    assert_columns_hold(cfg, ref)
 
 
 async def test_a_rebuild_and_a_verify_racing_cached_writes(tmp_path):
@@ -299,9 +298,7 @@ async def test_the_write_back_writes_small_pieces_from_the_event_loop(tmp_path, 
         big = su >= PARALLEL_BYTES
         assert all((thread > 0) == big and (loop > 0) != big for loop, thread in taken())
         assert await vol.pread(0, cfg.size) == bytes(ref)
-    cols_now = column_bytes(cfg)
-    assert decode(cols_now, su) == bytes(ref)
-    assert not any(xor_all(cols_now))
+    assert_columns_hold(cfg, ref)
 
 
 @pytest.mark.allow_log(r"plex c1 .* is now IOFAIL", r"injected: no space left")
@@ -329,6 +326,4 @@ async def test_a_column_failing_in_the_write_back_from_the_event_loop_is_failed_
             await vol.resync.wait_idle()
         assert c1.state == ACTIVE
         assert await vol.pread(0, cfg.size) == bytes(ref)
-    cols = column_bytes(cfg)
-    assert decode(cols, SU) == bytes(ref)
-    assert not any(xor_all(cols))
+    assert_columns_hold(cfg, ref)
