@@ -459,6 +459,31 @@ async def test_log_entries_replay_in_order_and_a_torn_last_entry_is_ignored(tmp_
     assert read_entries(_header(1) + e1 + e2)[1] == []
 
 
+def test_log_entries_of_an_older_vmd_with_zlibs_crc32_replay_too():
+    # vmd wrote magic R5LE and zlib's crc32 before the entries' crc became
+    # crc32c (R5LC): a log a crash left across an upgrade still replays.
+    # The old entry is encoded here by hand, from the format's table.
+    import struct
+    import zlib
+
+    from vmd.raid5log import _header, encode_entry, read_entries
+
+    def old_entry(seq: int, pieces: list[tuple[int, int, bytes]]) -> bytes:
+        payload = b"".join(struct.pack("<HQI", c, off, len(d)) + d for c, off, d in pieces)
+        crc = zlib.crc32(payload, zlib.crc32(struct.pack("<IQ", len(payload), seq)))
+        return struct.pack("<4sIQI", b"R5LE", len(payload), seq, crc) + payload
+
+    p1, p2 = [(0, 8192, b"old" * 50)], [(2, 0, b"new" * 70)]
+    new2 = encode_entry(2, p2)
+    assert new2[:4] == b"R5LC"
+    assert read_entries(_header(0) + old_entry(1, p1) + new2)[1] == [(1, p1), (2, p2)]
+    # Each magic with its own crc only: an R5LC entry checked by zlib's
+    # crc32 (or the reverse) is damaged, and ends the replay there.
+    damaged = b"R5LC" + old_entry(2, p2)[4:]
+    assert read_entries(_header(0) + old_entry(1, p1) + damaged)[1] == [(1, p1)]
+    assert read_entries(_header(0) + b"R5LE" + new2[4:])[1] == []
+
+
 async def test_crash_with_log_replays_before_serving_and_parity_matches(tmp_path, monkeypatch):
     # No idle retire: the columns are emptied below, so every write must be in the log.
     monkeypatch.setattr("vmd.raid5log.RETIRE_SECONDS", 3600)
