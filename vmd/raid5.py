@@ -98,6 +98,16 @@ class Raid5Volume(ReadAhead, WriteBackCache, Volume):
     def _bad(self, s: int) -> list[int]:
         return [c for c in range(self.ncol) if self.lacks(c, s)]
 
+    def _whole(self, stripes: range) -> bool:
+        """Every column in, and none lacks any of `stripes`: one look at
+        each column's map over them all, not one per stripe and column
+        (27 of `lacks` for a 1 MiB write cost the event loop ~40 µs)."""
+        if not self._all_in():
+            return False
+        at, n = stripes.start * self.width, len(stripes) * self.width
+        return not any(p.record.missing is not None and p.record.missing.any_in(at, n)
+                       for p in self.columns)
+
     def _writable(self, c: int) -> bool:
         p = self.columns[c]
         return p.fd >= 0 and p.state in WRITABLE
@@ -240,7 +250,7 @@ class Raid5Volume(ReadAhead, WriteBackCache, Volume):
         most costly Python after the FUSE request itself."""
         n, width = len(data), self.width
         a, b = -(-off // width) * width, (off + n) // width * width
-        if a >= b or not self._all_in() or any(self._bad(s) for s in stripes):
+        if a >= b or not self._whole(stripes):
             return False
         plan = WritePlan(self)
         for s in stripes:
