@@ -327,3 +327,22 @@ async def test_a_column_failing_in_the_write_back_from_the_event_loop_is_failed_
         assert c1.state == ACTIVE
         assert await vol.pread(0, cfg.size) == bytes(ref)
     assert_columns_hold(cfg, ref)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+async def test_a_cancelled_write_back_starts_no_column_write(tmp_path, monkeypatch, inline):
+    # When the volume's tasks end (a stop cut short), the columns are closed
+    # after them: a write-back cancelled before it ran must not go on to
+    # write (a closed column's EBADF would fail it, durably). Once seen as
+    # all three columns IOFAIL after a test's simulated crash.
+    monkeypatch.setattr(WhereWritten, "fail_name", None)
+    cfg = raid5_config(tmp_path, size=2 * 8 * SU, raid5_log=tmp_path / "r5.r5log")
+    async with running_volume(cfg, plex_factory=WhereWritten) as vol:
+        for c in vol.columns:
+            c.inline = inline
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await vol._write_batch([(0, 0, b"x" * 4096), (1, 0, b"y" * 4096)])
+        assert scope.cancelled_caught
+        assert [c.on_loop for c in vol.columns] == [[], [], []]
+        assert all(c.state == ACTIVE for c in vol.columns)

@@ -246,7 +246,10 @@ class WriteBackCache(Volume):
             # writes the hop to the column's thread and back (and the GIL
             # passed between them) cost the daemon more CPU than the writes.
             # A batch holds what arrived during the log's last sync: other
-            # requests get the loop after every INLINE_BYTES of it.
+            # requests get the loop after every INLINE_BYTES of it. Cancelled
+            # (the volume's tasks end), it starts no write, as a thread's
+            # would not: the columns may be closing.
+            await trio.lowlevel.checkpoint_if_cancelled()
             done = 0
             for i, (at, data) in enumerate(items):
                 if done >= INLINE_BYTES:
