@@ -6,10 +6,12 @@ not from vmd/raid5.py, so that a placement bug in the engine cannot hide.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
 from vmd.config import KiB, MiB, VolumeConfig
+from vmd.plex import Plex, PlexIOError
 
 
 def raid5_config(tmp: Path, *, name: str = "r5", size: int = 8 * MiB, ncol: int = 3,
@@ -98,3 +100,25 @@ def assert_columns_hold(cfg: VolumeConfig, ref: bytes | bytearray) -> None:
     cols = column_bytes(cfg)
     assert decode(cols, cfg.stripe_unit) == bytes(ref)
     assert not any(xor_all(cols)), "the XOR of the columns is not zero: parity does not match"
+
+
+class FailingColumn(Plex):
+    """Column `name` fails its reads or writes with EIO once told to."""
+
+    fail: tuple[str, str] | None = None  # (column, "read" | "write")
+
+    def _pread_sync(self, off, size, into=None):
+        if FailingColumn.fail == (self.name, "read"):
+            raise OSError(errno.EIO, "injected read error")
+        return super()._pread_sync(off, size, into)
+
+    async def pread(self, off, size, **kw):
+        # The volume's reads (the page cache probe, io_uring) too.
+        if FailingColumn.fail == (self.name, "read"):
+            raise PlexIOError(self, "read", off, OSError(errno.EIO, "injected read error"))
+        return await super().pread(off, size, **kw)
+
+    def _pwrite_sync(self, off, data):
+        if FailingColumn.fail == (self.name, "write"):
+            raise OSError(errno.EIO, "injected write error")
+        super()._pwrite_sync(off, data)

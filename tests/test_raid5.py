@@ -12,12 +12,12 @@ from trio.testing import wait_all_tasks_blocked
 
 from vmd.config import KiB, MiB
 from vmd.errors import VmdError
-from vmd.plex import Plex, PlexIOError
 from vmd.sidecar import ACTIVE, DETACHED, IOFAIL, SYNCING
 from vmd.uring import Ring
 
 from enginekit import evict_page_cache, in_page_cache, running_volume
-from raid5kit import assert_columns_hold, column_bytes, decode, raid5_config, xor_all
+from raid5kit import (FailingColumn, assert_columns_hold, column_bytes, decode, raid5_config,
+                      xor_all)
 
 SU = 64 * KiB
 
@@ -58,55 +58,6 @@ async def test_full_stripe_write_reads_nothing(tmp_path):
         await vol.pwrite(vol.width, os.urandom(4 * vol.width))
         assert [p.reads for p in vol.columns] == before
         assert vol.method_counts == {"full": 4, "rmw": 0, "rcw": 0, "degraded": 0}
-
-
-async def test_a_write_off_the_stripes_plans_only_its_partial_edge_stripes(tmp_path):
-    # As the kernel's writeback cuts a sequential writer's 1 MiB writes: the
-    # whole stripes between the edges are written as full stripes (no reads),
-    # and each edge stripe reads only what its parity needs.
-    cfg = raid5_config(tmp_path, size=2 * 32 * SU)
-    ref = bytearray(os.urandom(cfg.size))
-    async with running_volume(cfg) as vol:
-        await vol.pwrite(0, bytes(ref))
-        counts = dict(vol.method_counts)
-        off, n = 3 * vol.width + 3 * SU // 2, 5 * vol.width
-        data = os.urandom(n)
-        await vol.pwrite(off, data)
-        ref[off:off + n] = data
-        got = {k: v - counts[k] for k, v in vol.method_counts.items()}
-        assert got == {"full": 4, "rmw": 0, "rcw": 2, "degraded": 0}, got
-        assert await vol.pread(0, cfg.size) == bytes(ref)
-    assert_columns_hold(cfg, ref)
-
-
-@pytest.mark.allow_log(r"plex c\d .* is now IOFAIL", r"injected read error")
-async def test_an_edge_read_failing_under_a_write_of_whole_stripes_writes_it_degraded(
-        tmp_path, monkeypatch):
-    # The whole-stripe path reads the edge stripes first; a column failing
-    # there is failed and the write planned again without it (degraded), so
-    # nothing was half written and everything reads back after the rebuild.
-    monkeypatch.setattr(FailingColumn, "fail", None)
-    cfg = raid5_config(tmp_path, size=2 * 32 * SU)
-    ref = bytearray(os.urandom(cfg.size))
-    async with running_volume(cfg, plex_factory=FailingColumn) as vol:
-        await vol.pwrite(0, bytes(ref))
-        off, n = 2 * vol.width + SU // 2, 3 * vol.width
-        # Reconstruct-write of the head stripe reads its other data unit.
-        head = off // vol.width
-        other = vol.data_col(head, 0)  # unit 1 is all new: unit 0's rest is read
-        FailingColumn.fail = (vol.columns[other].name, "read")
-        data = os.urandom(n)
-        await vol.pwrite(off, data)
-        ref[off:off + n] = data
-        FailingColumn.fail = None
-        assert vol.columns[other].state == IOFAIL
-        assert vol.method_counts["degraded"] > 0
-        assert await vol.pread(0, cfg.size) == bytes(ref)
-        await vol.attach_plex(vol.columns[other].name)
-        with trio.fail_after(30):
-            await vol.resync.wait_idle()
-        assert await vol.pread(0, cfg.size) == bytes(ref)
-    assert_columns_hold(cfg, ref)
 
 
 async def test_small_write_is_read_modify_write_of_two_columns(tmp_path):
@@ -354,28 +305,6 @@ async def test_rebuild_keeps_runs_in_flight_with_sequential_read_ahead_on_the_so
     assert not any(xor_all(cols))
 
 
-class FailingColumn(Plex):
-    """Column `name` fails its reads or writes with EIO once told to."""
-
-    fail: tuple[str, str] | None = None  # (column, "read" | "write")
-
-    def _pread_sync(self, off, size, into=None):
-        if FailingColumn.fail == (self.name, "read"):
-            raise OSError(errno.EIO, "injected read error")
-        return super()._pread_sync(off, size, into)
-
-    async def pread(self, off, size, **kw):
-        # The volume's reads (the page cache probe, io_uring) too.
-        if FailingColumn.fail == (self.name, "read"):
-            raise PlexIOError(self, "read", off, OSError(errno.EIO, "injected read error"))
-        return await super().pread(off, size, **kw)
-
-    def _pwrite_sync(self, off, data):
-        if FailingColumn.fail == (self.name, "write"):
-            raise OSError(errno.EIO, "injected write error")
-        super()._pwrite_sync(off, data)
-
-
 @pytest.mark.parametrize("failing", ["target", "source"])
 async def test_a_column_failing_during_a_rebuild_is_failed_and_the_rebuild_stops(
         tmp_path, failing, monkeypatch):
@@ -473,10 +402,18 @@ def test_log_entries_of_an_older_vmd_with_zlibs_crc32_replay_too():
         crc = zlib.crc32(payload, zlib.crc32(struct.pack("<IQ", len(payload), seq)))
         return struct.pack("<4sIQI", b"R5LE", len(payload), seq, crc) + payload
 
+    def old_header(retired: int) -> bytes:
+        h = b"VMDR5LOG" + struct.pack("<Q", retired)
+        return (h + struct.pack("<I", zlib.crc32(h))).ljust(4096, b"\0")
+
     p1, p2 = [(0, 8192, b"old" * 50)], [(2, 0, b"new" * 70)]
     new2 = encode_entry(2, p2)
     assert new2[:4] == b"R5LC"
+    assert read_entries(old_header(0) + old_entry(1, p1))[1] == [(1, p1)]
     assert read_entries(_header(0) + old_entry(1, p1) + new2)[1] == [(1, p1), (2, p2)]
+    # The header's magic changed too: a vmd from before refuses such a log
+    # ("bad magic"), where it would have replayed none of its R5LC entries.
+    assert _header(0)[:8] == b"VMDR5LG2"
     # Each magic with its own crc only: an R5LC entry checked by zlib's
     # crc32 (or the reverse) is damaged, and ends the replay there.
     damaged = b"R5LC" + old_entry(2, p2)[4:]

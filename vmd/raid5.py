@@ -252,7 +252,7 @@ class Raid5Volume(ReadAhead, WriteBackCache, Volume):
         a, b = -(-off // width) * width, (off + n) // width * width
         if a >= b or not self._whole(stripes):
             return False
-        plan = WritePlan(self)
+        plan = WritePlan(self, count=False)  # counted once written: no count of a retry
         for s in stripes:
             if not a <= s * width < b:
                 plan.add_stripe(s, off, data, None)
@@ -264,6 +264,8 @@ class Raid5Volume(ReadAhead, WriteBackCache, Volume):
         if not self._all_in():  # a column failed meanwhile: the plan must know
             return False
         writes = full_stripes(self, a, data[a - off:b - off]) + plan.compute(reads)
+        for st in plan.stripes:
+            self.method_counts[st["method"]] += 1
         await self._put(writes, off, n, stripes)
         return True
 

@@ -255,9 +255,9 @@ class WriteBackCache(Volume):
                 if done >= INLINE_BYTES:
                     await trio.lowlevel.checkpoint()
                     done = 0
-                    if not p.write_inline():  # it stalled: the rest in its thread
-                        await one(p, items[i:])
-                        return
+                if not p.write_inline():  # it stalled: the rest in its thread, at once
+                    await one(p, items[i:])
+                    return
                 try:
                     p.pwrite_inline(at, data)
                 except PlexIOError as e:

@@ -11,7 +11,7 @@ File layout: a 4096-byte header, then entries from offset 4096.
 
 | bytes | header |
 | --- | --- |
-| 0-7 | magic `VMDR5LOG` |
+| 0-7 | magic `VMDR5LG2` (`VMDR5LOG` in a log of a vmd before 2026-12-01) |
 | 8-15 | `retired`: u64 LE, every entry with a sequence number up to it is on the columns |
 | 16-19 | crc32 of bytes 0-15 |
 | 20-35 | the volume's uuid (its sidecar log's), raw; zeros in a log written before vmd recorded it |
@@ -27,7 +27,9 @@ File layout: a 4096-byte header, then entries from offset 4096.
 
 An entry with magic `R5LE` has zlib's crc32 there instead: vmd wrote those
 before 2026-12-01, and replays them (a log left by a crash across an
-upgrade). crc32c is computed by the CPU's own instruction: a 1 MiB write
+upgrade). The header's magic changed with the entries': a vmd from before
+then refuses the log as not its own, where it would have read the new
+entries as a torn tail and replayed none of them after a crash. crc32c is computed by the CPU's own instruction: a 1 MiB write
 logs 1.5 MiB, and zlib's crc32 of it cost the log's thread ~0.2 ms, a
 sixth of the daemon's CPU per MiB (docs/performance.md).
 
@@ -73,8 +75,14 @@ from .sidecar import VolumeState
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"VMDR5LOG"
+MAGIC = b"VMDR5LG2"  # what this vmd writes: entries are R5LC
+MAGICS = (MAGIC, b"VMDR5LOG")  # read: the older is a log of R5LE entries
 ENTRY_MAGIC = b"R5LC"  # what this vmd writes: the crc is crc32c
+# With the CPU's instruction the GIL is kept: a 64 KiB piece takes about
+# 2 µs, and each release had the log's thread wait to take it back from the
+# busy event loop. The software fallback (a CPU without SSE 4.2) takes ~0.4
+# ms per MiB: it lets the event loop run meanwhile.
+_GIL = 0 if crc32c.hardware_based else -1
 # Per entry magic, its checksum: (bytes, the crc so far) → the crc.
 ENTRY_CRCS: dict[bytes, Callable[[Any, int], int]] = {ENTRY_MAGIC: crc32c.crc32c,
                                                       b"R5LE": zlib.crc32}
@@ -109,11 +117,9 @@ def entry_buffers(seq: int, pieces: list[Piece]) -> list[Any]:
         h = _PIECE.pack(c, off, len(d))
         out += (h, d)
         n += len(h) + len(d)
-    # The GIL kept: a 64 KiB piece takes about 2 µs, and each release
-    # would have this thread wait to take it back from the busy event loop.
-    crc = crc32c.crc32c(struct.pack("<IQ", n, seq), 0, gil_release_mode=0)
+    crc = crc32c.crc32c(struct.pack("<IQ", n, seq), 0, gil_release_mode=_GIL)
     for b in out[1:]:
-        crc = crc32c.crc32c(b, crc, gil_release_mode=0)
+        crc = crc32c.crc32c(b, crc, gil_release_mode=_GIL)
     out[0] = _ENTRY.pack(ENTRY_MAGIC, n, seq, crc)
     return out
 
@@ -137,7 +143,7 @@ def read_owner(data: bytes) -> str | None:
     """The uuid of the volume whose log this is, None if the header names
     none (a log from before vmd recorded it). Raises ValueError if it is
     not a RAID-5 log or its owner is damaged."""
-    if len(data) < 20 or data[:8] != MAGIC:
+    if len(data) < 20 or data[:8] not in MAGICS:
         raise ValueError("not a RAID-5 log (bad magic)")
     if len(data) < 40 or not any(data[20:40]):
         return None
@@ -149,7 +155,7 @@ def read_owner(data: bytes) -> str | None:
 def read_entries(data: bytes) -> tuple[int, list[tuple[int, list[Piece]]]]:
     """(retired, [(seq, pieces)]) of the entries to replay. Raises ValueError
     if the header is damaged (the log cannot say what was in flight)."""
-    if len(data) < 20 or data[:8] != MAGIC or \
+    if len(data) < 20 or data[:8] not in MAGICS or \
             struct.unpack_from("<I", data, 16)[0] != zlib.crc32(data[:16]):
         raise ValueError("bad header (magic or crc)")
     retired = struct.unpack_from("<Q", data, 8)[0]
@@ -286,7 +292,7 @@ class Raid5Log:
         may name the wrong file."""
         if not self.was_empty:
             with open(self.path, "rb") as f:
-                if f.read(len(MAGIC)) != MAGIC:
+                if f.read(len(MAGIC)) not in MAGICS:
                     raise ValueError("not a RAID-5 log (bad magic); vmd will not overwrite it")
             # Truncated: its old entries must not follow the new header.
             os.ftruncate(self.fd, 0)
@@ -436,6 +442,13 @@ class Raid5Log:
                     n = await trio.to_thread.run_sync(self._encode_and_write, entries, at)
                 except OSError as e:
                     error = e
+                except Exception as e:  # noqa: BLE001 - a bug here must fail the log, not the task
+                    # Failed as for a disk error (the entries written back as
+                    # lost, loudly): a dead committer would drop the cache,
+                    # and every answered write in it, without a word.
+                    log.exception("volume %s: RAID-5 log %s: encoding a batch failed",
+                                  self.vol.name, self.path)
+                    error = OSError(errno.EIO, f"encoding failed: {e!r}")
                 else:
                     # Moved only past a durable blob: no gap a replay stops at.
                     self.end = at + n
