@@ -44,7 +44,14 @@ JOBS=(
   "rr4k-warm-1 warm --rw=randread --bs=4k --numjobs=1"
   "sr1m-warm-1 warm --rw=read --bs=1M --numjobs=1"
   "rw4k-1 warm --rw=randwrite --bs=4k --numjobs=1"
+  "sw1m-warm-1 warm --rw=write --bs=1M --numjobs=1"
+  "sw1m-cold-1 cold --rw=write --bs=1M --numjobs=1"
 )
+# ONLY=REGEX: only the jobs whose name matches (e.g. ONLY=sw1m for the writes).
+if [ -n "${ONLY:-}" ]; then
+  keep=(); for j in "${JOBS[@]}"; do [[ ${j%% *} =~ $ONLY ]] && keep+=("$j"); done
+  JOBS=("${keep[@]}")
+fi
 for r in $(seq $R); do
   for j in "${JOBS[@]}"; do
     set -- $j; name=$1 mode=$2; shift 2
