@@ -472,26 +472,32 @@ class Plex:
         """Write without blocking the event loop: io_uring, or a worker thread."""
         self.fresh = False
         with self._in_flight("write", off):
-            # A big write goes to a worker thread: io_uring would copy it into
-            # the page cache inside the submit, on the event loop's thread,
-            # after the copy the loop makes into another plex (not beside it).
-            ring = None if len(data) >= PARALLEL_BYTES else self._ring()
-            if ring is None or not await ring.pwrite(self.fd, off, data):
+            # A big write goes to the kernel's worker (IOSQE_ASYNC): io_uring
+            # would otherwise copy it into the page cache inside the submit,
+            # on the event loop's thread, after the copy the loop makes into
+            # another plex (not beside it).
+            ring = self._ring()
+            if ring is None or not await (ring.pwritev_async(self.fd, off, [data])
+                                          if len(data) >= PARALLEL_BYTES
+                                          else ring.pwrite(self.fd, off, data)):
                 await self._pool.run(self._pwrite_sync, off, data)
         self.writes += 1
         self.bytes_written += len(data)
 
     async def pwritev_async(self, off: int, bufs: list[Any]) -> None:
-        """pwrite_async of the buffers end to end, in a worker thread without
-        joining them first (a RAID-5 column's units of one write: the join
-        cost the event loop a copy of every byte). A subclass that replaces
+        """pwrite_async of the buffers end to end, without joining them first
+        (a RAID-5 column's units of one write: the join cost the event loop a
+        copy of every byte): one writev in the kernel's io_uring worker, or
+        in a worker thread where there is no ring. A subclass that replaces
         the blocking calls gets them joined, through its own `_pwrite_sync`."""
         if len(bufs) == 1 or not self._real_io:
             await self.pwrite_async(off, bufs[0] if len(bufs) == 1 else b"".join(bufs))
             return
         self.fresh = False
         with self._in_flight("write", off):
-            await self._pool.run(self._pwritev_sync, off, bufs)
+            ring = self._ring()
+            if ring is None or not await ring.pwritev_async(self.fd, off, bufs):
+                await self._pool.run(self._pwritev_sync, off, bufs)
         self.writes += 1
         self.bytes_written += sum(map(len, bufs))
 

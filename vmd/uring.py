@@ -7,7 +7,11 @@ reads that miss the page cache, writes it punts to its own workers) and the
 event loop learns of completions by polling the ring's fd (readable while
 completions wait to be reaped). A request that the
 kernel can finish at once (a page-cache hit) completes inside the submitting
-call and costs one system call.
+call and costs one system call. Big writes (`pwritev_async`) go to the
+kernel's worker at once (IOSQE_ASYNC): their copy into the page cache runs
+there, beside the event loop, and no Python thread has to take the GIL
+back after it (a RAID-5 column's units: 1 074 → 918 µs of daemon CPU per
+MiB written, docs/performance.md).
 
 Pure ctypes + mmap: the stack has no io_uring binding. Used only where it is
 safe and available; otherwise `Ring.get()` returns None and plexes use their
@@ -38,7 +42,8 @@ import trio
 log = logging.getLogger(__name__)
 
 _SYS_SETUP, _SYS_ENTER = 425, 426  # the same on every 64-bit ABI
-_OP_READ, _OP_WRITE = 22, 23
+_OP_WRITEV, _OP_READ, _OP_WRITE = 2, 22, 23
+_SQE_ASYNC = 1 << 4  # IOSQE_ASYNC: straight to the kernel's io-wq worker
 _FEAT_SINGLE_MMAP = 1 << 0
 _FEAT_NODROP = 1 << 1
 _OFF_SQ_RING, _OFF_CQ_RING, _OFF_SQES = 0, 0x8000000, 0x10000000
@@ -111,15 +116,37 @@ class _Op:
         self.keep = keep  # the buffer (and its ctypes view): alive until the kernel is done
 
 
+class _PyBuffer(ctypes.Structure):  # Py_buffer: only `buf` is read
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int),
+                ("ndim", ctypes.c_int), ("format", ctypes.c_char_p),
+                ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+
+
 def _address(buf: Any) -> tuple[int, Any] | None:
     """(address, object keeping it valid) of a buffer's bytes, without copying;
-    None for a read-only buffer that is not a bytes object."""
+    None for a buffer that is not contiguous."""
     if isinstance(buf, bytes):
         p = ctypes.c_char_p(buf)  # points into the bytes object itself
         return ctypes.cast(p, ctypes.c_void_p).value or 0, (p, buf)
     mv = memoryview(buf)
-    if mv.readonly or not mv.contiguous:
+    if not mv.contiguous:
         return None
+    if mv.readonly:
+        # A view of FUSE's bytes (a RAID-5 unit of a write): its address
+        # through the buffer protocol; the view, kept, keeps it valid.
+        pb = _PyBuffer()
+        _get_buffer(mv, ctypes.byref(pb), 0)  # PyBUF_SIMPLE
+        addr = pb.buf or 0
+        _release_buffer(ctypes.byref(pb))
+        return addr, mv
     c = (ctypes.c_char * mv.nbytes).from_buffer(mv)
     return ctypes.addressof(c), (c, mv)
 
@@ -232,13 +259,39 @@ class Ring:
             done += n
         return True
 
-    async def _run(self, opcode: int, fd: int, off: int, addr: int, length: int, keep: Any) -> int:
+    async def pwritev_async(self, fd: int, off: int, bufs: list[Any]) -> bool:
+        """Write the buffers end to end from off, in the kernel's own worker
+        (IOSQE_ASYNC): the copy into the page cache runs there, neither in
+        the submitting call on the event loop's thread nor in a Python
+        thread that must take the GIL back after it. False (nothing
+        written) if a buffer cannot be passed as is."""
+        targets = [_address(b) for b in bufs]
+        if any(t is None for t in targets):
+            return False
+        lens = [len(memoryview(b).cast("B")) for b in bufs]
+        segs = [(t[0], n) for t, n in zip(targets, lens) if n]  # type: ignore[index]
+        keep = [t[1] for t in targets]  # type: ignore[index]
+        while segs:
+            iov = (ctypes.c_uint64 * (2 * len(segs)))(*[x for seg in segs for x in seg])
+            n = await self._run(_OP_WRITEV, fd, off, ctypes.addressof(iov), len(segs),
+                                (iov, keep), flags=_SQE_ASYNC)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write")
+            off += n
+            while segs and n >= segs[0][1]:
+                n -= segs.pop(0)[1]
+            if n:
+                segs[0] = (segs[0][0] + n, segs[0][1] - n)
+        return True
+
+    async def _run(self, opcode: int, fd: int, off: int, addr: int, length: int, keep: Any,
+                   flags: int = 0) -> int:
         await trio.lowlevel.checkpoint_if_cancelled()
         uid = next(self._ids)
         op = _Op(keep)
         self._ops[uid] = op
         tail = self._sq_tail
-        _SQE.pack_into(self._sqes, (tail & self._sq_mask) * _SQE.size, opcode, 0, 0, fd, off,
+        _SQE.pack_into(self._sqes, (tail & self._sq_mask) * _SQE.size, opcode, flags, 0, fd, off,
                        addr, length, 0, uid, 0, 0, 0, 0, 0)
         self._sq_tail = tail = (tail + 1) & 0xFFFFFFFF
         _U32.pack_into(self._sq, self._sq_tail_off, tail)
