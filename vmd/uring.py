@@ -116,8 +116,11 @@ class _Op:
         self.keep = keep  # the buffer (and its ctypes view): alive until the kernel is done
 
 
-class _PyBuffer(ctypes.Structure):  # Py_buffer: only `buf` is read
-    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object), ("len", ctypes.c_ssize_t),
+class _PyBuffer(ctypes.Structure):
+    # Py_buffer, as CPython lays it out (the stable ABI since 3.11); only
+    # `buf` is read. `obj` is a plain pointer here: the reference the call
+    # takes is PyBuffer_Release's to drop, not ctypes'.
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
                 ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int),
                 ("ndim", ctypes.c_int), ("format", ctypes.c_char_p),
                 ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
