@@ -181,7 +181,7 @@ class Raid5Volume(ReadAhead, WriteBackCache, Volume):
 
         async def one(p: Plex, off: int, parts: list[Any]) -> None:
             try:
-                await p.pwritev_async(off, parts)  # no join: the thread writes them in turn
+                await p.pwritev_async(off, parts)  # no join: one writev of them all
             except PlexIOError as e:
                 failed.append(e)
 
