@@ -363,7 +363,7 @@ async def test_mirror_verbs_are_refused_with_a_clear_message(tmp_path):
 
 
 async def test_log_entries_replay_in_order_and_a_torn_last_entry_is_ignored(tmp_path):
-    from vmd.raid5log import HEADER, encode_entry, read_entries
+    from vmd.raid5log_format import HEADER, encode_entry, read_entries
 
     cfg = raid5_config(tmp_path, raid5_log=tmp_path / "r5.r5log")
     async with running_volume(cfg) as vol:
@@ -373,7 +373,7 @@ async def test_log_entries_replay_in_order_and_a_torn_last_entry_is_ignored(tmp_
         assert vol.status()["raid5_log"]["used_bytes"] > 0 or vol.r5log.retires
     # Two entries by hand after the clean stop's empty log: the second torn
     # at every byte offset replays as the first alone.
-    from vmd.raid5log import _header
+    from vmd.raid5log_format import _header
 
     e1 = encode_entry(1, [(0, 0, b"a" * 100), (2, 0, b"b" * 100)])
     e2 = encode_entry(2, [(1, 4096, b"c" * 300)])
@@ -395,7 +395,7 @@ def test_log_entries_of_an_older_vmd_with_zlibs_crc32_replay_too():
     import struct
     import zlib
 
-    from vmd.raid5log import _header, encode_entry, read_entries
+    from vmd.raid5log_format import _header, encode_entry, read_entries
 
     def old_entry(seq: int, pieces: list[tuple[int, int, bytes]]) -> bytes:
         payload = b"".join(struct.pack("<HQI", c, off, len(d)) + d for c, off, d in pieces)
@@ -476,7 +476,7 @@ async def test_torn_last_log_entry_at_every_byte_offset_through_a_restart(tmp_pa
     followed by garbage at odd cuts), opened as a restart does: the entries
     before it are replayed, the torn one is not, and parity matches."""
     from vmd.manager import open_volume
-    from vmd.raid5log import HEADER, read_entries
+    from vmd.raid5log_format import HEADER, read_entries
 
     cfg = raid5_config(tmp_path, size=2 * 8 * SU, raid5_log=tmp_path / "r5.r5log")
     before = bytearray(cfg.size)

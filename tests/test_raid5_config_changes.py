@@ -15,7 +15,7 @@ import pytest
 from vmd.config import KiB, MiB, VolumeConfig
 from vmd.errors import VmdError
 from vmd.manager import open_volume
-from vmd.raid5log import read_owner
+from vmd.raid5log_format import read_owner
 from vmd.sidecar import _header_bytes, read_log, read_log_header
 
 from enginekit import running_volume, volume_config

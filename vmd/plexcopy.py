@@ -12,9 +12,6 @@ from typing import TYPE_CHECKING, Any
 from .iopool import IOPool
 from .plexerr import PlexIOError
 
-if TYPE_CHECKING:
-    from .plex import Plex
-
 DIRECT_ALIGN = 4096  # O_DIRECT offsets and lengths: the largest logical block size
 # copy_file_range(2) errors that mean "not between these two files" (another
 # filesystem, a kernel or filesystem without it): copy through a buffer.
@@ -30,6 +27,8 @@ class ResyncCopies:
         fd: int
         fresh: bool
         reads: int
+        writes: int
+        bytes_written: int
         _direct_fd: int
         _direct_ok: bool
         _kernel_copy: bool
@@ -41,7 +40,11 @@ class ResyncCopies:
         def _pread_sync(self, off: int, size: int, into: memoryview | None = None
                         ) -> bytes | memoryview: ...
 
-    def _kernel_copy_sync(self, target: "Plex", off: int, length: int) -> bool:
+        def _pwrite_sync(self, off: int, data: bytes | memoryview) -> None: ...
+
+        def _punch_sync(self, off: int, length: int) -> None: ...
+
+    def _kernel_copy_sync(self, target: ResyncCopies, off: int, length: int) -> bool:
         """Copy [off, off+length) of this image to the same range of `target`
         with copy_file_range: at most one copy in the kernel (none into the
         target's O_DIRECT file, for aligned ranges), where a pread and a pwrite
@@ -102,7 +105,7 @@ class ResyncCopies:
             os.close(self._direct_fd)
             self._direct_fd = -1
 
-    async def copy_to(self, targets: list["Plex"], off: int, size: int, buf: bytearray | None,
+    async def copy_to(self, targets: list[ResyncCopies], off: int, size: int, buf: bytearray | None,
                       *, sparse: bool = False, pool: IOPool | None = None
                       ) -> tuple[dict[str, PlexIOError], int]:
         """Resync: copy [off, off+size) of this plex to every target, all in one
@@ -118,7 +121,7 @@ class ResyncCopies:
         def copy() -> tuple[dict[str, PlexIOError], int]:
             errors: dict[str, PlexIOError] = {}
 
-            def each(op: str, at: int, method: str, *args: Any, to: list[Plex] = targets
+            def each(op: str, at: int, method: str, *args: Any, to: list[ResyncCopies] = targets
                      ) -> None:
                 # By name: a subclass's (a test's) fault injection applies.
                 for t in to:

@@ -5,16 +5,14 @@ import cycle; `from .plex import PlexIOError` works as before."""
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .plex import Plex
+from typing import Any
 
 
 class PlexIOError(OSError):
     """An I/O error on a plex, naming it."""
 
-    def __init__(self, plex: Plex, op: str, off: int, err: OSError):
+    def __init__(self, plex: Any, op: str, off: int, err: OSError):
+        # plex: a vmd.plex.Plex (not imported here: plex.py imports this)
         # One that passed through another layer names the plex once, with
         # the first (innermost) offset's cause, not "write of plex … : write
         # of plex … : No space left on device".

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from .config import VolumeConfig, format_size
 from .errors import SidecarError
-from .raid5log import IN_USE as R5LOG_IN_USE, read_owner
+from .raid5log import IN_USE as R5LOG_IN_USE
+from .raid5log_format import read_owner
 from .sidecar import ACTIVE, SNAPLINK, VolumeState, read_log, read_log_header
 
 log = logging.getLogger(__name__)
