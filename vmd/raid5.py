@@ -28,7 +28,7 @@ from .config import VolumeConfig
 from .errors import VmdError
 from .plex import INLINE_BYTES, Alone, Plex, PlexIOError
 from .raid5_ahead import ReadAhead
-from .raid5_plan import Piece, WritePlan, full_stripes
+from .raid5_plan import Piece, WritePlan, edge_plan, full_stripes
 from .raid5_rebuild import Rebuild, xor_into
 from .raid5cache import WriteBackCache
 from .raid5log import Raid5Log
@@ -252,10 +252,7 @@ class Raid5Volume(ReadAhead, WriteBackCache, Volume):
         a, b = -(-off // width) * width, (off + n) // width * width
         if a >= b or not self._whole(stripes):
             return False
-        plan = WritePlan(self, count=False)  # counted once written: no count of a retry
-        for s in stripes:
-            if not a <= s * width < b:
-                plan.add_stripe(s, off, data, None)
+        plan = edge_plan(self, off, data, count=False)  # counted once written, not retried
         try:
             reads = await self._read_pieces(plan.reads) if plan.reads else []
         except PlexIOError as e:

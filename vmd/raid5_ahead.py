@@ -11,7 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .plex import Plex
-from .raid5_plan import WritePlan
+from .raid5_plan import edge_plan
 from .volume import Volume, Zeros
 
 log = logging.getLogger(__name__)
@@ -48,19 +48,10 @@ class ReadAhead(Volume):
         the one before, then reads the rest of its last stripe cold, which
         the next write will overwrite. Read ahead (POSIX_FADV_WILLNEED),
         that read finds the page cache filled."""
-        n = len(data)
-        w = self.width
-        if n <= w or isinstance(data, Zeros) or not self._all_in():
-            return
-        edges = {s for s in (off // w, (off + n - 1) // w)
-                 if off > s * w or off + n < (s + 1) * w}
-        if not edges:
+        if len(data) <= self.width or isinstance(data, Zeros) or not self._all_in():
             return
         try:
-            plan = WritePlan(self, count=False)
-            view = memoryview(data)
-            for s in sorted(edges):
-                plan.add_stripe(s, off, view, None)
+            plan = edge_plan(self, off, memoryview(data), count=False)
             for c, at, length in plan.reads:
                 self.columns[c].will_read(at, length)
         except Exception:  # noqa: BLE001 -- a hint never fails a write: the reads report

@@ -120,6 +120,19 @@ class WritePlan:
         return writes
 
 
+def edge_plan(vol: Any, off: int, data: memoryview, *, count: bool) -> WritePlan:
+    """The plan of the stripes a write of `data` at `off` covers only in
+    part (at most its first and its last), every column in: what a write
+    over whole stripes reads and computes besides them, and what a write
+    about to wait for its range lock can read ahead (vmd/raid5_ahead.py)."""
+    w, end = vol.width, off + len(data)
+    plan = WritePlan(vol, count=count)
+    for s in sorted({off // w, (end - 1) // w}):
+        if off > s * w or end < (s + 1) * w:
+            plan.add_stripe(s, off, data, None)
+    return plan
+
+
 def full_stripes(vol: Any, off: int, data: memoryview) -> list[tuple[int, int, Any]]:
     """The column writes of a write of whole stripes (`off` and its length
     multiples of the stripe width), every column in: each stripe's data units
