@@ -24,7 +24,7 @@ from .onloop import Alone, Hold
 from .plexcopy import ResyncCopies
 from .plexerr import PlexIOError
 from .sidecar import PlexRecord
-from .uring import EndOfFile, Ring
+from .uring import IOV_MAX, EndOfFile, Ring
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ PARALLEL_BYTES = 128 * 1024
 # A RAID-5 write's pieces (or a batch of the RAID-5 log's) under this, every
 # column fast, go into the page cache from the event loop, in turn.
 INLINE_BYTES = 256 * 1024
-IOV_MAX = 1024  # buffers per pwritev (Linux's UIO_MAXIOV)
 
 
 # fallocate(2) mode FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: os has no
@@ -471,9 +470,13 @@ class Plex(ResyncCopies):
             # on the event loop's thread, after the copy the loop makes into
             # another plex (not beside it).
             ring = self._ring()
-            if ring is None or not await (ring.pwritev_async(self.fd, off, [data])
-                                          if len(data) >= PARALLEL_BYTES
-                                          else ring.pwrite(self.fd, off, data)):
+            if ring is None:
+                done = False
+            elif len(data) >= PARALLEL_BYTES:
+                done = await ring.pwritev_async(self.fd, off, [data])
+            else:
+                done = await ring.pwrite(self.fd, off, data)
+            if not done:  # no ring, or a buffer it cannot take as it is
                 await self._pool.run(self._pwrite_sync, off, data)
         self.writes += 1
         self.bytes_written += len(data)

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 _SYS_SETUP, _SYS_ENTER = 425, 426  # the same on every 64-bit ABI
 _OP_WRITEV, _OP_READ, _OP_WRITE = 2, 22, 23
 _SQE_ASYNC = 1 << 4  # IOSQE_ASYNC: straight to the kernel's io-wq worker
-_IOV_MAX = 1024  # buffers per writev (UIO_MAXIOV)
+IOV_MAX = 1024  # buffers per writev (Linux's UIO_MAXIOV)
 _FEAT_SINGLE_MMAP = 1 << 0
 _FEAT_NODROP = 1 << 1
 _OFF_SQ_RING, _OFF_CQ_RING, _OFF_SQES = 0, 0x8000000, 0x10000000
@@ -276,7 +276,7 @@ class Ring:
         segs = [(t[0], n) for t, n in zip(targets, lens) if n]  # type: ignore[index]
         keep = [t[1] for t in targets]  # type: ignore[index]
         while segs:
-            part = segs[:_IOV_MAX]  # the kernel refuses more (EINVAL): the rest next
+            part = segs[:IOV_MAX]  # the kernel refuses more (EINVAL): the rest next
             iov = (ctypes.c_uint64 * (2 * len(part)))(*[x for seg in part for x in seg])
             n = await self._run(_OP_WRITEV, fd, off, ctypes.addressof(iov), len(part),
                                 (iov, keep), flags=_SQE_ASYNC)
