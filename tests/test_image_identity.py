@@ -13,16 +13,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trio
 
 from conftest import MiB, VmdDaemon, volume_spec, wait_for
 from enginekit import running_volume, volume_config
-from raid5kit import raid5_config
+from raid5kit import decode, raid5_config, xor_all
 from test_events import EventStream, streams  # noqa: F401 (a fixture)
 from vmd import events
 from vmd.config import KiB
 from vmd.plex import Plex
 from vmd import imageid
 from vmd.imageid import XATTR
+from vmd.sidecar import read_log
 
 SIZE = 16 * MiB
 REPLACED = r"is not the one it had: its inode changed and it carries no vmd mark"
@@ -72,6 +74,74 @@ async def test_raid5_column_replaced_while_stopped_is_rebuilt(tmp_path: Path) ->
         states = {p.name: p.state for p in vol.columns}
     assert states == {"c0": "ACTIVE", "c1": "ACTIVE", "c2": "ACTIVE"}, states
     assert c1.read_bytes() == before[1], "the rebuilt column differs from the one replaced"
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("when", ["rebuilt", "rebuilding"])
+@pytest.mark.allow_log(r"columns differs from the columns sidecar log", r"not stopped cleanly",
+                       r"RAID-5 log replayed", r"resync interrupted")
+async def test_raid5_column_replaced_then_crash_serves_the_new_image(
+        tmp_path: Path, when: str) -> None:
+    """Trial 9, F1: `vmd plex replace` of a column, a crash, and a restart with
+    the config as it was (as the docs allow). The start took the image the
+    replace took out, which still carries the column's mark and, after a
+    crash, the log's generation, for the new image "moved" back to the
+    config's path, and served what it had missed: parity regenerated from it
+    without a RAID-5 log, so that even `vmd verify` found nothing."""
+    # Killed while rebuilding, the volume is dirty and degraded: without a
+    # RAID-5 log, refused until forced (the write hole). With one, served.
+    log = {"raid5_log": tmp_path / "r5.r5log"} if when == "rebuilding" else {}
+    cfg = raid5_config(tmp_path, size=32 * MiB, **log)  # 8 runs of rebuild: 1 a second
+    ref = bytearray(os.urandom(cfg.size))
+    new = tmp_path / "r5-c2-new.img"
+    rate = 4 * MiB if when == "rebuilding" else 0
+    async with running_volume(cfg, shutdown=False, rate_limit=rate) as vol:
+        await vol.pwrite(0, bytes(ref))
+        await vol.detach_plex("c2")
+        ref[2 * MiB:6 * MiB] = os.urandom(4 * MiB)  # what the old image misses
+        await vol.pwrite(2 * MiB, bytes(ref[2 * MiB:6 * MiB]))
+        reply = await vol.attach_plex("c2", path=str(new))
+        assert reply["full_resync"], reply
+        if when == "rebuilt":
+            await vol.resync.wait_idle()
+        else:
+            with trio.fail_after(30):
+                while not vol.resync.status()["done_bytes"]:
+                    await trio.sleep(0.01)
+            assert vol.columns[2].state == "SYNCING"
+    # A crash (no clean stop), and a start with the config naming the old image.
+    async with running_volume(cfg) as vol:
+        assert vol.columns[2].record.path == str(new), [p.record.path for p in vol.columns]
+        await vol.resync.wait_idle()
+        assert [p.state for p in vol.columns] == ["ACTIVE"] * 3
+        assert bytes(await vol.pread(0, cfg.size)) == bytes(ref)
+    cols = [Path(p).read_bytes() for p in (*cfg.plexes[:2], new)]
+    assert decode(cols, 64 * KiB) == bytes(ref)
+    assert not any(xor_all(cols))
+
+
+@pytest.mark.trio
+async def test_an_image_still_at_its_recorded_path_is_not_found_moved(tmp_path: Path) -> None:
+    """After a replace and a crash, a config edited to list the image the
+    replace took out (a slip, an old config put back) is not taken for the
+    new image moved there: the new one is still where the log says. A
+    symlink to it is (the same file)."""
+    cfg = raid5_config(tmp_path, size=8 * MiB)
+    new = tmp_path / "r5-c2-new.img"
+    async with running_volume(cfg, shutdown=False) as vol:
+        await vol.pwrite(0, os.urandom(cfg.size))
+        await vol.detach_plex("c2")
+        await vol.attach_plex("c2", path=str(new))
+        await vol.resync.wait_idle()
+    state = read_log(cfg.log)[0].state
+    assert imageid.find_moved(state, [str(new)], [str(cfg.plexes[2])]) is None
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path, target_is_directory=True)
+    alias = str(link / new.name)
+    assert imageid.find_moved(state, [str(new)], [alias]) == {str(new): alias}
+    os.rename(new, tmp_path / "elsewhere.img")  # gone from its path: a move is found
+    assert imageid.find_moved(state, [str(new)], [str(tmp_path / "elsewhere.img")]) == {
+        str(new): str(tmp_path / "elsewhere.img")}
 
 
 @pytest.mark.trio
@@ -395,6 +465,15 @@ def test_images_and_log_moved_to_another_directory_are_found_there(
     vol["plexes"] = ["disk2/p0.img", "disk2/p1.img"]
     vol["log"] = "disk2/vol0.log"
     d.write_config()
+    if how == "cp -a":
+        # The images still at their recorded paths: the copies are not taken
+        # for them (a file carrying an image's mark beside it may be one that
+        # `vmd plex replace` took out), until the originals are gone.
+        d.start()
+        err = {r["name"]: r["error"] for r in d.status().get("refused", [])}["vol0"]
+        assert "only once the image is gone from the path recorded" in err, err
+        d.stop()
+        os.rename(d.path("disk"), d.path("disk.old"))
     d.start()
     assert "its images were moved while vmd was stopped" in d.stderr(), d.stderr()
     assert d.plex_states() == {"p0": "ACTIVE", "p1": "ACTIVE"}

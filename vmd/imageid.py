@@ -213,8 +213,15 @@ def find_moved(state: VolumeState, old_paths: list[str], new_paths: list[str]
     plex; an in-sync one with the log's generation or later, as at open) or
     by its inode (a `mv` within one filesystem). Returns old → new only if
     every old path is found at exactly one new path and every new path is
-    one of them: vmd does not guess."""
+    one of them: vmd does not guess. An image still at its old path was not
+    moved: only the same file (a symlink to it) is found for it."""
     recs = {r.path: r for r in state.plexes if not r.role}
+    # An image still at its recorded path was not moved: another file that
+    # carries its mark is a copy, or the image a `vmd plex replace` took out
+    # (it keeps the column's mark, and the log's generation after a crash).
+    # Only the same file under another name (a symlink) is taken for it.
+    stayed = {old for old in old_paths if (rec := recs.get(old)) is not None
+              and rec.inode is not None and _inode_at(old) == rec.inode}
     found: dict[str, list[str]] = {}
     for new in new_paths:
         try:
@@ -232,7 +239,8 @@ def find_moved(state: VolumeState, old_paths: list[str], new_paths: list[str]
             if rec is None:
                 continue
             ours, gen = _marked_by(state, rec.name, mark)
-            if ((ours and (gen is None or rec.state not in WRITABLE or gen >= generation(state)))
+            if ((ours and old not in stayed
+                 and (gen is None or rec.state not in WRITABLE or gen >= generation(state)))
                     or (rec.inode is not None and inode == rec.inode)):
                 found.setdefault(old, []).append(new)
     chosen = {old: news[0] for old, news in found.items() if len(news) == 1}
@@ -240,6 +248,20 @@ def find_moved(state: VolumeState, old_paths: list[str], new_paths: list[str]
             or set(chosen.values()) != set(new_paths)):
         return None
     return chosen
+
+
+def _inode_at(path: str) -> list[int] | None:
+    """(dev, ino, generation) of the file at `path`; None if there is none
+    (or it cannot be opened: a remote URI, no permission)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        return [st.st_dev, st.st_ino, _generation(fd)]
+    finally:
+        os.close(fd)
 
 
 def _unrecognised_why(state: VolumeState, p: Plex) -> str:

@@ -344,6 +344,17 @@ def _check_against_config(state: VolumeState, vc: VolumeConfig, cfg_path: Path) 
                f"({', '.join(current)}): " + "; ".join(
                    ([f"it lacks {', '.join(lacks)}"] if lacks else [])
                    + ([f"it lists {', '.join(extra)}, not recorded"] if extra else [])))
+    if cfg_plexes == state.config_plexes:
+        # The config is as it was when vmd last agreed with it: the plexes changed
+        # since with `vmd plex` stand, so that a restart (after a crash, at boot)
+        # needs no help. Said at every start until the config catches up. Never
+        # taken for a move: after `vmd plex replace`, the config still names the
+        # replaced image, which carries the column's mark, and serving it again
+        # would bring back what it missed (trial 9, F1).
+        log.warning("volume %s: %s: %s. They were changed with `vmd plex` since the config "
+                    "was written: serving the recorded plexes; update the config to list "
+                    "exactly them", vc.name, cfg_path, differs)
+        return
     moved = imageid.find_moved(state, lacks, extra)
     if moved is not None:
         for rec in state.plexes:
@@ -357,18 +368,12 @@ def _check_against_config(state: VolumeState, vc: VolumeConfig, cfg_path: Path) 
                     "vmd mark or inode): %s; recorded at their new paths", vc.name,
                     ", ".join(f"{old} -> {new}" for old, new in moved.items()))
         return
-    if cfg_plexes == state.config_plexes:
-        # The config is as it was when vmd last agreed with it: the plexes changed
-        # since with `vmd plex` stand, so that a restart (after a crash, at boot)
-        # needs no help. Said at every start until the config catches up.
-        log.warning("volume %s: %s: %s. They were changed with `vmd plex` since the config "
-                    "was written: serving the recorded plexes; update the config to list "
-                    "exactly them", vc.name, cfg_path, differs)
-        return
     raise VmdError(f"{cfg_path}: {differs}. The config was edited since vmd last used it, so "
                    f"vmd will not guess which is meant: make {key}.{images} list exactly the "
                    f"recorded {images}. (Images moved while vmd was stopped are found at their "
-                   f"new paths by their vmd mark: move them with `cp -a`, `rsync -X` or `mv`)")
+                   f"new paths by their vmd mark: move them with `cp -a`, `rsync -X` or `mv`; "
+                   f"a copy is taken for the image only once the image is gone from the path "
+                   f"recorded)")
 
 
 def _abort_interrupted_snapshot_mirrors(vol: Volume) -> None:
