@@ -4,6 +4,7 @@
     .venv/bin/pip install py-spy
     .venv/bin/python bench/profile.py randwrite [--numjobs 1] [--runtime 5] [--idle] [--gil]
     .venv/bin/python bench/profile.py resync          # full resync of --size from p0
+    .venv/bin/python bench/profile.py seqwrite --layout raid5-log --size 256MiB
 
 Starts a vmd with the shipped volume settings in a scratch directory (var/ by
 default), pre-fills the volume, runs the fio job while `py-spy record` samples
@@ -65,6 +66,8 @@ def main() -> int:
     ap.add_argument("--gil", action="store_true", help="only threads holding the GIL")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--drl-off", action="store_true", help="the volume with drl: false")
+    ap.add_argument("--layout", choices=["mirror", "raid5", "raid5-log"], default="mirror",
+                    help="the shipped mirror, or a 3-column RAID-5 volume (with a RAID-5 log)")
     ap.add_argument("--dir", default=os.environ.get("BENCH_DIR"))
     a = ap.parse_args()
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -81,6 +84,13 @@ def main() -> int:
     vol_settings = shipped_volume_settings()
     if a.drl_off:
         vol_settings["drl"] = False
+    if a.layout != "mirror":
+        if a.job == "resync":
+            ap.error("resync profiles a mirror's full resync; use --layout mirror")
+        vol_settings.pop("fastresync_region", None)
+        vol_settings |= {"layout": "raid5", "columns": [f"vol0-c{i}.img" for i in range(3)]}
+        if a.layout == "raid5-log":
+            vol_settings["raid5_log"] = "vol0.r5log"
     try:
         d = Vmd(scratch / "vmd", {"vol0": {"size": size, **vol_settings}}, cleanup)
         if a.job == "resync":
