@@ -99,8 +99,12 @@ def test_wait_names_a_plex_that_is_out_instead_of_saying_in_sync(
     "in sync", which an administrator reads as redundant again."""
     vmd = vmd_factory(volumes={"vol0": volume_spec(size="16MiB")}).start()
     vmd.cli("plex", "detach", "vol0", "p1")
-    out = vmd.cli("wait", "vol0").stdout
-    assert "in sync" not in out and "not redundant in full: p1 is DETACHED" in out, out
+    # And exits 1: `vmd plex replace … && vmd wait …` goes on only once the
+    # volume is redundant again (trial 9, F3: it exited 0).
+    p = vmd.cli("wait", "vol0", check=False)
+    assert p.returncode == EXIT_ERROR, (p.returncode, p.stdout, p.stderr)
+    assert "in sync" not in p.stdout + p.stderr, (p.stdout, p.stderr)
+    assert "not redundant in full: p1 is DETACHED" in p.stderr, p.stderr
     vmd.cli("plex", "attach", "vol0", "p1")
     vmd.wait_resync()
     assert vmd.cli("wait", "vol0").stdout == "vol0: in sync\n"

@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
                     "missing); relative to the current directory")
 
     w = add_verb(sub, "wait", "wait until no resync runs on VOLUME; exit 1, naming the plex "
-                              "and the error, if a target of the last resync failed", (
+                              "and why, if a target of the last resync failed or a plex "
+                              "(column) is still out: 0 means redundant in full", (
         ("vmd wait vol0", "until no resync runs"),
         ("vmd wait r5", "after `vmd plex replace r5 c1 PATH`: exits 0 only once c1 is rebuilt")))
     w.add_argument("volume", help=VOLUME_HELP)
@@ -419,8 +420,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _report_wait(volume: str, reply: dict[str, Any]) -> None:
     """`vmd wait`'s answer: failed if a target of the last resync failed (and
-    still is), else in sync, with the figures of a pass only if one ran
-    while this wait waited."""
+    still is) or a plex is out, else in sync, with the figures of a pass only
+    if one ran while this wait waited."""
     what = "rebuild" if reply.get("rebuild") else "resync"
     failed = reply.get("failed", [])
     if failed:
@@ -434,8 +435,10 @@ def _report_wait(volume: str, reply: dict[str, Any]) -> None:
     if not out:
         print(f"{volume}: in sync{ran}")
         return
-    # Nothing left to wait for, but not every plex is in: say which, and why.
-    print(f"{volume}: nothing to {what}{ran}, but not redundant in full: " + "; ".join(
+    # Nothing left to wait for, but not every plex is in: say which, and why,
+    # and fail: `vmd plex replace … && vmd wait …` must not go on as if the
+    # volume were redundant again (trial 9, F3).
+    raise VmdError(f"{volume}: nothing to {what}{ran}, but not redundant in full: " + "; ".join(
         f"{o['plex']} is {o['state']}" + (f" ({o['reason']})" if o.get("reason") else "")
         for o in out))
 

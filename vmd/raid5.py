@@ -42,6 +42,9 @@ HALT_SECONDS = 20  # a stop waits this long for the RAID-5 log's column writes t
 
 
 class Raid5Volume(ReadAhead, WriteBackCache, Volume):
+    IMAGE = "column"
+    REPLACE_DOC = "RAID-5: replace a failed column, a dirty degraded volume"
+
     def __init__(self, cfg: VolumeConfig, state: VolumeState, sidecar: SidecarLog,
                  plexes: Iterable[Plex], *, clean_delay: float = 5.0, rate_limit: int = 0,
                  plex_factory: Callable[[PlexRecord, int], Plex] = Plex):

@@ -89,6 +89,10 @@ class Volume:
     `_read_any`, `data_ranges`, `_mark_missed` and `_layout_status`, and sets
     `self.resync` (its `Background`) in its `__init__`."""
 
+    # What the layout calls its images, and the docs section on replacing one.
+    IMAGE = "plex"
+    REPLACE_DOC = "Replace a failed plex"
+
     # Called as `await before_write(off, n)` inside pwrite, with the range
     # held and before the DRL and the plex writes (Remote Copy's copy-on-write).
     before_write: Callable[[int, int], Any] | None = None
@@ -569,6 +573,15 @@ class Volume:
                 f"the resync stopped on an unexpected error ({self.resync.error}; the daemon's "
                 f"log has its traceback): the plexes it was copying stay out of sync until the "
                 f"daemon is restarted")}
+        # Serving everything, but with fewer copies than configured: a monitor
+        # reading `health` must see it (trial 9, F3: it said "ok").
+        out = [p for p in self.plexes if not p.record.role and p.state in (IOFAIL, STALE, DETACHED)]
+        if out:
+            return {"health": "degraded", "problem": (
+                "not redundant in full: " + "; ".join(
+                    f"{self.IMAGE} {p.name} is {p.state}"
+                    + (f" ({p.record.reason})" if p.record.reason else "") for p in out)
+                + f"; see `{self.REPLACE_DOC}` in docs/operations.md")}
         return {"health": "ok", "problem": None}
 
     def _plex_status(self, p: Plex) -> dict[str, Any]:
