@@ -105,9 +105,16 @@ def test_wait_names_a_plex_that_is_out_instead_of_saying_in_sync(
     assert p.returncode == EXIT_ERROR, (p.returncode, p.stdout, p.stderr)
     assert "in sync" not in p.stdout + p.stderr, (p.stdout, p.stderr)
     assert "not redundant in full: p1 is DETACHED" in p.stderr, p.stderr
+    # And status says so to a monitor (it said health "ok").
+    st = vmd.status("vol0")
+    assert st["health"] == "degraded", st
+    assert st["problem"].startswith("not redundant in full: plex p1 is DETACHED (detached by "
+                                    "the administrator"), st["problem"]
+    assert "DEGRADED" in vmd.cli("status").stdout.splitlines()[0]
     vmd.cli("plex", "attach", "vol0", "p1")
     vmd.wait_resync()
     assert vmd.cli("wait", "vol0").stdout == "vol0: in sync\n"
+    assert vmd.status("vol0")["health"] == "ok"
 
 
 def test_start_force_degraded_of_a_mirror_is_refused(vmd_factory: Callable[..., VmdDaemon]) -> None:
