@@ -38,7 +38,8 @@ _PLEX_ACTIONS: tuple[tuple[str, str, str, tuple[Example, ...]], ...] = (
      (("vmd plex detach vol0 p1", "then: vmd plex attach vol0 p1"),)),
     ("attach", "PLEX", "bring a DETACHED, IOFAIL or STALE plex back, copying only what it missed "
                        "(everything if its image changed)",
-     ("vmd plex attach vol0 p1",)),
+     ("vmd plex attach vol0 p1",
+      ("vmd plex attach r5 c2 --force", "RAID-5, two columns out: trust c2 where both lack"))),
     ("remove", "PLEX", "drop a plex; its image file is left in place",
      (("vmd plex remove vol0 p1", "a failed plex: remove it, add a new image"),)),
     ("add", "PATH", "add a plex on image PATH (created sparse if missing) or on an NBD "
@@ -96,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
         pp = add_verb(psub, action, summary, examples)
         pp.add_argument("volume", help=VOLUME_HELP)
         pp.add_argument(what.lower(), metavar=what, help=_PLEX_ARG_HELP[what])
+        if action == "attach":
+            pp.add_argument("--force", action="store_true",
+                            help="RAID-5 with two columns out: trust this column's image on the "
+                                 "stripes both lack, and rebuild the other from it (check the "
+                                 "filesystem afterwards)")
     pr = add_verb(psub, "replace", "RAID-5: put a new image PATH in place of a failed or "
                   "detached column, rebuilt in the background", (
                       ("vmd plex replace r5 c1 /srv/disk3/r5-c1.img", "after column c1 failed"),))
@@ -372,6 +378,8 @@ def _run(args: argparse.Namespace) -> int:
         req = {"cmd": f"plex.{args.plex_cmd}", "volume": args.volume}
         if args.plex_cmd != "add":
             req["plex"] = args.plex
+        if getattr(args, "force", False):
+            req["force"] = True
         if args.plex_cmd in ("add", "replace"):
             if uri_typo(args.path):
                 raise VmdError(uri_typo(args.path))  # before abspath makes it a path
@@ -381,6 +389,8 @@ def _run(args: argparse.Namespace) -> int:
             p = reply["plex"]
             why = p.get("why")  # an attach that copies everything says why
             extra = f" (full resync: {why})" if why else ""
+            if p.get("with"):  # RAID-5: the other column out came back with it
+                extra += f"; column {p['with']} came back with it"
             print(f"{args.volume}: plex {p['name']} is {p['state']}{extra}")
         else:
             print(f"{args.volume}: plex {reply['removed']} removed (image {reply['path']} kept)")

@@ -87,7 +87,13 @@ def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], N
         return {"plex": await m.get(req_str(req, "volume")).detach_plex(req_str(req, "plex"))}
 
     async def plex_attach(req: dict[str, Any], progress: Any) -> dict[str, Any]:
-        return {"plex": await m.get(req_str(req, "volume")).attach_plex(req_str(req, "plex"))}
+        vol = m.get(req_str(req, "volume"))
+        if not req.get("force"):
+            return {"plex": await vol.attach_plex(req_str(req, "plex"))}
+        if not hasattr(vol, "columns"):
+            raise VmdError(f"plex attach --force applies to RAID-5 volumes with two columns "
+                           f"out; volume {vol.name} is a mirror")
+        return {"plex": await vol.attach_plex(req_str(req, "plex"), force=True)}
 
     async def plex_add(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         vol = m.get(req_str(req, "volume"))

@@ -28,6 +28,7 @@ from .config import VolumeConfig
 from .errors import VmdError
 from .plex import INLINE_BYTES, Alone, Plex, PlexIOError
 from .raid5_ahead import ReadAhead
+from . import raid5_double as double
 from .raid5_plan import Piece, WritePlan, edge_plan, full_stripes
 from .raid5_rebuild import Rebuild, xor_into
 from .raid5cache import WriteBackCache
@@ -116,7 +117,9 @@ class Raid5Volume(ReadAhead, WriteBackCache, Volume):
         return p.fd >= 0 and p.state in WRITABLE
 
     def _can_serve(self) -> bool:
-        return sum(1 for p in self.columns if p.state != ACTIVE) <= 1
+        # Two columns out serve when no stripe lacks both (vmd/raid5_double.py).
+        return double.can_serve(self, [c for c in range(self.ncol)
+                                       if self.columns[c].state != ACTIVE])
 
     # -- column I/O ----------------------------------------------------------
 
@@ -454,10 +457,11 @@ class Raid5Volume(ReadAhead, WriteBackCache, Volume):
     # -- status --------------------------------------------------------------
 
     def _health(self) -> dict[str, str | None]:
-        # A failed RAID-5 log refuses every write: as much an outage as no
-        # column to serve from, which is said first (reads fail too then).
+        if not self._can_serve():  # said first: a failed log's writes are moot then
+            return {"health": "failed", "problem": double.outage(self)}
+        # A failed RAID-5 log refuses every write: as much an outage.
         problem = None if self.r5log is None else self.r5log.problem()
-        if problem is None or not self._can_serve():
+        if problem is None:
             return super()._health()
         return {"health": "failed", "problem": problem}  # (it also set `error`: said better)
 
@@ -546,41 +550,52 @@ class Raid5Volume(ReadAhead, WriteBackCache, Volume):
         log.info("volume %s: column %s detached; the volume is degraded", self.name, name)
         return self._plex_status(p)
 
-    async def attach_plex(self, name: str, *, path: str | None = None) -> dict[str, Any]:
+    async def attach_plex(self, name: str, *, path: str | None = None,
+                          force: bool = False) -> dict[str, Any]:
         """Bring a column back (or, with `path`, a new image in its place)
-        and rebuild what it lacks in the background."""
+        and rebuild what it lacks in the background. With a second column
+        out, both come back if no stripe lacks both, or `force` trusts this
+        one's image on the stripes that do (vmd/raid5_double.py)."""
         async with self.gate.hold(), self.resync.paused():
             i, p = self._column(name)
             rec = p.record
             if rec.state not in (DETACHED, IOFAIL, STALE):
                 raise VmdError(f"column {name} of volume {self.name} is {rec.state}, "
                                f"not detached or failed")
-            if sum(1 for q in self.columns if q.state != ACTIVE) > 1:
-                raise VmdError(f"volume {self.name} has lost more than one column: column "
-                               f"{name} cannot be rebuilt from the others")
+            why = f"it is a new image ({path})" if path is not None else self._why_full_resync(p)
             if self.r5log is not None:
                 # No entry from before it left may be replayed onto what its
                 # rebuild writes (a write while it was away changed parity only).
                 await self.drain()
                 await self.r5log.retire()
+            other = double.second_out(self, p, why, force)  # may refuse: nothing changed yet
             p.close()
             if path is not None:
                 rec.path, rec.created, rec.identity = path, False, None
-                why = f"it is a new image ({path})"
-            else:
-                why = self._why_full_resync(p)
             try:
                 p.open(create=path is not None)
             except OSError as e:
+                if other is not None and other[0].state != SYNCING:
+                    other[0].close()  # opened by second_out: out again
                 raise VmdError(f"cannot open column image {rec.path}: {e.strerror or e}") from None
             if why:
                 rec.missing = self.state.new_map(fill=True)
                 log.warning("volume %s: column %s gets a full rebuild: %s", self.name, name, why)
-            rec.state = SYNCING if rec.missing.bits.any() else ACTIVE  # type: ignore[union-attr]
-            rec.reason, rec.identity = "", None
+            if other is not None and other[1].any():
+                double.trust(rec.missing, other[1], self.width)  # type: ignore[arg-type]
+                log.critical("volume %s: column %s trusted as it is on %d stripe(s) that column "
+                             "%s lacks too (--force): check the filesystem on the volume",
+                             self.name, name, other[1].count(), other[0].name)
+            for q in [p] + ([other[0]] if other is not None else []):
+                lacks = q.record.missing.bits.any()  # type: ignore[union-attr]
+                q.record.state = SYNCING if lacks else ACTIVE
+                q.record.reason, q.record.identity = "", None
             await self.checkpoint()
         self.resync.wake()
-        return {**self._plex_status(p), "full_resync": bool(why), "why": why}
+        reply = {**self._plex_status(p), "full_resync": bool(why), "why": why}
+        if other is not None:
+            reply["with"] = other[0].name
+        return reply
 
     async def add_plex(self, path: str, **kw: Any) -> Plex:
         what = "snapshot mirrors" if kw.get("role") == "snapshot" else "plexes"
