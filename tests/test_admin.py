@@ -411,6 +411,22 @@ def test_stop_refused_while_a_process_holds_the_file(vmd: VmdDaemon) -> None:
     vmd.stop()
 
 
+def test_stop_refused_with_several_volumes_open_names_each_file(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """Trial 9, F6: it said "volume a, b is open (... holding .../a)"."""
+    d = vmd_factory(volumes={n: volume_spec(n, size="16MiB") for n in ("va", "vb", "vc")})
+    d.start()
+    with open(d.volume_file("va"), "rb"), open(d.volume_file("vc"), "rb"):
+        line = _one_error_line(d.cli("stop", check=False))
+        assert line.startswith("vmd: volumes va, vc are open (a loop device attached, or a "
+                               f"process holding {d.volume_file('va')}, {d.volume_file('vc')}); "
+                               "unmount what is on them"), line
+    with open(d.volume_file("vb"), "rb"):
+        line = _one_error_line(d.cli("stop", check=False))
+        assert line.startswith("vmd: volume vb is open ("), line
+    d.stop()
+
+
 def test_stop_force_with_loop_device_attached(vmd: VmdDaemon, sysres: SysResources) -> None:
     dev = vmd.losetup()
     with open(dev, "r+b") as f:

@@ -356,7 +356,7 @@ async def test_mirror_verbs_are_refused_with_a_clear_message(tmp_path):
     async with running_volume(cfg) as vol:
         with pytest.raises(VmdError, match="RAID-5: it has columns, not plexes"):
             await vol.add_plex(str(tmp_path / "x.img"))
-        with pytest.raises(VmdError, match="not snapshot mirrors"):
+        with pytest.raises(VmdError, match="snapshots break off a third mirror and need a mirror"):
             await vol.add_plex(str(tmp_path / "x.img"), role="snapshot")
         with pytest.raises(VmdError, match="no column 'p1'"):
             await vol.detach_plex("p1")

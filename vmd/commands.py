@@ -76,10 +76,14 @@ def register(table: CommandTable, m: VolumeManager, request_stop: Callable[[], N
     async def stop(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         busy = [v.name for v in m.volumes.values() if v.openers]
         if busy and not req.get("force"):
+            files = ", ".join(f"{m.cfg.mountpoint}/{b}" for b in busy)
             raise VmdError(
-                f"volume {', '.join(busy)} is open (a loop device attached, or a process holding "
-                f"{m.cfg.mountpoint}/{busy[0]}); unmount what is on it and detach it first (umount, "
-                f"losetup -d) or use `vmd stop --force`")
+                (f"volume {busy[0]} is open" if len(busy) == 1 else
+                 f"volumes {', '.join(busy)} are open")
+                + f" (a loop device attached, or a process holding {files}); unmount what is on "
+                f"{'it' if len(busy) == 1 else 'them'} and detach "
+                f"{'it' if len(busy) == 1 else 'them'} first (umount, losetup -d) or use "
+                f"`vmd stop --force`")
         request_stop()
         return {"stopping": True}
 

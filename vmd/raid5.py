@@ -598,8 +598,11 @@ class Raid5Volume(ReadAhead, WriteBackCache, Volume):
         return reply
 
     async def add_plex(self, path: str, **kw: Any) -> Plex:
-        what = "snapshot mirrors" if kw.get("role") == "snapshot" else "plexes"
-        raise VmdError(f"volume {self.name} is RAID-5: it has columns, not {what}; use "
+        if kw.get("role") == "snapshot":
+            raise VmdError(f"volume {self.name} is RAID-5: snapshots break off a third mirror "
+                           f"and need a mirror volume; a copy of a RAID-5 volume is made with "
+                           f"Remote Copy (`vmd rcopy`), or by copying its file while it is quiet")
+        raise VmdError(f"volume {self.name} is RAID-5: it has columns, not plexes; use "
                        f"`vmd plex replace {self.name} cN PATH` to put a new image in place "
                        f"of a failed column")
 
