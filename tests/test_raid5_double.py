@@ -180,3 +180,29 @@ def test_a_column_detached_and_a_second_out_of_space_come_back_with_force(
         assert f.read(8 * MiB) == first
     d.cli("verify", "r5")
     d.stop()
+
+
+@pytest.mark.trio
+async def test_rebuild_keeps_holes_and_zeroes_a_replaced_image_where_the_others_have_none(
+        tmp_path):
+    """Trial 9, F7: a rebuild wrote every run, filling the new column's holes
+    (a 256 MiB column fully allocated for 140 MiB of files). Runs where no
+    other column holds data are punched: a new image stays sparse, and an
+    existing one given to `plex replace` reads zeros there, as parity needs."""
+    cfg = raid5_config(tmp_path, size=32 * MiB)  # 16 MiB columns
+    data = os.urandom(2 * MiB)
+    junk = tmp_path / "junk-c2.img"
+    junk.write_bytes(os.urandom(16 * MiB))  # an old disk image, full of bytes
+    async with running_volume(cfg) as vol:
+        await vol.pwrite(8 * MiB, data)
+        await vol.detach_plex("c2")
+        await vol.attach_plex("c2", path=str(junk))
+        await vol.resync.wait_idle()
+        assert _states(vol)["c2"] == "ACTIVE"
+        assert bytes(await vol.pread(8 * MiB, len(data))) == data
+        assert bytes(await vol.pread(0, 8 * MiB)) == bytes(8 * MiB)
+    cols = [*cfg.plexes[:2], junk]
+    assert not any(xor_all([p.read_bytes() for p in cols]))
+    used = [os.stat(p).st_blocks * 512 for p in cols]
+    # c2 holds about what the others do (1 MiB of data and parity each), not 16 MiB.
+    assert used[2] <= max(used[:2]) + 2 * MiB, used

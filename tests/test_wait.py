@@ -37,6 +37,16 @@ def test_raid5_replace_onto_a_full_fs_fails_wait_and_the_rebuild_stops(
     # 96 MiB columns; the new one's filesystem holds 16 MiB of them.
     size = 192 * MiB
     vmd = vmd_factory(volumes={"r5": raid5_spec(size="192MiB", stripe_unit="64KiB")}).start()
+    # Data to rebuild: where the other columns hold none, the rebuild punches
+    # holes and needs no room.
+    fd = os.open(vmd.volume_file("r5"), os.O_RDWR)
+    try:
+        rng = random.Random(4)
+        for off in range(0, 96 * MiB, 4 * MiB):
+            os.pwrite(fd, rng.randbytes(4 * MiB), off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     small = _small_fs(sysres, tmp_path)
     vmd.cli("plex", "detach", "r5", "c2")
     vmd.cli("plex", "replace", "r5", "c2", str(small / "new-c2.img"))

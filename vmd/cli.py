@@ -440,7 +440,11 @@ def _report_wait(volume: str, reply: dict[str, Any]) -> None:
         raise VmdError("; ".join(f"{volume}: {what} of {f['plex']} failed, {f['plex']} is "
                                  f"{f['state']} ({f['reason']}); {after}" for f in failed))
     rs = reply["resync"]
-    ran = f" ({what} copied {format_size(rs['copied_bytes'])})" if reply.get("ran") else ""
+    # A rebuild counts the volume bytes of the stripes it rebuilt, not bytes
+    # written to a column (a column holds 1 / (columns - 1) of them).
+    done = (f"rebuild covered {format_size(rs['copied_bytes'])} of the volume"
+            if what == "rebuild" else f"resync copied {format_size(rs['copied_bytes'])}")
+    ran = f" ({done})" if reply.get("ran") else ""
     out = reply.get("out", [])
     if not out:
         print(f"{volume}: in sync{ran}")

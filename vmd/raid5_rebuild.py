@@ -125,6 +125,13 @@ class Rebuild(Resync):
     async def _rebuild_run(self, target: Plex, sources: list[Plex], at: int, n: int) -> None:
         """[at, at+n) of `target` := the XOR of that range of every source.
         Raises PlexIOError naming the column that failed."""
+        if self.sparse and await trio.to_thread.run_sync(_all_holes, sources, at, n):
+            # No source holds data here: the XOR is zeros. Punched, not
+            # written: a new image stays as sparse as the others (a rebuild
+            # filled a replaced column's holes, trial 9 F7), an old one drops
+            # what it held there.
+            await target.punch(at, n)  # (a PlexIOError naming it on failure)
+            return
         bufs = self._sets.pop() if self._sets else []
         if bufs and len(bufs[0]) < n:
             bufs = []
@@ -174,6 +181,20 @@ class Rebuild(Resync):
             src.reads += 1
         target.writes += 1
         target.bytes_written += n
+
+
+def _all_holes(sources: list[Plex], at: int, n: int) -> bool:
+    """No source holds data in [at, at+n) (SEEK_DATA; blocking). False
+    wherever an image cannot say: then the run is read and XOR-ed."""
+    for src in sources:
+        if not src._real_io or src.fd < 0:
+            return False
+        try:
+            if src.data_ranges(at, n):
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def _write_direct(p: Plex, at: int, view: memoryview) -> bool:
