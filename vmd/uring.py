@@ -257,7 +257,10 @@ class Ring:
         size = len(memoryview(data).cast("B"))
         done = 0
         while done < size:
-            n = await self._run(_OP_WRITE, fd, off + done, addr + done, size - done, keep)
+            # The rest of a short write is not cancellable: the caller's range
+            # is written whole or the error says why (review 14, F3).
+            n = await self._run(_OP_WRITE, fd, off + done, addr + done, size - done, keep,
+                                cancellable=not done)
             if n == 0:
                 raise OSError(errno.EIO, "short write")
             done += n
@@ -275,11 +278,13 @@ class Ring:
         lens = [len(memoryview(b).cast("B")) for b in bufs]
         segs = [(t[0], n) for t, n in zip(targets, lens) if n]  # type: ignore[index]
         keep = [t[1] for t in targets]  # type: ignore[index]
+        first = True
         while segs:
             part = segs[:IOV_MAX]  # the kernel refuses more (EINVAL): the rest next
             iov = (ctypes.c_uint64 * (2 * len(part)))(*[x for seg in part for x in seg])
             n = await self._run(_OP_WRITEV, fd, off, ctypes.addressof(iov), len(part),
-                                (iov, keep), flags=_SQE_ASYNC)
+                                (iov, keep), flags=_SQE_ASYNC, cancellable=first)
+            first = False  # begun: the rest is written whatever comes (as pwrite)
             if n <= 0:
                 raise OSError(errno.EIO, "short write")
             off += n
@@ -290,8 +295,9 @@ class Ring:
         return True
 
     async def _run(self, opcode: int, fd: int, off: int, addr: int, length: int, keep: Any,
-                   flags: int = 0) -> int:
-        await trio.lowlevel.checkpoint_if_cancelled()
+                   flags: int = 0, cancellable: bool = True) -> int:
+        if cancellable:
+            await trio.lowlevel.checkpoint_if_cancelled()
         uid = next(self._ids)
         op = _Op(keep)
         self._ops[uid] = op
