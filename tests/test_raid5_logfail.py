@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from conftest import MiB, SysResources, run, wait_for
-from raid5kit import raid5_spec
+from raid5kit import raid5_config, raid5_spec
 from test_events import EventStream
 from vmd import drl as drl_mod
 from vmd.drl import DirtyRegionLog
@@ -134,3 +134,24 @@ async def test_a_lazy_clean_that_keeps_failing_is_logged_once_until_it_works_aga
 
 async def _nothing() -> None:
     pass
+
+
+def test_a_crc32c_that_cannot_run_refuses_the_log_at_open(tmp_path, monkeypatch):
+    """CRC32C_SW_MODE=none on a CPU without SSE 4.2 makes the crc32c package
+    raise at every call (this CPU has the instruction: the call is made to
+    fail). The volume was served and its log failed at the first write, the
+    writes refused (review 13); now the open says why, naming the variable."""
+    import crc32c
+
+    from vmd.manager import open_volume
+
+    def no_crc(*a, **kw):
+        raise RuntimeError("no hardware crc32c and CRC32C_SW_MODE=none")
+
+    monkeypatch.setattr(crc32c, "crc32c", no_crc)
+    cfg = raid5_config(tmp_path, raid5_log=tmp_path / "r5.r5log")
+    with pytest.raises(Exception) as e:
+        open_volume(cfg, tmp_path / "test.yaml")
+    why = str(e.value)
+    for s in (str(tmp_path / "r5.r5log"), "crc32c", "CRC32C_SW_MODE", "RuntimeError"):
+        assert s in why, why

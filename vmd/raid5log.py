@@ -43,8 +43,8 @@ from .exclusive import InUseError, close_locked, open_locked
 from .faults import raid5_hold
 from .plex import IOV_MAX
 from .raid5cache import StripeCache, owned
-from .raid5log_format import (HEADER, MAGIC, MAGICS, Piece, _header, entry_buffers, entry_size,
-                              read_entries, read_owner)
+from .raid5log_format import (HEADER, MAGIC, MAGICS, Piece, _header, crc_unavailable,
+                              entry_buffers, entry_size, read_entries, read_owner)
 from .sidecar import VolumeState
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,11 @@ class Raid5Log:
     def __init__(self, path: Path, vol: Owner):
         self.path = path
         self.vol = vol
+        why = crc_unavailable()
+        if why is not None:
+            raise OSError(errno.ENOTSUP, f"RAID-5 log {path}: its entries' checksum (crc32c) "
+                          f"cannot be computed here ({why}); with CRC32C_SW_MODE=none a CPU "
+                          f"without SSE 4.2 has none: unset it for the software crc32c")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)  # a first start, as for plexes
             self.created = not path.exists()  # removed again if the start is refused for it

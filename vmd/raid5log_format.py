@@ -49,6 +49,17 @@ _GIL = 0 if crc32c.hardware_based else -1
 ENTRY_CRCS: dict[bytes, Callable[[Any, int], int]] = {ENTRY_MAGIC: crc32c.crc32c,
                                                       b"R5LE": zlib.crc32}
 HEADER = 4096
+
+
+def crc_unavailable() -> str | None:
+    """Why crc32c cannot be computed here, or None. With CRC32C_SW_MODE=none
+    on a CPU without SSE 4.2 the package raises at every call: found when the
+    log is opened, not at the first write (which would fail the log)."""
+    try:
+        crc32c.crc32c(b"vmd", 0, gil_release_mode=_GIL)
+    except Exception as e:  # whatever the package raises: the message says it
+        return f"{type(e).__name__}: {e}"
+    return None
 _ENTRY = struct.Struct("<4sIQI")
 _PIECE = struct.Struct("<HQI")
 
