@@ -212,9 +212,17 @@ class VmdDaemon:
     def request(self, req: dict[str, Any], **kw: Any) -> dict[str, Any]:
         return admin_request(self.socket, req, **kw)
 
-    def wait_resync(self, volume: str = "vol0", timeout: float = 120.0) -> dict[str, Any]:
-        """`vmd wait VOLUME`, then the volume's status (no plex SYNCING)."""
-        self.cli("wait", volume, timeout=timeout)
+    def wait_resync(self, volume: str = "vol0", timeout: float = 120.0, *,
+                    redundant: bool = True) -> dict[str, Any]:
+        """`vmd wait VOLUME`, then the volume's status (no plex SYNCING).
+        `redundant=False`: a plex is meant to be out then, and `vmd wait`
+        must say so (exit 1, "not redundant in full")."""
+        if redundant:
+            self.cli("wait", volume, timeout=timeout)
+        else:
+            p = self.cli("wait", volume, timeout=timeout, check=False)
+            assert p.returncode == 1 and "but not redundant in full" in p.stderr, \
+                (p.returncode, p.stdout, p.stderr)
         st = self.status(volume)
         assert not st["resync"]["running"], st
         assert all(p["state"] != "SYNCING" for p in st["plexes"]), st

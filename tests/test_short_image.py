@@ -133,7 +133,7 @@ def test_a_resync_whose_source_is_cut_short_fails_it_and_copies_from_another(
     os.truncate(p0, SHORT)  # p0: the first source a resync reads
 
     d.cli("plex", "attach", "vol0", "p2")
-    d.wait_resync()
+    d.wait_resync(redundant=False)  # p0 is out now
     assert d.plex_states() == {"p0": "IOFAIL", "p1": "ACTIVE", "p2": "ACTIVE"}
     assert_failed_short(d, "vol0", "p0", p0, SIZE)
     assert read_volume(d, "vol0") == ref
