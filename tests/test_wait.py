@@ -25,6 +25,18 @@ ENOSPC_LOG = (r"plex \w+ .* is now IOFAIL", r"gets a full rebuild", r"No space l
               r"resync of .* failed")
 
 
+def _fill(volume_file: Path, size: int, seed: int) -> None:
+    """Random bytes over the first `size` bytes of a volume, fsynced."""
+    fd = os.open(volume_file, os.O_RDWR)
+    try:
+        rng = random.Random(seed)
+        for off in range(0, size, 4 * MiB):
+            os.pwrite(fd, rng.randbytes(4 * MiB), off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _small_fs(sysres: SysResources, tmp_path: Path, size: int = 16 * MiB) -> Path:
     small = tmp_path / "small"
     sysres.make_ext4_image(tmp_path / "small.img", size, small)
@@ -39,14 +51,7 @@ def test_raid5_replace_onto_a_full_fs_fails_wait_and_the_rebuild_stops(
     vmd = vmd_factory(volumes={"r5": raid5_spec(size="192MiB", stripe_unit="64KiB")}).start()
     # Data to rebuild: where the other columns hold none, the rebuild punches
     # holes and needs no room.
-    fd = os.open(vmd.volume_file("r5"), os.O_RDWR)
-    try:
-        rng = random.Random(4)
-        for off in range(0, 96 * MiB, 4 * MiB):
-            os.pwrite(fd, rng.randbytes(4 * MiB), off)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fill(vmd.volume_file("r5"), 96 * MiB, seed=4)
     small = _small_fs(sysres, tmp_path)
     vmd.cli("plex", "detach", "r5", "c2")
     vmd.cli("plex", "replace", "r5", "c2", str(small / "new-c2.img"))
@@ -69,14 +74,7 @@ def test_raid5_replace_onto_a_full_fs_fails_wait_and_the_rebuild_stops(
 def test_mirror_add_onto_a_full_fs_fails_wait(
         vmd_factory: Callable[..., VmdDaemon], sysres: SysResources, tmp_path: Path) -> None:
     vmd = vmd_factory(volumes={"vol0": volume_spec(size="64MiB")}).start()
-    fd = os.open(vmd.volume_file(), os.O_RDWR)
-    try:
-        rng = random.Random(3)
-        for off in range(0, 48 * MiB, 4 * MiB):
-            os.pwrite(fd, rng.randbytes(4 * MiB), off)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fill(vmd.volume_file(), 48 * MiB, seed=3)
     small = _small_fs(sysres, tmp_path)
     vmd.cli("plex", "add", "vol0", str(small / "vol0-p2.img"))
     p = vmd.cli("wait", "vol0", check=False)
