@@ -33,10 +33,11 @@ def volume_config(tmp: Path, *, name: str = "vol0", size: int = 16 * MiB, nplex:
 async def running_volume(vc: VolumeConfig, *, clean_delay: float = 0.2, rate_limit: int = 0,
                          plex_factory: Callable[[PlexRecord, int], Plex] = Plex,
                          recover_all: bool = False, shutdown: bool = True,
-                         recover_from: str | None = None) -> AsyncIterator[Volume]:
+                         recover_from: str | None = None,
+                         force_degraded: bool = False) -> AsyncIterator[Volume]:
     vol = open_volume(vc, vc.log.parent / "test.yaml", clean_delay=clean_delay,
                       rate_limit=rate_limit, plex_factory=plex_factory, recover_all=recover_all,
-                      recover_from=recover_from)
+                      recover_from=recover_from, force_degraded=force_degraded)
     await vol.checkpoint()
     async with trio.open_nursery() as nursery:
         await nursery.start(vol.run)

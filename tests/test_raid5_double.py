@@ -130,6 +130,48 @@ async def test_force_is_for_a_raid5_volume_with_two_columns_out(tmp_path):
         assert _states(vol) == {"c0": "ACTIVE", "c1": "ACTIVE", "c2": "ACTIVE"}
 
 
+@pytest.mark.trio
+@pytest.mark.parametrize("r5log", [True, False])
+@pytest.mark.allow_log(r"plex c2 .* is now IOFAIL", r"comes back with", r"not stopped cleanly",
+                       r"RAID-5 log replayed", r"started anyway", r"resync interrupted")
+async def test_a_crash_while_two_columns_are_rebuilt_loses_no_stripe(tmp_path, failing, r5log):
+    """Review 15, R1: a crash while both columns were SYNCING marked every
+    dirty stripe on both, which then lacked two columns: EIO after the
+    restart, also with the RAID-5 log replayed onto both. A SYNCING column
+    took every write like an ACTIVE one: only columns closed since before
+    get the dirty stripes."""
+    kw = {"raid5_log": tmp_path / "r5.r5log"} if r5log else {}
+    cfg = raid5_config(tmp_path, size=SIZE, **kw)
+    ref = bytearray(os.urandom(SIZE))
+    async with running_volume(cfg, plex_factory=failing, shutdown=False,
+                              rate_limit=64 * 1024) as vol:  # a rebuild that lasts
+        await vol.pwrite(0, bytes(ref))
+        await vol.sync()
+        await _drl_clean(vol)
+        await vol.detach_plex("c0")
+        ref[0:MiB] = os.urandom(MiB)
+        await vol.pwrite(0, bytes(ref[0:MiB]))
+        await _drl_clean(vol)
+        failing.fail = ("c2", "read")
+        with pytest.raises(VolumeIOError):
+            await vol.pread(40 * vol.width, vol.width)
+        failing.fail = None
+        assert (await vol.attach_plex("c0"))["with"] == "c2"
+        assert _states(vol) == {"c0": "SYNCING", "c1": "ACTIVE", "c2": "SYNCING"}
+        ref[4 * MiB:5 * MiB] = os.urandom(MiB)  # stripes neither lacks, dirty at the crash
+        await vol.pwrite(4 * MiB, bytes(ref[4 * MiB:5 * MiB]))
+        await vol.sync()
+        assert vol.state.drl.bits.any()
+    # Without a RAID-5 log a dirty volume with columns out is refused unless forced.
+    async with running_volume(cfg, force_degraded=not r5log) as vol:
+        assert vol._can_serve(), vol.status()["problem"]
+        assert bytes(await vol.pread(0, SIZE)) == bytes(ref)
+        await vol.resync.wait_idle()
+        assert _states(vol) == {"c0": "ACTIVE", "c1": "ACTIVE", "c2": "ACTIVE"}
+        assert bytes(await vol.pread(0, SIZE)) == bytes(ref)
+    assert not any(xor_all(column_bytes(cfg)))
+
+
 @pytest.mark.mount
 @pytest.mark.allow_log(r"plex c2 .* is now IOFAIL", r"No space left on device", r"comes back with",
                        r"trusted as it is", r"lost a second column", r"cannot record",

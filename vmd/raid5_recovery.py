@@ -59,15 +59,25 @@ def plan_raid5_recovery(vol: Raid5Volume, *, full: bool, force: bool) -> None:
                            f"runs, `vmd start {vol.name} --force-degraded`) to serve it anyway")
         log.critical("%s; started anyway (--force-degraded): those stripes of column %s may "
                      "read wrong", why, names)
+    regenerated = 0
     for s in sorted(stripes):
+        marked = False
         for c in out:
-            vol._mark_missed(vol.columns[c].record, s * vol.width, vol.width)
-        if not out and s in stripes_parity:
+            if not vol._writable(c):  # out since before: it missed those writes (invariant 3)
+                vol._mark_missed(vol.columns[c].record, s * vol.width, vol.width)
+                marked = True
+        # A SYNCING column took every write (and the replay) like an ACTIVE
+        # one: marking it too made a stripe lack two columns while two were
+        # being rebuilt (review 15, R1). Without a trusted log, a stripe no
+        # column lacks gets its parity regenerated from the data; one that a
+        # SYNCING column lacks is rebuilt there from the others (as forced).
+        if s in stripes_parity and not marked and not any(vol.lacks(c, s) for c in out):
             vol._mark_missed(vol.columns[vol.parity_col(s)].record, s * vol.width, vol.width)
+            regenerated += 1
     st.drl.clear()
     vol.recovered_regions = dirty.count()
     log.warning("volume %s was not stopped cleanly: regenerating the parity of %d stripe(s) "
-                "(%s)", vol.name, len(stripes_parity) if not out else 0,
+                "(%s)", vol.name, regenerated,
                 "whole volume, no DRL" if full else f"{dirty.count()} dirty regions")
 
 
