@@ -142,6 +142,10 @@ async def test_an_image_still_at_its_recorded_path_is_not_found_moved(tmp_path: 
     os.rename(new, tmp_path / "elsewhere.img")  # gone from its path: a move is found
     assert imageid.find_moved(state, [str(new)], [str(tmp_path / "elsewhere.img")]) == {
         str(new): str(tmp_path / "elsewhere.img")}
+    # ... but never the image the replace took out, even with the new one away
+    # (its disk not mounted yet): its mark was retired (review 15, R7).
+    assert os.getxattr(cfg.plexes[2], XATTR) == f"{state.uuid}:c2:replaced".encode()
+    assert imageid.find_moved(state, [str(new)], [str(cfg.plexes[2])]) is None
 
 
 @pytest.mark.trio

@@ -205,6 +205,27 @@ def end_run(state: VolumeState) -> None:
     state.extra[GENERATION] = generation(state) + 1
 
 
+def retire_mark(state: VolumeState, name: str, path: str) -> None:
+    """The image at `path`, which `vmd plex replace` takes out of plex
+    `name`, no longer names it: its mark would have it taken for the new
+    image (it names the log's generation after a crash) wherever that one is
+    not at its path (review 15, R7). Best effort: an image that cannot be
+    reached (its disk gone) cannot be served either."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if _marked_by(state, name, _read_mark(fd))[0]:
+            os.setxattr(fd, XATTR, f"{state.uuid}:{name}:replaced".encode())
+            os.fsync(fd)
+    except OSError as e:
+        log.warning("could not retire the mark (%s) of %s, taken out of %s: %s", XATTR, path,
+                    name, e.strerror or e)
+    finally:
+        os.close(fd)
+
+
 def find_moved(state: VolumeState, old_paths: list[str], new_paths: list[str]
                ) -> dict[str, str] | None:
     """The config lists `new_paths` where the log records `old_paths`: if the

@@ -28,6 +28,7 @@ from .config import VolumeConfig
 from .errors import VmdError
 from .plex import INLINE_BYTES, Alone, Plex, PlexIOError
 from .raid5_ahead import ReadAhead
+from . import imageid
 from . import raid5_double as double
 from .raid5_plan import Piece, WritePlan, edge_plan, full_stripes
 from .raid5_rebuild import Rebuild, xor_into
@@ -571,6 +572,8 @@ class Raid5Volume(ReadAhead, WriteBackCache, Volume):
             other = double.second_out(self, p, why, force)  # may refuse: nothing changed yet
             p.close()
             if path is not None:
+                if path != rec.path:
+                    imageid.retire_mark(self.state, name, rec.path)
                 rec.path, rec.created, rec.identity = path, False, None
             try:
                 p.open(create=path is not None)
