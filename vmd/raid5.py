@@ -564,12 +564,14 @@ class Raid5Volume(ReadAhead, WriteBackCache, Volume):
                 raise VmdError(f"column {name} of volume {self.name} is {rec.state}, "
                                f"not detached or failed")
             why = f"it is a new image ({path})" if path is not None else self._why_full_resync(p)
+            other = double.plan(self, p, why, path is not None, force)  # may refuse
             if self.r5log is not None:
                 # No entry from before it left may be replayed onto what its
                 # rebuild writes (a write while it was away changed parity only).
                 await self.drain()
                 await self.r5log.retire()
-            other = double.second_out(self, p, why, force)  # may refuse: nothing changed yet
+            if other is not None:
+                double.bring_back(self, p, other)
             p.close()
             if path is not None:
                 if path != rec.path:
@@ -578,18 +580,16 @@ class Raid5Volume(ReadAhead, WriteBackCache, Volume):
             try:
                 p.open(create=path is not None)
             except OSError as e:
-                if other is not None and other[0].state != SYNCING:
-                    other[0].close()  # opened by second_out: out again
+                if other is not None and other.q.state != SYNCING:
+                    other.q.close()  # opened by bring_back: out again
+                    other.q.record.missing = other.q_map
                 raise VmdError(f"cannot open column image {rec.path}: {e.strerror or e}") from None
             if why:
                 rec.missing = self.state.new_map(fill=True)
                 log.warning("volume %s: column %s gets a full rebuild: %s", self.name, name, why)
-            if other is not None and other[1].any():
-                double.trust(rec.missing, other[1], self.width)  # type: ignore[arg-type]
-                log.critical("volume %s: column %s trusted as it is on %d stripe(s) that column "
-                             "%s lacks too (--force): check the filesystem on the volume",
-                             self.name, name, other[1].count(), other[0].name)
-            for q in [p] + ([other[0]] if other is not None else []):
+            if other is not None:
+                self._came_back(p, other)
+            for q in [p] + ([other.q] if other is not None else []):
                 lacks = q.record.missing.bits.any()  # type: ignore[union-attr]
                 q.record.state = SYNCING if lacks else ACTIVE
                 q.record.reason, q.record.identity = "", None
@@ -597,8 +597,21 @@ class Raid5Volume(ReadAhead, WriteBackCache, Volume):
         self.resync.wake()
         reply = {**self._plex_status(p), "full_resync": bool(why), "why": why}
         if other is not None:
-            reply["with"] = other[0].name
+            reply["with"] = other.q.name
         return reply
+
+    def _came_back(self, p: Plex, other: double.Plan) -> None:
+        """Say how the second column came back with `p`, and trust `p` where
+        both lack (`--force`)."""
+        q = other.q
+        log.warning("volume %s: column %s comes back with %s%s", self.name, q.name, p.name,
+                    f", rebuilt whole ({other.q_whole})" if other.q_whole else
+                    ": each is rebuilt from the others on the stripes it lacks")
+        if other.trust.any():
+            double.trust(p.record.missing, other.trust, self.width)  # type: ignore[arg-type]
+            log.critical("volume %s: column %s trusted as it is on %d stripe(s) that column "
+                         "%s lacks too (--force): check the filesystem on the volume",
+                         self.name, p.name, other.trust.count(), q.name)
 
     async def add_plex(self, path: str, **kw: Any) -> Plex:
         if kw.get("role") == "snapshot":

@@ -40,12 +40,20 @@ log = logging.getLogger(__name__)
 
 
 def lacking(vol: Any, m: RegionMap | None) -> bitarray:
-    """The stripes a column with map `m` lacks (None: every stripe)."""
+    """The stripes a column with map `m` lacks (None: every stripe). In C:
+    a RAID-5 map has one bit per stripe unit, `per` = columns - 1 of them
+    per stripe, so stripe s is the OR of bits s*per ... s*per+per-1 (a
+    Python loop over the bits of a TiB took a second on the event loop)."""
     n = vol.size // vol.width
     out = bitarray(n)
     out.setall(m is None)
-    if m is not None:
-        # A RAID-5 map's region is a stripe unit: each bit lies in one stripe.
+    if m is None:
+        return out
+    per = vol.width // m.region
+    if len(m.bits) == n * per:
+        for k in range(per):
+            out |= m.bits[k::per]
+    else:  # not a whole number of stripes: bit by bit
         for i in m.set_indices():
             out[i * m.region // vol.width] = 1
     return out
@@ -70,33 +78,54 @@ def can_serve(vol: Any, out: list[int]) -> bool:
     return not (column_lacking(vol, out[0]) & column_lacking(vol, out[1])).any()
 
 
-def second_out(vol: Any, p: Any, why: str, force: bool
-               ) -> tuple[Any, bitarray] | None:
-    """With another column out, that column opened to come back with `p`
-    and the stripes both lack (to trust `p` on, under `force`); refused
-    (VmdError, nothing changed) if they cannot both be rebuilt."""
+class Plan:
+    """How a column `p` comes back with the other column out, `q`: the
+    stripes to trust `p`'s image on, and whether `q` is rebuilt whole."""
+
+    def __init__(self, q: Any, trust: bitarray, q_whole: str):
+        self.q, self.trust, self.q_whole = q, trust, q_whole
+        self.q_map = q.record.missing  # as it was: put back if the attach fails after all
+
+
+def plan(vol: Any, p: Any, why: str, new_image: bool, force: bool) -> Plan | None:
+    """None with no other column out; else the plan, or a refusal
+    (VmdError) if both cannot be rebuilt. Decides only: nothing is opened,
+    written or retired before it (review 15, R5). `why`: why `p`'s map
+    cannot be used (its image changed, none kept, a new image)."""
     out = [q for q in vol.columns if q is not p and q.state != ACTIVE]
     if not out:
         return None
-    names = ", ".join(f"{q.name} {q.state}" for q in out)
     if len(out) > 1:
+        names = ", ".join(f"{q.name} {q.state}" for q in out)
         raise VmdError(f"volume {vol.name} has {len(out) + 1} columns out ({p.name}, "
                        f"{names}): a RAID-5 volume rebuilds two at most, from the others")
     q = out[0]
-    q_why = vol._why_full_resync(q) if q.state != SYNCING else ""
-    if q_why:
-        raise VmdError(f"volume {vol.name} has two columns out ({p.name} and {q.name}), "
-                       f"and column {q.name} cannot come back with {p.name}: {q_why}")
-    both = lacking(vol, None if why else p.record.missing) & \
-        (column_lacking(vol, vol.columns.index(q)) if q.state == SYNCING
-         else lacking(vol, q.record.missing))
-    if both.any() and (not force or why):
-        if why:
-            raise VmdError(f"volume {vol.name} has two columns out ({p.name} and "
-                           f"{q.name}): column {p.name} needs a full rebuild ({why}), "
-                           f"and {q.name} lacks {both.count()} stripe(s) too: bring "
-                           f"{q.name} back first (`vmd plex attach {vol.name} {q.name}`)")
-        raise VmdError(refusal(vol, p.name, q.name, both))
+    q_whole = "" if q.state == SYNCING else vol._why_full_resync(q)
+    q_lacks = (column_lacking(vol, vol.columns.index(q)) if q.state == SYNCING
+               else lacking(vol, None if q_whole else q.record.missing))
+    p_lacks = lacking(vol, None if why else p.record.missing)
+    both = p_lacks & q_lacks
+    if not both.any():
+        return Plan(q, both, q_whole)
+    if new_image:
+        if q.state == SYNCING:
+            raise VmdError(
+                f"volume {vol.name}: column {q.name} is still being rebuilt and lacks "
+                f"{both.count()} stripe(s) that nothing else holds now: a new image for "
+                f"{p.name} cannot be rebuilt there. If {p.name}'s old image is reachable, "
+                f"`vmd plex attach {vol.name} {p.name} --force` trusts it on them")
+        raise VmdError(f"volume {vol.name} has two columns out ({p.name} and {q.name}): a new "
+                       f"image for {p.name} cannot be rebuilt while {q.name} is out; bring "
+                       f"{q.name} back first (`vmd plex attach {vol.name} {q.name}`, with "
+                       f"--force if it is refused)")
+    if not force:
+        raise VmdError(refusal(vol, p.name, q.name, both, why or q_whole))
+    return Plan(q, both, q_whole)
+
+
+def bring_back(vol: Any, p: Any, plan: Plan) -> None:
+    """Open the other column to come back with `p`; VmdError if it cannot."""
+    q = plan.q
     if q.fd < 0:
         try:
             q.open()
@@ -104,9 +133,8 @@ def second_out(vol: Any, p: Any, why: str, force: bool
             raise VmdError(f"volume {vol.name}: column {q.name} must come back with "
                            f"{p.name}, but its image {q.record.path} cannot be opened: "
                            f"{e.strerror or e}") from None
-        log.warning("volume %s: column %s comes back with %s: each is rebuilt from the "
-                    "others on the stripes it lacks", vol.name, q.name, p.name)
-    return q, both
+    if plan.q_whole:
+        q.record.missing = vol.state.new_map(fill=True)
 
 
 def trust(m: RegionMap, stripes: bitarray, width: int) -> None:
@@ -116,10 +144,11 @@ def trust(m: RegionMap, stripes: bitarray, width: int) -> None:
         m.bits[s * per:(s + 1) * per] = 0
 
 
-def refusal(vol: Any, name: str, other: str, both: bitarray) -> str:
+def refusal(vol: Any, name: str, other: str, both: bitarray, why: str = "") -> str:
     n = both.count()
     return (f"volume {vol.name} has two columns out ({name} and {other}): {n} stripe(s) "
-            f"({n * vol.width} bytes of the volume) lack both, and nothing can rebuild them. "
+            f"({n * vol.width} bytes of the volume) lack both"
+            + (f" ({why})" if why else "") + ", and nothing can rebuild them. "
             f"If column {name}'s image holds what was written there (its disk filled up or "
             f"went away, the writes before it kept), `vmd plex attach {vol.name} {name} "
             f"--force` trusts it on those stripes and rebuilds {other} from it; else try "
@@ -130,6 +159,6 @@ def refusal(vol: Any, name: str, other: str, both: bitarray) -> str:
 def outage(vol: Any) -> str:
     """The status problem of a volume with stripes that lack two columns."""
     states = ", ".join(f"{p.name} {p.state}" for p in vol.columns)
-    return (f"two columns are out for some stripes ({states}): I/O that needs both fails "
-            f"(EIO); units on in-sync columns still read; see `RAID-5: two columns out` in "
-            f"docs/operations.md")
+    return (f"two or more columns are out for some stripes ({states}): I/O that needs them "
+            f"fails (EIO); units on in-sync columns still read; see `RAID-5: two columns out` "
+            f"in docs/operations.md")
