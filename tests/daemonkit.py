@@ -216,12 +216,12 @@ class VmdDaemon:
                     redundant: bool = True) -> dict[str, Any]:
         """`vmd wait VOLUME`, then the volume's status (no plex SYNCING).
         `redundant=False`: a plex is meant to be out then, and `vmd wait`
-        must say so (exit 1, "not redundant in full")."""
+        must say so (exit 5, "not redundant in full")."""
         if redundant:
             self.cli("wait", volume, timeout=timeout)
         else:
             p = self.cli("wait", volume, timeout=timeout, check=False)
-            assert p.returncode == 1 and "but not redundant in full" in p.stderr, \
+            assert p.returncode == 5 and "but not redundant in full" in p.stderr, \
                 (p.returncode, p.stdout, p.stderr)
         st = self.status(volume)
         assert not st["resync"]["running"], st

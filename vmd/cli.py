@@ -15,7 +15,7 @@ from typing import Any
 from .admin import AdminClient
 from .cli_help import VOLUME_HELP, Example, VerbParser, add_verb, set_epilogs
 from .config import format_size, load_config
-from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, VmdError
+from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, NotRedundant, VmdError
 from .verify_cli import add_verify_parser, run_verify_command
 from .verify_cli import status_lines as verify_status_lines
 from .nbdlink import is_remote, uri_typo
@@ -111,8 +111,8 @@ def _parser() -> argparse.ArgumentParser:
                     "missing); relative to the current directory")
 
     w = add_verb(sub, "wait", "wait until no resync runs on VOLUME; exit 1, naming the plex "
-                              "and why, if a target of the last resync failed or a plex "
-                              "(column) is still out: 0 means redundant in full", (
+                              "and why, if a target of the last resync failed; exit 5 if "
+                              "none did but a plex (column) is out: 0 means redundant in full", (
         ("vmd wait vol0", "until no resync runs"),
         ("vmd wait r5", "after `vmd plex replace r5 c1 PATH`: exits 0 only once c1 is rebuilt")))
     w.add_argument("volume", help=VOLUME_HELP)
@@ -452,7 +452,7 @@ def _report_wait(volume: str, reply: dict[str, Any]) -> None:
     # Nothing left to wait for, but not every plex is in: say which, and why,
     # and fail: `vmd plex replace … && vmd wait …` must not go on as if the
     # volume were redundant again (trial 9, F3).
-    raise VmdError(f"{volume}: nothing to {what}{ran}, but not redundant in full: " + "; ".join(
+    raise NotRedundant(f"{volume}: nothing to {what}{ran}, but not redundant in full: " + "; ".join(
         f"{o['plex']} is {o['state']}" + (f" ({o['reason']})" if o.get("reason") else "")
         for o in out))
 
