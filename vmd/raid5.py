@@ -570,6 +570,8 @@ class Raid5Volume(ReadAhead, WriteBackCache, Volume):
                 # rebuild writes (a write while it was away changed parity only).
                 await self.drain()
                 await self.r5log.retire()
+                # A column that failed in that write-back changed the picture.
+                other = double.plan(self, p, why, path is not None, force)
             if other is not None:
                 double.bring_back(self, p, other)
             p.close()
