@@ -373,6 +373,13 @@ def test_promote_reverse_and_restore(vmd_factory: Callable[..., VmdDaemon],
     pwrite_file(b.volume_file(), [(b_writes[0][0], rng.randbytes(BLK))])  # B stays writable
     b_image = image(b)
     to_a = f"{sys.executable} -m vmd -c {a.config_path} rcopy receive vol0"
+    # A's volume still open there (a filesystem mounted on it): refused, nothing
+    # changes anywhere (trial 10, T-A: it was overwritten under the filesystem).
+    with open(a.volume_file(), "rb"):
+        p2 = b.cli("rcopy", "reverse", "vol0", "--target", to_a, "--period", "1h",
+                   check=False, timeout=120)
+    assert p2.returncode == EXIT_ERROR and "is open on the old primary" in p2.stderr, p2.stderr
+    assert image(a) == a_before and image(b) == b_image
     t0 = time.monotonic()
     out = b.cli("rcopy", "reverse", "vol0", "--target", to_a, "--period", "1h",
                 timeout=120).stdout

@@ -466,6 +466,15 @@ def _check_reverse(vol: Volume, h: dict[str, Any], source: Any) -> None:
     if rev_uuid != vol.state.uuid:
         raise P.ProtocolError(f"the reverse from {name} ({uid}) is for volume {rev_uuid}, not "
                               f"{vol.name} ({vol.state.uuid})")
+    if vol.openers:
+        # As `snap back --from-snapshot`: a filesystem mounted on the old
+        # primary keeps blocks in memory and writes them over the new bytes
+        # (trial 10, T-A: its journal aborted, readers got a mix).
+        raise P.ProtocolError(
+            f"volume {vol.name} is open on the old primary (a loop device attached, or a "
+            f"process holding its file): a reverse overwrites its bytes under the filesystem "
+            f"on it. Unmount it there and detach its loop device (umount, losetup -d), then "
+            f"run the reverse again")
     acked = int(source.ext.get("acked", 0))
     if seq <= max(acked, rev_seq) or base != rev_seq:
         raise P.ProtocolError(f"replayed or stale reverse: sequence {seq} on {rev_seq}, but "
