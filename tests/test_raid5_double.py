@@ -329,3 +329,38 @@ def test_lacking_in_c_agrees_with_the_bits():
             want[i * vol.su // vol.width] = 1
         assert raid5_double.lacking(vol, m) == want
         assert raid5_double.lacking(vol, None).all()
+
+
+@pytest.mark.trio
+@pytest.mark.allow_log(r"plex c2 .* is now IOFAIL", r"comes back with", r"trusted as it is",
+                       r"gets a full rebuild")
+async def test_a_second_column_whose_image_changed_comes_back_with_force(tmp_path, failing):
+    """Trial 10, T-B: c0 detached, c2 failed and its image then "changed"
+    (the documented `truncate -s SIZE` after a cut-short image changes its
+    size and mtime): each attach named the other as the way out and --force
+    was ignored. Now `attach c2 --force` trusts c2 where c0 lacks stripes
+    and rebuilds c2 from c0 elsewhere."""
+    cfg = raid5_config(tmp_path, size=SIZE)
+    ref = bytearray(os.urandom(SIZE))
+    async with running_volume(cfg, plex_factory=failing) as vol:
+        await vol.pwrite(0, bytes(ref))
+        await vol.detach_plex("c0")
+        ref[MiB:2 * MiB] = os.urandom(MiB)
+        await vol.pwrite(MiB, bytes(ref[MiB:2 * MiB]))
+        await _drl_clean(vol)
+        failing.fail = ("c2", "read")
+        with pytest.raises(VolumeIOError):
+            await vol.pread(40 * vol.width, vol.width)
+        failing.fail = None
+        st = os.stat(cfg.plexes[2])
+        os.utime(cfg.plexes[2], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # "changed"
+        for name in ("c2", "c0"):
+            with pytest.raises(VmdError) as e:
+                await vol.attach_plex(name)
+            assert "--force" in str(e.value), str(e.value)
+        reply = await vol.attach_plex("c2", force=True)
+        assert reply["with"] == "c0" and reply["full_resync"], reply
+        await vol.resync.wait_idle()
+        assert _states(vol) == {"c0": "ACTIVE", "c1": "ACTIVE", "c2": "ACTIVE"}
+        assert bytes(await vol.pread(0, SIZE)) == bytes(ref)
+    assert not any(xor_all(column_bytes(cfg)))
