@@ -49,14 +49,24 @@ def plan_raid5_recovery(vol: Raid5Volume, *, full: bool, force: bool) -> None:
         names = ", ".join(vol.columns[c].name for c in out)
         no_log = ("has no RAID-5 log" if vol.r5log is None else
                   f"its RAID-5 log {vol.r5log.path} was not in use before (new, empty or failed)")
-        why = (f"volume {vol.name} was not stopped cleanly and is degraded (column {names} "
-               f"out) and {no_log}: the parity of {len(stripes)} stripe(s) may not "
-               f"match their data, so rebuilding column {names} could return garbage for data "
-               f"nobody wrote (the RAID-5 write hole)")
+        why = (f"volume {vol.name} was not stopped cleanly and is degraded (column "
+               + ", ".join(f"{vol.columns[c].name} {vol.columns[c].state}" for c in out)
+               + f") and {no_log}: the parity of {len(stripes)} stripe(s) written last may not "
+               f"match their data, so rebuilding column {names} there could return garbage for "
+               f"data nobody wrote (the RAID-5 write hole)")
         if not force:
-            raise VmdError(f"{why}. Bring the column back if it holds its data, or start with "
-                           f"`vmd daemon --force-degraded {vol.name}` (or, while the daemon "
-                           f"runs, `vmd start {vol.name} --force-degraded`) to serve it anyway")
+            # Only an image that could not be opened can come back by itself;
+            # one detached, failed or being rebuilt is brought back after the
+            # start (trial 10, T-E: "bring it back" had no command).
+            unopened = [vol.columns[c] for c in out if vol.columns[c].state == ACTIVE]
+            first = (f"If the image of column {', '.join(p.name for p in unopened)} is only "
+                     f"missing (a disk not mounted, a path that changed), make it available "
+                     f"and start again: nothing is lost then. Otherwise start" if unopened
+                     else "Start")
+            raise VmdError(f"{why}. {first} it with `vmd start {vol.name} --force-degraded` "
+                           f"(or `vmd daemon --force-degraded {vol.name}`), check the "
+                           f"filesystem on it, then `vmd plex attach` (or `replace`) the "
+                           f"column; a RAID-5 log (`raid5_log:`) avoids this")
         log.critical("%s; started anyway (--force-degraded): those stripes of column %s may "
                      "read wrong", why, names)
     regenerated = 0
