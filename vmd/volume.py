@@ -21,13 +21,13 @@ from typing import Any, Protocol
 import trio
 
 from .access import OPEN, AccessRules
-from .config import VolumeConfig
+from .config import VolumeConfig, format_size
 from .drl import DirtyRegionLog
 from .faults import split_write_fault
 from .nbdplex import RemoteWatch
 from .plex import Alone, Plex, PlexIOError
 from .rangelock import Gate, RangeLock
-from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPLINK, STALE, WRITABLE, PlexRecord,
+from .sidecar import (ACTIVE, DETACHED, IOFAIL, SNAPLINK, STALE, SYNCING, WRITABLE, PlexRecord,
                       SidecarLog, VolumeState)
 from .errors import VmdError
 from . import events, imageid
@@ -575,13 +575,21 @@ class Volume:
                 f"daemon is restarted")}
         # Serving everything, but with fewer copies than configured: a monitor
         # reading `health` must see it (trial 9, F3: it said "ok").
+        # A plex in but lacking regions (being resynced or rebuilt, or ACTIVE
+        # under a restore from a snapshot) holds no complete copy either, as
+        # md says "degraded, recovering" (trial 10, T-C).
         out = [p for p in self.plexes if not p.record.role and p.state in (IOFAIL, STALE, DETACHED)]
-        if out:
+        lacking = [p for p in self.plexes if not p.record.role and p.state in (ACTIVE, SYNCING)
+                   and p.record.missing is not None and p.record.missing.bits.any()]
+        if out or lacking:
             return {"health": "degraded", "problem": (
                 "not redundant in full: " + "; ".join(
-                    f"{self.IMAGE} {p.name} is {p.state}"
-                    + (f" ({p.record.reason})" if p.record.reason else "") for p in out)
-                + f"; see `{self.REPLACE_DOC}` in docs/operations.md")}
+                    [f"{self.IMAGE} {p.name} is {p.state}"
+                     + (f" ({p.record.reason})" if p.record.reason else "") for p in out]
+                    + [f"{self.IMAGE} {p.name} lacks "
+                       f"{format_size(p.record.missing.bytes_covered())} (being copied)"  # type: ignore[union-attr]
+                       for p in lacking])
+                + (f"; see `{self.REPLACE_DOC}` in docs/operations.md" if out else ""))}
         return {"health": "ok", "problem": None}
 
     def _plex_status(self, p: Plex) -> dict[str, Any]:
