@@ -64,7 +64,8 @@ def test_a_refused_raid5_recover_all_still_regenerates_every_parity_at_the_next_
     d.daemon_args = ("--recover-all", "r5")
     d.start()
     err = {r["name"]: r["error"] for r in d.status().get("refused", [])}["r5"]
-    assert "Bring the column back" in err, err
+    assert "If the image of column c1 is only missing" in err, err
+    assert "make it available and start again" in err, err
     d.stop()
 
     away.rename(cols[1])  # what the refusal says; then a plain start

@@ -58,7 +58,8 @@ def plan_raid5_recovery(vol: Raid5Volume, *, full: bool, force: bool) -> None:
             # Only an image that could not be opened can come back by itself;
             # one detached, failed or being rebuilt is brought back after the
             # start (trial 10, T-E: "bring it back" had no command).
-            unopened = [vol.columns[c] for c in out if vol.columns[c].state == ACTIVE]
+            unopened = [vol.columns[c] for c in out if vol.columns[c].state == ACTIVE
+                        or vol.columns[c].record.reason.startswith("cannot open image")]
             first = (f"If the image of column {', '.join(p.name for p in unopened)} is only "
                      f"missing (a disk not mounted, a path that changed), make it available "
                      f"and start again: nothing is lost then. Otherwise start" if unopened
