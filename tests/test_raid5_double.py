@@ -34,6 +34,22 @@ def _states(vol: Raid5Volume) -> dict[str, str]:
     return {p.name: p.state for p in vol.columns}
 
 
+async def _c0_detached_then_c2_fails(vol: Raid5Volume, failing: type[FailingColumn],
+                                     ref: bytearray) -> None:
+    """c0 detached misses the first MiB (8 stripes); once the DRL is clean,
+    c2 fails on a read far from them (its unit of stripe 40 is data): two
+    columns out whose maps do not overlap."""
+    await vol.detach_plex("c0")
+    ref[0:MiB] = os.urandom(MiB)
+    await vol.pwrite(0, bytes(ref[0:MiB]))
+    await _drl_clean(vol)
+    failing.fail = ("c2", "read")
+    with pytest.raises(VolumeIOError):
+        await vol.pread(40 * vol.width, vol.width)
+    failing.fail = None
+    assert _states(vol) == {"c0": "DETACHED", "c1": "ACTIVE", "c2": "IOFAIL"}
+
+
 @pytest.fixture
 def failing(monkeypatch: pytest.MonkeyPatch) -> type[FailingColumn]:
     monkeypatch.setattr(FailingColumn, "fail", None)
@@ -49,16 +65,7 @@ async def test_two_columns_out_come_back_together_when_no_stripe_lacks_both(
     ref = bytearray(os.urandom(SIZE))
     async with running_volume(cfg, plex_factory=failing) as vol:
         await vol.pwrite(0, bytes(ref))
-        await vol.detach_plex("c0")
-        ref[0:MiB] = os.urandom(MiB)  # c0 misses the first 8 stripes
-        await vol.pwrite(0, bytes(ref[0:MiB]))
-        await _drl_clean(vol)
-        # c2 fails on a read far from them: its unit of stripe 40 is data.
-        failing.fail = ("c2", "read")
-        with pytest.raises(VolumeIOError):
-            await vol.pread(40 * vol.width, vol.width)
-        failing.fail = None
-        assert _states(vol) == {"c0": "DETACHED", "c1": "ACTIVE", "c2": "IOFAIL"}
+        await _c0_detached_then_c2_fails(vol, failing, ref)
         assert vol.status()["health"] == "failed"
         assert "see `RAID-5: two columns out`" in vol.status()["problem"]
         reply = await vol.attach_plex(attached)
@@ -152,14 +159,7 @@ async def test_a_crash_while_two_columns_are_rebuilt_loses_no_stripe(tmp_path, f
         await vol.pwrite(0, bytes(ref))
         await vol.sync()
         await _drl_clean(vol)
-        await vol.detach_plex("c0")
-        ref[0:MiB] = os.urandom(MiB)
-        await vol.pwrite(0, bytes(ref[0:MiB]))
-        await _drl_clean(vol)
-        failing.fail = ("c2", "read")
-        with pytest.raises(VolumeIOError):
-            await vol.pread(40 * vol.width, vol.width)
-        failing.fail = None
+        await _c0_detached_then_c2_fails(vol, failing, ref)
         assert (await vol.attach_plex("c0"))["with"] == "c2"
         assert _states(vol) == {"c0": "SYNCING", "c1": "ACTIVE", "c2": "SYNCING"}
         ref[4 * MiB:5 * MiB] = os.urandom(MiB)  # stripes neither lacks, dirty at the crash
@@ -348,14 +348,7 @@ async def test_a_second_column_whose_image_changed_comes_back_with_force(tmp_pat
     ref = bytearray(os.urandom(SIZE))
     async with running_volume(cfg, plex_factory=failing) as vol:
         await vol.pwrite(0, bytes(ref))
-        await vol.detach_plex("c0")
-        ref[MiB:2 * MiB] = os.urandom(MiB)
-        await vol.pwrite(MiB, bytes(ref[MiB:2 * MiB]))
-        await _drl_clean(vol)
-        failing.fail = ("c2", "read")
-        with pytest.raises(VolumeIOError):
-            await vol.pread(40 * vol.width, vol.width)
-        failing.fail = None
+        await _c0_detached_then_c2_fails(vol, failing, ref)
         st = os.stat(cfg.plexes[2])
         os.utime(cfg.plexes[2], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # "changed"
         for name in ("c2", "c0"):
