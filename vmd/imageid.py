@@ -242,19 +242,14 @@ def find_moved(state: VolumeState, old_paths: list[str], new_paths: list[str]
     # (it keeps the column's mark, and the log's generation after a crash).
     # Only the same file under another name (a symlink) is taken for it.
     stayed = {old for old in old_paths if (rec := recs.get(old)) is not None
-              and rec.inode is not None and _inode_at(old) == rec.inode}
+              and rec.inode is not None and (at := _identity_at(old)) is not None
+              and at[0] == rec.inode}
     found: dict[str, list[str]] = {}
     for new in new_paths:
-        try:
-            fd = os.open(new, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+        at = _identity_at(new)
+        if at is None:
             continue  # missing, a remote URI, unreadable: not a moved image
-        try:
-            st = os.fstat(fd)
-            inode = [st.st_dev, st.st_ino, _generation(fd)]
-            mark = _read_mark(fd)
-        finally:
-            os.close(fd)
+        inode, mark = at
         for old in old_paths:
             rec = recs.get(old)
             if rec is None:
@@ -271,16 +266,16 @@ def find_moved(state: VolumeState, old_paths: list[str], new_paths: list[str]
     return chosen
 
 
-def _inode_at(path: str) -> list[int] | None:
-    """(dev, ino, generation) of the file at `path`; None if there is none
-    (or it cannot be opened: a remote URI, no permission)."""
+def _identity_at(path: str) -> tuple[list[int], bytes | None] | None:
+    """((dev, ino, generation), vmd mark) of the file at `path`; None if there
+    is none (or it cannot be opened: a remote URI, no permission)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
         st = os.fstat(fd)
-        return [st.st_dev, st.st_ino, _generation(fd)]
+        return [st.st_dev, st.st_ino, _generation(fd)], _read_mark(fd)
     finally:
         os.close(fd)
 
