@@ -44,18 +44,12 @@ def lacking(vol: Any, m: RegionMap | None) -> bitarray:
     a RAID-5 map has one bit per stripe unit, `per` = columns - 1 of them
     per stripe, so stripe s is the OR of bits s*per ... s*per+per-1 (a
     Python loop over the bits of a TiB took a second on the event loop)."""
-    n = vol.size // vol.width
-    out = bitarray(n)
+    out = bitarray(vol.size // vol.width)  # a RAID-5 size is whole stripes (config)
     out.setall(m is None)
-    if m is None:
-        return out
-    per = vol.width // m.region
-    if len(m.bits) == n * per:
+    if m is not None:
+        per = vol.width // m.region
         for k in range(per):
             out |= m.bits[k::per]
-    else:  # not a whole number of stripes: bit by bit
-        for i in m.set_indices():
-            out[i * m.region // vol.width] = 1
     return out
 
 
@@ -65,7 +59,10 @@ def column_lacking(vol: Any, c: int) -> bitarray:
     if p.fd < 0 or p.state not in (ACTIVE, SYNCING):
         return lacking(vol, None)
     if p.record.missing is None:
-        return lacking(vol, None if p.state != ACTIVE else RegionMap(vol.size, vol.su))
+        out = lacking(vol, None)
+        if p.state == ACTIVE:
+            out.setall(0)  # in sync, no map kept: lacks nothing
+        return out
     return lacking(vol, p.record.missing)
 
 
