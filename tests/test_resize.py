@@ -73,7 +73,7 @@ def test_grow_ext4_online(vmd_factory: Callable[..., VmdDaemon], sysres: SysReso
     run(["sync"])
 
     out = vmd.cli("resize", "vol0", "96MiB").stdout
-    assert "grown from 64MiB to 96MiB" in out, out
+    assert "grown from 64MiB (67108864 bytes) to 96MiB (100663296 bytes)" in out, out
     # No attribute timeout to wait out: the file's size is new at once.
     assert os.stat(vmd.volume_file()).st_size == NEW
     run(["losetup", "-c", dev])

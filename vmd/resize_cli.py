@@ -25,8 +25,9 @@ def run_resize_command(args: argparse.Namespace, client: Any) -> int:
     if not reply["grown"]:
         print(f"{args.volume}: already {format_size(reply['size'])} ({reply['size']} bytes)")
         return EXIT_OK
-    print(f"{args.volume}: grown from {format_size(reply['old_size'])} to "
-          f"{format_size(reply['size'])} ({reply['size']} bytes)")
+    # Both in bytes too: format_size rounds, so 1.5GiB + 4KiB reads "1.5GiB" (trial 10, T-J).
+    print(f"{args.volume}: grown from {format_size(reply['old_size'])} ({reply['old_size']} "
+          f"bytes) to {format_size(reply['size'])} ({reply['size']} bytes)")
     if reply["not_extended"]:
         print(f"  images not extended (see `vmd status`): {', '.join(reply['not_extended'])}")
     if reply.get("kernel_note"):

@@ -139,12 +139,15 @@ class Volume:
     # -- helpers -------------------------------------------------------------
 
     def plex(self, name: str) -> Plex:
-        for p in self.plexes:
-            if p.name == name and p.state != SNAPLINK:
+        # A link (a snapshot's `snap:NAME`, Remote Copy's `rcopy:link`) is a
+        # change map kept in the plex list, not a plex: it is neither found
+        # nor offered (trial 10, T-H).
+        real = [p for p in self.plexes if p.state != SNAPLINK]
+        for p in real:
+            if p.name == name:
                 return p
         raise VmdError(f"volume {self.name} has no plex {name!r} "
-                       f"(plexes: {', '.join(p.name for p in self.plexes) or 'none'})")
-
+                       f"(plexes: {', '.join(p.name for p in real) or 'none'})")
 
     def _update_recovering(self) -> None:
         """A layout that serves reads differently while it recovers updates its flag here."""
