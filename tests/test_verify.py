@@ -413,6 +413,38 @@ def test_interrupted_verify_stops_and_its_partial_result_says_so(
 
 
 @pytest.mark.mount
+@pytest.mark.allow_log(r"verify finished: .* mismatched in 1 range")
+def test_a_verify_killed_with_the_daemon_is_shown_unfinished(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """A verify the daemon died during leaves no result of its own: status
+    said the result before it ("no mismatches") as if it were the last one
+    (new-user trial 10, T-F). While it runs, status shows the one before."""
+    d, size, job = _verify_under_way(vmd_factory, found_before=True)
+    try:
+        r = d.status("vol0")["verify"]
+        assert r["complete"] and r["mismatched_bytes"] == 512 and "unfinished" not in r, r
+        d.kill()
+        job.communicate(timeout=30)
+        assert job.returncode != 0
+    finally:
+        if job.poll() is None:
+            job.kill()
+    d.start()
+    r = d.status("vol0")["verify"]
+    assert r["unfinished"] and not r["complete"], r
+    assert r["last_complete"]["mismatched_bytes"] == 512, r
+    text = d.cli("status").stdout
+    assert "started and did not finish: the daemon stopped during it" in text, text
+    assert re.search(r"last complete verify .*: 512B? mismatched in 1 range", text), text
+    # The next whole verify's result replaces it.
+    d.set_rate_limit(None)
+    d.restart()
+    rc, _, r = verify(d)
+    assert rc == 1 and r["complete"] and r["mismatched_bytes"] == 512, r
+    assert "unfinished" not in r and "last_complete" not in r, r
+
+
+@pytest.mark.mount
 def test_daemon_stop_ends_a_running_verify_and_tells_its_client(
         vmd_factory: Callable[..., VmdDaemon]) -> None:
     """The verify is a job of the daemon's verify task group, which `vmd stop`

@@ -68,6 +68,22 @@ COMPARED = frozenset({ACTIVE, SNAPDONE})  # in-sync states (a snapshot mirror is
 T = TypeVar("T")
 
 
+def previous_result(recorded: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The last verify's result in the log: while a verify runs (or after
+    the daemon died during one) the log holds its start, which names the
+    result before it."""
+    if recorded is not None and recorded.get("unfinished"):
+        return recorded.get("previous")
+    return recorded
+
+
+def last_complete(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The newest result of a verify that checked the whole volume."""
+    if result is None:
+        return None
+    return result if result.get("complete") else result.get("last_complete")
+
+
 async def _each(plexes: Sequence[Plex], fn: Callable[[Plex], Awaitable[T]]) -> list[T]:
     """fn(p) for every plex at once (two disks are read in parallel). A plex's
     error is raised as itself (the first), not wrapped in the nursery's
@@ -267,6 +283,7 @@ class Verify(Job[dict[str, Any]]):
                          " and repair" if self.repair else "", self.images,
                          ", ".join(self.plex_names),
                          f" (repair {self._repaired_from()})" if self.repair else "")
+                await self._record_start()
                 while self.done_bytes < vol.size:
                     n = min(self.chunk, vol.size - self.done_bytes)
                     await self._chunk(self.done_bytes, n)
@@ -294,7 +311,6 @@ class Verify(Job[dict[str, Any]]):
         return result
 
     def _result(self, seconds: float, error: str | None) -> dict[str, Any]:
-        vol = self.volume
         complete = self.complete and error is None
         return {
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "checked_bytes": self.checked_bytes,
@@ -323,6 +339,24 @@ class Verify(Job[dict[str, Any]]):
         return "from " + ", ".join(f"plex {p} ({format_size(n)})"
                                    for p, n in self.repaired_from.items())
 
+    async def _record_start(self) -> None:
+        """Say in the log that a verify runs, before it reads or repairs:
+        killed with the daemon, it leaves no result of its own, and status
+        must not go on showing the result before it (trial 10, T-F: a
+        `--repair` killed midway left "no mismatches" from the day before,
+        though it had found and repaired some)."""
+        vol = self.volume
+        before = previous_result(vol.state.extra.get("verify"))
+        vol.state.extra["verify"] = {
+            **self._result(0.0, None), "unfinished": True,
+            **({"previous": before} if before is not None else {}),
+            **({"last_complete": kept} if (kept := last_complete(before)) is not None else {})}
+        try:
+            await vol.checkpoint()
+        except OSError as e:
+            log.error("volume %s: cannot record the verify's start in %s: %s", vol.name,
+                      vol.sidecar.path, e)
+
     async def _record(self, result: dict[str, Any]) -> None:
         """The result into the log (kept across restarts) and the daemon's log."""
         vol = self.volume
@@ -340,11 +374,10 @@ class Verify(Job[dict[str, Any]]):
         events.emit(events.VERIFY_FINISHED, vol.name, **{k: result[k] for k in EVENT_FIELDS})
         if vol.stopped:
             return  # the log is closed: the result is in the daemon's log only
-        before = vol.state.extra.get("verify")
-        if not result["complete"] and before is not None:
+        if not result["complete"]:
             # A verify stopped early (Ctrl-C) does not hide what the last
             # whole one found: a mismatch it reported would vanish from status.
-            kept = before if before.get("complete") else before.get("last_complete")
+            kept = last_complete(previous_result(vol.state.extra.get("verify")))
             if kept is not None:
                 result["last_complete"] = kept
         vol.state.extra["verify"] = result

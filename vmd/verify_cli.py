@@ -129,6 +129,10 @@ def status_lines(v: dict[str, Any]) -> list[str]:
 
 
 def _found(r: dict[str, Any]) -> str:
+    if r.get("unfinished"):
+        return (f"{r['time']}: started{' with --repair' if r['repair'] else ''} and did not "
+                f"finish: the daemon stopped during it (a repair's writes made before are on "
+                f"the plexes); run it again")
     found = (f"{format_size(r['mismatched_bytes'])} mismatched in {r['range_count']} "
              f"range{'' if r['range_count'] == 1 else 's'}"
              if r["mismatched_bytes"] else "no mismatches")

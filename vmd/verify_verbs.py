@@ -15,7 +15,7 @@ from .manager import VolumeManager
 from .raid5 import Raid5Volume
 from .raid5_verify import Raid5Verify
 from .tasks import TaskGroup
-from .verify import Verify
+from .verify import Verify, previous_result
 
 
 class Verifies(TaskGroup):
@@ -40,6 +40,8 @@ def register(table: CommandTable, m: VolumeManager) -> Verifies:
         for v in reply["volumes"]:
             vol = m.volumes.get(v["name"])
             last = vol.state.extra.get("verify") if vol is not None else None
+            if v["name"] in running:  # its start is in the log: show the one before
+                last = previous_result(last)
             if last is not None:
                 v["verify"] = last
             if v["name"] in running:
