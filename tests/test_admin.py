@@ -337,6 +337,27 @@ def test_cannot_detach_last_in_sync_plex(vmd: VmdDaemon) -> None:
         assert f.read(10) == b"still here"
 
 
+def test_a_refused_plex_command_leaves_the_resync_pass_alone(
+        vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """A refused detach, remove or attach paused the resync to check, and its
+    pass started over: status's progress fell back to 0 of a smaller total
+    (new-user trial 10, T-D)."""
+    vmd = vmd_factory(rate_limit="1MiB").start()
+    pwrite_file(vmd.volume_file(), [(0, os.urandom(32 * MiB))])  # half a minute to copy
+    vmd.cli("plex", "add", "vol0", str(vmd.path("vol0-p2.img")))
+    before = wait_for(lambda: (r := vmd.status("vol0")["resync"])["done_bytes"] > 0 and r,
+                      30, "the resync copying")
+    for args in (("detach", "vol0", "p9"), ("remove", "vol0", "p9"), ("attach", "vol0", "p0"),
+                 ("attach", "vol0", "p2")):
+        p = vmd.cli("plex", *args, check=False)
+        assert p.returncode != 0, args
+    passes = re.findall(r"resync of .* to plex p2 started", vmd.stderr())
+    assert len(passes) == 1, passes
+    r = vmd.status("vol0")["resync"]
+    assert r["total_bytes"] == before["total_bytes"], (before, r)
+    assert r["done_bytes"] >= before["done_bytes"], (before, r)
+
+
 def test_cli_without_daemon_exits_4(tmp_path: Path, vmd_factory: Callable[..., VmdDaemon]) -> None:
     d = vmd_factory()  # config written, daemon never started
     for args in (("status",), ("stop",), ("plex", "detach", "vol0", "p1"), ("wait", "vol0")):

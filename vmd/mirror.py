@@ -260,18 +260,26 @@ class MirrorVolume(Volume):
         return [p for p in self.plexes if p is not exclude and p.state == ACTIVE
                 and (p.record.missing is None or not p.record.missing.bits.any())]
 
+    def _check_detachable(self, name: str) -> Plex:
+        p = self.plex(name)
+        rec = p.record
+        if rec.state == DETACHED:
+            raise VmdError(f"plex {name} of volume {self.name} is already DETACHED")
+        if rec.state in (SNAPATT, SNAPDONE):
+            raise VmdError(f"plex {name} of volume {self.name} is a snapshot mirror "
+                           f"({rec.state}): use `vmd snap abort {self.name}`")
+        if rec.state == ACTIVE and not self._in_sync(exclude=p):
+            raise VmdError(f"plex {name} is the last in-sync plex of volume {self.name}; "
+                           f"detaching it would leave no complete copy")
+        return p
+
     async def detach_plex(self, name: str) -> dict[str, Any]:
+        # Checked before the resync is paused too: a refused command must not
+        # cut a resync pass short, which then starts over (trial 10, T-D).
+        self._check_detachable(name)
         async with self.gate.hold(), self.resync.paused():
-            p = self.plex(name)
+            p = self._check_detachable(name)  # again: it may have changed meanwhile
             rec = p.record
-            if rec.state == DETACHED:
-                raise VmdError(f"plex {name} of volume {self.name} is already DETACHED")
-            if rec.state in (SNAPATT, SNAPDONE):
-                raise VmdError(f"plex {name} of volume {self.name} is a snapshot mirror "
-                               f"({rec.state}): use `vmd snap abort {self.name}`")
-            if rec.state == ACTIVE and not self._in_sync(exclude=p):
-                raise VmdError(f"plex {name} is the last in-sync plex of volume {self.name}; "
-                               f"detaching it would leave no complete copy")
             was, was_writable = rec.state, rec.state in WRITABLE
             if was_writable and p.fd >= 0:
                 await self.flush_plex(p)
@@ -362,6 +370,8 @@ class MirrorVolume(Volume):
         if vmd creates the file (never deleted, see `delete_if_created`)."""
         rec = PlexRecord(name=f"p{self.state.next_plex}", path=path, state=state,
                          missing=None, role=role)
+        if not self._in_sync():  # before anything: a refusal leaves the resync alone (T-D)
+            raise VmdError(f"volume {self.name} has no in-sync plex to copy from")
         p = self.plex_factory(rec, self.size)
         # Before the gate: a remote export's connection may take remote_timeout.
         try:
@@ -398,7 +408,7 @@ class MirrorVolume(Volume):
     async def remove_plex(self, name: str, *, snapshot_ok: bool = False,
                           delete_created: bool = False) -> tuple[PlexRecord, str]:
         """Returns the plex's record and what became of its image."""
-        async with self.gate.hold(), self.resync.paused():
+        def check() -> Plex:
             p = self.plex(name)
             if p.state in (SNAPATT, SNAPDONE) and not snapshot_ok:
                 raise VmdError(f"plex {name} of volume {self.name} is a snapshot mirror: "
@@ -406,6 +416,11 @@ class MirrorVolume(Volume):
             if p.state == ACTIVE and not self._in_sync(exclude=p):
                 raise VmdError(f"plex {name} is the last in-sync plex of volume {self.name}; "
                                f"removing it would leave no complete copy")
+            return p
+
+        check()  # before the pause too, as detach_plex
+        async with self.gate.hold(), self.resync.paused():
+            p = check()
             p.close()
             self.plexes.remove(p)
             self.state.plexes.remove(p.record)

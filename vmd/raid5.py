@@ -522,16 +522,23 @@ class Raid5Volume(ReadAhead, WriteBackCache, Volume):
         raise VmdError(f"volume {self.name} has no column {name!r} "
                        f"(columns: {', '.join(p.name for p in self.columns)})")
 
+    def _check_detachable(self, name: str) -> Plex:
+        _, p = self._column(name)
+        if p.record.state == DETACHED:
+            raise VmdError(f"column {name} of volume {self.name} is already DETACHED")
+        if p.record.state == ACTIVE and not all(q.state == ACTIVE for q in self.columns):
+            raise VmdError(f"volume {self.name} is already degraded; detaching column "
+                           f"{name} would leave stripes that cannot be read")
+        return p
+
     async def detach_plex(self, name: str) -> dict[str, Any]:
+        # Checked before the rebuild is paused too: a refused command must
+        # not cut a rebuild pass short, which then starts over (trial 10, T-D).
+        self._check_detachable(name)
         async with self.gate.hold(), self.resync.paused():
-            i, p = self._column(name)
-            rec = p.record
             await self.drain()  # its cached pieces onto it before it closes
-            if rec.state == DETACHED:
-                raise VmdError(f"column {name} of volume {self.name} is already DETACHED")
-            if rec.state == ACTIVE and not all(q.state == ACTIVE for q in self.columns):
-                raise VmdError(f"volume {self.name} is already degraded; detaching column "
-                               f"{name} would leave stripes that cannot be read")
+            p = self._check_detachable(name)  # again: the drain may have failed it
+            rec = p.record
             if rec.state in WRITABLE and p.fd >= 0:
                 try:
                     await p.flush()
@@ -551,20 +558,27 @@ class Raid5Volume(ReadAhead, WriteBackCache, Volume):
         log.info("volume %s: column %s detached; the volume is degraded", self.name, name)
         return self._plex_status(p)
 
+    def _attach_plan(self, name: str, path: str | None, force: bool
+                     ) -> tuple[Plex, str, double.Plan | None]:
+        """The column, why it is rebuilt whole ("" if not), and the plan
+        for a second column out; a VmdError if it cannot come back."""
+        _, p = self._column(name)
+        if p.record.state not in (DETACHED, IOFAIL, STALE):
+            raise VmdError(f"column {name} of volume {self.name} is {p.record.state}, "
+                           f"not detached or failed")
+        why = f"it is a new image ({path})" if path is not None else self._why_full_resync(p)
+        return p, why, double.plan(self, p, why, path is not None, force)
+
     async def attach_plex(self, name: str, *, path: str | None = None,
                           force: bool = False) -> dict[str, Any]:
         """Bring a column back (or, with `path`, a new image in its place)
         and rebuild what it lacks in the background. With a second column
         out, both come back if no stripe lacks both, or `force` trusts this
         one's image on the stripes that do (vmd/raid5_double.py)."""
+        self._attach_plan(name, path, force)  # a refusal leaves the rebuild alone (T-D)
         async with self.gate.hold(), self.resync.paused():
-            i, p = self._column(name)
+            p, why, other = self._attach_plan(name, path, force)  # again: under the gate
             rec = p.record
-            if rec.state not in (DETACHED, IOFAIL, STALE):
-                raise VmdError(f"column {name} of volume {self.name} is {rec.state}, "
-                               f"not detached or failed")
-            why = f"it is a new image ({path})" if path is not None else self._why_full_resync(p)
-            other = double.plan(self, p, why, path is not None, force)  # may refuse
             if self.r5log is not None:
                 # No entry from before it left may be replayed onto what its
                 # rebuild writes (a write while it was away changed parity only).
