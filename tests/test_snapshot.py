@@ -5,6 +5,7 @@ clean restarts, refresh/clear. The refusals are in test_snapshot_refusals.py."""
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import time
@@ -413,4 +414,50 @@ def test_refresh_then_clear(vmd_factory: Callable[..., VmdDaemon]) -> None:
     assert "snapshot" not in st and [p["state"] for p in st["plexes"]] == ["ACTIVE"]
     assert h(read_direct(vmd.volume_file("nightly"))) == snap
     assert h(read_direct(vmd.volume_file())) == vol
+    vmd.stop()
+
+
+@pytest.mark.allow_log(r"volume weekly refused: snapshot weekly of volume vol0: its sidecar "
+                       r"log .* is missing")
+def test_remove_retires_a_snapshot_cleared_or_not(vmd_factory: Callable[..., VmdDaemon]) -> None:
+    """A snapshot volume could not be retired: its origin's log named it, so
+    each start brought it back, and with its files moved away a new, empty
+    volume of that name (new-user trial 10, T-K)."""
+    vmd = vmd_factory().start()
+    snapshot_cycle(vmd)
+    image = vmd.status("nightly")["plexes"][0]["path"]
+    with open(vmd.volume_file("nightly"), "rb"):
+        p = vmd.cli("snap", "remove", "nightly", check=False)
+        assert p.returncode != 0 and "snapshot nightly is open" in p.stderr, p.stderr
+    p = vmd.cli("snap", "remove", "vol0", check=False)
+    assert p.returncode != 0 and "volume vol0 is a volume of the config" in p.stderr, p.stderr
+    out = vmd.cli("snap", "remove", "nightly").stdout
+    assert f"its image {image} and sidecar log" in out, out
+    assert not os.path.exists(vmd.volume_file("nightly"))
+    assert "snapshots" not in vmd.status("vol0")
+    assert not any(p["name"] == "snap:nightly" for p in vmd.status("vol0")["plexes"])
+    assert os.path.exists(image)  # left for the administrator
+    vmd.restart()
+    assert [v["name"] for v in vmd.status()["volumes"]] == ["vol0"]
+
+    # Cleared first, then its files moved away: refused at the start (not
+    # made anew), and removed from there. (Another name: nightly's log is
+    # still there, and a take does not write over it.)
+    snapshot_cycle(vmd, "weekly")
+    vmd.cli("snap", "clear", "weekly")
+    st = vmd.status("weekly")
+    log_path = st["log"]
+    vmd.stop()
+    for f in (st["plexes"][0]["path"], log_path):
+        os.rename(f, f + ".moved")
+    vmd.start()
+    refused = {r["name"]: r["error"] for r in vmd.status()["refused"]}
+    assert "vmd snap remove weekly" in refused["weekly"], refused
+    assert not os.path.exists(st["plexes"][0]["path"]), "a new image was made"
+    p = vmd.cli("start", "weekly", check=False)
+    assert p.returncode != 0 and "is missing" in p.stderr, p.stderr
+    vmd.cli("snap", "remove", "weekly")
+    vmd.restart()
+    assert [v["name"] for v in vmd.status()["volumes"]] == ["vol0"]
+    assert vmd.status()["refused"] == []
     vmd.stop()

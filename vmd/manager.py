@@ -309,6 +309,17 @@ def snapshot_config(origin: Volume, name: str, info: dict[str, Any]) -> VolumeCo
                         fastresync_region=origin.state.fmr_region, direct_io=ovc.direct_io)
 
 
+def snapshot_gone(origin: Volume, name: str, info: dict[str, Any]) -> str | None:
+    """Why snapshot volume `name` cannot be opened: its sidecar log is gone
+    (moved or deleted), and opening it would make a new, empty volume of that
+    name where the administrator meant to retire it (trial 10, T-K)."""
+    if Path(info["log"]).exists():
+        return None
+    return (f"snapshot {name} of volume {origin.name}: its sidecar log {info['log']} is "
+            f"missing; vmd will not make a new, empty volume in its place. Put it back and "
+            f"`vmd start {name}`, or `vmd snap remove {name}` to forget the snapshot")
+
+
 def _check_against_config(state: VolumeState, vc: VolumeConfig, cfg_path: Path) -> None:
     # No "volume NAME:" prefix: the refusal is logged and shown under the volume's name.
     key = f"volumes.{vc.name}"
@@ -500,6 +511,10 @@ class VolumeManager:
                 where = f"in {self.cfg.path}" if name in self.cfg.volumes else "that serves"
                 self.refuse(name, f"snapshot {name} of volume {vol.name} has the name of a "
                                   f"volume {where}")
+                continue
+            gone = snapshot_gone(vol, name, info)
+            if gone is not None:
+                self.refuse(name, gone)
                 continue
             snap = self._open(snapshot_config(vol, name, info), in_use_fatal=in_use_fatal)
             if snap is not None:

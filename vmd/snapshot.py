@@ -275,6 +275,40 @@ async def snap_clear(m: VolumeManager, name: str) -> dict[str, Any]:
     return {"volume": name}
 
 
+async def snap_remove(m: VolumeManager, name: str) -> dict[str, Any]:
+    """Retire snapshot volume `name`, cleared or not: it stops being served
+    and its origin forgets it (the origin's log named it, so every start of
+    the origin brought it back, and one whose files were moved away came
+    back new and empty: trial 10, T-K). Its image and sidecar log stay where
+    they are, for the administrator to delete or keep: vmd never deletes
+    data it was not asked to."""
+    origin = next((v for v in m.volumes.values()
+                   if name in v.state.extra.get("snapshots", {})), None)
+    if origin is None:
+        why = ("a volume of the config: remove it from the config instead"
+               if name in m.cfg.volumes else "not a snapshot broken off a serving volume")
+        m.get(name)  # no such volume at all: the usual error, with the names there are
+        raise VmdError(f"volume {name} is {why}")
+    snap = m.volumes.get(name)
+    if snap is not None and snap.openers:
+        raise VmdError(f"snapshot {name} is open (a loop device attached, or a process holding "
+                       f"{m.cfg.mountpoint}/{name}); umount and detach it first "
+                       f"(umount, losetup -d)")
+    info = origin.state.extra["snapshots"][name]
+    if snap is not None:
+        await m.stop_volume(name)  # its log closed clean: nothing left to recover
+    m.refused.pop(name, None)
+    # Forgotten by the origin last: a crash before this leaves it to be
+    # opened again at the next start, and removed again.
+    async with origin.gate.hold():
+        _drop_link(origin, name)
+        origin.state.extra["snapshots"].pop(name, None)
+        await origin.checkpoint()
+    log.info("volume %s: snapshot %s removed; its image %s and log %s are left in place",
+             origin.name, name, info["path"], info["log"])
+    return {"volume": name, "of": origin.name, "path": info["path"], "log": info["log"]}
+
+
 async def snap_abort(vol: Volume) -> dict[str, Any]:
     # Not a restore in progress: that plex is the only copy of what it restores.
     ps = [p for p in _mirrors(vol) if p.state in (SNAPATT, SNAPDONE)]

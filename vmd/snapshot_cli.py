@@ -45,6 +45,9 @@ def add_snapshot_parsers(sub: Any) -> None:
     p = add_verb(ss, "clear", "make snapshot NAME an unrelated volume", (
         "vmd snap clear nightly",))
     p.add_argument("name", help=SNAPSHOT_HELP)
+    p = add_verb(ss, "remove", "stop serving snapshot NAME (cleared or not) for good", (
+        ("vmd snap remove nightly", "its image and log stay: delete them yourself"),))
+    p.add_argument("name", help=SNAPSHOT_HELP)
     p = add_verb(ss, "abort", "remove VOLUME's snapshot mirror", ("vmd snap abort vol0",))
     p.add_argument("volume", help=VOLUME_HELP)
 
@@ -75,6 +78,9 @@ def run_snapshot_command(args: argparse.Namespace, client: Any, progress: Any) -
               f"{format_size(reply['copy_bytes'])} to copy" + (" (full)" if reply["full"] else ""))
     elif c == "clear":
         print(f"{args.name}: no longer a snapshot")
+    elif c == "remove":
+        print(f"{args.name}: snapshot of {reply['of']} removed; its image {reply['path']} and "
+              f"sidecar log {reply['log']} are left in place")
     elif c == "abort":
         print(f"{args.volume}: snapshot mirror {reply['removed']} removed; {reply['image']}")
     return EXIT_OK

@@ -6,7 +6,8 @@ from typing import Any
 
 from .commands import CommandTable, new_image_path, req_str
 from .manager import VolumeManager
-from .snapshot import snap_abort, snap_back, snap_clear, snap_start, snap_take, snap_wait
+from .snapshot import (snap_abort, snap_back, snap_clear, snap_remove, snap_start, snap_take,
+                       snap_wait)
 from .volume import Volume
 
 
@@ -44,9 +45,12 @@ def register(table: CommandTable, m: VolumeManager) -> None:
     async def clear(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         return await snap_clear(m, name(req))
 
+    async def remove(req: dict[str, Any], progress: Any) -> dict[str, Any]:
+        return await snap_remove(m, name(req))
+
     async def abort(req: dict[str, Any], progress: Any) -> dict[str, Any]:
         return await snap_abort(vol(req))
 
     table.update({"snap.start": start, "snap.wait": wait, "snap.take": take,
                   "snap.back": back, "snap.refresh": refresh, "snap.clear": clear,
-                  "snap.abort": abort})
+                  "snap.remove": remove, "snap.abort": abort})

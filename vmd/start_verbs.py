@@ -16,7 +16,7 @@ from .commands import CommandTable, req_str
 from .config import (VolumeConfig, VolumeRefused, check_volume_environment, load_config,
                      shared_in_config)
 from .errors import VmdError
-from .manager import VolumeManager, snapshot_config
+from .manager import VolumeManager, snapshot_config, snapshot_gone
 from .resize import adopt_logged_sizes
 
 
@@ -55,6 +55,9 @@ def _snapshot_block(m: VolumeManager, name: str) -> VolumeConfig | None:
     for origin in list(m.volumes.values()):
         info = origin.state.extra.get("snapshots", {}).get(name)
         if info is not None and "snapshot" not in origin.state.extra:
+            gone = snapshot_gone(origin, name, info)
+            if gone is not None:
+                raise VmdError(gone)
             return snapshot_config(origin, name, info)
     return None
 
